@@ -1,0 +1,164 @@
+//! Connector and task traits.
+//!
+//! A connector is a factory: it declares its settings, splits its work into task configs and
+//! creates tasks. Tasks do the I/O. Two kinds of sources are served by one trait:
+//! - *polling* sources (datagen, files, FHIR, PostgreSQL) return records with a source
+//!   partition and offset; the engine stores the offset once Kafka acknowledged the record
+//!   and gives it back through [`OffsetReader`] when the task starts again;
+//! - *listener* sources (MLLP, MQTT) attach an [`AckHandle`](crate::AckHandle) to each record
+//!   and answer their sender only when the engine completes it with a durable delivery.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::{ConfigDef, ConnectError, ConnectResult, Props, SinkRecord, SourceOffset, SourcePartition, SourceRecord};
+
+/// The settings of one task, derived by its connector.
+pub type TaskConfig = Props;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectorKind {
+    Source,
+    Sink,
+}
+
+impl ConnectorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Sink => "sink",
+        }
+    }
+}
+
+/// Where a connector's tasks run in a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// `tasks.max` tasks spread over live workers, moved when a worker leaves.
+    #[default]
+    Distributed,
+    /// One task on every worker (listeners bound to the same port behind a load balancer).
+    EveryWorker,
+}
+
+/// What a connector gets to compute its task configs.
+#[derive(Debug, Clone)]
+pub struct ConnectorContext {
+    pub connector_name: String,
+    pub config: Props,
+}
+
+/// Behaviour shared by source and sink connectors.
+pub trait Connector: Send + Sync {
+    /// The fully qualified class name, e.g. `io.medconnect.connectors.file.FileSourceConnector`.
+    fn class(&self) -> &'static str;
+
+    /// Short names accepted in `connector.class` besides the class name.
+    fn aliases(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    fn version(&self) -> &'static str;
+
+    fn kind(&self) -> ConnectorKind;
+
+    /// The connector's own settings (the engine adds the common ones: name, tasks.max, ...).
+    fn config_def(&self) -> ConfigDef;
+
+    /// Checks that span several settings or need I/O; field errors come back as
+    /// `ConnectError::Config`. Single-setting rules belong in the `ConfigDef`.
+    fn validate(&self, _config: &Props) -> ConnectResult<()> {
+        Ok(())
+    }
+
+    /// Splits the work into at most `max_tasks` task configs.
+    fn task_configs(&self, context: &ConnectorContext, max_tasks: usize) -> ConnectResult<Vec<TaskConfig>>;
+
+    fn placement(&self) -> Placement {
+        Placement::Distributed
+    }
+}
+
+pub trait SourceConnector: Connector {
+    fn create_task(&self) -> Box<dyn SourceTask>;
+}
+
+pub trait SinkConnector: Connector {
+    fn create_task(&self) -> Box<dyn SinkTask>;
+}
+
+/// Gives a source task the offsets stored for its partitions.
+pub trait OffsetReader: Send + Sync {
+    fn offset(&self, partition: &SourcePartition) -> Option<SourceOffset>;
+}
+
+/// What a source task is given when it starts.
+#[derive(Clone)]
+pub struct SourceTaskContext {
+    pub connector_name: String,
+    pub task_id: u32,
+    pub config: TaskConfig,
+    pub offsets: Arc<dyn OffsetReader>,
+}
+
+#[async_trait]
+pub trait SourceTask: Send {
+    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()>;
+
+    /// Waits for the next records. May return an empty batch; the engine calls again. The
+    /// engine stops calling while too many records are in flight (backpressure), and may
+    /// cancel a pending poll only when the task is stopping.
+    async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>>;
+
+    /// Called after the offsets of records returned so far were stored (a source that
+    /// acknowledges upstream in batches, e.g. a database slot, confirms here).
+    async fn commit(&mut self) -> ConnectResult<()> {
+        Ok(())
+    }
+
+    async fn stop(&mut self) -> ConnectResult<()>;
+}
+
+/// Reports a record the sink could not write, so the engine applies `errors.tolerance`
+/// (dead-letter topic or task failure) without failing the whole batch.
+#[derive(Clone, Debug)]
+pub struct ErrantRecordReporter {
+    sender: mpsc::UnboundedSender<(SinkRecord, ConnectError)>,
+}
+
+impl ErrantRecordReporter {
+    pub fn new(sender: mpsc::UnboundedSender<(SinkRecord, ConnectError)>) -> Self {
+        Self { sender }
+    }
+
+    pub fn report(&self, record: SinkRecord, error: ConnectError) -> ConnectResult<()> {
+        self.sender
+            .send((record, error))
+            .map_err(|_| ConnectError::fatal("the task's error handler has stopped"))
+    }
+}
+
+/// What a sink task is given when it starts.
+#[derive(Clone)]
+pub struct SinkTaskContext {
+    pub connector_name: String,
+    pub task_id: u32,
+    pub config: TaskConfig,
+    pub errant_records: ErrantRecordReporter,
+}
+
+#[async_trait]
+pub trait SinkTask: Send {
+    async fn start(&mut self, context: SinkTaskContext) -> ConnectResult<()>;
+
+    /// Takes a batch. The task may buffer; only `flush` promises durability.
+    async fn put(&mut self, records: Vec<SinkRecord>) -> ConnectResult<()>;
+
+    /// Makes everything put so far durable in the target. The engine commits consumer
+    /// offsets only after this returns `Ok`.
+    async fn flush(&mut self) -> ConnectResult<()>;
+
+    async fn stop(&mut self) -> ConnectResult<()>;
+}

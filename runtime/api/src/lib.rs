@@ -1,0 +1,27 @@
+//! The connector API of medconnect.
+//!
+//! Connectors depend on this crate only: the record model, the source and sink traits, the
+//! `ConfigDef` that declares and validates their settings, the `Transform` trait and the
+//! error type that tells retriable from fatal failures. The engine (`medconnect-runtime`)
+//! drives these traits; nothing here knows about Kafka clients or the REST API.
+
+pub mod config;
+pub mod connector;
+pub mod error;
+pub mod record;
+pub mod transform;
+
+pub use config::{
+    ConfigDef, ConfigKey, ConfigType, ConfigValue, Importance, ParsedConfig, Props, Validator,
+};
+pub use connector::{
+    Connector, ConnectorContext, ConnectorKind, ErrantRecordReporter, OffsetReader, Placement,
+    SinkConnector, SinkTask, SinkTaskContext, SourceConnector, SourceTask, SourceTaskContext,
+    TaskConfig,
+};
+pub use error::{ConnectError, ConnectResult};
+pub use record::{
+    AckHandle, Delivery, Headers, Record, SinkRecord, SourceOffset, SourcePartition, SourceRecord,
+    content_type,
+};
+pub use transform::Transform;

@@ -1,0 +1,111 @@
+//! rdkafka clients set up from the worker config.
+//!
+//! Every client gets the worker's `[kafka]` settings (bootstrap servers, SASL, TLS) and then
+//! its own section (`[producer]`, `[consumer]`, `[admin]`), as Connect's `producer.*`,
+//! `consumer.*` and `admin.*` prefixes do. A connector may override further with
+//! `producer.override.*` / `consumer.override.*` in its config.
+
+mod admin;
+mod error;
+
+use std::collections::BTreeMap;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::producer::FutureProducer;
+
+pub use admin::{TopicSpec, ensure_topics};
+pub use error::KafkaSetupError;
+
+/// Kafka client settings of a worker.
+#[derive(Debug, Clone, Default)]
+pub struct KafkaSettings {
+    /// Applied to every client.
+    pub common: BTreeMap<String, String>,
+    pub producer: BTreeMap<String, String>,
+    pub consumer: BTreeMap<String, String>,
+    pub admin: BTreeMap<String, String>,
+}
+
+impl KafkaSettings {
+    pub fn new(bootstrap_servers: &str) -> Self {
+        let mut settings = Self::default();
+        settings
+            .common
+            .insert("bootstrap.servers".into(), bootstrap_servers.into());
+        settings
+    }
+
+    pub fn bootstrap_servers(&self) -> &str {
+        self.common
+            .get("bootstrap.servers")
+            .map_or("", String::as_str)
+    }
+
+    fn base(&self, section: &BTreeMap<String, String>) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        for (key, value) in self.common.iter().chain(section) {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// The producer for records and internal topics: durable before acknowledged.
+    pub fn producer_config(&self, overrides: &BTreeMap<String, String>) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        // Safe defaults first: every one can be overridden except what durability needs.
+        config.set("linger.ms", "5");
+        config.set("compression.type", "lz4");
+        for (key, value) in self.common.iter().chain(&self.producer).chain(overrides) {
+            config.set(key, value);
+        }
+        // Never acknowledge a sender before every in-sync replica has the record.
+        config.set("acks", "all");
+        config.set("enable.idempotence", "true");
+        config
+    }
+
+    pub fn producer(&self, overrides: &BTreeMap<String, String>) -> Result<FutureProducer, KafkaSetupError> {
+        self.producer_config(overrides)
+            .create()
+            .map_err(|e| KafkaSetupError::client("producer", e))
+    }
+
+    /// A consumer that commits only when told (after a sink flushed).
+    pub fn consumer_config(&self, group_id: Option<&str>, overrides: &BTreeMap<String, String>) -> ClientConfig {
+        let mut config = self.base(&self.consumer);
+        config.set("enable.auto.commit", "false");
+        config.set("enable.auto.offset.store", "false");
+        config.set("auto.offset.reset", "earliest");
+        config.set("enable.partition.eof", "false");
+        for (key, value) in overrides {
+            config.set(key, value);
+        }
+        if let Some(group) = group_id {
+            config.set("group.id", group);
+        }
+        config
+    }
+
+    pub fn stream_consumer(
+        &self,
+        group_id: Option<&str>,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<StreamConsumer, KafkaSetupError> {
+        self.consumer_config(group_id, overrides)
+            .create()
+            .map_err(|e| KafkaSetupError::client("consumer", e))
+    }
+
+    pub fn admin_config(&self) -> ClientConfig {
+        self.base(&self.admin)
+    }
+}
+
+/// Keys of a connector config with `prefix` (`producer.override.`), prefix removed.
+pub fn overrides_with_prefix(props: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, String> {
+    props
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone())))
+        .collect()
+}

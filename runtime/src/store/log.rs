@@ -1,0 +1,197 @@
+//! A compacted topic read from the beginning into memory and written through a producer:
+//! the backbone of the config, offset and status stores (Connect's KafkaBasedLog).
+//!
+//! A reader thread applies every record to the store's callback in log order. Writers wait
+//! until the reader has applied their own record, so a store always reads its own writes, and
+//! records written by other workers are applied the same way.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use super::StoreError;
+use crate::kafka::KafkaSettings;
+
+/// Called for each record of the log: key, value (`None` for a tombstone).
+pub type Apply = Box<dyn Fn(&[u8], Option<&[u8]>) + Send + Sync>;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct KafkaLog {
+    topic: String,
+    producer: FutureProducer,
+    /// Next offset to read, per partition; moves forward as the reader applies records.
+    positions: watch::Receiver<HashMap<i32, i64>>,
+    watermark_consumer: Arc<BaseConsumer>,
+    stop: Arc<AtomicBool>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl KafkaLog {
+    /// Starts reading `topic` from the beginning; returns once everything already in it is applied.
+    pub async fn open(settings: &KafkaSettings, topic: &str, apply: Apply) -> Result<Self, StoreError> {
+        let producer = settings.producer(&Default::default())?;
+        let consumer: BaseConsumer = settings
+            .consumer_config(None, &Default::default())
+            .create()
+            .map_err(|e| StoreError::kafka(topic, e))?;
+        let watermark_consumer: BaseConsumer = settings
+            .consumer_config(None, &Default::default())
+            .create()
+            .map_err(|e| StoreError::kafka(topic, e))?;
+        let topic_name = topic.to_string();
+        let partitions = tokio::task::spawn_blocking(move || partitions_of(&consumer, &topic_name).map(|p| (consumer, p)))
+            .await
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let (consumer, partitions) = partitions?;
+        let mut assignment = TopicPartitionList::new();
+        for partition in &partitions {
+            assignment
+                .add_partition_offset(topic, *partition, Offset::Beginning)
+                .map_err(|e| StoreError::kafka(topic, e))?;
+        }
+        consumer.assign(&assignment).map_err(|e| StoreError::kafka(topic, e))?;
+
+        let (position_tx, positions) = watch::channel(HashMap::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader_stop = stop.clone();
+        let reader_topic = topic.to_string();
+        let reader = std::thread::Builder::new()
+            .name(format!("log-{topic}"))
+            .spawn(move || read_loop(consumer, &reader_topic, apply, position_tx, reader_stop))
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let log = Self {
+            topic: topic.to_string(),
+            producer,
+            positions,
+            watermark_consumer: Arc::new(watermark_consumer),
+            stop,
+            reader: Mutex::new(Some(reader)),
+        };
+        log.read_to_end().await?;
+        Ok(log)
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Waits until every record written to the log before this call has been applied.
+    pub async fn read_to_end(&self) -> Result<(), StoreError> {
+        let consumer = self.watermark_consumer.clone();
+        let topic = self.topic.clone();
+        let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(i32, i64)>, StoreError> {
+            let partitions = partitions_of(&consumer, &topic)?;
+            partitions
+                .into_iter()
+                .map(|p| {
+                    consumer
+                        .fetch_watermarks(&topic, p, METADATA_TIMEOUT)
+                        .map(|(_, high)| (p, high))
+                        .map_err(|e| StoreError::kafka(&topic, e))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| StoreError::Internal(e.to_string()))??;
+        for (partition, end) in ends {
+            self.wait_for(partition, end).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a record (a tombstone when `value` is `None`) and waits until the reader applied it.
+    pub async fn write(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).key(key);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        let (partition, offset) = self
+            .producer
+            .send(record, METADATA_TIMEOUT)
+            .await
+            .map_err(|(e, _)| StoreError::kafka(&self.topic, e))
+            .map(|delivery| (delivery.partition, delivery.offset))?;
+        self.wait_for(partition, offset + 1).await
+    }
+
+    async fn wait_for(&self, partition: i32, next_offset: i64) -> Result<(), StoreError> {
+        let mut positions = self.positions.clone();
+        let reached = positions.wait_for(|p| p.get(&partition).copied().unwrap_or(0) >= next_offset);
+        match tokio::time::timeout(METADATA_TIMEOUT, reached).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(StoreError::Internal(format!("reader of {} stopped", self.topic))),
+            Err(_) => Err(StoreError::Timeout {
+                topic: self.topic.clone(),
+                what: format!("reading partition {partition} up to offset {next_offset}"),
+            }),
+        }
+    }
+
+    pub fn close(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let handle = self.reader.lock().ok().and_then(|mut r| r.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for KafkaLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, StoreError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+        .map_err(|e| StoreError::kafka(topic, e))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(StoreError::Timeout {
+            topic: topic.to_string(),
+            what: "finding its partitions (does the topic exist?)".into(),
+        });
+    }
+    Ok(partitions)
+}
+
+fn read_loop(
+    consumer: BaseConsumer,
+    topic: &str,
+    apply: Apply,
+    positions: watch::Sender<HashMap<i32, i64>>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(message)) => {
+                if let Some(key) = message.key() {
+                    apply(key, message.payload());
+                }
+                let (partition, next) = (message.partition(), message.offset() + 1);
+                positions.send_modify(|p| {
+                    p.insert(partition, next);
+                });
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%topic, %error, "error reading internal topic; retrying");
+            }
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Kafka Connect's error handling: retries with backoff for retriable failures within
+//! `errors.retry.timeout`, then `errors.tolerance`: `none` fails the task, `all` skips the
+//! record, writing it to the dead-letter topic (`errors.deadletterqueue.topic.name`) with
+//! `__connect.errors.*` context headers when enabled. Sources have a dead-letter topic too.
+
+use std::time::Duration;
+
+use medconnect_api::{ConnectError, ConnectResult, ParsedConfig, Record, SourceOffset, SourcePartition};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::TaskMetrics;
+
+pub const TOLERANCE: &str = "errors.tolerance";
+pub const RETRY_TIMEOUT: &str = "errors.retry.timeout";
+pub const RETRY_DELAY_MAX: &str = "errors.retry.delay.max.ms";
+pub const LOG_ENABLE: &str = "errors.log.enable";
+pub const LOG_INCLUDE_MESSAGES: &str = "errors.log.include.messages";
+pub const DLQ_TOPIC: &str = "errors.deadletterqueue.topic.name";
+pub const DLQ_REPLICATION: &str = "errors.deadletterqueue.topic.replication.factor";
+pub const DLQ_CONTEXT_HEADERS: &str = "errors.deadletterqueue.context.headers.enable";
+
+const HEADER_PREFIX: &str = "__connect.errors.";
+
+/// Where in the pipeline a failure happened (Connect's stage names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    TaskPoll,
+    Transformation,
+    KafkaProduce,
+    KafkaConsume,
+    TaskPut,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TaskPoll => "TASK_POLL",
+            Self::Transformation => "TRANSFORMATION",
+            Self::KafkaProduce => "KAFKA_PRODUCE",
+            Self::KafkaConsume => "KAFKA_CONSUME",
+            Self::TaskPut => "TASK_PUT",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorPolicy {
+    pub tolerate_all: bool,
+    pub retry_timeout: Duration,
+    pub retry_delay_max: Duration,
+    pub log_errors: bool,
+    pub log_include_messages: bool,
+    pub dlq_topic: Option<String>,
+    pub dlq_replication_factor: i32,
+    pub context_headers: bool,
+}
+
+impl ErrorPolicy {
+    pub fn from_config(config: &ParsedConfig) -> ConnectResult<Self> {
+        Ok(Self {
+            tolerate_all: config.string(TOLERANCE)? == "all",
+            retry_timeout: Duration::from_millis(config.int(RETRY_TIMEOUT)?.max(0) as u64),
+            retry_delay_max: Duration::from_millis(config.int(RETRY_DELAY_MAX)?.max(1) as u64),
+            log_errors: config.boolean(LOG_ENABLE)?,
+            log_include_messages: config.boolean(LOG_INCLUDE_MESSAGES)?,
+            dlq_topic: config.optional_string(DLQ_TOPIC),
+            dlq_replication_factor: config.int(DLQ_REPLICATION)? as i32,
+            context_headers: config.boolean(DLQ_CONTEXT_HEADERS)?,
+        })
+    }
+
+    /// A retry schedule for one operation. With `forever`, retriable failures are retried
+    /// until the task stops (Connect does this for a sink's `put`); otherwise until
+    /// `errors.retry.timeout` has passed.
+    pub fn backoff(&self, forever: bool) -> Backoff<'_> {
+        Backoff {
+            policy: self,
+            started: tokio::time::Instant::now(),
+            delay: Duration::from_millis(100).min(self.retry_delay_max),
+            forever,
+        }
+    }
+}
+
+/// Exponential backoff capped at `errors.retry.delay.max.ms`.
+pub struct Backoff<'a> {
+    policy: &'a ErrorPolicy,
+    started: tokio::time::Instant,
+    delay: Duration,
+    forever: bool,
+}
+
+impl Backoff<'_> {
+    /// After a failure: waits, and tells whether to try again (only retriable failures are,
+    /// within the timeout, while the task runs).
+    pub async fn retry_after(&mut self, error: &ConnectError, stop: &CancellationToken) -> bool {
+        let in_time = self.forever || self.started.elapsed() < self.policy.retry_timeout;
+        if !error.is_retriable() || !in_time || stop.is_cancelled() {
+            return false;
+        }
+        tracing::debug!(%error, delay = ?self.delay, "retriable failure; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(self.delay) => {}
+            _ = stop.cancelled() => return false,
+        }
+        self.delay = (self.delay * 2).min(self.policy.retry_delay_max);
+        true
+    }
+}
+
+/// Where a failed record came from, for the context headers.
+pub enum Origin<'a> {
+    Source {
+        partition: &'a SourcePartition,
+        offset: &'a SourceOffset,
+    },
+    Kafka {
+        topic: &'a str,
+        partition: i32,
+        offset: i64,
+    },
+}
+
+/// What to do with a record that failed.
+pub enum Verdict {
+    /// Tolerated; written to the dead-letter topic (await the future before committing past it).
+    DeadLettered(DeliveryFuture),
+    /// Tolerated without a dead-letter topic: skipped.
+    Skipped,
+    /// Not tolerated: the task fails with this error.
+    Fail(ConnectError),
+}
+
+/// Applies a task's error policy to failed records.
+pub struct ErrorReporter {
+    pub policy: ErrorPolicy,
+    connector: String,
+    task_id: u32,
+    producer: FutureProducer,
+    metrics: TaskMetrics,
+}
+
+impl ErrorReporter {
+    pub fn new(policy: ErrorPolicy, connector: &str, task_id: u32, producer: FutureProducer, metrics: TaskMetrics) -> Self {
+        Self {
+            policy,
+            connector: connector.to_string(),
+            task_id,
+            producer,
+            metrics,
+        }
+    }
+
+    /// Decides the fate of one failed record; `class` names the failing component.
+    pub fn report(&self, stage: Stage, class: &str, record: &Record, origin: Origin<'_>, error: ConnectError) -> Verdict {
+        self.metrics.error(stage.as_str());
+        let tolerated = self.policy.tolerate_all && !matches!(error, ConnectError::Fatal(_) | ConnectError::Config { .. });
+        if self.policy.log_errors || !tolerated {
+            if self.policy.log_include_messages {
+                tracing::error!(connector = %self.connector, task = self.task_id, stage = stage.as_str(), %class, %error, record = ?record, "record failed");
+            } else {
+                // Payloads carry patient data: only metadata is logged by default.
+                tracing::error!(connector = %self.connector, task = self.task_id, stage = stage.as_str(), %class, %error, topic = %record.topic, "record failed");
+            }
+        }
+        if !tolerated {
+            return Verdict::Fail(error);
+        }
+        let Some(topic) = self.policy.dlq_topic.as_deref() else {
+            return Verdict::Skipped;
+        };
+        let mut headers = OwnedHeaders::new();
+        for (name, value) in record.headers.iter() {
+            headers = headers.insert(Header { key: name, value: value.map(|v| v.as_ref()) });
+        }
+        if self.policy.context_headers {
+            for (name, value) in self.context(stage, class, record, &origin, &error) {
+                headers = headers.insert(Header {
+                    key: &format!("{HEADER_PREFIX}{name}"),
+                    value: Some(value.as_bytes()),
+                });
+            }
+        }
+        let mut dead: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(key) = record.key.as_deref() {
+            dead = dead.key(key);
+        }
+        if let Some(value) = record.value.as_deref() {
+            dead = dead.payload(value);
+        }
+        if let Some(timestamp) = record.timestamp {
+            dead = dead.timestamp(timestamp);
+        }
+        match self.producer.send_result(dead) {
+            Ok(delivery) => {
+                self.metrics.dead_lettered();
+                Verdict::DeadLettered(delivery)
+            }
+            Err((error, _)) => Verdict::Fail(ConnectError::fatal(format!("cannot write to dead-letter topic {topic}: {error}"))),
+        }
+    }
+
+    fn context(&self, stage: Stage, class: &str, record: &Record, origin: &Origin<'_>, error: &ConnectError) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::with_capacity(12);
+        match origin {
+            Origin::Kafka { topic, partition, offset } => {
+                headers.push(("topic", topic.to_string()));
+                headers.push(("partition", partition.to_string()));
+                headers.push(("offset", offset.to_string()));
+            }
+            Origin::Source { partition, offset } => {
+                headers.push(("topic", record.topic.clone()));
+                headers.push(("source.partition", Value::Object((*partition).clone()).to_string()));
+                headers.push(("source.offset", Value::Object((*offset).clone()).to_string()));
+            }
+        }
+        headers.push(("connector.name", self.connector.clone()));
+        headers.push(("task.id", self.task_id.to_string()));
+        headers.push(("stage", stage.as_str().to_string()));
+        headers.push(("class.name", class.to_string()));
+        headers.push(("exception.class.name", error.class_name().to_string()));
+        headers.push(("exception.message", error.to_string()));
+        headers.push(("exception.stacktrace", format!("{error:?}")));
+        headers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(timeout_ms: u64) -> ErrorPolicy {
+        ErrorPolicy {
+            tolerate_all: false,
+            retry_timeout: Duration::from_millis(timeout_ms),
+            retry_delay_max: Duration::from_millis(10),
+            log_errors: false,
+            log_include_messages: false,
+            dlq_topic: None,
+            dlq_replication_factor: 1,
+            context_headers: false,
+        }
+    }
+
+    async fn attempts(policy: &ErrorPolicy, forever: bool, mut outcome: impl FnMut(u32) -> ConnectResult<u32>) -> (ConnectResult<u32>, u32) {
+        let stop = CancellationToken::new();
+        let mut backoff = policy.backoff(forever);
+        let mut calls = 0;
+        loop {
+            calls += 1;
+            match outcome(calls) {
+                Err(error) if backoff.retry_after(&error, &stop).await => continue,
+                other => return (other, calls),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn retriable_failures_are_retried_until_success() {
+        let (result, calls) = attempts(&policy(5_000), false, |n| if n < 3 { Err(ConnectError::retriable("busy")) } else { Ok(n) }).await;
+        assert_eq!(result, Ok(3));
+        assert_eq!(calls, 3);
+    }
+
+    #[tokio::test]
+    async fn without_retry_timeout_a_retriable_failure_is_returned_at_once() {
+        let (result, calls) = attempts(&policy(0), false, |_| Err(ConnectError::retriable("busy"))).await;
+        assert!(result.is_err());
+        assert_eq!(calls, 1);
+    }
+
+    #[tokio::test]
+    async fn data_errors_are_never_retried() {
+        let (result, calls) = attempts(&policy(5_000), true, |_| Err(ConnectError::data("bad"))).await;
+        assert!(result.is_err());
+        assert_eq!(calls, 1);
+    }
+}

@@ -1,0 +1,251 @@
+//! The worker config file (`medconnect worker worker.toml`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::kafka::KafkaSettings;
+use crate::task::RunnerSettings;
+
+#[derive(Debug, Error)]
+pub enum WorkerConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid worker config {path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Workers with the same group id and internal topics form one cluster.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Shown in task statuses; defaults to the REST address.
+    #[serde(default)]
+    pub worker_id: Option<String>,
+    pub bootstrap_servers: String,
+    #[serde(default)]
+    pub rest: RestConfig,
+    #[serde(default)]
+    pub internal_topics: InternalTopics,
+    #[serde(default)]
+    pub tasks: TaskSettings,
+    /// Settings for every Kafka client (security.protocol, sasl.*, ssl.*, ...).
+    #[serde(default)]
+    pub kafka: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    pub producer: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    pub consumer: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    pub admin: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for RestConfig {
+    fn default() -> Self {
+        Self { listen: default_listen() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InternalTopics {
+    #[serde(default = "default_config_topic")]
+    pub config: String,
+    #[serde(default = "default_offset_topic")]
+    pub offsets: String,
+    #[serde(default = "default_status_topic")]
+    pub status: String,
+    /// Replication of the internal topics and of topics medconnect creates; use 3 in production.
+    #[serde(default = "one")]
+    pub replication_factor: i32,
+    #[serde(default = "default_offset_partitions")]
+    pub offsets_partitions: i32,
+    #[serde(default = "default_status_partitions")]
+    pub status_partitions: i32,
+}
+
+impl Default for InternalTopics {
+    fn default() -> Self {
+        Self {
+            config: default_config_topic(),
+            offsets: default_offset_topic(),
+            status: default_status_topic(),
+            replication_factor: 1,
+            offsets_partitions: default_offset_partitions(),
+            status_partitions: default_status_partitions(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSettings {
+    #[serde(default = "default_flush_ms")]
+    pub offset_flush_interval_ms: u64,
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    #[serde(default = "default_shutdown_ms")]
+    pub shutdown_timeout_ms: u64,
+    #[serde(default = "default_sink_batch")]
+    pub sink_batch_max: usize,
+}
+
+impl Default for TaskSettings {
+    fn default() -> Self {
+        Self {
+            offset_flush_interval_ms: default_flush_ms(),
+            max_in_flight: default_max_in_flight(),
+            shutdown_timeout_ms: default_shutdown_ms(),
+            sink_batch_max: default_sink_batch(),
+        }
+    }
+}
+
+fn default_group_id() -> String {
+    "medconnect".into()
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8083))
+}
+fn default_config_topic() -> String {
+    "medconnect-configs".into()
+}
+fn default_offset_topic() -> String {
+    "medconnect-offsets".into()
+}
+fn default_status_topic() -> String {
+    "medconnect-status".into()
+}
+fn one() -> i32 {
+    1
+}
+fn default_offset_partitions() -> i32 {
+    5
+}
+fn default_status_partitions() -> i32 {
+    3
+}
+fn default_flush_ms() -> u64 {
+    5_000
+}
+fn default_max_in_flight() -> usize {
+    10_000
+}
+fn default_shutdown_ms() -> u64 {
+    10_000
+}
+fn default_sink_batch() -> usize {
+    500
+}
+
+fn to_strings(values: &BTreeMap<String, toml::Value>) -> BTreeMap<String, String> {
+    values
+        .iter()
+        .map(|(k, v)| {
+            let text = match v {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), text)
+        })
+        .collect()
+}
+
+impl WorkerConfig {
+    /// A config for a worker talking to `bootstrap_servers`, everything else default.
+    pub fn new(bootstrap_servers: &str) -> Self {
+        Self {
+            group_id: default_group_id(),
+            worker_id: None,
+            bootstrap_servers: bootstrap_servers.to_string(),
+            rest: RestConfig::default(),
+            internal_topics: InternalTopics::default(),
+            tasks: TaskSettings::default(),
+            kafka: BTreeMap::new(),
+            producer: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+            admin: BTreeMap::new(),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, WorkerConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| WorkerConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| WorkerConfigError::Parse {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn kafka_settings(&self) -> KafkaSettings {
+        let mut settings = KafkaSettings::new(&self.bootstrap_servers);
+        settings.common.extend(to_strings(&self.kafka));
+        settings.producer = to_strings(&self.producer);
+        settings.consumer = to_strings(&self.consumer);
+        settings.admin = to_strings(&self.admin);
+        settings
+    }
+
+    pub fn runner_settings(&self) -> RunnerSettings {
+        RunnerSettings {
+            offset_flush_interval: Duration::from_millis(self.tasks.offset_flush_interval_ms.max(10)),
+            max_in_flight: self.tasks.max_in_flight.max(1),
+            shutdown_timeout: Duration::from_millis(self.tasks.shutdown_timeout_ms),
+            sink_batch_max: self.tasks.sink_batch_max.max(1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_sections_pass_through_as_strings() {
+        let config = WorkerConfig::from_toml(
+            r#"
+            bootstrap_servers = "k:9092"
+            [kafka]
+            "security.protocol" = "SASL_SSL"
+            [producer]
+            "linger.ms" = 20
+            "#,
+        )
+        .unwrap();
+        let settings = config.kafka_settings();
+        assert_eq!(settings.common["security.protocol"], "SASL_SSL");
+        assert_eq!(settings.producer["linger.ms"], "20");
+        let producer = settings.producer_config(&Default::default());
+        assert_eq!(producer.get("acks"), Some("all"));
+        assert_eq!(producer.get("linger.ms"), Some("20"));
+    }
+
+    #[test]
+    fn unknown_settings_are_rejected_by_name() {
+        let error = WorkerConfig::from_toml("bootstrap_servers = \"k\"\nbootstrap_server = \"x\"").unwrap_err();
+        assert!(error.contains("bootstrap_server"), "{error}");
+    }
+}

@@ -1,0 +1,745 @@
+//! The herder: turns the config topic into running tasks.
+//!
+//! REST operations write to the config topic (through the store, which reads its own writes)
+//! and then reconcile: every connector's committed task configs and target state are compared
+//! with the tasks running here, which are started, paused, resumed or stopped to match. The
+//! same reconcile runs when another process changes the config topic, so nothing here assumes
+//! a single worker; which worker runs which task is decided by `assignment`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use medconnect_api::{
+    ConfigValue, ConnectError, ConnectorContext, ConnectorKind, Props, SinkTaskContext,
+    SourceTaskContext,
+};
+use rdkafka::producer::FutureProducer;
+use serde_json::{Map, Value};
+use thiserror::Error;
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::connector_config::{self as cc, restore_hidden};
+use super::plugins::{ConnectorPlugin, Plugins};
+use super::{secrets, sink_offsets};
+use crate::kafka::{KafkaSettings, TopicSpec, ensure_topics, overrides_with_prefix};
+use crate::metrics::{Metrics, TaskMetrics};
+use crate::store::{
+    ConfigStore, ConnectorEntry, ConnectorState, OffsetStore, StatusStore, StoreError, TargetState,
+    TaskStatus,
+};
+use crate::task::errors::{ErrorPolicy, ErrorReporter};
+use crate::task::sink::Subscription;
+use crate::task::{
+    RunState, RunnerSettings, SinkRunner, SinkTaskSpec, SourceRunner, SourceTaskSpec,
+    StatusReporter, TaskHandle,
+};
+use crate::transform::TransformChain;
+
+#[derive(Debug, Error)]
+pub enum HerderError {
+    #[error("Connector {0} not found")]
+    NotFound(String),
+    #[error("Connector {0} already exists")]
+    AlreadyExists(String),
+    #[error("Task {1} not found for connector {0}")]
+    TaskNotFound(String, u32),
+    #[error("{0}")]
+    BadRequest(String),
+    /// Connect's wording: the count, then one line per invalid setting.
+    #[error("Connector configuration is invalid and contains the following {} error(s):\n{}", .0.len(), .0.iter().map(|(f, r)| format!("{f}: {r}")).collect::<Vec<_>>().join("\n"))]
+    InvalidConfig(Vec<(String, String)>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+type Result<T> = std::result::Result<T, HerderError>;
+
+/// A connector as the REST API shows it.
+#[derive(Debug, Clone)]
+pub struct ConnectorInfo {
+    pub name: String,
+    pub config: Props,
+    pub tasks: Vec<u32>,
+    pub kind: ConnectorKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnectorStatus {
+    pub name: String,
+    pub connector: TaskStatus,
+    pub tasks: Vec<(u32, TaskStatus)>,
+    pub kind: ConnectorKind,
+}
+
+/// The result of validating a connector config.
+#[derive(Debug, Clone)]
+pub struct Validation {
+    pub class: String,
+    pub groups: Vec<String>,
+    pub definitions: Vec<Value>,
+    pub values: Vec<ConfigValue>,
+}
+
+impl Validation {
+    pub fn error_count(&self) -> usize {
+        self.values.iter().map(|v| v.errors.len()).sum()
+    }
+}
+
+pub struct HerderParts {
+    pub worker_id: String,
+    pub plugins: Plugins,
+    pub configs: Arc<ConfigStore>,
+    pub offsets: Arc<OffsetStore>,
+    pub statuses: Arc<StatusStore>,
+    pub kafka: KafkaSettings,
+    pub runner: RunnerSettings,
+    pub metrics: Metrics,
+}
+
+pub struct Herder {
+    worker_id: String,
+    plugins: Plugins,
+    configs: Arc<ConfigStore>,
+    offsets: Arc<OffsetStore>,
+    statuses: Arc<StatusStore>,
+    kafka: KafkaSettings,
+    runner: RunnerSettings,
+    metrics: Metrics,
+    /// Shared by dead-letter writes of every task.
+    dlq_producer: FutureProducer,
+    tasks: Mutex<BTreeMap<(String, u32), TaskHandle>>,
+    /// Serialises writes and reconciles, so a REST call sees the result of the ones before it.
+    operations: Mutex<()>,
+}
+
+impl Herder {
+    pub fn new(parts: HerderParts) -> Result<Self> {
+        let dlq_producer = parts
+            .kafka
+            .producer(&Default::default())
+            .map_err(|e| HerderError::Internal(e.to_string()))?;
+        Ok(Self {
+            worker_id: parts.worker_id,
+            plugins: parts.plugins,
+            configs: parts.configs,
+            offsets: parts.offsets,
+            statuses: parts.statuses,
+            kafka: parts.kafka,
+            runner: parts.runner,
+            metrics: parts.metrics,
+            dlq_producer,
+            tasks: Mutex::new(BTreeMap::new()),
+            operations: Mutex::new(()),
+        })
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    pub fn plugins(&self) -> &Plugins {
+        &self.plugins
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    // ---- reads -------------------------------------------------------------------------
+
+    pub fn connector_names(&self) -> Vec<String> {
+        self.configs.snapshot().connectors.into_keys().collect()
+    }
+
+    fn entry(&self, name: &str) -> Result<ConnectorEntry> {
+        self.configs.connector(name).ok_or_else(|| HerderError::NotFound(name.to_string()))
+    }
+
+    fn plugin_for(&self, config: &Props) -> Result<ConnectorPlugin> {
+        let class = config.get(cc::CLASS).map_or("", String::as_str);
+        self.plugins
+            .find(class)
+            .ok_or_else(|| HerderError::BadRequest(format!("Failed to find any class that implements Connector and which name matches {class}")))
+    }
+
+    pub fn info(&self, name: &str) -> Result<ConnectorInfo> {
+        let entry = self.entry(name)?;
+        let plugin = self.plugin_for(&entry.config)?;
+        Ok(ConnectorInfo {
+            name: name.to_string(),
+            config: cc::redact(&cc::full_def(&plugin), &entry.config),
+            tasks: (0..entry.tasks.len() as u32).collect(),
+            kind: plugin.kind(),
+        })
+    }
+
+    pub fn config(&self, name: &str) -> Result<Props> {
+        Ok(self.info(name)?.config)
+    }
+
+    pub fn task_configs(&self, name: &str) -> Result<Vec<(u32, Props)>> {
+        let entry = self.entry(name)?;
+        let def = cc::full_def(&self.plugin_for(&entry.config)?);
+        Ok(entry
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(id, config)| (id as u32, cc::redact(&def, config)))
+            .collect())
+    }
+
+    pub fn status(&self, name: &str) -> Result<ConnectorStatus> {
+        let entry = self.entry(name)?;
+        let kind = self.plugin_for(&entry.config)?.kind();
+        let connector = self.statuses.connector(name).unwrap_or_else(|| self.unassigned());
+        let tasks = self
+            .statuses
+            .tasks(name)
+            .into_iter()
+            .filter(|(id, _)| (*id as usize) < entry.tasks.len())
+            .collect();
+        Ok(ConnectorStatus {
+            name: name.to_string(),
+            connector,
+            tasks,
+            kind,
+        })
+    }
+
+    pub fn task_status(&self, name: &str, task: u32) -> Result<TaskStatus> {
+        let entry = self.entry(name)?;
+        if task as usize >= entry.tasks.len() {
+            return Err(HerderError::TaskNotFound(name.to_string(), task));
+        }
+        Ok(self.statuses.task(name, task).unwrap_or_else(|| self.unassigned()))
+    }
+
+    fn unassigned(&self) -> TaskStatus {
+        TaskStatus {
+            state: ConnectorState::Unassigned,
+            trace: None,
+            worker_id: self.worker_id.clone(),
+            generation: 0,
+        }
+    }
+
+    pub fn topics(&self, name: &str) -> Result<Vec<String>> {
+        self.entry(name)?;
+        Ok(self.statuses.topics(name))
+    }
+
+    pub async fn reset_topics(&self, name: &str) -> Result<()> {
+        self.entry(name)?;
+        let topics = self.statuses.topics(name);
+        Ok(self.statuses.reset_topics(name, &topics).await?)
+    }
+
+    pub fn validate(&self, class: &str, config: &Props) -> Result<Validation> {
+        let plugin = self
+            .plugins
+            .find(class)
+            .ok_or_else(|| HerderError::BadRequest(format!("Failed to find any class that implements Connector and which name matches {class}")))?;
+        let mut with_class = config.clone();
+        with_class.entry(cc::CLASS.to_string()).or_insert_with(|| class.to_string());
+        let def = cc::full_def(&plugin);
+        Ok(Validation {
+            class: plugin.connector().class().to_string(),
+            groups: def.groups(),
+            definitions: def.keys().iter().enumerate().map(|(i, k)| k.definition_json(i)).collect(),
+            values: cc::validate(&plugin, &with_class),
+        })
+    }
+
+    // ---- writes ------------------------------------------------------------------------
+
+    fn check(&self, name: &str, config: &Props) -> Result<ConnectorPlugin> {
+        if name.trim().is_empty() || name.contains('/') {
+            return Err(HerderError::BadRequest("Connector name must not be empty or contain '/'".into()));
+        }
+        if config.get(cc::NAME).is_some_and(|n| n != name) {
+            return Err(HerderError::BadRequest(format!(
+                "Connector name configuration ({}) doesn't match connector name in the URL ({name})",
+                config[cc::NAME]
+            )));
+        }
+        if !config.contains_key(cc::CLASS) {
+            return Err(HerderError::InvalidConfig(vec![(cc::CLASS.into(), "Missing required configuration \"connector.class\" which has no default value.".into())]));
+        }
+        let plugin = self.plugin_for(config)?;
+        let errors: Vec<(String, String)> = cc::validate(&plugin, config)
+            .into_iter()
+            .flat_map(|v| v.errors.into_iter().map(move |e| (v.name.clone(), e)))
+            .collect();
+        if errors.is_empty() { Ok(plugin) } else { Err(HerderError::InvalidConfig(errors)) }
+    }
+
+    pub async fn create(&self, name: &str, mut config: Props, initial: Option<TargetState>) -> Result<ConnectorInfo> {
+        let _guard = self.operations.lock().await;
+        if self.configs.connector(name).is_some() {
+            return Err(HerderError::AlreadyExists(name.to_string()));
+        }
+        config.insert(cc::NAME.into(), name.to_string());
+        self.check(name, &config)?;
+        self.write_new_config(name, &config, initial.unwrap_or_default()).await?;
+        self.reconcile_locked().await;
+        self.info(name)
+    }
+
+    /// `PUT /connectors/{name}/config`: creates or replaces; `true` when created.
+    pub async fn put_config(&self, name: &str, mut config: Props) -> Result<(bool, ConnectorInfo)> {
+        let _guard = self.operations.lock().await;
+        config.insert(cc::NAME.into(), name.to_string());
+        let existing = self.configs.connector(name);
+        if let Some(existing) = &existing {
+            let def = cc::full_def(&self.plugin_for(&config)?);
+            restore_hidden(&def, &mut config, Some(&existing.config));
+        }
+        self.check(name, &config)?;
+        let created = existing.is_none();
+        match existing {
+            None => self.write_new_config(name, &config, TargetState::Started).await?,
+            Some(existing) => {
+                self.configs.put_connector(name, &config).await?;
+                if existing.target_state != TargetState::Stopped {
+                    self.generate_tasks(name, &config).await?;
+                }
+            }
+        }
+        self.reconcile_locked().await;
+        Ok((created, self.info(name)?))
+    }
+
+    pub async fn patch_config(&self, name: &str, patch: BTreeMap<String, Option<String>>) -> Result<ConnectorInfo> {
+        let _guard = self.operations.lock().await;
+        let existing = self.entry(name)?;
+        let mut config = existing.config.clone();
+        for (key, value) in patch {
+            match value {
+                Some(value) => config.insert(key, value),
+                None => config.remove(&key),
+            };
+        }
+        config.insert(cc::NAME.into(), name.to_string());
+        let def = cc::full_def(&self.plugin_for(&config)?);
+        restore_hidden(&def, &mut config, Some(&existing.config));
+        self.check(name, &config)?;
+        self.configs.put_connector(name, &config).await?;
+        if existing.target_state != TargetState::Stopped {
+            self.generate_tasks(name, &config).await?;
+        }
+        self.reconcile_locked().await;
+        self.info(name)
+    }
+
+    async fn write_new_config(&self, name: &str, config: &Props, initial: TargetState) -> Result<()> {
+        self.configs.put_target_state(name, initial).await?;
+        self.configs.put_connector(name, config).await?;
+        if initial != TargetState::Stopped {
+            self.generate_tasks(name, config).await?;
+        }
+        Ok(())
+    }
+
+    /// Asks the connector for its task configs and commits them to the config topic.
+    async fn generate_tasks(&self, name: &str, config: &Props) -> Result<()> {
+        let plugin = self.plugin_for(config)?;
+        let max_tasks = config.get(cc::TASKS_MAX).and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(1).max(1);
+        // Task configs keep `${...}` references: they are resolved when each task starts.
+        let context = ConnectorContext {
+            connector_name: name.to_string(),
+            config: config.clone(),
+        };
+        let resolved_context = ConnectorContext {
+            config: secrets::resolve(config).map_err(|e| HerderError::InvalidConfig(vec![cc::field_and_reason(e)]))?,
+            ..context.clone()
+        };
+        match plugin.connector().task_configs(&resolved_context, max_tasks) {
+            Ok(resolved_tasks) => {
+                // Store the unresolved values of settings the connector copied through.
+                let tasks: Vec<Props> = resolved_tasks
+                    .into_iter()
+                    .map(|task| {
+                        task.into_iter()
+                            .map(|(k, v)| match context.config.get(&k) {
+                                Some(original) if resolved_context.config.get(&k) == Some(&v) => (k, original.clone()),
+                                _ => (k, v),
+                            })
+                            .collect()
+                    })
+                    .collect();
+                self.configs.put_task_configs(name, &tasks).await?;
+                Ok(())
+            }
+            Err(error) => {
+                self.put_connector_status(name, ConnectorState::Failed, Some(error.to_string())).await;
+                Err(HerderError::BadRequest(format!("Connector {name} could not generate task configs: {error}")))
+            }
+        }
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let _guard = self.operations.lock().await;
+        self.entry(name)?;
+        self.configs.remove_connector(name).await?;
+        self.reconcile_locked().await;
+        self.statuses.remove(name).await?;
+        Ok(())
+    }
+
+    pub async fn set_target_state(&self, name: &str, state: TargetState) -> Result<()> {
+        let _guard = self.operations.lock().await;
+        let entry = self.entry(name)?;
+        if entry.target_state == TargetState::Stopped && state != TargetState::Stopped {
+            // Stopped connectors have no task configs; make them anew.
+            self.configs.put_target_state(name, state).await?;
+            self.generate_tasks(name, &entry.config).await?;
+        } else {
+            self.configs.put_target_state(name, state).await?;
+            if state == TargetState::Stopped {
+                self.configs.put_task_configs(name, &[]).await?;
+            }
+        }
+        self.reconcile_locked().await;
+        Ok(())
+    }
+
+    /// `POST /connectors/{name}/restart`: restarts the connector and, with `include_tasks`,
+    /// its tasks (only failed ones with `only_failed`). Returns the tasks restarted.
+    pub async fn restart(&self, name: &str, include_tasks: bool, only_failed: bool) -> Result<Vec<u32>> {
+        let _guard = self.operations.lock().await;
+        let entry = self.entry(name)?;
+        let connector_failed = self.statuses.connector(name).is_some_and(|s| s.state == ConnectorState::Failed);
+        if !only_failed || connector_failed {
+            self.put_connector_status(name, ConnectorState::Restarting, None).await;
+            if entry.target_state != TargetState::Stopped {
+                self.generate_tasks(name, &entry.config).await?;
+            }
+        }
+        let mut restarted = Vec::new();
+        if include_tasks {
+            for id in 0..entry.tasks.len() as u32 {
+                let failed = self.statuses.task(name, id).is_some_and(|s| s.state == ConnectorState::Failed);
+                if !only_failed || failed {
+                    self.stop_task(name, id).await;
+                    restarted.push(id);
+                }
+            }
+        }
+        self.reconcile_locked().await;
+        Ok(restarted)
+    }
+
+    pub async fn restart_task(&self, name: &str, task: u32) -> Result<()> {
+        let _guard = self.operations.lock().await;
+        let entry = self.entry(name)?;
+        if task as usize >= entry.tasks.len() {
+            return Err(HerderError::TaskNotFound(name.to_string(), task));
+        }
+        self.stop_task(name, task).await;
+        self.reconcile_locked().await;
+        Ok(())
+    }
+
+    // ---- offsets (KIP-875) -------------------------------------------------------------
+
+    fn require_stopped(&self, name: &str) -> Result<ConnectorEntry> {
+        let entry = self.entry(name)?;
+        if entry.target_state != TargetState::Stopped {
+            return Err(HerderError::BadRequest(format!(
+                "Connectors must be in the STOPPED state before their offsets can be modified. This can be done for the specified connector by issuing a 'PUT' request to the '/connectors/{name}/stop' endpoint"
+            )));
+        }
+        Ok(entry)
+    }
+
+    pub async fn offsets(&self, name: &str) -> Result<Vec<(Value, Value)>> {
+        let entry = self.entry(name)?;
+        match self.plugin_for(&entry.config)?.kind() {
+            ConnectorKind::Source => {
+                self.offsets.refresh().await?;
+                Ok(self
+                    .offsets
+                    .offsets(name)
+                    .into_iter()
+                    .map(|(p, o)| (Value::Object(p), Value::Object(o)))
+                    .collect())
+            }
+            ConnectorKind::Sink => sink_offsets::read(&self.kafka, name, &entry.config)
+                .await
+                .map_err(HerderError::Internal),
+        }
+    }
+
+    /// Alters offsets; `None` deletes a partition's offset. The connector must be STOPPED.
+    pub async fn alter_offsets(&self, name: &str, offsets: Vec<(Map<String, Value>, Option<Map<String, Value>>)>) -> Result<()> {
+        let _guard = self.operations.lock().await;
+        let entry = self.require_stopped(name)?;
+        match self.plugin_for(&entry.config)?.kind() {
+            ConnectorKind::Source => Ok(self.offsets.write(name, offsets).await?),
+            ConnectorKind::Sink => sink_offsets::alter(&self.kafka, name, offsets)
+                .await
+                .map_err(HerderError::BadRequest),
+        }
+    }
+
+    pub async fn reset_offsets(&self, name: &str) -> Result<()> {
+        let _guard = self.operations.lock().await;
+        let entry = self.require_stopped(name)?;
+        match self.plugin_for(&entry.config)?.kind() {
+            ConnectorKind::Source => Ok(self.offsets.reset(name).await?),
+            ConnectorKind::Sink => sink_offsets::reset(&self.kafka, name, &entry.config)
+                .await
+                .map_err(HerderError::Internal),
+        }
+    }
+
+    // ---- reconcile ---------------------------------------------------------------------
+
+    /// Makes the tasks running here match the config topic.
+    pub async fn reconcile(&self) {
+        let _guard = self.operations.lock().await;
+        self.reconcile_locked().await;
+    }
+
+    async fn reconcile_locked(&self) {
+        let snapshot = self.configs.snapshot();
+        // Tasks of deleted connectors, or beyond the current task count, stop first.
+        let obsolete: Vec<(String, u32)> = {
+            let tasks = self.tasks.lock().await;
+            tasks
+                .keys()
+                .filter(|(name, id)| {
+                    snapshot
+                        .connectors
+                        .get(name)
+                        .is_none_or(|e| e.target_state == TargetState::Stopped || *id as usize >= e.tasks.len())
+                })
+                .cloned()
+                .collect()
+        };
+        for (name, id) in obsolete {
+            self.stop_task(&name, id).await;
+            if snapshot.connectors.contains_key(&name)
+                && let Err(error) = self.statuses.remove_task(&name, id).await
+            {
+                tracing::warn!(connector = %name, task = id, %error, "cannot remove task status");
+            }
+        }
+        for (name, entry) in &snapshot.connectors {
+            self.reconcile_connector(name, entry).await;
+        }
+    }
+
+    async fn reconcile_connector(&self, name: &str, entry: &ConnectorEntry) {
+        let state = match entry.target_state {
+            TargetState::Stopped => ConnectorState::Stopped,
+            TargetState::Paused => ConnectorState::Paused,
+            TargetState::Started => ConnectorState::Running,
+        };
+        let current = self.statuses.connector(name);
+        let failed_generating = current.as_ref().is_some_and(|s| s.state == ConnectorState::Failed) && entry.tasks.is_empty();
+        if !failed_generating && current.as_ref().is_none_or(|s| s.state != state) {
+            self.put_connector_status(name, state, None).await;
+        }
+        if entry.target_state == TargetState::Stopped {
+            return;
+        }
+        let run_state = if entry.target_state == TargetState::Paused { RunState::Paused } else { RunState::Running };
+        for (id, config) in entry.tasks.iter().enumerate() {
+            let id = id as u32;
+            if !self.assigned_here(name, id) {
+                continue;
+            }
+            let outdated = {
+                let tasks = self.tasks.lock().await;
+                match tasks.get(&(name.to_string(), id)) {
+                    // Same config: keep it (a failed one stays failed until restarted).
+                    Some(handle) if handle.config == *config => {
+                        handle.set_state(run_state);
+                        let alive = !handle.join.is_finished();
+                        drop(tasks);
+                        if alive {
+                            let state = if run_state == RunState::Paused { ConnectorState::Paused } else { ConnectorState::Running };
+                            self.report_task(name, id, state, entry.task_generation).await;
+                        }
+                        false
+                    }
+                    _ => true,
+                }
+            };
+            if outdated {
+                self.stop_task(name, id).await;
+                self.start_task(name, id, config, entry, run_state).await;
+            }
+        }
+    }
+
+    /// Which worker runs a task. One worker runs everything until the cluster issue brings
+    /// group membership; the rest of the herder already goes through this decision.
+    fn assigned_here(&self, _connector: &str, _task: u32) -> bool {
+        true
+    }
+
+    async fn report_task(&self, name: &str, id: u32, state: ConnectorState, generation: u64) {
+        if self.statuses.task(name, id).is_some_and(|s| s.state == state) {
+            return;
+        }
+        StatusReporter::new(self.statuses.clone(), name, id, &self.worker_id, generation)
+            .report(state, None)
+            .await;
+    }
+
+    async fn put_connector_status(&self, name: &str, state: ConnectorState, trace: Option<String>) {
+        let status = TaskStatus {
+            state,
+            trace,
+            worker_id: self.worker_id.clone(),
+            generation: self.configs.connector(name).map_or(0, |e| e.task_generation),
+        };
+        if let Err(error) = self.statuses.put_connector(name, &status).await {
+            tracing::warn!(connector = %name, %error, "cannot record connector status");
+        }
+    }
+
+    async fn stop_task(&self, name: &str, id: u32) {
+        let handle = self.tasks.lock().await.remove(&(name.to_string(), id));
+        if let Some(handle) = handle {
+            handle.stop().await;
+        }
+        // Until started again; callers that remove the task remove this status too.
+        if self.statuses.task(name, id).is_some() {
+            self.report_task(name, id, ConnectorState::Restarting, 0).await;
+        }
+    }
+
+    async fn start_task(&self, name: &str, id: u32, config: &Props, entry: &ConnectorEntry, run_state: RunState) {
+        let status = StatusReporter::new(self.statuses.clone(), name, id, &self.worker_id, entry.task_generation);
+        let (state_tx, state_rx) = watch::channel(run_state);
+        let stop = CancellationToken::new();
+        let join = match self.spawn_task(name, id, config, status.clone(), state_rx, stop.clone()).await {
+            Ok(join) => join,
+            Err(error) => {
+                status.failed(&error).await;
+                return;
+            }
+        };
+        if run_state == RunState::Paused {
+            self.report_task(name, id, ConnectorState::Paused, entry.task_generation).await;
+        }
+        self.tasks.lock().await.insert(
+            (name.to_string(), id),
+            TaskHandle {
+                run_state: state_tx,
+                stop,
+                join,
+                generation: entry.task_generation,
+                config: config.clone(),
+            },
+        );
+    }
+
+    async fn spawn_task(
+        &self,
+        name: &str,
+        id: u32,
+        config: &Props,
+        status: StatusReporter,
+        run_state: watch::Receiver<RunState>,
+        stop: CancellationToken,
+    ) -> std::result::Result<tokio::task::JoinHandle<()>, ConnectError> {
+        let resolved = secrets::resolve(config)?;
+        let plugin = self
+            .plugins
+            .find(resolved.get(cc::CLASS).map_or("", String::as_str))
+            .ok_or_else(|| ConnectError::config(cc::CLASS, "unknown connector class"))?;
+        let common = cc::parse_common(plugin.kind(), &resolved)?;
+        let policy = ErrorPolicy::from_config(&common)?;
+        if let Some(topic) = &policy.dlq_topic {
+            ensure_topics(&self.kafka, &[TopicSpec::regular(topic, 1, policy.dlq_replication_factor)])
+                .await
+                .map_err(|e| ConnectError::retriable(e.to_string()))?;
+        }
+        let transforms = TransformChain::from_config(&resolved)?;
+        let metrics = TaskMetrics::new(&self.metrics, name, id);
+        let errors = ErrorReporter::new(policy, name, id, self.dlq_producer.clone(), metrics.clone());
+        let runner = self.runner.clone();
+        let join = match plugin {
+            ConnectorPlugin::Source(connector) => {
+                let overrides = overrides_with_prefix(&resolved, cc::PRODUCER_OVERRIDE);
+                let producer = self.kafka.producer(&overrides).map_err(|e| ConnectError::fatal(e.to_string()))?;
+                let spec = SourceTaskSpec {
+                    connector: name.to_string(),
+                    task_id: id,
+                    task: connector.create_task(),
+                    context: SourceTaskContext {
+                        connector_name: name.to_string(),
+                        task_id: id,
+                        config: resolved.clone(),
+                        offsets: self.offsets.reader(name),
+                    },
+                    transforms,
+                    errors,
+                    producer,
+                    offsets: self.offsets.clone(),
+                    kafka: self.kafka.clone(),
+                    new_topic: (common.int(cc::NEW_TOPIC_PARTITIONS)? as i32, common.int(cc::NEW_TOPIC_REPLICATION)? as i32),
+                    status,
+                    metrics,
+                    settings: runner,
+                };
+                tokio::spawn(SourceRunner::run(spec, run_state, stop))
+            }
+            ConnectorPlugin::Sink(connector) => {
+                let overrides = overrides_with_prefix(&resolved, cc::CONSUMER_OVERRIDE);
+                let consumer = self
+                    .kafka
+                    .stream_consumer(Some(&sink_offsets::group_id(name)), &overrides)
+                    .map_err(|e| ConnectError::fatal(e.to_string()))?;
+                let subscription = match common.optional_string(cc::TOPICS_REGEX) {
+                    Some(regex) => Subscription::Regex(regex),
+                    None => Subscription::Topics(common.list(cc::TOPICS)?),
+                };
+                let (errant_records, errant_rx) = SinkTaskSpec::errant_channel();
+                let spec = SinkTaskSpec {
+                    connector: name.to_string(),
+                    task_id: id,
+                    task: connector.create_task(),
+                    context: SinkTaskContext {
+                        connector_name: name.to_string(),
+                        task_id: id,
+                        config: resolved.clone(),
+                        errant_records,
+                    },
+                    errant_records: errant_rx,
+                    subscription,
+                    consumer,
+                    transforms,
+                    errors,
+                    status,
+                    metrics,
+                    settings: runner,
+                };
+                tokio::spawn(SinkRunner::run(spec, run_state, stop))
+            }
+        };
+        Ok(join)
+    }
+
+    /// Stops every task here, letting each deliver what it holds.
+    pub async fn shutdown(&self) {
+        let _guard = self.operations.lock().await;
+        let handles: Vec<((String, u32), TaskHandle)> = std::mem::take(&mut *self.tasks.lock().await).into_iter().collect();
+        for ((name, id), handle) in handles {
+            let generation = handle.generation;
+            handle.stop().await;
+            if !self.statuses.task(&name, id).is_some_and(|s| s.state == ConnectorState::Failed) {
+                self.report_task(&name, id, ConnectorState::Unassigned, generation).await;
+            }
+        }
+    }
+}
+
