@@ -176,6 +176,11 @@ pub struct SourceRecord {
     pub source_offset: SourceOffset,
     /// Set by listener sources that must answer their sender once the record is durable.
     pub ack: Option<AckHandle>,
+    /// Input the source could not accept (a malformed message): the engine writes it to the
+    /// dead-letter topic, if the connector has one, instead of its topic, and completes the
+    /// acknowledgement with `DeadLettered` (or `Failed` without a dead-letter topic). Rejected
+    /// input never fails the task: the source has already told its sender why.
+    pub rejected: Option<crate::ConnectError>,
 }
 
 impl SourceRecord {
@@ -185,6 +190,7 @@ impl SourceRecord {
             source_partition,
             source_offset,
             ack: None,
+            rejected: None,
         }
     }
 
@@ -195,6 +201,18 @@ impl SourceRecord {
             source_partition: Map::new(),
             source_offset: Map::new(),
             ack: Some(ack),
+            rejected: None,
+        }
+    }
+
+    /// Input the source rejects, kept for the dead-letter topic with the reason.
+    pub fn rejected(record: Record, reason: crate::ConnectError, ack: Option<AckHandle>) -> Self {
+        Self {
+            record,
+            source_partition: Map::new(),
+            source_offset: Map::new(),
+            ack,
+            rejected: Some(reason),
         }
     }
 

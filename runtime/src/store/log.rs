@@ -39,12 +39,14 @@ impl KafkaLog {
     /// Starts reading `topic` from the beginning; returns once everything already in it is applied.
     pub async fn open(settings: &KafkaSettings, topic: &str, apply: Apply) -> Result<Self, StoreError> {
         let producer = settings.producer(&Default::default())?;
+        // librdkafka needs a group id to assign partitions; this reader never joins or commits.
+        let reader_group = format!("medconnect-log-reader-{topic}");
         let consumer: BaseConsumer = settings
-            .consumer_config(None, &Default::default())
+            .consumer_config(Some(&reader_group), &Default::default())
             .create()
             .map_err(|e| StoreError::kafka(topic, e))?;
         let watermark_consumer: BaseConsumer = settings
-            .consumer_config(None, &Default::default())
+            .consumer_config(Some(&reader_group), &Default::default())
             .create()
             .map_err(|e| StoreError::kafka(topic, e))?;
         let topic_name = topic.to_string();

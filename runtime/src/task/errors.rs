@@ -156,8 +156,18 @@ impl ErrorReporter {
 
     /// Decides the fate of one failed record; `class` names the failing component.
     pub fn report(&self, stage: Stage, class: &str, record: &Record, origin: Origin<'_>, error: ConnectError) -> Verdict {
-        self.metrics.error(stage.as_str());
         let tolerated = self.policy.tolerate_all && !matches!(error, ConnectError::Fatal(_) | ConnectError::Config { .. });
+        self.decide(stage, class, record, origin, error, tolerated)
+    }
+
+    /// Input a source rejected and already answered (an AE to an HL7 sender): it goes to the
+    /// dead-letter topic if there is one, whatever `errors.tolerance` says, and never fails the task.
+    pub fn reject(&self, stage: Stage, class: &str, record: &Record, origin: Origin<'_>, error: ConnectError) -> Verdict {
+        self.decide(stage, class, record, origin, error, true)
+    }
+
+    fn decide(&self, stage: Stage, class: &str, record: &Record, origin: Origin<'_>, error: ConnectError, tolerated: bool) -> Verdict {
+        self.metrics.error(stage.as_str());
         if self.policy.log_errors || !tolerated {
             if self.policy.log_include_messages {
                 tracing::error!(connector = %self.connector, task = self.task_id, stage = stage.as_str(), %class, %error, record = ?record, "record failed");

@@ -37,6 +37,7 @@ use crate::transform::TransformChain;
 /// Everything a source task runner needs, assembled by the herder.
 pub struct SourceTaskSpec {
     pub connector: String,
+    pub connector_class: String,
     pub task_id: u32,
     pub task: Box<dyn SourceTask>,
     pub context: SourceTaskContext,
@@ -90,6 +91,7 @@ impl SourceRunner {
     pub async fn run(spec: SourceTaskSpec, run_state: watch::Receiver<RunState>, stop: CancellationToken) {
         let SourceTaskSpec {
             connector,
+            connector_class,
             task_id,
             mut task,
             context,
@@ -127,6 +129,7 @@ impl SourceRunner {
         ));
         let mut pipeline = Pipeline {
             connector,
+            connector_class,
             transforms,
             errors,
             producer,
@@ -234,6 +237,8 @@ async fn poll_loop(
 
 struct Pipeline {
     connector: String,
+    /// Named in dead-letter headers for input the source itself rejected.
+    connector_class: String,
     transforms: TransformChain,
     errors: ErrorReporter,
     producer: FutureProducer,
@@ -307,7 +312,12 @@ impl Pipeline {
             source_partition,
             source_offset,
             ack,
+            rejected,
         } = source;
+        if let Some(reason) = rejected {
+            let position = (!source_partition.is_empty()).then(|| (source_partition, source_offset));
+            return self.reject_input(record, reason, position, ack);
+        }
         let original = (!self.transforms.is_empty() && self.errors.policy.dlq_topic.is_some()).then(|| record.clone());
         let transformed = self.transforms.apply(record);
         let position = (!source_partition.is_empty()).then(|| (source_partition, source_offset));
@@ -349,6 +359,20 @@ impl Pipeline {
             }),
         );
         Ok(())
+    }
+
+    /// Input the source rejected: to the dead-letter topic when there is one, never a task failure.
+    fn reject_input(
+        &mut self,
+        record: Record,
+        reason: ConnectError,
+        position: Option<(SourcePartition, SourceOffset)>,
+        ack: Option<AckHandle>,
+    ) -> ConnectResult<()> {
+        let empty = (SourcePartition::new(), SourceOffset::new());
+        let (partition, offset) = position.as_ref().map_or((&empty.0, &empty.1), |(p, o)| (p, o));
+        let verdict = self.errors.reject(Stage::TaskPoll, &self.connector_class, &record, Origin::Source { partition, offset }, reason.clone());
+        self.dead_letter(verdict, position, ack, reason)
     }
 
     fn dead_letter(
@@ -470,6 +494,7 @@ impl Pipeline {
         if delivery.is_durable() {
             self.metrics.records_out(1);
         }
+        self.metrics.set_in_flight(self.in_flight.len() as i64);
         if let Some(ack) = ack {
             ack.complete(delivery);
         }

@@ -673,6 +673,7 @@ impl Herder {
                 let producer = self.kafka.producer(&overrides).map_err(|e| ConnectError::fatal(e.to_string()))?;
                 let spec = SourceTaskSpec {
                     connector: name.to_string(),
+                    connector_class: connector.class().to_string(),
                     task_id: id,
                     task: connector.create_task(),
                     context: SourceTaskContext {
