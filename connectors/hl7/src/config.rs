@@ -1,0 +1,359 @@
+//! Settings of the MLLP source and sink, declared once and read into typed structs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hl7_parser::query::LocationQuery;
+use medconnect_api::{
+    ConfigDef, ConfigType, ConnectError, ConnectResult, Importance, ParsedConfig, Props, Validator,
+};
+
+use crate::message::{DEFAULT_VERSIONS, Rules, TopicTemplate};
+
+pub const MLLP_BIND: &str = "mllp.bind";
+pub const MLLP_HOST: &str = "mllp.host";
+pub const MLLP_PORT: &str = "mllp.port";
+pub const LISTENER_ADDRESS_FILE: &str = "listener.address.file";
+pub const TOPIC: &str = "topic";
+pub const KEY_FIELD: &str = "key.field";
+pub const HL7_VERSIONS: &str = "hl7.versions";
+pub const HL7_MESSAGE_TYPES: &str = "hl7.message.types";
+pub const HL7_LENIENT_NEWLINES: &str = "hl7.lenient.newlines";
+pub const ACK_MODE: &str = "ack.mode";
+pub const ACK_TIMEOUT_MS: &str = "ack.timeout.ms";
+pub const MAX_MESSAGE_BYTES: &str = "mllp.max.message.bytes";
+pub const MAX_CONNECTIONS: &str = "mllp.max.connections";
+pub const IDLE_TIMEOUT_MS: &str = "mllp.idle.timeout.ms";
+pub const READ_TIMEOUT_MS: &str = "mllp.read.timeout.ms";
+pub const CONNECT_TIMEOUT_MS: &str = "mllp.connect.timeout.ms";
+pub const QUEUE_CAPACITY: &str = "queue.capacity";
+pub const POLL_BATCH_MAX: &str = "poll.batch.max";
+pub const RETRY_MAX_ATTEMPTS: &str = "retry.max.attempts";
+pub const RETRY_BACKOFF_MS: &str = "retry.backoff.ms";
+pub const RETRY_BACKOFF_MAX_MS: &str = "retry.backoff.max.ms";
+pub const TLS_ENABLED: &str = "mllp.tls.enabled";
+pub const TLS_CERT_FILE: &str = "mllp.tls.cert.file";
+pub const TLS_KEY_FILE: &str = "mllp.tls.key.file";
+pub const TLS_CLIENT_CA_FILE: &str = "mllp.tls.client.ca.file";
+pub const TLS_CA_FILE: &str = "mllp.tls.ca.file";
+pub const TLS_SERVER_NAME: &str = "mllp.tls.server.name";
+
+pub const ACK_AFTER_COMMIT: &str = "after-commit";
+pub const ACK_IMMEDIATE: &str = "immediate";
+
+/// When a listener answers `AA`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// After Kafka acknowledged the record (`acks=all`): nothing acknowledged is ever lost.
+    AfterCommit,
+    /// As soon as the record is queued for Kafka. Unsafe: a crash loses acknowledged messages.
+    Immediate,
+}
+
+/// The parser stops at the first character it does not understand ("PID.0" reads as "PID"),
+/// so a query must print back as written to be taken as meant.
+fn parse_key_field(value: &str) -> Result<LocationQuery, String> {
+    let value = value.trim();
+    let query = LocationQuery::parse(value)
+        .map_err(|e| format!("not an HL7 location such as PID.3.1: {e}"))?;
+    if query.to_string() != value || query.field.is_none() {
+        return Err(format!(
+            "'{value}' is not an HL7 field location such as PID.3.1 (indexes start at 1)"
+        ));
+    }
+    Ok(query)
+}
+
+fn key_field_check(value: &str) -> Result<(), String> {
+    if value.trim().is_empty() {
+        return Ok(());
+    }
+    parse_key_field(value).map(|_| ())
+}
+
+fn tls_def(def: ConfigDef) -> ConfigDef {
+    def.define(TLS_ENABLED, ConfigType::Boolean, "false", Importance::Medium, "Use TLS on the MLLP connection.")
+        .define(TLS_CERT_FILE, ConfigType::String, "", Importance::Medium, "PEM certificate chain presented to the peer (required for a TLS listener; optional client certificate for the sink).")
+        .define(TLS_KEY_FILE, ConfigType::String, "", Importance::Medium, "PEM private key of mllp.tls.cert.file.")
+}
+
+pub fn source_def() -> ConfigDef {
+    let def = ConfigDef::new()
+        .define(MLLP_BIND, ConfigType::String, "0.0.0.0", Importance::Medium, "Address the MLLP listener binds to.")
+        .with_validator(Validator::NonEmpty)
+        .define(MLLP_PORT, ConfigType::Int, "2575", Importance::High, "TCP port of the MLLP listener (0 picks a free port; see listener.address.file).")
+        .with_validator(Validator::between(0.0, 65535.0))
+        .define(LISTENER_ADDRESS_FILE, ConfigType::String, "", Importance::Low, "If set, the bound address (host:port) is written to this file once the listener is up.")
+        .define(TOPIC, ConfigType::String, "hl7.${message.type}", Importance::High, "Topic of the records; ${message.type} and ${trigger.event} stand for MSH-9.1 and MSH-9.2 in lower case.")
+        .with_validator(Validator::custom(TopicTemplate::check))
+        .define(KEY_FIELD, ConfigType::String, "PID.3.1", Importance::Medium, "HL7 location of the record key (e.g. PID.3.1); MSH-10 when empty or absent from the message.")
+        .with_validator(Validator::custom(key_field_check))
+        .define(HL7_VERSIONS, ConfigType::List, DEFAULT_VERSIONS, Importance::Low, "Accepted MSH-12 versions; others are answered AR.")
+        .with_validator(Validator::NonEmpty)
+        .define(HL7_MESSAGE_TYPES, ConfigType::List, "", Importance::Low, "Accepted MSH-9.1 message types (empty: all); others are answered AR.")
+        .define(HL7_LENIENT_NEWLINES, ConfigType::Boolean, "true", Importance::Low, "Accept \\n and \\r\\n between segments besides the standard \\r.")
+        .define(ACK_MODE, ConfigType::String, ACK_AFTER_COMMIT, Importance::High, "after-commit: AA only once Kafka acknowledged the record. immediate: AA once queued (UNSAFE: a crash loses acknowledged messages).")
+        .with_validator(Validator::OneOf(vec![ACK_AFTER_COMMIT, ACK_IMMEDIATE]))
+        .define(MAX_MESSAGE_BYTES, ConfigType::Int, "4194304", Importance::Medium, "Largest accepted message; a larger one is answered AR and the connection closed.")
+        .with_validator(Validator::between(1024.0, 268_435_456.0))
+        .define(MAX_CONNECTIONS, ConfigType::Int, "256", Importance::Low, "Concurrent sender connections; further ones are closed at once.")
+        .with_validator(Validator::between(1.0, 100_000.0))
+        .define(IDLE_TIMEOUT_MS, ConfigType::Long, "600000", Importance::Low, "Close a connection that sends nothing for this long (0: never).")
+        .with_validator(Validator::at_least(0.0))
+        .define(READ_TIMEOUT_MS, ConfigType::Long, "30000", Importance::Low, "A started message must be complete within this time, and an ACK written within it.")
+        .with_validator(Validator::at_least(1.0))
+        .define(QUEUE_CAPACITY, ConfigType::Int, "1024", Importance::Low, "Messages waiting for the engine; beyond it senders are answered AR (busy).")
+        .with_validator(Validator::between(1.0, 1_000_000.0))
+        .define(POLL_BATCH_MAX, ConfigType::Int, "500", Importance::Low, "Records returned per poll at most.")
+        .with_validator(Validator::between(1.0, 1_000_000.0));
+    tls_def(def)
+        .define(
+            TLS_CLIENT_CA_FILE,
+            ConfigType::String,
+            "",
+            Importance::Medium,
+            "If set, senders must present a client certificate signed by this PEM CA.",
+        )
+        .in_group("MLLP")
+}
+
+pub fn sink_def() -> ConfigDef {
+    let def = ConfigDef::new()
+        .define_required(MLLP_HOST, ConfigType::String, Importance::High, "Host of the downstream MLLP receiver.")
+        .with_validator(Validator::NonEmpty)
+        .define_required(MLLP_PORT, ConfigType::Int, Importance::High, "Port of the downstream MLLP receiver.")
+        .with_validator(Validator::between(1.0, 65535.0))
+        .define(CONNECT_TIMEOUT_MS, ConfigType::Long, "5000", Importance::Low, "Connection timeout.")
+        .with_validator(Validator::at_least(1.0))
+        .define(ACK_TIMEOUT_MS, ConfigType::Long, "10000", Importance::Medium, "How long to wait for the receiver's ACK of one message.")
+        .with_validator(Validator::at_least(1.0))
+        .define(RETRY_MAX_ATTEMPTS, ConfigType::Int, "3", Importance::Medium, "Attempts per message answered AE/AR or not answered in time, before it is reported as errant (errors.tolerance decides).")
+        .with_validator(Validator::between(1.0, 1000.0))
+        .define(RETRY_BACKOFF_MS, ConfigType::Long, "500", Importance::Low, "Wait before the first retry; doubled each time.")
+        .with_validator(Validator::at_least(0.0))
+        .define(RETRY_BACKOFF_MAX_MS, ConfigType::Long, "10000", Importance::Low, "Longest wait between retries.")
+        .with_validator(Validator::at_least(0.0))
+        .define(MAX_MESSAGE_BYTES, ConfigType::Int, "1048576", Importance::Low, "Largest ACK accepted from the receiver.")
+        .with_validator(Validator::between(1024.0, 268_435_456.0));
+    tls_def(def)
+        .define(
+            TLS_CA_FILE,
+            ConfigType::String,
+            "",
+            Importance::Medium,
+            "PEM CA that signs the receiver's certificate (required with TLS).",
+        )
+        .define(
+            TLS_SERVER_NAME,
+            ConfigType::String,
+            "",
+            Importance::Low,
+            "Name expected in the receiver's certificate (default: mllp.host).",
+        )
+        .in_group("MLLP")
+}
+
+fn millis(parsed: &ParsedConfig, name: &str) -> ConnectResult<Duration> {
+    Ok(Duration::from_millis(parsed.int(name)?.max(0) as u64))
+}
+
+fn path(parsed: &ParsedConfig, name: &str) -> Option<PathBuf> {
+    parsed
+        .optional_string(name)
+        .map(|p| PathBuf::from(p.trim()))
+}
+
+fn required_path(parsed: &ParsedConfig, name: &str) -> ConnectResult<PathBuf> {
+    path(parsed, name)
+        .ok_or_else(|| ConnectError::config(name, format!("required when {TLS_ENABLED}=true")))
+}
+
+/// A TLS listener's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// A TLS sender's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub server_name: String,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub bind: String,
+    pub port: u16,
+    pub address_file: Option<PathBuf>,
+    pub topic: TopicTemplate,
+    pub rules: Rules,
+    pub ack_mode: AckMode,
+    pub max_message_bytes: usize,
+    pub max_connections: usize,
+    pub idle_timeout: Option<Duration>,
+    pub read_timeout: Duration,
+    pub queue_capacity: usize,
+    pub poll_batch_max: usize,
+    pub tls: Option<ServerTls>,
+}
+
+impl SourceConfig {
+    pub fn parse(props: &Props) -> ConnectResult<Self> {
+        let parsed = source_def().parse(props)?;
+        let key_field = parsed.string(KEY_FIELD)?;
+        let key_field = match key_field.trim() {
+            "" => None,
+            field => Some(parse_key_field(field).map_err(|e| ConnectError::config(KEY_FIELD, e))?),
+        };
+        let tls = if parsed.boolean(TLS_ENABLED)? {
+            Some(ServerTls {
+                cert: required_path(&parsed, TLS_CERT_FILE)?,
+                key: required_path(&parsed, TLS_KEY_FILE)?,
+                client_ca: path(&parsed, TLS_CLIENT_CA_FILE),
+            })
+        } else {
+            None
+        };
+        let idle = millis(&parsed, IDLE_TIMEOUT_MS)?;
+        Ok(Self {
+            bind: parsed.string(MLLP_BIND)?.trim().to_string(),
+            port: parsed.int(MLLP_PORT)? as u16,
+            address_file: path(&parsed, LISTENER_ADDRESS_FILE),
+            topic: TopicTemplate::new(parsed.string(TOPIC)?),
+            rules: Rules {
+                versions: parsed.list(HL7_VERSIONS)?,
+                message_types: parsed.list(HL7_MESSAGE_TYPES)?,
+                lenient_newlines: parsed.boolean(HL7_LENIENT_NEWLINES)?,
+                key_field,
+            },
+            ack_mode: if parsed.string(ACK_MODE)? == ACK_IMMEDIATE {
+                AckMode::Immediate
+            } else {
+                AckMode::AfterCommit
+            },
+            max_message_bytes: parsed.int(MAX_MESSAGE_BYTES)? as usize,
+            max_connections: parsed.int(MAX_CONNECTIONS)? as usize,
+            idle_timeout: (!idle.is_zero()).then_some(idle),
+            read_timeout: millis(&parsed, READ_TIMEOUT_MS)?,
+            queue_capacity: parsed.int(QUEUE_CAPACITY)? as usize,
+            poll_batch_max: parsed.int(POLL_BATCH_MAX)? as usize,
+            tls,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub host: String,
+    pub port: u16,
+    pub connect_timeout: Duration,
+    pub ack_timeout: Duration,
+    pub max_attempts: u32,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+    pub max_message_bytes: usize,
+    pub tls: Option<ClientTls>,
+}
+
+impl SinkConfig {
+    pub fn parse(props: &Props) -> ConnectResult<Self> {
+        let parsed = sink_def().parse(props)?;
+        let host = parsed.string(MLLP_HOST)?.trim().to_string();
+        let tls = if parsed.boolean(TLS_ENABLED)? {
+            let client_cert = match (path(&parsed, TLS_CERT_FILE), path(&parsed, TLS_KEY_FILE)) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(ConnectError::config(
+                        TLS_KEY_FILE,
+                        "required with mllp.tls.cert.file",
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(ConnectError::config(
+                        TLS_CERT_FILE,
+                        "required with mllp.tls.key.file",
+                    ));
+                }
+            };
+            Some(ClientTls {
+                ca: required_path(&parsed, TLS_CA_FILE)?,
+                server_name: parsed
+                    .optional_string(TLS_SERVER_NAME)
+                    .unwrap_or_else(|| host.clone()),
+                client_cert,
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            port: parsed.int(MLLP_PORT)? as u16,
+            host,
+            connect_timeout: millis(&parsed, CONNECT_TIMEOUT_MS)?,
+            ack_timeout: millis(&parsed, ACK_TIMEOUT_MS)?,
+            max_attempts: parsed.int(RETRY_MAX_ATTEMPTS)? as u32,
+            backoff: millis(&parsed, RETRY_BACKOFF_MS)?,
+            backoff_max: millis(&parsed, RETRY_BACKOFF_MAX_MS)?,
+            max_message_bytes: parsed.int(MAX_MESSAGE_BYTES)? as usize,
+            tls,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(pairs: &[(&str, &str)]) -> Props {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn source_defaults_are_safe() {
+        let config = SourceConfig::parse(&props(&[])).expect("defaults are valid");
+        assert_eq!(config.port, 2575);
+        assert_eq!(config.ack_mode, AckMode::AfterCommit);
+        assert!(config.tls.is_none());
+        assert_eq!(config.topic.resolve(None), "hl7.unknown");
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let field = |p: &[(&str, &str)]| match SourceConfig::parse(&props(p)) {
+            Err(ConnectError::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        assert_eq!(field(&[(ACK_MODE, "sometimes")]), ACK_MODE);
+        assert_eq!(field(&[(MLLP_PORT, "70000")]), MLLP_PORT);
+        assert_eq!(field(&[(TOPIC, "bad topic")]), TOPIC);
+        assert_eq!(field(&[(KEY_FIELD, "PID.0")]), KEY_FIELD);
+        assert_eq!(field(&[(KEY_FIELD, "PID")]), KEY_FIELD);
+        assert_eq!(field(&[(TLS_ENABLED, "true")]), TLS_CERT_FILE);
+        let sink = SinkConfig::parse(&props(&[(MLLP_HOST, "h")]));
+        assert!(matches!(sink, Err(ConnectError::Config { field, .. }) if field == MLLP_PORT));
+        let sink = SinkConfig::parse(&props(&[
+            (MLLP_HOST, "h"),
+            (MLLP_PORT, "1"),
+            (TLS_ENABLED, "true"),
+        ]));
+        assert!(matches!(sink, Err(ConnectError::Config { field, .. }) if field == TLS_CA_FILE));
+    }
+
+    #[test]
+    fn an_empty_key_field_keys_by_control_id() {
+        let config = SourceConfig::parse(&props(&[(KEY_FIELD, "")])).expect("valid");
+        assert!(config.rules.key_field.is_none());
+        let config = SourceConfig::parse(&props(&[(KEY_FIELD, "PID[1].3[2].1")])).expect("valid");
+        assert_eq!(
+            config.rules.key_field.map(|q| q.to_string()).as_deref(),
+            Some("PID[1].3[2].1")
+        );
+    }
+}

@@ -1,0 +1,517 @@
+//! The MLLP listener source.
+//!
+//! Each connection is served by its own tokio task that reads one message, hands its record to
+//! `poll()` through a bounded queue with an [`AckHandle`], waits for the engine to complete the
+//! handle, answers the sender, and only then reads the next message: so `AA` means durable in
+//! Kafka, and a connection's messages reach Kafka in the order they were sent.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use medconnect_api::{
+    AckHandle, ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind,
+    Delivery, Placement, Props, SourceConnector, SourceRecord, SourceTask, SourceTaskContext,
+    TaskConfig,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ack::{self, Ack, AckCode, AckError, ErrorCondition};
+use crate::config::{AckMode, SourceConfig, source_def};
+use crate::message::{self, MshHeader, rejected_record};
+use crate::mllp::{BoxedStream, MllpCodec, MllpError, tls};
+
+/// How long `stop()` waits for connection tasks to wind down.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Longest engine reason echoed to a sender in MSA-3.
+const MAX_REASON_CHARS: usize = 120;
+
+#[derive(Debug, Default)]
+pub struct MllpSourceConnector;
+
+impl Connector for MllpSourceConnector {
+    fn class(&self) -> &'static str {
+        "io.medconnect.connectors.hl7.MllpSourceConnector"
+    }
+
+    fn aliases(&self) -> &'static [&'static str] {
+        &["MllpSource"]
+    }
+
+    fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn kind(&self) -> ConnectorKind {
+        ConnectorKind::Source
+    }
+
+    fn config_def(&self) -> ConfigDef {
+        source_def()
+    }
+
+    fn validate(&self, config: &Props) -> ConnectResult<()> {
+        SourceConfig::parse(config).map(|_| ())
+    }
+
+    fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        _max_tasks: usize,
+    ) -> ConnectResult<Vec<TaskConfig>> {
+        // One listener per worker: more tasks on one worker could not share the port.
+        Ok(vec![context.config.clone()])
+    }
+
+    fn placement(&self) -> Placement {
+        Placement::EveryWorker
+    }
+}
+
+impl SourceConnector for MllpSourceConnector {
+    fn create_task(&self) -> Box<dyn SourceTask> {
+        Box::<MllpSourceTask>::default()
+    }
+}
+
+/// What every connection task shares.
+struct Shared {
+    connector: String,
+    config: SourceConfig,
+    queue: mpsc::Sender<SourceRecord>,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+pub struct MllpSourceTask {
+    records: Option<mpsc::Receiver<SourceRecord>>,
+    local_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    batch_max: usize,
+}
+
+impl std::fmt::Debug for MllpSourceTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MllpSourceTask")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl MllpSourceTask {
+    /// The address the listener is bound to, once started (the port chosen when `mllp.port`
+    /// is 0). Also written to `listener.address.file` when that is set.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+}
+
+fn write_address_file(path: &Path, address: SocketAddr) -> std::io::Result<()> {
+    // Written whole then renamed, so a reader never sees a partial address.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, address.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
+#[async_trait]
+impl SourceTask for MllpSourceTask {
+    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
+        let config = SourceConfig::parse(&context.config)?;
+        let acceptor = match &config.tls {
+            Some(t) => Some(
+                tls::acceptor(&t.cert, &t.key, t.client_ca.as_deref()).map_err(|e| {
+                    ConnectError::config(crate::config::TLS_CERT_FILE, e.to_string())
+                })?,
+            ),
+            None => None,
+        };
+        let listener = TcpListener::bind((config.bind.as_str(), config.port))
+            .await
+            .map_err(|e| {
+                let message = format!("cannot listen on {}:{}: {e}", config.bind, config.port);
+                // A previous task on this worker may still hold the port for a moment.
+                if e.kind() == std::io::ErrorKind::AddrInUse {
+                    ConnectError::retriable(message)
+                } else {
+                    ConnectError::fatal(message)
+                }
+            })?;
+        let address = listener.local_addr()?;
+        if let Some(path) = &config.address_file {
+            write_address_file(path, address).map_err(|e| {
+                ConnectError::config(crate::config::LISTENER_ADDRESS_FILE, e.to_string())
+            })?;
+        }
+        tracing::info!(
+            connector = %context.connector_name,
+            task = context.task_id,
+            %address,
+            tls = acceptor.is_some(),
+            ack_mode = ?config.ack_mode,
+            "MLLP listener bound"
+        );
+        let (queue, records) = mpsc::channel(config.queue_capacity);
+        self.batch_max = config.poll_batch_max;
+        self.records = Some(records);
+        self.local_addr = Some(address);
+        self.shutdown = CancellationToken::new();
+        self.tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(config.max_connections));
+        let shared = Arc::new(Shared {
+            connector: context.connector_name,
+            config,
+            queue,
+            tls: acceptor,
+            shutdown: self.shutdown.clone(),
+        });
+        self.tracker
+            .spawn(accept_loop(listener, shared, self.tracker.clone(), limit));
+        Ok(())
+    }
+
+    async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>> {
+        let records = self
+            .records
+            .as_mut()
+            .ok_or_else(|| ConnectError::fatal("MLLP source polled before start"))?;
+        let Some(first) = records.recv().await else {
+            return Err(ConnectError::fatal("the MLLP listener has stopped"));
+        };
+        let mut batch = vec![first];
+        while batch.len() < self.batch_max {
+            match records.try_recv() {
+                Ok(record) => batch.push(record),
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn stop(&mut self) -> ConnectResult<()> {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(STOP_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("MLLP connections did not close within the grace period");
+        }
+        // Records never polled drop their handles: their senders get no AA and retransmit.
+        self.records = None;
+        Ok(())
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    limit: Arc<Semaphore>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    tracing::warn!(connector = %shared.connector, %peer, "too many MLLP connections; closing the new one");
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                tracker.spawn(async move {
+                    serve(stream, peer, shared).await;
+                    drop(permit);
+                });
+            }
+            Err(error) => {
+                // E.g. out of file descriptors: back off instead of spinning.
+                tracing::warn!(connector = %shared.connector, %error, "accepting an MLLP connection failed");
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+    tracing::info!(connector = %shared.connector, "MLLP listener closed");
+}
+
+/// Why reading the next message ended without one.
+#[derive(Debug)]
+enum ReadEnd {
+    Closed,
+    IdleTimeout,
+    ReadTimeout,
+    Frame(MllpError),
+}
+
+struct Connection {
+    stream: BoxedStream,
+    codec: MllpCodec,
+    buffer: BytesMut,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    async fn next_frame(
+        &mut self,
+        idle: Option<Duration>,
+        read_timeout: Duration,
+    ) -> Result<Bytes, ReadEnd> {
+        let idle_deadline = idle.map(|d| Instant::now() + d);
+        // Fixed when the frame starts, so a sender trickling bytes cannot hold the
+        // connection (and its buffer) open for ever.
+        let mut frame_deadline: Option<Instant> = None;
+        loop {
+            if let Some(frame) = self
+                .codec
+                .decode(&mut self.buffer)
+                .map_err(ReadEnd::Frame)?
+            {
+                return Ok(frame);
+            }
+            let deadline = if self.codec.in_frame() {
+                Some(*frame_deadline.get_or_insert_with(|| Instant::now() + read_timeout))
+            } else {
+                idle_deadline
+            };
+            self.buffer.reserve(8 * 1024);
+            let read = match deadline {
+                Some(deadline) => {
+                    match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buffer))
+                        .await
+                    {
+                        Ok(read) => read,
+                        Err(_) if self.codec.in_frame() => return Err(ReadEnd::ReadTimeout),
+                        Err(_) => return Err(ReadEnd::IdleTimeout),
+                    }
+                }
+                None => self.stream.read_buf(&mut self.buffer).await,
+            };
+            match read {
+                Ok(0) => return Err(ReadEnd::Closed),
+                Ok(_) => {}
+                Err(error) => return Err(ReadEnd::Frame(MllpError::Io(error))),
+            }
+        }
+    }
+
+    async fn answer(&mut self, reply: Bytes, write_timeout: Duration) -> bool {
+        let framed = MllpCodec::frame(&reply);
+        let write = async {
+            self.stream.write_all(&framed).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(write_timeout, write).await {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
+                tracing::debug!(peer = %self.peer, %error, "writing the ACK failed");
+                false
+            }
+            Err(_) => {
+                tracing::debug!(peer = %self.peer, "writing the ACK timed out");
+                false
+            }
+        }
+    }
+}
+
+async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let config = &shared.config;
+    let stream: BoxedStream = match &shared.tls {
+        Some(acceptor) => {
+            match tokio::time::timeout(config.read_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => Box::new(tls),
+                Ok(Err(error)) => {
+                    tracing::warn!(connector = %shared.connector, %peer, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(connector = %shared.connector, %peer, "TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+        None => Box::new(stream),
+    };
+    tracing::debug!(connector = %shared.connector, %peer, "MLLP connection opened");
+    let mut connection = Connection {
+        stream,
+        codec: MllpCodec::new(config.max_message_bytes),
+        buffer: BytesMut::new(),
+        peer,
+    };
+    loop {
+        let next = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            next = connection.next_frame(config.idle_timeout, config.read_timeout) => next,
+        };
+        match next {
+            Ok(payload) => {
+                if !handle_message(&mut connection, payload, &shared).await {
+                    break;
+                }
+            }
+            Err(ReadEnd::Frame(MllpError::FrameTooLarge { max })) => {
+                tracing::warn!(connector = %shared.connector, %peer, max, "MLLP message too large; rejecting and closing");
+                let reply = nack(
+                    None,
+                    AckCode::Reject,
+                    ErrorCondition::ApplicationInternal,
+                    &format!("message exceeds the maximum size of {max} bytes"),
+                );
+                connection.answer(reply, config.read_timeout).await;
+                break;
+            }
+            Err(end) => {
+                tracing::debug!(connector = %shared.connector, %peer, reason = ?end, "MLLP connection closing");
+                break;
+            }
+        }
+    }
+    if connection.codec.discarded() > 0 {
+        tracing::debug!(connector = %shared.connector, %peer, bytes = connection.codec.discarded(), "bytes outside MLLP frames were discarded");
+    }
+    let _ = connection.stream.shutdown().await;
+}
+
+fn nack(header: Option<&MshHeader>, code: AckCode, condition: ErrorCondition, text: &str) -> Bytes {
+    ack::build(
+        header,
+        &Ack {
+            code,
+            text,
+            error: Some(AckError {
+                condition,
+                location: None,
+            }),
+        },
+    )
+}
+
+/// The NACK of a message that failed validation, pointing at the offending field.
+fn rejection_reply(rejection: &message::Rejection) -> Bytes {
+    ack::build(
+        rejection.header.as_deref(),
+        &Ack {
+            code: rejection.code,
+            text: &rejection.reason,
+            error: Some(AckError {
+                condition: rejection.condition,
+                location: rejection.location.filter(|l| l.field > 0),
+            }),
+        },
+    )
+}
+
+fn shorten(reason: &str) -> String {
+    reason.chars().take(MAX_REASON_CHARS).collect()
+}
+
+/// Processes one message and answers it; `false` ends the connection.
+async fn handle_message(connection: &mut Connection, payload: Bytes, shared: &Shared) -> bool {
+    let config = &shared.config;
+    let peer = connection.peer;
+    let (handle, done) = AckHandle::channel();
+    let (record, header, rejection) = match message::parse(&payload, &config.rules) {
+        Ok(message) => {
+            let record = SourceRecord::acknowledged(message.to_record(&config.topic), handle);
+            (record, Some(message.header), None)
+        }
+        Err(rejection) => {
+            tracing::warn!(
+                connector = %shared.connector,
+                %peer,
+                control_id = rejection.header.as_deref().map_or("", |h| h.control_id.as_str()),
+                code = rejection.code.as_str(),
+                reason = %rejection.reason,
+                "HL7 message rejected"
+            );
+            let record = rejected_record(&payload, &rejection, &config.topic);
+            let reason = ConnectError::data(rejection.reason.clone());
+            (
+                SourceRecord::rejected(record, reason, Some(handle)),
+                rejection.header.as_deref().cloned(),
+                Some(rejection),
+            )
+        }
+    };
+    let control_id = header
+        .as_ref()
+        .map_or("", |h| h.control_id.as_str())
+        .to_string();
+    match shared.queue.try_send(record) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            tracing::warn!(connector = %shared.connector, %peer, %control_id, "queue full; answering AR (busy)");
+            let reply = nack(
+                header.as_ref(),
+                AckCode::Reject,
+                ErrorCondition::ApplicationInternal,
+                "system busy, retry later",
+            );
+            return connection.answer(reply, config.read_timeout).await;
+        }
+        // The task is stopping: no answer, the sender retransmits to a running worker.
+        Err(mpsc::error::TrySendError::Closed(_)) => return false,
+    }
+    let outcome = match config.ack_mode {
+        AckMode::Immediate => None,
+        AckMode::AfterCommit => tokio::select! {
+            _ = shared.shutdown.cancelled() => return false,
+            outcome = done => Some(outcome),
+        },
+    };
+    let reply = match (rejection, outcome) {
+        (Some(rejection), _) => rejection_reply(&rejection),
+        (None, None)
+        | (None, Some(Ok(Delivery::Written { .. })))
+        | (None, Some(Ok(Delivery::Filtered))) => ack::build(
+            header.as_ref(),
+            &Ack {
+                code: AckCode::Accept,
+                text: "",
+                error: None,
+            },
+        ),
+        (None, Some(Ok(Delivery::DeadLettered { reason }))) => nack(
+            header.as_ref(),
+            AckCode::Error,
+            ErrorCondition::ApplicationInternal,
+            &format!("message rejected: {}", shorten(&reason)),
+        ),
+        (None, Some(Ok(Delivery::Failed { reason }))) => nack(
+            header.as_ref(),
+            AckCode::Reject,
+            ErrorCondition::ApplicationInternal,
+            &format!("message not stored, retry later: {}", shorten(&reason)),
+        ),
+        (None, Some(Err(_))) => nack(
+            header.as_ref(),
+            AckCode::Reject,
+            ErrorCondition::ApplicationInternal,
+            "message not stored, retry later",
+        ),
+    };
+    tracing::debug!(connector = %shared.connector, %peer, %control_id, "HL7 message answered");
+    connection.answer(reply, config.read_timeout).await
+}
+
+#[cfg(test)]
+#[path = "source_tests.rs"]
+mod tests;
