@@ -10,9 +10,10 @@ pub mod ack;
 pub mod config;
 pub mod message;
 pub mod mllp;
-// mod sink;
+mod sink;
 mod source;
 
+pub use sink::{MllpSinkConnector, MllpSinkTask};
 pub use source::{MllpSourceConnector, MllpSourceTask};
 
 /// Messages shared by the unit tests.

@@ -10,8 +10,8 @@ pub use client::{ClientError, MllpClient};
 pub use codec::{MllpCodec, MllpError};
 
 /// A byte stream MLLP runs over: a TCP stream, or TLS over one.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Stream for T {}
 
 pub type BoxedStream = Box<dyn Stream>;
