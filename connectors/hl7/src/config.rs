@@ -356,4 +356,26 @@ mod tests {
             Some("PID[1].3[2].1")
         );
     }
+
+    #[test]
+    fn the_example_connector_config_is_valid() {
+        let json: serde_json::Value =
+            serde_json::from_str(include_str!("../../../configs/hl7-mllp-source.json"))
+                .expect("JSON");
+        let props: Props = json["config"]
+            .as_object()
+            .expect("config object")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().expect("string values").to_string()))
+            .collect();
+        let config = SourceConfig::parse(&props).expect("valid");
+        assert_eq!(config.port, 2575);
+        assert_eq!(config.ack_mode, AckMode::AfterCommit);
+        let adt = crate::message::parse(crate::samples::ADT_A01.as_bytes(), &config.rules)
+            .expect("ADT accepted");
+        assert_eq!(config.topic.resolve(Some(&adt.header)), "hl7.adt");
+        let oru = crate::message::parse(crate::samples::ORU_R01.as_bytes(), &config.rules)
+            .expect("ORU accepted");
+        assert_eq!(config.topic.resolve(Some(&oru.header)), "hl7.oru");
+    }
 }

@@ -88,7 +88,7 @@ impl Decoder for MllpCodec {
             self.scanned = 0;
         }
         // Resume one byte early: the end sequence may straddle two reads.
-        let from = self.scanned.saturating_sub(1);
+        let from = self.scanned.saturating_sub(1).min(src.len());
         let end = src[from..]
             .windows(2)
             .position(|w| w == [END_BLOCK, CARRIAGE_RETURN])
