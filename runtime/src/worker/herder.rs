@@ -256,15 +256,20 @@ impl Herder {
 
     // ---- writes ------------------------------------------------------------------------
 
+    /// Sets `name` in the config, refusing a different one already there.
+    fn named(name: &str, mut config: Props) -> Result<Props> {
+        if let Some(given) = config.get(cc::NAME).filter(|n| *n != name) {
+            return Err(HerderError::BadRequest(format!(
+                "Connector name configuration ({given}) doesn't match connector name in the URL ({name})"
+            )));
+        }
+        config.insert(cc::NAME.into(), name.to_string());
+        Ok(config)
+    }
+
     fn check(&self, name: &str, config: &Props) -> Result<ConnectorPlugin> {
         if name.trim().is_empty() || name.contains('/') {
             return Err(HerderError::BadRequest("Connector name must not be empty or contain '/'".into()));
-        }
-        if config.get(cc::NAME).is_some_and(|n| n != name) {
-            return Err(HerderError::BadRequest(format!(
-                "Connector name configuration ({}) doesn't match connector name in the URL ({name})",
-                config[cc::NAME]
-            )));
         }
         if !config.contains_key(cc::CLASS) {
             return Err(HerderError::InvalidConfig(vec![(cc::CLASS.into(), "Missing required configuration \"connector.class\" which has no default value.".into())]));
@@ -277,12 +282,12 @@ impl Herder {
         if errors.is_empty() { Ok(plugin) } else { Err(HerderError::InvalidConfig(errors)) }
     }
 
-    pub async fn create(&self, name: &str, mut config: Props, initial: Option<TargetState>) -> Result<ConnectorInfo> {
+    pub async fn create(&self, name: &str, config: Props, initial: Option<TargetState>) -> Result<ConnectorInfo> {
         let _guard = self.operations.lock().await;
         if self.configs.connector(name).is_some() {
             return Err(HerderError::AlreadyExists(name.to_string()));
         }
-        config.insert(cc::NAME.into(), name.to_string());
+        let config = Self::named(name, config)?;
         self.check(name, &config)?;
         self.write_new_config(name, &config, initial.unwrap_or_default()).await?;
         self.reconcile_locked().await;
@@ -290,9 +295,9 @@ impl Herder {
     }
 
     /// `PUT /connectors/{name}/config`: creates or replaces; `true` when created.
-    pub async fn put_config(&self, name: &str, mut config: Props) -> Result<(bool, ConnectorInfo)> {
+    pub async fn put_config(&self, name: &str, config: Props) -> Result<(bool, ConnectorInfo)> {
         let _guard = self.operations.lock().await;
-        config.insert(cc::NAME.into(), name.to_string());
+        let mut config = Self::named(name, config)?;
         let existing = self.configs.connector(name);
         if let Some(existing) = &existing {
             let def = cc::full_def(&self.plugin_for(&config)?);

@@ -1,0 +1,353 @@
+//! Source pipeline throughput against a raw rdkafka producer, worker memory and start time.
+//!
+//!   cargo run -p medconnect-bench --bin pipeline -- [records]
+//!
+//! 1. Throughput (one process, embedded broker): the same pre-generated datagen records
+//!    (~250-byte JSON vital signs) are sent (a) by a raw rdkafka producer with the worker's
+//!    producer settings, awaiting every delivery, and (b) through a medconnect source task
+//!    (poll -> transforms -> produce -> acknowledgement -> offsets). Prints records/s of both
+//!    and the ratio; runs are alternated and repeated, the best of each is kept.
+//! 2. The `medconnect` binary as separate processes (`medconnect broker`, `medconnect worker`):
+//!    start-to-REST-ready time, worker RSS idle and under load (datagen at full speed into a
+//!    file sink), beside the broker process's RSS.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_trait::async_trait;
+use bytes::Bytes;
+use medconnect_api::{
+    ConfigDef, ConnectResult, Connector, ConnectorContext, ConnectorKind, Record, SourceConnector,
+    SourceRecord, SourceTask, SourceTaskContext, TaskConfig, content_type,
+};
+use medconnect_datagen::{Schema, generate};
+use medconnect_runtime::broker::EmbeddedBroker;
+use medconnect_runtime::kafka::KafkaSettings;
+use medconnect_runtime::{Plugins, Worker, WorkerConfig};
+use rdkafka::producer::FutureRecord;
+use serde_json::{Map, json};
+
+const BATCH: usize = 1000;
+const ROUNDS: usize = 3;
+
+/// The records both contenders send: key and value.
+type Dataset = Arc<Vec<(Bytes, Bytes)>>;
+
+fn dataset(count: usize) -> Dataset {
+    Arc::new(
+        (0..count as u64)
+            .map(|seq| {
+                let event = generate(Schema::Vitals, 42, 0, seq);
+                (Bytes::from(event.key), Bytes::from(event.value))
+            })
+            .collect(),
+    )
+}
+
+/// A source that replays the dataset once, so the pipeline pays no generation cost.
+struct ReplayConnector {
+    data: Dataset,
+}
+
+impl Connector for ReplayConnector {
+    fn class(&self) -> &'static str {
+        "bench.ReplaySource"
+    }
+    fn version(&self) -> &'static str {
+        "0"
+    }
+    fn kind(&self) -> ConnectorKind {
+        ConnectorKind::Source
+    }
+    fn config_def(&self) -> ConfigDef {
+        ConfigDef::new()
+    }
+    fn task_configs(&self, context: &ConnectorContext, _max_tasks: usize) -> ConnectResult<Vec<TaskConfig>> {
+        Ok(vec![context.config.clone()])
+    }
+}
+
+impl SourceConnector for ReplayConnector {
+    fn create_task(&self) -> Box<dyn SourceTask> {
+        Box::new(ReplayTask {
+            data: self.data.clone(),
+            next: 0,
+            topic: String::new(),
+        })
+    }
+}
+
+struct ReplayTask {
+    data: Dataset,
+    next: usize,
+    topic: String,
+}
+
+#[async_trait]
+impl SourceTask for ReplayTask {
+    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
+        self.topic = context.config.get("topic").cloned().unwrap_or_default();
+        Ok(())
+    }
+
+    async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>> {
+        if self.next >= self.data.len() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return Ok(Vec::new());
+        }
+        let end = (self.next + BATCH).min(self.data.len());
+        let partition = Map::from_iter([("replay".to_string(), json!(0))]);
+        let records = self.data[self.next..end]
+            .iter()
+            .enumerate()
+            .map(|(i, (key, value))| {
+                let record = Record::new(self.topic.clone())
+                    .with_key(key.clone())
+                    .with_value(value.clone())
+                    .with_header(content_type::HEADER, content_type::JSON);
+                SourceRecord::new(record, partition.clone(), Map::from_iter([("i".to_string(), json!(self.next + i))]))
+            })
+            .collect();
+        self.next = end;
+        Ok(records)
+    }
+
+    async fn stop(&mut self) -> ConnectResult<()> {
+        Ok(())
+    }
+}
+
+async fn raw_producer(bootstrap: &str, topic: &str, data: &Dataset) -> anyhow::Result<f64> {
+    let producer = KafkaSettings::new(bootstrap).producer(&Default::default())?;
+    // Warm the connection and metadata, as the worker's producer is warm when its task starts.
+    producer
+        .send(FutureRecord::<[u8], [u8]>::to(topic).payload(b"warm-up"), Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+    let started = Instant::now();
+    let mut pending = std::collections::VecDeque::with_capacity(10_000);
+    for (key, value) in data.iter() {
+        loop {
+            let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+                .key(key.as_ref())
+                .payload(value.as_ref())
+                .headers(rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                    key: content_type::HEADER,
+                    value: Some(content_type::JSON),
+                }));
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push_back(delivery);
+                    break;
+                }
+                Err(_) => match pending.pop_front() {
+                    Some(delivery) => {
+                        delivery.await?.map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(1)).await,
+                },
+            }
+            // Same bound on records in flight as the worker's default backpressure.
+            if pending.len() >= 10_000
+                && let Some(delivery) = pending.pop_front()
+            {
+                delivery.await?.map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+            }
+        }
+    }
+    for delivery in pending {
+        delivery.await?.map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(data.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn pipeline(worker: &Worker, name: &str, topic: &str, count: usize) -> anyhow::Result<f64> {
+    let config = [
+        ("connector.class", "bench.ReplaySource"),
+        ("topic", topic),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    worker.herder().create(name, config, None).await?;
+    let metrics = worker.herder().metrics();
+    let delivered = || metrics.records_out.with_label_values(&[name, "0"]).get() as usize;
+    // Time from the first record acknowledged to the last, sampled every millisecond.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while delivered() == 0 {
+        if Instant::now() > deadline {
+            bail!("the pipeline never delivered");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (started, first) = (Instant::now(), delivered());
+    while delivered() < count {
+        if Instant::now() > deadline {
+            bail!("the pipeline delivered {} of {count}", delivered());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok((count - first) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb / 1024.0)
+}
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn medconnect_binary() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name("medconnect");
+    if !path.exists() {
+        bail!("{} not found: build it first (cargo build -p medconnect-runtime)", path.display());
+    }
+    Ok(path)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn wait_ready(url: &str, deadline: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let client = reqwest::Client::new();
+    loop {
+        if client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > deadline {
+            bail!("{url} not ready after {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn processes() -> anyhow::Result<()> {
+    let binary = medconnect_binary()?;
+    let dir = tempfile::tempdir()?;
+    let kafka_port = free_port()?;
+    let broker = Process(
+        Command::new(&binary)
+            .args(["broker", "--listen", &format!("127.0.0.1:{kafka_port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", kafka_port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("the broker did not start");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rest_port = free_port()?;
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!("bootstrap_servers = \"127.0.0.1:{kafka_port}\"\n[rest]\nlisten = \"127.0.0.1:{rest_port}\"\n"),
+    )?;
+    let base = format!("http://127.0.0.1:{rest_port}");
+    let start_worker = || -> anyhow::Result<Process> {
+        Ok(Process(
+            Command::new(&binary)
+                .arg("worker")
+                .arg(&config)
+                .env("MEDCONNECT_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ))
+    };
+    let mut ready = Vec::new();
+    let mut worker = None;
+    for _ in 0..5 {
+        drop(worker.take());
+        let process = start_worker()?;
+        ready.push(wait_ready(&format!("{base}/health"), Duration::from_secs(30)).await?);
+        worker = Some(process);
+    }
+    let worker = worker.context("no worker")?;
+    let pid = worker.0.id();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = rss_mb(pid)?;
+
+    let client = reqwest::Client::new();
+    let output = dir.path().join("out.jsonl");
+    for body in [
+        json!({"name": "load-in", "config": {"connector.class": "DatagenSource", "topic": "load", "rate": "0"}}),
+        json!({"name": "load-out", "config": {"connector.class": "FileSink", "topics": "load", "file": output.to_str().context("path")?}}),
+    ] {
+        let response = client.post(format!("{base}/connectors")).json(&body).send().await?;
+        if response.status().as_u16() != 201 {
+            bail!("creating a connector failed: {}", response.text().await?);
+        }
+    }
+    let mut peak = 0.0f64;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        peak = peak.max(rss_mb(pid)?);
+    }
+    let lines = std::fs::read_to_string(&output).map(|t| t.lines().count()).unwrap_or(0);
+    let cold = ready[0];
+    let mut warm = ready[1..].to_vec();
+    warm.sort();
+    println!("\n== medconnect processes");
+    println!(
+        "start to REST ready: first start (creates the internal topics) {:.0} ms; restarts: median {:.0} ms, max {:.0} ms ({} runs)",
+        ready_ms(cold),
+        ready_ms(warm[warm.len() / 2]),
+        ready_ms(warm[warm.len() - 1]),
+        warm.len()
+    );
+    println!("worker RSS: idle {idle:.1} MB, under load (datagen -> Kafka -> file sink, {lines} records in 10 s) peak {peak:.1} MB");
+    println!("broker process RSS (reference): {:.1} MB", rss_mb(broker.0.id())?);
+    drop(worker);
+    drop(broker);
+    Ok(())
+}
+
+fn ready_ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let count: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(200_000);
+    let data = dataset(count);
+    let bytes: usize = data.iter().map(|(k, v)| k.len() + v.len()).sum();
+    println!("== source pipeline vs raw rdkafka producer: {count} records, {} bytes on average", bytes / count);
+    let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
+    let mut config = WorkerConfig::new(&broker.bootstrap_servers());
+    config.rest.listen = "127.0.0.1:0".parse()?;
+    let plugins = Plugins::builtin().with_source(Arc::new(ReplayConnector { data: data.clone() }));
+    let worker = Worker::start(config, plugins).await?;
+    let (mut best_raw, mut best_pipeline) = (0.0f64, 0.0f64);
+    for n in 0..ROUNDS {
+        let raw = raw_producer(&broker.bootstrap_servers(), &format!("raw-{n}"), &data).await?;
+        let piped = pipeline(&worker, &format!("pipe-{n}"), &format!("pipe-{n}"), count).await?;
+        println!("round {}: raw producer {raw:>9.0} records/s, pipeline {piped:>9.0} records/s, ratio {:.2}", n + 1, piped / raw);
+        best_raw = best_raw.max(raw);
+        best_pipeline = best_pipeline.max(piped);
+    }
+    println!("best: raw producer {best_raw:.0} records/s, pipeline {best_pipeline:.0} records/s, ratio {:.2}", best_pipeline / best_raw);
+    worker.shutdown().await;
+    broker.stop();
+    processes().await
+}
