@@ -22,7 +22,8 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 
 /// A broker and a scratch directory; workers are started against it.
 pub struct TestCluster {
-    broker: EmbeddedBroker,
+    _broker: EmbeddedBroker,
+    bootstrap: String,
     dir: tempfile::TempDir,
 }
 
@@ -30,13 +31,32 @@ impl TestCluster {
     pub async fn start() -> anyhow::Result<Self> {
         let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
         Ok(Self {
-            broker,
+            bootstrap: broker.bootstrap_servers(),
+            _broker: broker,
             dir: tempfile::tempdir()?,
         })
     }
 
+    /// A cluster whose every client (workers and tests alike) reaches the broker through a
+    /// proxy that can cut the network: a broker outage as clients see it, with the broker's
+    /// data intact for when it "returns".
+    pub async fn start_behind_proxy() -> anyhow::Result<(Self, TcpProxy)> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let proxy_addr = listener.local_addr()?;
+        let broker = EmbeddedBroker::start_advertising("127.0.0.1:0".parse()?, Some(proxy_addr)).await?;
+        let proxy = TcpProxy::serve(listener, broker.addr());
+        Ok((
+            Self {
+                bootstrap: proxy_addr.to_string(),
+                _broker: broker,
+                dir: tempfile::tempdir()?,
+            },
+            proxy,
+        ))
+    }
+
     pub fn bootstrap(&self) -> String {
-        self.broker.bootstrap_servers()
+        self.bootstrap.clone()
     }
 
     /// A path in the cluster's scratch directory.
@@ -333,4 +353,41 @@ pub async fn wait_for_lines(path: &Path, count: usize) -> anyhow::Result<Vec<Str
     })
     .await
     .with_context(|| format!("{} has {} lines", path.display(), lines(path).len()))
+}
+
+/// A TCP proxy in front of the broker that can drop every connection and refuse new ones.
+pub struct TcpProxy {
+    open: tokio::sync::watch::Sender<bool>,
+    _serving: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    fn serve(listener: tokio::net::TcpListener, target: std::net::SocketAddr) -> Self {
+        let (open, state) = tokio::sync::watch::channel(true);
+        let serving = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*state.borrow() {
+                    continue; // refused: dropped at once
+                }
+                let mut state = state.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = state.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        Self { open, _serving: serving }
+    }
+
+    /// The broker becomes unreachable: connections drop, new ones are refused.
+    pub fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.open.send_replace(true);
+    }
 }

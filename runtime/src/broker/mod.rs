@@ -33,6 +33,11 @@ pub struct EmbeddedBroker {
 impl EmbeddedBroker {
     /// Starts a broker on `listen`; port 0 picks a free port. Returns once it accepts connections.
     pub async fn start(listen: SocketAddr) -> Result<Self, BrokerError> {
+        Self::start_advertising(listen, None).await
+    }
+
+    /// Starts a broker that tells clients to reach it at `advertised` (e.g. a proxy in front).
+    pub async fn start_advertising(listen: SocketAddr, advertised: Option<SocketAddr>) -> Result<Self, BrokerError> {
         let addr = if listen.port() == 0 {
             // tansu binds by URL: find a free port first.
             let probe = TcpListener::bind(listen).map_err(|source| BrokerError::Port { addr: listen, source })?;
@@ -41,11 +46,12 @@ impl EmbeddedBroker {
             listen
         };
         let url = Url::parse(&format!("tcp://{addr}"))?;
+        let advertised = Url::parse(&format!("tcp://{}", advertised.unwrap_or(addr)))?;
         let mut broker = Broker::<Controller<StorageContainer>, StorageContainer>::builder()
             .node_id(1)
             .cluster_id("medconnect-dev")
             .incarnation_id(uuid::Uuid::new_v4())
-            .advertised_listener(url.clone())
+            .advertised_listener(advertised)
             .storage(Url::parse("memory://tansu/")?)
             .listener(url)
             .silent(true)

@@ -49,6 +49,8 @@ impl Plugins {
             .with_source(Arc::new(medconnect_datagen::DatagenSourceConnector))
             .with_source(Arc::new(medconnect_file::FileSourceConnector))
             .with_sink(Arc::new(medconnect_file::FileSinkConnector))
+            .with_source(Arc::new(medconnect_hl7::MllpSourceConnector))
+            .with_sink(Arc::new(medconnect_hl7::MllpSinkConnector))
     }
 
     pub fn with_source(mut self, connector: Arc<dyn SourceConnector>) -> Self {
