@@ -6,6 +6,7 @@
 mod filter;
 mod insert_field;
 mod predicate;
+mod wasm;
 
 use medconnect_api::{ConfigDef, ConfigValue, ConnectError, ConnectResult, Props, Record, Transform};
 
@@ -28,7 +29,7 @@ pub struct PredicatePlugin {
 
 /// The built-in transforms.
 pub fn transform_plugins() -> Vec<TransformPlugin> {
-    vec![insert_field::value_plugin(), insert_field::key_plugin(), filter::plugin()]
+    vec![insert_field::value_plugin(), insert_field::key_plugin(), filter::plugin(), wasm::plugin()]
 }
 
 pub fn predicate_plugins() -> Vec<PredicatePlugin> {
@@ -128,15 +129,23 @@ impl TransformChain {
                 None => type_errors.push("Missing required configuration: the transform class".to_string()),
                 Some((class, None)) => type_errors.push(format!("Class {class} could not be found.")),
                 Some((_, Some(plugin))) => {
-                    for mut value in (plugin.config_def)().validate(&scoped(props, &prefix)) {
-                        value.name = format!("{prefix}{}", value.name);
-                        values.push(value);
-                    }
                     let settings = scoped(props, &prefix);
-                    if type_errors.is_empty()
+                    let mut own = (plugin.config_def)().validate(&settings);
+                    // Building the transform only makes sense once its settings are valid; its
+                    // config error goes on the setting it names, so users see which to fix.
+                    if own.iter().all(|v| v.errors.is_empty())
                         && let Err(error) = (plugin.create)(&settings)
                     {
-                        type_errors.push(error.to_string());
+                        match error {
+                            ConnectError::Config { field, reason } if own.iter().any(|v| v.name == field) => {
+                                own.iter_mut().filter(|v| v.name == field).for_each(|v| v.errors.push(reason.clone()));
+                            }
+                            other => type_errors.push(other.to_string()),
+                        }
+                    }
+                    for mut value in own {
+                        value.name = format!("{prefix}{}", value.name);
+                        values.push(value);
                     }
                 }
             }
