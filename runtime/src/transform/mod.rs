@@ -3,9 +3,21 @@
 //! `predicates=p`, `predicates.p.type=<class>`, `transforms.a.predicate=p`,
 //! `transforms.a.negate=true`. Connect's class names are accepted, so existing configs work.
 
+mod drop_headers;
+mod extract_field;
 mod filter;
+mod header_from;
 mod insert_field;
+mod insert_header;
+mod json;
+mod mask_field;
 mod predicate;
+#[cfg(test)]
+mod predicate_tests;
+mod regex_router;
+mod replace_field;
+mod timestamp_router;
+mod value_to_key;
 mod wasm;
 
 use medconnect_api::{ConfigDef, ConfigValue, ConnectError, ConnectResult, Props, Record, Transform};
@@ -29,7 +41,25 @@ pub struct PredicatePlugin {
 
 /// The built-in transforms.
 pub fn transform_plugins() -> Vec<TransformPlugin> {
-    vec![insert_field::value_plugin(), insert_field::key_plugin(), filter::plugin(), wasm::plugin()]
+    vec![
+        insert_field::value_plugin(),
+        insert_field::key_plugin(),
+        filter::plugin(),
+        wasm::plugin(),
+        replace_field::value_plugin(),
+        replace_field::key_plugin(),
+        mask_field::value_plugin(),
+        mask_field::key_plugin(),
+        value_to_key::plugin(),
+        extract_field::value_plugin(),
+        extract_field::key_plugin(),
+        regex_router::plugin(),
+        timestamp_router::plugin(),
+        header_from::value_plugin(),
+        header_from::key_plugin(),
+        insert_header::plugin(),
+        drop_headers::plugin(),
+    ]
 }
 
 pub fn predicate_plugins() -> Vec<PredicatePlugin> {
