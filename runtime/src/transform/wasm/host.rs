@@ -369,7 +369,14 @@ impl Guest {
             Some(Trap::Interrupt) => {
                 WasmError::Timeout(self.limits.timeout.map_or(0, |t| t.as_millis() as u64))
             }
-            Some(trap) => WasmError::Trap(trap.to_string()),
+            Some(trap) => {
+                let text = trap.to_string();
+                WasmError::Trap(
+                    text.strip_prefix("wasm trap: ")
+                        .unwrap_or(&text)
+                        .to_string(),
+                )
+            }
             None => WasmError::Trap(format!("{error:#}")),
         }
     }
