@@ -37,14 +37,26 @@ fn free_port() -> u16 {
 fn python_bin() -> PathBuf {
     let cache = std::env::var_os("MEDCONNECT_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/medconnect"));
-    let bin = std::env::var_os("MEDCONNECT_PY_BIN").map(PathBuf::from).unwrap_or_else(|| cache.join("venv/bin"));
-    assert!(bin.join("mllp_send").is_file(), "python HL7 peers missing in {}: run scripts/hl7-peers", bin.display());
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/medconnect")
+        });
+    let bin = std::env::var_os("MEDCONNECT_PY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache.join("venv/bin"));
+    assert!(
+        bin.join("mllp_send").is_file(),
+        "python HL7 peers missing in {}: run scripts/hl7-peers",
+        bin.display()
+    );
     bin
 }
 
 /// Creates an MLLP source on a free port and waits until it accepts connections.
-async fn mllp_source(worker: &TestWorker, name: &str, extra: serde_json::Value) -> anyhow::Result<u16> {
+async fn mllp_source(
+    worker: &TestWorker,
+    name: &str,
+    extra: serde_json::Value,
+) -> anyhow::Result<u16> {
     let port = free_port();
     let mut config = json!({
         "connector.class": "MllpSource", "mllp.bind": "127.0.0.1", "mllp.port": port.to_string(),
@@ -55,7 +67,12 @@ async fn mllp_source(worker: &TestWorker, name: &str, extra: serde_json::Value) 
     }
     worker.rest.create(name, config).await?;
     worker.wait_for_state(name, "RUNNING", 1).await?;
-    eventually("the MLLP port to accept", async || tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()).await?;
+    eventually("the MLLP port to accept", async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await?;
     Ok(port)
 }
 
@@ -81,36 +98,73 @@ async fn ehr_messages_from_mllp_send_land_in_per_type_topics_after_aa() -> anyho
     let port = mllp_source(&worker, "ehr-in", json!({})).await?;
 
     // One ADT^A01, one ORU^R01, then a batch of 20 mixed messages, as an EHR would send them.
-    let mut batch = format!("{}\n{}", adt("MSG00001", "PAT123", "A01"), oru("LAB0001", "PAT123"));
+    let mut batch = format!(
+        "{}\n{}",
+        adt("MSG00001", "PAT123", "A01"),
+        oru("LAB0001", "PAT123")
+    );
     for i in 0..20 {
         batch.push('\n');
-        batch.push_str(&if i % 2 == 0 { adt(&format!("B{i:03}"), &format!("PAT{i}"), "A08") } else { oru(&format!("B{i:03}"), &format!("PAT{i}")) });
+        batch.push_str(&if i % 2 == 0 {
+            adt(&format!("B{i:03}"), &format!("PAT{i}"), "A08")
+        } else {
+            oru(&format!("B{i:03}"), &format!("PAT{i}"))
+        });
     }
     let file = cluster.path("messages.hl7");
     // mllp_send separates messages by blank-line-free newlines; segments end in \r.
     std::fs::write(&file, batch.replace("\r\n", "\n"))?;
     let output = tokio::time::timeout(
         Duration::from_secs(120),
-        Command::new(bin.join("mllp_send")).args(["--loose", "--file"]).arg(&file).args(["--port", &port.to_string(), "127.0.0.1"]).output(),
+        Command::new(bin.join("mllp_send"))
+            .args(["--loose", "--file"])
+            .arg(&file)
+            .args(["--port", &port.to_string(), "127.0.0.1"])
+            .output(),
     )
     .await??;
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "mllp_send failed: {}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(stdout.matches("MSA|AA|").count(), 22, "an AA for every message: {stdout:?}");
+    assert!(
+        output.status.success(),
+        "mllp_send failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.matches("MSA|AA|").count(),
+        22,
+        "an AA for every message: {stdout:?}"
+    );
     assert!(stdout.contains("ACK^A01^ACK"), "{stdout:?}");
 
     let adts = cluster.read_topic("hl7.adt", 11).await?;
     let orus = cluster.read_topic("hl7.oru", 11).await?;
-    let first = adts.iter().find(|r| r.header("hl7.control.id") == Some("MSG00001")).expect("the ADT^A01");
-    assert_eq!(first.key.as_deref(), Some("PAT123"), "keyed by the patient id PID-3.1");
+    let first = adts
+        .iter()
+        .find(|r| r.header("hl7.control.id") == Some("MSG00001"))
+        .expect("the ADT^A01");
+    assert_eq!(
+        first.key.as_deref(),
+        Some("PAT123"),
+        "keyed by the patient id PID-3.1"
+    );
     assert_eq!(first.header("content-type"), Some("application/hl7-v2"));
     assert_eq!(first.header("hl7.message.type"), Some("ADT"));
     assert_eq!(first.header("hl7.trigger.event"), Some("A01"));
     assert_eq!(first.header("hl7.sending.application"), Some("EPIC"));
     assert_eq!(first.header("hl7.sending.facility"), Some("GENHOSP"));
     assert_eq!(first.header("hl7.version"), Some("2.5.1"));
-    assert!(first.value.as_deref().is_some_and(|v| v.starts_with("MSH|^~\\&|EPIC|")), "the raw message");
-    assert!(orus.iter().any(|r| r.header("hl7.control.id") == Some("LAB0001") && r.header("hl7.version") == Some("2.3")));
+    assert!(
+        first
+            .value
+            .as_deref()
+            .is_some_and(|v| v.starts_with("MSH|^~\\&|EPIC|")),
+        "the raw message"
+    );
+    assert!(
+        orus.iter()
+            .any(|r| r.header("hl7.control.id") == Some("LAB0001")
+                && r.header("hl7.version") == Some("2.3"))
+    );
     assert_eq!(cluster.count_records("hl7.adt").await?, 11);
     assert_eq!(cluster.count_records("hl7.oru").await?, 11);
     worker.shutdown().await;
@@ -125,12 +179,16 @@ async fn malformed_messages_get_ae_and_land_in_the_dead_letter_topic() -> anyhow
     let mut sender = client(port).await?;
 
     // MSH-10 (control id) missing: parses, fails validation.
-    let bad = "MSH|^~\\&|EPIC|GENHOSP|MEDCONNECT|DC|20261122120000||ADT^A01||P|2.5.1\rPID|1||PAT9\r";
+    let bad =
+        "MSH|^~\\&|EPIC|GENHOSP|MEDCONNECT|DC|20261122120000||ADT^A01||P|2.5.1\rPID|1||PAT9\r";
     let ack = sender.request(bad.as_bytes(), WAIT).await?;
     assert_eq!(ack_code(&ack), "AE", "{}", String::from_utf8_lossy(&ack));
     let ack_text = String::from_utf8_lossy(&ack);
     assert!(ack_text.contains("\rERR|"), "an ERR segment: {ack_text:?}");
-    assert!(ack_text.starts_with("MSH|^~\\&|MEDCONNECT|DC|EPIC|GENHOSP|"), "sender and receiver swapped: {ack_text:?}");
+    assert!(
+        ack_text.starts_with("MSH|^~\\&|MEDCONNECT|DC|EPIC|GENHOSP|"),
+        "sender and receiver swapped: {ack_text:?}"
+    );
 
     // Not HL7 at all.
     let ack = sender.request(b"hello, is this the lab?", WAIT).await?;
@@ -139,13 +197,27 @@ async fn malformed_messages_get_ae_and_land_in_the_dead_letter_topic() -> anyhow
     let dead = cluster.read_topic("hl7.dlq", 2).await?;
     assert_eq!(dead[0].value.as_deref(), Some(bad), "the message as sent");
     assert_eq!(dead[0].header("__connect.errors.stage"), Some("TASK_POLL"));
-    assert_eq!(dead[0].header("__connect.errors.connector.name"), Some("ehr-in"));
-    assert_eq!(dead[0].header("__connect.errors.class.name"), Some("io.medconnect.connectors.hl7.MllpSourceConnector"));
-    assert!(dead[0].header("__connect.errors.exception.message").is_some_and(|m| m.contains("MSH-10")), "{:?}", dead[0].headers);
+    assert_eq!(
+        dead[0].header("__connect.errors.connector.name"),
+        Some("ehr-in")
+    );
+    assert_eq!(
+        dead[0].header("__connect.errors.class.name"),
+        Some("io.medconnect.connectors.hl7.MllpSourceConnector")
+    );
+    assert!(
+        dead[0]
+            .header("__connect.errors.exception.message")
+            .is_some_and(|m| m.contains("MSH-10")),
+        "{:?}",
+        dead[0].headers
+    );
     assert_eq!(dead[1].value.as_deref(), Some("hello, is this the lab?"));
 
     // The connection and the task are fine: the next good message gets AA.
-    let ack = sender.request(adt("OK1", "PAT1", "A01").as_bytes(), WAIT).await?;
+    let ack = sender
+        .request(adt("OK1", "PAT1", "A01").as_bytes(), WAIT)
+        .await?;
     assert_eq!(ack_code(&ack), "AA");
     worker.wait_for_state("ehr-in", "RUNNING", 1).await?;
     worker.shutdown().await;
@@ -160,7 +232,13 @@ async fn split_frames_oversize_frames_and_concurrent_senders() -> anyhow::Result
 
     // A frame split over several TCP writes, with junk before it.
     let mut sender = client(port).await?;
-    let framed = [b"\r\n".as_slice(), b"\x0b", adt("SPLIT1", "PAT5", "A01").as_bytes(), b"\x1c\r"].concat();
+    let framed = [
+        b"\r\n".as_slice(),
+        b"\x0b",
+        adt("SPLIT1", "PAT5", "A01").as_bytes(),
+        b"\x1c\r",
+    ]
+    .concat();
     for piece in framed.chunks(17) {
         sender.send_raw(piece).await?;
         // Separate reads on the receiving side.
@@ -173,7 +251,13 @@ async fn split_frames_oversize_frames_and_concurrent_senders() -> anyhow::Result
     let huge = format!("{}{}", adt("BIG1", "PAT6", "A01"), "NTE|1||".repeat(1000));
     let ack = big.request(huge.as_bytes(), WAIT).await?;
     assert_eq!(ack_code(&ack), "AR");
-    assert!(matches!(big.receive(WAIT).await, Err(ClientError::Closed) | Err(ClientError::Frame(_))), "the connection is closed");
+    assert!(
+        matches!(
+            big.receive(WAIT).await,
+            Err(ClientError::Closed) | Err(ClientError::Frame(_))
+        ),
+        "the connection is closed"
+    );
 
     // 8 senders at once, 20 messages each, each waiting for its ACK as real senders do.
     let mut senders = Vec::new();
@@ -181,8 +265,17 @@ async fn split_frames_oversize_frames_and_concurrent_senders() -> anyhow::Result
         senders.push(tokio::spawn(async move {
             let mut sender = client(port).await?;
             for m in 0..20 {
-                let ack = sender.request(adt(&format!("S{s}M{m:02}"), &format!("PATC{s}"), "A08").as_bytes(), WAIT).await?;
-                anyhow::ensure!(ack_code(&ack) == "AA", "sender {s} message {m}: {}", String::from_utf8_lossy(&ack));
+                let ack = sender
+                    .request(
+                        adt(&format!("S{s}M{m:02}"), &format!("PATC{s}"), "A08").as_bytes(),
+                        WAIT,
+                    )
+                    .await?;
+                anyhow::ensure!(
+                    ack_code(&ack) == "AA",
+                    "sender {s} message {m}: {}",
+                    String::from_utf8_lossy(&ack)
+                );
             }
             anyhow::Ok(())
         }));
@@ -198,9 +291,16 @@ async fn split_frames_oversize_frames_and_concurrent_senders() -> anyhow::Result
             .filter_map(|r| r.header("hl7.control.id"))
             .collect();
         let expected: Vec<String> = (0..20).map(|m| format!("S{s}M{m:02}")).collect();
-        assert_eq!(ids, expected, "sender {s}: every message, in the order sent");
+        assert_eq!(
+            ids, expected,
+            "sender {s}: every message, in the order sent"
+        );
     }
-    assert!(records.iter().all(|r| r.header("hl7.control.id") != Some("BIG1")));
+    assert!(
+        records
+            .iter()
+            .all(|r| r.header("hl7.control.id") != Some("BIG1"))
+    );
     worker.shutdown().await;
     Ok(())
 }
@@ -211,37 +311,70 @@ async fn no_aa_while_kafka_is_unreachable_and_retransmissions_arrive_after() -> 
     let worker = cluster.start_worker().await?;
     let port = mllp_source(&worker, "ehr-in", json!({})).await?;
     let mut sender = client(port).await?;
-    assert_eq!(ack_code(&sender.request(adt("BEFORE", "PAT1", "A01").as_bytes(), WAIT).await?), "AA");
+    assert_eq!(
+        ack_code(
+            &sender
+                .request(adt("BEFORE", "PAT1", "A01").as_bytes(), WAIT)
+                .await?
+        ),
+        "AA"
+    );
 
     network.cut();
     sender.send(adt("DURING", "PAT1", "A01").as_bytes()).await?;
     // The sender's own ACK timeout: no answer while Kafka cannot take the message.
     match sender.receive(Duration::from_secs(3)).await {
         Err(ClientError::Timeout(_)) => {}
-        Ok(ack) => panic!("answered while Kafka was unreachable: {}", String::from_utf8_lossy(&ack)),
+        Ok(ack) => panic!(
+            "answered while Kafka was unreachable: {}",
+            String::from_utf8_lossy(&ack)
+        ),
         Err(other) => panic!("unexpected: {other}"),
     }
     // The sender retransmits on a new connection, as EHRs do after an ACK timeout.
     let mut retransmit = client(port).await?;
-    retransmit.send(adt("DURING", "PAT1", "A01").as_bytes()).await?;
+    retransmit
+        .send(adt("DURING", "PAT1", "A01").as_bytes())
+        .await?;
 
     network.restore();
     // Both copies are acknowledged once Kafka has them (at least once: a duplicate, never a loss).
-    assert_eq!(ack_code(&sender.receive(Duration::from_secs(120)).await?), "AA");
-    assert_eq!(ack_code(&retransmit.receive(Duration::from_secs(120)).await?), "AA");
+    assert_eq!(
+        ack_code(&sender.receive(Duration::from_secs(120)).await?),
+        "AA"
+    );
+    assert_eq!(
+        ack_code(&retransmit.receive(Duration::from_secs(120)).await?),
+        "AA"
+    );
     let records = cluster.read_topic("hl7.adt", 3).await?;
-    let during = records.iter().filter(|r| r.header("hl7.control.id") == Some("DURING")).count();
+    let during = records
+        .iter()
+        .filter(|r| r.header("hl7.control.id") == Some("DURING"))
+        .count();
     assert_eq!(during, 2);
     worker.shutdown().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sink_delivers_to_a_real_mllp_receiver_and_dead_letters_rejections() -> anyhow::Result<()> {
+async fn the_sink_delivers_to_a_real_mllp_receiver_and_dead_letters_rejections()
+-> anyhow::Result<()> {
     let bin = python_bin();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../connectors/hl7/tests/peers/hl7apy_receiver.py");
-    let mut receiver = Command::new(bin.join("python")).arg(&script).stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
-    let mut lines = BufReader::new(receiver.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?).lines();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../connectors/hl7/tests/peers/hl7apy_receiver.py");
+    let mut receiver = Command::new(bin.join("python"))
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(
+        receiver
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+    )
+    .lines();
     let port = tokio::time::timeout(WAIT, lines.next_line())
         .await??
         .and_then(|l| l.strip_prefix("PORT ").map(str::to_string))
@@ -252,7 +385,16 @@ async fn the_sink_delivers_to_a_real_mllp_receiver_and_dead_letters_rejections()
     let first = adt("OUT1", "PAT1", "A01");
     let rejected = adt("REJECT1", "PAT2", "A01");
     let last = oru("OUT2", "PAT3");
-    cluster.produce("hl7.outbound", &[(Some("PAT1"), &first), (Some("PAT2"), &rejected), (Some("PAT3"), &last)]).await?;
+    cluster
+        .produce(
+            "hl7.outbound",
+            &[
+                (Some("PAT1"), &first),
+                (Some("PAT2"), &rejected),
+                (Some("PAT3"), &last),
+            ],
+        )
+        .await?;
     worker
         .rest
         .create(
@@ -265,17 +407,31 @@ async fn the_sink_delivers_to_a_real_mllp_receiver_and_dead_letters_rejections()
         .await?;
     let mut received = Vec::new();
     while received.len() < 4 {
-        let line = tokio::time::timeout(WAIT, lines.next_line()).await??.ok_or_else(|| anyhow::anyhow!("receiver exited"))?;
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("receiver exited"))?;
         received.push(line);
     }
-    assert_eq!(received, vec!["RECEIVED OUT1", "RECEIVED REJECT1", "RECEIVED REJECT1", "RECEIVED OUT2"], "AE retried, then moved on");
+    assert_eq!(
+        received,
+        vec![
+            "RECEIVED OUT1",
+            "RECEIVED REJECT1",
+            "RECEIVED REJECT1",
+            "RECEIVED OUT2"
+        ],
+        "AE retried, then moved on"
+    );
     let dead = cluster.read_topic("hl7.outbound.dlq", 1).await?;
     assert_eq!(dead[0].value.as_deref(), Some(rejected.as_str()));
     assert_eq!(dead[0].header("__connect.errors.stage"), Some("TASK_PUT"));
     assert_eq!(dead[0].header("__connect.errors.offset"), Some("1"));
 
     // Offsets are committed only for handled messages: all three, once flushed.
-    assert_eq!(worker.rest.put_empty("/connectors/lis-out/stop").await?.0, 204);
+    assert_eq!(
+        worker.rest.put_empty("/connectors/lis-out/stop").await?.0,
+        204
+    );
     worker.wait_for_state("lis-out", "STOPPED", 0).await?;
     let (_, offsets) = worker.rest.get("/connectors/lis-out/offsets").await?;
     assert_eq!(offsets["offsets"][0]["offset"]["kafka_offset"], 3);

@@ -10,7 +10,8 @@ fn events(lines: &[String]) -> Vec<(u64, u64)> {
     lines
         .iter()
         .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"));
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"));
             (v["task"].as_u64().unwrap(), v["seq"].as_u64().unwrap())
         })
         .collect()
@@ -38,36 +39,86 @@ async fn datagen_to_kafka_to_file_delivers_every_record_once() -> anyhow::Result
 
     let written = wait_for_lines(&output, 2000).await?;
     // Stop the sink so nothing more can be appended, then count exactly.
-    assert_eq!(worker.rest.put_empty("/connectors/vitals-out/stop").await?.0, 204);
+    assert_eq!(
+        worker
+            .rest
+            .put_empty("/connectors/vitals-out/stop")
+            .await?
+            .0,
+        204
+    );
     worker.wait_for_state("vitals-out", "STOPPED", 0).await?;
-    let written = if written.len() == 2000 { written } else { lines(&output) };
+    let written = if written.len() == 2000 {
+        written
+    } else {
+        lines(&output)
+    };
     let events = events(&written);
     assert_eq!(events.len(), 2000, "exactly the generated records");
     let distinct: BTreeSet<_> = events.iter().collect();
     assert_eq!(distinct.len(), 2000, "no duplicates");
-    assert_eq!(events.iter().filter(|(task, _)| *task == 0).count(), 1000, "tasks.max=2 splits max.records");
-    assert!(written.iter().all(|l| l.contains("\"site\":\"icu-1\"")), "the transform ran on every record");
+    assert_eq!(
+        events.iter().filter(|(task, _)| *task == 0).count(),
+        1000,
+        "tasks.max=2 splits max.records"
+    );
+    assert!(
+        written.iter().all(|l| l.contains("\"site\":\"icu-1\"")),
+        "the transform ran on every record"
+    );
 
     // Any Kafka client reads the same records, with their headers.
     let records = cluster.read_topic("vitals", 2000).await?;
     assert_eq!(records.len(), 2000);
-    assert_eq!(cluster.count_records("vitals").await?, 2000, "nothing more than the generated records");
-    assert!(records.iter().all(|r| r.header("content-type") == Some("application/json")));
-    assert!(records.iter().all(|r| r.key.as_deref().is_some_and(|k| k.starts_with("MRN"))));
-    assert_eq!(records.iter().map(|r| r.partition).collect::<BTreeSet<_>>().len(), 3, "spread over the 3 partitions");
+    assert_eq!(
+        cluster.count_records("vitals").await?,
+        2000,
+        "nothing more than the generated records"
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r.header("content-type") == Some("application/json"))
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r.key.as_deref().is_some_and(|k| k.starts_with("MRN")))
+    );
+    assert_eq!(
+        records
+            .iter()
+            .map(|r| r.partition)
+            .collect::<BTreeSet<_>>()
+            .len(),
+        3,
+        "spread over the 3 partitions"
+    );
 
     let (_, offsets) = worker.rest.get("/connectors/vitals-in/offsets").await?;
     let mut stored: Vec<(u64, u64)> = offsets["offsets"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|o| (o["partition"]["task"].as_u64().unwrap(), o["offset"]["seq"].as_u64().unwrap()))
+        .map(|o| {
+            (
+                o["partition"]["task"].as_u64().unwrap(),
+                o["offset"]["seq"].as_u64().unwrap(),
+            )
+        })
         .collect();
     stored.sort();
-    assert_eq!(stored, vec![(0, 999), (1, 999)], "offsets of the last record of each task");
+    assert_eq!(
+        stored,
+        vec![(0, 999), (1, 999)],
+        "offsets of the last record of each task"
+    );
 
     let (_, metrics) = worker.rest.get_text("/metrics").await?;
-    assert!(metrics.contains("medconnect_records_out_total{connector=\"vitals-in\",task=\"0\"} 1000"), "{metrics}");
+    assert!(
+        metrics.contains("medconnect_records_out_total{connector=\"vitals-in\",task=\"0\"} 1000"),
+        "{metrics}"
+    );
     worker.shutdown().await;
     Ok(())
 }
@@ -89,19 +140,40 @@ async fn a_restarted_worker_resumes_from_stored_offsets_without_loss() -> anyhow
     wait_for_lines(&output, 500).await?;
     first.shutdown().await;
     let at_restart = lines(&output).len();
-    assert!(at_restart < 4000, "the worker stopped before the end ({at_restart} lines)");
+    assert!(
+        at_restart < 4000,
+        "the worker stopped before the end ({at_restart} lines)"
+    );
 
     // A new worker on the same internal topics picks up both connectors where they stopped.
     let second = cluster.start_worker().await?;
-    assert_eq!(second.rest.get("/connectors").await?.1, json!(["adt-in", "adt-out"]));
+    assert_eq!(
+        second.rest.get("/connectors").await?.1,
+        json!(["adt-in", "adt-out"])
+    );
     let written = wait_for_lines(&output, 4000).await?;
-    assert_eq!(second.rest.put_empty("/connectors/adt-out/stop").await?.0, 204);
+    assert_eq!(
+        second.rest.put_empty("/connectors/adt-out/stop").await?.0,
+        204
+    );
     second.wait_for_state("adt-out", "STOPPED", 0).await?;
-    let written = if written.len() == 4000 { written } else { lines(&output) };
+    let written = if written.len() == 4000 {
+        written
+    } else {
+        lines(&output)
+    };
     let seqs: Vec<u64> = events(&written).into_iter().map(|(_, seq)| seq).collect();
-    assert_eq!(seqs.len(), 4000, "a graceful restart neither loses nor repeats a record");
+    assert_eq!(
+        seqs.len(),
+        4000,
+        "a graceful restart neither loses nor repeats a record"
+    );
     assert_eq!(seqs.iter().collect::<BTreeSet<_>>().len(), 4000);
-    assert_eq!(cluster.count_records("adt").await?, 4000, "the source did not produce a record twice");
+    assert_eq!(
+        cluster.count_records("adt").await?,
+        4000,
+        "the source did not produce a record twice"
+    );
     second.shutdown().await;
     Ok(())
 }
@@ -123,19 +195,35 @@ async fn file_source_tails_and_resumes_after_restart() -> anyhow::Result<()> {
         .await?;
     wait_for_lines(&output, 2).await?;
     // A partial line is not read until it is complete.
-    std::fs::OpenOptions::new().append(true).open(&input).and_then(|mut f| std::io::Write::write_all(&mut f, b"MSH|3\nMSH|4"))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&input)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"MSH|3\nMSH|4"))?;
     wait_for_lines(&output, 3).await?;
-    std::fs::OpenOptions::new().append(true).open(&input).and_then(|mut f| std::io::Write::write_all(&mut f, b"-done\n"))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&input)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"-done\n"))?;
     wait_for_lines(&output, 4).await?;
     worker.shutdown().await;
 
-    std::fs::OpenOptions::new().append(true).open(&input).and_then(|mut f| std::io::Write::write_all(&mut f, b"MSH|5\n"))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&input)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"MSH|5\n"))?;
     let worker = cluster.start_worker().await?;
     let written = wait_for_lines(&output, 5).await?;
-    assert_eq!(written, vec!["MSH|1", "MSH|2", "MSH|3", "MSH|4-done", "MSH|5"]);
+    assert_eq!(
+        written,
+        vec!["MSH|1", "MSH|2", "MSH|3", "MSH|4-done", "MSH|5"]
+    );
     assert_eq!(worker.rest.put_empty("/connectors/copy/stop").await?.0, 204);
     worker.wait_for_state("copy", "STOPPED", 0).await?;
-    assert_eq!(lines(&output).len(), 5, "no line read twice after the restart");
+    assert_eq!(
+        lines(&output).len(),
+        5,
+        "no line read twice after the restart"
+    );
     worker.shutdown().await;
     Ok(())
 }
@@ -152,7 +240,10 @@ async fn pause_resume_stop_and_offsets_reset() -> anyhow::Result<()> {
         let (_, offsets) = rest.get("/connectors/gen/offsets").await.ok()?;
         offsets["offsets"][0]["offset"]["seq"].as_u64()
     };
-    eventually("records to flow", async || (seq().await? > 20).then_some(())).await?;
+    eventually("records to flow", async || {
+        (seq().await? > 20).then_some(())
+    })
+    .await?;
 
     assert_eq!(rest.put_empty("/connectors/gen/pause").await?.0, 202);
     worker.wait_for_state("gen", "PAUSED", 1).await?;
@@ -167,12 +258,19 @@ async fn pause_resume_stop_and_offsets_reset() -> anyhow::Result<()> {
     })
     .await?;
     let before_wait = cluster.count_records("gen").await?;
-    assert_eq!(before_wait as u64, settled + 1, "every produced record's offset is stored");
+    assert_eq!(
+        before_wait as u64,
+        settled + 1,
+        "every produced record's offset is stored"
+    );
     assert_eq!(seq().await, Some(settled), "paused: no new records");
 
     assert_eq!(rest.put_empty("/connectors/gen/resume").await?.0, 202);
     worker.wait_for_state("gen", "RUNNING", 1).await?;
-    eventually("records to flow again", async || (seq().await? > settled + 20).then_some(())).await?;
+    eventually("records to flow again", async || {
+        (seq().await? > settled + 20).then_some(())
+    })
+    .await?;
 
     // Offsets can only be changed when STOPPED (KIP-875).
     let (code, error) = rest.delete("/connectors/gen/offsets").await?;
@@ -181,7 +279,14 @@ async fn pause_resume_stop_and_offsets_reset() -> anyhow::Result<()> {
     assert_eq!(rest.put_empty("/connectors/gen/stop").await?.0, 204);
     let stopped = worker.wait_for_state("gen", "STOPPED", 0).await?;
     assert_eq!(stopped["tasks"], json!([]));
-    assert!(rest.get("/connectors/gen/tasks").await?.1.as_array().unwrap().is_empty());
+    assert!(
+        rest.get("/connectors/gen/tasks")
+            .await?
+            .1
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 
     let (_, offsets) = rest.get("/connectors/gen/offsets").await?;
     let seq = offsets["offsets"][0]["offset"]["seq"].as_u64().unwrap();
@@ -189,16 +294,33 @@ async fn pause_resume_stop_and_offsets_reset() -> anyhow::Result<()> {
 
     // Rewind to seq 10: the restarted task produces seq 11 again.
     let partition = offsets["offsets"][0]["partition"].clone();
-    let (code, altered) = rest.patch("/connectors/gen/offsets", &json!({"offsets": [{"partition": partition, "offset": {"seq": 10}}]})).await?;
+    let (code, altered) = rest
+        .patch(
+            "/connectors/gen/offsets",
+            &json!({"offsets": [{"partition": partition, "offset": {"seq": 10}}]}),
+        )
+        .await?;
     assert_eq!(code, 200, "{altered}");
-    assert_eq!(altered["message"], "The offsets for this connector have been altered successfully");
-    assert_eq!(rest.get("/connectors/gen/offsets").await?.1["offsets"][0]["offset"]["seq"], 10);
+    assert_eq!(
+        altered["message"],
+        "The offsets for this connector have been altered successfully"
+    );
+    assert_eq!(
+        rest.get("/connectors/gen/offsets").await?.1["offsets"][0]["offset"]["seq"],
+        10
+    );
 
     // Reset: nothing stored, so the next start begins at seq 0.
     let (code, reset) = rest.delete("/connectors/gen/offsets").await?;
     assert_eq!(code, 200);
-    assert_eq!(reset["message"], "The offsets for this connector have been reset successfully");
-    assert_eq!(rest.get("/connectors/gen/offsets").await?.1["offsets"], json!([]));
+    assert_eq!(
+        reset["message"],
+        "The offsets for this connector have been reset successfully"
+    );
+    assert_eq!(
+        rest.get("/connectors/gen/offsets").await?.1["offsets"],
+        json!([])
+    );
     let before = cluster.count_records("gen").await?;
     assert_eq!(rest.put_empty("/connectors/gen/resume").await?.0, 202);
     worker.wait_for_state("gen", "RUNNING", 1).await?;
@@ -232,7 +354,10 @@ async fn sink_offsets_are_the_consumer_group_offsets() -> anyhow::Result<()> {
         .patch("/connectors/orders-out/offsets", &json!({"offsets": [{"partition": {"kafka_topic": "orders", "kafka_partition": 0}, "offset": {"kafka_offset": 7}}]}))
         .await?;
     assert_eq!(code, 200);
-    assert_eq!(rest.put_empty("/connectors/orders-out/resume").await?.0, 202);
+    assert_eq!(
+        rest.put_empty("/connectors/orders-out/resume").await?.0,
+        202
+    );
     wait_for_lines(&output, 13).await?;
     worker.shutdown().await;
     Ok(())

@@ -29,22 +29,37 @@ async fn root_health_metrics_and_plugins() -> anyhow::Result<()> {
         .iter()
         .map(|p| (p["class"].as_str().unwrap(), p["type"].as_str().unwrap()))
         .collect();
-    assert!(classes.contains(&("io.medconnect.connectors.datagen.DatagenSourceConnector", "source")));
+    assert!(classes.contains(&(
+        "io.medconnect.connectors.datagen.DatagenSourceConnector",
+        "source"
+    )));
     assert!(classes.contains(&("io.medconnect.connectors.file.FileSinkConnector", "sink")));
     assert!(classes.iter().all(|(_, t)| *t == "source" || *t == "sink"));
 
     let (_, all) = rest.get("/connector-plugins?connectorsOnly=false").await?;
-    let types: Vec<&str> = all.as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap()).collect();
+    let types: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["type"].as_str().unwrap())
+        .collect();
     assert!(types.contains(&"transformation") && types.contains(&"predicate"));
 
     let (code, definition) = rest.get("/connector-plugins/DatagenSource/config").await?;
     assert_eq!(code, 200);
-    let topic = definition.as_array().unwrap().iter().find(|d| d["name"] == "topic").unwrap();
+    let topic = definition
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "topic")
+        .unwrap();
     assert_eq!(topic["required"], true);
     assert_eq!(topic["type"], "STRING");
     assert_eq!(topic["importance"], "HIGH");
 
-    let (code, error) = rest.get("/connector-plugins/NoSuchConnector/config").await?;
+    let (code, error) = rest
+        .get("/connector-plugins/NoSuchConnector/config")
+        .await?;
     assert_eq!((code, error["error_code"].as_u64()), (404, Some(404)));
 
     let (code, text) = rest.get_text("/metrics").await?;
@@ -60,12 +75,24 @@ async fn validate_reports_each_invalid_field() -> anyhow::Result<()> {
     let rest = &worker.rest;
 
     let (code, good) = rest
-        .put("/connector-plugins/DatagenSource/config/validate", &json!({"connector.class": "DatagenSource", "name": "x", "topic": "t"}))
+        .put(
+            "/connector-plugins/DatagenSource/config/validate",
+            &json!({"connector.class": "DatagenSource", "name": "x", "topic": "t"}),
+        )
         .await?;
     assert_eq!(code, 200);
     assert_eq!(good["error_count"], 0, "{good}");
-    assert_eq!(good["name"], "io.medconnect.connectors.datagen.DatagenSourceConnector");
-    assert!(good["groups"].as_array().unwrap().iter().any(|g| g == "Common"));
+    assert_eq!(
+        good["name"],
+        "io.medconnect.connectors.datagen.DatagenSourceConnector"
+    );
+    assert!(
+        good["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g == "Common")
+    );
 
     let (code, bad) = rest
         .put(
@@ -81,7 +108,14 @@ async fn validate_reports_each_invalid_field() -> anyhow::Result<()> {
             .unwrap()
             .iter()
             .find(|c| c["value"]["name"] == field)
-            .map(|c| c["value"]["errors"].as_array().unwrap().iter().map(|e| e.as_str().unwrap().to_string()).collect())
+            .map(|c| {
+                c["value"]["errors"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e.as_str().unwrap().to_string())
+                    .collect()
+            })
             .unwrap_or_default()
     };
     assert_eq!(errors("rate"), vec!["must be at least 0"]);
@@ -92,13 +126,19 @@ async fn validate_reports_each_invalid_field() -> anyhow::Result<()> {
     assert_eq!(bad["error_count"], 5, "{bad}");
 
     let (code, sink) = rest
-        .put("/connector-plugins/FileSink/config/validate", &json!({"name": "s", "file": "/tmp/x", "topics": "a", "topics.regex": "b.*"}))
+        .put(
+            "/connector-plugins/FileSink/config/validate",
+            &json!({"name": "s", "file": "/tmp/x", "topics": "a", "topics.regex": "b.*"}),
+        )
         .await?;
     assert_eq!(code, 200);
     assert_eq!(sink["error_count"], 1, "{sink}");
 
     let (code, error) = rest
-        .put("/connector-plugins/DatagenSource/config/validate", &json!({"connector.class": "FileSink"}))
+        .put(
+            "/connector-plugins/DatagenSource/config/validate",
+            &json!({"connector.class": "FileSink"}),
+        )
         .await?;
     assert_eq!(code, 400, "{error}");
     Ok(())
@@ -110,19 +150,32 @@ async fn connector_lifecycle_through_every_endpoint() -> anyhow::Result<()> {
     let worker = cluster.start_worker().await?;
     let rest = &worker.rest;
 
-    let (code, created) = rest.post("/connectors", &json!({"name": "adt", "config": datagen("adt-events")})).await?;
+    let (code, created) = rest
+        .post(
+            "/connectors",
+            &json!({"name": "adt", "config": datagen("adt-events")}),
+        )
+        .await?;
     assert_eq!(code, 201, "{created}");
     assert_eq!(created["name"], "adt");
     assert_eq!(created["type"], "source");
     assert_eq!(created["tasks"], json!([{"connector": "adt", "task": 0}]));
     assert_eq!(created["config"]["name"], "adt");
 
-    let (code, conflict) = rest.post("/connectors", &json!({"name": "adt", "config": datagen("adt-events")})).await?;
+    let (code, conflict) = rest
+        .post(
+            "/connectors",
+            &json!({"name": "adt", "config": datagen("adt-events")}),
+        )
+        .await?;
     assert_eq!((code, conflict["error_code"].as_u64()), (409, Some(409)));
 
     assert_eq!(rest.get("/connectors").await?, (200, json!(["adt"])));
     let (code, info) = rest.get("/connectors/adt").await?;
-    assert_eq!((code, &info["config"]["topic"]), (200, &json!("adt-events")));
+    assert_eq!(
+        (code, &info["config"]["topic"]),
+        (200, &json!("adt-events"))
+    );
     assert_eq!(rest.get("/connectors/adt/config").await?.1["rate"], "50");
 
     worker.wait_for_state("adt", "RUNNING", 1).await?;
@@ -131,7 +184,10 @@ async fn connector_lifecycle_through_every_endpoint() -> anyhow::Result<()> {
     assert_eq!(status["type"], "source");
     assert!(status["connector"]["worker_id"].is_string());
     let (code, task) = rest.get("/connectors/adt/tasks/0/status").await?;
-    assert_eq!((code, &task["id"], &task["state"]), (200, &json!(0), &json!("RUNNING")));
+    assert_eq!(
+        (code, &task["id"], &task["state"]),
+        (200, &json!(0), &json!("RUNNING"))
+    );
     assert_eq!(rest.get("/connectors/adt/tasks/7/status").await?.0, 404);
 
     let (code, tasks) = rest.get("/connectors/adt/tasks").await?;
@@ -146,11 +202,18 @@ async fn connector_lifecycle_through_every_endpoint() -> anyhow::Result<()> {
     assert_eq!(code, 200, "{info}");
     assert_eq!(info["tasks"].as_array().unwrap().len(), 2);
     worker.wait_for_state("adt", "RUNNING", 2).await?;
-    let (code, _) = rest.put("/connectors/labs/config", &datagen("labs")).await?;
+    let (code, _) = rest
+        .put("/connectors/labs/config", &datagen("labs"))
+        .await?;
     assert_eq!(code, 201);
 
     // PATCH changes one key and removes another with null.
-    let (code, patched) = rest.patch("/connectors/adt/config", &json!({"rate": "5", "tasks.max": null})).await?;
+    let (code, patched) = rest
+        .patch(
+            "/connectors/adt/config",
+            &json!({"rate": "5", "tasks.max": null}),
+        )
+        .await?;
     assert_eq!(code, 200, "{patched}");
     assert_eq!(patched["config"]["rate"], "5");
     assert!(patched["config"].get("tasks.max").is_none());
@@ -166,10 +229,18 @@ async fn connector_lifecycle_through_every_endpoint() -> anyhow::Result<()> {
     assert!(topics["adt"]["topics"].is_array());
     assert_eq!(rest.put_empty("/connectors/adt/topics/reset").await?.0, 202);
 
-    assert_eq!(rest.post_empty("/connectors/adt/tasks/0/restart").await?.0, 204);
-    assert_eq!(rest.post_empty("/connectors/adt/tasks/9/restart").await?.0, 404);
+    assert_eq!(
+        rest.post_empty("/connectors/adt/tasks/0/restart").await?.0,
+        204
+    );
+    assert_eq!(
+        rest.post_empty("/connectors/adt/tasks/9/restart").await?.0,
+        404
+    );
     assert_eq!(rest.post_empty("/connectors/adt/restart").await?.0, 204);
-    let (code, restarted) = rest.post_empty("/connectors/adt/restart?includeTasks=true").await?;
+    let (code, restarted) = rest
+        .post_empty("/connectors/adt/restart?includeTasks=true")
+        .await?;
     assert_eq!(code, 202);
     assert_eq!(restarted["name"], "adt");
     worker.wait_for_state("adt", "RUNNING", 1).await?;
@@ -178,11 +249,25 @@ async fn connector_lifecycle_through_every_endpoint() -> anyhow::Result<()> {
     assert_eq!(rest.get("/connectors").await?.1, json!(["labs"]));
     let (code, missing) = rest.delete("/connectors/adt").await?;
     assert_eq!(code, 404);
-    assert_eq!(missing, json!({"error_code": 404, "message": "Connector adt not found"}));
-    for path in ["/connectors/adt", "/connectors/adt/config", "/connectors/adt/status", "/connectors/adt/tasks", "/connectors/adt/offsets", "/connectors/adt/topics"] {
+    assert_eq!(
+        missing,
+        json!({"error_code": 404, "message": "Connector adt not found"})
+    );
+    for path in [
+        "/connectors/adt",
+        "/connectors/adt/config",
+        "/connectors/adt/status",
+        "/connectors/adt/tasks",
+        "/connectors/adt/offsets",
+        "/connectors/adt/topics",
+    ] {
         assert_eq!(rest.get(path).await?.0, 404, "{path}");
     }
-    for path in ["/connectors/adt/pause", "/connectors/adt/resume", "/connectors/adt/stop"] {
+    for path in [
+        "/connectors/adt/pause",
+        "/connectors/adt/resume",
+        "/connectors/adt/stop",
+    ] {
         assert_eq!(rest.put_empty(path).await?.0, 404, "{path}");
     }
     Ok(())
@@ -196,37 +281,82 @@ async fn bad_requests_get_400_naming_the_field() -> anyhow::Result<()> {
 
     let mut bad_rate = datagen("t");
     bad_rate["rate"] = json!("-5");
-    let (code, error) = rest.post("/connectors", &json!({"name": "bad", "config": bad_rate})).await?;
+    let (code, error) = rest
+        .post("/connectors", &json!({"name": "bad", "config": bad_rate}))
+        .await?;
     assert_eq!(code, 400);
     assert_eq!(error["error_code"], 400);
     let message = error["message"].as_str().unwrap();
-    assert!(message.contains("1 error(s)") && message.contains("rate: must be at least 0"), "{message}");
+    assert!(
+        message.contains("1 error(s)") && message.contains("rate: must be at least 0"),
+        "{message}"
+    );
 
-    let (code, error) = rest.post("/connectors", &json!({"name": "bad", "config": {"topic": "t"}})).await?;
+    let (code, error) = rest
+        .post(
+            "/connectors",
+            &json!({"name": "bad", "config": {"topic": "t"}}),
+        )
+        .await?;
     assert_eq!(code, 400);
-    assert!(error["message"].as_str().unwrap().contains("connector.class"), "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("connector.class"),
+        "{error}"
+    );
 
-    let (code, error) = rest.post("/connectors", &json!({"name": "bad", "config": {"connector.class": "Nope"}})).await?;
+    let (code, error) = rest
+        .post(
+            "/connectors",
+            &json!({"name": "bad", "config": {"connector.class": "Nope"}}),
+        )
+        .await?;
     assert_eq!(code, 400);
     assert!(error["message"].as_str().unwrap().contains("Nope"));
 
-    let (code, error) = rest.raw(reqwest::Method::POST, "/connectors", "{not json").await?;
+    let (code, error) = rest
+        .raw(reqwest::Method::POST, "/connectors", "{not json")
+        .await?;
     assert_eq!((code, error["error_code"].as_u64()), (400, Some(400)));
 
-    let (code, _) = rest.put("/connectors/a/config", &json!({"name": "b", "connector.class": "DatagenSource", "topic": "t"})).await?;
+    let (code, _) = rest
+        .put(
+            "/connectors/a/config",
+            &json!({"name": "b", "connector.class": "DatagenSource", "topic": "t"}),
+        )
+        .await?;
     assert_eq!(code, 400);
 
     let mut secret = datagen("t");
     secret["db.password"] = json!("${env:MEDCONNECT_E2E_SURELY_UNSET}");
-    let (code, error) = rest.post("/connectors", &json!({"name": "bad", "config": secret})).await?;
+    let (code, error) = rest
+        .post("/connectors", &json!({"name": "bad", "config": secret}))
+        .await?;
     assert_eq!(code, 400);
-    assert!(error["message"].as_str().unwrap().contains("db.password"), "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("db.password"),
+        "{error}"
+    );
 
-    let (code, error) = rest.post("/connectors", &json!({"name": "bad", "config": {"connector.class": "FileSink", "file": "/tmp/x"}})).await?;
+    let (code, error) = rest
+        .post(
+            "/connectors",
+            &json!({"name": "bad", "config": {"connector.class": "FileSink", "file": "/tmp/x"}}),
+        )
+        .await?;
     assert_eq!(code, 400);
-    assert!(error["message"].as_str().unwrap().contains("topics"), "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("topics"),
+        "{error}"
+    );
 
-    assert_eq!(rest.get("/connectors").await?.1, json!([]), "nothing invalid was created");
+    assert_eq!(
+        rest.get("/connectors").await?.1,
+        json!([]),
+        "nothing invalid was created"
+    );
     let (code, error) = rest.get("/no/such/path").await?;
     assert_eq!((code, error["error_code"].as_u64()), (404, Some(404)));
     let (code, error) = rest.delete("/connector-plugins").await?;
@@ -261,7 +391,10 @@ async fn secrets_are_hidden_and_references_resolved_only_in_tasks() -> anyhow::R
 
     // A config read from the API and written back keeps its secret.
     let (_, shown) = rest.get("/connectors/secretive/config").await?;
-    assert_eq!(rest.put("/connectors/secretive/config", &shown).await?.0, 200);
+    assert_eq!(
+        rest.put("/connectors/secretive/config", &shown).await?.0,
+        200
+    );
     let configs = cluster.read_all("medconnect-configs").await?;
     let last_config = configs
         .iter()

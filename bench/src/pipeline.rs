@@ -64,7 +64,11 @@ impl Connector for ReplayConnector {
     fn config_def(&self) -> ConfigDef {
         ConfigDef::new()
     }
-    fn task_configs(&self, context: &ConnectorContext, _max_tasks: usize) -> ConnectResult<Vec<TaskConfig>> {
+    fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        _max_tasks: usize,
+    ) -> ConnectResult<Vec<TaskConfig>> {
         Ok(vec![context.config.clone()])
     }
 }
@@ -107,7 +111,11 @@ impl SourceTask for ReplayTask {
                     .with_key(key.clone())
                     .with_value(value.clone())
                     .with_header(content_type::HEADER, content_type::JSON);
-                SourceRecord::new(record, partition.clone(), Map::from_iter([("i".to_string(), json!(self.next + i))]))
+                SourceRecord::new(
+                    record,
+                    partition.clone(),
+                    Map::from_iter([("i".to_string(), json!(self.next + i))]),
+                )
             })
             .collect();
         self.next = end;
@@ -123,7 +131,10 @@ async fn raw_producer(bootstrap: &str, topic: &str, data: &Dataset) -> anyhow::R
     let producer = KafkaSettings::new(bootstrap).producer(&Default::default())?;
     // Warm the connection and metadata, as the worker's producer is warm when its task starts.
     producer
-        .send(FutureRecord::<[u8], [u8]>::to(topic).payload(b"warm-up"), Duration::from_secs(10))
+        .send(
+            FutureRecord::<[u8], [u8]>::to(topic).payload(b"warm-up"),
+            Duration::from_secs(10),
+        )
         .await
         .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
     let started = Instant::now();
@@ -133,10 +144,12 @@ async fn raw_producer(bootstrap: &str, topic: &str, data: &Dataset) -> anyhow::R
             let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
                 .key(key.as_ref())
                 .payload(value.as_ref())
-                .headers(rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-                    key: content_type::HEADER,
-                    value: Some(content_type::JSON),
-                }));
+                .headers(
+                    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                        key: content_type::HEADER,
+                        value: Some(content_type::JSON),
+                    }),
+                );
             match producer.send_result(record) {
                 Ok(delivery) => {
                     pending.push_back(delivery);
@@ -164,13 +177,10 @@ async fn raw_producer(bootstrap: &str, topic: &str, data: &Dataset) -> anyhow::R
 }
 
 async fn pipeline(worker: &Worker, name: &str, topic: &str, count: usize) -> anyhow::Result<f64> {
-    let config = [
-        ("connector.class", "bench.ReplaySource"),
-        ("topic", topic),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    let config = [("connector.class", "bench.ReplaySource"), ("topic", topic)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     worker.herder().create(name, config, None).await?;
     let metrics = worker.herder().metrics();
     let delivered = || metrics.records_out.with_label_values(&[name, "0"]).get() as usize;
@@ -216,20 +226,30 @@ fn medconnect_binary() -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name("medconnect");
     if !path.exists() {
-        bail!("{} not found: build it first (cargo build -p medconnect-runtime)", path.display());
+        bail!(
+            "{} not found: build it first (cargo build -p medconnect-runtime)",
+            path.display()
+        );
     }
     Ok(path)
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 async fn wait_ready(url: &str, deadline: Duration) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let client = reqwest::Client::new();
     loop {
-        if client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
+        if client
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             return Ok(started.elapsed());
         }
         if started.elapsed() > deadline {
@@ -261,7 +281,9 @@ async fn processes() -> anyhow::Result<()> {
     let config = dir.path().join("worker.toml");
     std::fs::write(
         &config,
-        format!("bootstrap_servers = \"127.0.0.1:{kafka_port}\"\n[rest]\nlisten = \"127.0.0.1:{rest_port}\"\n"),
+        format!(
+            "bootstrap_servers = \"127.0.0.1:{kafka_port}\"\n[rest]\nlisten = \"127.0.0.1:{rest_port}\"\n"
+        ),
     )?;
     let base = format!("http://127.0.0.1:{rest_port}");
     let start_worker = || -> anyhow::Result<Process> {
@@ -294,7 +316,11 @@ async fn processes() -> anyhow::Result<()> {
         json!({"name": "load-in", "config": {"connector.class": "DatagenSource", "topic": "load", "rate": "0"}}),
         json!({"name": "load-out", "config": {"connector.class": "FileSink", "topics": "load", "file": output.to_str().context("path")?}}),
     ] {
-        let response = client.post(format!("{base}/connectors")).json(&body).send().await?;
+        let response = client
+            .post(format!("{base}/connectors"))
+            .json(&body)
+            .send()
+            .await?;
         if response.status().as_u16() != 201 {
             bail!("creating a connector failed: {}", response.text().await?);
         }
@@ -304,7 +330,9 @@ async fn processes() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
         peak = peak.max(rss_mb(pid)?);
     }
-    let lines = std::fs::read_to_string(&output).map(|t| t.lines().count()).unwrap_or(0);
+    let lines = std::fs::read_to_string(&output)
+        .map(|t| t.lines().count())
+        .unwrap_or(0);
     let cold = ready[0];
     let mut warm = ready[1..].to_vec();
     warm.sort();
@@ -316,8 +344,13 @@ async fn processes() -> anyhow::Result<()> {
         ready_ms(warm[warm.len() - 1]),
         warm.len()
     );
-    println!("worker RSS: idle {idle:.1} MB, under load (datagen -> Kafka -> file sink, {lines} records in 10 s) peak {peak:.1} MB");
-    println!("broker process RSS (reference): {:.1} MB", rss_mb(broker.0.id())?);
+    println!(
+        "worker RSS: idle {idle:.1} MB, under load (datagen -> Kafka -> file sink, {lines} records in 10 s) peak {peak:.1} MB"
+    );
+    println!(
+        "broker process RSS (reference): {:.1} MB",
+        rss_mb(broker.0.id())?
+    );
     drop(worker);
     drop(broker);
     Ok(())
@@ -329,10 +362,17 @@ fn ready_ms(d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let count: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(200_000);
+    let count: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(200_000);
     let data = dataset(count);
     let bytes: usize = data.iter().map(|(k, v)| k.len() + v.len()).sum();
-    println!("== source pipeline vs raw rdkafka producer: {count} records, {} bytes on average", bytes / count);
+    println!(
+        "== source pipeline vs raw rdkafka producer: {count} records, {} bytes on average",
+        bytes / count
+    );
     let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
     let mut config = WorkerConfig::new(&broker.bootstrap_servers());
     config.rest.listen = "127.0.0.1:0".parse()?;
@@ -342,11 +382,18 @@ async fn main() -> anyhow::Result<()> {
     for n in 0..ROUNDS {
         let raw = raw_producer(&broker.bootstrap_servers(), &format!("raw-{n}"), &data).await?;
         let piped = pipeline(&worker, &format!("pipe-{n}"), &format!("pipe-{n}"), count).await?;
-        println!("round {}: raw producer {raw:>9.0} records/s, pipeline {piped:>9.0} records/s, ratio {:.2}", n + 1, piped / raw);
+        println!(
+            "round {}: raw producer {raw:>9.0} records/s, pipeline {piped:>9.0} records/s, ratio {:.2}",
+            n + 1,
+            piped / raw
+        );
         best_raw = best_raw.max(raw);
         best_pipeline = best_pipeline.max(piped);
     }
-    println!("best: raw producer {best_raw:.0} records/s, pipeline {best_pipeline:.0} records/s, ratio {:.2}", best_pipeline / best_raw);
+    println!(
+        "best: raw producer {best_raw:.0} records/s, pipeline {best_pipeline:.0} records/s, ratio {:.2}",
+        best_pipeline / best_raw
+    );
     worker.shutdown().await;
     broker.stop();
     processes().await

@@ -9,7 +9,11 @@ use medconnect_runtime::{Plugins, Worker, WorkerConfig};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "medconnect", version, about = "A Kafka Connect-style connector runtime for healthcare data")]
+#[command(
+    name = "medconnect",
+    version,
+    about = "A Kafka Connect-style connector runtime for healthcare data"
+)]
 struct Cli {
     /// Log as JSON lines (for log shippers) instead of text.
     #[arg(long, global = true)]
@@ -44,8 +48,11 @@ enum Command {
 }
 
 fn init_logs(json: bool) {
-    let filter = EnvFilter::try_from_env("MEDCONNECT_LOG").unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,tansu=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_env("MEDCONNECT_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,tansu=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -57,13 +64,14 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -85,7 +93,11 @@ async fn main() -> anyhow::Result<()> {
             worker.shutdown().await;
         }
         #[cfg(feature = "embedded-broker")]
-        Command::Dev { kafka, rest, connectors } => {
+        Command::Dev {
+            kafka,
+            rest,
+            connectors,
+        } => {
             let broker = medconnect_runtime::broker::EmbeddedBroker::start(kafka).await?;
             let mut config = WorkerConfig::new(&broker.bootstrap_servers());
             config.rest.listen = rest;
@@ -93,7 +105,11 @@ async fn main() -> anyhow::Result<()> {
             for path in connectors {
                 create_from_file(&worker, &path).await?;
             }
-            println!("medconnect dev: REST http://{} , Kafka {}", worker.rest_addr(), broker.bootstrap_servers());
+            println!(
+                "medconnect dev: REST http://{} , Kafka {}",
+                worker.rest_addr(),
+                broker.bootstrap_servers()
+            );
             wait_for_signal().await;
             worker.shutdown().await;
             broker.stop();
@@ -111,14 +127,24 @@ async fn main() -> anyhow::Result<()> {
 
 /// Creates a connector from a Connect-style JSON file, as `POST /connectors` would.
 async fn create_from_file(worker: &Worker, path: &PathBuf) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let name = value["name"].as_str().context("connector file needs a \"name\"")?.to_string();
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let name = value["name"]
+        .as_str()
+        .context("connector file needs a \"name\"")?
+        .to_string();
     let config = value["config"]
         .as_object()
         .context("connector file needs a \"config\" object")?
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_str().map_or_else(|| v.to_string(), str::to_string),
+            )
+        })
         .collect();
     if worker.herder().info(&name).is_ok() {
         worker.herder().put_config(&name, config).await?;

@@ -43,14 +43,52 @@ impl Default for Metrics {
         let registry = Registry::new_custom(Some("medconnect".into()), None)
             .unwrap_or_else(|e| unreachable!("the metric prefix is valid: {e}"));
         Self {
-            records_in: counter(&registry, "records_in_total", "Records taken in by a task.", TASK_LABELS),
-            records_out: counter(&registry, "records_out_total", "Records delivered by a task.", TASK_LABELS),
-            records_filtered: counter(&registry, "records_filtered_total", "Records dropped by a transform.", TASK_LABELS),
-            errors: counter(&registry, "errors_total", "Record and task failures by stage.", &["connector", "task", "stage"]),
-            dead_lettered: counter(&registry, "dlq_records_total", "Records written to a dead-letter topic.", TASK_LABELS),
-            offset_commit_lag: gauge(&registry, "offset_commit_lag_records", "Delivered records whose offsets are not committed yet."),
-            in_flight: gauge(&registry, "records_in_flight", "Records sent to Kafka and not yet acknowledged."),
-            offset_commits: counter(&registry, "offset_commits_total", "Offset commits.", TASK_LABELS),
+            records_in: counter(
+                &registry,
+                "records_in_total",
+                "Records taken in by a task.",
+                TASK_LABELS,
+            ),
+            records_out: counter(
+                &registry,
+                "records_out_total",
+                "Records delivered by a task.",
+                TASK_LABELS,
+            ),
+            records_filtered: counter(
+                &registry,
+                "records_filtered_total",
+                "Records dropped by a transform.",
+                TASK_LABELS,
+            ),
+            errors: counter(
+                &registry,
+                "errors_total",
+                "Record and task failures by stage.",
+                &["connector", "task", "stage"],
+            ),
+            dead_lettered: counter(
+                &registry,
+                "dlq_records_total",
+                "Records written to a dead-letter topic.",
+                TASK_LABELS,
+            ),
+            offset_commit_lag: gauge(
+                &registry,
+                "offset_commit_lag_records",
+                "Delivered records whose offsets are not committed yet.",
+            ),
+            in_flight: gauge(
+                &registry,
+                "records_in_flight",
+                "Records sent to Kafka and not yet acknowledged.",
+            ),
+            offset_commits: counter(
+                &registry,
+                "offset_commits_total",
+                "Offset commits.",
+                TASK_LABELS,
+            ),
             registry,
         }
     }
@@ -67,7 +105,13 @@ impl Metrics {
 
     /// Forgets a task's series once it stopped, so `/metrics` does not grow without bound.
     pub fn remove_task(&self, connector: &str, task: &str) {
-        for vec in [&self.records_in, &self.records_out, &self.records_filtered, &self.dead_lettered, &self.offset_commits] {
+        for vec in [
+            &self.records_in,
+            &self.records_out,
+            &self.records_filtered,
+            &self.dead_lettered,
+            &self.offset_commits,
+        ] {
             let _ = vec.remove_label_values(&[connector, task]);
         }
         for vec in [&self.offset_commit_lag, &self.in_flight] {
@@ -98,15 +142,24 @@ impl TaskMetrics {
     }
 
     pub fn records_in(&self, n: u64) {
-        self.metrics.records_in.with_label_values(&self.labels()).inc_by(n);
+        self.metrics
+            .records_in
+            .with_label_values(&self.labels())
+            .inc_by(n);
     }
 
     pub fn records_out(&self, n: u64) {
-        self.metrics.records_out.with_label_values(&self.labels()).inc_by(n);
+        self.metrics
+            .records_out
+            .with_label_values(&self.labels())
+            .inc_by(n);
     }
 
     pub fn filtered(&self) {
-        self.metrics.records_filtered.with_label_values(&self.labels()).inc();
+        self.metrics
+            .records_filtered
+            .with_label_values(&self.labels())
+            .inc();
     }
 
     pub fn error(&self, stage: &str) {
@@ -117,19 +170,31 @@ impl TaskMetrics {
     }
 
     pub fn dead_lettered(&self) {
-        self.metrics.dead_lettered.with_label_values(&self.labels()).inc();
+        self.metrics
+            .dead_lettered
+            .with_label_values(&self.labels())
+            .inc();
     }
 
     pub fn set_commit_lag(&self, records: i64) {
-        self.metrics.offset_commit_lag.with_label_values(&self.labels()).set(records);
+        self.metrics
+            .offset_commit_lag
+            .with_label_values(&self.labels())
+            .set(records);
     }
 
     pub fn set_in_flight(&self, records: i64) {
-        self.metrics.in_flight.with_label_values(&self.labels()).set(records);
+        self.metrics
+            .in_flight
+            .with_label_values(&self.labels())
+            .set(records);
     }
 
     pub fn committed(&self) {
-        self.metrics.offset_commits.with_label_values(&self.labels()).inc();
+        self.metrics
+            .offset_commits
+            .with_label_values(&self.labels())
+            .inc();
     }
 
     pub fn remove(&self) {

@@ -43,7 +43,8 @@ impl TestCluster {
     pub async fn start_behind_proxy() -> anyhow::Result<(Self, TcpProxy)> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let proxy_addr = listener.local_addr()?;
-        let broker = EmbeddedBroker::start_advertising("127.0.0.1:0".parse()?, Some(proxy_addr)).await?;
+        let broker =
+            EmbeddedBroker::start_advertising("127.0.0.1:0".parse()?, Some(proxy_addr)).await?;
         let proxy = TcpProxy::serve(listener, broker.addr());
         Ok((
             Self {
@@ -100,9 +101,19 @@ impl TestCluster {
 
     /// Produces records (key, value) with a plain Kafka client, creating the topic (one
     /// partition) if needed: the test broker does not create topics on first use.
-    pub async fn produce(&self, topic: &str, records: &[(Option<&str>, &str)]) -> anyhow::Result<()> {
-        ensure_topics(&KafkaSettings::new(&self.bootstrap()), &[TopicSpec::regular(topic, 1, 1)]).await?;
-        let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", self.bootstrap()).create()?;
+    pub async fn produce(
+        &self,
+        topic: &str,
+        records: &[(Option<&str>, &str)],
+    ) -> anyhow::Result<()> {
+        ensure_topics(
+            &KafkaSettings::new(&self.bootstrap()),
+            &[TopicSpec::regular(topic, 1, 1)],
+        )
+        .await?;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()?;
         for (key, value) in records {
             let mut record = FutureRecord::to(topic).payload(*value);
             if let Some(key) = key {
@@ -129,11 +140,18 @@ pub struct Received {
 
 impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> Value {
-        self.value.as_deref().and_then(|v| serde_json::from_str(v).ok()).unwrap_or(Value::Null)
+        self.value
+            .as_deref()
+            .and_then(|v| serde_json::from_str(v).ok())
+            .unwrap_or(Value::Null)
     }
 }
 
@@ -153,7 +171,12 @@ async fn read_topic(bootstrap: &str, topic: &str, count: usize) -> anyhow::Resul
     read_topic_until(bootstrap, topic, count, false).await
 }
 
-async fn read_topic_until(bootstrap: &str, topic: &str, count: usize, until_quiet: bool) -> anyhow::Result<Vec<Received>> {
+async fn read_topic_until(
+    bootstrap: &str,
+    topic: &str,
+    count: usize,
+    until_quiet: bool,
+) -> anyhow::Result<Vec<Received>> {
     let bootstrap = bootstrap.to_string();
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
@@ -186,7 +209,10 @@ async fn read_topic_until(bootstrap: &str, topic: &str, count: usize, until_quie
                 break;
             }
             if std::time::Instant::now() > deadline {
-                bail!("read {} of {count} records from {topic} before the deadline", records.len());
+                bail!(
+                    "read {} of {count} records from {topic} before the deadline",
+                    records.len()
+                );
             }
             if let Some(message) = consumer.poll(Duration::from_millis(100)) {
                 last_seen = std::time::Instant::now();
@@ -225,27 +251,47 @@ impl TestWorker {
     }
 
     /// Waits until a connector and all its tasks report `state`.
-    pub async fn wait_for_state(&self, connector: &str, state: &str, tasks: usize) -> anyhow::Result<Value> {
+    pub async fn wait_for_state(
+        &self,
+        connector: &str,
+        state: &str,
+        tasks: usize,
+    ) -> anyhow::Result<Value> {
         let path = format!("/connectors/{connector}/status");
-        eventually(&format!("{connector} to be {state} with {tasks} task(s)"), async || {
-            let (code, status) = self.rest.get(&path).await.ok()?;
-            let task_states: Vec<&str> = status["tasks"].as_array()?.iter().filter_map(|t| t["state"].as_str()).collect();
-            (code == 200
-                && status["connector"]["state"] == state
-                && task_states.len() == tasks
-                && task_states.iter().all(|s| *s == state))
-            .then(|| status.clone())
-        })
+        eventually(
+            &format!("{connector} to be {state} with {tasks} task(s)"),
+            async || {
+                let (code, status) = self.rest.get(&path).await.ok()?;
+                let task_states: Vec<&str> = status["tasks"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|t| t["state"].as_str())
+                    .collect();
+                (code == 200
+                    && status["connector"]["state"] == state
+                    && task_states.len() == tasks
+                    && task_states.iter().all(|s| *s == state))
+                .then(|| status.clone())
+            },
+        )
         .await
     }
 
     /// Waits until a task reports `state`.
-    pub async fn wait_for_task(&self, connector: &str, task: u32, state: &str) -> anyhow::Result<Value> {
+    pub async fn wait_for_task(
+        &self,
+        connector: &str,
+        task: u32,
+        state: &str,
+    ) -> anyhow::Result<Value> {
         let path = format!("/connectors/{connector}/tasks/{task}/status");
-        eventually(&format!("{connector} task {task} to be {state}"), async || {
-            let (_, status) = self.rest.get(&path).await.ok()?;
-            (status["state"] == state).then_some(status)
-        })
+        eventually(
+            &format!("{connector} task {task} to be {state}"),
+            async || {
+                let (_, status) = self.rest.get(&path).await.ok()?;
+                (status["state"] == state).then_some(status)
+            },
+        )
         .await
     }
 }
@@ -272,7 +318,11 @@ impl Rest {
         let response = request.send().await?;
         let status = response.status().as_u16();
         let text = response.text().await?;
-        let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         Ok((status, body))
     }
 
@@ -309,14 +359,26 @@ impl Rest {
         self.send(self.http.delete(self.url(path))).await
     }
 
-    pub async fn raw(&self, method: reqwest::Method, path: &str, body: &str) -> anyhow::Result<(u16, Value)> {
-        self.send(self.http.request(method, self.url(path)).header("content-type", "application/json").body(body.to_string()))
-            .await
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &str,
+    ) -> anyhow::Result<(u16, Value)> {
+        self.send(
+            self.http
+                .request(method, self.url(path))
+                .header("content-type", "application/json")
+                .body(body.to_string()),
+        )
+        .await
     }
 
     /// Creates a connector and insists on 201.
     pub async fn create(&self, name: &str, config: Value) -> anyhow::Result<Value> {
-        let (code, body) = self.post("/connectors", &json!({"name": name, "config": config})).await?;
+        let (code, body) = self
+            .post("/connectors", &json!({"name": name, "config": config}))
+            .await?;
         if code != 201 {
             bail!("creating {name} answered {code}: {body}");
         }
@@ -325,7 +387,10 @@ impl Rest {
 }
 
 /// Polls `check` until it returns `Some`, or fails after [`DEADLINE`] naming what was awaited.
-pub async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> anyhow::Result<T> {
+pub async fn eventually<T>(
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         if let Some(value) = check().await {
@@ -347,10 +412,13 @@ pub fn lines(path: &Path) -> Vec<String> {
 
 /// Waits until a file has at least `count` lines; returns them.
 pub async fn wait_for_lines(path: &Path, count: usize) -> anyhow::Result<Vec<String>> {
-    eventually(&format!("{} to have {count} lines", path.display()), async || {
-        let found = lines(path);
-        (found.len() >= count).then_some(found)
-    })
+    eventually(
+        &format!("{} to have {count} lines", path.display()),
+        async || {
+            let found = lines(path);
+            (found.len() >= count).then_some(found)
+        },
+    )
     .await
     .with_context(|| format!("{} has {} lines", path.display(), lines(path).len()))
 }
@@ -371,7 +439,9 @@ impl TcpProxy {
                 }
                 let mut state = state.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = state.wait_for(|open| !*open) => {}
@@ -379,7 +449,10 @@ impl TcpProxy {
                 });
             }
         });
-        Self { open, _serving: serving }
+        Self {
+            open,
+            _serving: serving,
+        }
     }
 
     /// The broker becomes unreachable: connections drop, new ones are refused.

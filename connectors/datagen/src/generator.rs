@@ -34,7 +34,10 @@ impl FromStr for Schema {
             "vitals" => Ok(Self::Vitals),
             "adt" => Ok(Self::Adt),
             "mixed" => Ok(Self::Mixed),
-            other => Err(ConnectError::config("schema", format!("unknown schema '{other}'"))),
+            other => Err(ConnectError::config(
+                "schema",
+                format!("unknown schema '{other}'"),
+            )),
         }
     }
 }
@@ -48,18 +51,32 @@ pub struct Event {
     pub timestamp_ms: i64,
 }
 
-const FAMILY: &[&str] = &["Garcia", "Nguyen", "Smith", "Okafor", "Kowalski", "Haddad", "Tanaka", "Silva", "Murphy", "Novak"];
-const GIVEN: &[&str] = &["Maria", "Wei", "John", "Amara", "Piotr", "Layla", "Yuki", "Joao", "Aoife", "Eva"];
+const FAMILY: &[&str] = &[
+    "Garcia", "Nguyen", "Smith", "Okafor", "Kowalski", "Haddad", "Tanaka", "Silva", "Murphy",
+    "Novak",
+];
+const GIVEN: &[&str] = &[
+    "Maria", "Wei", "John", "Amara", "Piotr", "Layla", "Yuki", "Joao", "Aoife", "Eva",
+];
 const UNITS: &[&str] = &["ICU", "CCU", "ED", "MED-4", "SURG-2", "PEDS"];
-const ADT_EVENTS: &[(&str, &str)] = &[("A01", "admit"), ("A02", "transfer"), ("A03", "discharge"), ("A08", "update")];
+const ADT_EVENTS: &[(&str, &str)] = &[
+    ("A01", "admit"),
+    ("A02", "transfer"),
+    ("A03", "discharge"),
+    ("A08", "update"),
+];
 const PATIENTS: u64 = 500;
 
 /// The event number `seq` of a task's stream: the same inputs always give the same event.
 pub fn generate(schema: Schema, seed: u64, task: u32, seq: u64) -> Event {
-    let mut rng = SmallRng::seed_from_u64(seed ^ (u64::from(task) << 48) ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = SmallRng::seed_from_u64(
+        seed ^ (u64::from(task) << 48) ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
     let patient = rng.random_range(0..PATIENTS);
     let mrn = format!("MRN{patient:06}");
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     let vitals = match schema {
         Schema::Vitals => true,
         Schema::Adt => false,
@@ -132,10 +149,12 @@ mod tests {
 
     #[test]
     fn events_are_plausible_json() {
-        let vitals: serde_json::Value = serde_json::from_slice(&generate(Schema::Vitals, 1, 0, 5).value).unwrap();
+        let vitals: serde_json::Value =
+            serde_json::from_slice(&generate(Schema::Vitals, 1, 0, 5).value).unwrap();
         assert_eq!(vitals["seq"], 5);
         assert!((86..100).contains(&vitals["spo2"].as_i64().unwrap()));
-        let adt: serde_json::Value = serde_json::from_slice(&generate(Schema::Adt, 1, 0, 5).value).unwrap();
+        let adt: serde_json::Value =
+            serde_json::from_slice(&generate(Schema::Adt, 1, 0, 5).value).unwrap();
         assert!(adt["event"].as_str().unwrap().starts_with('A'));
         assert!(adt["patient"]["mrn"].as_str().unwrap().starts_with("MRN"));
     }

@@ -8,7 +8,7 @@ mod generator;
 
 use async_trait::async_trait;
 use medconnect_api::{
-    ConfigDef, ConfigType, Connector, ConnectorContext, ConnectorKind, ConnectResult, Importance,
+    ConfigDef, ConfigType, ConnectResult, Connector, ConnectorContext, ConnectorKind, Importance,
     Record, SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig, Validator,
     content_type,
 };
@@ -65,7 +65,11 @@ impl Connector for DatagenSourceConnector {
             .in_group("Datagen")
     }
 
-    fn task_configs(&self, context: &ConnectorContext, max_tasks: usize) -> ConnectResult<Vec<TaskConfig>> {
+    fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        max_tasks: usize,
+    ) -> ConnectResult<Vec<TaskConfig>> {
         let parsed = self.config_def().parse(&context.config)?;
         let total = parsed.int(MAX_RECORDS)?.max(0) as u64;
         let tasks = max_tasks.max(1) as u64;
@@ -73,7 +77,11 @@ impl Connector for DatagenSourceConnector {
         Ok((0..tasks)
             .map(|task| {
                 let mut config = context.config.clone();
-                let share = if total == 0 { 0 } else { total / tasks + u64::from(task < total % tasks) };
+                let share = if total == 0 {
+                    0
+                } else {
+                    total / tasks + u64::from(task < total % tasks)
+                };
                 config.insert(TASK_MAX_RECORDS.into(), share.to_string());
                 config.insert(RATE.into(), rate.to_string());
                 config
@@ -106,7 +114,11 @@ pub struct DatagenSourceTask {
 
 impl DatagenSourceTask {
     fn batch_len(&self) -> u64 {
-        let left = if self.limit == 0 { u64::MAX } else { self.limit.saturating_sub(self.next_seq) };
+        let left = if self.limit == 0 {
+            u64::MAX
+        } else {
+            self.limit.saturating_sub(self.next_seq)
+        };
         left.min(self.batch_size)
     }
 }
@@ -126,7 +138,11 @@ impl SourceTask for DatagenSourceTask {
             .unwrap_or(parsed.int(MAX_RECORDS)?.max(0) as u64);
         self.batch_size = parsed.int(BATCH_SIZE)?.max(1) as u64;
         let rate = parsed.double(RATE)?;
-        self.interval = if rate > 0.0 { Duration::from_secs_f64(1.0 / rate) } else { Duration::ZERO };
+        self.interval = if rate > 0.0 {
+            Duration::from_secs_f64(1.0 / rate)
+        } else {
+            Duration::ZERO
+        };
         self.partition = Map::from_iter([
             ("generator".to_string(), json!(self.schema.as_str())),
             ("task".to_string(), json!(self.task_id)),

@@ -33,12 +33,21 @@ impl Connector for FileSinkConnector {
 
     fn config_def(&self) -> ConfigDef {
         ConfigDef::new()
-            .define_required(FILE, ConfigType::String, Importance::High, "Path of the file records are appended to, one value per line.")
+            .define_required(
+                FILE,
+                ConfigType::String,
+                Importance::High,
+                "Path of the file records are appended to, one value per line.",
+            )
             .with_validator(Validator::NonEmpty)
             .in_group("File")
     }
 
-    fn task_configs(&self, context: &ConnectorContext, _max_tasks: usize) -> ConnectResult<Vec<TaskConfig>> {
+    fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        _max_tasks: usize,
+    ) -> ConnectResult<Vec<TaskConfig>> {
         // Several writers appending to one file would interleave partial lines.
         Ok(vec![context.config.clone()])
     }

@@ -39,18 +39,44 @@ impl Connector for FileSourceConnector {
 
     fn config_def(&self) -> ConfigDef {
         ConfigDef::new()
-            .define_required(FILE, ConfigType::String, Importance::High, "Path of the file to tail.")
+            .define_required(
+                FILE,
+                ConfigType::String,
+                Importance::High,
+                "Path of the file to tail.",
+            )
             .with_validator(Validator::NonEmpty)
-            .define_required(TOPIC, ConfigType::String, Importance::High, "Topic each line is written to.")
+            .define_required(
+                TOPIC,
+                ConfigType::String,
+                Importance::High,
+                "Topic each line is written to.",
+            )
             .with_validator(Validator::NonEmpty)
-            .define(BATCH_SIZE, ConfigType::Int, "1000", Importance::Low, "Lines returned per poll at most.")
+            .define(
+                BATCH_SIZE,
+                ConfigType::Int,
+                "1000",
+                Importance::Low,
+                "Lines returned per poll at most.",
+            )
             .with_validator(Validator::between(1.0, 1_000_000.0))
-            .define(POLL_INTERVAL_MS, ConfigType::Long, "200", Importance::Low, "Wait before looking again at the end of the file.")
+            .define(
+                POLL_INTERVAL_MS,
+                ConfigType::Long,
+                "200",
+                Importance::Low,
+                "Wait before looking again at the end of the file.",
+            )
             .with_validator(Validator::between(1.0, 60_000.0))
             .in_group("File")
     }
 
-    fn task_configs(&self, context: &ConnectorContext, _max_tasks: usize) -> ConnectResult<Vec<TaskConfig>> {
+    fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        _max_tasks: usize,
+    ) -> ConnectResult<Vec<TaskConfig>> {
         // One file, one reader: more tasks would read the same lines twice.
         Ok(vec![context.config.clone()])
     }
@@ -84,7 +110,10 @@ impl FileSourceTask {
             }
             // The file may appear later: a tail waits for it.
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(error) => Err(ConnectError::fatal(format!("cannot open {}: {error}", self.path))),
+            Err(error) => Err(ConnectError::fatal(format!(
+                "cannot open {}: {error}",
+                self.path
+            ))),
         }
     }
 }

@@ -45,7 +45,10 @@ type CheckFn = dyn Fn(&str) -> Result<(), String> + Send + Sync;
 #[derive(Clone)]
 pub enum Validator {
     /// Inclusive numeric range.
-    Range { min: Option<f64>, max: Option<f64> },
+    Range {
+        min: Option<f64>,
+        max: Option<f64>,
+    },
     /// One of these values (case-sensitive).
     OneOf(Vec<&'static str>),
     NonEmpty,
@@ -65,11 +68,17 @@ impl fmt::Debug for Validator {
 
 impl Validator {
     pub fn at_least(min: f64) -> Self {
-        Self::Range { min: Some(min), max: None }
+        Self::Range {
+            min: Some(min),
+            max: None,
+        }
     }
 
     pub fn between(min: f64, max: f64) -> Self {
-        Self::Range { min: Some(min), max: Some(max) }
+        Self::Range {
+            min: Some(min),
+            max: Some(max),
+        }
     }
 
     pub fn custom(check: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static) -> Self {
@@ -317,7 +326,11 @@ impl ConfigDef {
 
     /// Validates and returns typed access, or the first invalid setting as a config error.
     pub fn parse(&self, props: &Props) -> Result<ParsedConfig, ConnectError> {
-        if let Some(bad) = self.validate(props).into_iter().find(|v| !v.errors.is_empty()) {
+        if let Some(bad) = self
+            .validate(props)
+            .into_iter()
+            .find(|v| !v.errors.is_empty())
+        {
             return Err(ConnectError::config(bad.name, bad.errors.join("; ")));
         }
         let mut values = props.clone();
@@ -353,7 +366,9 @@ fn check_type(ty: ConfigType, value: &str) -> Result<(), String> {
         ConfigType::Int => trimmed.parse::<i32>().is_ok(),
         ConfigType::Long => trimmed.parse::<i64>().is_ok(),
         ConfigType::Double => trimmed.parse::<f64>().is_ok(),
-        ConfigType::Boolean => trimmed.eq_ignore_ascii_case("true") || trimmed.eq_ignore_ascii_case("false"),
+        ConfigType::Boolean => {
+            trimmed.eq_ignore_ascii_case("true") || trimmed.eq_ignore_ascii_case("false")
+        }
         ConfigType::String | ConfigType::List | ConfigType::Password | ConfigType::Class => true,
     };
     if ok {
@@ -366,7 +381,9 @@ fn check_type(ty: ConfigType, value: &str) -> Result<(), String> {
             ConfigType::Boolean => "true or false",
             _ => "a string",
         };
-        Err(format!("Invalid value {value} for configuration: expected {expected}"))
+        Err(format!(
+            "Invalid value {value} for configuration: expected {expected}"
+        ))
     }
 }
 
@@ -409,7 +426,9 @@ impl ParsedConfig {
     }
 
     pub fn list(&self, name: &str) -> Result<Vec<String>, ConnectError> {
-        Ok(split_list(&self.string(name)?).map(str::to_string).collect())
+        Ok(split_list(&self.string(name)?)
+            .map(str::to_string)
+            .collect())
     }
 
     fn parse_as<T: std::str::FromStr>(&self, name: &str) -> Result<T, ConnectError> {
@@ -426,17 +445,37 @@ mod tests {
 
     fn def() -> ConfigDef {
         ConfigDef::new()
-            .define_required("topic", ConfigType::String, Importance::High, "Target topic.")
+            .define_required(
+                "topic",
+                ConfigType::String,
+                Importance::High,
+                "Target topic.",
+            )
             .with_validator(Validator::NonEmpty)
-            .define("rate", ConfigType::Double, "10", Importance::Medium, "Records per second.")
+            .define(
+                "rate",
+                ConfigType::Double,
+                "10",
+                Importance::Medium,
+                "Records per second.",
+            )
             .with_validator(Validator::at_least(0.0))
             .define("mode", ConfigType::String, "a", Importance::Low, "Mode.")
             .with_validator(Validator::OneOf(vec!["a", "b"]))
-            .define("secret", ConfigType::Password, "", Importance::Low, "A secret.")
+            .define(
+                "secret",
+                ConfigType::Password,
+                "",
+                Importance::Low,
+                "A secret.",
+            )
     }
 
     fn props(pairs: &[(&str, &str)]) -> Props {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]

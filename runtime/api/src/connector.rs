@@ -13,7 +13,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::{ConfigDef, ConnectError, ConnectResult, Props, SinkRecord, SourceOffset, SourcePartition, SourceRecord};
+use crate::{
+    ConfigDef, ConnectError, ConnectResult, Props, SinkRecord, SourceOffset, SourcePartition,
+    SourceRecord,
+};
 
 /// The settings of one task, derived by its connector.
 pub type TaskConfig = Props;
@@ -74,7 +77,11 @@ pub trait Connector: Send + Sync {
     }
 
     /// Splits the work into at most `max_tasks` task configs.
-    fn task_configs(&self, context: &ConnectorContext, max_tasks: usize) -> ConnectResult<Vec<TaskConfig>>;
+    fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        max_tasks: usize,
+    ) -> ConnectResult<Vec<TaskConfig>>;
 
     fn placement(&self) -> Placement {
         Placement::Distributed

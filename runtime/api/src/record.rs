@@ -132,7 +132,11 @@ pub type SourceOffset = Map<String, Value>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
     /// Kafka acknowledged the record (`acks=all`): it is durable.
-    Written { topic: String, partition: i32, offset: i64 },
+    Written {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
     /// A transform dropped the record on purpose.
     Filtered,
     /// The record was rejected and written to the dead-letter topic with this reason.
@@ -184,7 +188,11 @@ pub struct SourceRecord {
 }
 
 impl SourceRecord {
-    pub fn new(record: Record, source_partition: SourcePartition, source_offset: SourceOffset) -> Self {
+    pub fn new(
+        record: Record,
+        source_partition: SourcePartition,
+        source_offset: SourceOffset,
+    ) -> Self {
         Self {
             record,
             source_partition,

@@ -37,11 +37,20 @@ impl EmbeddedBroker {
     }
 
     /// Starts a broker that tells clients to reach it at `advertised` (e.g. a proxy in front).
-    pub async fn start_advertising(listen: SocketAddr, advertised: Option<SocketAddr>) -> Result<Self, BrokerError> {
+    pub async fn start_advertising(
+        listen: SocketAddr,
+        advertised: Option<SocketAddr>,
+    ) -> Result<Self, BrokerError> {
         let addr = if listen.port() == 0 {
             // tansu binds by URL: find a free port first.
-            let probe = TcpListener::bind(listen).map_err(|source| BrokerError::Port { addr: listen, source })?;
-            probe.local_addr().map_err(|source| BrokerError::Port { addr: listen, source })?
+            let probe = TcpListener::bind(listen).map_err(|source| BrokerError::Port {
+                addr: listen,
+                source,
+            })?;
+            probe.local_addr().map_err(|source| BrokerError::Port {
+                addr: listen,
+                source,
+            })?
         } else {
             listen
         };

@@ -35,7 +35,10 @@ impl TopicSpec {
 }
 
 /// Creates each topic unless it exists already.
-pub async fn ensure_topics(settings: &KafkaSettings, topics: &[TopicSpec]) -> Result<(), KafkaSetupError> {
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    topics: &[TopicSpec],
+) -> Result<(), KafkaSetupError> {
     if topics.is_empty() {
         return Ok(());
     }

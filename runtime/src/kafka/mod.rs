@@ -65,14 +65,21 @@ impl KafkaSettings {
         config
     }
 
-    pub fn producer(&self, overrides: &BTreeMap<String, String>) -> Result<FutureProducer, KafkaSetupError> {
+    pub fn producer(
+        &self,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<FutureProducer, KafkaSetupError> {
         self.producer_config(overrides)
             .create()
             .map_err(|e| KafkaSetupError::client("producer", e))
     }
 
     /// A consumer that commits only when told (after a sink flushed).
-    pub fn consumer_config(&self, group_id: Option<&str>, overrides: &BTreeMap<String, String>) -> ClientConfig {
+    pub fn consumer_config(
+        &self,
+        group_id: Option<&str>,
+        overrides: &BTreeMap<String, String>,
+    ) -> ClientConfig {
         let mut config = self.base(&self.consumer);
         config.set("enable.auto.commit", "false");
         config.set("enable.auto.offset.store", "false");
@@ -103,7 +110,10 @@ impl KafkaSettings {
 }
 
 /// Keys of a connector config with `prefix` (`producer.override.`), prefix removed.
-pub fn overrides_with_prefix(props: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, String> {
+pub fn overrides_with_prefix(
+    props: &BTreeMap<String, String>,
+    prefix: &str,
+) -> BTreeMap<String, String> {
     props
         .iter()
         .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone())))

@@ -52,7 +52,10 @@ fn status_json(status: &ConnectorStatus) -> Value {
     })
 }
 
-pub async fn list(State(state): State<RestState>, RawQuery(query): RawQuery) -> ApiResult<Json<Value>> {
+pub async fn list(
+    State(state): State<RestState>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<Value>> {
     let expand: Vec<String> = query
         .unwrap_or_default()
         .split('&')
@@ -79,7 +82,11 @@ pub async fn list(State(state): State<RestState>, RawQuery(query): RawQuery) -> 
                         entry.insert("info".into(), info_json(&info));
                     }
                 }
-                other => return Err(ApiError::bad_request(format!("Unknown expand value '{other}': use status or info"))),
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "Unknown expand value '{other}': use status or info"
+                    )));
+                }
             }
         }
         result.insert(name, Value::Object(entry));
@@ -108,7 +115,11 @@ pub async fn create(State(state): State<RestState>, body: Bytes) -> ApiResult<Re
         Some("RUNNING") => Some(TargetState::Started),
         Some("PAUSED") => Some(TargetState::Paused),
         Some("STOPPED") => Some(TargetState::Stopped),
-        Some(other) => return Err(ApiError::bad_request(format!("Invalid initial_state '{other}': use RUNNING, PAUSED or STOPPED"))),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid initial_state '{other}': use RUNNING, PAUSED or STOPPED"
+            )));
+        }
     };
     let info = state.herder.create(&name, config, initial).await?;
     Ok((
@@ -119,30 +130,53 @@ pub async fn create(State(state): State<RestState>, body: Bytes) -> ApiResult<Re
         .into_response())
 }
 
-pub async fn info(State(state): State<RestState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn info(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
     Ok(Json(info_json(&state.herder.info(&name)?)))
 }
 
-pub async fn delete(State(state): State<RestState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
     state.herder.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn config(State(state): State<RestState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn config(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
     Ok(Json(json!(state.herder.config(&name)?)))
 }
 
-pub async fn put_config(State(state): State<RestState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Response> {
+pub async fn put_config(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let value: Value = parse_body(&body)?;
     let config = string_map(&value, "config")?;
     let (created, info) = state.herder.put_config(&name, config).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(info_json(&info))).into_response())
 }
 
-pub async fn patch_config(State(state): State<RestState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+pub async fn patch_config(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
     let value: Value = parse_body(&body)?;
-    let object = value.as_object().ok_or_else(|| ApiError::bad_request("config patch must be a JSON object"))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("config patch must be a JSON object"))?;
     let mut patch = BTreeMap::new();
     for (key, value) in object {
         let value = match value {
@@ -150,18 +184,30 @@ pub async fn patch_config(State(state): State<RestState>, Path(name): Path<Strin
             Value::String(s) => Some(s.clone()),
             Value::Number(n) => Some(n.to_string()),
             Value::Bool(b) => Some(b.to_string()),
-            _ => return Err(ApiError::bad_request(format!("config patch: value of '{key}' must be a string or null"))),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "config patch: value of '{key}' must be a string or null"
+                )));
+            }
         };
         patch.insert(key.clone(), value);
     }
-    Ok(Json(info_json(&state.herder.patch_config(&name, patch).await?)))
+    Ok(Json(info_json(
+        &state.herder.patch_config(&name, patch).await?,
+    )))
 }
 
-pub async fn status(State(state): State<RestState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn status(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
     Ok(Json(status_json(&state.herder.status(&name)?)))
 }
 
-pub async fn tasks(State(state): State<RestState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn tasks(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
     let tasks = state.herder.task_configs(&name)?;
     Ok(Json(Value::Array(
         tasks
@@ -171,7 +217,10 @@ pub async fn tasks(State(state): State<RestState>, Path(name): Path<String>) -> 
     )))
 }
 
-pub async fn task_status(State(state): State<RestState>, Path((name, task)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+pub async fn task_status(
+    State(state): State<RestState>,
+    Path((name, task)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
     let id = task_id(&name, &task)?;
     let status = state.herder.task_status(&name, id)?;
     let mut object = Map::new();
@@ -185,8 +234,14 @@ fn task_id(name: &str, task: &str) -> ApiResult<u32> {
         .map_err(|_| ApiError::not_found(format!("Task {task} not found for connector {name}")))
 }
 
-pub async fn restart_task(State(state): State<RestState>, Path((name, task)): Path<(String, String)>) -> ApiResult<StatusCode> {
-    state.herder.restart_task(&name, task_id(&name, &task)?).await?;
+pub async fn restart_task(
+    State(state): State<RestState>,
+    Path((name, task)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    state
+        .herder
+        .restart_task(&name, task_id(&name, &task)?)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -198,44 +253,82 @@ pub struct RestartQuery {
     only_failed: bool,
 }
 
-pub async fn restart(State(state): State<RestState>, Path(name): Path<String>, Query(query): Query<RestartQuery>) -> ApiResult<Response> {
-    state.herder.restart(&name, query.include_tasks, query.only_failed).await?;
+pub async fn restart(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+    Query(query): Query<RestartQuery>,
+) -> ApiResult<Response> {
+    state
+        .herder
+        .restart(&name, query.include_tasks, query.only_failed)
+        .await?;
     if !query.include_tasks && !query.only_failed {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    Ok((StatusCode::ACCEPTED, Json(status_json(&state.herder.status(&name)?))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(status_json(&state.herder.status(&name)?)),
+    )
+        .into_response())
 }
 
-pub async fn pause(State(state): State<RestState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
-    state.herder.set_target_state(&name, TargetState::Paused).await?;
+pub async fn pause(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    state
+        .herder
+        .set_target_state(&name, TargetState::Paused)
+        .await?;
     Ok(StatusCode::ACCEPTED)
 }
 
-pub async fn resume(State(state): State<RestState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
-    state.herder.set_target_state(&name, TargetState::Started).await?;
+pub async fn resume(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    state
+        .herder
+        .set_target_state(&name, TargetState::Started)
+        .await?;
     Ok(StatusCode::ACCEPTED)
 }
 
-pub async fn stop(State(state): State<RestState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
-    state.herder.set_target_state(&name, TargetState::Stopped).await?;
+pub async fn stop(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    state
+        .herder
+        .set_target_state(&name, TargetState::Stopped)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn offsets(State(state): State<RestState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn offsets(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
     let offsets = state.herder.offsets(&name).await?;
     Ok(Json(json!({
         "offsets": offsets.into_iter().map(|(p, o)| json!({"partition": p, "offset": o})).collect::<Vec<_>>(),
     })))
 }
 
-pub async fn alter_offsets(State(state): State<RestState>, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+pub async fn alter_offsets(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
     let value: Value = parse_body(&body)?;
     let entries = value
         .get("offsets")
         .and_then(Value::as_array)
         .ok_or_else(|| ApiError::bad_request("The body must be {\"offsets\": [{\"partition\": {...}, \"offset\": {...} | null}]}"))?;
     if entries.is_empty() {
-        return Err(ApiError::bad_request("The \"offsets\" list must not be empty"));
+        return Err(ApiError::bad_request(
+            "The \"offsets\" list must not be empty",
+        ));
     }
     let mut offsets = Vec::with_capacity(entries.len());
     for entry in entries {
@@ -246,25 +339,42 @@ pub async fn alter_offsets(State(state): State<RestState>, Path(name): Path<Stri
         let offset = match entry.get("offset") {
             None | Some(Value::Null) => None,
             Some(Value::Object(o)) => Some(o.clone()),
-            Some(_) => return Err(ApiError::bad_request("An \"offset\" must be an object or null")),
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "An \"offset\" must be an object or null",
+                ));
+            }
         };
         offsets.push((partition.clone(), offset));
     }
     state.herder.alter_offsets(&name, offsets).await?;
-    Ok(Json(json!({"message": "The offsets for this connector have been altered successfully"})))
+    Ok(Json(
+        json!({"message": "The offsets for this connector have been altered successfully"}),
+    ))
 }
 
-pub async fn reset_offsets(State(state): State<RestState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn reset_offsets(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
     state.herder.reset_offsets(&name).await?;
-    Ok(Json(json!({"message": "The offsets for this connector have been reset successfully"})))
+    Ok(Json(
+        json!({"message": "The offsets for this connector have been reset successfully"}),
+    ))
 }
 
-pub async fn topics(State(state): State<RestState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn topics(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
     let topics = state.herder.topics(&name)?;
     Ok(Json(json!({ name: { "topics": topics } })))
 }
 
-pub async fn reset_topics(State(state): State<RestState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+pub async fn reset_topics(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
     state.herder.reset_topics(&name).await?;
     Ok(StatusCode::ACCEPTED)
 }

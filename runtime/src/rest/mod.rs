@@ -32,31 +32,58 @@ pub fn router(state: RestState) -> Router {
         .route("/", get(root))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/connectors", get(connectors::list).post(connectors::create))
-        .route("/connectors/{name}", get(connectors::info).delete(connectors::delete))
+        .route(
+            "/connectors",
+            get(connectors::list).post(connectors::create),
+        )
+        .route(
+            "/connectors/{name}",
+            get(connectors::info).delete(connectors::delete),
+        )
         .route(
             "/connectors/{name}/config",
-            get(connectors::config).put(connectors::put_config).patch(connectors::patch_config),
+            get(connectors::config)
+                .put(connectors::put_config)
+                .patch(connectors::patch_config),
         )
         .route("/connectors/{name}/status", get(connectors::status))
         .route("/connectors/{name}/tasks", get(connectors::tasks))
-        .route("/connectors/{name}/tasks/{task}/status", get(connectors::task_status))
-        .route("/connectors/{name}/tasks/{task}/restart", post(connectors::restart_task))
+        .route(
+            "/connectors/{name}/tasks/{task}/status",
+            get(connectors::task_status),
+        )
+        .route(
+            "/connectors/{name}/tasks/{task}/restart",
+            post(connectors::restart_task),
+        )
         .route("/connectors/{name}/restart", post(connectors::restart))
         .route("/connectors/{name}/pause", put(connectors::pause))
         .route("/connectors/{name}/resume", put(connectors::resume))
         .route("/connectors/{name}/stop", put(connectors::stop))
         .route(
             "/connectors/{name}/offsets",
-            get(connectors::offsets).patch(connectors::alter_offsets).delete(connectors::reset_offsets),
+            get(connectors::offsets)
+                .patch(connectors::alter_offsets)
+                .delete(connectors::reset_offsets),
         )
         .route("/connectors/{name}/topics", get(connectors::topics))
-        .route("/connectors/{name}/topics/reset", put(connectors::reset_topics))
+        .route(
+            "/connectors/{name}/topics/reset",
+            put(connectors::reset_topics),
+        )
         .route("/connector-plugins", get(plugins::list))
         .route("/connector-plugins/{plugin}/config", get(plugins::config))
-        .route("/connector-plugins/{plugin}/config/validate", put(plugins::validate))
+        .route(
+            "/connector-plugins/{plugin}/config/validate",
+            put(plugins::validate),
+        )
         .fallback(|| async { ApiError::not_found("HTTP 404 Not Found") })
-        .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "HTTP 405 Method Not Allowed") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "HTTP 405 Method Not Allowed",
+            )
+        })
         .with_state(state)
 }
 
@@ -80,7 +107,9 @@ async fn root(State(state): State<RestState>) -> impl IntoResponse {
 }
 
 async fn health(State(state): State<RestState>) -> impl IntoResponse {
-    axum::Json(json!({ "status": "healthy", "message": "Worker has completed startup and is ready to handle requests.", "worker_id": state.herder.worker_id() }))
+    axum::Json(
+        json!({ "status": "healthy", "message": "Worker has completed startup and is ready to handle requests.", "worker_id": state.herder.worker_id() }),
+    )
 }
 
 async fn metrics(State(state): State<RestState>) -> impl IntoResponse {
@@ -93,9 +122,12 @@ async fn metrics(State(state): State<RestState>) -> impl IntoResponse {
 /// Parses a JSON body with Connect's error shape on failure (axum's own rejection is plain text).
 pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     if body.is_empty() {
-        return Err(ApiError::bad_request("Request body is empty; a JSON document is required"));
+        return Err(ApiError::bad_request(
+            "Request body is empty; a JSON document is required",
+        ));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("Cannot parse the request body as JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("Cannot parse the request body as JSON: {e}")))
 }
 
 /// A JSON object of strings (a connector config), with the offending key named on failure.
@@ -109,7 +141,9 @@ pub(crate) fn string_map(value: &Value, what: &str) -> ApiResult<medconnect_api:
             Value::String(s) => Ok((k.clone(), s.clone())),
             Value::Number(n) => Ok((k.clone(), n.to_string())),
             Value::Bool(b) => Ok((k.clone(), b.to_string())),
-            _ => Err(ApiError::bad_request(format!("{what}: value of '{k}' must be a string"))),
+            _ => Err(ApiError::bad_request(format!(
+                "{what}: value of '{k}' must be a string"
+            ))),
         })
         .collect()
 }

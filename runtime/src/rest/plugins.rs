@@ -37,32 +37,74 @@ pub async fn list(State(state): State<RestState>, Query(query): Query<ListQuery>
         .collect();
     if !query.connectors_only {
         let version = env!("CARGO_PKG_VERSION");
-        plugins.extend(transform_plugins().iter().map(|t| json!({"class": t.class, "type": "transformation", "version": version})));
-        plugins.extend(predicate_plugins().iter().map(|p| json!({"class": p.class, "type": "predicate", "version": version})));
+        plugins.extend(
+            transform_plugins()
+                .iter()
+                .map(|t| json!({"class": t.class, "type": "transformation", "version": version})),
+        );
+        plugins.extend(
+            predicate_plugins()
+                .iter()
+                .map(|p| json!({"class": p.class, "type": "predicate", "version": version})),
+        );
     }
     Json(Value::Array(plugins))
 }
 
-pub async fn config(State(state): State<RestState>, Path(plugin): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn config(
+    State(state): State<RestState>,
+    Path(plugin): Path<String>,
+) -> ApiResult<Json<Value>> {
     if let Some(found) = state.herder.plugins().find(&plugin) {
         let def = found.connector().config_def();
-        return Ok(Json(Value::Array(def.keys().iter().enumerate().map(|(i, k)| k.definition_json(i)).collect())));
+        return Ok(Json(Value::Array(
+            def.keys()
+                .iter()
+                .enumerate()
+                .map(|(i, k)| k.definition_json(i))
+                .collect(),
+        )));
     }
-    let transform = transform_plugins().into_iter().find(|t| t.class == plugin || t.aliases.contains(&plugin.as_str()));
+    let transform = transform_plugins()
+        .into_iter()
+        .find(|t| t.class == plugin || t.aliases.contains(&plugin.as_str()));
     if let Some(transform) = transform {
         let def = (transform.config_def)();
-        return Ok(Json(Value::Array(def.keys().iter().enumerate().map(|(i, k)| k.definition_json(i)).collect())));
+        return Ok(Json(Value::Array(
+            def.keys()
+                .iter()
+                .enumerate()
+                .map(|(i, k)| k.definition_json(i))
+                .collect(),
+        )));
     }
-    Err(ApiError::not_found(format!("Failed to find any class that implements Connector and which name matches {plugin}")))
+    Err(ApiError::not_found(format!(
+        "Failed to find any class that implements Connector and which name matches {plugin}"
+    )))
 }
 
-pub async fn validate(State(state): State<RestState>, Path(plugin): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+pub async fn validate(
+    State(state): State<RestState>,
+    Path(plugin): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
     let value: Value = parse_body(&body)?;
     let config = string_map(&value, "config")?;
     if let Some(class) = config.get(cc::CLASS)
-        && state.herder.plugins().find(class).map(|p| p.connector().class()) != state.herder.plugins().find(&plugin).map(|p| p.connector().class())
+        && state
+            .herder
+            .plugins()
+            .find(class)
+            .map(|p| p.connector().class())
+            != state
+                .herder
+                .plugins()
+                .find(&plugin)
+                .map(|p| p.connector().class())
     {
-        return Err(ApiError::bad_request("Included connector type does not match request type"));
+        return Err(ApiError::bad_request(
+            "Included connector type does not match request type",
+        ));
     }
     let validation = state.herder.validate(&plugin, &config)?;
     let configs: Vec<Value> = validation

@@ -88,7 +88,11 @@ impl ConfigStore {
             }),
         )
         .await?;
-        Ok(Self { log, state, changes })
+        Ok(Self {
+            log,
+            state,
+            changes,
+        })
     }
 
     pub fn snapshot(&self) -> ConfigSnapshot {
@@ -106,27 +110,48 @@ impl ConfigStore {
 
     pub async fn put_connector(&self, name: &str, config: &Props) -> Result<(), StoreError> {
         let value = json!({ "properties": config }).to_string();
-        self.log.write(format!("connector-{name}").as_bytes(), Some(value.as_bytes())).await
+        self.log
+            .write(
+                format!("connector-{name}").as_bytes(),
+                Some(value.as_bytes()),
+            )
+            .await
     }
 
     pub async fn remove_connector(&self, name: &str) -> Result<(), StoreError> {
-        self.log.write(format!("connector-{name}").as_bytes(), None).await?;
-        self.log.write(format!("target-state-{name}").as_bytes(), None).await
+        self.log
+            .write(format!("connector-{name}").as_bytes(), None)
+            .await?;
+        self.log
+            .write(format!("target-state-{name}").as_bytes(), None)
+            .await
     }
 
     pub async fn put_target_state(&self, name: &str, state: TargetState) -> Result<(), StoreError> {
         let value = json!({ "state": state.as_str(), "state.v2": state.as_str() }).to_string();
-        self.log.write(format!("target-state-{name}").as_bytes(), Some(value.as_bytes())).await
+        self.log
+            .write(
+                format!("target-state-{name}").as_bytes(),
+                Some(value.as_bytes()),
+            )
+            .await
     }
 
     /// Writes every task config, then the commit record that makes them current.
     pub async fn put_task_configs(&self, name: &str, tasks: &[Props]) -> Result<(), StoreError> {
         for (index, config) in tasks.iter().enumerate() {
             let value = json!({ "properties": config }).to_string();
-            self.log.write(format!("task-{name}-{index}").as_bytes(), Some(value.as_bytes())).await?;
+            self.log
+                .write(
+                    format!("task-{name}-{index}").as_bytes(),
+                    Some(value.as_bytes()),
+                )
+                .await?;
         }
         let commit = json!({ "tasks": tasks.len() }).to_string();
-        self.log.write(format!("commit-{name}").as_bytes(), Some(commit.as_bytes())).await
+        self.log
+            .write(format!("commit-{name}").as_bytes(), Some(commit.as_bytes()))
+            .await
     }
 
     pub async fn refresh(&self) -> Result<(), StoreError> {
@@ -144,7 +169,12 @@ fn properties(value: &Value) -> Props {
         .and_then(Value::as_object)
         .map(|m| {
             m.iter()
-                .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str().map_or_else(|| v.to_string(), str::to_string),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -156,7 +186,11 @@ fn apply(state: &mut State, key: &str, value: Option<&[u8]>) {
         match parsed {
             Some(value) => {
                 let pending_target = state.pending_targets.remove(name);
-                let entry = state.snapshot.connectors.entry(name.to_string()).or_default();
+                let entry = state
+                    .snapshot
+                    .connectors
+                    .entry(name.to_string())
+                    .or_default();
                 entry.config = properties(&value);
                 if let Some(target) = pending_target {
                     entry.target_state = target;
@@ -200,7 +234,9 @@ fn apply(state: &mut State, key: &str, value: Option<&[u8]>) {
             .unwrap_or(0) as usize;
         let pending = state.pending_tasks.remove(name).unwrap_or_default();
         if let Some(entry) = state.snapshot.connectors.get_mut(name) {
-            entry.tasks = (0..count).filter_map(|i| pending.get(&i).cloned()).collect();
+            entry.tasks = (0..count)
+                .filter_map(|i| pending.get(&i).cloned())
+                .collect();
             entry.task_generation += 1;
         }
     }
@@ -217,9 +253,21 @@ mod tests {
     #[test]
     fn task_configs_count_only_once_committed() {
         let mut state = State::default();
-        put(&mut state, "connector-adt-in", json!({"properties": {"topic": "a"}}));
-        put(&mut state, "task-adt-in-0", json!({"properties": {"k": "0"}}));
-        put(&mut state, "task-adt-in-1", json!({"properties": {"k": "1"}}));
+        put(
+            &mut state,
+            "connector-adt-in",
+            json!({"properties": {"topic": "a"}}),
+        );
+        put(
+            &mut state,
+            "task-adt-in-0",
+            json!({"properties": {"k": "0"}}),
+        );
+        put(
+            &mut state,
+            "task-adt-in-1",
+            json!({"properties": {"k": "1"}}),
+        );
         assert!(state.snapshot.connectors["adt-in"].tasks.is_empty());
         put(&mut state, "commit-adt-in", json!({"tasks": 2}));
         let entry = &state.snapshot.connectors["adt-in"];
@@ -233,9 +281,19 @@ mod tests {
         let mut state = State::default();
         put(&mut state, "target-state-x", json!({"state": "PAUSED"}));
         put(&mut state, "connector-x", json!({"properties": {}}));
-        assert_eq!(state.snapshot.connectors["x"].target_state, TargetState::Paused);
-        put(&mut state, "target-state-x", json!({"state": "PAUSED", "state.v2": "STOPPED"}));
-        assert_eq!(state.snapshot.connectors["x"].target_state, TargetState::Stopped);
+        assert_eq!(
+            state.snapshot.connectors["x"].target_state,
+            TargetState::Paused
+        );
+        put(
+            &mut state,
+            "target-state-x",
+            json!({"state": "PAUSED", "state.v2": "STOPPED"}),
+        );
+        assert_eq!(
+            state.snapshot.connectors["x"].target_state,
+            TargetState::Stopped
+        );
         apply(&mut state, "connector-x", None);
         assert!(!state.snapshot.connectors.contains_key("x"));
     }

@@ -37,7 +37,11 @@ pub struct KafkaLog {
 
 impl KafkaLog {
     /// Starts reading `topic` from the beginning; returns once everything already in it is applied.
-    pub async fn open(settings: &KafkaSettings, topic: &str, apply: Apply) -> Result<Self, StoreError> {
+    pub async fn open(
+        settings: &KafkaSettings,
+        topic: &str,
+        apply: Apply,
+    ) -> Result<Self, StoreError> {
         let producer = settings.producer(&Default::default())?;
         // librdkafka needs a group id to assign partitions; this reader never joins or commits.
         let reader_group = format!("medconnect-log-reader-{topic}");
@@ -50,9 +54,11 @@ impl KafkaLog {
             .create()
             .map_err(|e| StoreError::kafka(topic, e))?;
         let topic_name = topic.to_string();
-        let partitions = tokio::task::spawn_blocking(move || partitions_of(&consumer, &topic_name).map(|p| (consumer, p)))
-            .await
-            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let partitions = tokio::task::spawn_blocking(move || {
+            partitions_of(&consumer, &topic_name).map(|p| (consumer, p))
+        })
+        .await
+        .map_err(|e| StoreError::Internal(e.to_string()))?;
         let (consumer, partitions) = partitions?;
         let mut assignment = TopicPartitionList::new();
         for partition in &partitions {
@@ -60,7 +66,9 @@ impl KafkaLog {
                 .add_partition_offset(topic, *partition, Offset::Beginning)
                 .map_err(|e| StoreError::kafka(topic, e))?;
         }
-        consumer.assign(&assignment).map_err(|e| StoreError::kafka(topic, e))?;
+        consumer
+            .assign(&assignment)
+            .map_err(|e| StoreError::kafka(topic, e))?;
 
         let (position_tx, positions) = watch::channel(HashMap::new());
         let stop = Arc::new(AtomicBool::new(false));
@@ -127,10 +135,14 @@ impl KafkaLog {
 
     async fn wait_for(&self, partition: i32, next_offset: i64) -> Result<(), StoreError> {
         let mut positions = self.positions.clone();
-        let reached = positions.wait_for(|p| p.get(&partition).copied().unwrap_or(0) >= next_offset);
+        let reached =
+            positions.wait_for(|p| p.get(&partition).copied().unwrap_or(0) >= next_offset);
         match tokio::time::timeout(METADATA_TIMEOUT, reached).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(StoreError::Internal(format!("reader of {} stopped", self.topic))),
+            Ok(Err(_)) => Err(StoreError::Internal(format!(
+                "reader of {} stopped",
+                self.topic
+            ))),
             Err(_) => Err(StoreError::Timeout {
                 topic: self.topic.clone(),
                 what: format!("reading partition {partition} up to offset {next_offset}"),

@@ -33,7 +33,9 @@ impl OffsetStore {
                 let Ok(Value::Array(parts)) = serde_json::from_slice::<Value>(key) else {
                     return;
                 };
-                let (Some(Value::String(connector)), Some(Value::Object(partition))) = (parts.first(), parts.get(1)) else {
+                let (Some(Value::String(connector)), Some(Value::Object(partition))) =
+                    (parts.first(), parts.get(1))
+                else {
                     return;
                 };
                 let offset = value.and_then(|v| serde_json::from_slice::<Value>(v).ok());
@@ -62,7 +64,9 @@ impl OffsetStore {
         for (partition, offset) in offsets {
             let key = json!([connector, partition]).to_string();
             let value = offset.map(|o| Value::Object(o).to_string());
-            self.log.write(key.as_bytes(), value.as_deref().map(str::as_bytes)).await?;
+            self.log
+                .write(key.as_bytes(), value.as_deref().map(str::as_bytes))
+                .await?;
         }
         Ok(())
     }
@@ -76,7 +80,11 @@ impl OffsetStore {
 
     /// Deletes every stored offset of a connector.
     pub async fn reset(&self, connector: &str) -> Result<(), StoreError> {
-        let partitions: Vec<_> = self.offsets(connector).into_iter().map(|(p, _)| (p, None)).collect();
+        let partitions: Vec<_> = self
+            .offsets(connector)
+            .into_iter()
+            .map(|(p, _)| (p, None))
+            .collect();
         self.write(connector, partitions).await
     }
 

@@ -53,16 +53,22 @@ impl StatusStore {
             settings,
             topic,
             Box::new(move |key, value| {
-                let Ok(key) = std::str::from_utf8(key) else { return };
+                let Ok(key) = std::str::from_utf8(key) else {
+                    return;
+                };
                 let status = value.and_then(|v| serde_json::from_slice::<TaskStatus>(v).ok());
-                let mut statuses = apply_statuses.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut statuses = apply_statuses
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 if let Some(name) = key.strip_prefix("status-connector-") {
                     match status {
                         Some(status) => statuses.connectors.insert(name.to_string(), status),
                         None => statuses.connectors.remove(name),
                     };
                 } else if let Some(rest) = key.strip_prefix("status-task-") {
-                    let Some((name, id)) = rest.rsplit_once('-') else { return };
+                    let Some((name, id)) = rest.rsplit_once('-') else {
+                        return;
+                    };
                     let Ok(id) = id.parse::<u32>() else { return };
                     let task = (name.to_string(), id);
                     match status {
@@ -70,7 +76,9 @@ impl StatusStore {
                         None => statuses.tasks.remove(&task),
                     };
                 } else if let Some(rest) = key.strip_prefix("topic-") {
-                    let Some((topic, connector)) = rest.split_once("-connector-") else { return };
+                    let Some((topic, connector)) = rest.split_once("-connector-") else {
+                        return;
+                    };
                     let topics = statuses.topics.entry(connector.to_string()).or_default();
                     if value.is_some() {
                         topics.insert(topic.to_string());
@@ -90,31 +98,58 @@ impl StatusStore {
 
     pub async fn put_connector(&self, name: &str, status: &TaskStatus) -> Result<(), StoreError> {
         let value = serde_json::to_vec(status).map_err(|e| StoreError::Internal(e.to_string()))?;
-        self.log.write(format!("status-connector-{name}").as_bytes(), Some(&value)).await
+        self.log
+            .write(format!("status-connector-{name}").as_bytes(), Some(&value))
+            .await
     }
 
-    pub async fn put_task(&self, name: &str, task: u32, status: &TaskStatus) -> Result<(), StoreError> {
+    pub async fn put_task(
+        &self,
+        name: &str,
+        task: u32,
+        status: &TaskStatus,
+    ) -> Result<(), StoreError> {
         let value = serde_json::to_vec(status).map_err(|e| StoreError::Internal(e.to_string()))?;
-        self.log.write(format!("status-task-{name}-{task}").as_bytes(), Some(&value)).await
+        self.log
+            .write(
+                format!("status-task-{name}-{task}").as_bytes(),
+                Some(&value),
+            )
+            .await
     }
 
     /// Removes a connector's statuses and active topics (after it was deleted).
     pub async fn remove(&self, name: &str) -> Result<(), StoreError> {
         let (tasks, topics) = {
             let statuses = self.lock();
-            let tasks: Vec<u32> = statuses.tasks.keys().filter(|(n, _)| n == name).map(|(_, id)| *id).collect();
-            let topics: Vec<String> = statuses.topics.get(name).map(|t| t.iter().cloned().collect()).unwrap_or_default();
+            let tasks: Vec<u32> = statuses
+                .tasks
+                .keys()
+                .filter(|(n, _)| n == name)
+                .map(|(_, id)| *id)
+                .collect();
+            let topics: Vec<String> = statuses
+                .topics
+                .get(name)
+                .map(|t| t.iter().cloned().collect())
+                .unwrap_or_default();
             (tasks, topics)
         };
         for id in tasks {
-            self.log.write(format!("status-task-{name}-{id}").as_bytes(), None).await?;
+            self.log
+                .write(format!("status-task-{name}-{id}").as_bytes(), None)
+                .await?;
         }
-        self.log.write(format!("status-connector-{name}").as_bytes(), None).await?;
+        self.log
+            .write(format!("status-connector-{name}").as_bytes(), None)
+            .await?;
         self.reset_topics(name, &topics).await
     }
 
     pub async fn remove_task(&self, name: &str, task: u32) -> Result<(), StoreError> {
-        self.log.write(format!("status-task-{name}-{task}").as_bytes(), None).await
+        self.log
+            .write(format!("status-task-{name}-{task}").as_bytes(), None)
+            .await
     }
 
     pub fn connector(&self, name: &str) -> Option<TaskStatus> {
@@ -135,8 +170,18 @@ impl StatusStore {
     }
 
     /// Records that a connector used a topic (KIP-558); a no-op when already known.
-    pub async fn add_topic(&self, connector: &str, topic: &str, task: u32) -> Result<(), StoreError> {
-        if self.lock().topics.get(connector).is_some_and(|t| t.contains(topic)) {
+    pub async fn add_topic(
+        &self,
+        connector: &str,
+        topic: &str,
+        task: u32,
+    ) -> Result<(), StoreError> {
+        if self
+            .lock()
+            .topics
+            .get(connector)
+            .is_some_and(|t| t.contains(topic))
+        {
             return Ok(());
         }
         let value = json!({ "topic": {
@@ -145,17 +190,29 @@ impl StatusStore {
         }});
         let value = Value::to_string(&value);
         self.log
-            .write(format!("topic-{topic}-connector-{connector}").as_bytes(), Some(value.as_bytes()))
+            .write(
+                format!("topic-{topic}-connector-{connector}").as_bytes(),
+                Some(value.as_bytes()),
+            )
             .await
     }
 
     pub fn topics(&self, connector: &str) -> Vec<String> {
-        self.lock().topics.get(connector).map(|t| t.iter().cloned().collect()).unwrap_or_default()
+        self.lock()
+            .topics
+            .get(connector)
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub async fn reset_topics(&self, connector: &str, topics: &[String]) -> Result<(), StoreError> {
         for topic in topics {
-            self.log.write(format!("topic-{topic}-connector-{connector}").as_bytes(), None).await?;
+            self.log
+                .write(
+                    format!("topic-{topic}-connector-{connector}").as_bytes(),
+                    None,
+                )
+                .await?;
         }
         Ok(())
     }

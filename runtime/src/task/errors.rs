@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use medconnect_api::{ConnectError, ConnectResult, ParsedConfig, Record, SourceOffset, SourcePartition};
+use medconnect_api::{
+    ConnectError, ConnectResult, ParsedConfig, Record, SourceOffset, SourcePartition,
+};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::Value;
@@ -144,7 +146,13 @@ pub struct ErrorReporter {
 }
 
 impl ErrorReporter {
-    pub fn new(policy: ErrorPolicy, connector: &str, task_id: u32, producer: FutureProducer, metrics: TaskMetrics) -> Self {
+    pub fn new(
+        policy: ErrorPolicy,
+        connector: &str,
+        task_id: u32,
+        producer: FutureProducer,
+        metrics: TaskMetrics,
+    ) -> Self {
         Self {
             policy,
             connector: connector.to_string(),
@@ -155,18 +163,41 @@ impl ErrorReporter {
     }
 
     /// Decides the fate of one failed record; `class` names the failing component.
-    pub fn report(&self, stage: Stage, class: &str, record: &Record, origin: Origin<'_>, error: ConnectError) -> Verdict {
-        let tolerated = self.policy.tolerate_all && !matches!(error, ConnectError::Fatal(_) | ConnectError::Config { .. });
+    pub fn report(
+        &self,
+        stage: Stage,
+        class: &str,
+        record: &Record,
+        origin: Origin<'_>,
+        error: ConnectError,
+    ) -> Verdict {
+        let tolerated = self.policy.tolerate_all
+            && !matches!(error, ConnectError::Fatal(_) | ConnectError::Config { .. });
         self.decide(stage, class, record, origin, error, tolerated)
     }
 
     /// Input a source rejected and already answered (an AE to an HL7 sender): it goes to the
     /// dead-letter topic if there is one, whatever `errors.tolerance` says, and never fails the task.
-    pub fn reject(&self, stage: Stage, class: &str, record: &Record, origin: Origin<'_>, error: ConnectError) -> Verdict {
+    pub fn reject(
+        &self,
+        stage: Stage,
+        class: &str,
+        record: &Record,
+        origin: Origin<'_>,
+        error: ConnectError,
+    ) -> Verdict {
         self.decide(stage, class, record, origin, error, true)
     }
 
-    fn decide(&self, stage: Stage, class: &str, record: &Record, origin: Origin<'_>, error: ConnectError, tolerated: bool) -> Verdict {
+    fn decide(
+        &self,
+        stage: Stage,
+        class: &str,
+        record: &Record,
+        origin: Origin<'_>,
+        error: ConnectError,
+        tolerated: bool,
+    ) -> Verdict {
         self.metrics.error(stage.as_str());
         if self.policy.log_errors || !tolerated {
             if self.policy.log_include_messages {
@@ -184,7 +215,10 @@ impl ErrorReporter {
         };
         let mut headers = OwnedHeaders::new();
         for (name, value) in record.headers.iter() {
-            headers = headers.insert(Header { key: name, value: value.map(|v| v.as_ref()) });
+            headers = headers.insert(Header {
+                key: name,
+                value: value.map(|v| v.as_ref()),
+            });
         }
         if self.policy.context_headers {
             for (name, value) in self.context(stage, class, record, &origin, &error) {
@@ -209,22 +243,41 @@ impl ErrorReporter {
                 self.metrics.dead_lettered();
                 Verdict::DeadLettered(delivery)
             }
-            Err((error, _)) => Verdict::Fail(ConnectError::fatal(format!("cannot write to dead-letter topic {topic}: {error}"))),
+            Err((error, _)) => Verdict::Fail(ConnectError::fatal(format!(
+                "cannot write to dead-letter topic {topic}: {error}"
+            ))),
         }
     }
 
-    fn context(&self, stage: Stage, class: &str, record: &Record, origin: &Origin<'_>, error: &ConnectError) -> Vec<(&'static str, String)> {
+    fn context(
+        &self,
+        stage: Stage,
+        class: &str,
+        record: &Record,
+        origin: &Origin<'_>,
+        error: &ConnectError,
+    ) -> Vec<(&'static str, String)> {
         let mut headers = Vec::with_capacity(12);
         match origin {
-            Origin::Kafka { topic, partition, offset } => {
+            Origin::Kafka {
+                topic,
+                partition,
+                offset,
+            } => {
                 headers.push(("topic", topic.to_string()));
                 headers.push(("partition", partition.to_string()));
                 headers.push(("offset", offset.to_string()));
             }
             Origin::Source { partition, offset } => {
                 headers.push(("topic", record.topic.clone()));
-                headers.push(("source.partition", Value::Object((*partition).clone()).to_string()));
-                headers.push(("source.offset", Value::Object((*offset).clone()).to_string()));
+                headers.push((
+                    "source.partition",
+                    Value::Object((*partition).clone()).to_string(),
+                ));
+                headers.push((
+                    "source.offset",
+                    Value::Object((*offset).clone()).to_string(),
+                ));
             }
         }
         headers.push(("connector.name", self.connector.clone()));
@@ -255,7 +308,11 @@ mod tests {
         }
     }
 
-    async fn attempts(policy: &ErrorPolicy, forever: bool, mut outcome: impl FnMut(u32) -> ConnectResult<u32>) -> (ConnectResult<u32>, u32) {
+    async fn attempts(
+        policy: &ErrorPolicy,
+        forever: bool,
+        mut outcome: impl FnMut(u32) -> ConnectResult<u32>,
+    ) -> (ConnectResult<u32>, u32) {
         let stop = CancellationToken::new();
         let mut backoff = policy.backoff(forever);
         let mut calls = 0;
@@ -270,21 +327,30 @@ mod tests {
 
     #[tokio::test]
     async fn retriable_failures_are_retried_until_success() {
-        let (result, calls) = attempts(&policy(5_000), false, |n| if n < 3 { Err(ConnectError::retriable("busy")) } else { Ok(n) }).await;
+        let (result, calls) = attempts(&policy(5_000), false, |n| {
+            if n < 3 {
+                Err(ConnectError::retriable("busy"))
+            } else {
+                Ok(n)
+            }
+        })
+        .await;
         assert_eq!(result, Ok(3));
         assert_eq!(calls, 3);
     }
 
     #[tokio::test]
     async fn without_retry_timeout_a_retriable_failure_is_returned_at_once() {
-        let (result, calls) = attempts(&policy(0), false, |_| Err(ConnectError::retriable("busy"))).await;
+        let (result, calls) =
+            attempts(&policy(0), false, |_| Err(ConnectError::retriable("busy"))).await;
         assert!(result.is_err());
         assert_eq!(calls, 1);
     }
 
     #[tokio::test]
     async fn data_errors_are_never_retried() {
-        let (result, calls) = attempts(&policy(5_000), true, |_| Err(ConnectError::data("bad"))).await;
+        let (result, calls) =
+            attempts(&policy(5_000), true, |_| Err(ConnectError::data("bad"))).await;
         assert!(result.is_err());
         assert_eq!(calls, 1);
     }

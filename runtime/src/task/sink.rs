@@ -48,7 +48,10 @@ pub struct SinkTaskSpec {
 
 impl SinkTaskSpec {
     /// The channel a sink task reports failed records through.
-    pub fn errant_channel() -> (ErrantRecordReporter, mpsc::UnboundedReceiver<(SinkRecord, ConnectError)>) {
+    pub fn errant_channel() -> (
+        ErrantRecordReporter,
+        mpsc::UnboundedReceiver<(SinkRecord, ConnectError)>,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
         (ErrantRecordReporter::new(tx), rx)
     }
@@ -57,7 +60,11 @@ impl SinkTaskSpec {
 pub struct SinkRunner;
 
 impl SinkRunner {
-    pub async fn run(spec: SinkTaskSpec, run_state: watch::Receiver<RunState>, stop: CancellationToken) {
+    pub async fn run(
+        spec: SinkTaskSpec,
+        run_state: watch::Receiver<RunState>,
+        stop: CancellationToken,
+    ) {
         let SinkTaskSpec {
             connector,
             task_id,
@@ -204,11 +211,20 @@ impl Sink {
         self.metrics.records_in(batch.len() as u64);
         let mut transformed = Vec::with_capacity(batch.len());
         for record in batch {
-            let position = (record.record.topic.clone(), record.kafka_partition, record.kafka_offset);
+            let position = (
+                record.record.topic.clone(),
+                record.kafka_partition,
+                record.kafka_offset,
+            );
             match self.transforms.apply(record.record.clone()) {
-                Ok(Some(out)) => transformed.push(SinkRecord { record: out, ..record }),
+                Ok(Some(out)) => transformed.push(SinkRecord {
+                    record: out,
+                    ..record
+                }),
                 Ok(None) => self.metrics.filtered(),
-                Err(failure) => self.reject(Stage::Transformation, &failure.class, record, failure.error)?,
+                Err(failure) => {
+                    self.reject(Stage::Transformation, &failure.class, record, failure.error)?
+                }
             }
             self.advance(&position.0, position.1, position.2);
         }
@@ -237,13 +253,22 @@ impl Sink {
     }
 
     /// Applies the error policy to one failed record.
-    fn reject(&mut self, stage: Stage, class: &str, record: SinkRecord, error: ConnectError) -> ConnectResult<()> {
+    fn reject(
+        &mut self,
+        stage: Stage,
+        class: &str,
+        record: SinkRecord,
+        error: ConnectError,
+    ) -> ConnectResult<()> {
         let origin = Origin::Kafka {
             topic: &record.record.topic,
             partition: record.kafka_partition,
             offset: record.kafka_offset,
         };
-        match self.errors.report(stage, class, &record.record, origin, error) {
+        match self
+            .errors
+            .report(stage, class, &record.record, origin, error)
+        {
             Verdict::Fail(error) => Err(error),
             Verdict::Skipped => Ok(()),
             Verdict::DeadLettered(delivery) => {
@@ -254,7 +279,10 @@ impl Sink {
     }
 
     fn advance(&mut self, topic: &str, partition: i32, offset: i64) {
-        let next = self.positions.entry((topic.to_string(), partition)).or_insert(0);
+        let next = self
+            .positions
+            .entry((topic.to_string(), partition))
+            .or_insert(0);
         *next = (*next).max(offset + 1);
         self.uncommitted += 1;
         self.metrics.set_commit_lag(self.uncommitted);
@@ -276,7 +304,11 @@ impl Sink {
         for delivery in self.dead_letters.drain(..) {
             match delivery.await {
                 Ok(Ok(_)) => {}
-                _ => return Err(ConnectError::fatal("a dead-letter record was not acknowledged by Kafka")),
+                _ => {
+                    return Err(ConnectError::fatal(
+                        "a dead-letter record was not acknowledged by Kafka",
+                    ));
+                }
             }
         }
         let mut offsets = TopicPartitionList::new();
@@ -286,9 +318,10 @@ impl Sink {
                 .map_err(|e| ConnectError::fatal(e.to_string()))?;
         }
         let consumer = self.consumer.clone();
-        let committed = tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync))
-            .await
-            .map_err(|e| ConnectError::fatal(e.to_string()))?;
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync))
+                .await
+                .map_err(|e| ConnectError::fatal(e.to_string()))?;
         match committed {
             Ok(()) => {
                 self.positions.clear();
@@ -297,13 +330,17 @@ impl Sink {
                 self.metrics.committed();
             }
             // The records are flushed; if the commit is lost they are delivered again (at least once).
-            Err(error) => tracing::warn!(connector = %self.connector, %error, "offset commit failed; will retry"),
+            Err(error) => {
+                tracing::warn!(connector = %self.connector, %error, "offset commit failed; will retry")
+            }
         }
         Ok(())
     }
 
     fn pause(&self, paused: bool) {
-        let Ok(assignment) = self.consumer.assignment() else { return };
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
         let result = if paused {
             self.consumer.pause(&assignment)
         } else {
@@ -332,7 +369,12 @@ fn to_sink_record(message: &BorrowedMessage<'_>) -> SinkRecord {
         .headers()
         .map(|h| {
             h.iter()
-                .map(|header| (header.key.to_string(), header.value.map(Bytes::copy_from_slice)))
+                .map(|header| {
+                    (
+                        header.key.to_string(),
+                        header.value.map(Bytes::copy_from_slice),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();

@@ -88,7 +88,11 @@ pub struct SourceRunner;
 impl SourceRunner {
     /// Runs until `stop` is cancelled or the task fails; then delivers what it holds, stores
     /// offsets, and stops the task.
-    pub async fn run(spec: SourceTaskSpec, run_state: watch::Receiver<RunState>, stop: CancellationToken) {
+    pub async fn run(
+        spec: SourceTaskSpec,
+        run_state: watch::Receiver<RunState>,
+        stop: CancellationToken,
+    ) {
         let SourceTaskSpec {
             connector,
             connector_class,
@@ -144,7 +148,9 @@ impl SourceRunner {
             uncommitted: 0,
             known_topics: HashSet::new(),
         };
-        let failure = pipeline.run(batches, &stop, &commit_requested, &settings).await;
+        let failure = pipeline
+            .run(batches, &stop, &commit_requested, &settings)
+            .await;
 
         // Stop polling, then deliver what was already polled and store its offsets.
         stop_polling.cancel();
@@ -162,7 +168,9 @@ impl SourceRunner {
                     tracing::warn!(connector = %pipeline.connector, task = task_id, %error, "task did not stop cleanly");
                 }
             }
-            Err(error) => tracing::error!(connector = %pipeline.connector, task = task_id, %error, "poller ended abnormally"),
+            Err(error) => {
+                tracing::error!(connector = %pipeline.connector, task = task_id, %error, "poller ended abnormally")
+            }
         }
         pipeline.transforms.close();
         if let Some(error) = failure {
@@ -315,10 +323,12 @@ impl Pipeline {
             rejected,
         } = source;
         if let Some(reason) = rejected {
-            let position = (!source_partition.is_empty()).then(|| (source_partition, source_offset));
+            let position =
+                (!source_partition.is_empty()).then(|| (source_partition, source_offset));
             return self.reject_input(record, reason, position, ack);
         }
-        let original = (!self.transforms.is_empty() && self.errors.policy.dlq_topic.is_some()).then(|| record.clone());
+        let original = (!self.transforms.is_empty() && self.errors.policy.dlq_topic.is_some())
+            .then(|| record.clone());
         let transformed = self.transforms.apply(record);
         let position = (!source_partition.is_empty()).then(|| (source_partition, source_offset));
         let record = match transformed {
@@ -330,7 +340,9 @@ impl Pipeline {
             }
             Err(failure) => {
                 let empty = (SourcePartition::new(), SourceOffset::new());
-                let (partition, offset) = position.as_ref().map_or((&empty.0, &empty.1), |(p, o)| (p, o));
+                let (partition, offset) = position
+                    .as_ref()
+                    .map_or((&empty.0, &empty.1), |(p, o)| (p, o));
                 let record = original.unwrap_or_else(|| Record::new(""));
                 let verdict = self.errors.report(
                     Stage::Transformation,
@@ -352,8 +364,14 @@ impl Pipeline {
             ack,
             Box::pin(async move {
                 match delivery.await {
-                    Ok(Ok(d)) => Ok(Delivery::Written { topic, partition: d.partition, offset: d.offset }),
-                    Ok(Err((error, _))) => Err(ConnectError::retriable(format!("Kafka did not take the record: {error}"))),
+                    Ok(Ok(d)) => Ok(Delivery::Written {
+                        topic,
+                        partition: d.partition,
+                        offset: d.offset,
+                    }),
+                    Ok(Err((error, _))) => Err(ConnectError::retriable(format!(
+                        "Kafka did not take the record: {error}"
+                    ))),
                     Err(_) => Err(ConnectError::retriable("the producer was closed")),
                 }
             }),
@@ -370,8 +388,16 @@ impl Pipeline {
         ack: Option<AckHandle>,
     ) -> ConnectResult<()> {
         let empty = (SourcePartition::new(), SourceOffset::new());
-        let (partition, offset) = position.as_ref().map_or((&empty.0, &empty.1), |(p, o)| (p, o));
-        let verdict = self.errors.reject(Stage::TaskPoll, &self.connector_class, &record, Origin::Source { partition, offset }, reason.clone());
+        let (partition, offset) = position
+            .as_ref()
+            .map_or((&empty.0, &empty.1), |(p, o)| (p, o));
+        let verdict = self.errors.reject(
+            Stage::TaskPoll,
+            &self.connector_class,
+            &record,
+            Origin::Source { partition, offset },
+            reason.clone(),
+        );
         self.dead_letter(verdict, position, ack, reason)
     }
 
@@ -385,13 +411,19 @@ impl Pipeline {
         match verdict {
             Verdict::Fail(error) => {
                 if let Some(ack) = ack {
-                    ack.complete(Delivery::Failed { reason: error.to_string() });
+                    ack.complete(Delivery::Failed {
+                        reason: error.to_string(),
+                    });
                 }
                 Err(error)
             }
             Verdict::Skipped => {
                 let reason = error.to_string();
-                self.enqueue(position, ack, Box::pin(async move { Ok(Delivery::Failed { reason }) }));
+                self.enqueue(
+                    position,
+                    ack,
+                    Box::pin(async move { Ok(Delivery::Failed { reason }) }),
+                );
                 Ok(())
             }
             Verdict::DeadLettered(delivery) => {
@@ -402,7 +434,9 @@ impl Pipeline {
                     Box::pin(async move {
                         match delivery.await {
                             Ok(Ok(_)) => Ok(Delivery::DeadLettered { reason }),
-                            _ => Err(ConnectError::fatal(format!("dead-letter write failed for a record rejected with: {reason}"))),
+                            _ => Err(ConnectError::fatal(format!(
+                                "dead-letter write failed for a record rejected with: {reason}"
+                            ))),
                         }
                     }),
                 );
@@ -411,7 +445,12 @@ impl Pipeline {
         }
     }
 
-    fn enqueue(&mut self, position: Option<(SourcePartition, SourceOffset)>, ack: Option<AckHandle>, outcome: Pin<Box<dyn Future<Output = ConnectResult<Delivery>> + Send>>) {
+    fn enqueue(
+        &mut self,
+        position: Option<(SourcePartition, SourceOffset)>,
+        ack: Option<AckHandle>,
+        outcome: Pin<Box<dyn Future<Output = ConnectResult<Delivery>> + Send>>,
+    ) {
         self.capacity.in_flight.fetch_add(1, Ordering::AcqRel);
         self.in_flight.push_back(Box::pin(async move {
             Completed {
@@ -423,13 +462,20 @@ impl Pipeline {
     }
 
     /// Hands a record to the producer, waiting for room when its queue is full.
-    async fn produce(&mut self, record: &Record) -> ConnectResult<rdkafka::producer::DeliveryFuture> {
+    async fn produce(
+        &mut self,
+        record: &Record,
+    ) -> ConnectResult<rdkafka::producer::DeliveryFuture> {
         loop {
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
             for (key, value) in record.headers.iter() {
-                headers = headers.insert(Header { key, value: value.map(|v| v.as_ref()) });
+                headers = headers.insert(Header {
+                    key,
+                    value: value.map(|v| v.as_ref()),
+                });
             }
-            let mut message: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic).headers(headers);
+            let mut message: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&record.topic).headers(headers);
             if let Some(key) = record.key.as_deref() {
                 message = message.key(key);
             }
@@ -453,7 +499,10 @@ impl Pipeline {
                 }
                 Err((error, _)) => {
                     self.metrics.error(Stage::KafkaProduce.as_str());
-                    return Err(ConnectError::fatal(format!("cannot produce to {}: {error}", record.topic)));
+                    return Err(ConnectError::fatal(format!(
+                        "cannot produce to {}: {error}",
+                        record.topic
+                    )));
                 }
             }
         }
@@ -461,9 +510,12 @@ impl Pipeline {
 
     async fn discover_topic(&mut self, topic: &str) -> ConnectResult<()> {
         let (partitions, replication) = self.new_topic;
-        ensure_topics(&self.kafka, &[TopicSpec::regular(topic, partitions, replication)])
-            .await
-            .map_err(|e| ConnectError::retriable(e.to_string()))?;
+        ensure_topics(
+            &self.kafka,
+            &[TopicSpec::regular(topic, partitions, replication)],
+        )
+        .await
+        .map_err(|e| ConnectError::retriable(e.to_string()))?;
         self.status.topic(topic).await;
         self.known_topics.insert(topic.to_string());
         Ok(())
@@ -473,20 +525,30 @@ impl Pipeline {
     fn complete(&mut self, done: Completed) -> ConnectResult<()> {
         self.capacity.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.capacity.freed.notify_one();
-        let Completed { position, ack, outcome } = done;
+        let Completed {
+            position,
+            ack,
+            outcome,
+        } = done;
         let delivery = match outcome {
             Ok(delivery) => delivery,
-            Err(error) if self.errors.policy.tolerate_all && !matches!(error, ConnectError::Fatal(_)) => {
+            Err(error)
+                if self.errors.policy.tolerate_all && !matches!(error, ConnectError::Fatal(_)) =>
+            {
                 // Tolerated (KIP-779): the record is skipped; a listener's sender is not
                 // acknowledged and will retransmit.
                 self.metrics.error(Stage::KafkaProduce.as_str());
                 tracing::warn!(connector = %self.connector, %error, "record not delivered; skipped per errors.tolerance=all");
-                Delivery::Failed { reason: error.to_string() }
+                Delivery::Failed {
+                    reason: error.to_string(),
+                }
             }
             Err(error) => {
                 self.metrics.error(Stage::KafkaProduce.as_str());
                 if let Some(ack) = ack {
-                    ack.complete(Delivery::Failed { reason: error.to_string() });
+                    ack.complete(Delivery::Failed {
+                        reason: error.to_string(),
+                    });
                 }
                 return Err(error);
             }
@@ -499,8 +561,10 @@ impl Pipeline {
             ack.complete(delivery);
         }
         if let Some((partition, offset)) = position {
-            self.pending_offsets
-                .insert(Value::Object(partition.clone()).to_string(), (partition, offset));
+            self.pending_offsets.insert(
+                Value::Object(partition.clone()).to_string(),
+                (partition, offset),
+            );
             self.uncommitted += 1;
             self.metrics.set_commit_lag(self.uncommitted);
         }
@@ -531,7 +595,11 @@ impl Pipeline {
         if self.pending_offsets.is_empty() {
             return false;
         }
-        let batch: Vec<_> = self.pending_offsets.values().map(|(p, o)| (p.clone(), Some(o.clone()))).collect();
+        let batch: Vec<_> = self
+            .pending_offsets
+            .values()
+            .map(|(p, o)| (p.clone(), Some(o.clone())))
+            .collect();
         match self.offsets.write(&self.connector, batch).await {
             Ok(()) => {
                 self.pending_offsets.clear();

@@ -1,7 +1,9 @@
 //! InsertField: adds fields to a JSON record value (or key): a static field, or the record's
 //! topic, partition, offset or timestamp. Connect's names: `InsertField$Value`, `InsertField$Key`.
 
-use medconnect_api::{ConfigDef, ConfigType, ConnectError, ConnectResult, Importance, Props, Record, Transform};
+use medconnect_api::{
+    ConfigDef, ConfigType, ConnectError, ConnectResult, Importance, Props, Record, Transform,
+};
 use serde_json::{Value, json};
 
 use super::{TransformPlugin, json_object};
@@ -10,8 +12,14 @@ const FIELDS: &[(&str, &str)] = &[
     ("static.field", "Name of a field set to `static.value`."),
     ("static.value", "Value of the static field."),
     ("topic.field", "Name of a field set to the record's topic."),
-    ("partition.field", "Name of a field set to the record's Kafka partition."),
-    ("timestamp.field", "Name of a field set to the record's timestamp (ms)."),
+    (
+        "partition.field",
+        "Name of a field set to the record's Kafka partition.",
+    ),
+    (
+        "timestamp.field",
+        "Name of a field set to the record's timestamp (ms).",
+    ),
 ];
 
 fn config_def() -> ConfigDef {
@@ -25,7 +33,9 @@ pub fn value_plugin() -> TransformPlugin {
         class: "org.apache.kafka.connect.transforms.InsertField$Value",
         aliases: &["InsertField$Value", "InsertField"],
         config_def,
-        create: |props| InsertField::new(props, Part::Value).map(|t| Box::new(t) as Box<dyn Transform>),
+        create: |props| {
+            InsertField::new(props, Part::Value).map(|t| Box::new(t) as Box<dyn Transform>)
+        },
     }
 }
 
@@ -34,7 +44,9 @@ pub fn key_plugin() -> TransformPlugin {
         class: "org.apache.kafka.connect.transforms.InsertField$Key",
         aliases: &["InsertField$Key"],
         config_def,
-        create: |props| InsertField::new(props, Part::Key).map(|t| Box::new(t) as Box<dyn Transform>),
+        create: |props| {
+            InsertField::new(props, Part::Key).map(|t| Box::new(t) as Box<dyn Transform>)
+        },
     }
 }
 
@@ -61,7 +73,12 @@ impl InsertField {
     fn new(props: &Props, part: Part) -> ConnectResult<Self> {
         let static_field = match (non_empty(props, "static.field"), props.get("static.value")) {
             (Some(field), Some(value)) => Some((field, Value::String(value.clone()))),
-            (Some(_), None) => return Err(ConnectError::config("static.value", "required when static.field is set")),
+            (Some(_), None) => {
+                return Err(ConnectError::config(
+                    "static.value",
+                    "required when static.field is set",
+                ));
+            }
             (None, _) => None,
         };
         let transform = Self {
@@ -76,7 +93,10 @@ impl InsertField {
             && transform.partition_field.is_none()
             && transform.timestamp_field.is_none()
         {
-            return Err(ConnectError::config("static.field", "InsertField needs at least one of static.field, topic.field, partition.field, timestamp.field"));
+            return Err(ConnectError::config(
+                "static.field",
+                "InsertField needs at least one of static.field, topic.field, partition.field, timestamp.field",
+            ));
         }
         Ok(transform)
     }

@@ -20,7 +20,9 @@ mod timestamp_router;
 mod value_to_key;
 mod wasm;
 
-use medconnect_api::{ConfigDef, ConfigValue, ConnectError, ConnectResult, Props, Record, Transform};
+use medconnect_api::{
+    ConfigDef, ConfigValue, ConnectError, ConnectResult, Props, Record, Transform,
+};
 
 pub use predicate::Predicate;
 
@@ -89,7 +91,13 @@ fn scoped(props: &Props, prefix: &str) -> Props {
 fn aliases(props: &Props, key: &str) -> Vec<String> {
     props
         .get(key)
-        .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect())
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -124,8 +132,9 @@ impl TransformChain {
             let class = props
                 .get(&type_key)
                 .ok_or_else(|| ConnectError::config(&type_key, "missing transform class"))?;
-            let plugin = find_transform(class)
-                .ok_or_else(|| ConnectError::config(&type_key, format!("unknown transform class '{class}'")))?;
+            let plugin = find_transform(class).ok_or_else(|| {
+                ConnectError::config(&type_key, format!("unknown transform class '{class}'"))
+            })?;
             let settings = scoped(props, &prefix);
             (plugin.config_def)()
                 .parse(&settings)
@@ -135,7 +144,9 @@ impl TransformChain {
                 None => None,
                 Some(name) => Some(build_predicate(props, name, &format!("{prefix}predicate"))?),
             };
-            let negate = settings.get("negate").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+            let negate = settings
+                .get("negate")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"));
             stages.push(Stage {
                 alias,
                 class: plugin.class.to_string(),
@@ -156,8 +167,11 @@ impl TransformChain {
             let class = props.get(&type_key);
             let mut type_errors = Vec::new();
             match class.map(|c| (c, find_transform(c))) {
-                None => type_errors.push("Missing required configuration: the transform class".to_string()),
-                Some((class, None)) => type_errors.push(format!("Class {class} could not be found.")),
+                None => type_errors
+                    .push("Missing required configuration: the transform class".to_string()),
+                Some((class, None)) => {
+                    type_errors.push(format!("Class {class} could not be found."))
+                }
                 Some((_, Some(plugin))) => {
                     let settings = scoped(props, &prefix);
                     let mut own = (plugin.config_def)().validate(&settings);
@@ -167,8 +181,12 @@ impl TransformChain {
                         && let Err(error) = (plugin.create)(&settings)
                     {
                         match error {
-                            ConnectError::Config { field, reason } if own.iter().any(|v| v.name == field) => {
-                                own.iter_mut().filter(|v| v.name == field).for_each(|v| v.errors.push(reason.clone()));
+                            ConnectError::Config { field, reason }
+                                if own.iter().any(|v| v.name == field) =>
+                            {
+                                own.iter_mut()
+                                    .filter(|v| v.name == field)
+                                    .for_each(|v| v.errors.push(reason.clone()));
                             }
                             other => type_errors.push(other.to_string()),
                         }
@@ -179,10 +197,16 @@ impl TransformChain {
                     }
                 }
             }
-            if let Some(name) = props.get(&format!("{prefix}predicate")).filter(|p| !p.is_empty())
+            if let Some(name) = props
+                .get(&format!("{prefix}predicate"))
+                .filter(|p| !p.is_empty())
                 && let Err(error) = build_predicate(props, name, &format!("{prefix}predicate"))
             {
-                values.push(error_value(&format!("{prefix}predicate"), props, error.to_string()));
+                values.push(error_value(
+                    &format!("{prefix}predicate"),
+                    props,
+                    error.to_string(),
+                ));
             }
             values.push(ConfigValue {
                 name: type_key.clone(),
@@ -237,23 +261,31 @@ impl TransformChain {
 
 fn build_predicate(props: &Props, name: &str, field: &str) -> ConnectResult<Box<dyn Predicate>> {
     if !aliases(props, "predicates").iter().any(|p| p == name) {
-        return Err(ConnectError::config(field, format!("predicate '{name}' is not listed in 'predicates'")));
+        return Err(ConnectError::config(
+            field,
+            format!("predicate '{name}' is not listed in 'predicates'"),
+        ));
     }
     let prefix = format!("predicates.{name}.");
     let type_key = format!("{prefix}type");
     let class = props
         .get(&type_key)
         .ok_or_else(|| ConnectError::config(&type_key, "missing predicate class"))?;
-    let plugin = find_predicate(class)
-        .ok_or_else(|| ConnectError::config(&type_key, format!("unknown predicate class '{class}'")))?;
+    let plugin = find_predicate(class).ok_or_else(|| {
+        ConnectError::config(&type_key, format!("unknown predicate class '{class}'"))
+    })?;
     let settings = scoped(props, &prefix);
-    (plugin.config_def)().parse(&settings).map_err(|e| prefixed(e, &prefix))?;
+    (plugin.config_def)()
+        .parse(&settings)
+        .map_err(|e| prefixed(e, &prefix))?;
     (plugin.create)(&settings).map_err(|e| prefixed(e, &prefix))
 }
 
 fn prefixed(error: ConnectError, prefix: &str) -> ConnectError {
     match error {
-        ConnectError::Config { field, reason } => ConnectError::config(format!("{prefix}{field}"), reason),
+        ConnectError::Config { field, reason } => {
+            ConnectError::config(format!("{prefix}{field}"), reason)
+        }
         other => other,
     }
 }
@@ -269,12 +301,19 @@ fn error_value(name: &str, props: &Props, error: String) -> ConfigValue {
 }
 
 /// Parses a record value (or key) as a JSON object, for transforms that edit fields.
-pub(crate) fn json_object(bytes: Option<&bytes::Bytes>, what: &str) -> ConnectResult<serde_json::Map<String, serde_json::Value>> {
+pub(crate) fn json_object(
+    bytes: Option<&bytes::Bytes>,
+    what: &str,
+) -> ConnectResult<serde_json::Map<String, serde_json::Value>> {
     let bytes = bytes.ok_or_else(|| ConnectError::data(format!("record has no {what}")))?;
     match serde_json::from_slice(bytes) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ConnectError::data(format!("record {what} is JSON but not an object"))),
-        Err(e) => Err(ConnectError::data(format!("record {what} is not JSON: {e}"))),
+        Ok(_) => Err(ConnectError::data(format!(
+            "record {what} is JSON but not an object"
+        ))),
+        Err(e) => Err(ConnectError::data(format!(
+            "record {what} is not JSON: {e}"
+        ))),
     }
 }
 
@@ -283,14 +322,20 @@ mod tests {
     use super::*;
 
     fn props(pairs: &[(&str, &str)]) -> Props {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn chain_applies_in_order_and_predicates_select_records() {
         let mut chain = TransformChain::from_config(&props(&[
             ("transforms", "tag,dropTest"),
-            ("transforms.tag.type", "org.apache.kafka.connect.transforms.InsertField$Value"),
+            (
+                "transforms.tag.type",
+                "org.apache.kafka.connect.transforms.InsertField$Value",
+            ),
             ("transforms.tag.static.field", "source"),
             ("transforms.tag.static.value", "icu"),
             ("transforms.dropTest.type", "Filter"),
@@ -304,18 +349,32 @@ mod tests {
             .apply(Record::new("vitals").with_value(r#"{"hr":80}"#))
             .unwrap()
             .unwrap();
-        let value: serde_json::Value = serde_json::from_slice(kept.value.as_ref().unwrap()).unwrap();
+        let value: serde_json::Value =
+            serde_json::from_slice(kept.value.as_ref().unwrap()).unwrap();
         assert_eq!(value["source"], "icu");
-        assert!(chain.apply(Record::new("test-vitals").with_value("{}")).unwrap().is_none());
+        assert!(
+            chain
+                .apply(Record::new("test-vitals").with_value("{}"))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
     fn an_unknown_class_names_the_type_setting() {
-        let error = TransformChain::from_config(&props(&[("transforms", "x"), ("transforms.x.type", "Nope")]))
-            .err()
-            .unwrap();
-        assert!(matches!(error, ConnectError::Config { ref field, .. } if field == "transforms.x.type"));
-        let values = TransformChain::validate(&props(&[("transforms", "x"), ("transforms.x.type", "Nope")]));
+        let error = TransformChain::from_config(&props(&[
+            ("transforms", "x"),
+            ("transforms.x.type", "Nope"),
+        ]))
+        .err()
+        .unwrap();
+        assert!(
+            matches!(error, ConnectError::Config { ref field, .. } if field == "transforms.x.type")
+        );
+        let values = TransformChain::validate(&props(&[
+            ("transforms", "x"),
+            ("transforms.x.type", "Nope"),
+        ]));
         assert_eq!(values.iter().filter(|v| !v.errors.is_empty()).count(), 1);
     }
 
@@ -328,7 +387,9 @@ mod tests {
             ("transforms.tag.static.value", "v"),
         ]))
         .unwrap();
-        let error = chain.apply(Record::new("t").with_value("not json")).unwrap_err();
+        let error = chain
+            .apply(Record::new("t").with_value("not json"))
+            .unwrap_err();
         assert!(error.error.is_record_error());
         assert!(error.class.contains("InsertField"));
     }

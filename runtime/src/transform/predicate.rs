@@ -17,13 +17,23 @@ pub fn plugins() -> Vec<PredicatePlugin> {
             aliases: &["TopicNameMatches"],
             config_def: || {
                 ConfigDef::new()
-                    .define_required("pattern", ConfigType::String, Importance::Medium, "Regular expression the whole topic name must match.")
-                    .with_validator(Validator::custom(|v| Regex::new(v).map(|_| ()).map_err(|e| format!("not a regular expression: {e}"))))
+                    .define_required(
+                        "pattern",
+                        ConfigType::String,
+                        Importance::Medium,
+                        "Regular expression the whole topic name must match.",
+                    )
+                    .with_validator(Validator::custom(|v| {
+                        Regex::new(v)
+                            .map(|_| ())
+                            .map_err(|e| format!("not a regular expression: {e}"))
+                    }))
             },
             create: |props| {
                 let pattern = props.get("pattern").map_or("", String::as_str);
-                let regex = Regex::new(&format!("^(?:{pattern})$"))
-                    .map_err(|e| ConnectError::config("pattern", format!("not a regular expression: {e}")))?;
+                let regex = Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+                    ConnectError::config("pattern", format!("not a regular expression: {e}"))
+                })?;
                 Ok(Box::new(TopicNameMatches(regex)))
             },
         },
@@ -32,10 +42,19 @@ pub fn plugins() -> Vec<PredicatePlugin> {
             aliases: &["HasHeaderKey"],
             config_def: || {
                 ConfigDef::new()
-                    .define_required("name", ConfigType::String, Importance::Medium, "Header name.")
+                    .define_required(
+                        "name",
+                        ConfigType::String,
+                        Importance::Medium,
+                        "Header name.",
+                    )
                     .with_validator(Validator::NonEmpty)
             },
-            create: |props| Ok(Box::new(HasHeaderKey(props.get("name").cloned().unwrap_or_default()))),
+            create: |props| {
+                Ok(Box::new(HasHeaderKey(
+                    props.get("name").cloned().unwrap_or_default(),
+                )))
+            },
         },
         PredicatePlugin {
             class: "org.apache.kafka.connect.transforms.predicates.RecordIsTombstone",

@@ -59,7 +59,9 @@ pub struct RestConfig {
 
 impl Default for RestConfig {
     fn default() -> Self {
-        Self { listen: default_listen() }
+        Self {
+            listen: default_listen(),
+        }
     }
 }
 
@@ -211,7 +213,9 @@ impl WorkerConfig {
 
     pub fn runner_settings(&self) -> RunnerSettings {
         RunnerSettings {
-            offset_flush_interval: Duration::from_millis(self.tasks.offset_flush_interval_ms.max(10)),
+            offset_flush_interval: Duration::from_millis(
+                self.tasks.offset_flush_interval_ms.max(10),
+            ),
             max_in_flight: self.tasks.max_in_flight.max(1),
             shutdown_timeout: Duration::from_millis(self.tasks.shutdown_timeout_ms),
             sink_batch_max: self.tasks.sink_batch_max.max(1),
@@ -245,7 +249,8 @@ mod tests {
 
     #[test]
     fn unknown_settings_are_rejected_by_name() {
-        let error = WorkerConfig::from_toml("bootstrap_servers = \"k\"\nbootstrap_server = \"x\"").unwrap_err();
+        let error = WorkerConfig::from_toml("bootstrap_servers = \"k\"\nbootstrap_server = \"x\"")
+            .unwrap_err();
         assert!(error.contains("bootstrap_server"), "{error}");
     }
 }

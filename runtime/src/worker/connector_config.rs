@@ -51,19 +51,45 @@ pub fn common_def(kind: ConnectorKind) -> ConfigDef {
         .in_group("Error Handling");
     match kind {
         ConnectorKind::Source => common
-            .define(NEW_TOPIC_PARTITIONS, ConfigType::Int, "1", Importance::Low, "Partitions of topics created for this connector.")
+            .define(
+                NEW_TOPIC_PARTITIONS,
+                ConfigType::Int,
+                "1",
+                Importance::Low,
+                "Partitions of topics created for this connector.",
+            )
             .with_validator(Validator::at_least(1.0))
-            .define(NEW_TOPIC_REPLICATION, ConfigType::Int, "1", Importance::Low, "Replication factor of topics created for this connector.")
+            .define(
+                NEW_TOPIC_REPLICATION,
+                ConfigType::Int,
+                "1",
+                Importance::Low,
+                "Replication factor of topics created for this connector.",
+            )
             .with_validator(Validator::at_least(1.0))
             .in_group("Topic Creation"),
         ConnectorKind::Sink => common
-            .define(TOPICS, ConfigType::List, "", Importance::High, "Topics to consume (or use topics.regex).")
-            .define(TOPICS_REGEX, ConfigType::String, "", Importance::High, "Regular expression of topics to consume (or use topics).")
+            .define(
+                TOPICS,
+                ConfigType::List,
+                "",
+                Importance::High,
+                "Topics to consume (or use topics.regex).",
+            )
+            .define(
+                TOPICS_REGEX,
+                ConfigType::String,
+                "",
+                Importance::High,
+                "Regular expression of topics to consume (or use topics).",
+            )
             .with_validator(Validator::custom(|v| {
                 if v.is_empty() {
                     return Ok(());
                 }
-                regex::Regex::new(v).map(|_| ()).map_err(|e| format!("not a regular expression: {e}"))
+                regex::Regex::new(v)
+                    .map(|_| ())
+                    .map_err(|e| format!("not a regular expression: {e}"))
             }))
             .in_group("Common"),
     }
@@ -82,17 +108,28 @@ pub fn validate(plugin: &ConnectorPlugin, props: &Props) -> Vec<ConfigValue> {
     let mut extra: Vec<(String, String)> = Vec::new();
     if plugin.kind() == ConnectorKind::Sink {
         let topics = props.get(TOPICS).is_some_and(|v| !v.trim().is_empty());
-        let regex = props.get(TOPICS_REGEX).is_some_and(|v| !v.trim().is_empty());
+        let regex = props
+            .get(TOPICS_REGEX)
+            .is_some_and(|v| !v.trim().is_empty());
         match (topics, regex) {
-            (true, true) => extra.push((TOPICS.into(), "topics and topics.regex are mutually exclusive".into())),
-            (false, false) => extra.push((TOPICS.into(), "Must configure one of topics or topics.regex".into())),
+            (true, true) => extra.push((
+                TOPICS.into(),
+                "topics and topics.regex are mutually exclusive".into(),
+            )),
+            (false, false) => extra.push((
+                TOPICS.into(),
+                "Must configure one of topics or topics.regex".into(),
+            )),
             _ => {}
         }
         if let (Some(dlq), Some(list)) = (props.get(errors::DLQ_TOPIC), props.get(TOPICS))
             && !dlq.is_empty()
             && list.split(',').any(|t| t.trim() == dlq)
         {
-            extra.push((errors::DLQ_TOPIC.into(), "the dead-letter topic cannot be one of the topics the sink consumes".into()));
+            extra.push((
+                errors::DLQ_TOPIC.into(),
+                "the dead-letter topic cannot be one of the topics the sink consumes".into(),
+            ));
         }
     }
     let resolved = secrets::resolve(props);
@@ -130,7 +167,10 @@ pub fn field_and_reason(error: medconnect_api::ConnectError) -> (String, String)
 }
 
 /// Parses the common settings of a (resolved) connector or task config.
-pub fn parse_common(kind: ConnectorKind, props: &Props) -> Result<ParsedConfig, medconnect_api::ConnectError> {
+pub fn parse_common(
+    kind: ConnectorKind,
+    props: &Props,
+) -> Result<ParsedConfig, medconnect_api::ConnectError> {
     common_def(kind).parse(props)
 }
 
@@ -140,9 +180,17 @@ pub fn is_secret(def: &ConfigDef, name: &str) -> bool {
         return true;
     }
     let lower = name.to_ascii_lowercase();
-    ["password", "secret", "token", "sasl.jaas.config", "api.key", "apikey", "credentials"]
-        .iter()
-        .any(|marker| lower.contains(marker))
+    [
+        "password",
+        "secret",
+        "token",
+        "sasl.jaas.config",
+        "api.key",
+        "apikey",
+        "credentials",
+    ]
+    .iter()
+    .any(|marker| lower.contains(marker))
 }
 
 /// The config as the API shows it: secrets hidden, references (`${env:..}`) shown as written.
@@ -150,7 +198,11 @@ pub fn redact(def: &ConfigDef, props: &Props) -> Props {
     props
         .iter()
         .map(|(k, v)| {
-            let shown = if is_secret(def, k) && !secrets::is_reference(v) { HIDDEN.to_string() } else { v.clone() };
+            let shown = if is_secret(def, k) && !secrets::is_reference(v) {
+                HIDDEN.to_string()
+            } else {
+                v.clone()
+            };
             (k.clone(), shown)
         })
         .collect()

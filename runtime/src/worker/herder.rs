@@ -156,14 +156,18 @@ impl Herder {
     }
 
     fn entry(&self, name: &str) -> Result<ConnectorEntry> {
-        self.configs.connector(name).ok_or_else(|| HerderError::NotFound(name.to_string()))
+        self.configs
+            .connector(name)
+            .ok_or_else(|| HerderError::NotFound(name.to_string()))
     }
 
     fn plugin_for(&self, config: &Props) -> Result<ConnectorPlugin> {
         let class = config.get(cc::CLASS).map_or("", String::as_str);
-        self.plugins
-            .find(class)
-            .ok_or_else(|| HerderError::BadRequest(format!("Failed to find any class that implements Connector and which name matches {class}")))
+        self.plugins.find(class).ok_or_else(|| {
+            HerderError::BadRequest(format!(
+                "Failed to find any class that implements Connector and which name matches {class}"
+            ))
+        })
     }
 
     pub fn info(&self, name: &str) -> Result<ConnectorInfo> {
@@ -195,7 +199,10 @@ impl Herder {
     pub fn status(&self, name: &str) -> Result<ConnectorStatus> {
         let entry = self.entry(name)?;
         let kind = self.plugin_for(&entry.config)?.kind();
-        let connector = self.statuses.connector(name).unwrap_or_else(|| self.unassigned());
+        let connector = self
+            .statuses
+            .connector(name)
+            .unwrap_or_else(|| self.unassigned());
         let tasks = self
             .statuses
             .tasks(name)
@@ -215,7 +222,10 @@ impl Herder {
         if task as usize >= entry.tasks.len() {
             return Err(HerderError::TaskNotFound(name.to_string(), task));
         }
-        Ok(self.statuses.task(name, task).unwrap_or_else(|| self.unassigned()))
+        Ok(self
+            .statuses
+            .task(name, task)
+            .unwrap_or_else(|| self.unassigned()))
     }
 
     fn unassigned(&self) -> TaskStatus {
@@ -239,17 +249,25 @@ impl Herder {
     }
 
     pub fn validate(&self, class: &str, config: &Props) -> Result<Validation> {
-        let plugin = self
-            .plugins
-            .find(class)
-            .ok_or_else(|| HerderError::BadRequest(format!("Failed to find any class that implements Connector and which name matches {class}")))?;
+        let plugin = self.plugins.find(class).ok_or_else(|| {
+            HerderError::BadRequest(format!(
+                "Failed to find any class that implements Connector and which name matches {class}"
+            ))
+        })?;
         let mut with_class = config.clone();
-        with_class.entry(cc::CLASS.to_string()).or_insert_with(|| class.to_string());
+        with_class
+            .entry(cc::CLASS.to_string())
+            .or_insert_with(|| class.to_string());
         let def = cc::full_def(&plugin);
         Ok(Validation {
             class: plugin.connector().class().to_string(),
             groups: def.groups(),
-            definitions: def.keys().iter().enumerate().map(|(i, k)| k.definition_json(i)).collect(),
+            definitions: def
+                .keys()
+                .iter()
+                .enumerate()
+                .map(|(i, k)| k.definition_json(i))
+                .collect(),
             values: cc::validate(&plugin, &with_class),
         })
     }
@@ -269,27 +287,43 @@ impl Herder {
 
     fn check(&self, name: &str, config: &Props) -> Result<ConnectorPlugin> {
         if name.trim().is_empty() || name.contains('/') {
-            return Err(HerderError::BadRequest("Connector name must not be empty or contain '/'".into()));
+            return Err(HerderError::BadRequest(
+                "Connector name must not be empty or contain '/'".into(),
+            ));
         }
         if !config.contains_key(cc::CLASS) {
-            return Err(HerderError::InvalidConfig(vec![(cc::CLASS.into(), "Missing required configuration \"connector.class\" which has no default value.".into())]));
+            return Err(HerderError::InvalidConfig(vec![(
+                cc::CLASS.into(),
+                "Missing required configuration \"connector.class\" which has no default value."
+                    .into(),
+            )]));
         }
         let plugin = self.plugin_for(config)?;
         let errors: Vec<(String, String)> = cc::validate(&plugin, config)
             .into_iter()
             .flat_map(|v| v.errors.into_iter().map(move |e| (v.name.clone(), e)))
             .collect();
-        if errors.is_empty() { Ok(plugin) } else { Err(HerderError::InvalidConfig(errors)) }
+        if errors.is_empty() {
+            Ok(plugin)
+        } else {
+            Err(HerderError::InvalidConfig(errors))
+        }
     }
 
-    pub async fn create(&self, name: &str, config: Props, initial: Option<TargetState>) -> Result<ConnectorInfo> {
+    pub async fn create(
+        &self,
+        name: &str,
+        config: Props,
+        initial: Option<TargetState>,
+    ) -> Result<ConnectorInfo> {
         let _guard = self.operations.lock().await;
         if self.configs.connector(name).is_some() {
             return Err(HerderError::AlreadyExists(name.to_string()));
         }
         let config = Self::named(name, config)?;
         self.check(name, &config)?;
-        self.write_new_config(name, &config, initial.unwrap_or_default()).await?;
+        self.write_new_config(name, &config, initial.unwrap_or_default())
+            .await?;
         self.reconcile_locked().await;
         self.info(name)
     }
@@ -306,7 +340,10 @@ impl Herder {
         self.check(name, &config)?;
         let created = existing.is_none();
         match existing {
-            None => self.write_new_config(name, &config, TargetState::Started).await?,
+            None => {
+                self.write_new_config(name, &config, TargetState::Started)
+                    .await?
+            }
             Some(existing) => {
                 self.configs.put_connector(name, &config).await?;
                 if existing.target_state != TargetState::Stopped {
@@ -318,7 +355,11 @@ impl Herder {
         Ok((created, self.info(name)?))
     }
 
-    pub async fn patch_config(&self, name: &str, patch: BTreeMap<String, Option<String>>) -> Result<ConnectorInfo> {
+    pub async fn patch_config(
+        &self,
+        name: &str,
+        patch: BTreeMap<String, Option<String>>,
+    ) -> Result<ConnectorInfo> {
         let _guard = self.operations.lock().await;
         let existing = self.entry(name)?;
         let mut config = existing.config.clone();
@@ -340,7 +381,12 @@ impl Herder {
         self.info(name)
     }
 
-    async fn write_new_config(&self, name: &str, config: &Props, initial: TargetState) -> Result<()> {
+    async fn write_new_config(
+        &self,
+        name: &str,
+        config: &Props,
+        initial: TargetState,
+    ) -> Result<()> {
         self.configs.put_target_state(name, initial).await?;
         self.configs.put_connector(name, config).await?;
         if initial != TargetState::Stopped {
@@ -352,17 +398,25 @@ impl Herder {
     /// Asks the connector for its task configs and commits them to the config topic.
     async fn generate_tasks(&self, name: &str, config: &Props) -> Result<()> {
         let plugin = self.plugin_for(config)?;
-        let max_tasks = config.get(cc::TASKS_MAX).and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(1).max(1);
+        let max_tasks = config
+            .get(cc::TASKS_MAX)
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(1)
+            .max(1);
         // Task configs keep `${...}` references: they are resolved when each task starts.
         let context = ConnectorContext {
             connector_name: name.to_string(),
             config: config.clone(),
         };
         let resolved_context = ConnectorContext {
-            config: secrets::resolve(config).map_err(|e| HerderError::InvalidConfig(vec![cc::field_and_reason(e)]))?,
+            config: secrets::resolve(config)
+                .map_err(|e| HerderError::InvalidConfig(vec![cc::field_and_reason(e)]))?,
             ..context.clone()
         };
-        match plugin.connector().task_configs(&resolved_context, max_tasks) {
+        match plugin
+            .connector()
+            .task_configs(&resolved_context, max_tasks)
+        {
             Ok(resolved_tasks) => {
                 // Store the unresolved values of settings the connector copied through.
                 let tasks: Vec<Props> = resolved_tasks
@@ -370,7 +424,9 @@ impl Herder {
                     .map(|task| {
                         task.into_iter()
                             .map(|(k, v)| match context.config.get(&k) {
-                                Some(original) if resolved_context.config.get(&k) == Some(&v) => (k, original.clone()),
+                                Some(original) if resolved_context.config.get(&k) == Some(&v) => {
+                                    (k, original.clone())
+                                }
                                 _ => (k, v),
                             })
                             .collect()
@@ -380,8 +436,11 @@ impl Herder {
                 Ok(())
             }
             Err(error) => {
-                self.put_connector_status(name, ConnectorState::Failed, Some(error.to_string())).await;
-                Err(HerderError::BadRequest(format!("Connector {name} could not generate task configs: {error}")))
+                self.put_connector_status(name, ConnectorState::Failed, Some(error.to_string()))
+                    .await;
+                Err(HerderError::BadRequest(format!(
+                    "Connector {name} could not generate task configs: {error}"
+                )))
             }
         }
     }
@@ -414,12 +473,21 @@ impl Herder {
 
     /// `POST /connectors/{name}/restart`: restarts the connector and, with `include_tasks`,
     /// its tasks (only failed ones with `only_failed`). Returns the tasks restarted.
-    pub async fn restart(&self, name: &str, include_tasks: bool, only_failed: bool) -> Result<Vec<u32>> {
+    pub async fn restart(
+        &self,
+        name: &str,
+        include_tasks: bool,
+        only_failed: bool,
+    ) -> Result<Vec<u32>> {
         let _guard = self.operations.lock().await;
         let entry = self.entry(name)?;
-        let connector_failed = self.statuses.connector(name).is_some_and(|s| s.state == ConnectorState::Failed);
+        let connector_failed = self
+            .statuses
+            .connector(name)
+            .is_some_and(|s| s.state == ConnectorState::Failed);
         if !only_failed || connector_failed {
-            self.put_connector_status(name, ConnectorState::Restarting, None).await;
+            self.put_connector_status(name, ConnectorState::Restarting, None)
+                .await;
             if entry.target_state != TargetState::Stopped {
                 self.generate_tasks(name, &entry.config).await?;
             }
@@ -427,7 +495,10 @@ impl Herder {
         let mut restarted = Vec::new();
         if include_tasks {
             for id in 0..entry.tasks.len() as u32 {
-                let failed = self.statuses.task(name, id).is_some_and(|s| s.state == ConnectorState::Failed);
+                let failed = self
+                    .statuses
+                    .task(name, id)
+                    .is_some_and(|s| s.state == ConnectorState::Failed);
                 if !only_failed || failed {
                     self.stop_task(name, id).await;
                     restarted.push(id);
@@ -480,7 +551,11 @@ impl Herder {
     }
 
     /// Alters offsets; `None` deletes a partition's offset. The connector must be STOPPED.
-    pub async fn alter_offsets(&self, name: &str, offsets: Vec<(Map<String, Value>, Option<Map<String, Value>>)>) -> Result<()> {
+    pub async fn alter_offsets(
+        &self,
+        name: &str,
+        offsets: Vec<(Map<String, Value>, Option<Map<String, Value>>)>,
+    ) -> Result<()> {
         let _guard = self.operations.lock().await;
         let entry = self.require_stopped(name)?;
         match self.plugin_for(&entry.config)?.kind() {
@@ -518,10 +593,9 @@ impl Herder {
             tasks
                 .keys()
                 .filter(|(name, id)| {
-                    snapshot
-                        .connectors
-                        .get(name)
-                        .is_none_or(|e| e.target_state == TargetState::Stopped || *id as usize >= e.tasks.len())
+                    snapshot.connectors.get(name).is_none_or(|e| {
+                        e.target_state == TargetState::Stopped || *id as usize >= e.tasks.len()
+                    })
                 })
                 .cloned()
                 .collect()
@@ -546,14 +620,21 @@ impl Herder {
             TargetState::Started => ConnectorState::Running,
         };
         let current = self.statuses.connector(name);
-        let failed_generating = current.as_ref().is_some_and(|s| s.state == ConnectorState::Failed) && entry.tasks.is_empty();
+        let failed_generating = current
+            .as_ref()
+            .is_some_and(|s| s.state == ConnectorState::Failed)
+            && entry.tasks.is_empty();
         if !failed_generating && current.as_ref().is_none_or(|s| s.state != state) {
             self.put_connector_status(name, state, None).await;
         }
         if entry.target_state == TargetState::Stopped {
             return;
         }
-        let run_state = if entry.target_state == TargetState::Paused { RunState::Paused } else { RunState::Running };
+        let run_state = if entry.target_state == TargetState::Paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
         for (id, config) in entry.tasks.iter().enumerate() {
             let id = id as u32;
             if !self.assigned_here(name, id) {
@@ -568,8 +649,13 @@ impl Herder {
                         let alive = !handle.join.is_finished();
                         drop(tasks);
                         if alive {
-                            let state = if run_state == RunState::Paused { ConnectorState::Paused } else { ConnectorState::Running };
-                            self.report_task(name, id, state, entry.task_generation).await;
+                            let state = if run_state == RunState::Paused {
+                                ConnectorState::Paused
+                            } else {
+                                ConnectorState::Running
+                            };
+                            self.report_task(name, id, state, entry.task_generation)
+                                .await;
                         }
                         false
                     }
@@ -590,7 +676,11 @@ impl Herder {
     }
 
     async fn report_task(&self, name: &str, id: u32, state: ConnectorState, generation: u64) {
-        if self.statuses.task(name, id).is_some_and(|s| s.state == state) {
+        if self
+            .statuses
+            .task(name, id)
+            .is_some_and(|s| s.state == state)
+        {
             return;
         }
         StatusReporter::new(self.statuses.clone(), name, id, &self.worker_id, generation)
@@ -603,7 +693,10 @@ impl Herder {
             state,
             trace,
             worker_id: self.worker_id.clone(),
-            generation: self.configs.connector(name).map_or(0, |e| e.task_generation),
+            generation: self
+                .configs
+                .connector(name)
+                .map_or(0, |e| e.task_generation),
         };
         if let Err(error) = self.statuses.put_connector(name, &status).await {
             tracing::warn!(connector = %name, %error, "cannot record connector status");
@@ -617,15 +710,32 @@ impl Herder {
         }
         // Until started again; callers that remove the task remove this status too.
         if self.statuses.task(name, id).is_some() {
-            self.report_task(name, id, ConnectorState::Restarting, 0).await;
+            self.report_task(name, id, ConnectorState::Restarting, 0)
+                .await;
         }
     }
 
-    async fn start_task(&self, name: &str, id: u32, config: &Props, entry: &ConnectorEntry, run_state: RunState) {
-        let status = StatusReporter::new(self.statuses.clone(), name, id, &self.worker_id, entry.task_generation);
+    async fn start_task(
+        &self,
+        name: &str,
+        id: u32,
+        config: &Props,
+        entry: &ConnectorEntry,
+        run_state: RunState,
+    ) {
+        let status = StatusReporter::new(
+            self.statuses.clone(),
+            name,
+            id,
+            &self.worker_id,
+            entry.task_generation,
+        );
         let (state_tx, state_rx) = watch::channel(run_state);
         let stop = CancellationToken::new();
-        let join = match self.spawn_task(name, id, config, status.clone(), state_rx, stop.clone()).await {
+        let join = match self
+            .spawn_task(name, id, config, status.clone(), state_rx, stop.clone())
+            .await
+        {
             Ok(join) => join,
             Err(error) => {
                 status.failed(&error).await;
@@ -633,7 +743,8 @@ impl Herder {
             }
         };
         if run_state == RunState::Paused {
-            self.report_task(name, id, ConnectorState::Paused, entry.task_generation).await;
+            self.report_task(name, id, ConnectorState::Paused, entry.task_generation)
+                .await;
         }
         self.tasks.lock().await.insert(
             (name.to_string(), id),
@@ -664,18 +775,25 @@ impl Herder {
         let common = cc::parse_common(plugin.kind(), &resolved)?;
         let policy = ErrorPolicy::from_config(&common)?;
         if let Some(topic) = &policy.dlq_topic {
-            ensure_topics(&self.kafka, &[TopicSpec::regular(topic, 1, policy.dlq_replication_factor)])
-                .await
-                .map_err(|e| ConnectError::retriable(e.to_string()))?;
+            ensure_topics(
+                &self.kafka,
+                &[TopicSpec::regular(topic, 1, policy.dlq_replication_factor)],
+            )
+            .await
+            .map_err(|e| ConnectError::retriable(e.to_string()))?;
         }
         let transforms = TransformChain::from_config(&resolved)?;
         let metrics = TaskMetrics::new(&self.metrics, name, id);
-        let errors = ErrorReporter::new(policy, name, id, self.dlq_producer.clone(), metrics.clone());
+        let errors =
+            ErrorReporter::new(policy, name, id, self.dlq_producer.clone(), metrics.clone());
         let runner = self.runner.clone();
         let join = match plugin {
             ConnectorPlugin::Source(connector) => {
                 let overrides = overrides_with_prefix(&resolved, cc::PRODUCER_OVERRIDE);
-                let producer = self.kafka.producer(&overrides).map_err(|e| ConnectError::fatal(e.to_string()))?;
+                let producer = self
+                    .kafka
+                    .producer(&overrides)
+                    .map_err(|e| ConnectError::fatal(e.to_string()))?;
                 let spec = SourceTaskSpec {
                     connector: name.to_string(),
                     connector_class: connector.class().to_string(),
@@ -692,7 +810,10 @@ impl Herder {
                     producer,
                     offsets: self.offsets.clone(),
                     kafka: self.kafka.clone(),
-                    new_topic: (common.int(cc::NEW_TOPIC_PARTITIONS)? as i32, common.int(cc::NEW_TOPIC_REPLICATION)? as i32),
+                    new_topic: (
+                        common.int(cc::NEW_TOPIC_PARTITIONS)? as i32,
+                        common.int(cc::NEW_TOPIC_REPLICATION)? as i32,
+                    ),
                     status,
                     metrics,
                     settings: runner,
@@ -738,14 +859,21 @@ impl Herder {
     /// Stops every task here, letting each deliver what it holds.
     pub async fn shutdown(&self) {
         let _guard = self.operations.lock().await;
-        let handles: Vec<((String, u32), TaskHandle)> = std::mem::take(&mut *self.tasks.lock().await).into_iter().collect();
+        let handles: Vec<((String, u32), TaskHandle)> =
+            std::mem::take(&mut *self.tasks.lock().await)
+                .into_iter()
+                .collect();
         for ((name, id), handle) in handles {
             let generation = handle.generation;
             handle.stop().await;
-            if !self.statuses.task(&name, id).is_some_and(|s| s.state == ConnectorState::Failed) {
-                self.report_task(&name, id, ConnectorState::Unassigned, generation).await;
+            if !self
+                .statuses
+                .task(&name, id)
+                .is_some_and(|s| s.state == ConnectorState::Failed)
+            {
+                self.report_task(&name, id, ConnectorState::Unassigned, generation)
+                    .await;
             }
         }
     }
 }
-

@@ -60,8 +60,16 @@ impl Worker {
             &kafka,
             &[
                 TopicSpec::compacted(&topics.config, 1, topics.replication_factor),
-                TopicSpec::compacted(&topics.offsets, topics.offsets_partitions, topics.replication_factor),
-                TopicSpec::compacted(&topics.status, topics.status_partitions, topics.replication_factor),
+                TopicSpec::compacted(
+                    &topics.offsets,
+                    topics.offsets_partitions,
+                    topics.replication_factor,
+                ),
+                TopicSpec::compacted(
+                    &topics.status,
+                    topics.status_partitions,
+                    topics.replication_factor,
+                ),
             ],
         )
         .await?;
@@ -72,11 +80,20 @@ impl Worker {
         )?;
         let listener = TcpListener::bind(config.rest.listen)
             .await
-            .map_err(|source| WorkerError::Listen { addr: config.rest.listen, source })?;
+            .map_err(|source| WorkerError::Listen {
+                addr: config.rest.listen,
+                source,
+            })?;
         let rest_addr = listener
             .local_addr()
-            .map_err(|source| WorkerError::Listen { addr: config.rest.listen, source })?;
-        let worker_id = config.worker_id.clone().unwrap_or_else(|| rest_addr.to_string());
+            .map_err(|source| WorkerError::Listen {
+                addr: config.rest.listen,
+                source,
+            })?;
+        let worker_id = config
+            .worker_id
+            .clone()
+            .unwrap_or_else(|| rest_addr.to_string());
         let configs = Arc::new(configs);
         let metrics = Metrics::default();
         let herder = Arc::new(Herder::new(herder::HerderParts {
@@ -100,7 +117,11 @@ impl Worker {
             shutdown.clone(),
         ));
         herder.reconcile().await;
-        let watcher = tokio::spawn(follow_config_topic(herder.clone(), configs, shutdown.clone()));
+        let watcher = tokio::spawn(follow_config_topic(
+            herder.clone(),
+            configs,
+            shutdown.clone(),
+        ));
         tracing::info!(rest = %rest_addr, worker = herder.worker_id(), "worker started");
         Ok(Self {
             herder,
@@ -130,7 +151,11 @@ impl Worker {
 }
 
 /// Reconciles whenever the config topic changes, including changes made by other processes.
-async fn follow_config_topic(herder: Arc<Herder>, configs: Arc<ConfigStore>, shutdown: CancellationToken) {
+async fn follow_config_topic(
+    herder: Arc<Herder>,
+    configs: Arc<ConfigStore>,
+    shutdown: CancellationToken,
+) {
     let mut changes = configs.changes();
     loop {
         tokio::select! {

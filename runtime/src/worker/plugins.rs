@@ -33,7 +33,9 @@ impl ConnectorPlugin {
 
     fn matches(&self, name: &str) -> bool {
         let connector = self.connector();
-        connector.class() == name || self.simple_name() == name || connector.aliases().contains(&name)
+        connector.class() == name
+            || self.simple_name() == name
+            || connector.aliases().contains(&name)
     }
 }
 

@@ -9,7 +9,8 @@ use medconnect_api::{ConnectError, Props};
 use regex::Regex;
 
 static REFERENCE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"\$\{(env|file):([^}]*)\}").unwrap_or_else(|e| unreachable!("the reference pattern is valid: {e}"))
+    Regex::new(r"\$\{(env|file):([^}]*)\}")
+        .unwrap_or_else(|e| unreachable!("the reference pattern is valid: {e}"))
 });
 
 pub fn is_reference(value: &str) -> bool {
@@ -20,7 +21,11 @@ pub fn is_reference(value: &str) -> bool {
 pub fn resolve(props: &Props) -> Result<Props, ConnectError> {
     props
         .iter()
-        .map(|(key, value)| resolve_value(value).map(|v| (key.clone(), v)).map_err(|reason| ConnectError::config(key, reason)))
+        .map(|(key, value)| {
+            resolve_value(value)
+                .map(|v| (key.clone(), v))
+                .map_err(|reason| ConnectError::config(key, reason))
+        })
         .collect()
 }
 
@@ -32,7 +37,8 @@ fn resolve_value(value: &str) -> Result<String, String> {
     let resolved = REFERENCE.replace_all(value, |captures: &regex::Captures<'_>| {
         let (provider, argument) = (&captures[1], &captures[2]);
         let result = match provider {
-            "env" => std::env::var(argument).map_err(|_| format!("environment variable {argument} is not set")),
+            "env" => std::env::var(argument)
+                .map_err(|_| format!("environment variable {argument} is not set")),
             _ => from_file(argument),
         };
         result.unwrap_or_else(|reason| {
@@ -77,8 +83,14 @@ mod tests {
         // SAFETY: tests in this module are the only readers of this variable.
         unsafe { std::env::set_var("MEDCONNECT_TEST_HOST", "db.local") };
         let props: Props = [
-            ("host".to_string(), "${env:MEDCONNECT_TEST_HOST}:5432".to_string()),
-            ("password".to_string(), format!("${{file:{}:password}}", path.display())),
+            (
+                "host".to_string(),
+                "${env:MEDCONNECT_TEST_HOST}:5432".to_string(),
+            ),
+            (
+                "password".to_string(),
+                format!("${{file:{}:password}}", path.display()),
+            ),
             ("plain".to_string(), "x".to_string()),
         ]
         .into();
@@ -90,8 +102,14 @@ mod tests {
 
     #[test]
     fn an_unresolvable_reference_names_its_setting() {
-        let props: Props = [("password".to_string(), "${env:MEDCONNECT_SURELY_UNSET}".to_string())].into();
+        let props: Props = [(
+            "password".to_string(),
+            "${env:MEDCONNECT_SURELY_UNSET}".to_string(),
+        )]
+        .into();
         let error = resolve(&props).unwrap_err();
-        assert!(matches!(error, ConnectError::Config { ref field, ref reason } if field == "password" && reason.contains("MEDCONNECT_SURELY_UNSET")));
+        assert!(
+            matches!(error, ConnectError::Config { ref field, ref reason } if field == "password" && reason.contains("MEDCONNECT_SURELY_UNSET"))
+        );
     }
 }

@@ -32,7 +32,12 @@ fn partitions(consumer: &BaseConsumer, config: &Props) -> Result<TopicPartitionL
         .map_err(|e| format!("cannot read topic metadata: {e}"))?;
     let listed: Vec<&str> = config
         .get(cc::TOPICS)
-        .map(|t| t.split(',').map(str::trim).filter(|t| !t.is_empty()).collect())
+        .map(|t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .collect()
+        })
         .unwrap_or_default();
     let regex = match config.get(cc::TOPICS_REGEX).filter(|r| !r.is_empty()) {
         Some(r) => Some(regex::Regex::new(&format!("^(?:{r})$")).map_err(|e| e.to_string())?),
@@ -40,7 +45,8 @@ fn partitions(consumer: &BaseConsumer, config: &Props) -> Result<TopicPartitionL
     };
     let mut list = TopicPartitionList::new();
     for topic in metadata.topics() {
-        let wanted = listed.contains(&topic.name()) || regex.as_ref().is_some_and(|r| r.is_match(topic.name()));
+        let wanted = listed.contains(&topic.name())
+            || regex.as_ref().is_some_and(|r| r.is_match(topic.name()));
         if wanted {
             for partition in topic.partitions() {
                 list.add_partition(topic.name(), partition.id());
@@ -50,7 +56,11 @@ fn partitions(consumer: &BaseConsumer, config: &Props) -> Result<TopicPartitionL
     Ok(list)
 }
 
-pub async fn read(settings: &KafkaSettings, connector: &str, config: &Props) -> Result<Vec<(Value, Value)>, String> {
+pub async fn read(
+    settings: &KafkaSettings,
+    connector: &str,
+    config: &Props,
+) -> Result<Vec<(Value, Value)>, String> {
     let settings = settings.clone();
     let connector = connector.to_string();
     let config = config.clone();
@@ -118,7 +128,11 @@ pub async fn alter(
 }
 
 /// Resets to the beginning: commits each partition's low watermark.
-pub async fn reset(settings: &KafkaSettings, connector: &str, config: &Props) -> Result<(), String> {
+pub async fn reset(
+    settings: &KafkaSettings,
+    connector: &str,
+    config: &Props,
+) -> Result<(), String> {
     let settings = settings.clone();
     let connector = connector.to_string();
     let config = config.clone();

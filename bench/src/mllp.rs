@@ -1,0 +1,246 @@
+//! HL7 over MLLP into Kafka: N concurrent senders, each waiting for its ACK as real senders
+//! do, against a raw rdkafka producer awaiting each delivery with the same concurrency.
+//!
+//!   cargo run -p medconnect-bench --bin mllp -- [senders] [seconds] [linger.ms]
+//!
+//! `linger.ms` (default 1) is given to both producers: with senders that wait for each ACK,
+//! the producer's batching delay is paid on every message.
+//! Two loads for both contenders: a fixed 1,000 messages/s (latency without queueing) and the
+//! maximum rate. Prints messages/s and ACK (or delivery) latency p50/p99/max, and the ratio.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use medconnect_hl7::mllp::client::MllpClient;
+use medconnect_runtime::broker::EmbeddedBroker;
+use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
+use medconnect_runtime::{Plugins, Worker, WorkerConfig};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+fn adt(sender: usize, seq: u64) -> Vec<u8> {
+    format!(
+        "MSH|^~\\&|EPIC|GENHOSP|MEDCONNECT|DC|20261122120000||ADT^A08^ADT_A01|S{sender}N{seq}|P|2.5.1\rEVN|A08|20261122120000\rPID|1||PAT{sender:04}^^^GENHOSP^MR||DOE^JANE^Q||19800101|F|||1 MAIN ST^^BOSTON^MA^02110\rPV1|1|I|ICU^101^A|||||||MED\rOBX|1|NM|8867-4^Heart rate^LN||78|/min|||||F\r"
+    )
+    .into_bytes()
+}
+
+/// `None`: as fast as possible; `Some(rate)`: total messages per second over all senders.
+#[derive(Clone, Copy)]
+enum Load {
+    Max,
+    Fixed(f64),
+}
+
+struct Outcome {
+    messages: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Outcome {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        let index = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies.get(index).copied().unwrap_or_default()
+    }
+
+    fn print(&self, who: &str) {
+        println!(
+            "  {who:<22} {:>8.0} msg/s   latency p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms   ({} messages)",
+            self.rate(),
+            ms(self.percentile(0.5)),
+            ms(self.percentile(0.99)),
+            ms(self.latencies.last().copied().unwrap_or_default()),
+            self.messages
+        );
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Runs `senders` loops of `send` for `seconds`, paced by `load`; gathers every latency.
+async fn drive<F, Fut>(senders: usize, seconds: u64, load: Load, send: F) -> anyhow::Result<Outcome>
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let started = Instant::now();
+    let until = started + Duration::from_secs(seconds);
+    let mut handles = Vec::new();
+    for sender in 0..senders {
+        let send = send.clone();
+        handles.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let interval = match load {
+                Load::Max => None,
+                Load::Fixed(rate) => Some(Duration::from_secs_f64(senders as f64 / rate)),
+            };
+            // Spread the senders' schedules over one interval.
+            let mut next = Instant::now()
+                + interval.map_or(Duration::ZERO, |i| {
+                    i.mul_f64(sender as f64 / senders as f64)
+                });
+            let mut seq = 0u64;
+            while Instant::now() < until {
+                if let Some(interval) = interval {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += interval;
+                }
+                let sent = Instant::now();
+                send(sender, seq).await?;
+                latencies.push(sent.elapsed());
+                seq += 1;
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for handle in handles {
+        latencies.extend(handle.await??);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    Ok(Outcome {
+        messages: latencies.len(),
+        elapsed,
+        latencies,
+    })
+}
+
+async fn mllp_run(port: u16, senders: usize, seconds: u64, load: Load) -> anyhow::Result<Outcome> {
+    let mut clients = Vec::new();
+    for _ in 0..senders {
+        clients.push(Arc::new(tokio::sync::Mutex::new(
+            MllpClient::connect("127.0.0.1", port, Duration::from_secs(10), None, 1 << 20).await?,
+        )));
+    }
+    let clients = Arc::new(clients);
+    drive(senders, seconds, load, move |sender, seq| {
+        let clients = clients.clone();
+        async move {
+            let mut client = clients[sender].lock().await;
+            let ack = client
+                .request(&adt(sender, seq), Duration::from_secs(30))
+                .await?;
+            if !ack.windows(7).any(|w| w == b"MSA|AA|") {
+                bail!("not acknowledged: {}", String::from_utf8_lossy(&ack));
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+async fn raw_run(
+    producer: FutureProducer,
+    senders: usize,
+    seconds: u64,
+    load: Load,
+) -> anyhow::Result<Outcome> {
+    drive(senders, seconds, load, move |sender, seq| {
+        let producer = producer.clone();
+        async move {
+            let message = adt(sender, seq);
+            let key = format!("PAT{sender:04}");
+            producer
+                .send(
+                    FutureRecord::to("raw.adt").key(&key).payload(&message),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let senders: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(16);
+    let seconds: u64 = std::env::args()
+        .nth(2)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(10);
+    let linger: String = std::env::args().nth(3).unwrap_or_else(|| "1".into());
+    let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
+    let bootstrap = broker.bootstrap_servers();
+    let mut config = WorkerConfig::new(&bootstrap);
+    config.rest.listen = "127.0.0.1:0".parse()?;
+    let worker = Worker::start(config, Plugins::builtin()).await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let settings = KafkaSettings::new(&bootstrap);
+    ensure_topics(
+        &settings,
+        &[
+            TopicSpec::regular("hl7.adt", 1, 1),
+            TopicSpec::regular("raw.adt", 1, 1),
+        ],
+    )
+    .await?;
+    let source = [
+        ("connector.class", "MllpSource".to_string()),
+        ("mllp.bind", "127.0.0.1".to_string()),
+        ("mllp.port", port.to_string()),
+        ("topic", "hl7.adt".to_string()),
+        ("producer.override.linger.ms", linger.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    worker.herder().create("bench-mllp", source, None).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("the MLLP source did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The worker's producer settings, for a like-for-like baseline.
+    let overrides = [("linger.ms".to_string(), linger.clone())].into();
+    let producer: FutureProducer = settings
+        .producer_config(&overrides)
+        .create()
+        .context("producer")?;
+    // Warm both paths (connections, metadata, first batch).
+    mllp_run(port, 1, 1, Load::Fixed(100.0)).await?;
+    raw_run(producer.clone(), 1, 1, Load::Fixed(100.0)).await?;
+
+    println!(
+        "== HL7 ADT (~330 bytes) over MLLP into Kafka vs raw producer: {senders} senders, {seconds} s per run, linger.ms={linger}"
+    );
+    for (label, load) in [
+        ("fixed 1000 msg/s", Load::Fixed(1000.0)),
+        ("maximum rate", Load::Max),
+    ] {
+        println!("{label}:");
+        let mllp = mllp_run(port, senders, seconds, load).await?;
+        mllp.print("MLLP source (AA)");
+        let raw = raw_run(producer.clone(), senders, seconds, load).await?;
+        raw.print("raw producer (acked)");
+        println!(
+            "  ratio MLLP/raw: throughput {:.2}, p99 latency {:.2}",
+            mllp.rate() / raw.rate(),
+            ms(mllp.percentile(0.99)) / ms(raw.percentile(0.99)).max(f64::EPSILON)
+        );
+    }
+    worker.shutdown().await;
+    broker.stop();
+    Ok(())
+}
