@@ -80,7 +80,7 @@ pub fn generate(schema: Schema, seed: u64, task: u32, seq: u64) -> Event {
     let vitals = match schema {
         Schema::Vitals => true,
         Schema::Adt => false,
-        Schema::Mixed => seq % 10 != 0,
+        Schema::Mixed => !seq.is_multiple_of(10),
     };
     let value = if vitals {
         json!({
@@ -111,7 +111,7 @@ pub fn generate(schema: Schema, seed: u64, task: u32, seq: u64) -> Event {
                 "family": FAMILY[(patient % FAMILY.len() as u64) as usize],
                 "given": GIVEN[(patient / 7 % GIVEN.len() as u64) as usize],
                 "birth_date": format!("{}-{:02}-{:02}", 1935 + patient % 85, 1 + patient % 12, 1 + patient % 28),
-                "sex": if patient % 2 == 0 { "F" } else { "M" },
+                "sex": if patient.is_multiple_of(2) { "F" } else { "M" },
             },
             "location": {
                 "unit": UNITS[rng.random_range(0..UNITS.len())],

@@ -324,13 +324,13 @@ impl Pipeline {
         } = source;
         if let Some(reason) = rejected {
             let position =
-                (!source_partition.is_empty()).then(|| (source_partition, source_offset));
+                (!source_partition.is_empty()).then_some((source_partition, source_offset));
             return self.reject_input(record, reason, position, ack);
         }
         let original = (!self.transforms.is_empty() && self.errors.policy.dlq_topic.is_some())
             .then(|| record.clone());
         let transformed = self.transforms.apply(record);
-        let position = (!source_partition.is_empty()).then(|| (source_partition, source_offset));
+        let position = (!source_partition.is_empty()).then_some((source_partition, source_offset));
         let record = match transformed {
             Ok(Some(record)) => record,
             Ok(None) => {

@@ -57,6 +57,9 @@ pub enum HerderError {
 
 type Result<T> = std::result::Result<T, HerderError>;
 
+/// Offsets to set (`Some`) or delete (`None`), by partition, as `PATCH .../offsets` gives them.
+pub type OffsetChanges = Vec<(Map<String, Value>, Option<Map<String, Value>>)>;
+
 /// A connector as the REST API shows it.
 #[derive(Debug, Clone)]
 pub struct ConnectorInfo {
@@ -551,11 +554,7 @@ impl Herder {
     }
 
     /// Alters offsets; `None` deletes a partition's offset. The connector must be STOPPED.
-    pub async fn alter_offsets(
-        &self,
-        name: &str,
-        offsets: Vec<(Map<String, Value>, Option<Map<String, Value>>)>,
-    ) -> Result<()> {
+    pub async fn alter_offsets(&self, name: &str, offsets: OffsetChanges) -> Result<()> {
         let _guard = self.operations.lock().await;
         let entry = self.require_stopped(name)?;
         match self.plugin_for(&entry.config)?.kind() {

@@ -7,9 +7,10 @@ use std::time::Duration;
 use medconnect_api::Props;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::connector_config as cc;
+use super::herder::OffsetChanges;
 use crate::kafka::KafkaSettings;
 
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -92,7 +93,7 @@ pub async fn read(
 pub async fn alter(
     settings: &KafkaSettings,
     connector: &str,
-    offsets: Vec<(Map<String, Value>, Option<Map<String, Value>>)>,
+    offsets: OffsetChanges,
 ) -> Result<(), String> {
     let mut list = TopicPartitionList::new();
     for (partition, offset) in &offsets {
