@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
+use medconnect_api::{Props, Record};
 use medconnect_e2e::{Received, TestCluster, TestWorker, json, lines, wait_for_lines};
+use medconnect_runtime::transform::TransformChain;
 use serde_json::Value;
 
 const WASM_CLASS: &str = "io.medconnect.transforms.Wasm";
@@ -302,6 +304,237 @@ async fn unusable_modules_are_config_errors_on_the_module_setting() -> anyhow::R
             .contains("the module rejected its configuration: unknown setting"),
         "{report}"
     );
+    worker.shutdown().await;
+    Ok(())
+}
+
+// ---- The example guests (plugins/examples), through the real host ---------------------
+
+/// A one-stage chain running `module` with `config.*` settings, as a connector would.
+fn chain(module: &str, config: &[(&str, &str)]) -> anyhow::Result<TransformChain> {
+    let mut props: Props = [("transforms", "t"), ("transforms.t.type", "wasm")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    props.insert("transforms.t.module".into(), module.to_string());
+    for (key, value) in config {
+        props.insert(format!("transforms.t.config.{key}"), value.to_string());
+    }
+    Ok(TransformChain::from_config(&props)?)
+}
+
+fn apply(chain: &mut TransformChain, record: Record) -> Record {
+    match chain.apply(record) {
+        Ok(Some(record)) => record,
+        Ok(None) => panic!("the record was dropped"),
+        Err(failure) => panic!("the transform failed: {:?}", failure.error),
+    }
+}
+
+fn value_json(record: &Record) -> Value {
+    serde_json::from_slice(record.value.as_deref().unwrap_or_default()).unwrap_or(Value::Null)
+}
+
+const ADT: &str = "MSH|^~\\&|EPIC|ICU|LAB|HOSP|20240101120000||ADT^A01|MSG0001|P|2.5\r\
+EVN|A01|20240101120000\r\
+PID|1||MRN12345^^^HOSP^MR||DOE^JANE^Q||19800101|F|||1 MAIN ST^^BOSTON^MA^02110||555-0100|||||ACCT1|123-45-6789\r\
+PV1|1|I|ICU^101^A\r";
+
+fn hl7(value: &str) -> Record {
+    Record::new("adt")
+        .with_value(value.to_string())
+        .with_header("content-type", "application/hl7-v2")
+}
+
+#[test]
+fn mask_phi_masks_json_fields_and_hl7_pid_fields() -> anyhow::Result<()> {
+    let mut mask = chain(&guest("mask-phi")?, &[("fields", "ssn,patient.birthDate")])?;
+    let record = Record::new("patients")
+        .with_key("MRN1")
+        .with_value(r#"{"mrn":"MRN1","ssn":"123-45-6789","patient":{"birthDate":"1980-01-01","name":"Jane"},"hr":80}"#)
+        .with_header("content-type", "application/json");
+    let out = apply(&mut mask, record.clone());
+    assert_eq!(
+        value_json(&out),
+        json!({"mrn":"MRN1","ssn":"***","patient":{"birthDate":"***","name":"Jane"},"hr":80})
+    );
+    assert_eq!(
+        (out.key, out.headers, out.topic),
+        (record.key, record.headers, record.topic),
+        "only the value changes"
+    );
+
+    let out = apply(&mut mask, hl7(ADT));
+    let text = String::from_utf8(out.value.unwrap_or_default().to_vec())?;
+    let pid = text
+        .split('\r')
+        .find(|s| s.starts_with("PID|"))
+        .unwrap_or_default();
+    assert_eq!(
+        pid,
+        "PID|1||MRN12345^^^HOSP^MR||***^***^***||***|F|||1 MAIN ST^^BOSTON^MA^02110||555-0100|||||ACCT1|***"
+    );
+    assert!(
+        text.starts_with("MSH|^~\\&|EPIC|ICU|LAB|HOSP|20240101120000||ADT^A01|MSG0001|P|2.5\rEVN|"),
+        "{text:?}"
+    );
+    assert!(text.ends_with("PV1|1|I|ICU^101^A\r"));
+
+    // Hashing pseudonymises: the same SSN hashes alike, so records stay linkable.
+    let mut hash = chain(
+        &guest("mask-phi")?,
+        &[("fields", "ssn"), ("mode", "hash"), ("salt", "s3cret")],
+    )?;
+    let first = value_json(&apply(
+        &mut hash,
+        Record::new("p").with_value(r#"{"ssn":"123-45-6789"}"#),
+    ));
+    let second = value_json(&apply(
+        &mut hash,
+        Record::new("p").with_value(r#"{"ssn":"123-45-6789","x":1}"#),
+    ));
+    let hashed = first["ssn"].as_str().unwrap_or_default();
+    assert_eq!(hashed.len(), 64, "{first}");
+    assert_ne!(hashed, "123-45-6789");
+    assert_eq!(first["ssn"], second["ssn"]);
+
+    // A value it cannot read fails the record rather than leaking it unmasked.
+    let failure = mask
+        .apply(Record::new("p").with_value("ssn=123-45-6789"))
+        .err();
+    let message = failure.map(|f| f.error.to_string()).unwrap_or_default();
+    assert!(
+        message.contains("not JSON") && !message.contains("123-45"),
+        "{message}"
+    );
+
+    // Its settings are checked when the connector is validated.
+    let refused = chain(
+        &guest("mask-phi")?,
+        &[("fields", "ssn"), ("mode", "scramble")],
+    )
+    .err();
+    assert!(refused.is_some_and(|e| e.to_string().contains("mode must be mask or hash")));
+    Ok(())
+}
+
+#[test]
+fn route_by_type_sets_the_topic_in_rust_and_in_assemblyscript() -> anyhow::Result<()> {
+    for module in [guest("route-by-type")?, guest("route-by-type-as")?] {
+        let mut route = chain(&module, &[])?;
+        let mut record = hl7(ADT);
+        record.partition = Some(2);
+        let out = apply(&mut route, record);
+        assert_eq!(out.topic, "adt.ADT_A01", "{module}");
+        assert_eq!(
+            out.partition, None,
+            "{module}: the old topic's partition does not apply"
+        );
+        assert_eq!(
+            out.value.as_deref(),
+            Some(ADT.as_bytes()),
+            "{module}: the message is untouched"
+        );
+
+        let fhir = Record::new("fhir").with_value(
+            r#"{"meta":{"resourceType":"nested"},"resourceType":"Observation","id":"1"}"#,
+        );
+        assert_eq!(
+            apply(&mut route, fhir).topic,
+            "fhir.Observation",
+            "{module}"
+        );
+        let untyped = Record::new("fhir").with_value(r#"{"id":"1"}"#);
+        assert_eq!(
+            apply(&mut route, untyped).topic,
+            "fhir",
+            "{module}: no type, same topic"
+        );
+
+        let mut custom = chain(
+            &module,
+            &[("topic.format", "hl7-${type}"), ("json.field", "kind")],
+        )?;
+        assert_eq!(
+            apply(&mut custom, hl7(ADT)).topic,
+            "hl7-ADT_A01",
+            "{module}"
+        );
+        assert_eq!(
+            apply(
+                &mut custom,
+                Record::new("x").with_value(r#"{"kind":"lab result"}"#)
+            )
+            .topic,
+            "hl7-lab_result"
+        );
+
+        let refused = chain(&module, &[("topic.format", "fixed")]).err();
+        assert!(
+            refused.is_some_and(|e| e.to_string().contains("must contain ${type}")),
+            "{module}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn vitals_units_converts_fahrenheit_and_pounds() -> anyhow::Result<()> {
+    let mut units = chain(&guest("vitals-units")?, &[])?;
+    let record = Record::new("vitals")
+        .with_value(r#"{"device":"M1","temp":{"value":98.6,"unit":"F"},"weight":{"value":154,"unit":"[lb_av]"},"hr":{"value":72,"unit":"/min"}}"#);
+    assert_eq!(
+        value_json(&apply(&mut units, record)),
+        json!({"device":"M1","temp":{"value":37,"unit":"Cel"},"weight":{"value":69.9,"unit":"kg"},"hr":{"value":72,"unit":"/min"}})
+    );
+    let mut precise = chain(&guest("vitals-units")?, &[("decimals", "2")])?;
+    let out = apply(
+        &mut precise,
+        Record::new("v").with_value(r#"{"t":{"value":98.7,"unit":"degF"}}"#),
+    );
+    assert_eq!(value_json(&out), json!({"t":{"value":37.06,"unit":"Cel"}}));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_and_wasm_chain_is_applied_to_what_lands_in_kafka() -> anyhow::Result<()> {
+    let mask = guest("mask-phi")?;
+    let route = guest("route-by-type-as")?;
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let input = cluster.path("patients.jsonl");
+    std::fs::write(
+        &input,
+        "{\"resourceType\":\"Patient\",\"id\":\"p1\",\"ssn\":\"123-45-6789\",\"birthDate\":\"1980-01-01\"}\n\
+         {\"resourceType\":\"Patient\",\"id\":\"p2\",\"ssn\":\"987-65-4321\",\"birthDate\":\"1975-05-05\"}\n",
+    )?;
+    worker
+        .rest
+        .create(
+            "patients-in",
+            json!({
+                "connector.class": "FileSource", "file": input.to_str().unwrap(), "topic": "patients",
+                "poll.interval.ms": "20",
+                "transforms": "tag,mask,route",
+                "transforms.tag.type": "org.apache.kafka.connect.transforms.InsertField$Value",
+                "transforms.tag.static.field": "ward", "transforms.tag.static.value": "icu",
+                "transforms.mask.type": "wasm", "transforms.mask.module": mask,
+                "transforms.mask.config.fields": "ssn,birthDate",
+                "transforms.route.type": "io.medconnect.transforms.Wasm", "transforms.route.module": route,
+            }),
+        )
+        .await?;
+
+    let records = cluster.read_topic("patients.Patient", 2).await?;
+    let values: Vec<Value> = records.iter().map(Received::json).collect();
+    assert_eq!(
+        values,
+        vec![
+            json!({"resourceType":"Patient","id":"p1","ssn":"***","birthDate":"***","ward":"icu"}),
+            json!({"resourceType":"Patient","id":"p2","ssn":"***","birthDate":"***","ward":"icu"}),
+        ]
+    );
+    worker.wait_for_state("patients-in", "RUNNING", 1).await?;
     worker.shutdown().await;
     Ok(())
 }
