@@ -333,6 +333,174 @@ impl<'a> Parser<'a> {
     }
 }
 
+/// Rewrites the members at `paths` (dotted, through objects only) of a JSON text without
+/// building a tree: `replace(path, raw_value_text)` returns the new raw JSON text for that
+/// member, or `None` to keep it. Everything else is copied byte for byte. The whole text is
+/// still checked to be valid JSON. Member names are matched as written, escapes included.
+pub fn replace_members(
+    text: &str,
+    paths: &[String],
+    replace: &mut dyn FnMut(&str, &str) -> Option<String>,
+) -> Result<String, String> {
+    let mut editor = Editor {
+        parser: Parser { bytes: text.as_bytes(), at: 0, depth: 0 },
+        text,
+        paths,
+        out: String::with_capacity(text.len() + 16),
+        copied: 0,
+        path: String::new(),
+        replace,
+    };
+    editor.value(true)?;
+    editor.parser.space();
+    if editor.parser.at != text.len() {
+        return Err(format!("unexpected text after the JSON value at byte {}", editor.parser.at));
+    }
+    editor.out.push_str(&text[editor.copied..]);
+    Ok(editor.out)
+}
+
+struct Editor<'a, 'r> {
+    parser: Parser<'a>,
+    text: &'a str,
+    paths: &'a [String],
+    out: String,
+    /// Input up to here is already in `out`.
+    copied: usize,
+    /// The dotted path of the object being scanned ("" at the top).
+    path: String,
+    replace: &'r mut dyn FnMut(&str, &str) -> Option<String>,
+}
+
+impl<'a, 'r> Editor<'a, 'r> {
+    /// Skips (validating) one value; `track` says whether members below may match a path.
+    fn value(&mut self, track: bool) -> Result<(), String> {
+        self.parser.space();
+        match self.parser.peek() {
+            Some(b'{') => {
+                self.parser.depth += 1;
+                if self.parser.depth > MAX_DEPTH {
+                    return self.parser.fail("JSON nested too deeply");
+                }
+                self.object(track)?;
+                self.parser.depth -= 1;
+                Ok(())
+            }
+            Some(b'[') => {
+                self.parser.depth += 1;
+                if self.parser.depth > MAX_DEPTH {
+                    return self.parser.fail("JSON nested too deeply");
+                }
+                self.parser.at += 1;
+                self.parser.space();
+                if self.parser.peek() == Some(b']') {
+                    self.parser.at += 1;
+                } else {
+                    loop {
+                        self.value(false)?;
+                        self.parser.space();
+                        match self.parser.peek() {
+                            Some(b',') => self.parser.at += 1,
+                            Some(b']') => {
+                                self.parser.at += 1;
+                                break;
+                            }
+                            _ => return self.parser.fail("expected , or ]"),
+                        }
+                    }
+                }
+                self.parser.depth -= 1;
+                Ok(())
+            }
+            Some(b'"') => self.skip_string(),
+            Some(_) => self.parser.value().map(|_| ()),
+            None => self.parser.fail("unexpected end of JSON"),
+        }
+    }
+
+    fn skip_string(&mut self) -> Result<(), String> {
+        let bytes = self.parser.bytes;
+        let mut at = self.parser.at + 1;
+        while at < bytes.len() {
+            match bytes[at] {
+                b'\\' => at += 2,
+                b'"' => {
+                    self.parser.at = at + 1;
+                    return Ok(());
+                }
+                c if c < 0x20 => {
+                    self.parser.at = at;
+                    return self.parser.fail("control character in a string");
+                }
+                _ => at += 1,
+            }
+        }
+        self.parser.at = at;
+        self.parser.fail("unterminated string")
+    }
+
+    fn object(&mut self, track: bool) -> Result<(), String> {
+        self.parser.at += 1;
+        self.parser.space();
+        if self.parser.peek() == Some(b'}') {
+            self.parser.at += 1;
+            return Ok(());
+        }
+        loop {
+            self.parser.space();
+            if self.parser.peek() != Some(b'"') {
+                return self.parser.fail("expected a member name");
+            }
+            let key_start = self.parser.at + 1;
+            self.skip_string()?;
+            let key = &self.text[key_start..self.parser.at - 1];
+            self.parser.space();
+            if self.parser.peek() != Some(b':') {
+                return self.parser.fail("expected :");
+            }
+            self.parser.at += 1;
+            self.parser.space();
+            let saved = self.path.len();
+            let mut child_track = false;
+            let mut matched = false;
+            if track {
+                if !self.path.is_empty() {
+                    self.path.push('.');
+                }
+                self.path.push_str(key);
+                for p in self.paths {
+                    if p == &self.path {
+                        matched = true;
+                    } else if p.len() > self.path.len() && p.starts_with(self.path.as_str()) && p.as_bytes()[self.path.len()] == b'.' {
+                        child_track = true;
+                    }
+                }
+            }
+            let start = self.parser.at;
+            self.value(child_track)?;
+            if matched {
+                let text = self.text;
+                let raw = &text[start..self.parser.at];
+                if let Some(new) = (self.replace)(&self.path, raw) {
+                    self.out.push_str(&text[self.copied..start]);
+                    self.out.push_str(&new);
+                    self.copied = self.parser.at;
+                }
+            }
+            self.path.truncate(saved);
+            self.parser.space();
+            match self.parser.peek() {
+                Some(b',') => self.parser.at += 1,
+                Some(b'}') => {
+                    self.parser.at += 1;
+                    return Ok(());
+                }
+                _ => return self.parser.fail("expected , or }"),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,5 +513,22 @@ mod tests {
         assert!(parse("{").is_err());
         assert!(parse("[1,]").is_err());
         assert!(parse("1 2").is_err());
+    }
+
+    #[test]
+    fn members_are_replaced_in_place() {
+        let text = r#"{"a": "x", "b": {"c": 1, "a": [1, {"a": 2}]}, "d": null}"#;
+        let paths = vec!["a".to_string(), "b.c".to_string(), "d".to_string()];
+        let mut seen = Vec::new();
+        let out = replace_members(text, &paths, &mut |path, raw| {
+            seen.push((path.to_string(), raw.to_string()));
+            if raw == "null" { None } else { Some("\"*\"".to_string()) }
+        })
+        .unwrap();
+        assert_eq!(out, r#"{"a": "*", "b": {"c": "*", "a": [1, {"a": 2}]}, "d": null}"#);
+        assert_eq!(seen.len(), 3);
+        assert!(replace_members("{\"a\": }", &paths, &mut |_, _| None).is_err());
+        assert!(replace_members("{\"a\": 1} x", &paths, &mut |_, _| None).is_err());
+        assert!(replace_members("[1, 2]", &paths, &mut |_, _| None).is_ok());
     }
 }
