@@ -158,6 +158,28 @@ fn a_missing_or_broken_module_is_refused_on_the_module_setting() {
 }
 
 #[test]
+fn a_module_whose_initial_memory_exceeds_the_limit_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.wat");
+    let identity = std::fs::read_to_string(fixture("identity")).unwrap();
+    // 100 pages (6.4 MiB) of initial memory against a 1 MiB limit.
+    std::fs::write(
+        &path,
+        identity.replace(
+            "(memory (export \"memory\") 1)",
+            "(memory (export \"memory\") 100)",
+        ),
+    )
+    .unwrap();
+    let (field, reason) = setup_error(WasmTransform::new(&props(&[
+        ("module", path.to_str().unwrap()),
+        ("memory.max.bytes", "1048576"),
+    ])));
+    assert_eq!(field, "module");
+    assert!(reason.contains("memory limit of 1048576 bytes"), "{reason}");
+}
+
+#[test]
 fn configuration_reaches_the_guest_which_may_refuse_it() {
     assert!(transform("strict-config", &[]).is_ok());
     let (field, reason) = setup_error(transform("strict-config", &[("config.colour", "blue")]));
