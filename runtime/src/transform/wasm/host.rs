@@ -349,15 +349,17 @@ impl Guest {
             .call(&mut live.store, (ptr, len))
             .map_err(|e| self.fault(&live.store, e))?;
         let (out_ptr, out_len) = abi::unpack(packed);
-        let mut answer = vec![0u8; out_len as usize];
+        // Bounds first: the length is the guest's word, and must not size a host allocation.
+        let start = out_ptr as usize;
         live.memory
-            .read(&live.store, out_ptr as usize, &mut answer)
-            .map_err(|_| {
+            .data(&live.store)
+            .get(start..start.saturating_add(out_len as usize))
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| {
                 WasmError::Protocol(format!(
                     "answer at {out_ptr}+{out_len} lies outside guest memory"
                 ))
-            })?;
-        Ok(answer)
+            })
     }
 
     /// Names the cause of a failed call: time limit, memory limit, or the guest's own trap.

@@ -104,6 +104,31 @@ fn a_trap_fails_only_its_record_and_the_instance_is_rebuilt() {
 }
 
 #[test]
+fn an_answer_outside_guest_memory_or_garbled_fails_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = std::fs::read_to_string(fixture("identity")).unwrap();
+    let echo = "(call $echo (local.get 0) (local.get 1))))";
+    for (name, body, expected) in [
+        ("huge", "(i64.const 0xFFFFFFFF)))", "outside guest memory"),
+        // Answers the byte at address 0 after setting it to 7, a status that does not exist.
+        (
+            "garbled",
+            "(i32.store8 (i32.const 0) (i32.const 7)) (i64.const 1)))",
+            "unknown status byte 7",
+        ),
+    ] {
+        let path = dir.path().join(format!("{name}.wat"));
+        std::fs::write(&path, identity.replace(echo, body)).unwrap();
+        let mut guest = WasmTransform::new(&props(&[("module", path.to_str().unwrap())])).unwrap();
+        let message = record_error(guest.apply(record()));
+        assert!(
+            message.contains("broke the ABI") && message.contains(expected),
+            "{name}: {message}"
+        );
+    }
+}
+
+#[test]
 fn without_a_time_limit_guests_still_run() {
     let mut identity = transform("identity", &[("timeout.ms", "0")]).unwrap();
     assert_eq!(identity.apply(record()).unwrap(), Some(record()));
