@@ -24,7 +24,7 @@ use medconnect_api::{
 };
 use medconnect_datagen::{Schema, generate};
 use medconnect_runtime::broker::EmbeddedBroker;
-use medconnect_runtime::kafka::KafkaSettings;
+use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
 use medconnect_runtime::{Plugins, Worker, WorkerConfig};
 use rdkafka::producer::FutureRecord;
 use serde_json::{Map, json};
@@ -128,7 +128,10 @@ impl SourceTask for ReplayTask {
 }
 
 async fn raw_producer(bootstrap: &str, topic: &str, data: &Dataset) -> anyhow::Result<f64> {
-    let producer = KafkaSettings::new(bootstrap).producer(&Default::default())?;
+    let settings = KafkaSettings::new(bootstrap);
+    // One partition, as the pipeline's topic gets by default.
+    ensure_topics(&settings, &[TopicSpec::regular(topic, 1, 1)]).await?;
+    let producer = settings.producer(&Default::default())?;
     // Warm the connection and metadata, as the worker's producer is warm when its task starts.
     producer
         .send(

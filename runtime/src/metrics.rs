@@ -1,6 +1,8 @@
 //! The worker's one metrics registry, served at `/metrics` in Prometheus' text format.
 
-use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 const TASK_LABELS: &[&str] = &["connector", "task"];
 
@@ -120,46 +122,50 @@ impl Metrics {
     }
 }
 
-/// The label values of one task, computed once.
+/// One task's series, resolved once: updating them on the hot path is an atomic operation,
+/// not a label lookup.
 #[derive(Clone)]
 pub struct TaskMetrics {
     metrics: Metrics,
     connector: String,
     task: String,
+    records_in: IntCounter,
+    records_out: IntCounter,
+    records_filtered: IntCounter,
+    dead_lettered: IntCounter,
+    offset_commits: IntCounter,
+    offset_commit_lag: IntGauge,
+    in_flight: IntGauge,
 }
 
 impl TaskMetrics {
     pub fn new(metrics: &Metrics, connector: &str, task: u32) -> Self {
+        let task = task.to_string();
+        let labels = [connector, task.as_str()];
         Self {
+            records_in: metrics.records_in.with_label_values(&labels),
+            records_out: metrics.records_out.with_label_values(&labels),
+            records_filtered: metrics.records_filtered.with_label_values(&labels),
+            dead_lettered: metrics.dead_lettered.with_label_values(&labels),
+            offset_commits: metrics.offset_commits.with_label_values(&labels),
+            offset_commit_lag: metrics.offset_commit_lag.with_label_values(&labels),
+            in_flight: metrics.in_flight.with_label_values(&labels),
             metrics: metrics.clone(),
             connector: connector.to_string(),
-            task: task.to_string(),
+            task,
         }
     }
 
-    fn labels(&self) -> [&str; 2] {
-        [&self.connector, &self.task]
-    }
-
     pub fn records_in(&self, n: u64) {
-        self.metrics
-            .records_in
-            .with_label_values(&self.labels())
-            .inc_by(n);
+        self.records_in.inc_by(n);
     }
 
     pub fn records_out(&self, n: u64) {
-        self.metrics
-            .records_out
-            .with_label_values(&self.labels())
-            .inc_by(n);
+        self.records_out.inc_by(n);
     }
 
     pub fn filtered(&self) {
-        self.metrics
-            .records_filtered
-            .with_label_values(&self.labels())
-            .inc();
+        self.records_filtered.inc();
     }
 
     pub fn error(&self, stage: &str) {
@@ -170,31 +176,19 @@ impl TaskMetrics {
     }
 
     pub fn dead_lettered(&self) {
-        self.metrics
-            .dead_lettered
-            .with_label_values(&self.labels())
-            .inc();
+        self.dead_lettered.inc();
     }
 
     pub fn set_commit_lag(&self, records: i64) {
-        self.metrics
-            .offset_commit_lag
-            .with_label_values(&self.labels())
-            .set(records);
+        self.offset_commit_lag.set(records);
     }
 
     pub fn set_in_flight(&self, records: i64) {
-        self.metrics
-            .in_flight
-            .with_label_values(&self.labels())
-            .set(records);
+        self.in_flight.set(records);
     }
 
     pub fn committed(&self) {
-        self.metrics
-            .offset_commits
-            .with_label_values(&self.labels())
-            .inc();
+        self.offset_commits.inc();
     }
 
     pub fn remove(&self) {

@@ -6,24 +6,22 @@
 //! Deliveries are awaited in the order records were polled, so a stored offset never runs
 //! ahead of an unacknowledged record.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
 use medconnect_api::{
     AckHandle, ConnectError, ConnectResult, Delivery, Record, SourceOffset, SourcePartition,
     SourceRecord, SourceTask, SourceTaskContext,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use serde_json::Value;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -53,7 +51,67 @@ pub struct SourceTaskSpec {
     pub settings: RunnerSettings,
 }
 
-type Completion = Pin<Box<dyn Future<Output = Completed> + Send>>;
+/// How a record in flight will be settled. No boxed future per record: this is the hot path.
+enum Outcome {
+    /// Settled already (filtered, skipped); taken once.
+    Ready(Option<ConnectResult<Delivery>>),
+    /// Awaiting Kafka's acknowledgement; the topic is kept only when a listener awaits the ack.
+    Produced {
+        delivery: DeliveryFuture,
+        topic: Option<String>,
+    },
+    /// Awaiting the dead-letter write of a rejected record.
+    DeadLettered {
+        delivery: DeliveryFuture,
+        reason: String,
+    },
+}
+
+/// A record in flight; resolves to its fate. Kept in poll order by `FuturesOrdered`.
+struct InFlight {
+    position: Option<(SourcePartition, SourceOffset)>,
+    ack: Option<AckHandle>,
+    outcome: Outcome,
+}
+
+impl Future for InFlight {
+    type Output = Completed;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completed> {
+        let this = self.get_mut();
+        let outcome = match &mut this.outcome {
+            Outcome::Ready(result) => result
+                .take()
+                .unwrap_or_else(|| Err(ConnectError::fatal("a settled record was polled again"))),
+            Outcome::Produced { delivery, topic } => match Pin::new(delivery).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Ok(d))) => Ok(Delivery::Written {
+                    topic: topic.take().unwrap_or_default(),
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+                Poll::Ready(Ok(Err((error, _)))) => Err(ConnectError::retriable(format!(
+                    "Kafka did not take the record: {error}"
+                ))),
+                Poll::Ready(Err(_)) => Err(ConnectError::retriable("the producer was closed")),
+            },
+            Outcome::DeadLettered { delivery, reason } => match Pin::new(delivery).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Ok(_))) => Ok(Delivery::DeadLettered {
+                    reason: std::mem::take(reason),
+                }),
+                Poll::Ready(_) => Err(ConnectError::fatal(format!(
+                    "dead-letter write failed for a record rejected with: {reason}"
+                ))),
+            },
+        };
+        Poll::Ready(Completed {
+            position: this.position.take(),
+            ack: this.ack.take(),
+            outcome,
+        })
+    }
+}
 
 /// A record whose fate is known, in poll order.
 struct Completed {
@@ -143,8 +201,8 @@ impl SourceRunner {
             status: status.clone(),
             metrics,
             capacity,
-            in_flight: FuturesOrdered::new(),
-            pending_offsets: BTreeMap::new(),
+            in_flight: VecDeque::new(),
+            pending_offsets: Vec::new(),
             uncommitted: 0,
             known_topics: HashSet::new(),
         };
@@ -243,6 +301,22 @@ async fn poll_loop(
     task
 }
 
+/// Waits for the oldest record in flight to settle and takes it.
+fn next_settled(
+    in_flight: &mut VecDeque<InFlight>,
+) -> impl Future<Output = Option<Completed>> + '_ {
+    std::future::poll_fn(move |cx| match in_flight.front_mut() {
+        None => Poll::Ready(None),
+        Some(oldest) => match Pin::new(oldest).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(done) => {
+                in_flight.pop_front();
+                Poll::Ready(Some(done))
+            }
+        },
+    })
+}
+
 struct Pipeline {
     connector: String,
     /// Named in dead-letter headers for input the source itself rejected.
@@ -256,9 +330,11 @@ struct Pipeline {
     status: StatusReporter,
     metrics: TaskMetrics,
     capacity: Arc<Capacity>,
-    in_flight: FuturesOrdered<Completion>,
-    /// Offsets acknowledged and not yet stored, by canonical partition text.
-    pending_offsets: BTreeMap<String, (SourcePartition, SourceOffset)>,
+    /// Records in poll order. Only the oldest is awaited: Kafka acknowledges a partition's
+    /// records in order, and offsets must be stored in poll order anyway.
+    in_flight: VecDeque<InFlight>,
+    /// Offsets acknowledged and not yet stored, one per partition (sources have few).
+    pending_offsets: Vec<(SourcePartition, SourceOffset)>,
     uncommitted: i64,
     known_topics: HashSet<String>,
 }
@@ -278,7 +354,7 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return None,
-                Some(done) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                Some(done) = next_settled(&mut self.in_flight), if !self.in_flight.is_empty() => {
                     if let Err(error) = self.complete(done) {
                         return Some(error);
                     }
@@ -335,7 +411,7 @@ impl Pipeline {
             Ok(Some(record)) => record,
             Ok(None) => {
                 self.metrics.filtered();
-                self.enqueue(position, ack, Box::pin(async { Ok(Delivery::Filtered) }));
+                self.enqueue(position, ack, Outcome::Ready(Some(Ok(Delivery::Filtered))));
                 return Ok(());
             }
             Err(failure) => {
@@ -358,24 +434,8 @@ impl Pipeline {
             self.discover_topic(&record.topic).await?;
         }
         let delivery = self.produce(&record).await?;
-        let topic = record.topic;
-        self.enqueue(
-            position,
-            ack,
-            Box::pin(async move {
-                match delivery.await {
-                    Ok(Ok(d)) => Ok(Delivery::Written {
-                        topic,
-                        partition: d.partition,
-                        offset: d.offset,
-                    }),
-                    Ok(Err((error, _))) => Err(ConnectError::retriable(format!(
-                        "Kafka did not take the record: {error}"
-                    ))),
-                    Err(_) => Err(ConnectError::retriable("the producer was closed")),
-                }
-            }),
-        );
+        let topic = ack.is_some().then_some(record.topic);
+        self.enqueue(position, ack, Outcome::Produced { delivery, topic });
         Ok(())
     }
 
@@ -422,24 +482,13 @@ impl Pipeline {
                 self.enqueue(
                     position,
                     ack,
-                    Box::pin(async move { Ok(Delivery::Failed { reason }) }),
+                    Outcome::Ready(Some(Ok(Delivery::Failed { reason }))),
                 );
                 Ok(())
             }
             Verdict::DeadLettered(delivery) => {
                 let reason = error.to_string();
-                self.enqueue(
-                    position,
-                    ack,
-                    Box::pin(async move {
-                        match delivery.await {
-                            Ok(Ok(_)) => Ok(Delivery::DeadLettered { reason }),
-                            _ => Err(ConnectError::fatal(format!(
-                                "dead-letter write failed for a record rejected with: {reason}"
-                            ))),
-                        }
-                    }),
-                );
+                self.enqueue(position, ack, Outcome::DeadLettered { delivery, reason });
                 Ok(())
             }
         }
@@ -449,23 +498,18 @@ impl Pipeline {
         &mut self,
         position: Option<(SourcePartition, SourceOffset)>,
         ack: Option<AckHandle>,
-        outcome: Pin<Box<dyn Future<Output = ConnectResult<Delivery>> + Send>>,
+        outcome: Outcome,
     ) {
         self.capacity.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.in_flight.push_back(Box::pin(async move {
-            Completed {
-                position,
-                ack,
-                outcome: outcome.await,
-            }
-        }));
+        self.in_flight.push_back(InFlight {
+            position,
+            ack,
+            outcome,
+        });
     }
 
     /// Hands a record to the producer, waiting for room when its queue is full.
-    async fn produce(
-        &mut self,
-        record: &Record,
-    ) -> ConnectResult<rdkafka::producer::DeliveryFuture> {
+    async fn produce(&mut self, record: &Record) -> ConnectResult<DeliveryFuture> {
         loop {
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
             for (key, value) in record.headers.iter() {
@@ -492,7 +536,7 @@ impl Pipeline {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     // Make room by settling the oldest record in flight.
-                    match self.in_flight.next().await {
+                    match next_settled(&mut self.in_flight).await {
                         Some(done) => self.complete(done)?,
                         None => tokio::time::sleep(Duration::from_millis(10)).await,
                     }
@@ -561,10 +605,14 @@ impl Pipeline {
             ack.complete(delivery);
         }
         if let Some((partition, offset)) = position {
-            self.pending_offsets.insert(
-                Value::Object(partition.clone()).to_string(),
-                (partition, offset),
-            );
+            match self
+                .pending_offsets
+                .iter_mut()
+                .find(|(p, _)| *p == partition)
+            {
+                Some(entry) => entry.1 = offset,
+                None => self.pending_offsets.push((partition, offset)),
+            }
             self.uncommitted += 1;
             self.metrics.set_commit_lag(self.uncommitted);
         }
@@ -575,7 +623,7 @@ impl Pipeline {
     async fn drain(&mut self, settings: &RunnerSettings) {
         let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
         while !self.in_flight.is_empty() {
-            match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
+            match tokio::time::timeout_at(deadline, next_settled(&mut self.in_flight)).await {
                 Ok(Some(done)) => {
                     if let Err(error) = self.complete(done) {
                         tracing::warn!(connector = %self.connector, %error, "record not delivered while stopping");
@@ -597,7 +645,7 @@ impl Pipeline {
         }
         let batch: Vec<_> = self
             .pending_offsets
-            .values()
+            .iter()
             .map(|(p, o)| (p.clone(), Some(o.clone())))
             .collect();
         match self.offsets.write(&self.connector, batch).await {
