@@ -88,19 +88,6 @@ fn scoped(props: &Props, prefix: &str) -> Props {
         .collect()
 }
 
-fn aliases(props: &Props, key: &str) -> Vec<String> {
-    props
-        .get(key)
-        .map(|v| {
-            v.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 struct Stage {
     alias: String,
     class: String,
@@ -126,7 +113,7 @@ impl TransformChain {
     /// Builds the chain from a connector config; errors name the offending setting.
     pub fn from_config(props: &Props) -> ConnectResult<Self> {
         let mut stages = Vec::new();
-        for alias in aliases(props, "transforms") {
+        for alias in json::list(props, "transforms") {
             let prefix = format!("transforms.{alias}.");
             let type_key = format!("{prefix}type");
             let class = props
@@ -161,7 +148,7 @@ impl TransformChain {
     /// Validation entries for every `transforms.*` / `predicates.*` setting, for the validate endpoint.
     pub fn validate(props: &Props) -> Vec<ConfigValue> {
         let mut values = Vec::new();
-        for alias in aliases(props, "transforms") {
+        for alias in json::list(props, "transforms") {
             let prefix = format!("transforms.{alias}.");
             let type_key = format!("{prefix}type");
             let class = props.get(&type_key);
@@ -260,7 +247,7 @@ impl TransformChain {
 }
 
 fn build_predicate(props: &Props, name: &str, field: &str) -> ConnectResult<Box<dyn Predicate>> {
-    if !aliases(props, "predicates").iter().any(|p| p == name) {
+    if !json::list(props, "predicates").iter().any(|p| p == name) {
         return Err(ConnectError::config(
             field,
             format!("predicate '{name}' is not listed in 'predicates'"),
