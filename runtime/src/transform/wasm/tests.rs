@@ -104,6 +104,20 @@ fn a_trap_fails_only_its_record_and_the_instance_is_rebuilt() {
 }
 
 #[test]
+fn the_trap_fixture_looks_only_at_the_value() {
+    // 0x21 is '!': end-to-end tests send records with real timestamps and must not see a
+    // healthy record trap because a timestamp or length byte happens to be 0x21.
+    let mut trap = transform("trap", &[]).unwrap();
+    let innocent = Record::new("t!")
+        .with_key("MRN!")
+        .with_value(vec![b'x'; 0x21])
+        .with_header("h!", "v!")
+        .with_timestamp(0x2121_2121_2121);
+    assert_eq!(trap.apply(innocent.clone()).unwrap(), Some(innocent));
+    assert!(record_error(trap.apply(Record::new("t").with_value("!"))).contains("unreachable"));
+}
+
+#[test]
 fn an_answer_outside_guest_memory_or_garbled_fails_the_record() {
     let dir = tempfile::tempdir().unwrap();
     let identity = std::fs::read_to_string(fixture("identity")).unwrap();
