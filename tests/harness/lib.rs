@@ -27,8 +27,22 @@ pub struct TestCluster {
     dir: tempfile::TempDir,
 }
 
+/// Sends the in-process workers' logs to the test's captured output, which libtest prints only
+/// for a failing test. `MEDCONNECT_TEST_LOG` takes an `EnvFilter` directive to see more.
+pub fn capture_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MEDCONNECT_TEST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,medconnect_runtime=info"));
+    // Only the first call per test binary installs it; later ones find it in place.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
+}
+
 impl TestCluster {
     pub async fn start() -> anyhow::Result<Self> {
+        capture_logs();
         let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
         Ok(Self {
             bootstrap: broker.bootstrap_servers(),
@@ -41,6 +55,7 @@ impl TestCluster {
     /// proxy that can cut the network: a broker outage as clients see it, with the broker's
     /// data intact for when it "returns".
     pub async fn start_behind_proxy() -> anyhow::Result<(Self, TcpProxy)> {
+        capture_logs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let proxy_addr = listener.local_addr()?;
         let broker =
