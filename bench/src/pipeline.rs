@@ -23,7 +23,7 @@ use medconnect_api::{
     SourceRecord, SourceTask, SourceTaskContext, TaskConfig, content_type,
 };
 use medconnect_datagen::{Schema, generate};
-use medconnect_runtime::broker::EmbeddedBroker;
+use medconnect_runtime::broker::{self, EmbeddedBroker};
 use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
 use medconnect_runtime::{Plugins, Worker, WorkerConfig};
 use rdkafka::producer::FutureRecord;
@@ -285,7 +285,12 @@ async fn processes() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "bootstrap_servers = \"127.0.0.1:{kafka_port}\"\n[rest]\nlisten = \"127.0.0.1:{rest_port}\"\n"
+            "bootstrap_servers = \"127.0.0.1:{kafka_port}\"\n[rest]\nlisten = \"127.0.0.1:{rest_port}\"\n[consumer]\n{}\n",
+            broker::CONSUMER_SETTINGS
+                .iter()
+                .map(|(key, value)| format!("{key:?} = {value:?}"))
+                .collect::<Vec<_>>()
+                .join("\n")
         ),
     )?;
     let base = format!("http://127.0.0.1:{rest_port}");
@@ -315,10 +320,12 @@ async fn processes() -> anyhow::Result<()> {
 
     let client = reqwest::Client::new();
     let output = dir.path().join("out.jsonl");
+    let mut created = Vec::new();
     for body in [
         json!({"name": "load-in", "config": {"connector.class": "DatagenSource", "topic": "load", "rate": "0"}}),
         json!({"name": "load-out", "config": {"connector.class": "FileSink", "topics": "load", "file": output.to_str().context("path")?}}),
     ] {
+        let started = Instant::now();
         let response = client
             .post(format!("{base}/connectors"))
             .json(&body)
@@ -327,6 +334,7 @@ async fn processes() -> anyhow::Result<()> {
         if response.status().as_u16() != 201 {
             bail!("creating a connector failed: {}", response.text().await?);
         }
+        created.push(ready_ms(started.elapsed()));
     }
     let mut peak = 0.0f64;
     for _ in 0..40 {
@@ -346,6 +354,14 @@ async fn processes() -> anyhow::Result<()> {
         ready_ms(warm[warm.len() / 2]),
         ready_ms(warm[warm.len() - 1]),
         warm.len()
+    );
+    println!(
+        "POST /connectors answered (config written and read back): {}",
+        created
+            .iter()
+            .map(|ms| format!("{ms:.0} ms"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "worker RSS: idle {idle:.1} MB, under load (datagen -> Kafka -> file sink, {lines} records in 10 s) peak {peak:.1} MB"
@@ -377,7 +393,8 @@ async fn main() -> anyhow::Result<()> {
         bytes / count
     );
     let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
-    let mut config = WorkerConfig::new(&broker.bootstrap_servers());
+    let mut config = WorkerConfig::new(&broker.bootstrap_servers())
+        .with_consumer_settings(broker::CONSUMER_SETTINGS);
     config.rest.listen = "127.0.0.1:0".parse()?;
     let plugins = Plugins::builtin().with_source(Arc::new(ReplayConnector { data: data.clone() }));
     let worker = Worker::start(config, plugins).await?;

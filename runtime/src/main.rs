@@ -99,7 +99,8 @@ async fn main() -> anyhow::Result<()> {
             connectors,
         } => {
             let broker = medconnect_runtime::broker::EmbeddedBroker::start(kafka).await?;
-            let mut config = WorkerConfig::new(&broker.bootstrap_servers());
+            let mut config = WorkerConfig::new(&broker.bootstrap_servers())
+                .with_consumer_settings(medconnect_runtime::broker::CONSUMER_SETTINGS);
             config.rest.listen = rest;
             let worker = Worker::start(config, Plugins::builtin()).await?;
             for path in connectors {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use medconnect_runtime::broker::EmbeddedBroker;
+use medconnect_runtime::broker::{self, EmbeddedBroker};
 use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
 use medconnect_runtime::{Plugins, Worker, WorkerConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -82,7 +82,9 @@ impl TestCluster {
 
     /// A worker config with fast offset flushes, REST on a free port.
     pub fn worker_config(&self) -> WorkerConfig {
-        let mut config = WorkerConfig::new(&self.bootstrap());
+        // As `medconnect dev` configures its worker for the embedded broker.
+        let mut config =
+            WorkerConfig::new(&self.bootstrap()).with_consumer_settings(broker::CONSUMER_SETTINGS);
         config.rest.listen = "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!());
         config.tasks.offset_flush_interval_ms = 200;
         config
@@ -171,12 +173,16 @@ impl Received {
 }
 
 fn reader(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
-    Ok(ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "medconnect-test-reader")
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()?)
+        .set("enable.partition.eof", "false");
+    for &(key, value) in broker::CONSUMER_SETTINGS {
+        config.set(key, value);
+    }
+    Ok(config.create()?)
 }
 
 /// How long a topic must stay silent to count as read to its end.

@@ -25,6 +25,14 @@ pub enum BrokerError {
     Start(String),
 }
 
+/// Consumer settings for clients of this broker (a worker's `[consumer]`). tansu 0.6 answers a
+/// fetch only after sleeping at least half of its `fetch.wait.max.ms`, even when records are
+/// waiting, so librdkafka's default of 500 ms put a quarter to half a second on every read: a
+/// REST write, which waits for the config topic to read back, took 2-3 s. 25 ms brings that
+/// to ~150 ms for ~5% of a core while idle. Real Kafka answers as soon as data arrives, so
+/// workers against it keep the default.
+pub const CONSUMER_SETTINGS: &[(&str, &str)] = &[("fetch.wait.max.ms", "25")];
+
 pub struct EmbeddedBroker {
     addr: SocketAddr,
     serving: JoinHandle<()>,

@@ -187,6 +187,16 @@ impl WorkerConfig {
         }
     }
 
+    /// Adds `[consumer]` settings, as if the file had them.
+    pub fn with_consumer_settings(mut self, settings: &[(&str, &str)]) -> Self {
+        self.consumer.extend(
+            settings
+                .iter()
+                .map(|(key, value)| (key.to_string(), toml::Value::from(*value))),
+        );
+        self
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, WorkerConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| WorkerConfigError::Read {
             path: path.display().to_string(),
