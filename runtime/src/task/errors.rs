@@ -115,10 +115,9 @@ impl Backoff<'_> {
 
 /// Where a failed record came from, for the context headers.
 pub enum Origin<'a> {
-    Source {
-        partition: &'a SourcePartition,
-        offset: &'a SourceOffset,
-    },
+    /// A source record's partition and offset; `None` for a listener's input (an HL7
+    /// message has no position to resume from), shown as empty objects.
+    Source(Option<&'a (SourcePartition, SourceOffset)>),
     Kafka {
         topic: &'a str,
         partition: i32,
@@ -268,16 +267,13 @@ impl ErrorReporter {
                 headers.push(("partition", partition.to_string()));
                 headers.push(("offset", offset.to_string()));
             }
-            Origin::Source { partition, offset } => {
+            Origin::Source(position) => {
+                let json = |map: Option<&serde_json::Map<String, Value>>| {
+                    Value::Object(map.cloned().unwrap_or_default()).to_string()
+                };
                 headers.push(("topic", record.topic.clone()));
-                headers.push((
-                    "source.partition",
-                    Value::Object((*partition).clone()).to_string(),
-                ));
-                headers.push((
-                    "source.offset",
-                    Value::Object((*offset).clone()).to_string(),
-                ));
+                headers.push(("source.partition", json(position.map(|(p, _)| p))));
+                headers.push(("source.offset", json(position.map(|(_, o)| o))));
             }
         }
         headers.push(("connector.name", self.connector.clone()));

@@ -415,16 +415,12 @@ impl Pipeline {
                 return Ok(());
             }
             Err(failure) => {
-                let empty = (SourcePartition::new(), SourceOffset::new());
-                let (partition, offset) = position
-                    .as_ref()
-                    .map_or((&empty.0, &empty.1), |(p, o)| (p, o));
                 let record = original.unwrap_or_else(|| Record::new(""));
                 let verdict = self.errors.report(
                     Stage::Transformation,
                     &failure.class,
                     &record,
-                    Origin::Source { partition, offset },
+                    Origin::Source(position.as_ref()),
                     failure.error.clone(),
                 );
                 return self.dead_letter(verdict, position, ack, failure.error);
@@ -447,15 +443,11 @@ impl Pipeline {
         position: Option<(SourcePartition, SourceOffset)>,
         ack: Option<AckHandle>,
     ) -> ConnectResult<()> {
-        let empty = (SourcePartition::new(), SourceOffset::new());
-        let (partition, offset) = position
-            .as_ref()
-            .map_or((&empty.0, &empty.1), |(p, o)| (p, o));
         let verdict = self.errors.reject(
             Stage::TaskPoll,
             &self.connector_class,
             &record,
-            Origin::Source { partition, offset },
+            Origin::Source(position.as_ref()),
             reason.clone(),
         );
         self.dead_letter(verdict, position, ack, reason)
