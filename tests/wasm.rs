@@ -257,9 +257,13 @@ async fn unusable_modules_are_config_errors_on_the_module_setting() -> anyhow::R
         .path("no-such-module.wasm")
         .to_string_lossy()
         .into_owned();
+    let garbage = cluster.path("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm but not a module")?;
+    let garbage = garbage.to_string_lossy().into_owned();
 
     let cases = [
         (missing.as_str(), "cannot read WASM module"),
+        (garbage.as_str(), "is not a valid WebAssembly module"),
         (
             &fixture("wrong-abi"),
             "speaks medconnect ABI version 99; this worker speaks version 1",
