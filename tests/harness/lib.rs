@@ -17,6 +17,9 @@ use serde_json::Value;
 
 pub use serde_json::json;
 
+mod process;
+pub use process::medconnect_bin;
+
 /// How long a condition may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 

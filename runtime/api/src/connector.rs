@@ -86,6 +86,12 @@ pub trait Connector: Send + Sync {
     fn placement(&self) -> Placement {
         Placement::Distributed
     }
+
+    /// The most tasks this connector can run (`None`: no limit of its own). A `tasks.max`
+    /// above it is reported at validation, not silently ignored.
+    fn max_tasks(&self) -> Option<u32> {
+        None
+    }
 }
 
 pub trait SourceConnector: Connector {
