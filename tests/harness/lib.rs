@@ -98,7 +98,17 @@ impl TestCluster {
     }
 
     pub async fn start_worker_with(&self, config: WorkerConfig) -> anyhow::Result<TestWorker> {
-        let worker = Worker::start(config, Plugins::builtin()).await?;
+        self.start_worker_with_plugins(config, Plugins::builtin())
+            .await
+    }
+
+    /// A worker that also knows the test's own connectors (e.g. ones that misbehave on purpose).
+    pub async fn start_worker_with_plugins(
+        &self,
+        config: WorkerConfig,
+        plugins: Plugins,
+    ) -> anyhow::Result<TestWorker> {
+        let worker = Worker::start(config, plugins).await?;
         let rest = Rest::new(&format!("http://{}", worker.rest_addr()));
         Ok(TestWorker { worker, rest })
     }
