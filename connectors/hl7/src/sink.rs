@@ -233,13 +233,15 @@ impl MllpSinkTask {
             .errant
             .as_ref()
             .ok_or_else(|| ConnectError::fatal("MLLP sink used before start"))?;
-        reporter.report(
-            record.clone(),
-            ConnectError::data(format!(
-                "not accepted after {} attempts: {last}",
-                config.max_attempts
-            )),
-        )
+        reporter
+            .report(
+                record.clone(),
+                ConnectError::data(format!(
+                    "not accepted after {} attempts: {last}",
+                    config.max_attempts
+                )),
+            )
+            .await
     }
 }
 

@@ -160,7 +160,7 @@ async fn started(
         connector_name: "hl7-sink-test".into(),
         task_id: 0,
         config,
-        errant_records: ErrantRecordReporter::new(errant),
+        errant_records: ErrantRecordReporter::collecting(errant),
     })
     .await
     .expect("sink starts");

@@ -489,12 +489,14 @@ async fn handle_message(connection: &mut Connection, payload: Bytes, shared: &Sh
                 error: None,
             },
         ),
-        (None, Some(Ok(Delivery::DeadLettered { reason }))) => nack(
-            header.as_ref(),
-            AckCode::Error,
-            ErrorCondition::ApplicationInternal,
-            &format!("message rejected: {}", shorten(&reason)),
-        ),
+        (None, Some(Ok(Delivery::DeadLettered { reason } | Delivery::Rejected { reason }))) => {
+            nack(
+                header.as_ref(),
+                AckCode::Error,
+                ErrorCondition::ApplicationInternal,
+                &format!("message rejected: {}", shorten(&reason)),
+            )
+        }
         (None, Some(Ok(Delivery::Failed { reason }))) => nack(
             header.as_ref(),
             AckCode::Reject,

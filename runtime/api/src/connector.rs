@@ -8,6 +8,8 @@
 //! - *listener* sources (MLLP, MQTT) attach an [`AckHandle`](crate::AckHandle) to each record
 //!   and answer their sender only when the engine completes it with a durable delivery.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -105,6 +107,12 @@ pub trait SinkConnector: Connector {
 /// Gives a source task the offsets stored for its partitions.
 pub trait OffsetReader: Send + Sync {
     fn offset(&self, partition: &SourcePartition) -> Option<SourceOffset>;
+
+    /// Every source partition the connector has an offset stored for (the tables a database
+    /// source has read, the files a file source has seen). Empty for a reader of nothing.
+    fn partitions(&self) -> Vec<SourcePartition> {
+        Vec::new()
+    }
 }
 
 /// What a source task is given when it starts.
@@ -125,31 +133,69 @@ pub trait SourceTask: Send {
     /// cancel a pending poll only when the task is stopping.
     async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>>;
 
-    /// Called after the offsets of records returned so far were stored (a source that
-    /// acknowledges upstream in batches, e.g. a database slot, confirms here).
-    async fn commit(&mut self) -> ConnectResult<()> {
+    /// Called with the offsets that were stored since the last call (the latest per source
+    /// partition): only records up to these are durable in Kafka. A source that acknowledges
+    /// upstream (a database replication slot, an MQTT session) confirms exactly these, never
+    /// what it merely returned from `poll`.
+    async fn commit(&mut self, _stored: &[(SourcePartition, SourceOffset)]) -> ConnectResult<()> {
         Ok(())
     }
 
     async fn stop(&mut self) -> ConnectResult<()>;
 }
 
+/// The engine's side of [`ErrantRecordReporter`]: applies `errors.tolerance` to one record
+/// (dead-letter topic, skip, or task failure).
+pub trait ErrantRecordHandler: Send + Sync {
+    fn report(&self, record: SinkRecord, error: ConnectError) -> ErrantReport;
+}
+
+/// The outcome of one errant-record report: `Ok` once the record is in the dead-letter topic
+/// (or was skipped per `errors.tolerance=all`), `Err` when the error fails the task.
+pub type ErrantReport = Pin<Box<dyn Future<Output = ConnectResult<()>> + Send>>;
+
 /// Reports a record the sink could not write, so the engine applies `errors.tolerance`
 /// (dead-letter topic or task failure) without failing the whole batch.
-#[derive(Clone, Debug)]
+///
+/// Awaiting the report is optional (as with Connect's `Future`): the engine waits for every
+/// report made before it commits offsets, including reports made from `flush` and just
+/// before a stop, so a committed offset never passes a record still on its way to the
+/// dead-letter topic.
+#[derive(Clone)]
 pub struct ErrantRecordReporter {
-    sender: mpsc::UnboundedSender<(SinkRecord, ConnectError)>,
+    handler: Arc<dyn ErrantRecordHandler>,
+}
+
+impl std::fmt::Debug for ErrantRecordReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ErrantRecordReporter")
+    }
 }
 
 impl ErrantRecordReporter {
-    pub fn new(sender: mpsc::UnboundedSender<(SinkRecord, ConnectError)>) -> Self {
-        Self { sender }
+    pub fn new(handler: Arc<dyn ErrantRecordHandler>) -> Self {
+        Self { handler }
     }
 
-    pub fn report(&self, record: SinkRecord, error: ConnectError) -> ConnectResult<()> {
-        self.sender
+    /// A reporter that only collects reports (each resolves at once), for a task's unit tests.
+    pub fn collecting(sender: mpsc::UnboundedSender<(SinkRecord, ConnectError)>) -> Self {
+        Self::new(Arc::new(Collecting(sender)))
+    }
+
+    pub fn report(&self, record: SinkRecord, error: ConnectError) -> ErrantReport {
+        self.handler.report(record, error)
+    }
+}
+
+struct Collecting(mpsc::UnboundedSender<(SinkRecord, ConnectError)>);
+
+impl ErrantRecordHandler for Collecting {
+    fn report(&self, record: SinkRecord, error: ConnectError) -> ErrantReport {
+        let sent = self
+            .0
             .send((record, error))
-            .map_err(|_| ConnectError::fatal("the task's error handler has stopped"))
+            .map_err(|_| ConnectError::fatal("the task's error handler has stopped"));
+        Box::pin(std::future::ready(sent))
     }
 }
 

@@ -2,45 +2,164 @@
 //!
 //! The variant decides what the engine does: `Retriable` is retried with backoff within
 //! `errors.retry.timeout`; `Data` concerns one record and goes to the dead-letter topic when
-//! `errors.tolerance=all`; `Config` and `Fatal` fail the task.
+//! `errors.tolerance=all`; `Config` and `Fatal` fail the task. Each keeps the error that caused
+//! it (for logs and `source()` chains) and a retriable one may say when to try again (HTTP
+//! `Retry-After`, an MQTT server's "busy").
 
-use thiserror::Error;
+use std::error::Error as StdError;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
 
 pub type ConnectResult<T> = Result<T, ConnectError>;
 
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectError {
     /// A transient failure (peer unreachable, timeout): the same call may succeed later.
-    #[error("retriable: {0}")]
-    Retriable(String),
+    Retriable(Detail),
     /// One record cannot be processed (malformed payload, rejected by the target).
-    #[error("bad record: {0}")]
-    Data(String),
+    Data(Detail),
     /// A setting is missing or invalid.
-    #[error("invalid value for configuration {field}: {reason}")]
     Config { field: String, reason: String },
     /// The task cannot go on.
-    #[error("{0}")]
-    Fatal(String),
+    Fatal(Detail),
 }
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Retriable(detail) => write!(f, "retriable: {detail}"),
+            Self::Data(detail) => write!(f, "bad record: {detail}"),
+            Self::Config { field, reason } => {
+                write!(f, "invalid value for configuration {field}: {reason}")
+            }
+            Self::Fatal(detail) => write!(f, "{detail}"),
+        }
+    }
+}
+
+/// `source()` is the error this one was made from (`caused_by`), if it kept one.
+impl StdError for ConnectError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Self::Retriable(detail) | Self::Data(detail) | Self::Fatal(detail) => detail
+                .cause
+                .as_deref()
+                .map(|cause| cause as &(dyn StdError + 'static)),
+            Self::Config { .. } => None,
+        }
+    }
+}
+
+/// What an error says, and what caused it. Reads as its message (`Deref<Target = str>`).
+#[derive(Clone)]
+pub struct Detail {
+    message: String,
+    retry_after: Option<Duration>,
+    /// Shared so that errors stay `Clone`; not part of equality.
+    cause: Option<Arc<dyn StdError + Send + Sync>>,
+}
+
+impl Detail {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retry_after: None,
+            cause: None,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl Deref for Detail {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Detail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Debug for Detail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("Detail");
+        debug.field("message", &self.message);
+        if let Some(after) = self.retry_after {
+            debug.field("retry_after", &after);
+        }
+        if let Some(cause) = &self.cause {
+            debug.field("cause", cause);
+        }
+        debug.finish()
+    }
+}
+
+impl PartialEq for Detail {
+    fn eq(&self, other: &Self) -> bool {
+        self.message == other.message && self.retry_after == other.retry_after
+    }
+}
+
+impl Eq for Detail {}
 
 impl ConnectError {
     pub fn retriable(message: impl Into<String>) -> Self {
-        Self::Retriable(message.into())
+        Self::Retriable(Detail::new(message))
     }
 
     pub fn data(message: impl Into<String>) -> Self {
-        Self::Data(message.into())
+        Self::Data(Detail::new(message))
     }
 
     pub fn fatal(message: impl Into<String>) -> Self {
-        Self::Fatal(message.into())
+        Self::Fatal(Detail::new(message))
     }
 
     pub fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Config {
             field: field.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// Keeps the error this one was made from, for logs and `source()` chains.
+    pub fn caused_by(mut self, cause: impl StdError + Send + Sync + 'static) -> Self {
+        if let Some(detail) = self.detail_mut() {
+            detail.cause = Some(Arc::new(cause));
+        }
+        self
+    }
+
+    /// The peer asked to be left alone this long (HTTP 429/503 `Retry-After`, MQTT "server
+    /// busy"); the engine waits at least this long before the next attempt. Meaningful on a
+    /// retriable error only.
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        if let Self::Retriable(detail) = &mut self {
+            detail.retry_after = Some(after);
+        }
+        self
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Retriable(detail) => detail.retry_after,
+            _ => None,
+        }
+    }
+
+    fn detail_mut(&mut self) -> Option<&mut Detail> {
+        match self {
+            Self::Retriable(detail) | Self::Data(detail) | Self::Fatal(detail) => Some(detail),
+            Self::Config { .. } => None,
         }
     }
 
@@ -65,12 +184,52 @@ impl ConnectError {
 }
 
 impl From<std::io::Error> for ConnectError {
+    /// I/O failures that a later attempt may not meet are retriable: the peer unreachable,
+    /// reset or gone mid-message (EOF), a port still held by a previous run.
     fn from(error: std::io::Error) -> Self {
         use std::io::ErrorKind::*;
-        match error.kind() {
+        let message = error.to_string();
+        let kind = match error.kind() {
             Interrupted | WouldBlock | TimedOut | ConnectionRefused | ConnectionReset
-            | ConnectionAborted | NotConnected | BrokenPipe => Self::Retriable(error.to_string()),
-            _ => Self::Fatal(error.to_string()),
+            | ConnectionAborted | NotConnected | BrokenPipe | UnexpectedEof | HostUnreachable
+            | NetworkUnreachable | NetworkDown | AddrInUse | AddrNotAvailable | ResourceBusy => {
+                Self::retriable(message)
+            }
+            _ => Self::fatal(message),
+        };
+        kind.caused_by(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_io_errors_are_retriable_and_keep_their_cause() {
+        for kind in [
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::HostUnreachable,
+            std::io::ErrorKind::NetworkUnreachable,
+            std::io::ErrorKind::AddrInUse,
+            std::io::ErrorKind::ConnectionReset,
+        ] {
+            let error = ConnectError::from(std::io::Error::new(kind, "peer went away"));
+            assert!(error.is_retriable(), "{kind:?} is retriable");
+            let source = StdError::source(&error).map(ToString::to_string);
+            assert_eq!(source.as_deref(), Some("peer went away"), "{kind:?}");
         }
+        let denied = ConnectError::from(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert!(!denied.is_retriable());
+    }
+
+    #[test]
+    fn a_retry_after_hint_belongs_to_retriable_errors() {
+        let busy = ConnectError::retriable("429 Too Many Requests")
+            .with_retry_after(Duration::from_secs(3));
+        assert_eq!(busy.retry_after(), Some(Duration::from_secs(3)));
+        assert_eq!(busy.to_string(), "retriable: 429 Too Many Requests");
+        let bad = ConnectError::data("400").with_retry_after(Duration::from_secs(3));
+        assert_eq!(bad.retry_after(), None);
     }
 }

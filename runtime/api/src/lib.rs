@@ -15,9 +15,9 @@ pub use config::{
     ConfigDef, ConfigKey, ConfigType, ConfigValue, Importance, ParsedConfig, Props, Validator,
 };
 pub use connector::{
-    Connector, ConnectorContext, ConnectorKind, ErrantRecordReporter, OffsetReader, Placement,
-    SinkConnector, SinkTask, SinkTaskContext, SourceConnector, SourceTask, SourceTaskContext,
-    TaskConfig,
+    Connector, ConnectorContext, ConnectorKind, ErrantRecordHandler, ErrantRecordReporter,
+    ErrantReport, OffsetReader, Placement, SinkConnector, SinkTask, SinkTaskContext,
+    SourceConnector, SourceTask, SourceTaskContext, TaskConfig,
 };
 pub use error::{ConnectError, ConnectResult};
 pub use record::{

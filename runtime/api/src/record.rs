@@ -141,9 +141,12 @@ pub enum Delivery {
     Filtered,
     /// The record was rejected and written to the dead-letter topic with this reason.
     DeadLettered { reason: String },
-    /// The record was not written (rejected, or the task stopped). The sender must not be
-    /// acknowledged; a retransmission will be processed anew.
+    /// The record was not written (Kafka unreachable, or the task stopped). The sender must
+    /// not be acknowledged; a retransmission will be processed anew.
     Failed { reason: String },
+    /// Kafka refused the record itself (too large, invalid for its topic) and there is no
+    /// dead-letter topic: sending it again unchanged will not help.
+    Rejected { reason: String },
 }
 
 impl Delivery {
@@ -182,7 +185,7 @@ pub struct SourceRecord {
     pub ack: Option<AckHandle>,
     /// Input the source could not accept (a malformed message): the engine writes it to the
     /// dead-letter topic, if the connector has one, instead of its topic, and completes the
-    /// acknowledgement with `DeadLettered` (or `Failed` without a dead-letter topic). Rejected
+    /// acknowledgement with `DeadLettered` (or `Rejected` without a dead-letter topic). Rejected
     /// input never fails the task: the source has already told its sender why.
     pub rejected: Option<crate::ConnectError>,
 }

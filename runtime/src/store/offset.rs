@@ -118,4 +118,12 @@ impl OffsetReader for ConnectorOffsets {
             .and_then(|m| m.get(&partition_id(partition)))
             .map(|(_, offset)| offset.clone())
     }
+
+    fn partitions(&self) -> Vec<SourcePartition> {
+        self.store
+            .lock()
+            .get(&self.connector)
+            .map(|m| m.values().map(|(partition, _)| partition.clone()).collect())
+            .unwrap_or_default()
+    }
 }

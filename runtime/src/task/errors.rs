@@ -51,7 +51,8 @@ impl Stage {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ErrorPolicy {
     pub tolerate_all: bool,
-    pub retry_timeout: Duration,
+    /// `None`: retry for as long as the task runs (`errors.retry.timeout=-1`, as in Connect).
+    pub retry_timeout: Option<Duration>,
     pub retry_delay_max: Duration,
     pub log_errors: bool,
     pub log_include_messages: bool,
@@ -64,7 +65,7 @@ impl ErrorPolicy {
     pub fn from_config(config: &ParsedConfig) -> ConnectResult<Self> {
         Ok(Self {
             tolerate_all: config.string(TOLERANCE)? == "all",
-            retry_timeout: Duration::from_millis(config.int(RETRY_TIMEOUT)?.max(0) as u64),
+            retry_timeout: retry_timeout(config.int(RETRY_TIMEOUT)?),
             retry_delay_max: Duration::from_millis(config.int(RETRY_DELAY_MAX)?.max(1) as u64),
             log_errors: config.boolean(LOG_ENABLE)?,
             log_include_messages: config.boolean(LOG_INCLUDE_MESSAGES)?,
@@ -76,8 +77,9 @@ impl ErrorPolicy {
 
     /// A retry schedule for one operation. With `forever`, retriable failures are retried
     /// until the task stops (Connect does this for a sink's `put`); otherwise until
-    /// `errors.retry.timeout` has passed.
+    /// `errors.retry.timeout` has passed (never, with -1).
     pub fn backoff(&self, forever: bool) -> Backoff<'_> {
+        let forever = forever || self.retry_timeout.is_none();
         Backoff {
             policy: self,
             started: tokio::time::Instant::now(),
@@ -85,6 +87,11 @@ impl ErrorPolicy {
             forever,
         }
     }
+}
+
+/// `errors.retry.timeout` in ms: -1 (or any negative) is Connect's "retry forever", 0 "never".
+fn retry_timeout(ms: i64) -> Option<Duration> {
+    u64::try_from(ms).ok().map(Duration::from_millis)
 }
 
 /// Exponential backoff capped at `errors.retry.delay.max.ms`.
@@ -99,13 +106,21 @@ impl Backoff<'_> {
     /// After a failure: waits, and tells whether to try again (only retriable failures are,
     /// within the timeout, while the task runs).
     pub async fn retry_after(&mut self, error: &ConnectError, stop: &CancellationToken) -> bool {
-        let in_time = self.forever || self.started.elapsed() < self.policy.retry_timeout;
+        let in_time = self.forever
+            || self
+                .policy
+                .retry_timeout
+                .is_some_and(|timeout| self.started.elapsed() < timeout);
         if !error.is_retriable() || !in_time || stop.is_cancelled() {
             return false;
         }
-        tracing::debug!(%error, delay = ?self.delay, "retriable failure; retrying");
+        // A peer that said when to come back (429/503 Retry-After) is not asked sooner.
+        let delay = error
+            .retry_after()
+            .map_or(self.delay, |hint| hint.max(self.delay));
+        tracing::debug!(%error, ?delay, "retriable failure; retrying");
         tokio::select! {
-            _ = tokio::time::sleep(self.delay) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return false,
         }
         self.delay = (self.delay * 2).min(self.policy.retry_delay_max);
@@ -291,10 +306,10 @@ impl ErrorReporter {
 mod tests {
     use super::*;
 
-    fn policy(timeout_ms: u64) -> ErrorPolicy {
+    fn policy(timeout_ms: i64) -> ErrorPolicy {
         ErrorPolicy {
             tolerate_all: false,
-            retry_timeout: Duration::from_millis(timeout_ms),
+            retry_timeout: retry_timeout(timeout_ms),
             retry_delay_max: Duration::from_millis(10),
             log_errors: false,
             log_include_messages: false,
@@ -349,5 +364,27 @@ mod tests {
             attempts(&policy(5_000), true, |_| Err(ConnectError::data("bad"))).await;
         assert!(result.is_err());
         assert_eq!(calls, 1);
+    }
+
+    #[tokio::test]
+    async fn minus_one_retries_until_success_however_long() {
+        // Connect's -1: retry forever. A clamp to 0 would give up after the first failure.
+        let (result, calls) = attempts(&policy(-1), false, |n| {
+            if n < 6 {
+                Err(ConnectError::retriable("busy"))
+            } else {
+                Ok(n)
+            }
+        })
+        .await;
+        assert_eq!(result, Ok(6));
+        assert_eq!(calls, 6);
+    }
+
+    #[test]
+    fn retry_timeout_setting_maps_minus_one_to_forever() {
+        assert_eq!(retry_timeout(-1), None);
+        assert_eq!(retry_timeout(0), Some(Duration::ZERO));
+        assert_eq!(retry_timeout(1500), Some(Duration::from_millis(1500)));
     }
 }

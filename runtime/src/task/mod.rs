@@ -2,6 +2,7 @@
 //! commits and error handling, and report the task's state.
 
 pub mod errors;
+pub(crate) mod lifecycle;
 pub mod sink;
 mod source;
 mod status;

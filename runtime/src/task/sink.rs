@@ -3,22 +3,25 @@
 //! (and any dead-letter writes were acknowledged), so a crash redelivers, never loses.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
+use futures::future::Shared;
 use medconnect_api::{
-    ConnectError, ConnectResult, ErrantRecordReporter, Headers, Record, SinkRecord, SinkTask,
-    SinkTaskContext,
+    ConnectError, ConnectResult, ErrantRecordHandler, ErrantRecordReporter, ErrantReport, Headers,
+    Record, SinkRecord, SinkTask, SinkTaskContext, TaskConfig,
 };
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
-use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::errors::{ErrorReporter, Origin, Stage, Verdict};
+use super::lifecycle::start_with_retries;
 use super::{RunState, RunnerSettings, StatusReporter};
 use crate::metrics::TaskMetrics;
 use crate::store::ConnectorState;
@@ -35,8 +38,8 @@ pub struct SinkTaskSpec {
     pub connector: String,
     pub task_id: u32,
     pub task: Box<dyn SinkTask>,
-    pub context: SinkTaskContext,
-    pub errant_records: mpsc::UnboundedReceiver<(SinkRecord, ConnectError)>,
+    /// The task's resolved settings; the runner builds the task's context around them.
+    pub config: TaskConfig,
     pub subscription: Subscription,
     pub consumer: StreamConsumer,
     pub transforms: TransformChain,
@@ -44,17 +47,6 @@ pub struct SinkTaskSpec {
     pub status: StatusReporter,
     pub metrics: TaskMetrics,
     pub settings: RunnerSettings,
-}
-
-impl SinkTaskSpec {
-    /// The channel a sink task reports failed records through.
-    pub fn errant_channel() -> (
-        ErrantRecordReporter,
-        mpsc::UnboundedReceiver<(SinkRecord, ConnectError)>,
-    ) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (ErrantRecordReporter::new(tx), rx)
-    }
 }
 
 pub struct SinkRunner;
@@ -69,8 +61,7 @@ impl SinkRunner {
             connector,
             task_id,
             mut task,
-            context,
-            errant_records,
+            config,
             subscription,
             consumer,
             transforms,
@@ -79,7 +70,16 @@ impl SinkRunner {
             metrics,
             settings,
         } = spec;
-        if let Err(error) = task.start(context).await {
+        let errors = Arc::new(errors);
+        let errant = Arc::new(ErrantRecords::new(errors.clone()));
+        let context = SinkTaskContext {
+            connector_name: connector.clone(),
+            task_id,
+            config,
+            errant_records: ErrantRecordReporter::new(errant.clone()),
+        };
+        if let Err(error) = start_with_retries(task.as_mut(), context, &errors.policy, &stop).await
+        {
             status.failed(&error).await;
             return;
         }
@@ -92,7 +92,7 @@ impl SinkRunner {
         };
         if let Err(error) = subscribed {
             status.failed(&format!("cannot subscribe: {error}")).await;
-            let _ = task.stop().await;
+            stop_task(task.as_mut(), &connector, task_id, &settings).await;
             return;
         }
         if let Subscription::Topics(topics) = &subscription {
@@ -107,21 +107,21 @@ impl SinkRunner {
             consumer: Arc::new(consumer),
             transforms,
             errors,
+            errant,
             metrics,
             positions: HashMap::new(),
-            dead_letters: Vec::new(),
             uncommitted: 0,
             stop: stop.clone(),
+            shutdown_timeout: settings.shutdown_timeout,
         };
-        let failure = sink.run(errant_records, run_state, &settings).await;
+        let mut failure = sink.run(run_state, &settings).await;
         if failure.is_none()
             && let Err(error) = sink.flush_and_commit().await
         {
             tracing::warn!(connector = %sink.connector, task = task_id, %error, "final flush failed; records will be redelivered");
+            failure = Some(error);
         }
-        if let Err(error) = sink.task.stop().await {
-            tracing::warn!(connector = %sink.connector, task = task_id, %error, "sink task did not stop cleanly");
-        }
+        stop_task(sink.task.as_mut(), &sink.connector, task_id, &settings).await;
         sink.transforms.close();
         sink.consumer.unsubscribe();
         if let Some(error) = failure {
@@ -131,24 +131,147 @@ impl SinkRunner {
     }
 }
 
+/// Calls the task's `stop`, bounded by the shutdown timeout.
+async fn stop_task(
+    task: &mut dyn SinkTask,
+    connector: &str,
+    task_id: u32,
+    settings: &RunnerSettings,
+) {
+    match tokio::time::timeout(settings.shutdown_timeout, task.stop()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%connector, task = task_id, %error, "sink task did not stop cleanly")
+        }
+        Err(_) => {
+            tracing::warn!(%connector, task = task_id, timeout = ?settings.shutdown_timeout, "sink task did not stop in time; abandoned")
+        }
+    }
+}
+
+/// Runs one of the task's calls (`put`, `flush`) for as long as it takes while the task runs,
+/// and for at most `grace` once it is asked to stop: a stuck peer cannot hold a stopping task.
+async fn bounded<T>(
+    what: &str,
+    call: impl Future<Output = ConnectResult<T>>,
+    stop: &CancellationToken,
+    grace: Duration,
+) -> ConnectResult<T> {
+    tokio::pin!(call);
+    tokio::select! {
+        result = &mut call => return result,
+        _ = stop.cancelled() => {}
+    }
+    tokio::time::timeout(grace, call).await.unwrap_or_else(|_| {
+        Err(ConnectError::fatal(format!(
+            "the sink task's {what} did not return within {grace:?} of the request to stop; its records will be redelivered"
+        )))
+    })
+}
+
+/// Errant records reported by the task or the runner: the error policy is applied when they
+/// are reported, and every dead-letter write is awaited before offsets are committed.
+struct ErrantRecords {
+    errors: Arc<ErrorReporter>,
+    /// Dead-letter writes not yet confirmed (shared: the reporting task may await them too).
+    outstanding: Mutex<Vec<Shared<ErrantReport>>>,
+    /// The first error that was not tolerated: the task fails with it.
+    failure: Mutex<Option<ConnectError>>,
+}
+
+impl ErrantRecords {
+    fn new(errors: Arc<ErrorReporter>) -> Self {
+        Self {
+            errors,
+            outstanding: Mutex::new(Vec::new()),
+            failure: Mutex::new(None),
+        }
+    }
+
+    fn apply(
+        &self,
+        stage: Stage,
+        class: &str,
+        record: &SinkRecord,
+        error: ConnectError,
+    ) -> ErrantReport {
+        let origin = Origin::Kafka {
+            topic: &record.record.topic,
+            partition: record.kafka_partition,
+            offset: record.kafka_offset,
+        };
+        let report: ErrantReport =
+            match self
+                .errors
+                .report(stage, class, &record.record, origin, error)
+            {
+                Verdict::Fail(error) => {
+                    lock(&self.failure).get_or_insert_with(|| error.clone());
+                    Box::pin(std::future::ready(Err(error)))
+                }
+                Verdict::Skipped => return Box::pin(std::future::ready(Ok(()))),
+                Verdict::DeadLettered(delivery) => Box::pin(async move {
+                    match delivery.await {
+                        Ok(Ok(_)) => Ok(()),
+                        _ => Err(ConnectError::fatal(
+                            "a dead-letter record was not acknowledged by Kafka",
+                        )),
+                    }
+                }),
+            };
+        let shared = report.shared();
+        lock(&self.outstanding).push(shared.clone());
+        Box::pin(shared)
+    }
+
+    /// Waits for every report made so far; the error that fails the task, if any.
+    async fn settle(&self) -> ConnectResult<()> {
+        let outstanding = std::mem::take(&mut *lock(&self.outstanding));
+        for report in outstanding {
+            if let Err(error) = report.await {
+                lock(&self.failure).get_or_insert_with(|| error.clone());
+            }
+        }
+        self.check()
+    }
+
+    /// The failure a report caused, if any.
+    fn check(&self) -> ConnectResult<()> {
+        match lock(&self.failure).clone() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ErrantRecordHandler for ErrantRecords {
+    fn report(&self, record: SinkRecord, error: ConnectError) -> ErrantReport {
+        self.apply(Stage::TaskPut, "SinkTask", &record, error)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 struct Sink {
     connector: String,
     task: Box<dyn SinkTask>,
     consumer: Arc<StreamConsumer>,
     transforms: TransformChain,
-    errors: ErrorReporter,
+    errors: Arc<ErrorReporter>,
+    errant: Arc<ErrantRecords>,
     metrics: TaskMetrics,
     /// Next offset to commit per (topic, partition): past every record put, filtered or dead-lettered.
     positions: HashMap<(String, i32), i64>,
-    dead_letters: Vec<DeliveryFuture>,
     uncommitted: i64,
     stop: CancellationToken,
+    shutdown_timeout: Duration,
 }
 
 impl Sink {
     async fn run(
         &mut self,
-        mut errant: mpsc::UnboundedReceiver<(SinkRecord, ConnectError)>,
         mut run_state: watch::Receiver<RunState>,
         settings: &RunnerSettings,
     ) -> Option<ConnectError> {
@@ -160,11 +283,6 @@ impl Sink {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return None,
-                Some((record, error)) = errant.recv() => {
-                    if let Err(error) = self.reject(Stage::TaskPut, "SinkTask", record, error) {
-                        return Some(error);
-                    }
-                }
                 changed = run_state.changed() => {
                     if changed.is_err() {
                         return None;
@@ -223,7 +341,14 @@ impl Sink {
                 }),
                 Ok(None) => self.metrics.filtered(),
                 Err(failure) => {
-                    self.reject(Stage::Transformation, &failure.class, record, failure.error)?
+                    // Settled before the next commit, like the task's own reports.
+                    drop(self.errant.apply(
+                        Stage::Transformation,
+                        &failure.class,
+                        &record,
+                        failure.error,
+                    ));
+                    self.errant.check()?;
                 }
             }
             self.advance(&position.0, position.1, position.2);
@@ -233,9 +358,11 @@ impl Sink {
         }
         let count = transformed.len() as u64;
         let mut backoff = self.errors.policy.backoff(true);
-        // A retried `put` gets the same batch again (cheap clones: payloads are shared).
+        // A retried `put` gets the same batch again (cheap clones: payloads are shared), so a
+        // sink's `put` must be idempotent for a batch it failed with a retriable error.
         let result = loop {
-            match self.task.put(transformed.clone()).await {
+            let put = self.task.put(transformed.clone());
+            match bounded("put", put, &self.stop, self.shutdown_timeout).await {
                 Err(error) if backoff.retry_after(&error, &self.stop).await => continue,
                 other => break other,
             }
@@ -243,37 +370,12 @@ impl Sink {
         match result {
             Ok(()) => {
                 self.metrics.records_out(count);
-                Ok(())
+                // A record the task reported errant that is not tolerated fails the task now.
+                self.errant.check()
             }
             Err(error) => {
                 self.metrics.error(Stage::TaskPut.as_str());
                 Err(error)
-            }
-        }
-    }
-
-    /// Applies the error policy to one failed record.
-    fn reject(
-        &mut self,
-        stage: Stage,
-        class: &str,
-        record: SinkRecord,
-        error: ConnectError,
-    ) -> ConnectResult<()> {
-        let origin = Origin::Kafka {
-            topic: &record.record.topic,
-            partition: record.kafka_partition,
-            offset: record.kafka_offset,
-        };
-        match self
-            .errors
-            .report(stage, class, &record.record, origin, error)
-        {
-            Verdict::Fail(error) => Err(error),
-            Verdict::Skipped => Ok(()),
-            Verdict::DeadLettered(delivery) => {
-                self.dead_letters.push(delivery);
-                Ok(())
             }
         }
     }
@@ -288,29 +390,22 @@ impl Sink {
         self.metrics.set_commit_lag(self.uncommitted);
     }
 
-    /// Flushes the sink, waits for dead-letter writes, then commits the consumed positions.
+    /// Flushes the sink, waits until every errant record reported so far (from `put`,
+    /// `flush` or transforms) is in the dead-letter topic, then commits the consumed positions.
     async fn flush_and_commit(&mut self) -> ConnectResult<()> {
         if self.positions.is_empty() {
-            return Ok(());
+            return self.errant.settle().await;
         }
         let mut backoff = self.errors.policy.backoff(false);
         let unstoppable = CancellationToken::new();
         loop {
-            match self.task.flush().await {
+            let flush = self.task.flush();
+            match bounded("flush", flush, &self.stop, self.shutdown_timeout).await {
                 Err(error) if backoff.retry_after(&error, &unstoppable).await => continue,
                 other => break other?,
             }
         }
-        for delivery in self.dead_letters.drain(..) {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                _ => {
-                    return Err(ConnectError::fatal(
-                        "a dead-letter record was not acknowledged by Kafka",
-                    ));
-                }
-            }
-        }
+        self.errant.settle().await?;
         let mut offsets = TopicPartitionList::new();
         for ((topic, partition), next) in &self.positions {
             offsets

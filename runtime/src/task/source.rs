@@ -10,22 +10,24 @@ use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use medconnect_api::{
     AckHandle, ConnectError, ConnectResult, Delivery, Record, SourceOffset, SourcePartition,
     SourceRecord, SourceTask, SourceTaskContext,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::errors::{ErrorReporter, Origin, Stage, Verdict};
+use super::lifecycle::{panic_message, start_with_retries};
 use super::{RunState, RunnerSettings, StatusReporter};
 use crate::kafka::{KafkaSettings, TopicSpec, ensure_topics};
 use crate::metrics::TaskMetrics;
@@ -72,6 +74,8 @@ struct InFlight {
     position: Option<(SourcePartition, SourceOffset)>,
     ack: Option<AckHandle>,
     outcome: Outcome,
+    /// When Kafka first refused this record, for retries within `errors.retry.timeout`.
+    first_failure: Option<tokio::time::Instant>,
 }
 
 impl Future for InFlight {
@@ -79,6 +83,7 @@ impl Future for InFlight {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completed> {
         let this = self.get_mut();
+        let mut refused = None;
         let outcome = match &mut this.outcome {
             Outcome::Ready(result) => result
                 .take()
@@ -90,9 +95,10 @@ impl Future for InFlight {
                     partition: d.partition,
                     offset: d.offset,
                 }),
-                Poll::Ready(Ok(Err((error, _)))) => Err(ConnectError::retriable(format!(
-                    "Kafka did not take the record: {error}"
-                ))),
+                Poll::Ready(Ok(Err((error, message)))) => {
+                    refused = Some(message);
+                    Err(produce_error(&error))
+                }
                 Poll::Ready(Err(_)) => Err(ConnectError::retriable("the producer was closed")),
             },
             Outcome::DeadLettered { delivery, reason } => match Pin::new(delivery).poll(cx) {
@@ -109,6 +115,8 @@ impl Future for InFlight {
             position: this.position.take(),
             ack: this.ack.take(),
             outcome,
+            refused,
+            first_failure: this.first_failure,
         })
     }
 }
@@ -118,6 +126,49 @@ struct Completed {
     position: Option<(SourcePartition, SourceOffset)>,
     ack: Option<AckHandle>,
     outcome: Result<Delivery, ConnectError>,
+    /// The record as Kafka gave it back when it refused it: to retry or dead-letter it.
+    refused: Option<OwnedMessage>,
+    first_failure: Option<tokio::time::Instant>,
+}
+
+/// What Kafka's refusal of a record means. A record too large or invalid for its topic is bad
+/// data (that record fails: dead-letter topic, or a negative acknowledgement to its sender);
+/// anything else (broker unreachable past `delivery.timeout.ms`, ...) is not the record's fault
+/// and is never skipped silently.
+fn produce_error(error: &KafkaError) -> ConnectError {
+    use RDKafkaErrorCode::*;
+    match error.rdkafka_error_code() {
+        Some(
+            MessageSizeTooLarge | InvalidMessageSize | InvalidRecord | MessageBatchTooLarge
+            | UnknownPartition | InvalidTopic | BadMessage,
+        ) => ConnectError::data(format!("Kafka refused the record: {error}")),
+        _ => ConnectError::retriable(format!("Kafka did not take the record: {error}")),
+    }
+}
+
+/// The record Kafka handed back with its refusal, for the dead-letter topic or a retry.
+fn record_of(message: &OwnedMessage) -> Record {
+    let headers = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|header| {
+                    (
+                        header.key.to_string(),
+                        header.value.map(Bytes::copy_from_slice),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic: message.topic().to_string(),
+        partition: (message.partition() >= 0).then_some(message.partition()),
+        key: message.key().map(Bytes::copy_from_slice),
+        value: message.payload().map(Bytes::copy_from_slice),
+        headers,
+        timestamp: message.timestamp().to_millis(),
+    }
 }
 
 /// In-flight count shared with the poller, which waits while it is at the limit.
@@ -167,8 +218,13 @@ impl SourceRunner {
             metrics,
             settings,
         } = spec;
-        if let Err(error) = task.start(context).await {
+        if let Err(error) = start_with_retries(task.as_mut(), context, &errors.policy, &stop).await
+        {
             status.failed(&error).await;
+            return;
+        }
+        if stop.is_cancelled() {
+            stop_task(task.as_mut(), &connector, task_id, &settings).await;
             return;
         }
         status.report(ConnectorState::Running, None).await;
@@ -179,14 +235,14 @@ impl SourceRunner {
         });
         let (batches_tx, batches) = mpsc::channel::<Batch>(1);
         let stop_polling = stop.child_token();
-        let commit_requested = Arc::new(AtomicBool::new(false));
+        let stored = Arc::new(StoredOffsets::default());
         let poller = tokio::spawn(poll_loop(
             task,
             batches_tx,
             run_state,
             capacity.clone(),
             stop_polling.clone(),
-            commit_requested.clone(),
+            stored.clone(),
             errors.policy.clone(),
         ));
         let mut pipeline = Pipeline {
@@ -205,29 +261,35 @@ impl SourceRunner {
             pending_offsets: Vec::new(),
             uncommitted: 0,
             known_topics: HashSet::new(),
+            held: false,
         };
-        let failure = pipeline
-            .run(batches, &stop, &commit_requested, &settings)
-            .await;
+        let mut failure = pipeline.run(batches, &stop, &stored, &settings).await;
 
-        // Stop polling, then deliver what was already polled and store its offsets.
+        // Stop polling, then deliver what was already polled and store its offsets (never
+        // past a record that failed: `held`).
         stop_polling.cancel();
         let task = poller.await;
-        pipeline.drain(&settings).await;
-        pipeline.commit_offsets().await;
+        if let Err(error) = pipeline.drain(&settings).await {
+            failure.get_or_insert(error);
+        }
+        pipeline.commit_offsets(&stored).await;
         match task {
             Ok(mut task) => {
-                if failure.is_none()
-                    && let Err(error) = task.commit().await
+                let last = stored.take();
+                if !last.is_empty()
+                    && let Err(error) = task.commit(&last).await
                 {
                     tracing::warn!(connector = %pipeline.connector, task = task_id, %error, "commit failed while stopping");
                 }
-                if let Err(error) = task.stop().await {
-                    tracing::warn!(connector = %pipeline.connector, task = task_id, %error, "task did not stop cleanly");
-                }
+                stop_task(task.as_mut(), &pipeline.connector, task_id, &settings).await;
             }
             Err(error) => {
-                tracing::error!(connector = %pipeline.connector, task = task_id, %error, "poller ended abnormally")
+                // The poller panicked (or was aborted): the task is dead, whatever else happened.
+                tracing::error!(connector = %pipeline.connector, task = task_id, %error, "poller ended abnormally");
+                failure.get_or_insert(ConnectError::fatal(format!(
+                    "the source task's poll ended abnormally: {}",
+                    panic_message(error)
+                )));
             }
         }
         pipeline.transforms.close();
@@ -238,13 +300,32 @@ impl SourceRunner {
     }
 }
 
+/// Calls the task's `stop`, bounded by the shutdown timeout: a stuck task must not hold its
+/// runner (and the worker's shutdown) forever.
+async fn stop_task(
+    task: &mut dyn SourceTask,
+    connector: &str,
+    task_id: u32,
+    settings: &RunnerSettings,
+) {
+    match tokio::time::timeout(settings.shutdown_timeout, task.stop()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%connector, task = task_id, %error, "task did not stop cleanly")
+        }
+        Err(_) => {
+            tracing::warn!(%connector, task = task_id, timeout = ?settings.shutdown_timeout, "task did not stop in time; abandoned")
+        }
+    }
+}
+
 async fn poll_loop(
     mut task: Box<dyn SourceTask>,
     batches: mpsc::Sender<Batch>,
     mut run_state: watch::Receiver<RunState>,
     capacity: Arc<Capacity>,
     stop: CancellationToken,
-    commit_requested: Arc<AtomicBool>,
+    stored: Arc<StoredOffsets>,
     policy: super::errors::ErrorPolicy,
 ) -> Box<dyn SourceTask> {
     let mut backoff = Duration::from_millis(100);
@@ -252,8 +333,9 @@ async fn poll_loop(
         if stop.is_cancelled() {
             break;
         }
-        if commit_requested.swap(false, Ordering::AcqRel)
-            && let Err(error) = task.commit().await
+        let newly_stored = stored.take();
+        if !newly_stored.is_empty()
+            && let Err(error) = task.commit(&newly_stored).await
         {
             tracing::warn!(%error, "source task commit failed");
         }
@@ -337,6 +419,9 @@ struct Pipeline {
     pending_offsets: Vec<(SourcePartition, SourceOffset)>,
     uncommitted: i64,
     known_topics: HashSet<String>,
+    /// Set once a record with a source position failed without being tolerated: no offset
+    /// is stored past it, even for later records Kafka did take, so a restart polls it again.
+    held: bool,
 }
 
 impl Pipeline {
@@ -345,7 +430,7 @@ impl Pipeline {
         &mut self,
         mut batches: mpsc::Receiver<Batch>,
         stop: &CancellationToken,
-        commit_requested: &AtomicBool,
+        stored: &StoredOffsets,
         settings: &RunnerSettings,
     ) -> Option<ConnectError> {
         let mut flush = tokio::time::interval(settings.offset_flush_interval);
@@ -355,7 +440,7 @@ impl Pipeline {
                 biased;
                 _ = stop.cancelled() => return None,
                 Some(done) = next_settled(&mut self.in_flight), if !self.in_flight.is_empty() => {
-                    if let Err(error) = self.complete(done) {
+                    if let Err(error) = self.complete(done).await {
                         return Some(error);
                     }
                 }
@@ -372,11 +457,7 @@ impl Pipeline {
                     // The poller stopped without an error: the worker is stopping.
                     None => return None,
                 },
-                _ = flush.tick() => {
-                    if self.commit_offsets().await {
-                        commit_requested.store(true, Ordering::Release);
-                    }
-                }
+                _ = flush.tick() => self.commit_offsets(stored).await,
             }
         }
     }
@@ -429,9 +510,19 @@ impl Pipeline {
         if !self.known_topics.contains(&record.topic) {
             self.discover_topic(&record.topic).await?;
         }
-        let delivery = self.produce(&record).await?;
-        let topic = ack.is_some().then_some(record.topic);
-        self.enqueue(position, ack, Outcome::Produced { delivery, topic });
+        match self.produce(&record).await? {
+            Ok(delivery) => {
+                let topic = ack.is_some().then_some(record.topic);
+                self.enqueue(position, ack, Outcome::Produced { delivery, topic });
+            }
+            // Refused before it was sent (too large for the producer): settled in poll order
+            // like any other refusal.
+            Err(error) => {
+                let refused = self.refuse(record, error, position.as_ref(), ack.is_some());
+                let settled = refused.await_dead_letter().await;
+                self.enqueue(position, ack, Outcome::Ready(Some(settled)));
+            }
+        }
         Ok(())
     }
 
@@ -474,7 +565,7 @@ impl Pipeline {
                 self.enqueue(
                     position,
                     ack,
-                    Outcome::Ready(Some(Ok(Delivery::Failed { reason }))),
+                    Outcome::Ready(Some(Ok(Delivery::Rejected { reason }))),
                 );
                 Ok(())
             }
@@ -497,43 +588,32 @@ impl Pipeline {
             position,
             ack,
             outcome,
+            first_failure: None,
         });
     }
 
-    /// Hands a record to the producer, waiting for room when its queue is full.
-    async fn produce(&mut self, record: &Record) -> ConnectResult<DeliveryFuture> {
+    /// Hands a record to the producer, waiting for room when its queue is full. The inner
+    /// error is a refusal of this record (too large for the producer); the outer one fails
+    /// the task.
+    async fn produce(
+        &mut self,
+        record: &Record,
+    ) -> ConnectResult<Result<DeliveryFuture, ConnectError>> {
         loop {
-            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-            for (key, value) in record.headers.iter() {
-                headers = headers.insert(Header {
-                    key,
-                    value: value.map(|v| v.as_ref()),
-                });
-            }
-            let mut message: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&record.topic).headers(headers);
-            if let Some(key) = record.key.as_deref() {
-                message = message.key(key);
-            }
-            if let Some(value) = record.value.as_deref() {
-                message = message.payload(value);
-            }
-            if let Some(partition) = record.partition {
-                message = message.partition(partition);
-            }
-            if let Some(timestamp) = record.timestamp {
-                message = message.timestamp(timestamp);
-            }
-            match self.producer.send_result(message) {
-                Ok(delivery) => return Ok(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+            match self.send(record) {
+                Ok(delivery) => return Ok(Ok(delivery)),
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
                     // Make room by settling the oldest record in flight.
                     match next_settled(&mut self.in_flight).await {
-                        Some(done) => self.complete(done)?,
+                        Some(done) => Box::pin(self.complete(done)).await?,
                         None => tokio::time::sleep(Duration::from_millis(10)).await,
                     }
                 }
-                Err((error, _)) => {
+                Err(error) => {
+                    let error = produce_error(&error);
+                    if error.is_record_error() {
+                        return Ok(Err(error));
+                    }
                     self.metrics.error(Stage::KafkaProduce.as_str());
                     return Err(ConnectError::fatal(format!(
                         "cannot produce to {}: {error}",
@@ -542,6 +622,66 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    fn send(&self, record: &Record) -> Result<DeliveryFuture, KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in record.headers.iter() {
+            headers = headers.insert(Header {
+                key,
+                value: value.map(|v| v.as_ref()),
+            });
+        }
+        let mut message: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&record.topic).headers(headers);
+        if let Some(key) = record.key.as_deref() {
+            message = message.key(key);
+        }
+        if let Some(value) = record.value.as_deref() {
+            message = message.payload(value);
+        }
+        if let Some(partition) = record.partition {
+            message = message.partition(partition);
+        }
+        if let Some(timestamp) = record.timestamp {
+            message = message.timestamp(timestamp);
+        }
+        self.producer
+            .send_result(message)
+            .map_err(|(error, _)| error)
+    }
+
+    /// Applies the error policy to a record Kafka refused as bad data (too large, invalid for
+    /// its topic). A listener's record never fails the task: its sender is told (dead-letter
+    /// topic if there is one, else a rejection). A polling source's record follows
+    /// `errors.tolerance`.
+    fn refuse(
+        &mut self,
+        record: Record,
+        error: ConnectError,
+        position: Option<&(SourcePartition, SourceOffset)>,
+        listener: bool,
+    ) -> Refusal {
+        self.metrics.error(Stage::KafkaProduce.as_str());
+        let origin = Origin::Source(position);
+        let verdict = if listener {
+            self.errors.reject(
+                Stage::KafkaProduce,
+                "KafkaProducer",
+                &record,
+                origin,
+                error.clone(),
+            )
+        } else {
+            self.errors.report(
+                Stage::KafkaProduce,
+                "KafkaProducer",
+                &record,
+                origin,
+                error.clone(),
+            )
+        };
+        Refusal { verdict, error }
     }
 
     async fn discover_topic(&mut self, topic: &str) -> ConnectResult<()> {
@@ -557,36 +697,53 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Settles one record in poll order.
-    fn complete(&mut self, done: Completed) -> ConnectResult<()> {
+    /// Settles one record in poll order: completes its acknowledgement and, unless an
+    /// earlier record failed (`held`), advances its source offset.
+    async fn complete(&mut self, done: Completed) -> ConnectResult<()> {
         self.capacity.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.capacity.freed.notify_one();
         let Completed {
             position,
             ack,
             outcome,
+            refused,
+            first_failure,
         } = done;
         let delivery = match outcome {
             Ok(delivery) => delivery,
-            Err(error)
-                if self.errors.policy.tolerate_all && !matches!(error, ConnectError::Fatal(_)) =>
-            {
-                // Tolerated (KIP-779): the record is skipped; a listener's sender is not
-                // acknowledged and will retransmit.
-                self.metrics.error(Stage::KafkaProduce.as_str());
-                tracing::warn!(connector = %self.connector, %error, "record not delivered; skipped per errors.tolerance=all");
-                Delivery::Failed {
-                    reason: error.to_string(),
-                }
-            }
             Err(error) => {
-                self.metrics.error(Stage::KafkaProduce.as_str());
-                if let Some(ack) = ack {
-                    ack.complete(Delivery::Failed {
-                        reason: error.to_string(),
-                    });
+                match self
+                    .after_failure(
+                        error,
+                        refused,
+                        position.as_ref(),
+                        ack.is_some(),
+                        first_failure,
+                    )
+                    .await
+                {
+                    AfterFailure::Retry(outcome, first_failure) => {
+                        // Back in front: nothing behind it settles before it does.
+                        self.capacity.in_flight.fetch_add(1, Ordering::AcqRel);
+                        self.in_flight.push_front(InFlight {
+                            position,
+                            ack,
+                            outcome,
+                            first_failure: Some(first_failure),
+                        });
+                        return Ok(());
+                    }
+                    AfterFailure::Settled(delivery) => delivery,
+                    AfterFailure::Fail(error) => {
+                        self.held = true;
+                        if let Some(ack) = ack {
+                            ack.complete(Delivery::Failed {
+                                reason: error.to_string(),
+                            });
+                        }
+                        return Err(error);
+                    }
                 }
-                return Err(error);
             }
         };
         if delivery.is_durable() {
@@ -596,7 +753,9 @@ impl Pipeline {
         if let Some(ack) = ack {
             ack.complete(delivery);
         }
-        if let Some((partition, offset)) = position {
+        if let Some((partition, offset)) = position
+            && !self.held
+        {
             match self
                 .pending_offsets
                 .iter_mut()
@@ -611,14 +770,71 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Waits (bounded) for every record in flight, settling each.
-    async fn drain(&mut self, settings: &RunnerSettings) {
+    /// Decides the fate of a record that was not written.
+    async fn after_failure(
+        &mut self,
+        error: ConnectError,
+        refused: Option<OwnedMessage>,
+        position: Option<&(SourcePartition, SourceOffset)>,
+        listener: bool,
+        first_failure: Option<tokio::time::Instant>,
+    ) -> AfterFailure {
+        if error.is_record_error()
+            && let Some(message) = &refused
+        {
+            let record = record_of(message);
+            return match self
+                .refuse(record, error, position, listener)
+                .await_dead_letter()
+                .await
+            {
+                Ok(delivery) => AfterFailure::Settled(delivery),
+                Err(error) => AfterFailure::Fail(error),
+            };
+        }
+        if !error.is_retriable() {
+            self.metrics.error(Stage::KafkaProduce.as_str());
+            return AfterFailure::Fail(error);
+        }
+        // Not the record's fault (broker unreachable past `delivery.timeout.ms`): send it again
+        // within `errors.retry.timeout`, in its place.
+        let first_failure = first_failure.unwrap_or_else(tokio::time::Instant::now);
+        let in_time = self
+            .errors
+            .policy
+            .retry_timeout
+            .is_none_or(|timeout| first_failure.elapsed() < timeout);
+        if in_time && let Some(message) = &refused {
+            let record = record_of(message);
+            if let Ok(delivery) = self.send(&record) {
+                tracing::warn!(connector = %self.connector, %error, "Kafka did not take a record; sending it again");
+                let topic = listener.then_some(record.topic);
+                return AfterFailure::Retry(Outcome::Produced { delivery, topic }, first_failure);
+            }
+        }
+        self.metrics.error(Stage::KafkaProduce.as_str());
+        if listener {
+            // The sender gets no positive acknowledgement and sends again; the listener stays.
+            tracing::warn!(connector = %self.connector, %error, "record not stored; its sender is told to retry");
+            return AfterFailure::Settled(Delivery::Failed {
+                reason: error.to_string(),
+            });
+        }
+        // A polling source must not skip it: the task fails with its offset held before it.
+        AfterFailure::Fail(error)
+    }
+
+    /// Waits (bounded) for every record in flight, settling each. Returns the first failure:
+    /// records after it may still be acknowledged to their senders, but no offset passes it.
+    async fn drain(&mut self, settings: &RunnerSettings) -> ConnectResult<()> {
         let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
+        let mut failure = None;
         while !self.in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, next_settled(&mut self.in_flight)).await {
                 Ok(Some(done)) => {
-                    if let Err(error) = self.complete(done) {
+                    if let Err(error) = self.complete(done).await {
                         tracing::warn!(connector = %self.connector, %error, "record not delivered while stopping");
+                        failure.get_or_insert(error);
                     }
                 }
                 Ok(None) => break,
@@ -628,12 +844,13 @@ impl Pipeline {
                 }
             }
         }
+        failure.map_or(Ok(()), Err)
     }
 
-    /// Stores acknowledged offsets; returns whether anything was stored.
-    async fn commit_offsets(&mut self) -> bool {
+    /// Stores acknowledged offsets, and hands what was stored to the task's next `commit`.
+    async fn commit_offsets(&mut self, stored: &StoredOffsets) {
         if self.pending_offsets.is_empty() {
-            return false;
+            return;
         }
         let batch: Vec<_> = self
             .pending_offsets
@@ -642,16 +859,77 @@ impl Pipeline {
             .collect();
         match self.offsets.write(&self.connector, batch).await {
             Ok(()) => {
-                self.pending_offsets.clear();
+                stored.add(std::mem::take(&mut self.pending_offsets));
                 self.uncommitted = 0;
                 self.metrics.set_commit_lag(0);
                 self.metrics.committed();
-                true
             }
             Err(error) => {
                 tracing::warn!(connector = %self.connector, %error, "cannot store offsets; will retry");
-                false
             }
         }
+    }
+}
+
+/// What becomes of a record that was not written.
+enum AfterFailure {
+    /// Sent again; settles in the same place.
+    Retry(Outcome, tokio::time::Instant),
+    /// Settled without failing the task (dead-lettered, skipped, or its sender told).
+    Settled(Delivery),
+    /// The task fails; no offset passes this record.
+    Fail(ConnectError),
+}
+
+/// The error policy's answer for a refused record, before its dead-letter write is confirmed.
+struct Refusal {
+    verdict: Verdict,
+    error: ConnectError,
+}
+
+impl Refusal {
+    /// The record's delivery once the dead-letter topic has it (or it was skipped), or the
+    /// error that fails the task.
+    async fn await_dead_letter(self) -> ConnectResult<Delivery> {
+        let reason = self.error.to_string();
+        match self.verdict {
+            Verdict::Fail(error) => Err(error),
+            Verdict::Skipped => Ok(Delivery::Rejected { reason }),
+            Verdict::DeadLettered(delivery) => match delivery.await {
+                Ok(Ok(_)) => Ok(Delivery::DeadLettered { reason }),
+                _ => Err(ConnectError::fatal(format!(
+                    "dead-letter write failed for a record Kafka refused: {reason}"
+                ))),
+            },
+        }
+    }
+}
+
+/// Offsets stored in the offset topic and not yet handed to the task's `commit`: the latest
+/// per source partition. Shared with the poller, which owns the task.
+#[derive(Default)]
+struct StoredOffsets(std::sync::Mutex<Vec<(SourcePartition, SourceOffset)>>);
+
+impl StoredOffsets {
+    fn add(&self, batch: Vec<(SourcePartition, SourceOffset)>) {
+        let mut stored = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (partition, offset) in batch {
+            match stored.iter_mut().find(|(p, _)| *p == partition) {
+                Some(entry) => entry.1 = offset,
+                None => stored.push((partition, offset)),
+            }
+        }
+    }
+
+    fn take(&self) -> Vec<(SourcePartition, SourceOffset)> {
+        std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 }

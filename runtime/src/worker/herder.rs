@@ -10,8 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use medconnect_api::{
-    ConfigValue, ConnectError, ConnectorContext, ConnectorKind, Props, SinkTaskContext,
-    SourceTaskContext,
+    ConfigValue, ConnectError, ConnectorContext, ConnectorKind, Props, SourceTaskContext,
 };
 use rdkafka::producer::FutureProducer;
 use serde_json::{Map, Value};
@@ -829,18 +828,11 @@ impl Herder {
                     Some(regex) => Subscription::Regex(regex),
                     None => Subscription::Topics(common.list(cc::TOPICS)?),
                 };
-                let (errant_records, errant_rx) = SinkTaskSpec::errant_channel();
                 let spec = SinkTaskSpec {
                     connector: name.to_string(),
                     task_id: id,
                     task: connector.create_task(),
-                    context: SinkTaskContext {
-                        connector_name: name.to_string(),
-                        task_id: id,
-                        config: resolved.clone(),
-                        errant_records,
-                    },
-                    errant_records: errant_rx,
+                    config: resolved.clone(),
                     subscription,
                     consumer,
                     transforms,

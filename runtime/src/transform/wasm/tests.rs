@@ -45,7 +45,7 @@ fn setup_error(result: Result<WasmTransform, ConnectError>) -> (String, String) 
 
 fn record_error(result: Result<Option<Record>, ConnectError>) -> String {
     match result {
-        Err(ConnectError::Data(message)) => message,
+        Err(ConnectError::Data(message)) => message.to_string(),
         other => panic!("expected a record (Data) error, got {other:?}"),
     }
 }

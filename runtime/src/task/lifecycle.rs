@@ -1,0 +1,63 @@
+//! What both runners do around a task: start it (retrying what is retriable), and tell why a
+//! tokio task ended abnormally.
+
+use medconnect_api::{ConnectResult, SinkTask, SinkTaskContext, SourceTask, SourceTaskContext};
+use tokio_util::sync::CancellationToken;
+
+use super::errors::ErrorPolicy;
+
+/// Starts the task, retrying retriable failures (a listener's port still held by its previous
+/// run) with backoff within `errors.retry.timeout`, until `stop`.
+pub(super) async fn start_with_retries<C: Clone, T: StartTask<C> + ?Sized>(
+    task: &mut T,
+    context: C,
+    policy: &ErrorPolicy,
+    stop: &CancellationToken,
+) -> ConnectResult<()> {
+    let mut backoff = policy.backoff(false);
+    loop {
+        match task.start_task(context.clone()).await {
+            Err(error) if backoff.retry_after(&error, stop).await => {
+                tracing::warn!(%error, "task start failed; retrying");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A task's `start`, for [`start_with_retries`] over sources and sinks alike.
+#[async_trait::async_trait]
+pub(super) trait StartTask<C> {
+    async fn start_task(&mut self, context: C) -> ConnectResult<()>;
+}
+
+#[async_trait::async_trait]
+impl StartTask<SourceTaskContext> for dyn SourceTask {
+    async fn start_task(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
+        self.start(context).await
+    }
+}
+
+#[async_trait::async_trait]
+impl StartTask<SinkTaskContext> for dyn SinkTask {
+    async fn start_task(&mut self, context: SinkTaskContext) -> ConnectResult<()> {
+        self.start(context).await
+    }
+}
+
+/// The message of a panicked tokio task, for the task's status trace.
+pub(crate) fn panic_message(error: tokio::task::JoinError) -> String {
+    match error.try_into_panic() {
+        Ok(payload) => panic_text(payload.as_ref()),
+        Err(error) => error.to_string(),
+    }
+}
+
+/// The text a panic was raised with (`panic!("...")` gives a `&str` or a `String`).
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-text payload".to_string())
+}

@@ -1,0 +1,457 @@
+//! Delivery guarantees of the task runners, with connectors of the test's own that fail on
+//! purpose: a source offset never passes a record Kafka did not take; errant sink records reach
+//! the dead-letter topic before the offsets past them are committed; a stuck sink cannot hold
+//! a stopping task; retriable start failures are retried per `errors.retry.timeout`; a panic
+//! in a task's poll fails the task.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use medconnect_api::{
+    ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind,
+    ErrantRecordReporter, Record, SinkConnector, SinkRecord, SinkTask, SinkTaskContext,
+    SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig,
+};
+use medconnect_e2e::{TestCluster, TestWorker, eventually, json};
+use medconnect_runtime::{Plugins, WorkerConfig};
+use serde_json::{Map, Value};
+
+/// Records the scripted source emits.
+const RECORDS: u64 = 20;
+/// The record of the scripted source that goes to a partition its topic does not have.
+const BAD: u64 = 7;
+
+// ---- a source with one record Kafka refuses ----------------------------------------------
+
+/// Emits `RECORDS` records in one batch; record `BAD` names partition 99 of a one-partition
+/// topic, which Kafka refuses when it delivers it (the producer has no metadata for the new
+/// topic yet), while the records after it are written.
+struct ScriptedSource;
+
+impl Connector for ScriptedSource {
+    fn class(&self) -> &'static str {
+        "test.ScriptedSource"
+    }
+    fn version(&self) -> &'static str {
+        "0"
+    }
+    fn kind(&self) -> ConnectorKind {
+        ConnectorKind::Source
+    }
+    fn config_def(&self) -> ConfigDef {
+        ConfigDef::new()
+    }
+    fn task_configs(&self, context: &ConnectorContext, _: usize) -> ConnectResult<Vec<TaskConfig>> {
+        Ok(vec![context.config.clone()])
+    }
+}
+
+impl SourceConnector for ScriptedSource {
+    fn create_task(&self) -> Box<dyn SourceTask> {
+        Box::new(ScriptedSourceTask {
+            topic: String::new(),
+            emitted: false,
+        })
+    }
+}
+
+struct ScriptedSourceTask {
+    topic: String,
+    emitted: bool,
+}
+
+#[async_trait]
+impl SourceTask for ScriptedSourceTask {
+    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
+        self.topic = context.config.get("topic").cloned().unwrap_or_default();
+        Ok(())
+    }
+
+    async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>> {
+        if self.emitted {
+            std::future::pending::<()>().await;
+        }
+        self.emitted = true;
+        Ok((0..RECORDS)
+            .map(|seq| {
+                let mut record = Record::new(self.topic.clone());
+                record.value = Some(Bytes::from(seq.to_string()));
+                record.partition = Some(if seq == BAD { 99 } else { 0 });
+                SourceRecord::new(
+                    record,
+                    map("source", json!("script")),
+                    map("seq", json!(seq)),
+                )
+            })
+            .collect())
+    }
+
+    async fn stop(&mut self) -> ConnectResult<()> {
+        Ok(())
+    }
+}
+
+fn map(key: &str, value: Value) -> Map<String, Value> {
+    let mut map = Map::new();
+    map.insert(key.to_string(), value);
+    map
+}
+
+async fn worker_with(cluster: &TestCluster, config: WorkerConfig) -> anyhow::Result<TestWorker> {
+    let plugins = Plugins::builtin()
+        .with_source(Arc::new(ScriptedSource))
+        .with_source(Arc::new(FlakySource::default()))
+        .with_sink(Arc::new(ReportingSink));
+    cluster.start_worker_with_plugins(config, plugins).await
+}
+
+async fn stored_seq(worker: &TestWorker, connector: &str) -> anyhow::Result<Option<u64>> {
+    let (_, offsets) = worker
+        .rest
+        .get(&format!("/connectors/{connector}/offsets"))
+        .await?;
+    Ok(offsets["offsets"][0]["offset"]["seq"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_delivery_holds_the_source_offset_before_it() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let worker = worker_with(&cluster, cluster.worker_config()).await?;
+    worker
+        .rest
+        .create(
+            "script",
+            json!({"connector.class": "test.ScriptedSource", "topic": "scripted"}),
+        )
+        .await?;
+    let status = worker.wait_for_task("script", 0, "FAILED").await?;
+    assert!(
+        status["trace"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("refused"),
+        "the trace says Kafka refused the record: {status}"
+    );
+    // The records after the failed one were written, yet the stored offset stays before it,
+    // so a restart polls the failed record again.
+    let written = cluster
+        .read_topic("scripted", (RECORDS - 1) as usize)
+        .await?;
+    assert_eq!(
+        written.len() as u64,
+        RECORDS - 1,
+        "every other record is in Kafka"
+    );
+    assert_eq!(stored_seq(&worker, "script").await?, Some(BAD - 1));
+    worker.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_kafka_refuses_is_dead_lettered_with_tolerance_all() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let worker = worker_with(&cluster, cluster.worker_config()).await?;
+    worker
+        .rest
+        .create(
+            "script",
+            json!({"connector.class": "test.ScriptedSource", "topic": "scripted",
+                   "errors.tolerance": "all", "errors.deadletterqueue.topic.name": "scripted.dlq",
+                   "errors.deadletterqueue.context.headers.enable": "true"}),
+        )
+        .await?;
+    let dead = cluster.read_topic("scripted.dlq", 1).await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].value.as_deref(), Some(BAD.to_string().as_str()));
+    assert_eq!(
+        dead[0].header("__connect.errors.stage"),
+        Some("KAFKA_PRODUCE")
+    );
+    assert_eq!(
+        dead[0].header("__connect.errors.source.offset"),
+        Some(r#"{"seq":7}"#)
+    );
+    // The bad record was dealt with, so the offset moves past it and the task runs on.
+    eventually("the offset of the last record to be stored", async || {
+        (stored_seq(&worker, "script").await.ok()?? == RECORDS - 1).then_some(())
+    })
+    .await?;
+    worker.wait_for_task("script", 0, "RUNNING").await?;
+    assert_eq!(cluster.count_records("scripted.dlq").await?, 1);
+    worker.shutdown().await;
+    Ok(())
+}
+
+// ---- a sink that reports errant records from flush ---------------------------------------
+
+/// Buffers records in `put`; `flush` reports every buffered record whose value is `bad` as
+/// errant (without awaiting the report) and forgets the rest. `put` blocks forever on a
+/// record whose value is `stuck`.
+struct ReportingSink;
+
+impl Connector for ReportingSink {
+    fn class(&self) -> &'static str {
+        "test.ReportingSink"
+    }
+    fn version(&self) -> &'static str {
+        "0"
+    }
+    fn kind(&self) -> ConnectorKind {
+        ConnectorKind::Sink
+    }
+    fn config_def(&self) -> ConfigDef {
+        ConfigDef::new()
+    }
+    fn task_configs(&self, context: &ConnectorContext, _: usize) -> ConnectResult<Vec<TaskConfig>> {
+        Ok(vec![context.config.clone()])
+    }
+}
+
+impl SinkConnector for ReportingSink {
+    fn create_task(&self) -> Box<dyn SinkTask> {
+        Box::new(ReportingSinkTask {
+            buffer: Vec::new(),
+            reporter: None,
+        })
+    }
+}
+
+struct ReportingSinkTask {
+    buffer: Vec<SinkRecord>,
+    reporter: Option<ErrantRecordReporter>,
+}
+
+#[async_trait]
+impl SinkTask for ReportingSinkTask {
+    async fn start(&mut self, context: SinkTaskContext) -> ConnectResult<()> {
+        self.reporter = Some(context.errant_records);
+        Ok(())
+    }
+
+    async fn put(&mut self, records: Vec<SinkRecord>) -> ConnectResult<()> {
+        if records
+            .iter()
+            .any(|r| r.record.value.as_deref() == Some(b"stuck"))
+        {
+            std::future::pending::<()>().await;
+        }
+        self.buffer.extend(records);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> ConnectResult<()> {
+        let reporter = self
+            .reporter
+            .as_ref()
+            .ok_or_else(|| ConnectError::fatal("not started"))?;
+        for record in self.buffer.drain(..) {
+            if record.record.value.as_deref() == Some(b"bad") {
+                // Not awaited: the engine must still have it in the dead-letter topic
+                // before it commits past it.
+                drop(reporter.report(record, ConnectError::data("the target refused it")));
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self) -> ConnectResult<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_reported_from_the_last_flush_reach_the_dead_letter_topic() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let mut config = cluster.worker_config();
+    // No periodic flush: the only flush is the one when the connector stops.
+    config.tasks.offset_flush_interval_ms = 3_600_000;
+    let worker = worker_with(&cluster, config).await?;
+    let values = ["a", "b", "bad", "c", "d"];
+    let records: Vec<(Option<&str>, &str)> = values.iter().map(|v| (None, *v)).collect();
+    cluster.produce("orders", &records).await?;
+    worker
+        .rest
+        .create(
+            "reporting",
+            json!({"connector.class": "test.ReportingSink", "topics": "orders",
+                   "errors.tolerance": "all", "errors.deadletterqueue.topic.name": "orders.dlq"}),
+        )
+        .await?;
+    eventually("the sink to have taken 5 records", async || {
+        worker_put_count(&worker).await.then_some(())
+    })
+    .await?;
+    let (code, _) = worker.rest.put_empty("/connectors/reporting/stop").await?;
+    assert_eq!(code, 204);
+    worker.wait_for_state("reporting", "STOPPED", 0).await?;
+    // The offsets were committed past the bad record only because it is in the DLQ.
+    let (_, offsets) = worker.rest.get("/connectors/reporting/offsets").await?;
+    assert_eq!(
+        offsets["offsets"][0]["offset"]["kafka_offset"], 5,
+        "{offsets}"
+    );
+    let dead = cluster.read_topic("orders.dlq", 1).await?;
+    assert_eq!(
+        dead.len(),
+        1,
+        "the record reported from the last flush is in the DLQ"
+    );
+    assert_eq!(dead[0].value.as_deref(), Some("bad"));
+    worker.shutdown().await;
+    Ok(())
+}
+
+/// Whether the running task's `put` has taken the five records (read through metrics, the
+/// way an operator would see it).
+async fn worker_put_count(worker: &TestWorker) -> bool {
+    let Ok((_, text)) = worker.rest.get_text("/metrics").await else {
+        return false;
+    };
+    text.lines().any(|line| {
+        line.starts_with("medconnect_records_out_total")
+            && line.contains("connector=\"reporting\"")
+            && line.ends_with(" 5")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_put_cannot_hold_a_stopping_task() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let mut config = cluster.worker_config();
+    config.tasks.shutdown_timeout_ms = 500;
+    let worker = worker_with(&cluster, config).await?;
+    cluster.produce("jam", &[(None, "stuck")]).await?;
+    worker
+        .rest
+        .create(
+            "jammed",
+            json!({"connector.class": "test.ReportingSink", "topics": "jam"}),
+        )
+        .await?;
+    eventually("the put to be stuck", async || {
+        let text = worker.rest.get_text("/metrics").await.ok()?.1;
+        text.lines()
+            .any(|l| l.starts_with("medconnect_records_in_total") && l.contains("jammed"))
+            .then_some(())
+    })
+    .await?;
+    // Stopping answers (the runner gives up on the put after the shutdown timeout) and the
+    // task does not claim to have stopped cleanly with its record delivered.
+    let (code, _) = worker.rest.put_empty("/connectors/jammed/stop").await?;
+    assert_eq!(code, 204);
+    worker.wait_for_state("jammed", "STOPPED", 0).await?;
+    let (_, offsets) = worker.rest.get("/connectors/jammed/offsets").await?;
+    assert!(
+        offsets["offsets"].as_array().is_none_or(|o| o.is_empty()),
+        "nothing committed for the record that was never put: {offsets}"
+    );
+    worker.shutdown().await;
+    Ok(())
+}
+
+// ---- a source whose start fails, then panics ---------------------------------------------
+
+/// `start` fails with a retriable error the first three times (a port still held); `poll`
+/// panics when the config says so.
+#[derive(Default)]
+struct FlakySource {
+    starts: Arc<AtomicUsize>,
+}
+
+impl Connector for FlakySource {
+    fn class(&self) -> &'static str {
+        "test.FlakySource"
+    }
+    fn version(&self) -> &'static str {
+        "0"
+    }
+    fn kind(&self) -> ConnectorKind {
+        ConnectorKind::Source
+    }
+    fn config_def(&self) -> ConfigDef {
+        ConfigDef::new()
+    }
+    fn task_configs(&self, context: &ConnectorContext, _: usize) -> ConnectResult<Vec<TaskConfig>> {
+        Ok(vec![context.config.clone()])
+    }
+}
+
+impl SourceConnector for FlakySource {
+    fn create_task(&self) -> Box<dyn SourceTask> {
+        Box::new(FlakySourceTask {
+            starts: self.starts.clone(),
+            panic: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+struct FlakySourceTask {
+    starts: Arc<AtomicUsize>,
+    panic: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl SourceTask for FlakySourceTask {
+    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
+        self.panic
+            .store(context.config.get("panic").is_some(), Ordering::SeqCst);
+        if self.starts.fetch_add(1, Ordering::SeqCst) < 3 {
+            return Err(ConnectError::retriable("address in use"));
+        }
+        Ok(())
+    }
+
+    async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>> {
+        if self.panic.load(Ordering::SeqCst) {
+            panic!("the device driver fell over");
+        }
+        std::future::pending().await
+    }
+
+    async fn stop(&mut self) -> ConnectResult<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retriable_start_failures_are_retried_forever_with_minus_one() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let worker = worker_with(&cluster, cluster.worker_config()).await?;
+    worker
+        .rest
+        .create(
+            "flaky",
+            json!({"connector.class": "test.FlakySource", "errors.retry.timeout": "-1",
+                   "errors.retry.delay.max.ms": "50"}),
+        )
+        .await?;
+    worker.wait_for_state("flaky", "RUNNING", 1).await?;
+    worker.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_poll_fails_the_task_with_its_message() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let worker = worker_with(&cluster, cluster.worker_config()).await?;
+    worker
+        .rest
+        .create(
+            "panicky",
+            json!({"connector.class": "test.FlakySource", "panic": "yes",
+                   "errors.retry.timeout": "-1", "errors.retry.delay.max.ms": "50"}),
+        )
+        .await?;
+    let status = worker.wait_for_task("panicky", 0, "FAILED").await?;
+    assert!(
+        status["trace"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the device driver fell over"),
+        "{status}"
+    );
+    worker.shutdown().await;
+    Ok(())
+}
