@@ -1,0 +1,879 @@
+//! Crash honesty: a worker killed with SIGKILL mid-stream — its own process, the broker in
+//! another — and started again with the same config loses nothing it vouched for: no record
+//! whose source offset it stored, no HL7 message it answered `AA`. What it may do is deliver
+//! some records twice; each test counts the duplicates and prints them in one `crash:` line.
+//!
+//! Processes: `medconnect broker`, `medconnect worker <toml>` (killed, then started again), and
+//! in the MLLP test python `hl7`'s `mllp_send` as the sender (a peer we did not write). Their
+//! output goes to files in the test's temp dir; a failing test prints their tails and keeps
+//! the directory. Every child is killed on every exit path ([`Processes`]'s `Drop`).
+//!
+//! Duplicates of a polling source are bounded by what was produced since the last offset
+//! flush (`[tasks] offset_flush_interval_ms`, rate x interval); the sink re-writes what it
+//! consumed since its last commit (same interval). The datagen test runs with a short and
+//! with the default interval to show it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use medconnect_e2e::{QUIET, Rest, eventually, json, medconnect_bin};
+use medconnect_runtime::broker::CONSUMER_SETTINGS;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
+
+/// How long one read of a topic, or one round of senders, may take.
+const LONG: Duration = Duration::from_secs(60);
+
+const DATAGEN: &str = "crash-datagen";
+const FILE_SINK: &str = "crash-file";
+const VITALS: &str = "crash.vitals";
+const DATAGEN_RECORDS: u64 = 20_000;
+const DATAGEN_TASKS: u64 = 2;
+/// Records per second over both tasks: the stream lasts about 10 s.
+const DATAGEN_RATE: u64 = 2_000;
+
+const MLLP: &str = "crash-mllp";
+const HL7_TOPIC: &str = "crash.hl7";
+const MLLP_MESSAGES: usize = 2_000;
+const MLLP_SENDERS: usize = 4;
+
+const OFFSETS_TOPIC: &str = "crash-offsets";
+/// The sink consumers' session timeout: how long the restarted worker's sink waits for the
+/// killed worker's consumer to leave the group.
+const SESSION_TIMEOUT_MS: u64 = 6_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagen_to_file_with_a_short_offset_flush_loses_nothing_after_sigkill()
+-> anyhow::Result<()> {
+    let mut processes = Processes::new()?;
+    let outcome = datagen_crash(&mut processes, 200).await;
+    processes.report(outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagen_to_file_with_the_default_offset_flush_loses_nothing_after_sigkill()
+-> anyhow::Result<()> {
+    let mut processes = Processes::new()?;
+    let outcome = datagen_crash(&mut processes, 5_000).await;
+    processes.report(outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mllp_loses_no_acknowledged_message_after_sigkill() -> anyhow::Result<()> {
+    let mut processes = Processes::new()?;
+    let outcome = mllp_crash(&mut processes).await;
+    processes.report(outcome)
+}
+
+/// datagen (2 tasks) -> topic -> FileStreamSink -> file; the worker is killed once 60% of the
+/// stream is in the file and every task has stored an offset, then started again.
+async fn datagen_crash(processes: &mut Processes, flush_ms: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let bootstrap = start_broker(processes).await?;
+    let worker_toml = write_worker_config(processes, &bootstrap, flush_ms)?;
+    let rest = start_worker(processes, "worker-1", &worker_toml).await?;
+    let output = processes.path("vitals.jsonl");
+    let output_text = output
+        .to_str()
+        .context("temp path is not UTF-8")?
+        .to_string();
+
+    rest.create(
+        DATAGEN,
+        json!({
+            "connector.class": "DatagenSource", "topic": VITALS, "schema": "vitals",
+            "tasks.max": DATAGEN_TASKS.to_string(), "max.records": DATAGEN_RECORDS.to_string(),
+            "rate": DATAGEN_RATE.to_string(),
+        }),
+    )
+    .await?;
+    rest.create(
+        FILE_SINK,
+        json!({"connector.class": "FileStreamSink", "topics": VITALS, "file": output_text}),
+    )
+    .await?;
+
+    // Mid-stream: 60% of the records are in the file, and every task has stored an offset (so
+    // the claim checked below is not empty).
+    let kill_at = DATAGEN_RECORDS * 6 / 10;
+    eventually(
+        &format!("{kill_at} lines in the file and a stored offset for every datagen task"),
+        async || {
+            if count_lines(&output) < kill_at {
+                return None;
+            }
+            let stored = rest_offsets(&rest, DATAGEN).await?;
+            (stored.len() as u64 == DATAGEN_TASKS).then_some(())
+        },
+    )
+    .await?;
+    processes.kill("worker-1")?;
+    let killed_after = started.elapsed();
+    let lines_at_kill = count_lines(&output);
+
+    // What the killed worker vouched for: the offsets in the offset topic, read by a plain
+    // consumer once nothing can write them any more.
+    let stored = stored_datagen_offsets(&bootstrap, DATAGEN).await?;
+    ensure!(
+        stored.len() as u64 == DATAGEN_TASKS,
+        "the offset topic holds offsets for tasks {:?} only, though the worker's REST API showed every task's",
+        stored.keys().collect::<Vec<_>>()
+    );
+    let at_kill = datagen_counts(&read_all(&bootstrap, VITALS).await?)?;
+    let mut lost = Vec::new();
+    for (&task, &seq) in &stored {
+        lost.extend(
+            (0..=seq)
+                .filter(|s| !at_kill.contains_key(&(task, *s)))
+                .map(|s| (task, s)),
+        );
+    }
+    let past_stored = at_kill
+        .keys()
+        .filter(|(task, seq)| stored.get(task).is_none_or(|stored| seq > stored))
+        .count();
+    println!(
+        "crash: datagen killed after {:.1}s with {lines_at_kill} lines in the file; stored offsets {stored:?}; topic held {} distinct records, {past_stored} past the stored offsets",
+        killed_after.as_secs_f64(),
+        at_kill.len()
+    );
+    ensure!(
+        lost.is_empty(),
+        "{} record(s) whose source offset was stored before the kill are not in {VITALS}: first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(20)]
+    );
+
+    let rest = start_worker(processes, "worker-2", &worker_toml).await?;
+    // The source is done once it stored the offset of every task's last record.
+    eventually(
+        "datagen to store the offset of its last record",
+        async || {
+            let stored = rest_offsets(&rest, DATAGEN).await?;
+            (0..DATAGEN_TASKS)
+                .all(|task| stored.get(&task) == Some(&(TASK_SHARE - 1)))
+                .then_some(())
+        },
+    )
+    .await?;
+    let records = read_all(&bootstrap, VITALS).await?;
+    let topic = datagen_counts(&records)?;
+    let expected: Vec<(u64, u64)> = (0..DATAGEN_TASKS)
+        .flat_map(|task| (0..TASK_SHARE).map(move |seq| (task, seq)))
+        .collect();
+    let topic_missing = expected.iter().filter(|k| !topic.contains_key(k)).count();
+    let topic_total: usize = topic.values().sum();
+
+    // The sink has caught up when the file holds every record of the topic at least as often.
+    let topic = Arc::new(topic);
+    let wanted = topic.clone();
+    let path = output.clone();
+    let file = eventually_blocking("the file to hold every record of the topic", move || {
+        if count_lines(&path) < topic_total as u64 {
+            return None;
+        }
+        let file = read_datagen_file(&path).ok()?;
+        wanted
+            .iter()
+            .all(|(key, n)| file.counts.get(key).is_some_and(|m| m >= n))
+            .then_some(file)
+    })
+    .await?;
+    let file_missing = expected
+        .iter()
+        .filter(|k| !file.counts.contains_key(k))
+        .count();
+    let file_total: usize = file.counts.values().sum();
+    println!(
+        "crash: datagen topic {topic_total} records, {} duplicates, {topic_missing} missing; file {} lines ({file_total} records), {} duplicates, {file_missing} missing, {} torn line(s); offset flush interval {flush_ms} ms, {:.1}s in all",
+        topic_total - topic.len(),
+        file.lines,
+        file_total - file.counts.len(),
+        file.torn,
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(
+        topic_missing == 0 && file_missing == 0,
+        "records lost: {topic_missing} missing from {VITALS}, {file_missing} from the file"
+    );
+    Ok(())
+}
+
+/// Python `hl7`'s `mllp_send` (4 senders, 2,000 messages with unique control ids) into an MLLP
+/// source; the worker is killed once 30% are acknowledged, started again, and every message
+/// without an `AA` is sent again until all have one.
+async fn mllp_crash(processes: &mut Processes) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let python = python_bin()?;
+    let bootstrap = start_broker(processes).await?;
+    let worker_toml = write_worker_config(processes, &bootstrap, 200)?;
+    let rest = start_worker(processes, "worker-1", &worker_toml).await?;
+    let port = free_port()?;
+    rest.create(
+        MLLP,
+        json!({
+            "connector.class": "MllpSource", "mllp.bind": "127.0.0.1",
+            "mllp.port": port.to_string(), "topic": HL7_TOPIC,
+        }),
+    )
+    .await?;
+    wait_for_listener(&rest, port).await?;
+
+    let ids: Vec<String> = (0..MLLP_MESSAGES).map(|i| format!("CRASH{i:05}")).collect();
+    let first = start_senders(processes, &python, port, &ids, 1)?;
+    let kill_at = MLLP_MESSAGES * 3 / 10;
+    eventually(&format!("{kill_at} messages acknowledged"), async || {
+        let answers = read_answers(processes, &first);
+        (answers.acked.len() >= kill_at || first.iter().all(|s| processes.exited(s))).then_some(())
+    })
+    .await?;
+    processes.kill("worker-1")?;
+    let killed_after = started.elapsed();
+    // Without a worker the senders fail (connection reset, broken pipe) and exit.
+    wait_for_senders(processes, &first).await?;
+    let before_kill = read_answers(processes, &first);
+    ensure!(
+        before_kill.acked.len() < MLLP_MESSAGES,
+        "every message was acknowledged before the kill: nothing was mid-stream"
+    );
+
+    let rest = start_worker(processes, "worker-2", &worker_toml).await?;
+    wait_for_listener(&rest, port).await?;
+    let mut acked: HashSet<String> = before_kill.acked.clone();
+    let mut negative = before_kill.negative;
+    let mut round = 1;
+    while acked.len() < MLLP_MESSAGES {
+        round += 1;
+        ensure!(
+            round <= 6,
+            "{} message(s) still without AA after {} rounds",
+            MLLP_MESSAGES - acked.len(),
+            round - 1
+        );
+        let left: Vec<String> = ids
+            .iter()
+            .filter(|id| !acked.contains(*id))
+            .cloned()
+            .collect();
+        let senders = start_senders(processes, &python, port, &left, round)?;
+        wait_for_senders(processes, &senders).await?;
+        let answers = read_answers(processes, &senders);
+        negative += answers.negative;
+        acked.extend(answers.acked);
+    }
+
+    let records = read_all(&bootstrap, HL7_TOPIC).await?;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for record in &records {
+        let id = record
+            .header("hl7.control.id")
+            .context("a record without an hl7.control.id header")?;
+        *counts.entry(id).or_default() += 1;
+    }
+    let lost: Vec<&String> = before_kill
+        .acked
+        .iter()
+        .filter(|id| !counts.contains_key(*id))
+        .collect();
+    let missing = ids.iter().filter(|id| !counts.contains_key(*id)).count();
+    let duplicates = records.len() - counts.len();
+    let acked_twice = before_kill
+        .acked
+        .iter()
+        .filter(|id| counts.get(*id).is_some_and(|n| *n > 1))
+        .count();
+    println!(
+        "crash: mllp {MLLP_MESSAGES} messages, {} AA'd before the kill (after {:.1}s), {} AA'd in all after {round} round(s), {negative} AE/AR; topic {} records, {} AA'd before the kill missing, {missing} missing, {duplicates} duplicates ({acked_twice} of messages AA'd before the kill); {:.1}s in all",
+        before_kill.acked.len(),
+        killed_after.as_secs_f64(),
+        acked.len(),
+        records.len(),
+        lost.len(),
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(
+        lost.is_empty(),
+        "{} message(s) answered AA before the kill are not in {HL7_TOPIC}: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(20)]
+    );
+    ensure!(missing == 0, "{missing} message(s) are not in {HL7_TOPIC}");
+    Ok(())
+}
+
+// ---- processes ----
+
+/// The child processes of one test, their stdout/stderr in files of a temp dir; every one is
+/// killed (SIGKILL) and reaped when this drops.
+struct Processes {
+    dir: Option<tempfile::TempDir>,
+    children: Vec<(String, Child)>,
+}
+
+impl Processes {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            dir: Some(
+                tempfile::Builder::new()
+                    .prefix("medconnect-crash-")
+                    .tempdir()?,
+            ),
+            children: Vec::new(),
+        })
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.as_ref().map_or(Path::new("."), |d| d.path())
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir().join(name)
+    }
+
+    fn spawn(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let stdout = File::create(self.path(&format!("{name}.stdout")))?;
+        let stderr = File::create(self.path(&format!("{name}.stderr")))?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {name}: {}", program.display()))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    fn child(&mut self, name: &str) -> anyhow::Result<&mut Child> {
+        self.children
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c)
+            .with_context(|| format!("no process {name}"))
+    }
+
+    /// SIGKILL (what `Child::kill` sends on Unix), then reaps it.
+    fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let child = self.child(name)?;
+        child.kill().with_context(|| format!("killing {name}"))?;
+        child.wait()?;
+        Ok(())
+    }
+
+    fn exited(&mut self, name: &str) -> bool {
+        self.child(name)
+            .map(|c| !matches!(c.try_wait(), Ok(None)))
+            .unwrap_or(true)
+    }
+
+    fn stdout(&self, name: &str) -> String {
+        std::fs::read(self.path(&format!("{name}.stdout")))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// On failure: the tail of every child's output, and the directory is kept.
+    fn report(mut self, outcome: anyhow::Result<()>) -> anyhow::Result<()> {
+        if outcome.is_err() {
+            self.dump();
+            if let Some(dir) = self.dir.take() {
+                println!("crash test files kept in {}", dir.keep().display());
+            }
+        }
+        outcome
+    }
+
+    fn dump(&self) {
+        for (name, _) in &self.children {
+            for stream in ["stdout", "stderr"] {
+                let text = std::fs::read(self.path(&format!("{name}.{stream}")))
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                if text.trim().is_empty() {
+                    continue;
+                }
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(150)..];
+                println!(
+                    "----- {name} {stream} (last {} of {} lines) -----",
+                    tail.len(),
+                    lines.len()
+                );
+                for line in tail {
+                    println!("{line}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `medconnect broker` on a free port; another try if the port was taken meanwhile.
+async fn start_broker(processes: &mut Processes) -> anyhow::Result<String> {
+    let bin = medconnect_bin()?;
+    for attempt in 1..=3 {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let name = format!("broker-{attempt}");
+        processes.spawn(&name, &bin, &["broker", "--listen", &addr], &[])?;
+        let ready = eventually(&format!("{name} to listen on {addr}"), async || {
+            if processes.stdout(&name).contains("medconnect broker: Kafka") {
+                Some(true)
+            } else {
+                processes.exited(&name).then_some(false)
+            }
+        })
+        .await?;
+        if ready {
+            return Ok(addr);
+        }
+    }
+    bail!("the broker did not start in 3 tries")
+}
+
+/// The worker config both worker processes run with (the second is the first restarted).
+fn write_worker_config(
+    processes: &Processes,
+    bootstrap: &str,
+    flush_ms: u64,
+) -> anyhow::Result<PathBuf> {
+    let path = processes.path("worker.toml");
+    let rest_port = free_port()?;
+    std::fs::write(
+        &path,
+        format!(
+            r#"group_id = "crash"
+bootstrap_servers = "{bootstrap}"
+
+[rest]
+listen = "127.0.0.1:{rest_port}"
+
+[internal_topics]
+config = "crash-configs"
+offsets = "{OFFSETS_TOPIC}"
+status = "crash-status"
+
+[tasks]
+offset_flush_interval_ms = {flush_ms}
+
+[consumer]
+# The embedded broker answers a fetch only after half of this wait (configs/worker.toml).
+"fetch.wait.max.ms" = 25
+# A killed worker's sink consumers stay members of their group until this passes; the restarted
+# worker's sink tasks get their partitions only then (librdkafka's default: 45 s).
+"session.timeout.ms" = {SESSION_TIMEOUT_MS}
+"#
+        ),
+    )?;
+    Ok(path)
+}
+
+/// `medconnect worker <toml>`; ready when its REST API answers.
+async fn start_worker(
+    processes: &mut Processes,
+    name: &str,
+    config: &Path,
+) -> anyhow::Result<Rest> {
+    let text = std::fs::read_to_string(config)?;
+    let listen = text
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .context("no REST listen address in the worker config")?;
+    let rest = Rest::new(&format!("http://{listen}"));
+    let config = config.to_str().context("temp path is not UTF-8")?;
+    processes.spawn(name, &medconnect_bin()?, &["worker", config], &[])?;
+    let up = eventually(&format!("{name}'s REST API"), async || {
+        if matches!(rest.get("/").await, Ok((200, _))) {
+            Some(true)
+        } else {
+            processes.exited(name).then_some(false)
+        }
+    })
+    .await?;
+    ensure!(up, "{name} exited while starting");
+    Ok(rest)
+}
+
+// ---- datagen ----
+
+/// Records per task: datagen splits `max.records` evenly (the remainder to the first tasks;
+/// these constants leave none).
+const TASK_SHARE: u64 = DATAGEN_RECORDS / DATAGEN_TASKS;
+const _: () = assert!(DATAGEN_RECORDS.is_multiple_of(DATAGEN_TASKS));
+
+/// The datagen offsets a worker reports (task -> last stored seq).
+async fn rest_offsets(rest: &Rest, connector: &str) -> Option<BTreeMap<u64, u64>> {
+    let (code, body) = rest
+        .get(&format!("/connectors/{connector}/offsets"))
+        .await
+        .ok()?;
+    if code != 200 {
+        return None;
+    }
+    body["offsets"]
+        .as_array()?
+        .iter()
+        .map(|o| {
+            Some((
+                o["partition"]["task"].as_u64()?,
+                o["offset"]["seq"].as_u64()?,
+            ))
+        })
+        .collect()
+}
+
+/// The datagen offsets in the offset topic, as a plain consumer reads them (task -> seq).
+async fn stored_datagen_offsets(
+    bootstrap: &str,
+    connector: &str,
+) -> anyhow::Result<BTreeMap<u64, u64>> {
+    let mut stored = BTreeMap::new();
+    // Within a partition of the offset topic, a later record for a key replaces an earlier one.
+    for record in read_all(bootstrap, OFFSETS_TOPIC).await? {
+        let Some(key) = record.key.as_deref() else {
+            continue;
+        };
+        let key: Value = serde_json::from_slice(key).context("offset key is not JSON")?;
+        if key[0] != connector {
+            continue;
+        }
+        let task = key[1]["task"]
+            .as_u64()
+            .with_context(|| format!("offset key without a task: {key}"))?;
+        match record.value.as_deref() {
+            Some(value) => {
+                let value: Value = serde_json::from_slice(value)?;
+                let seq = value["seq"]
+                    .as_u64()
+                    .with_context(|| format!("offset without a seq: {value}"))?;
+                stored.insert(task, seq);
+            }
+            None => {
+                stored.remove(&task);
+            }
+        }
+    }
+    Ok(stored)
+}
+
+/// How often each (task, seq) occurs.
+fn datagen_counts(records: &[Read]) -> anyhow::Result<HashMap<(u64, u64), usize>> {
+    let mut counts = HashMap::new();
+    for record in records {
+        let value = record
+            .value
+            .as_deref()
+            .context("a record without a value")?;
+        let value: Value = serde_json::from_slice(value).context("a record that is not JSON")?;
+        *counts.entry(datagen_key(&value)?).or_default() += 1;
+    }
+    Ok(counts)
+}
+
+fn datagen_key(value: &Value) -> anyhow::Result<(u64, u64)> {
+    match (value["task"].as_u64(), value["seq"].as_u64()) {
+        (Some(task), Some(seq)) => Ok((task, seq)),
+        _ => bail!("not a datagen record: {value}"),
+    }
+}
+
+struct FileRecords {
+    lines: usize,
+    /// Lines that are not one JSON record: a line cut short by the kill (the sink's buffered
+    /// writer had written part of it), followed by the first line written after the restart.
+    torn: usize,
+    counts: HashMap<(u64, u64), usize>,
+}
+
+/// The records in the sink's file. A torn line holds the end of a cut record and then a whole
+/// one: the whole one is counted, from the first `{` from which the rest of the line parses.
+fn read_datagen_file(path: &Path) -> anyhow::Result<FileRecords> {
+    let text = std::fs::read(path)?;
+    let text = String::from_utf8_lossy(&text);
+    let mut file = FileRecords {
+        lines: 0,
+        torn: 0,
+        counts: HashMap::new(),
+    };
+    // A last line without its newline is still being written.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    for line in complete.lines() {
+        file.lines += 1;
+        let value = match serde_json::from_str::<Value>(line) {
+            Ok(value) => value,
+            Err(_) => {
+                file.torn += 1;
+                let Some(value) = line
+                    .match_indices('{')
+                    .filter_map(|(at, _)| serde_json::from_str::<Value>(&line[at..]).ok())
+                    .next()
+                else {
+                    continue;
+                };
+                value
+            }
+        };
+        *file.counts.entry(datagen_key(&value)?).or_default() += 1;
+    }
+    Ok(file)
+}
+
+fn count_lines(path: &Path) -> u64 {
+    std::fs::read(path)
+        .map(|b| b.iter().filter(|c| **c == b'\n').count() as u64)
+        .unwrap_or(0)
+}
+
+/// Polls a blocking `check` (every 250 ms, off the runtime's threads) until it returns `Some`.
+async fn eventually_blocking<T: Send + 'static>(
+    what: &str,
+    check: impl Fn() -> Option<T> + Send + Sync + Clone + 'static,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let check = check.clone();
+        if let Some(value) = tokio::task::spawn_blocking(check).await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+// ---- MLLP ----
+
+/// The venv with python `hl7` (scripts/hl7-peers installs it); missing, the test fails.
+fn python_bin() -> anyhow::Result<PathBuf> {
+    let bin = std::env::var_os("MEDCONNECT_PY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("MEDCONNECT_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/medconnect")
+                });
+            cache.join("venv/bin")
+        });
+    ensure!(
+        bin.join("mllp_send").is_file(),
+        "python HL7 peers missing in {}: run scripts/hl7-peers",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+fn adt(control_id: &str, patient: usize) -> String {
+    format!(
+        "MSH|^~\\&|EPIC|GENHOSP|MEDCONNECT|DC|20261129120000||ADT^A01^ADT_A01|{control_id}|P|2.5.1\rEVN|A01|20261129120000\rPID|1||P{patient:04}^^^GENHOSP^MR||DOE^JANE||19800101|F\rPV1|1|I|ICU^101^A\r"
+    )
+}
+
+/// [`MLLP_SENDERS`] `mllp_send` processes, each sending its share of `ids` in order on one
+/// connection and printing every answer (unbuffered, so answers before a crash are kept).
+fn start_senders(
+    processes: &mut Processes,
+    python: &Path,
+    port: u16,
+    ids: &[String],
+    round: usize,
+) -> anyhow::Result<Vec<String>> {
+    let per_sender = ids.len().div_ceil(MLLP_SENDERS).max(1);
+    let mut names = Vec::new();
+    for (n, chunk) in ids.chunks(per_sender).enumerate() {
+        let name = format!("mllp_send-{round}-{n}");
+        let file = processes.path(&format!("{name}.hl7"));
+        let messages: Vec<String> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, id)| adt(id, i % 500))
+            .collect();
+        std::fs::write(&file, messages.join("\n"))?;
+        let file = file.to_str().context("temp path is not UTF-8")?;
+        let port = port.to_string();
+        processes.spawn(
+            &name,
+            &python.join("mllp_send"),
+            &["--loose", "--file", file, "--port", &port, "127.0.0.1"],
+            &[("PYTHONUNBUFFERED", "1")],
+        )?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
+async fn wait_for_senders(processes: &mut Processes, senders: &[String]) -> anyhow::Result<()> {
+    let done = tokio::time::timeout(LONG, async {
+        while !senders.iter().all(|s| processes.exited(s)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if done.is_err() {
+        bail!("mllp_send still running after {LONG:?}");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Answers {
+    acked: HashSet<String>,
+    /// AE and AR answers.
+    negative: usize,
+}
+
+/// The answers the senders printed: `MSA|<code>|<control id>` of every ACK they read.
+fn read_answers(processes: &Processes, senders: &[String]) -> Answers {
+    let mut answers = Answers::default();
+    for sender in senders {
+        let out = processes.stdout(sender);
+        for (at, _) in out.match_indices("MSA|") {
+            let mut fields = out[at + 4..].split(['|', '\r', '\n', '\x1c']);
+            match (fields.next(), fields.next()) {
+                (Some("AA"), Some(id)) => {
+                    answers.acked.insert(id.to_string());
+                }
+                (Some(_), Some(_)) => answers.negative += 1,
+                _ => {}
+            }
+        }
+    }
+    answers
+}
+
+/// The MLLP source task is RUNNING and its port accepts connections.
+async fn wait_for_listener(rest: &Rest, port: u16) -> anyhow::Result<()> {
+    eventually("the MLLP source to run and accept", async || {
+        let (_, status) = rest.get(&format!("/connectors/{MLLP}/status")).await.ok()?;
+        if status["tasks"][0]["state"] != "RUNNING" {
+            return None;
+        }
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await?;
+    Ok(())
+}
+
+// ---- Kafka ----
+
+/// A record read back from a topic.
+struct Read {
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Read {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// Every record of a topic, from the beginning until no record arrived for [`QUIET`] (the
+/// embedded broker under-reports end offsets, so watermarks cannot say where the end is).
+async fn read_all(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Read>> {
+    let bootstrap = bootstrap.to_string();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || read_all_blocking(&bootstrap, &topic)).await?
+}
+
+fn read_all_blocking(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Read>> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "crash-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    for &(key, value) in CONSUMER_SETTINGS {
+        config.set(key, value);
+    }
+    let consumer: BaseConsumer = config.create()?;
+    let deadline = Instant::now() + LONG;
+    let partitions = loop {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let ids: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if !ids.is_empty() {
+            break ids;
+        }
+        if Instant::now() > deadline {
+            bail!("topic {topic} never appeared");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let mut records = Vec::new();
+    let mut last_seen = Instant::now();
+    while last_seen.elapsed() < QUIET {
+        if Instant::now() > deadline {
+            bail!(
+                "{topic} still delivering after {LONG:?} ({} records)",
+                records.len()
+            );
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        last_seen = Instant::now();
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        records.push(Read {
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
+            headers,
+        });
+    }
+    Ok(records)
+}
