@@ -2,6 +2,13 @@
 //! `status-connector-<name>` / `status-task-<name>-<id>` with
 //! `{"state","trace","worker_id","generation"}`, and the active topics of each connector
 //! (`topic-<topic>-connector-<name>`).
+//!
+//! Task statuses are ordered by `run`, a per-task sequence that grows with every start of the
+//! task: a record of an older run is neither written nor applied, so a runner that is still
+//! finishing (or a slow writer elsewhere) cannot overwrite what a later run reported. Within a
+//! run, writes are serialised by the run's `StatusReporter`, so the log order is their order.
+//! `generation` stays the task-config generation Connect tools show; it cannot order records:
+//! it restarts at 1 when a connector is re-created and when commits are compacted away.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -31,6 +38,13 @@ pub struct TaskStatus {
     pub worker_id: String,
     #[serde(default)]
     pub generation: u64,
+    /// Which start of the task wrote this (0 for connector statuses and older records).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub run: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 #[derive(Debug, Default)]
@@ -53,39 +67,10 @@ impl StatusStore {
             settings,
             topic,
             Box::new(move |key, value| {
-                let Ok(key) = std::str::from_utf8(key) else {
-                    return;
-                };
-                let status = value.and_then(|v| serde_json::from_slice::<TaskStatus>(v).ok());
                 let mut statuses = apply_statuses
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                if let Some(name) = key.strip_prefix("status-connector-") {
-                    match status {
-                        Some(status) => statuses.connectors.insert(name.to_string(), status),
-                        None => statuses.connectors.remove(name),
-                    };
-                } else if let Some(rest) = key.strip_prefix("status-task-") {
-                    let Some((name, id)) = rest.rsplit_once('-') else {
-                        return;
-                    };
-                    let Ok(id) = id.parse::<u32>() else { return };
-                    let task = (name.to_string(), id);
-                    match status {
-                        Some(status) => statuses.tasks.insert(task, status),
-                        None => statuses.tasks.remove(&task),
-                    };
-                } else if let Some(rest) = key.strip_prefix("topic-") {
-                    let Some((topic, connector)) = rest.split_once("-connector-") else {
-                        return;
-                    };
-                    let topics = statuses.topics.entry(connector.to_string()).or_default();
-                    if value.is_some() {
-                        topics.insert(topic.to_string());
-                    } else {
-                        topics.remove(topic);
-                    }
-                }
+                apply(&mut statuses, key, value);
             }),
         )
         .await?;
@@ -103,19 +88,26 @@ impl StatusStore {
             .await
     }
 
+    /// Writes a task's status; `false` (nothing written) when a later run of the task already
+    /// reported.
     pub async fn put_task(
         &self,
         name: &str,
         task: u32,
         status: &TaskStatus,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        if let Some(stored) = self.task(name, task).filter(|s| s.run > status.run) {
+            tracing::debug!(connector = %name, task, run = status.run, stored_run = stored.run, "not writing the status of an older run");
+            return Ok(false);
+        }
         let value = serde_json::to_vec(status).map_err(|e| StoreError::Internal(e.to_string()))?;
         self.log
             .write(
                 format!("status-task-{name}-{task}").as_bytes(),
                 Some(&value),
             )
-            .await
+            .await?;
+        Ok(true)
     }
 
     /// Removes a connector's statuses and active topics (after it was deleted).
@@ -215,5 +207,133 @@ impl StatusStore {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Applies one record of the status topic, in log order.
+fn apply(statuses: &mut Statuses, key: &[u8], value: Option<&[u8]>) {
+    let Ok(key) = std::str::from_utf8(key) else {
+        return;
+    };
+    let status = value.and_then(|v| serde_json::from_slice::<TaskStatus>(v).ok());
+    if let Some(name) = key.strip_prefix("status-connector-") {
+        match status {
+            Some(status) => statuses.connectors.insert(name.to_string(), status),
+            None => statuses.connectors.remove(name),
+        };
+    } else if let Some(rest) = key.strip_prefix("status-task-") {
+        let Some((name, id)) = rest.rsplit_once('-') else {
+            return;
+        };
+        let Ok(id) = id.parse::<u32>() else { return };
+        let task = (name.to_string(), id);
+        match status {
+            Some(status) => apply_task(statuses, task, status),
+            None => {
+                statuses.tasks.remove(&task);
+            }
+        }
+    } else if let Some(rest) = key.strip_prefix("topic-") {
+        let Some((topic, connector)) = rest.split_once("-connector-") else {
+            return;
+        };
+        let topics = statuses.topics.entry(connector.to_string()).or_default();
+        if value.is_some() {
+            topics.insert(topic.to_string());
+        } else {
+            topics.remove(topic);
+        }
+    }
+}
+
+/// A task status replaces the stored one unless it comes from an older run.
+fn apply_task(statuses: &mut Statuses, task: (String, u32), status: TaskStatus) {
+    match statuses.tasks.get(&task) {
+        Some(stored) if stored.run > status.run => {
+            tracing::debug!(connector = %task.0, task = task.1, run = status.run, stored_run = stored.run, "ignoring the status of an older run");
+        }
+        _ => {
+            statuses.tasks.insert(task, status);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(state: ConnectorState, run: u64) -> Vec<u8> {
+        let status = TaskStatus {
+            state,
+            trace: None,
+            worker_id: "w".into(),
+            generation: 1,
+            run,
+        };
+        serde_json::to_vec(&status).unwrap_or_default()
+    }
+
+    fn state_of(statuses: &Statuses) -> Option<(ConnectorState, u64)> {
+        statuses
+            .tasks
+            .get(&("c".to_string(), 0))
+            .map(|s| (s.state, s.run))
+    }
+
+    #[test]
+    fn a_status_of_an_older_run_is_not_applied() {
+        let mut statuses = Statuses::default();
+        apply(
+            &mut statuses,
+            b"status-task-c-0",
+            Some(&task(ConnectorState::Failed, 2)),
+        );
+        apply(
+            &mut statuses,
+            b"status-task-c-0",
+            Some(&task(ConnectorState::Running, 1)),
+        );
+        assert_eq!(state_of(&statuses), Some((ConnectorState::Failed, 2)));
+        apply(
+            &mut statuses,
+            b"status-task-c-0",
+            Some(&task(ConnectorState::Running, 3)),
+        );
+        assert_eq!(state_of(&statuses), Some((ConnectorState::Running, 3)));
+    }
+
+    #[test]
+    fn within_a_run_the_log_order_wins_and_a_tombstone_clears() {
+        let mut statuses = Statuses::default();
+        apply(
+            &mut statuses,
+            b"status-task-c-0",
+            Some(&task(ConnectorState::Running, 4)),
+        );
+        apply(
+            &mut statuses,
+            b"status-task-c-0",
+            Some(&task(ConnectorState::Failed, 4)),
+        );
+        assert_eq!(state_of(&statuses), Some((ConnectorState::Failed, 4)));
+        apply(&mut statuses, b"status-task-c-0", None);
+        assert_eq!(state_of(&statuses), None);
+        // A re-created connector starts over.
+        apply(
+            &mut statuses,
+            b"status-task-c-0",
+            Some(&task(ConnectorState::Paused, 1)),
+        );
+        assert_eq!(state_of(&statuses), Some((ConnectorState::Paused, 1)));
+    }
+
+    #[test]
+    fn records_without_a_run_are_read_as_run_zero() {
+        let mut statuses = Statuses::default();
+        let connect_record = br#"{"state":"RUNNING","trace":null,"worker_id":"w","generation":5}"#;
+        apply(&mut statuses, b"status-task-c-0", Some(connect_record));
+        assert_eq!(state_of(&statuses), Some((ConnectorState::Running, 0)));
+        let written = task(ConnectorState::Running, 0);
+        assert!(!String::from_utf8_lossy(&written).contains("run"));
     }
 }

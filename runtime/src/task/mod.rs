@@ -6,15 +6,14 @@ pub(crate) mod lifecycle;
 pub mod sink;
 mod source;
 mod status;
+mod supervisor;
 
 use std::time::Duration;
 
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-
 pub use sink::{SinkRunner, SinkTaskSpec};
 pub use source::{SourceRunner, SourceTaskSpec};
-pub use status::StatusReporter;
+pub use status::{AfterStop, RunId, StatusReporter};
+pub use supervisor::{Stopping, TaskHandle, supervise};
 
 /// Whether a running task should move records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,35 +41,6 @@ impl Default for RunnerSettings {
             max_in_flight: 10_000,
             shutdown_timeout: Duration::from_secs(10),
             sink_batch_max: 500,
-        }
-    }
-}
-
-/// What the herder holds of a running task.
-pub struct TaskHandle {
-    pub run_state: watch::Sender<RunState>,
-    pub stop: CancellationToken,
-    pub join: tokio::task::JoinHandle<()>,
-    /// The task config generation this task was started with.
-    pub generation: u64,
-    pub config: medconnect_api::Props,
-}
-
-impl TaskHandle {
-    pub fn set_state(&self, state: RunState) {
-        self.run_state.send_if_modified(|current| {
-            let changed = *current != state;
-            *current = state;
-            changed
-        });
-    }
-
-    /// Asks the task to stop and waits until it delivered what it had (bounded by the
-    /// runner's shutdown timeout).
-    pub async fn stop(self) {
-        self.stop.cancel();
-        if let Err(error) = self.join.await {
-            tracing::error!(%error, "task runner ended abnormally");
         }
     }
 }

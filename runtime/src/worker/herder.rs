@@ -9,6 +9,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use futures::FutureExt;
+use futures::future::{BoxFuture, join_all};
 use medconnect_api::{
     ConfigValue, ConnectError, ConnectorContext, ConnectorKind, Props, SourceTaskContext,
 };
@@ -30,8 +32,8 @@ use crate::store::{
 use crate::task::errors::{ErrorPolicy, ErrorReporter};
 use crate::task::sink::Subscription;
 use crate::task::{
-    RunState, RunnerSettings, SinkRunner, SinkTaskSpec, SourceRunner, SourceTaskSpec,
-    StatusReporter, TaskHandle,
+    AfterStop, RunId, RunState, RunnerSettings, SinkRunner, SinkTaskSpec, SourceRunner,
+    SourceTaskSpec, StatusReporter, Stopping, TaskHandle, supervise,
 };
 use crate::transform::TransformChain;
 
@@ -114,7 +116,12 @@ pub struct Herder {
     /// Shared by dead-letter writes of every task.
     dlq_producer: FutureProducer,
     tasks: Mutex<BTreeMap<(String, u32), TaskHandle>>,
+    /// Runs being stopped, by task: a task's next run starts only once its last one is over.
+    stopping: std::sync::Mutex<BTreeMap<(String, u32), Stopping>>,
+    /// The last run number given to each task (see `next_run`).
+    runs: std::sync::Mutex<BTreeMap<(String, u32), u64>>,
     /// Serialises writes and reconciles, so a REST call sees the result of the ones before it.
+    /// Never held while a task stops: a stuck task must not freeze every other call.
     operations: Mutex<()>,
 }
 
@@ -135,6 +142,8 @@ impl Herder {
             metrics: parts.metrics,
             dlq_producer,
             tasks: Mutex::new(BTreeMap::new()),
+            stopping: Default::default(),
+            runs: Default::default(),
             operations: Mutex::new(()),
         })
     }
@@ -236,6 +245,7 @@ impl Herder {
             trace: None,
             worker_id: self.worker_id.clone(),
             generation: 0,
+            run: 0,
         }
     }
 
@@ -318,7 +328,7 @@ impl Herder {
         config: Props,
         initial: Option<TargetState>,
     ) -> Result<ConnectorInfo> {
-        let _guard = self.operations.lock().await;
+        let guard = self.operations.lock().await;
         if self.configs.connector(name).is_some() {
             return Err(HerderError::AlreadyExists(name.to_string()));
         }
@@ -326,13 +336,16 @@ impl Herder {
         self.check(name, &config)?;
         self.write_new_config(name, &config, initial.unwrap_or_default())
             .await?;
-        self.reconcile_locked().await;
-        self.info(name)
+        let stops = self.reconcile_locked().await;
+        let info = self.info(name);
+        drop(guard);
+        settle(stops).await;
+        info
     }
 
     /// `PUT /connectors/{name}/config`: creates or replaces; `true` when created.
     pub async fn put_config(&self, name: &str, config: Props) -> Result<(bool, ConnectorInfo)> {
-        let _guard = self.operations.lock().await;
+        let guard = self.operations.lock().await;
         let mut config = Self::named(name, config)?;
         let existing = self.configs.connector(name);
         if let Some(existing) = &existing {
@@ -353,8 +366,11 @@ impl Herder {
                 }
             }
         }
-        self.reconcile_locked().await;
-        Ok((created, self.info(name)?))
+        let stops = self.reconcile_locked().await;
+        let info = self.info(name);
+        drop(guard);
+        settle(stops).await;
+        Ok((created, info?))
     }
 
     pub async fn patch_config(
@@ -362,7 +378,7 @@ impl Herder {
         name: &str,
         patch: BTreeMap<String, Option<String>>,
     ) -> Result<ConnectorInfo> {
-        let _guard = self.operations.lock().await;
+        let guard = self.operations.lock().await;
         let existing = self.entry(name)?;
         let mut config = existing.config.clone();
         for (key, value) in patch {
@@ -379,8 +395,11 @@ impl Herder {
         if existing.target_state != TargetState::Stopped {
             self.generate_tasks(name, &config).await?;
         }
-        self.reconcile_locked().await;
-        self.info(name)
+        let stops = self.reconcile_locked().await;
+        let info = self.info(name);
+        drop(guard);
+        settle(stops).await;
+        info
     }
 
     async fn write_new_config(
@@ -448,16 +467,19 @@ impl Herder {
     }
 
     pub async fn delete(&self, name: &str) -> Result<()> {
-        let _guard = self.operations.lock().await;
+        let guard = self.operations.lock().await;
         self.entry(name)?;
         self.configs.remove_connector(name).await?;
-        self.reconcile_locked().await;
-        self.statuses.remove(name).await?;
-        Ok(())
+        // The stopped runs are closed: nothing they still do can outlive these tombstones.
+        let stops = self.reconcile_locked().await;
+        let removed = self.statuses.remove(name).await;
+        drop(guard);
+        settle(stops).await;
+        Ok(removed?)
     }
 
     pub async fn set_target_state(&self, name: &str, state: TargetState) -> Result<()> {
-        let _guard = self.operations.lock().await;
+        let guard = self.operations.lock().await;
         let entry = self.entry(name)?;
         if entry.target_state == TargetState::Stopped && state != TargetState::Stopped {
             // Stopped connectors have no task configs; make them anew.
@@ -469,7 +491,9 @@ impl Herder {
                 self.configs.put_task_configs(name, &[]).await?;
             }
         }
-        self.reconcile_locked().await;
+        let stops = self.reconcile_locked().await;
+        drop(guard);
+        settle(stops).await;
         Ok(())
     }
 
@@ -481,7 +505,7 @@ impl Herder {
         include_tasks: bool,
         only_failed: bool,
     ) -> Result<Vec<u32>> {
-        let _guard = self.operations.lock().await;
+        let guard = self.operations.lock().await;
         let entry = self.entry(name)?;
         let connector_failed = self
             .statuses
@@ -495,6 +519,7 @@ impl Herder {
             }
         }
         let mut restarted = Vec::new();
+        let mut stops = Vec::new();
         if include_tasks {
             for id in 0..entry.tasks.len() as u32 {
                 let failed = self
@@ -502,23 +527,31 @@ impl Herder {
                     .task(name, id)
                     .is_some_and(|s| s.state == ConnectorState::Failed);
                 if !only_failed || failed {
-                    self.stop_task(name, id).await;
+                    stops.extend(self.stop_task(name, id, AfterStop::Restarting).await);
                     restarted.push(id);
                 }
             }
         }
-        self.reconcile_locked().await;
+        stops.extend(self.reconcile_locked().await);
+        drop(guard);
+        settle(stops).await;
         Ok(restarted)
     }
 
     pub async fn restart_task(&self, name: &str, task: u32) -> Result<()> {
-        let _guard = self.operations.lock().await;
+        let guard = self.operations.lock().await;
         let entry = self.entry(name)?;
         if task as usize >= entry.tasks.len() {
             return Err(HerderError::TaskNotFound(name.to_string(), task));
         }
-        self.stop_task(name, task).await;
-        self.reconcile_locked().await;
+        let mut stops: Vec<Stopping> = self
+            .stop_task(name, task, AfterStop::Restarting)
+            .await
+            .into_iter()
+            .collect();
+        stops.extend(self.reconcile_locked().await);
+        drop(guard);
+        settle(stops).await;
         Ok(())
     }
 
@@ -579,12 +612,18 @@ impl Herder {
 
     /// Makes the tasks running here match the config topic.
     pub async fn reconcile(&self) {
-        let _guard = self.operations.lock().await;
-        self.reconcile_locked().await;
+        let stops = {
+            let _guard = self.operations.lock().await;
+            self.reconcile_locked().await
+        };
+        settle(stops).await;
     }
 
-    async fn reconcile_locked(&self) {
+    /// Starts, pauses, resumes and stops tasks to match the config topic. Returns the runs it
+    /// stopped, for the caller to await once it released the operations lock.
+    async fn reconcile_locked(&self) -> Vec<Stopping> {
         let snapshot = self.configs.snapshot();
+        let mut stops = Vec::new();
         // Tasks of deleted connectors, or beyond the current task count, stop first.
         let obsolete: Vec<(String, u32)> = {
             let tasks = self.tasks.lock().await;
@@ -599,7 +638,7 @@ impl Herder {
                 .collect()
         };
         for (name, id) in obsolete {
-            self.stop_task(&name, id).await;
+            stops.extend(self.stop_task(&name, id, AfterStop::Nothing).await);
             if snapshot.connectors.contains_key(&name)
                 && let Err(error) = self.statuses.remove_task(&name, id).await
             {
@@ -607,11 +646,12 @@ impl Herder {
             }
         }
         for (name, entry) in &snapshot.connectors {
-            self.reconcile_connector(name, entry).await;
+            stops.extend(self.reconcile_connector(name, entry).await);
         }
+        stops
     }
 
-    async fn reconcile_connector(&self, name: &str, entry: &ConnectorEntry) {
+    async fn reconcile_connector(&self, name: &str, entry: &ConnectorEntry) -> Vec<Stopping> {
         let state = match entry.target_state {
             TargetState::Stopped => ConnectorState::Stopped,
             TargetState::Paused => ConnectorState::Paused,
@@ -625,8 +665,9 @@ impl Herder {
         if !failed_generating && current.as_ref().is_none_or(|s| s.state != state) {
             self.put_connector_status(name, state, None).await;
         }
+        let mut stops = Vec::new();
         if entry.target_state == TargetState::Stopped {
-            return;
+            return stops;
         }
         let run_state = if entry.target_state == TargetState::Paused {
             RunState::Paused
@@ -638,52 +679,31 @@ impl Herder {
             if !self.assigned_here(name, id) {
                 continue;
             }
-            let outdated = {
-                let tasks = self.tasks.lock().await;
-                match tasks.get(&(name.to_string(), id)) {
-                    // Same config: keep it (a failed one stays failed until restarted).
-                    Some(handle) if handle.config == *config => {
-                        handle.set_state(run_state);
-                        let alive = !handle.join.is_finished();
+            let tasks = self.tasks.lock().await;
+            match tasks.get(&(name.to_string(), id)) {
+                // Same config: keep it (a failed one stays failed until restarted). Only the
+                // run's reporter writes its state, so a run that failed or ended stays so.
+                Some(handle) if handle.config == *config => {
+                    if handle.set_state(run_state) {
+                        let status = handle.status.clone();
                         drop(tasks);
-                        if alive {
-                            let state = if run_state == RunState::Paused {
-                                ConnectorState::Paused
-                            } else {
-                                ConnectorState::Running
-                            };
-                            self.report_task(name, id, state, entry.task_generation)
-                                .await;
-                        }
-                        false
+                        status.run_state_changed().await;
                     }
-                    _ => true,
                 }
-            };
-            if outdated {
-                self.stop_task(name, id).await;
-                self.start_task(name, id, config, entry, run_state).await;
+                _ => {
+                    drop(tasks);
+                    stops.extend(self.stop_task(name, id, AfterStop::Restarting).await);
+                    self.start_task(name, id, config, entry, run_state).await;
+                }
             }
         }
+        stops
     }
 
     /// Which worker runs a task. One worker runs everything until the cluster issue brings
     /// group membership; the rest of the herder already goes through this decision.
     fn assigned_here(&self, _connector: &str, _task: u32) -> bool {
         true
-    }
-
-    async fn report_task(&self, name: &str, id: u32, state: ConnectorState, generation: u64) {
-        if self
-            .statuses
-            .task(name, id)
-            .is_some_and(|s| s.state == state)
-        {
-            return;
-        }
-        StatusReporter::new(self.statuses.clone(), name, id, &self.worker_id, generation)
-            .report(state, None)
-            .await;
     }
 
     async fn put_connector_status(&self, name: &str, state: ConnectorState, trace: Option<String>) {
@@ -695,22 +715,51 @@ impl Herder {
                 .configs
                 .connector(name)
                 .map_or(0, |e| e.task_generation),
+            run: 0,
         };
         if let Err(error) = self.statuses.put_connector(name, &status).await {
             tracing::warn!(connector = %name, %error, "cannot record connector status");
         }
     }
 
-    async fn stop_task(&self, name: &str, id: u32) {
-        let handle = self.tasks.lock().await.remove(&(name.to_string(), id));
-        if let Some(handle) = handle {
-            handle.stop().await;
-        }
-        // Until started again; callers that remove the task remove this status too.
-        if self.statuses.task(name, id).is_some() {
-            self.report_task(name, id, ConnectorState::Restarting, 0)
-                .await;
-        }
+    /// Takes a task's run out of the running set, closes its status with `after` (so nothing
+    /// the runner still does is recorded after it) and starts stopping it, without waiting.
+    async fn stop_task(&self, name: &str, id: u32, after: AfterStop) -> Option<Stopping> {
+        let key = (name.to_string(), id);
+        let handle = self.tasks.lock().await.remove(&key)?;
+        handle.status.close(after).await;
+        Some(self.begin_stop(key, handle, AfterStop::Nothing))
+    }
+
+    /// Stops a run in its own tokio task (so it goes on even if no caller waits) and records it
+    /// as stopping until it is over, for the task's next run to wait on.
+    fn begin_stop(&self, key: (String, u32), handle: TaskHandle, after: AfterStop) -> Stopping {
+        let stopping = handle
+            .stop(self.runner.shutdown_timeout, after)
+            .boxed()
+            .shared();
+        tokio::spawn(stopping.clone());
+        self.stopping_runs().insert(key, stopping.clone());
+        stopping
+    }
+
+    fn stopping_runs(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, u32), Stopping>> {
+        self.stopping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A run number above every earlier run of the task: above the last one given here and the
+    /// one stored (which a previous process of this worker may have written).
+    fn next_run(&self, name: &str, id: u32) -> u64 {
+        let stored = self.statuses.task(name, id).map_or(0, |s| s.run);
+        let mut runs = self
+            .runs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last = runs.entry((name.to_string(), id)).or_default();
+        *last = (*last).max(stored) + 1;
+        *last
     }
 
     async fn start_task(
@@ -721,37 +770,42 @@ impl Herder {
         entry: &ConnectorEntry,
         run_state: RunState,
     ) {
+        let key = (name.to_string(), id);
+        let (state_tx, state_rx) = watch::channel(run_state);
         let status = StatusReporter::new(
             self.statuses.clone(),
-            name,
-            id,
-            &self.worker_id,
-            entry.task_generation,
+            RunId {
+                connector: name,
+                task_id: id,
+                worker_id: &self.worker_id,
+                generation: entry.task_generation,
+                run: self.next_run(name, id),
+            },
+            state_rx.clone(),
         );
-        let (state_tx, state_rx) = watch::channel(run_state);
         let stop = CancellationToken::new();
-        let join = match self
+        let runner = match self
             .spawn_task(name, id, config, status.clone(), state_rx, stop.clone())
             .await
         {
-            Ok(join) => join,
+            Ok(runner) => runner,
+            // Kept as a run that failed: it stays FAILED until restarted or reconfigured.
             Err(error) => {
-                status.failed(&error).await;
-                return;
+                let status = status.clone();
+                async move { status.failed(&error).await }.boxed()
             }
         };
-        if run_state == RunState::Paused {
-            self.report_task(name, id, ConnectorState::Paused, entry.task_generation)
-                .await;
-        }
+        let previous = self.stopping_runs().remove(&key);
+        let join = tokio::spawn(supervise(runner, previous, status.clone(), stop.clone()));
         self.tasks.lock().await.insert(
-            (name.to_string(), id),
+            key,
             TaskHandle {
                 run_state: state_tx,
                 stop,
                 join,
                 generation: entry.task_generation,
                 config: config.clone(),
+                status,
             },
         );
     }
@@ -764,7 +818,7 @@ impl Herder {
         status: StatusReporter,
         run_state: watch::Receiver<RunState>,
         stop: CancellationToken,
-    ) -> std::result::Result<tokio::task::JoinHandle<()>, ConnectError> {
+    ) -> std::result::Result<BoxFuture<'static, ()>, ConnectError> {
         let resolved = secrets::resolve(config)?;
         let plugin = self
             .plugins
@@ -816,7 +870,7 @@ impl Herder {
                     metrics,
                     settings: runner,
                 };
-                tokio::spawn(SourceRunner::run(spec, run_state, stop))
+                SourceRunner::run(spec, run_state, stop).boxed()
             }
             ConnectorPlugin::Sink(connector) => {
                 let overrides = overrides_with_prefix(&resolved, cc::CONSUMER_OVERRIDE);
@@ -841,30 +895,31 @@ impl Herder {
                     metrics,
                     settings: runner,
                 };
-                tokio::spawn(SinkRunner::run(spec, run_state, stop))
+                SinkRunner::run(spec, run_state, stop).boxed()
             }
         };
         Ok(join)
     }
 
-    /// Stops every task here, letting each deliver what it holds.
+    /// Stops every task here at once, letting each deliver what it holds (each bounded by the
+    /// shutdown timeout), and waits for runs stopped earlier that are still stopping.
     pub async fn shutdown(&self) {
-        let _guard = self.operations.lock().await;
-        let handles: Vec<((String, u32), TaskHandle)> =
-            std::mem::take(&mut *self.tasks.lock().await)
-                .into_iter()
-                .collect();
-        for ((name, id), handle) in handles {
-            let generation = handle.generation;
-            handle.stop().await;
-            if !self
-                .statuses
-                .task(&name, id)
-                .is_some_and(|s| s.state == ConnectorState::Failed)
-            {
-                self.report_task(&name, id, ConnectorState::Unassigned, generation)
-                    .await;
+        let stops = {
+            let _guard = self.operations.lock().await;
+            let handles = std::mem::take(&mut *self.tasks.lock().await);
+            let mut stops: Vec<Stopping> = self.stopping_runs().values().cloned().collect();
+            for (key, handle) in handles {
+                // UNASSIGNED once stopped, unless the run failed (even while stopping).
+                stops.push(self.begin_stop(key, handle, AfterStop::Unassigned));
             }
-        }
+            stops
+        };
+        settle(stops).await;
     }
+}
+
+/// Waits for runs an operation stopped, once it released the operations lock: a stuck task
+/// holds up the call that stopped it (bounded by the shutdown timeout), never the others.
+async fn settle(stops: Vec<Stopping>) {
+    join_all(stops).await;
 }
