@@ -4,27 +4,27 @@
 //! stored offset continues the exact stream it would have produced: tests can count records
 //! and find every sequence number once.
 
+pub mod config;
 mod generator;
 
 use async_trait::async_trait;
 use medconnect_api::{
-    ConfigDef, ConfigType, ConnectResult, Connector, ConnectorContext, ConnectorKind, Importance,
-    Record, SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig, Validator,
-    content_type,
+    ConfigDef, ConnectResult, Connector, ConnectorContext, ConnectorKind, Props, Record,
+    SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig, content_type,
 };
 use serde_json::{Map, Value, json};
 use tokio::time::{Duration, Instant};
 
+pub use config::{
+    BATCH_SIZE, DatagenConfig, DatagenTaskConfig, MAX_RECORDS, Pace, RATE, SCHEMA, SEED, TOPIC,
+};
+use config::{TASK_COUNT, TASK_MAX_RECORDS};
 pub use generator::{Schema, generate};
 
-pub const TOPIC: &str = "topic";
-pub const SCHEMA: &str = "schema";
-pub const RATE: &str = "rate";
-pub const MAX_RECORDS: &str = "max.records";
-pub const BATCH_SIZE: &str = "batch.size";
-pub const SEED: &str = "seed";
-/// Task-level: this task's share of `max.records` (set by the connector, not by users).
-const TASK_MAX_RECORDS: &str = "task.max.records";
+/// The longest a poll waits before returning an empty batch when nothing is due (limit
+/// reached, a slow pace): idle without spinning, and without holding `poll` for long (the
+/// engine pauses between polls).
+const IDLE: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Default)]
 pub struct DatagenSourceConnector;
@@ -47,22 +47,11 @@ impl Connector for DatagenSourceConnector {
     }
 
     fn config_def(&self) -> ConfigDef {
-        ConfigDef::new()
-            .define_required(TOPIC, ConfigType::String, Importance::High, "Topic the generated events are written to.")
-            .with_validator(Validator::NonEmpty)
-            .define(SCHEMA, ConfigType::String, "vitals", Importance::High,
-                "Kind of events: `vitals` (bedside monitor readings), `adt` (patient admit/transfer/discharge events) or `mixed`.")
-            .with_validator(Validator::OneOf(vec!["vitals", "adt", "mixed"]))
-            .define(RATE, ConfigType::Double, "10", Importance::Medium,
-                "Records per second per connector, spread over its tasks; 0 generates as fast as Kafka takes them.")
-            .with_validator(Validator::at_least(0.0))
-            .define(MAX_RECORDS, ConfigType::Long, "0", Importance::Medium,
-                "Total records to generate across all tasks, then stay idle; 0 means no limit.")
-            .with_validator(Validator::at_least(0.0))
-            .define(BATCH_SIZE, ConfigType::Int, "500", Importance::Low, "Records returned per poll.")
-            .with_validator(Validator::between(1.0, 100_000.0))
-            .define(SEED, ConfigType::Long, "42", Importance::Low, "Seed of the generator: the same seed gives the same events.")
-            .in_group("Datagen")
+        config::def()
+    }
+
+    fn validate(&self, config: &Props) -> ConnectResult<()> {
+        DatagenConfig::parse(config).map(|_| ())
     }
 
     fn task_configs(
@@ -70,21 +59,23 @@ impl Connector for DatagenSourceConnector {
         context: &ConnectorContext,
         max_tasks: usize,
     ) -> ConnectResult<Vec<TaskConfig>> {
-        let parsed = self.config_def().parse(&context.config)?;
-        let total = parsed.int(MAX_RECORDS)?.max(0) as u64;
-        let tasks = max_tasks.max(1) as u64;
-        let rate = parsed.double(RATE)? / tasks as f64;
+        let config = DatagenConfig::parse(&context.config)?;
+        // The engine bounds max_tasks by tasks.max and the worker's limit.
+        let tasks = u32::try_from(max_tasks.max(1)).unwrap_or(u32::MAX);
+        let total = config.max_records;
+        let count = u64::from(tasks);
         Ok((0..tasks)
             .map(|task| {
-                let mut config = context.config.clone();
+                let mut props = context.config.clone();
                 let share = if total == 0 {
                     0
                 } else {
-                    total / tasks + u64::from(task < total % tasks)
+                    total / count + u64::from(u64::from(task) < total % count)
                 };
-                config.insert(TASK_MAX_RECORDS.into(), share.to_string());
-                config.insert(RATE.into(), rate.to_string());
-                config
+                props.insert(TASK_MAX_RECORDS.into(), share.to_string());
+                // The rate stays as given; each task paces itself at rate / task.count.
+                props.insert(TASK_COUNT.into(), tasks.to_string());
+                props
             })
             .collect())
     }
@@ -96,89 +87,132 @@ impl SourceConnector for DatagenSourceConnector {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DatagenSourceTask {
-    topic: String,
-    schema: Schema,
-    seed: u64,
+    config: Option<DatagenTaskConfig>,
     task_id: u32,
     next_seq: u64,
-    /// 0: unbounded.
-    limit: u64,
-    batch_size: u64,
-    /// Time between records; zero when unthrottled.
-    interval: Duration,
+    pace: Pace,
+    /// When the next record is due (throttled tasks; set on the first poll).
     next_due: Option<Instant>,
     partition: Map<String, Value>,
 }
 
+impl Default for DatagenSourceTask {
+    fn default() -> Self {
+        Self {
+            config: None,
+            task_id: 0,
+            next_seq: 0,
+            pace: Pace::Unthrottled,
+            next_due: None,
+            partition: Map::new(),
+        }
+    }
+}
+
 impl DatagenSourceTask {
-    fn batch_len(&self) -> u64 {
-        let left = if self.limit == 0 {
-            u64::MAX
+    fn batch_len(&self, config: &DatagenTaskConfig) -> u64 {
+        let left = if config.max_records == 0 {
+            u64::MAX - self.next_seq
         } else {
-            self.limit.saturating_sub(self.next_seq)
+            config.max_records.saturating_sub(self.next_seq)
         };
-        left.min(self.batch_size)
+        left.min(config.connector.batch_size)
+    }
+
+    /// How many of `count` records are due now (0: none yet, or none ever). Waits at most
+    /// [`IDLE`], so a slow pace never holds `poll` for long.
+    async fn due(&mut self, count: u64) -> u64 {
+        let interval = match self.pace {
+            Pace::Unthrottled => return count,
+            Pace::Never => {
+                tokio::time::sleep(IDLE).await;
+                return 0;
+            }
+            Pace::Every(interval) => interval,
+        };
+        let now = Instant::now();
+        let due = *self.next_due.get_or_insert(now);
+        if due > now {
+            if due - now > IDLE {
+                tokio::time::sleep(IDLE).await;
+                return 0;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+        // Emit what is due by now (at least one), so low rates send single records.
+        let elapsed = Instant::now().saturating_duration_since(due);
+        let behind = elapsed.as_nanos() / interval.as_nanos().max(1);
+        let count = count.min(u64::try_from(behind).unwrap_or(u64::MAX).saturating_add(1));
+        // A next due time past what the clock can hold: this task has emitted its last record.
+        let next = u32::try_from(count)
+            .ok()
+            .and_then(|n| interval.checked_mul(n))
+            .and_then(|span| due.checked_add(span));
+        match next {
+            Some(next) => self.next_due = Some(next),
+            None => self.pace = Pace::Never,
+        }
+        count
     }
 }
 
 #[async_trait]
 impl SourceTask for DatagenSourceTask {
     async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
-        let parsed = DatagenSourceConnector.config_def().parse(&context.config)?;
-        self.topic = parsed.string(TOPIC)?;
-        self.schema = parsed.string(SCHEMA)?.parse()?;
-        self.seed = parsed.int(SEED)? as u64;
+        let config = DatagenTaskConfig::parse(&context.config)?;
         self.task_id = context.task_id;
-        self.limit = context
-            .config
-            .get(TASK_MAX_RECORDS)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(parsed.int(MAX_RECORDS)?.max(0) as u64);
-        self.batch_size = parsed.int(BATCH_SIZE)?.max(1) as u64;
-        let rate = parsed.double(RATE)?;
-        self.interval = if rate > 0.0 {
-            Duration::from_secs_f64(1.0 / rate)
-        } else {
-            Duration::ZERO
-        };
+        self.pace = config.pace();
+        self.next_due = None;
         self.partition = Map::from_iter([
-            ("generator".to_string(), json!(self.schema.as_str())),
+            (
+                "generator".to_string(),
+                json!(config.connector.schema.as_str()),
+            ),
             ("task".to_string(), json!(self.task_id)),
         ]);
         self.next_seq = context
             .offsets
             .offset(&self.partition)
             .and_then(|offset| offset.get("seq").and_then(Value::as_u64))
-            .map_or(0, |seq| seq + 1);
-        tracing::info!(connector = %context.connector_name, task = self.task_id, resume_from = self.next_seq, "datagen task started");
+            // A stored offset is data (PATCH .../offsets can set any): never overflow on it.
+            .map_or(0, |seq| seq.saturating_add(1));
+        tracing::info!(connector = %context.connector_name, task = self.task_id, resume_from = self.next_seq, pace = ?self.pace, "datagen task started");
+        self.config = Some(config);
         Ok(())
     }
 
     async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>> {
-        let mut count = self.batch_len();
+        let Some(config) = self.config.as_ref() else {
+            return Err(medconnect_api::ConnectError::fatal(
+                "datagen task polled before start",
+            ));
+        };
+        let count = match self.batch_len(config) {
+            0 => {
+                // Limit reached: idle without spinning; the engine calls again.
+                tokio::time::sleep(IDLE).await;
+                0
+            }
+            left => self.due(left).await,
+        };
         if count == 0 {
-            // Limit reached: idle without spinning; the engine calls again.
-            tokio::time::sleep(Duration::from_millis(200)).await;
             return Ok(Vec::new());
         }
-        if !self.interval.is_zero() {
-            let now = Instant::now();
-            let due = *self.next_due.get_or_insert(now);
-            if due > now {
-                tokio::time::sleep_until(due).await;
-            }
-            // Emit what is due by now (at least one), so low rates send single records.
-            let elapsed = Instant::now().saturating_duration_since(due);
-            let due_count = 1 + (elapsed.as_secs_f64() / self.interval.as_secs_f64()) as u64;
-            count = count.min(due_count);
-            self.next_due = Some(due + self.interval * count as u32);
-        }
-        let records = (self.next_seq..self.next_seq + count)
+        let Some(config) = self.config.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let first = self.next_seq;
+        let records = (first..first.saturating_add(count))
             .map(|seq| {
-                let event = generate(self.schema, self.seed, self.task_id, seq);
-                let record = Record::new(self.topic.clone())
+                let event = generate(
+                    config.connector.schema,
+                    config.connector.seed,
+                    self.task_id,
+                    seq,
+                );
+                let record = Record::new(config.connector.topic.clone())
                     .with_key(event.key)
                     .with_value(event.value)
                     .with_header(content_type::HEADER, content_type::JSON)
@@ -187,12 +221,115 @@ impl SourceTask for DatagenSourceTask {
                 let offset = Map::from_iter([("seq".to_string(), json!(seq))]);
                 SourceRecord::new(record, self.partition.clone(), offset)
             })
-            .collect();
-        self.next_seq += count;
+            .collect::<Vec<_>>();
+        self.next_seq = first.saturating_add(records.len() as u64);
         Ok(records)
     }
 
     async fn stop(&mut self) -> ConnectResult<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use medconnect_api::{ConnectError, OffsetReader, SourceOffset, SourcePartition};
+
+    use super::*;
+
+    /// Gives every partition the same stored offset.
+    struct Stored(Option<u64>);
+
+    impl OffsetReader for Stored {
+        fn offset(&self, _partition: &SourcePartition) -> Option<SourceOffset> {
+            self.0
+                .map(|seq| Map::from_iter([("seq".to_string(), json!(seq))]))
+        }
+    }
+
+    fn context(pairs: &[(&str, &str)], stored: Option<u64>) -> SourceTaskContext {
+        SourceTaskContext {
+            connector_name: "gen".into(),
+            task_id: 0,
+            config: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            offsets: Arc::new(Stored(stored)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rate_too_small_to_pace_is_a_config_error_not_a_panic() {
+        let mut task = DatagenSourceTask::default();
+        let started = task
+            .start(context(&[(TOPIC, "t"), (RATE, "1e-300")], None))
+            .await;
+        assert!(
+            matches!(started, Err(ConnectError::Config { ref field, .. }) if field == RATE),
+            "{started:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_slowest_pace_sends_one_record_then_idles_without_overflow() {
+        let mut task = DatagenSourceTask::default();
+        // The slowest valid rate spread over the most tasks: one record every 136 million years.
+        task.start(context(
+            &[(TOPIC, "t"), (RATE, "0.000001"), (TASK_COUNT, "4294967295")],
+            None,
+        ))
+        .await
+        .expect("starts");
+        assert_eq!(task.poll().await.expect("polls").len(), 1);
+        for _ in 0..3 {
+            assert!(task.poll().await.expect("polls").is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stored_offset_at_the_end_of_the_sequence_does_not_overflow() {
+        let mut task = DatagenSourceTask::default();
+        task.start(context(&[(TOPIC, "t"), (RATE, "0")], Some(u64::MAX)))
+            .await
+            .expect("starts");
+        let records = task.poll().await.expect("polls");
+        assert!(records.len() <= 1, "{}", records.len());
+    }
+
+    #[test]
+    fn task_configs_split_records_and_share_the_rate() {
+        let config: Props = [(TOPIC, "t"), (RATE, "9"), (MAX_RECORDS, "10")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let tasks = DatagenSourceConnector
+            .task_configs(
+                &ConnectorContext {
+                    connector_name: "gen".into(),
+                    config,
+                },
+                3,
+            )
+            .expect("task configs");
+        let parsed: Vec<DatagenTaskConfig> = tasks
+            .iter()
+            .map(|t| DatagenTaskConfig::parse(t).expect("valid task config"))
+            .collect();
+        assert_eq!(
+            parsed.iter().map(|t| t.max_records).collect::<Vec<_>>(),
+            vec![4, 3, 3]
+        );
+        assert!(
+            parsed
+                .iter()
+                .all(|t| t.tasks == 3 && t.connector.rate == 9.0)
+        );
+        assert_eq!(
+            parsed[0].pace(),
+            Pace::Every(Duration::from_millis(333) + Duration::from_nanos(333_333))
+        );
     }
 }

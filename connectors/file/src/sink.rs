@@ -3,13 +3,13 @@
 
 use async_trait::async_trait;
 use medconnect_api::{
-    ConfigDef, ConfigType, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind,
-    Importance, SinkConnector, SinkRecord, SinkTask, SinkTaskContext, TaskConfig, Validator,
+    ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind, Props,
+    SinkConnector, SinkRecord, SinkTask, SinkTaskContext, TaskConfig,
 };
 use tokio::fs::{File, OpenOptions};
 use tokio::io::{AsyncWriteExt, BufWriter};
 
-use crate::FILE;
+use crate::config::{FileSinkConfig, sink_def};
 
 #[derive(Debug, Default)]
 pub struct FileSinkConnector;
@@ -32,15 +32,11 @@ impl Connector for FileSinkConnector {
     }
 
     fn config_def(&self) -> ConfigDef {
-        ConfigDef::new()
-            .define_required(
-                FILE,
-                ConfigType::String,
-                Importance::High,
-                "Path of the file records are appended to, one value per line.",
-            )
-            .with_validator(Validator::NonEmpty)
-            .in_group("File")
+        sink_def()
+    }
+
+    fn validate(&self, config: &Props) -> ConnectResult<()> {
+        FileSinkConfig::parse(config).map(|_| ())
     }
 
     fn task_configs(
@@ -48,8 +44,12 @@ impl Connector for FileSinkConnector {
         context: &ConnectorContext,
         _max_tasks: usize,
     ) -> ConnectResult<Vec<TaskConfig>> {
-        // Several writers appending to one file would interleave partial lines.
         Ok(vec![context.config.clone()])
+    }
+
+    /// Several writers appending to one file would interleave partial lines.
+    fn max_tasks(&self) -> Option<u32> {
+        Some(1)
     }
 }
 
@@ -61,21 +61,21 @@ impl SinkConnector for FileSinkConnector {
 
 #[derive(Debug, Default)]
 pub struct FileSinkTask {
-    path: String,
+    config: Option<FileSinkConfig>,
     writer: Option<BufWriter<File>>,
 }
 
 #[async_trait]
 impl SinkTask for FileSinkTask {
     async fn start(&mut self, context: SinkTaskContext) -> ConnectResult<()> {
-        let parsed = FileSinkConnector.config_def().parse(&context.config)?;
-        self.path = parsed.string(FILE)?;
+        let config = FileSinkConfig::parse(&context.config)?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.path)
+            .open(&config.file)
             .await
-            .map_err(|e| ConnectError::fatal(format!("cannot open {}: {e}", self.path)))?;
+            .map_err(|e| ConnectError::fatal(format!("cannot open {}: {e}", config.file)))?;
+        self.config = Some(config);
         self.writer = Some(BufWriter::new(file));
         Ok(())
     }

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -88,10 +89,7 @@ impl Validator {
     fn check(&self, value: &str) -> Result<(), String> {
         match self {
             Self::Range { min, max } => {
-                let number: f64 = value
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("'{value}' is not a number"))?;
+                let number = finite(value)?;
                 if min.is_some_and(|m| number < m) || max.is_some_and(|m| number > m) {
                     return Err(match (min, max) {
                         (Some(lo), Some(hi)) => format!("must be between {lo} and {hi}"),
@@ -360,12 +358,30 @@ fn check_with(validator: &Validator, ty: ConfigType, value: &str) -> Result<(), 
     validator.check(value)
 }
 
+/// A number a range can be checked against. `f64` parses "NaN" and "inf", which compare false
+/// with every bound and would pass any range.
+fn finite(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(number) if number.is_finite() => Ok(number),
+        Ok(_) => Err(format!("'{value}' is not a finite number")),
+        Err(_) => Err(format!("'{value}' is not a number")),
+    }
+}
+
 fn check_type(ty: ConfigType, value: &str) -> Result<(), String> {
     let trimmed = value.trim();
     let ok = match ty {
+        // Parsing into the declared width rejects values that would overflow it.
         ConfigType::Int => trimmed.parse::<i32>().is_ok(),
         ConfigType::Long => trimmed.parse::<i64>().is_ok(),
-        ConfigType::Double => trimmed.parse::<f64>().is_ok(),
+        ConfigType::Double => match trimmed.parse::<f64>() {
+            Ok(number) if !number.is_finite() => {
+                return Err(format!(
+                    "Invalid value {value} for configuration: expected a finite number"
+                ));
+            }
+            parsed => parsed.is_ok(),
+        },
         ConfigType::Boolean => {
             trimmed.eq_ignore_ascii_case("true") || trimmed.eq_ignore_ascii_case("false")
         }
@@ -413,12 +429,30 @@ impl ParsedConfig {
         self.values.get(name).filter(|v| !v.is_empty()).cloned()
     }
 
+    /// An `Int` or `Long` setting.
     pub fn int(&self, name: &str) -> Result<i64, ConnectError> {
         self.parse_as(name)
     }
 
+    /// An integer setting converted to the type the code uses (`u16` for a port, `usize` for
+    /// a size, ...): a value that does not fit is a config error naming the setting, never a
+    /// silent wrap-around.
+    pub fn int_as<T: TryFrom<i64>>(&self, name: &str) -> Result<T, ConnectError> {
+        let value = self.int(name)?;
+        T::try_from(value).map_err(|_| {
+            ConnectError::config(name, format!("{value} is out of range for this setting"))
+        })
+    }
+
+    /// A setting in milliseconds; negative values are config errors.
+    pub fn millis(&self, name: &str) -> Result<Duration, ConnectError> {
+        self.int_as::<u64>(name).map(Duration::from_millis)
+    }
+
+    /// A `Double` setting; NaN and infinities are config errors.
     pub fn double(&self, name: &str) -> Result<f64, ConnectError> {
-        self.parse_as(name)
+        let raw = self.string(name)?;
+        finite(&raw).map_err(|reason| ConnectError::config(name, reason))
     }
 
     pub fn boolean(&self, name: &str) -> Result<bool, ConnectError> {
@@ -500,6 +534,99 @@ mod tests {
         let parsed = def().parse(&props(&[("topic", "vitals")])).unwrap();
         assert_eq!(parsed.string("topic").unwrap(), "vitals");
         assert_eq!(parsed.double("rate").unwrap(), 10.0);
+    }
+
+    fn errors_of(results: &[ConfigValue], name: &str) -> Vec<String> {
+        results
+            .iter()
+            .find(|v| v.name == name)
+            .map(|v| v.errors.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn doubles_reject_nan_and_infinities_by_name() {
+        for bad in ["NaN", "nan", "inf", "-inf", "infinity", "1e400", "-1e999"] {
+            let results = def().validate(&props(&[("topic", "t"), ("rate", bad)]));
+            let errors = errors_of(&results, "rate");
+            assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+            assert!(errors[0].contains("finite number"), "{bad}: {errors:?}");
+            let error = def()
+                .parse(&props(&[("topic", "t"), ("rate", bad)]))
+                .unwrap_err();
+            assert!(
+                matches!(error, ConnectError::Config { ref field, .. } if field == "rate"),
+                "{bad}: {error:?}"
+            );
+        }
+        for good in ["0", "1e-300", "1.5", " 3 "] {
+            let results = def().validate(&props(&[("topic", "t"), ("rate", good)]));
+            assert!(errors_of(&results, "rate").is_empty(), "{good}");
+        }
+    }
+
+    #[test]
+    fn ranges_reject_nan_and_infinities_whatever_the_declared_type() {
+        // A range on a string-typed setting sees the raw text, NaN included.
+        for bad in ["NaN", "inf", "-inf"] {
+            assert!(Validator::at_least(0.0).check(bad).is_err(), "{bad}");
+            assert!(Validator::between(0.0, 10.0).check(bad).is_err(), "{bad}");
+        }
+        let levels = ConfigDef::new()
+            .define("level", ConfigType::String, "1", Importance::Low, "Level.")
+            .with_validator(Validator::between(0.0, 10.0));
+        let results = levels.validate(&props(&[("level", "NaN")]));
+        assert_eq!(
+            errors_of(&results, "level"),
+            vec!["'NaN' is not a finite number".to_string()]
+        );
+        assert_eq!(Validator::between(0.0, 10.0).check("10"), Ok(()));
+    }
+
+    #[test]
+    fn integers_that_overflow_their_width_are_rejected_by_name() {
+        let widths = ConfigDef::new()
+            .define("small", ConfigType::Int, "1", Importance::Low, "An int.")
+            .define("big", ConfigType::Long, "1", Importance::Low, "A long.");
+        let results = widths.validate(&props(&[
+            ("small", "2147483648"),
+            ("big", "9223372036854775808"),
+        ]));
+        assert!(errors_of(&results, "small")[0].contains("32-bit"));
+        assert!(errors_of(&results, "big")[0].contains("64-bit"));
+        for bad in ["1e3", "NaN", "1.5", "-2147483649"] {
+            let results = widths.validate(&props(&[("small", bad)]));
+            assert_eq!(errors_of(&results, "small").len(), 1, "{bad}");
+        }
+        let results = widths.validate(&props(&[("small", "2147483647"), ("big", "-1")]));
+        assert!(results.iter().all(|v| v.errors.is_empty()));
+    }
+
+    #[test]
+    fn typed_reads_never_wrap_around() {
+        let widths = ConfigDef::new()
+            .define("port", ConfigType::Int, "70000", Importance::Low, "A port.")
+            .define(
+                "wait.ms",
+                ConfigType::Long,
+                "-5",
+                Importance::Low,
+                "A wait.",
+            )
+            .define(
+                "ok.ms",
+                ConfigType::Long,
+                "1500",
+                Importance::Low,
+                "A wait.",
+            );
+        let parsed = widths.parse(&props(&[])).unwrap();
+        let port = parsed.int_as::<u16>("port").unwrap_err();
+        assert!(matches!(port, ConnectError::Config { ref field, .. } if field == "port"));
+        let wait = parsed.millis("wait.ms").unwrap_err();
+        assert!(matches!(wait, ConnectError::Config { ref field, .. } if field == "wait.ms"));
+        assert_eq!(parsed.millis("ok.ms").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parsed.int_as::<u32>("port").unwrap(), 70_000);
     }
 
     #[test]

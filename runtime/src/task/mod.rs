@@ -32,7 +32,17 @@ pub struct RunnerSettings {
     pub shutdown_timeout: Duration,
     /// Records handed to a sink's `put` at most at once.
     pub sink_batch_max: usize,
+    /// The largest `tasks.max` a connector may ask for (`[tasks] tasks_max_limit`).
+    pub tasks_max_limit: u32,
 }
+
+/// The default of `[tasks] tasks_max_limit`. Every task holds its own Kafka client (threads,
+/// buffers) and its own config and status records, and today every worker runs every task: a
+/// typo such as `tasks.max=1000000000` must be a 400, not a worker that materialises task
+/// configs until the kernel kills it. 1,000 is far above what one connector can use (a sink
+/// gains nothing from more tasks than its topics have partitions; Connect deployments rarely
+/// run more than a few hundred per connector), yet a bounded amount of work.
+pub const DEFAULT_TASKS_MAX_LIMIT: u32 = 1000;
 
 impl Default for RunnerSettings {
     fn default() -> Self {
@@ -41,6 +51,7 @@ impl Default for RunnerSettings {
             max_in_flight: 10_000,
             shutdown_timeout: Duration::from_secs(10),
             sink_batch_max: 500,
+            tasks_max_limit: DEFAULT_TASKS_MAX_LIMIT,
         }
     }
 }

@@ -107,6 +107,10 @@ pub struct TaskSettings {
     pub shutdown_timeout_ms: u64,
     #[serde(default = "default_sink_batch")]
     pub sink_batch_max: usize,
+    /// The largest `tasks.max` a connector may ask for; above it, creating or updating the
+    /// connector is a 400 naming `tasks.max`.
+    #[serde(default = "default_tasks_max_limit")]
+    pub tasks_max_limit: u32,
 }
 
 impl Default for TaskSettings {
@@ -116,6 +120,7 @@ impl Default for TaskSettings {
             max_in_flight: default_max_in_flight(),
             shutdown_timeout_ms: default_shutdown_ms(),
             sink_batch_max: default_sink_batch(),
+            tasks_max_limit: default_tasks_max_limit(),
         }
     }
 }
@@ -155,6 +160,9 @@ fn default_shutdown_ms() -> u64 {
 }
 fn default_sink_batch() -> usize {
     500
+}
+fn default_tasks_max_limit() -> u32 {
+    crate::task::DEFAULT_TASKS_MAX_LIMIT
 }
 
 fn to_strings(values: &BTreeMap<String, toml::Value>) -> BTreeMap<String, String> {
@@ -229,6 +237,7 @@ impl WorkerConfig {
             max_in_flight: self.tasks.max_in_flight.max(1),
             shutdown_timeout: Duration::from_millis(self.tasks.shutdown_timeout_ms),
             sink_batch_max: self.tasks.sink_batch_max.max(1),
+            tasks_max_limit: self.tasks.tasks_max_limit.max(1),
         }
     }
 }

@@ -100,12 +100,55 @@ pub fn full_def(plugin: &ConnectorPlugin) -> ConfigDef {
     common_def(plugin.kind()).merge(plugin.connector().config_def())
 }
 
+/// The number of tasks a connector config asks for, within the connector's own limit and
+/// the worker's: what task configs are generated for, even from a config that was written to
+/// the config topic before the limit existed (validation reports the excess; this bounds it).
+pub fn task_count(plugin: &ConnectorPlugin, props: &Props, tasks_max_limit: u32) -> usize {
+    let asked = props
+        .get(TASKS_MAX)
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(1);
+    let own = plugin.connector().max_tasks().unwrap_or(u32::MAX);
+    let count = asked.min(own).min(tasks_max_limit).max(1);
+    usize::try_from(count).unwrap_or(1)
+}
+
+/// Why `tasks.max` cannot be honoured: above the connector's own limit or the worker's.
+fn tasks_max_error(
+    plugin: &ConnectorPlugin,
+    props: &Props,
+    tasks_max_limit: u32,
+) -> Option<String> {
+    let asked: i64 = props.get(TASKS_MAX)?.trim().parse().ok()?;
+    if let Some(own) = plugin.connector().max_tasks()
+        && asked > i64::from(own)
+    {
+        return Some(format!(
+            "{} runs at most {own} task{}; tasks.max={asked} cannot be honoured",
+            plugin.simple_name(),
+            if own == 1 { "" } else { "s" },
+        ));
+    }
+    (asked > i64::from(tasks_max_limit)).then(|| {
+        format!(
+            "must be at most {tasks_max_limit}, this worker's limit (tasks_max_limit in [tasks] of the worker config)"
+        )
+    })
+}
+
 /// Validates a connector config like Connect's validate endpoint: one entry per setting.
-pub fn validate(plugin: &ConnectorPlugin, props: &Props) -> Vec<ConfigValue> {
+/// `tasks_max_limit` is the worker's cap on `tasks.max`.
+pub fn validate(plugin: &ConnectorPlugin, props: &Props, tasks_max_limit: u32) -> Vec<ConfigValue> {
     let def = full_def(plugin);
     let mut values = def.validate(props);
     values.extend(TransformChain::validate(props));
     let mut extra: Vec<(String, String)> = Vec::new();
+    let tasks_max_ok = values
+        .iter()
+        .any(|v| v.name == TASKS_MAX && v.errors.is_empty());
+    if tasks_max_ok && let Some(reason) = tasks_max_error(plugin, props, tasks_max_limit) {
+        extra.push((TASKS_MAX.into(), reason));
+    }
     if plugin.kind() == ConnectorKind::Sink {
         let topics = props.get(TOPICS).is_some_and(|v| !v.trim().is_empty());
         let regex = props

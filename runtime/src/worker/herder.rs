@@ -280,7 +280,7 @@ impl Herder {
                 .enumerate()
                 .map(|(i, k)| k.definition_json(i))
                 .collect(),
-            values: cc::validate(&plugin, &with_class),
+            values: cc::validate(&plugin, &with_class, self.runner.tasks_max_limit),
         })
     }
 
@@ -311,10 +311,11 @@ impl Herder {
             )]));
         }
         let plugin = self.plugin_for(config)?;
-        let errors: Vec<(String, String)> = cc::validate(&plugin, config)
-            .into_iter()
-            .flat_map(|v| v.errors.into_iter().map(move |e| (v.name.clone(), e)))
-            .collect();
+        let errors: Vec<(String, String)> =
+            cc::validate(&plugin, config, self.runner.tasks_max_limit)
+                .into_iter()
+                .flat_map(|v| v.errors.into_iter().map(move |e| (v.name.clone(), e)))
+                .collect();
         if errors.is_empty() {
             Ok(plugin)
         } else {
@@ -419,11 +420,8 @@ impl Herder {
     /// Asks the connector for its task configs and commits them to the config topic.
     async fn generate_tasks(&self, name: &str, config: &Props) -> Result<()> {
         let plugin = self.plugin_for(config)?;
-        let max_tasks = config
-            .get(cc::TASKS_MAX)
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(1)
-            .max(1);
+        // Bounded even for a config stored before the worker's limit existed.
+        let max_tasks = cc::task_count(&plugin, config, self.runner.tasks_max_limit);
         // Task configs keep `${...}` references: they are resolved when each task starts.
         let context = ConnectorContext {
             connector_name: name.to_string(),
