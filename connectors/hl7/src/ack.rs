@@ -16,7 +16,8 @@ pub enum AckCode {
     Accept,
     /// `AE`: the message was read but is invalid; a retransmission of the same bytes fails too.
     Error,
-    /// `AR`: the message could not be processed now (busy, unsupported version, stopped).
+    /// `AR`: the message was not taken: busy, stopped, unsupported version, or refused as a
+    /// whole (larger than the listener or Kafka accepts).
     Reject,
 }
 

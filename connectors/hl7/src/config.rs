@@ -38,6 +38,20 @@ pub const TLS_CLIENT_CA_FILE: &str = "mllp.tls.client.ca.file";
 pub const TLS_CA_FILE: &str = "mllp.tls.ca.file";
 pub const TLS_SERVER_NAME: &str = "mllp.tls.server.name";
 
+/// The connector's override of its producer's `message.max.bytes` (Connect's
+/// `producer.override.*`), read at validation to check `mllp.max.message.bytes` against it.
+pub const PRODUCER_MESSAGE_MAX_BYTES: &str = "producer.override.message.max.bytes";
+/// The producer's `message.max.bytes` when the connector does not override it: librdkafka's
+/// and Kafka's default.
+pub const KAFKA_DEFAULT_MESSAGE_MAX_BYTES: u64 = 1_000_000;
+/// Room a record needs beyond the HL7 message: its key (a field of the message) and the
+/// `hl7.*` headers (MSH fields), plus Kafka's framing. Generous: MSH fields and patient ids
+/// are short.
+pub const RECORD_HEADROOM_BYTES: u64 = 64 * 1024;
+/// The default `mllp.max.message.bytes`: within Kafka's default 1,000,000-byte limit with
+/// the headroom to spare.
+pub const DEFAULT_MAX_MESSAGE_BYTES: &str = "900000";
+
 pub const ACK_AFTER_COMMIT: &str = "after-commit";
 pub const ACK_IMMEDIATE: &str = "immediate";
 
@@ -71,6 +85,10 @@ fn key_field_check(value: &str) -> Result<(), String> {
     parse_key_field(value).map(|_| ())
 }
 
+/// The longest timeout or backoff accepted: a day. Longer ones are surely typos, and deadlines
+/// computed from them must stay within what a clock can represent.
+const MAX_TIMEOUT_MS: f64 = 86_400_000.0;
+
 fn tls_def(def: ConfigDef) -> ConfigDef {
     def.define(TLS_ENABLED, ConfigType::Boolean, "false", Importance::Medium, "Use TLS on the MLLP connection.")
         .define(TLS_CERT_FILE, ConfigType::String, "", Importance::Medium, "PEM certificate chain presented to the peer (required for a TLS listener; optional client certificate for the sink).")
@@ -94,14 +112,14 @@ pub fn source_def() -> ConfigDef {
         .define(HL7_LENIENT_NEWLINES, ConfigType::Boolean, "true", Importance::Low, "Accept \\n and \\r\\n between segments besides the standard \\r.")
         .define(ACK_MODE, ConfigType::String, ACK_AFTER_COMMIT, Importance::High, "after-commit: AA only once Kafka acknowledged the record. immediate: AA once queued (UNSAFE: a crash loses acknowledged messages).")
         .with_validator(Validator::OneOf(vec![ACK_AFTER_COMMIT, ACK_IMMEDIATE]))
-        .define(MAX_MESSAGE_BYTES, ConfigType::Int, "4194304", Importance::Medium, "Largest accepted message; a larger one is answered AR and the connection closed.")
+        .define(MAX_MESSAGE_BYTES, ConfigType::Int, DEFAULT_MAX_MESSAGE_BYTES, Importance::Medium, "Largest accepted message; a larger one is answered AR and the connection closed. Must leave 65536 bytes for key and headers within the producer's message.max.bytes (1000000 unless producer.override.message.max.bytes raises it; the topic's max.message.bytes must allow as much).")
         .with_validator(Validator::between(1024.0, 268_435_456.0))
         .define(MAX_CONNECTIONS, ConfigType::Int, "256", Importance::Low, "Concurrent sender connections; further ones are closed at once.")
         .with_validator(Validator::between(1.0, 100_000.0))
         .define(IDLE_TIMEOUT_MS, ConfigType::Long, "600000", Importance::Low, "Close a connection that sends nothing for this long (0: never).")
-        .with_validator(Validator::at_least(0.0))
+        .with_validator(Validator::between(0.0, MAX_TIMEOUT_MS))
         .define(READ_TIMEOUT_MS, ConfigType::Long, "30000", Importance::Low, "A started message must be complete within this time, and an ACK written within it.")
-        .with_validator(Validator::at_least(1.0))
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
         .define(QUEUE_CAPACITY, ConfigType::Int, "1024", Importance::Low, "Messages waiting for the engine; beyond it senders are answered AR (busy).")
         .with_validator(Validator::between(1.0, 1_000_000.0))
         .define(POLL_BATCH_MAX, ConfigType::Int, "500", Importance::Low, "Records returned per poll at most.")
@@ -124,15 +142,15 @@ pub fn sink_def() -> ConfigDef {
         .define_required(MLLP_PORT, ConfigType::Int, Importance::High, "Port of the downstream MLLP receiver.")
         .with_validator(Validator::between(1.0, 65535.0))
         .define(CONNECT_TIMEOUT_MS, ConfigType::Long, "5000", Importance::Low, "Connection timeout.")
-        .with_validator(Validator::at_least(1.0))
-        .define(ACK_TIMEOUT_MS, ConfigType::Long, "10000", Importance::Medium, "How long to wait for the receiver's ACK of one message.")
-        .with_validator(Validator::at_least(1.0))
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
+        .define(ACK_TIMEOUT_MS, ConfigType::Long, "10000", Importance::Medium, "How long the receiver may take to read one message and answer its ACK.")
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
         .define(RETRY_MAX_ATTEMPTS, ConfigType::Int, "3", Importance::Medium, "Attempts per message answered AE/AR or not answered in time, before it is reported as errant (errors.tolerance decides).")
         .with_validator(Validator::between(1.0, 1000.0))
-        .define(RETRY_BACKOFF_MS, ConfigType::Long, "500", Importance::Low, "Wait before the first retry; doubled each time.")
-        .with_validator(Validator::at_least(0.0))
+        .define(RETRY_BACKOFF_MS, ConfigType::Long, "500", Importance::Low, "Wait before the first retry; doubled each time (the engine waits, and stops waiting when the task stops).")
+        .with_validator(Validator::between(0.0, MAX_TIMEOUT_MS))
         .define(RETRY_BACKOFF_MAX_MS, ConfigType::Long, "10000", Importance::Low, "Longest wait between retries.")
-        .with_validator(Validator::at_least(0.0))
+        .with_validator(Validator::between(0.0, MAX_TIMEOUT_MS))
         .define(MAX_MESSAGE_BYTES, ConfigType::Int, "1048576", Importance::Low, "Largest ACK accepted from the receiver.")
         .with_validator(Validator::between(1024.0, 268_435_456.0));
     tls_def(def)
@@ -154,7 +172,48 @@ pub fn sink_def() -> ConfigDef {
 }
 
 fn millis(parsed: &ParsedConfig, name: &str) -> ConnectResult<Duration> {
-    Ok(Duration::from_millis(parsed.int(name)?.max(0) as u64))
+    parsed.millis(name)
+}
+
+/// The producer's `message.max.bytes` as the connector config sets it (else Kafka's default).
+/// The worker's `[producer]` section is not visible here: a worker that raises the limit needs
+/// the override in the connector config too, for validation to count on it.
+fn producer_message_max_bytes(props: &Props) -> ConnectResult<u64> {
+    match props.get(PRODUCER_MESSAGE_MAX_BYTES) {
+        None => Ok(KAFKA_DEFAULT_MESSAGE_MAX_BYTES),
+        Some(value) => value
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                ConnectError::config(
+                    PRODUCER_MESSAGE_MAX_BYTES,
+                    format!("'{value}' is not a size in bytes"),
+                )
+            }),
+    }
+}
+
+/// A listener must not accept a message Kafka will refuse: that sender would be acknowledged
+/// with nothing better than AR after the whole message was read, for every retransmission.
+fn check_message_size(max_message_bytes: usize, props: &Props) -> ConnectResult<()> {
+    let producer_max = producer_message_max_bytes(props)?;
+    let fits = producer_max.saturating_sub(RECORD_HEADROOM_BYTES);
+    if u64::try_from(max_message_bytes).unwrap_or(u64::MAX) > fits {
+        let source = if props.contains_key(PRODUCER_MESSAGE_MAX_BYTES) {
+            PRODUCER_MESSAGE_MAX_BYTES
+        } else {
+            "Kafka's default; raise it with producer.override.message.max.bytes (and the topic's max.message.bytes with it)"
+        };
+        return Err(ConnectError::config(
+            MAX_MESSAGE_BYTES,
+            format!(
+                "{max_message_bytes} is more than Kafka accepts: the producer's message.max.bytes is {producer_max} ({source}), less {RECORD_HEADROOM_BYTES} bytes for the record's key and headers leaves {fits}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn path(parsed: &ParsedConfig, name: &str) -> Option<PathBuf> {
@@ -219,9 +278,11 @@ impl SourceConfig {
             None
         };
         let idle = millis(&parsed, IDLE_TIMEOUT_MS)?;
+        let max_message_bytes = parsed.int_as(MAX_MESSAGE_BYTES)?;
+        check_message_size(max_message_bytes, props)?;
         Ok(Self {
             bind: parsed.string(MLLP_BIND)?.trim().to_string(),
-            port: parsed.int(MLLP_PORT)? as u16,
+            port: parsed.int_as(MLLP_PORT)?,
             address_file: path(&parsed, LISTENER_ADDRESS_FILE),
             topic: TopicTemplate::new(parsed.string(TOPIC)?),
             rules: Rules {
@@ -235,12 +296,12 @@ impl SourceConfig {
             } else {
                 AckMode::AfterCommit
             },
-            max_message_bytes: parsed.int(MAX_MESSAGE_BYTES)? as usize,
-            max_connections: parsed.int(MAX_CONNECTIONS)? as usize,
+            max_message_bytes,
+            max_connections: parsed.int_as(MAX_CONNECTIONS)?,
             idle_timeout: (!idle.is_zero()).then_some(idle),
             read_timeout: millis(&parsed, READ_TIMEOUT_MS)?,
-            queue_capacity: parsed.int(QUEUE_CAPACITY)? as usize,
-            poll_batch_max: parsed.int(POLL_BATCH_MAX)? as usize,
+            queue_capacity: parsed.int_as(QUEUE_CAPACITY)?,
+            poll_batch_max: parsed.int_as(POLL_BATCH_MAX)?,
             tls,
         })
     }
@@ -291,14 +352,14 @@ impl SinkConfig {
             None
         };
         Ok(Self {
-            port: parsed.int(MLLP_PORT)? as u16,
+            port: parsed.int_as(MLLP_PORT)?,
             host,
             connect_timeout: millis(&parsed, CONNECT_TIMEOUT_MS)?,
             ack_timeout: millis(&parsed, ACK_TIMEOUT_MS)?,
-            max_attempts: parsed.int(RETRY_MAX_ATTEMPTS)? as u32,
+            max_attempts: parsed.int_as(RETRY_MAX_ATTEMPTS)?,
             backoff: millis(&parsed, RETRY_BACKOFF_MS)?,
             backoff_max: millis(&parsed, RETRY_BACKOFF_MAX_MS)?,
-            max_message_bytes: parsed.int(MAX_MESSAGE_BYTES)? as usize,
+            max_message_bytes: parsed.int_as(MAX_MESSAGE_BYTES)?,
             tls,
         })
     }
@@ -344,6 +405,63 @@ mod tests {
             (TLS_ENABLED, "true"),
         ]));
         assert!(matches!(sink, Err(ConnectError::Config { field, .. }) if field == TLS_CA_FILE));
+    }
+
+    #[test]
+    fn the_message_size_limit_must_fit_what_the_producer_accepts() {
+        let field = |p: &[(&str, &str)]| match SourceConfig::parse(&props(p)) {
+            Err(ConnectError::Config { field, reason }) => (field, reason),
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        // The old default (4 MiB) against Kafka's default producer limit.
+        let (name, reason) = field(&[(MAX_MESSAGE_BYTES, "4194304")]);
+        assert_eq!(name, MAX_MESSAGE_BYTES);
+        assert!(reason.contains("1000000"), "{reason}");
+        assert!(reason.contains(PRODUCER_MESSAGE_MAX_BYTES), "{reason}");
+        // Raised together with the producer's limit, it is fine.
+        let raised = SourceConfig::parse(&props(&[
+            (MAX_MESSAGE_BYTES, "4194304"),
+            (PRODUCER_MESSAGE_MAX_BYTES, "4259840"),
+        ]))
+        .expect("within the override");
+        assert_eq!(raised.max_message_bytes, 4_194_304);
+        // An override too small for the key and headers is named on the listener's setting.
+        let (name, _) = field(&[
+            (MAX_MESSAGE_BYTES, "4194304"),
+            (PRODUCER_MESSAGE_MAX_BYTES, "4194304"),
+        ]);
+        assert_eq!(name, MAX_MESSAGE_BYTES);
+        let (name, _) = field(&[(PRODUCER_MESSAGE_MAX_BYTES, "lots")]);
+        assert_eq!(name, PRODUCER_MESSAGE_MAX_BYTES);
+        let defaults = SourceConfig::parse(&props(&[])).expect("defaults fit");
+        assert_eq!(defaults.max_message_bytes, 900_000);
+    }
+
+    #[test]
+    fn timeouts_that_would_overflow_a_deadline_are_refused_by_name() {
+        for name in [IDLE_TIMEOUT_MS, READ_TIMEOUT_MS] {
+            let error = SourceConfig::parse(&props(&[(name, "9223372036854775807")]));
+            assert!(
+                matches!(error, Err(ConnectError::Config { ref field, .. }) if field == name),
+                "{name}: {error:?}"
+            );
+        }
+        for name in [
+            CONNECT_TIMEOUT_MS,
+            ACK_TIMEOUT_MS,
+            RETRY_BACKOFF_MS,
+            RETRY_BACKOFF_MAX_MS,
+        ] {
+            let error = SinkConfig::parse(&props(&[
+                (MLLP_HOST, "h"),
+                (MLLP_PORT, "1"),
+                (name, "9223372036854775807"),
+            ]));
+            assert!(
+                matches!(error, Err(ConnectError::Config { ref field, .. }) if field == name),
+                "{name}: {error:?}"
+            );
+        }
     }
 
     #[test]

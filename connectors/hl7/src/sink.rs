@@ -1,7 +1,9 @@
 //! The MLLP sink: sends each record's value to a downstream receiver, one message at a time,
 //! and moves to the next only once the receiver answered `AA`. `put` returns only when every
 //! record was acknowledged or reported as errant, so the offsets the engine commits after
-//! `flush` never cover an unacknowledged message.
+//! `flush` never cover an unacknowledged message. Between attempts at a refused message, `put`
+//! returns a retriable error with the backoff as retry-after hint: the engine waits (and stops
+//! waiting when the task stops), then puts the same batch again.
 
 use std::collections::HashSet;
 
@@ -64,6 +66,18 @@ impl SinkConnector for MllpSinkConnector {
     }
 }
 
+type RecordId = (String, i32, i64);
+
+/// A record the receiver refused that has attempts left: the engine puts its batch again
+/// after the backoff.
+#[derive(Debug)]
+struct Retrying {
+    id: RecordId,
+    attempts: u32,
+    /// The wait before the attempt after the next one.
+    delay: std::time::Duration,
+}
+
 /// What became of one attempt to deliver a message.
 enum Attempt {
     Accepted,
@@ -83,7 +97,8 @@ pub struct MllpSinkTask {
     errant: Option<ErrantRecordReporter>,
     /// Records of the batch in hand that were acknowledged or reported: when the engine puts
     /// the same batch again after a retriable failure, they are not sent twice.
-    settled: HashSet<(String, i32, i64)>,
+    settled: HashSet<RecordId>,
+    retrying: Option<Retrying>,
 }
 
 impl std::fmt::Debug for MllpSinkTask {
@@ -180,6 +195,14 @@ impl MllpSinkTask {
                         reason: format!("the receiver's answer exceeds {max} bytes"),
                     });
                 }
+                // The receiver stopped reading: like one that cannot be reached, and the
+                // connection (holding part of a frame) is dropped.
+                Err(error @ ClientError::WriteTimeout(_)) => {
+                    return Err(ConnectError::retriable(format!(
+                        "MLLP receiver {}:{}: {error}",
+                        config.host, config.port
+                    )));
+                }
                 Err(error) if reused => {
                     tracing::debug!(connector = %self.connector, %error, "MLLP connection lost; reconnecting");
                     reused = false;
@@ -196,38 +219,60 @@ impl MllpSinkTask {
 
     /// Delivers one record: `Ok` once acknowledged, or once reported as errant after the
     /// configured attempts.
+    ///
+    /// Between attempts this does not sleep: it returns a retriable error carrying the backoff
+    /// as its retry-after hint, and the engine waits and puts the same batch again (records
+    /// already settled are skipped). A sleep inside `put` could not be cut short by a stop —
+    /// `put` and `stop` both take `&mut self`, so the engine cannot call `stop` before `put`
+    /// returns, and a token cancelled in `stop` would be cancelled too late — while the
+    /// engine's wait between retries ends the moment the task is asked to stop.
     async fn deliver(&mut self, record: &SinkRecord, value: &Bytes) -> ConnectResult<()> {
         let config = self.config()?.clone();
         let control_id = read_header(&String::from_utf8_lossy(value))
             .map(|h| h.control_id)
             .unwrap_or_default();
-        let mut delay = config.backoff;
-        let mut last = String::new();
-        for attempt in 1..=config.max_attempts {
-            match self.exchange(value, &control_id).await? {
-                Attempt::Accepted => {
-                    tracing::debug!(connector = %self.connector, %control_id, attempt, "message acknowledged by the receiver");
-                    return Ok(());
-                }
-                Attempt::Refused { code, reason } => {
-                    tracing::warn!(
-                        connector = %self.connector,
-                        %control_id,
-                        topic = %record.record.topic,
-                        partition = record.kafka_partition,
-                        offset = record.kafka_offset,
-                        attempt,
-                        max_attempts = config.max_attempts,
-                        code = code.map_or("none", AckCode::as_str),
-                        "message not accepted by the receiver"
-                    );
-                    last = reason;
-                }
+        let id = record_id(record);
+        let done = match self.retrying.take() {
+            Some(retrying) if retrying.id == id => retrying,
+            _ => Retrying {
+                id,
+                attempts: 0,
+                delay: config.backoff,
+            },
+        };
+        let attempt = done.attempts.saturating_add(1);
+        let reason = match self.exchange(value, &control_id).await? {
+            Attempt::Accepted => {
+                tracing::debug!(connector = %self.connector, %control_id, attempt, "message acknowledged by the receiver");
+                return Ok(());
             }
-            if attempt < config.max_attempts {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(config.backoff_max);
+            Attempt::Refused { code, reason } => {
+                tracing::warn!(
+                    connector = %self.connector,
+                    %control_id,
+                    topic = %record.record.topic,
+                    partition = record.kafka_partition,
+                    offset = record.kafka_offset,
+                    attempt,
+                    max_attempts = config.max_attempts,
+                    code = code.map_or("none", AckCode::as_str),
+                    "message not accepted by the receiver"
+                );
+                reason
             }
+        };
+        if attempt < config.max_attempts {
+            let wait = done.delay;
+            self.retrying = Some(Retrying {
+                attempts: attempt,
+                delay: done.delay.saturating_mul(2).min(config.backoff_max),
+                ..done
+            });
+            return Err(ConnectError::retriable(format!(
+                "message {control_id} not accepted (attempt {attempt} of {}): {reason}",
+                config.max_attempts
+            ))
+            .with_retry_after(wait));
         }
         let reporter = self
             .errant
@@ -237,12 +282,21 @@ impl MllpSinkTask {
             .report(
                 record.clone(),
                 ConnectError::data(format!(
-                    "not accepted after {} attempts: {last}",
+                    "not accepted after {} attempts: {reason}",
                     config.max_attempts
                 )),
             )
             .await
     }
+}
+
+/// A record's Kafka position: how a batch put again is matched with what was done before.
+fn record_id(record: &SinkRecord) -> RecordId {
+    (
+        record.record.topic.clone(),
+        record.kafka_partition,
+        record.kafka_offset,
+    )
 }
 
 #[async_trait]
@@ -280,11 +334,7 @@ impl SinkTask for MllpSinkTask {
 
     async fn put(&mut self, records: Vec<SinkRecord>) -> ConnectResult<()> {
         for record in &records {
-            let id = (
-                record.record.topic.clone(),
-                record.kafka_partition,
-                record.kafka_offset,
-            );
+            let id = record_id(record);
             if self.settled.contains(&id) {
                 continue;
             }

@@ -184,6 +184,19 @@ async fn put(task: &mut MllpSinkTask, batch: Vec<SinkRecord>) -> Result<(), Conn
         .expect("put returns")
 }
 
+/// Puts a batch as the engine does: again after the hinted wait while the receiver refuses a
+/// message that has attempts left.
+async fn put_retrying(task: &mut MllpSinkTask, batch: Vec<SinkRecord>) -> Result<(), ConnectError> {
+    loop {
+        match put(task, batch.clone()).await {
+            Err(error) if error.retry_after().is_some() => {
+                tokio::time::sleep(error.retry_after().unwrap_or_default()).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 #[tokio::test]
 async fn acknowledged_messages_are_delivered_in_order() {
     let receiver = Receiver::start(0, always(AckCode::Accept)).await;
@@ -206,7 +219,7 @@ async fn refused_messages_are_retried_then_reported_as_errant() {
     });
     let receiver = Receiver::start(0, script).await;
     let (mut task, mut errant) = started(receiver.port, &[("retry.max.attempts", "3")]).await;
-    put(&mut task, records(&["OK1", "BAD", "OK2"]))
+    put_retrying(&mut task, records(&["OK1", "BAD", "OK2"]))
         .await
         .expect("put");
     assert_eq!(receiver.received(), vec!["OK1", "BAD", "BAD", "BAD", "OK2"]);
@@ -229,7 +242,9 @@ async fn a_reject_or_a_missing_ack_is_retried_until_accepted() {
     });
     let receiver = Receiver::start(0, script).await;
     let (mut task, mut errant) = started(receiver.port, &[("ack.timeout.ms", "300")]).await;
-    put(&mut task, records(&["R1", "T1"])).await.expect("put");
+    put_retrying(&mut task, records(&["R1", "T1"]))
+        .await
+        .expect("put");
     assert_eq!(receiver.received(), vec!["R1", "R1", "T1", "T1"]);
     assert!(errant.try_recv().is_err());
     receiver.stop().await;
@@ -306,4 +321,58 @@ async fn a_retried_batch_does_not_resend_acknowledged_records() {
     assert_eq!(receiver.received(), vec!["B1", "B2", "B2", "B3"]);
     assert!(errant.try_recv().is_err());
     receiver.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_message_hands_its_backoff_to_the_engine_instead_of_sleeping_in_put() {
+    let receiver = Receiver::start(0, always(AckCode::Error)).await;
+    // An hour between attempts: a sleep inside put would outlive the test's deadline.
+    let (mut task, mut errant) = started(
+        receiver.port,
+        &[("retry.max.attempts", "2"), ("retry.backoff.ms", "3600000")],
+    )
+    .await;
+    let error = put(&mut task, records(&["SLOW"]))
+        .await
+        .expect_err("refused, with an attempt left");
+    assert!(error.is_retriable(), "{error}");
+    assert_eq!(error.retry_after(), Some(Duration::from_secs(3600)));
+    assert_eq!(receiver.received(), vec!["SLOW"]);
+    // The engine's retry after the wait: the last attempt, then the record is errant.
+    put(&mut task, records(&["SLOW"]))
+        .await
+        .expect("reported as errant");
+    assert_eq!(receiver.received(), vec!["SLOW", "SLOW"]);
+    assert!(errant.try_recv().is_ok(), "SLOW reported");
+    task.stop().await.expect("stop");
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn a_receiver_that_stops_reading_cannot_hold_a_put() {
+    // Accepts connections and never reads: once the socket buffers are full, a write blocks.
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let (mut task, mut errant) = started(port, &[("ack.timeout.ms", "500")]).await;
+    // Far more than loopback socket buffers hold.
+    let big = adt("BIG", "P") + &"OBX|1|ST|NOTE||".repeat(4 * 1024 * 1024 / 16);
+    let batch = vec![SinkRecord {
+        record: Record::new("hl7.out").with_value(big),
+        kafka_partition: 0,
+        kafka_offset: 0,
+    }];
+    let error = put(&mut task, batch)
+        .await
+        .expect_err("the receiver never took the message");
+    assert!(error.is_retriable(), "{error}");
+    assert!(error.to_string().contains("did not take"), "{error}");
+    assert!(errant.try_recv().is_err());
+    task.stop().await.expect("stop");
+    silent.abort();
 }

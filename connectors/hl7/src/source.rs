@@ -76,6 +76,11 @@ impl Connector for MllpSourceConnector {
     fn placement(&self) -> Placement {
         Placement::EveryWorker
     }
+
+    /// One listener per worker: more tasks on one worker could not share the port.
+    fn max_tasks(&self) -> Option<u32> {
+        Some(1)
+    }
 }
 
 impl SourceConnector for MllpSourceConnector {
@@ -273,7 +278,9 @@ impl Connection {
         idle: Option<Duration>,
         read_timeout: Duration,
     ) -> Result<Bytes, ReadEnd> {
-        let idle_deadline = idle.map(|d| Instant::now() + d);
+        // Checked: a deadline past what the clock can hold is no deadline (validation keeps
+        // timeouts within a day; this keeps a hand-made config from panicking the listener).
+        let idle_deadline = idle.and_then(|d| Instant::now().checked_add(d));
         // Fixed when the frame starts, so a sender trickling bytes cannot hold the
         // connection (and its buffer) open for ever.
         let mut frame_deadline: Option<Instant> = None;
@@ -286,7 +293,10 @@ impl Connection {
                 return Ok(frame);
             }
             let deadline = if self.codec.in_frame() {
-                Some(*frame_deadline.get_or_insert_with(|| Instant::now() + read_timeout))
+                if frame_deadline.is_none() {
+                    frame_deadline = Instant::now().checked_add(read_timeout);
+                }
+                frame_deadline
             } else {
                 idle_deadline
             };
@@ -489,14 +499,22 @@ async fn handle_message(connection: &mut Connection, payload: Bytes, shared: &Sh
                 error: None,
             },
         ),
-        (None, Some(Ok(Delivery::DeadLettered { reason } | Delivery::Rejected { reason }))) => {
-            nack(
-                header.as_ref(),
-                AckCode::Error,
-                ErrorCondition::ApplicationInternal,
-                &format!("message rejected: {}", shorten(&reason)),
-            )
-        }
+        // Kept in the dead-letter topic, flagged as in error.
+        (None, Some(Ok(Delivery::DeadLettered { reason }))) => nack(
+            header.as_ref(),
+            AckCode::Error,
+            ErrorCondition::ApplicationInternal,
+            &format!("message rejected: {}", shorten(&reason)),
+        ),
+        // Refused as a whole (too large for Kafka, invalid for its topic) and kept nowhere:
+        // AR, as the listener answers a message over its own size limit. Only this record
+        // fails; the connection and the listener go on.
+        (None, Some(Ok(Delivery::Rejected { reason }))) => nack(
+            header.as_ref(),
+            AckCode::Reject,
+            ErrorCondition::ApplicationInternal,
+            &format!("message not stored: {}", shorten(&reason)),
+        ),
         (None, Some(Ok(Delivery::Failed { reason }))) => nack(
             header.as_ref(),
             AckCode::Reject,

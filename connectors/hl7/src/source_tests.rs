@@ -89,7 +89,10 @@ fn written() -> Delivery {
 async fn aa_is_sent_only_after_the_record_is_written() {
     let mut task = started(&[]).await;
     let mut sender = client(&task).await;
-    sender.send(ADT_A01.as_bytes()).await.expect("send");
+    sender
+        .send(ADT_A01.as_bytes(), DEADLINE)
+        .await
+        .expect("send");
 
     let mut records = poll_n(&mut task, 1).await;
     let record = &records[0].record;
@@ -121,7 +124,7 @@ async fn a_dropped_or_failed_delivery_is_never_an_aa() {
     let mut sender = client(&task).await;
 
     sender
-        .send(adt("DROP1", "P1").as_bytes())
+        .send(adt("DROP1", "P1").as_bytes(), DEADLINE)
         .await
         .expect("send");
     drop(poll_n(&mut task, 1).await);
@@ -132,7 +135,7 @@ async fn a_dropped_or_failed_delivery_is_never_an_aa() {
     );
 
     sender
-        .send(adt("FAIL1", "P1").as_bytes())
+        .send(adt("FAIL1", "P1").as_bytes(), DEADLINE)
         .await
         .expect("send");
     let mut records = poll_n(&mut task, 1).await;
@@ -146,7 +149,7 @@ async fn a_dropped_or_failed_delivery_is_never_an_aa() {
     );
 
     sender
-        .send(adt("DLQ1", "P1").as_bytes())
+        .send(adt("DLQ1", "P1").as_bytes(), DEADLINE)
         .await
         .expect("send");
     let mut records = poll_n(&mut task, 1).await;
@@ -160,11 +163,48 @@ async fn a_dropped_or_failed_delivery_is_never_an_aa() {
 }
 
 #[tokio::test]
+async fn a_record_kafka_refuses_is_answered_ar_and_the_connection_goes_on() {
+    let mut task = started(&[]).await;
+    let mut sender = client(&task).await;
+    sender
+        .send(adt("HUGE1", "P1").as_bytes(), DEADLINE)
+        .await
+        .expect("send");
+    let mut records = poll_n(&mut task, 1).await;
+    records[0].complete(Delivery::Rejected {
+        reason: "Kafka refused the record: Message size too large".into(),
+    });
+    let ack = reply(&mut sender).await;
+    assert_eq!(
+        (ack.code, ack.control_id.as_str()),
+        (AckCode::Reject, "HUGE1")
+    );
+    assert!(ack.text.contains("too large"), "{}", ack.text);
+
+    // Only that record failed: the same connection carries the next message.
+    sender
+        .send(adt("NEXT1", "P1").as_bytes(), DEADLINE)
+        .await
+        .expect("send");
+    let mut records = poll_n(&mut task, 1).await;
+    records[0].complete(written());
+    let ack = reply(&mut sender).await;
+    assert_eq!(
+        (ack.code, ack.control_id.as_str()),
+        (AckCode::Accept, "NEXT1")
+    );
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
 async fn an_invalid_message_is_rejected_to_the_dead_letter_topic_and_answered_ae() {
     let mut task = started(&[]).await;
     let mut sender = client(&task).await;
     let invalid = "MSH|^~\\&|EPIC|HOSP|MC|DC|2024||ADT^A01||P|2.5\rPID|1||P9\r";
-    sender.send(invalid.as_bytes()).await.expect("send");
+    sender
+        .send(invalid.as_bytes(), DEADLINE)
+        .await
+        .expect("send");
 
     let mut records = poll_n(&mut task, 1).await;
     let rejected = &records[0];
@@ -208,7 +248,10 @@ async fn an_invalid_message_is_rejected_to_the_dead_letter_topic_and_answered_ae
 async fn bytes_that_are_no_message_get_a_generic_ar() {
     let mut task = started(&[]).await;
     let mut sender = client(&task).await;
-    sender.send(b"\x00\x01 not hl7").await.expect("send");
+    sender
+        .send(b"\x00\x01 not hl7", DEADLINE)
+        .await
+        .expect("send");
     let mut records = poll_n(&mut task, 1).await;
     assert!(records[0].rejected.is_some());
     records[0].complete(Delivery::Failed {
@@ -225,7 +268,7 @@ async fn an_unsupported_version_is_answered_ar() {
     let mut task = started(&[]).await;
     let mut sender = client(&task).await;
     sender
-        .send(ADT_A01.replace("|2.5.1\r", "|9.9\r").as_bytes())
+        .send(ADT_A01.replace("|2.5.1\r", "|9.9\r").as_bytes(), DEADLINE)
         .await
         .expect("send");
     let mut records = poll_n(&mut task, 1).await;
@@ -245,8 +288,14 @@ async fn a_full_queue_is_answered_ar_at_once() {
     let mut second = client(&task).await;
     // Nothing polls: whichever message is queued first fills the queue, the other must be
     // answered AR right away instead of waiting.
-    first.send(adt("Q1", "P1").as_bytes()).await.expect("send");
-    second.send(adt("Q2", "P2").as_bytes()).await.expect("send");
+    first
+        .send(adt("Q1", "P1").as_bytes(), DEADLINE)
+        .await
+        .expect("send");
+    second
+        .send(adt("Q2", "P2").as_bytes(), DEADLINE)
+        .await
+        .expect("send");
     let (busy, mut waiting, queued_id) = tokio::select! {
         frame = first.receive(DEADLINE) => (frame, second, "Q2"),
         frame = second.receive(DEADLINE) => (frame, first, "Q1"),
@@ -280,7 +329,7 @@ async fn a_connection_s_messages_are_processed_in_order_one_at_a_time() {
             adt(&format!("ORD{i}"), "P").as_bytes(),
         ));
     }
-    sender.send_raw(&pipelined).await.expect("send");
+    sender.send_raw(&pipelined, DEADLINE).await.expect("send");
     for i in 1..=3 {
         let mut records = poll_n(&mut task, 1).await;
         let id = format!("ORD{i}");
@@ -348,7 +397,7 @@ async fn an_oversize_message_is_rejected_and_the_connection_closed() {
     let mut sender = client(&task).await;
     let mut big = ADT_A01.to_string();
     big.push_str(&"NTE|1||".repeat(300));
-    sender.send(big.as_bytes()).await.expect("send");
+    sender.send(big.as_bytes(), DEADLINE).await.expect("send");
     let ack = reply(&mut sender).await;
     assert_eq!(ack.code, AckCode::Reject);
     assert!(ack.text.contains("maximum size"), "{}", ack.text);
@@ -372,7 +421,7 @@ async fn a_stalled_frame_is_closed_after_the_read_timeout() {
     .await;
     let mut sender = client(&task).await;
     sender
-        .send_raw(b"\x0bMSH|^~\\&|partial")
+        .send_raw(b"\x0bMSH|^~\\&|partial", DEADLINE)
         .await
         .expect("send");
     assert!(matches!(
@@ -397,7 +446,10 @@ async fn an_idle_connection_is_closed() {
 async fn stop_closes_connections_without_answering_pending_messages() {
     let mut task = started(&[]).await;
     let mut sender = client(&task).await;
-    sender.send(ADT_A01.as_bytes()).await.expect("send");
+    sender
+        .send(ADT_A01.as_bytes(), DEADLINE)
+        .await
+        .expect("send");
     let mut records = poll_n(&mut task, 1).await;
     task.stop().await.expect("stop");
     records[0].complete(written());
@@ -416,7 +468,10 @@ async fn stop_closes_connections_without_answering_pending_messages() {
 async fn immediate_mode_answers_aa_before_the_write() {
     let mut task = started(&[("ack.mode", "immediate")]).await;
     let mut sender = client(&task).await;
-    sender.send(ADT_A01.as_bytes()).await.expect("send");
+    sender
+        .send(ADT_A01.as_bytes(), DEADLINE)
+        .await
+        .expect("send");
     let ack = reply(&mut sender).await;
     assert_eq!(ack.code, AckCode::Accept);
     let records = poll_n(&mut task, 1).await;
@@ -430,7 +485,7 @@ async fn junk_between_frames_is_ignored() {
     let mut sender = client(&task).await;
     let mut bytes = b"\r\n garbage \r\n".to_vec();
     bytes.extend_from_slice(&crate::mllp::MllpCodec::frame(ADT_A01.as_bytes()));
-    sender.send_raw(&bytes).await.expect("send");
+    sender.send_raw(&bytes, DEADLINE).await.expect("send");
     let mut records = poll_n(&mut task, 1).await;
     assert_eq!(records[0].record.value.as_deref(), Some(ADT_A01.as_bytes()));
     records[0].complete(written());

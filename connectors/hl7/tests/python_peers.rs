@@ -202,7 +202,7 @@ async fn the_sink_delivers_to_hl7apy_s_mllp_server() {
             ("retry.max.attempts", "2".into()),
             ("retry.backoff.ms", "1".into()),
         ]),
-        errant_records: ErrantRecordReporter::new(errant_tx),
+        errant_records: ErrantRecordReporter::collecting(errant_tx),
     })
     .await
     .expect("sink starts");

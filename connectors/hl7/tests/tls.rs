@@ -126,7 +126,7 @@ async fn the_sink_delivers_over_tls_to_a_listener_that_requires_client_certifica
         Err(_) => {}
         Ok(mut client) => {
             // TLS 1.3 reports the missing certificate only after the handshake.
-            let _ = client.send(ADT_A01.as_bytes()).await;
+            let _ = client.send(ADT_A01.as_bytes(), DEADLINE).await;
             let answer = client.receive(DEADLINE).await;
             assert!(
                 matches!(answer, Err(ClientError::Closed | ClientError::Frame(_))),
@@ -148,7 +148,7 @@ async fn the_sink_delivers_over_tls_to_a_listener_that_requires_client_certifica
             ("mllp.tls.cert.file", path(&pki.client.0)),
             ("mllp.tls.key.file", path(&pki.client.1)),
         ]),
-        errant_records: ErrantRecordReporter::new(errant_tx),
+        errant_records: ErrantRecordReporter::collecting(errant_tx),
     })
     .await
     .expect("TLS sink starts");

@@ -17,6 +17,10 @@ pub enum ClientError {
     Connect { address: String, reason: String },
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// The peer did not take the message (it stopped reading: its receive buffer and ours are
+    /// full). The connection is unusable: part of a frame may have been written.
+    #[error("the peer did not take the message within {0:?}")]
+    WriteTimeout(Duration),
     #[error("the peer closed the connection")]
     Closed,
     #[error(transparent)]
@@ -75,9 +79,21 @@ impl MllpClient {
         })
     }
 
-    pub async fn send(&mut self, payload: &[u8]) -> Result<(), ClientError> {
-        self.stream.write_all(&MllpCodec::frame(payload)).await?;
-        self.stream.flush().await?;
+    /// Sends one framed message within `timeout`: a peer that stops reading cannot hold the
+    /// sender for ever once the socket buffers are full.
+    pub async fn send(&mut self, payload: &[u8], timeout: Duration) -> Result<(), ClientError> {
+        let framed = MllpCodec::frame(payload);
+        self.write_within(&framed, timeout).await
+    }
+
+    async fn write_within(&mut self, bytes: &[u8], timeout: Duration) -> Result<(), ClientError> {
+        let write = async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(timeout, write)
+            .await
+            .map_err(|_| ClientError::WriteTimeout(timeout))??;
         Ok(())
     }
 
@@ -99,20 +115,25 @@ impl MllpClient {
             .map_err(|_| ClientError::Timeout(timeout))?
     }
 
-    /// Sends a message and waits for its answer.
+    /// Sends a message and waits for its answer: `timeout` bounds the whole exchange, the
+    /// write as much as the wait for the ACK.
     pub async fn request(
         &mut self,
         payload: &[u8],
         timeout: Duration,
     ) -> Result<Bytes, ClientError> {
-        self.send(payload).await?;
-        self.receive(timeout).await
+        let started = tokio::time::Instant::now();
+        self.send(payload, timeout).await?;
+        let left = timeout.saturating_sub(started.elapsed());
+        self.receive(left).await.map_err(|error| match error {
+            // Reported against the whole exchange's budget.
+            ClientError::Timeout(_) => ClientError::Timeout(timeout),
+            other => other,
+        })
     }
 
-    /// Writes raw bytes, unframed (for tests of framing errors).
-    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
-        self.stream.write_all(bytes).await?;
-        self.stream.flush().await?;
-        Ok(())
+    /// Writes raw bytes, unframed, within `timeout` (for tests of framing errors).
+    pub async fn send_raw(&mut self, bytes: &[u8], timeout: Duration) -> Result<(), ClientError> {
+        self.write_within(bytes, timeout).await
     }
 }
