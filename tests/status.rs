@@ -4,7 +4,7 @@
 //! REST writes nor the worker's shutdown.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use medconnect_api::{
@@ -28,6 +28,8 @@ struct Hooks {
     release: watch::Sender<bool>,
     /// Set when a blocked `stop` was abandoned (its future dropped) before being released.
     abandoned: AtomicBool,
+    /// How many times a task was started.
+    starts: AtomicUsize,
 }
 
 impl Hooks {
@@ -36,6 +38,7 @@ impl Hooks {
             stuck: watch::channel(false).0,
             release: watch::channel(false).0,
             abandoned: AtomicBool::new(false),
+            starts: AtomicUsize::new(0),
         })
     }
 
@@ -157,6 +160,7 @@ struct MisbehavingTask {
 impl MisbehavingTask {
     fn start(&mut self, config: &TaskConfig) -> ConnectResult<()> {
         self.behaviour = config.get(BEHAVIOUR).cloned().unwrap_or_default();
+        self.hooks.starts.fetch_add(1, Ordering::SeqCst);
         match self.behaviour.as_str() {
             "fail-start" => Err(medconnect_api::ConnectError::fatal(
                 "cannot start on purpose",
@@ -502,6 +506,53 @@ async fn a_stuck_task_stop_does_not_block_writes_on_other_connectors() -> anyhow
         (code == 404).then_some(())
     })
     .await?;
+    worker.shutdown().await;
+    Ok(())
+}
+
+/// A restarted task's next run starts only once its last run is over, even when reconciles
+/// happen meanwhile: two runs of one task never overlap (a listener's port, a sink's group).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_restarts_only_once_its_last_run_is_over() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let (worker, hooks) = worker_with_test_connectors(&cluster, 3_600_000).await?;
+    worker
+        .rest
+        .create("slow-stop", sink("block-stop", "slow-in", 1))
+        .await?;
+    worker.wait_for_state("slow-stop", "RUNNING", 1).await?;
+    assert_eq!(hooks.starts.load(Ordering::SeqCst), 1);
+
+    let restarting = {
+        let rest = Rest::new(&worker.rest.url(""));
+        tokio::spawn(async move {
+            rest.post_empty("/connectors/slow-stop/tasks/0/restart")
+                .await
+        })
+    };
+    hooks.wait_until_stuck().await?;
+    // Other writes reconcile every connector; none may start the task's next run yet.
+    for name in ["other-1", "other-2"] {
+        tokio::time::timeout(
+            DEADLINE,
+            worker.rest.create(name, sink("ok", "other-in", 1)),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("creating {name} hung behind the stuck task"))??;
+        worker.wait_for_state(name, "RUNNING", 1).await?;
+    }
+    assert!(hooks.still_stuck());
+    assert_eq!(
+        hooks.starts.load(Ordering::SeqCst),
+        3,
+        "only other-1 and other-2 started while slow-stop's last run was stopping"
+    );
+
+    hooks.release.send_replace(true);
+    let (code, _) = tokio::time::timeout(DEADLINE, restarting).await???;
+    assert_eq!(code, 204);
+    worker.wait_for_state("slow-stop", "RUNNING", 1).await?;
+    assert_eq!(hooks.starts.load(Ordering::SeqCst), 4);
     worker.shutdown().await;
     Ok(())
 }
