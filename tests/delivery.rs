@@ -455,3 +455,74 @@ async fn a_panicking_poll_fails_the_task_with_its_message() -> anyhow::Result<()
     worker.shutdown().await;
     Ok(())
 }
+
+// ---- a broker outage is not bad data ------------------------------------------------------
+
+/// With `errors.tolerance=all`, records Kafka could not take while it was unreachable used to
+/// be skipped and their offsets stored: lost for good. They are not bad data: the task fails
+/// with its offset held, and after a restart every record is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_fails_a_tolerant_source_instead_of_skipping_records() -> anyhow::Result<()> {
+    const TOTAL: u64 = 3000;
+    let (cluster, network) = TestCluster::start_behind_proxy().await?;
+    let worker = worker_with(&cluster, cluster.worker_config()).await?;
+    worker
+        .rest
+        .create(
+            "vitals",
+            json!({"connector.class": "DatagenSource", "topic": "vitals", "rate": "300",
+                   "max.records": TOTAL.to_string(), "errors.tolerance": "all",
+                   "producer.override.message.timeout.ms": "1500"}),
+        )
+        .await?;
+    eventually("some records to be stored", async || {
+        (stored_seq(&worker, "vitals").await.ok()?? > 100).then_some(())
+    })
+    .await?;
+    network.cut();
+    eventually(
+        "Kafka to refuse records while it is unreachable",
+        async || {
+            let text = worker.rest.get_text("/metrics").await.ok()?.1;
+            text.lines()
+                .any(|l| {
+                    l.starts_with("medconnect_errors_total")
+                        && l.contains("connector=\"vitals\"")
+                        && l.contains("KAFKA_PRODUCE")
+                })
+                .then_some(())
+        },
+    )
+    .await?;
+    network.restore();
+    let status = worker.wait_for_task("vitals", 0, "FAILED").await?;
+    assert!(
+        status["trace"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Kafka did not take the record"),
+        "{status}"
+    );
+    let (code, _) = worker
+        .rest
+        .post_empty("/connectors/vitals/restart?includeTasks=true&onlyFailed=true")
+        .await?;
+    assert_eq!(code, 202);
+    eventually("the last record's offset to be stored", async || {
+        (stored_seq(&worker, "vitals").await.ok()?? == TOTAL - 1).then_some(())
+    })
+    .await?;
+    let seqs: std::collections::BTreeSet<u64> = cluster
+        .read_all("vitals")
+        .await?
+        .iter()
+        .filter_map(|r| r.json()["seq"].as_u64())
+        .collect();
+    let missing: Vec<u64> = (0..TOTAL).filter(|seq| !seqs.contains(seq)).collect();
+    assert!(
+        missing.is_empty(),
+        "records lost in the outage: {missing:?}"
+    );
+    worker.shutdown().await;
+    Ok(())
+}

@@ -260,6 +260,7 @@ impl SourceRunner {
             in_flight: VecDeque::new(),
             pending_offsets: Vec::new(),
             uncommitted: 0,
+            committing: None,
             known_topics: HashSet::new(),
             held: false,
         };
@@ -272,7 +273,7 @@ impl SourceRunner {
         if let Err(error) = pipeline.drain(&settings).await {
             failure.get_or_insert(error);
         }
-        pipeline.commit_offsets(&stored).await;
+        pipeline.store_offsets_now(&stored, &settings).await;
         match task {
             Ok(mut task) => {
                 let last = stored.take();
@@ -399,6 +400,16 @@ fn next_settled(
     })
 }
 
+/// Waits for the offset write under way (never ready when there is none).
+fn offset_write(
+    committing: &mut Option<tokio::task::JoinHandle<OffsetWrite>>,
+) -> impl Future<Output = Result<OffsetWrite, tokio::task::JoinError>> + '_ {
+    std::future::poll_fn(move |cx| match committing {
+        Some(write) => Pin::new(write).poll(cx),
+        None => Poll::Pending,
+    })
+}
+
 struct Pipeline {
     connector: String,
     /// Named in dead-letter headers for input the source itself rejected.
@@ -418,6 +429,10 @@ struct Pipeline {
     /// Offsets acknowledged and not yet stored, one per partition (sources have few).
     pending_offsets: Vec<(SourcePartition, SourceOffset)>,
     uncommitted: i64,
+    /// The offset write under way, if any. It runs beside the pipeline: the offset topic
+    /// being slow or unreachable must not stop records from being settled (a listener's
+    /// sender waits for its answer meanwhile).
+    committing: Option<tokio::task::JoinHandle<OffsetWrite>>,
     known_topics: HashSet<String>,
     /// Set once a record with a source position failed without being tolerated: no offset
     /// is stored past it, even for later records Kafka did take, so a restart polls it again.
@@ -457,7 +472,11 @@ impl Pipeline {
                     // The poller stopped without an error: the worker is stopping.
                     None => return None,
                 },
-                _ = flush.tick() => self.commit_offsets(stored).await,
+                _ = flush.tick() => self.start_offset_write(),
+                written = offset_write(&mut self.committing), if self.committing.is_some() => {
+                    self.committing = None;
+                    self.finish_offset_write(written, stored);
+                }
             }
         }
     }
@@ -847,28 +866,94 @@ impl Pipeline {
         failure.map_or(Ok(()), Err)
     }
 
-    /// Stores acknowledged offsets, and hands what was stored to the task's next `commit`.
-    async fn commit_offsets(&mut self, stored: &StoredOffsets) {
-        if self.pending_offsets.is_empty() {
+    /// Starts storing the acknowledged offsets, unless a write is under way already.
+    fn start_offset_write(&mut self) {
+        if self.committing.is_some() || self.pending_offsets.is_empty() {
             return;
         }
-        let batch: Vec<_> = self
-            .pending_offsets
-            .iter()
-            .map(|(p, o)| (p.clone(), Some(o.clone())))
-            .collect();
-        match self.offsets.write(&self.connector, batch).await {
-            Ok(()) => {
-                stored.add(std::mem::take(&mut self.pending_offsets));
-                self.uncommitted = 0;
-                self.metrics.set_commit_lag(0);
+        let batch = std::mem::take(&mut self.pending_offsets);
+        let settled = std::mem::take(&mut self.uncommitted);
+        let offsets = self.offsets.clone();
+        let connector = self.connector.clone();
+        self.committing = Some(tokio::spawn(async move {
+            let write: Vec<_> = batch
+                .iter()
+                .map(|(p, o)| (p.clone(), Some(o.clone())))
+                .collect();
+            let result = offsets.write(&connector, write).await;
+            OffsetWrite {
+                batch,
+                settled,
+                result,
+            }
+        }));
+    }
+
+    /// Hands what was stored to the task's next `commit`; a failed write is tried again
+    /// with the next one (positions settled since then win).
+    fn finish_offset_write(
+        &mut self,
+        written: Result<OffsetWrite, tokio::task::JoinError>,
+        stored: &StoredOffsets,
+    ) {
+        match written {
+            Ok(OffsetWrite {
+                batch,
+                result: Ok(()),
+                ..
+            }) => {
+                stored.add(batch);
                 self.metrics.committed();
             }
-            Err(error) => {
+            Ok(OffsetWrite {
+                batch,
+                settled,
+                result: Err(error),
+            }) => {
                 tracing::warn!(connector = %self.connector, %error, "cannot store offsets; will retry");
+                for (partition, offset) in batch {
+                    if !self.pending_offsets.iter().any(|(p, _)| *p == partition) {
+                        self.pending_offsets.push((partition, offset));
+                    }
+                }
+                self.uncommitted += settled;
+            }
+            // Its positions are settled again by later records, or polled again after a restart.
+            Err(error) => {
+                tracing::error!(connector = %self.connector, %error, "offset write ended abnormally")
+            }
+        }
+        self.metrics.set_commit_lag(self.uncommitted);
+    }
+
+    /// Stores every acknowledged offset before the task stops (bounded by the shutdown
+    /// timeout): the write under way, then what was settled since.
+    async fn store_offsets_now(&mut self, stored: &StoredOffsets, settings: &RunnerSettings) {
+        let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
+        for _ in 0..2 {
+            if self.committing.is_none() {
+                self.start_offset_write();
+            }
+            let Some(write) = self.committing.take() else {
+                return;
+            };
+            match tokio::time::timeout_at(deadline, write).await {
+                Ok(written) => self.finish_offset_write(written, stored),
+                Err(_) => {
+                    tracing::warn!(connector = %self.connector, "offsets not stored before the shutdown timeout; their records will be sent again");
+                    return;
+                }
             }
         }
     }
+}
+
+/// The result of one offset write, with what it wrote.
+struct OffsetWrite {
+    batch: Vec<(SourcePartition, SourceOffset)>,
+    /// Records settled into this batch, for the commit-lag metric.
+    settled: i64,
+    result: Result<(), crate::store::StoreError>,
 }
 
 /// What becomes of a record that was not written.
