@@ -405,3 +405,286 @@ async fn secrets_are_hidden_and_references_resolved_only_in_tasks() -> anyhow::R
     assert_eq!(last_config["properties"]["db.password"], "hunter2");
     Ok(())
 }
+
+/// A request with any body and Content-Type: (status, JSON body or the text as a string).
+async fn send_raw(
+    rest: &medconnect_e2e::Rest,
+    method: reqwest::Method,
+    path: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let response = reqwest::Client::new()
+        .request(method, rest.url(path))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await?;
+    let code = response.status().as_u16();
+    let text = response.text().await?;
+    Ok((
+        code,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    ))
+}
+
+/// Whether an answer is Connect's error shape with the same code as the HTTP status.
+fn connect_error(code: u16, body: &serde_json::Value) -> bool {
+    body["error_code"].as_u64() == Some(u64::from(code)) && body["message"].is_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connector_names_are_checked_like_connect_before_anything_is_written() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let rest = &worker.rest;
+
+    for bad in [
+        "line\nbreak",
+        "tab\there",
+        "nul\u{0}in",
+        "c1\u{85}",
+        "",
+        " \n ",
+        "a/b",
+    ] {
+        let (code, error) = rest
+            .post("/connectors", &json!({"name": bad, "config": datagen("t")}))
+            .await?;
+        assert_eq!(code, 400, "{bad:?}: {error}");
+        assert!(connect_error(code, &error), "{bad:?}: {error}");
+    }
+    let (code, error) = rest
+        .post(
+            "/connectors",
+            &json!({"name": "line\nbreak", "config": datagen("t")}),
+        )
+        .await?;
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("control"), "{code} {message}");
+    // The same name in the URL of PUT .../config.
+    let (code, error) = rest
+        .put("/connectors/line%0Abreak/config", &datagen("t"))
+        .await?;
+    assert_eq!(code, 400, "{error}");
+    assert!(connect_error(code, &error), "{error}");
+    assert_eq!(
+        rest.get("/connectors").await?.1,
+        json!([]),
+        "nothing created"
+    );
+
+    // As Connect: surrounding blanks are trimmed, then the name is fine.
+    let (code, created) = rest
+        .post(
+            "/connectors",
+            &json!({"name": "  padded  ", "config": datagen("t")}),
+        )
+        .await?;
+    assert_eq!((code, created["name"].as_str()), (201, Some("padded")));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_must_be_json_and_fit_with_connect_style_errors() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let rest = &worker.rest;
+    let create = json!({"name": "typed", "config": datagen("t")}).to_string();
+
+    // A JSON body declared as something else: Connect answers 415.
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let (code, error) = send_raw(
+            rest,
+            reqwest::Method::POST,
+            "/connectors",
+            content_type,
+            create.clone(),
+        )
+        .await?;
+        assert_eq!(code, 415, "{content_type}: {error}");
+        assert!(connect_error(code, &error), "{error}");
+    }
+    let (code, error) = send_raw(
+        rest,
+        reqwest::Method::PUT,
+        "/connectors/typed/config",
+        "text/plain",
+        datagen("t").to_string(),
+    )
+    .await?;
+    assert_eq!(code, 415, "{error}");
+    assert_eq!(
+        rest.get("/connectors").await?.1,
+        json!([]),
+        "nothing created"
+    );
+    let (code, _) = send_raw(
+        rest,
+        reqwest::Method::POST,
+        "/connectors",
+        "application/json; charset=utf-8",
+        create,
+    )
+    .await?;
+    assert_eq!(code, 201);
+
+    // A body past the size limit: JSON, not axum's plain text.
+    let huge = format!(
+        r#"{{"name": "huge", "config": {{"x": "{}"}}}}"#,
+        "a".repeat(3 << 20)
+    );
+    let (code, error) = send_raw(
+        rest,
+        reqwest::Method::POST,
+        "/connectors",
+        "application/json",
+        huge,
+    )
+    .await?;
+    assert_eq!(code, 413, "{error}");
+    assert!(connect_error(code, &error), "{error}");
+
+    // A config of 1-2 MB fits the body limit but not one record of the config topic: refused
+    // before anything is written, naming the limit (it was a 500 MessageSizeTooLarge).
+    let mut big = datagen("t");
+    big["padding"] = json!("p".repeat(1_500_000));
+    let (code, error) = rest
+        .post("/connectors", &json!({"name": "big", "config": big}))
+        .await?;
+    assert!((400..500).contains(&code), "{code}: {error}");
+    assert!(connect_error(code, &error), "{error}");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("limit"), "{message}");
+    let (code, error) = rest.put("/connectors/big/config", &big).await?;
+    assert!(
+        (400..500).contains(&code) && connect_error(code, &error),
+        "{code}: {error}"
+    );
+    let (code, error) = rest
+        .patch(
+            "/connectors/typed/config",
+            &json!({"padding": "p".repeat(1_500_000)}),
+        )
+        .await?;
+    assert!(
+        (400..500).contains(&code) && connect_error(code, &error),
+        "{code}: {error}"
+    );
+    assert_eq!(rest.get("/connectors").await?.1, json!(["typed"]));
+    let (_, config) = rest.get("/connectors/typed/config").await?;
+    assert!(config.get("padding").is_none(), "the patch was not written");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_with_a_trailing_slash_answer_like_without() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let rest = &worker.rest;
+
+    let (code, _) = rest
+        .post(
+            "/connectors/",
+            &json!({"name": "slash", "config": datagen("t")}),
+        )
+        .await?;
+    assert_eq!(code, 201);
+    for path in [
+        "/connectors",
+        "/connectors/slash",
+        "/connectors/slash/config",
+        "/connectors/slash/status",
+        "/connectors/slash/tasks",
+        "/connectors/slash/topics",
+        "/connector-plugins",
+        "/connector-plugins/DatagenSource/config",
+        "/admin/loggers",
+    ] {
+        let without = rest.get(path).await?;
+        let with = rest.get(&format!("{path}/")).await?;
+        assert_eq!(without.0, 200, "{path}: {without:?}");
+        assert_eq!(with.0, 200, "{path}/: {with:?}");
+        // Statuses and topics change as tasks run; the rest is the same answer.
+        if !(path.ends_with("status") || path.ends_with("topics")) {
+            assert_eq!(with, without, "{path}");
+        }
+    }
+    let (code, _) = rest.get("/connectors/?expand=status&expand=info").await?;
+    assert_eq!(code, 200);
+    let (code, _) = rest.put_empty("/connectors/slash/pause/").await?;
+    assert_eq!(code, 202);
+    let (code, _) = rest.put_empty("/connectors/slash/stop//").await?;
+    assert_eq!(code, 204);
+    let (code, error) = rest.get("/connectors/nope/").await?;
+    assert_eq!((code, error["error_code"].as_u64()), (404, Some(404)));
+    let (code, _) = rest.delete("/connectors/slash/").await?;
+    assert_eq!(code, 204);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_levels_are_read_and_changed_at_run_time() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let rest = &worker.rest;
+
+    let (code, loggers) = rest.get("/admin/loggers").await?;
+    assert_eq!(code, 200, "{loggers}");
+    assert_eq!(loggers["root"]["level"], "INFO", "{loggers}");
+
+    let (code, affected) = rest
+        .put(
+            "/admin/loggers/medconnect_runtime::task",
+            &json!({"level": "DEBUG"}),
+        )
+        .await?;
+    assert_eq!((code, affected), (200, json!(["medconnect_runtime::task"])));
+    let (_, level) = rest.get("/admin/loggers/medconnect_runtime::task").await?;
+    assert_eq!(level, json!({"level": "DEBUG"}));
+    // A logger below it has its level; one beside it has root's.
+    let (_, level) = rest
+        .get("/admin/loggers/medconnect_runtime::task::source")
+        .await?;
+    assert_eq!(level["level"], "DEBUG");
+    let (_, level) = rest.get("/admin/loggers/medconnect_runtime::rest").await?;
+    assert_eq!(level["level"], "INFO");
+    let (_, loggers) = rest.get("/admin/loggers").await?;
+    assert_eq!(loggers["medconnect_runtime::task"]["level"], "DEBUG");
+    assert!(loggers["medconnect_runtime::task"]["last_modified"].is_u64());
+
+    // Setting a logger sets those below it, and says which (Connect's answer).
+    let (code, affected) = rest
+        .put(
+            "/admin/loggers/medconnect_runtime",
+            &json!({"level": "warn"}),
+        )
+        .await?;
+    assert_eq!(code, 200);
+    assert_eq!(
+        affected,
+        json!(["medconnect_runtime", "medconnect_runtime::task"])
+    );
+    let (_, level) = rest.get("/admin/loggers/medconnect_runtime::task").await?;
+    assert_eq!(level["level"], "WARN");
+    let (code, _) = rest
+        .put(
+            "/admin/loggers/medconnect_runtime?scope=cluster",
+            &json!({"level": "INFO"}),
+        )
+        .await?;
+    assert_eq!(code, 204);
+
+    for bad in [json!({"level": "VERBOSE"}), json!({}), json!({"level": 3})] {
+        let (code, error) = rest.put("/admin/loggers/root", &bad).await?;
+        assert_eq!(code, 400, "{bad}: {error}");
+        assert!(connect_error(code, &error), "{error}");
+    }
+    let (_, loggers) = rest.get("/admin/loggers").await?;
+    assert_eq!(
+        loggers["root"]["level"], "INFO",
+        "a refused change changed nothing"
+    );
+    Ok(())
+}

@@ -1,12 +1,20 @@
 //! The `medconnect` binary.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use medconnect_runtime::rest::LogLevels;
+use medconnect_runtime::worker::connector_name;
 use medconnect_runtime::{Plugins, Worker, WorkerConfig};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::reload;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
 #[command(
@@ -47,17 +55,35 @@ enum Command {
     },
 }
 
-fn init_logs(json: bool) {
-    let filter = EnvFilter::try_from_env("MEDCONNECT_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,tansu=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
+const DEFAULT_LOG: &str = "info,rdkafka=warn,tansu=warn";
+
+/// Installs the subscriber with its filter behind a reload handle, so `/admin/loggers` can
+/// change levels at run time; returns the levels the REST API reads and changes.
+fn init_logs(json: bool) -> LogLevels {
+    let levels = std::env::var("MEDCONNECT_LOG")
+        .ok()
+        .and_then(|text| LogLevels::from_directives(&text).ok())
+        .or_else(|| LogLevels::from_directives(DEFAULT_LOG).ok())
+        .unwrap_or_default();
+    let filter = levels
+        .env_filter()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
+    let (filter, handle) = reload::Layer::new(filter);
+    // Colours only for a person at a terminal, not in files and log shippers.
+    let format = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let format = if json {
+        format.json().boxed()
     } else {
-        builder.init();
-    }
+        format.boxed()
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(format)
+        .init();
+    levels.apply_with(move |filter| handle.reload(filter).map_err(|e| e.to_string()));
+    levels
 }
 
 async fn wait_for_signal() {
@@ -81,16 +107,35 @@ async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
+/// How long a failed worker may take to stop its tasks before the process exits anyway.
+const FAILED_SHUTDOWN: Duration = Duration::from_secs(15);
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.json_logs);
-    match cli.command {
+    let log_levels = init_logs(cli.json_logs);
+    // One clear message and a non-zero exit for anything that keeps the process from doing
+    // its job, at start or later: never a process that runs half-started.
+    match run(cli.command, log_levels).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %describe(&error), "medconnect cannot run");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, log_levels: LogLevels) -> anyhow::Result<()> {
+    match command {
         Command::Worker { config } => {
             let config = WorkerConfig::from_file(&config)?;
-            let worker = Worker::start(config, Plugins::builtin()).await?;
-            wait_for_signal().await;
-            worker.shutdown().await;
+            let worker = Worker::start_with_log_levels(config, Plugins::builtin(), log_levels)
+                .await
+                .context("the worker did not start")?;
+            tokio::select! {
+                _ = wait_for_signal() => worker.shutdown().await,
+                reason = worker.failed() => return Err(stop_failed(worker, reason).await),
+            }
         }
         #[cfg(feature = "embedded-broker")]
         Command::Dev {
@@ -98,11 +143,15 @@ async fn main() -> anyhow::Result<()> {
             rest,
             connectors,
         } => {
-            let broker = medconnect_runtime::broker::EmbeddedBroker::start(kafka).await?;
+            let mut broker = medconnect_runtime::broker::EmbeddedBroker::start(kafka)
+                .await
+                .context("the embedded Kafka-API broker did not start")?;
             let mut config = WorkerConfig::new(&broker.bootstrap_servers())
                 .with_consumer_settings(medconnect_runtime::broker::CONSUMER_SETTINGS);
             config.rest.listen = rest;
-            let worker = Worker::start(config, Plugins::builtin()).await?;
+            let worker = Worker::start_with_log_levels(config, Plugins::builtin(), log_levels)
+                .await
+                .context("the worker did not start")?;
             for path in connectors {
                 create_from_file(&worker, &path).await?;
             }
@@ -111,19 +160,60 @@ async fn main() -> anyhow::Result<()> {
                 worker.rest_addr(),
                 broker.bootstrap_servers()
             );
-            wait_for_signal().await;
-            worker.shutdown().await;
-            broker.stop();
+            tokio::select! {
+                _ = wait_for_signal() => {
+                    worker.shutdown().await;
+                    broker.stop();
+                }
+                reason = worker.failed() => return Err(stop_failed(worker, reason).await),
+                reason = broker.stopped() => {
+                    let reason = format!("the embedded Kafka-API broker stopped: {reason}");
+                    return Err(stop_failed(worker, reason).await);
+                }
+            }
         }
         #[cfg(feature = "embedded-broker")]
         Command::Broker { listen } => {
-            let broker = medconnect_runtime::broker::EmbeddedBroker::start(listen).await?;
+            let mut broker = medconnect_runtime::broker::EmbeddedBroker::start(listen)
+                .await
+                .context("the embedded Kafka-API broker did not start")?;
             println!("medconnect broker: Kafka {}", broker.bootstrap_servers());
-            wait_for_signal().await;
-            broker.stop();
+            tokio::select! {
+                _ = wait_for_signal() => broker.stop(),
+                reason = broker.stopped() => anyhow::bail!("the embedded Kafka-API broker stopped: {reason}"),
+            }
         }
     }
     Ok(())
+}
+
+/// The error and its causes on one line, each cause left out when the message before it
+/// already says it (errors that print their source as well as returning it).
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+/// Stops a worker that cannot go on, within [`FAILED_SHUTDOWN`]; the error to exit with.
+async fn stop_failed(worker: Worker, reason: String) -> anyhow::Error {
+    tracing::error!(%reason, "the worker cannot go on; stopping it");
+    if tokio::time::timeout(FAILED_SHUTDOWN, worker.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("tasks did not stop within {FAILED_SHUTDOWN:?}; exiting anyway");
+    }
+    anyhow::anyhow!("the worker stopped: {reason}")
 }
 
 /// Creates a connector from a Connect-style JSON file, as `POST /connectors` would.
@@ -134,8 +224,11 @@ async fn create_from_file(worker: &Worker, path: &PathBuf) -> anyhow::Result<()>
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let name = value["name"]
         .as_str()
+        .map(connector_name::trim)
         .context("connector file needs a \"name\"")?
         .to_string();
+    connector_name::check(&name)
+        .map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?;
     let config = value["config"]
         .as_object()
         .context("connector file needs a \"config\" object")?

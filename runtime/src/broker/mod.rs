@@ -13,7 +13,7 @@ use url::Url;
 
 #[derive(Debug, Error)]
 pub enum BrokerError {
-    #[error("cannot reserve a port on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}")]
     Port {
         addr: SocketAddr,
         #[source]
@@ -35,7 +35,8 @@ pub const CONSUMER_SETTINGS: &[(&str, &str)] = &[("fetch.wait.max.ms", "25")];
 
 pub struct EmbeddedBroker {
     addr: SocketAddr,
-    serving: JoinHandle<()>,
+    /// Ends with why the broker stopped serving.
+    serving: JoinHandle<String>,
 }
 
 impl EmbeddedBroker {
@@ -60,6 +61,9 @@ impl EmbeddedBroker {
                 source,
             })?
         } else {
+            // tansu reports a port in use only in its log, and something else listening there
+            // would then pass for the broker: find out first, as a start-up error.
+            probe_bind(listen).await?;
             listen
         };
         let url = Url::parse(&format!("tcp://{addr}"))?;
@@ -75,14 +79,19 @@ impl EmbeddedBroker {
             .build()
             .await
             .map_err(|e| BrokerError::Start(format!("{e:?}")))?;
-        let serving = tokio::spawn(async move {
-            if let Err(error) = broker.serve(tokio::time::Instant::now()).await {
-                tracing::error!(?error, "embedded broker stopped");
+        let mut serving = tokio::spawn(async move {
+            match broker.serve(tokio::time::Instant::now()).await {
+                Ok(()) => "it ended".to_string(),
+                Err(error) => format!("{error:?}"),
             }
         });
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            if serving.is_finished() || tokio::time::Instant::now() > deadline {
+        while tokio::net::TcpStream::connect(addr).await.is_err() || serving.is_finished() {
+            if serving.is_finished() {
+                let reason = (&mut serving).await.unwrap_or_else(|e| e.to_string());
+                return Err(BrokerError::Start(format!("on {addr}: {reason}")));
+            }
+            if tokio::time::Instant::now() > deadline {
                 return Err(BrokerError::Start(format!("nothing listens on {addr}")));
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -99,10 +108,37 @@ impl EmbeddedBroker {
         self.addr.to_string()
     }
 
+    /// Resolves with the reason if the broker stops serving on its own (it should not).
+    pub async fn stopped(&mut self) -> String {
+        let reason = match (&mut self.serving).await {
+            Ok(reason) => reason,
+            Err(error) => error.to_string(),
+        };
+        tracing::error!(addr = %self.addr, %reason, "embedded broker stopped");
+        reason
+    }
+
     /// Stops the broker; its data is gone.
     pub fn stop(self) {
         self.serving.abort();
     }
+}
+
+/// Fails with [`BrokerError::Port`] if `addr` cannot be listened on (in use, not ours).
+/// SO_REUSEADDR as tansu's own listener has it, so a port whose last connections linger in
+/// TIME_WAIT (a broker restarted on the same port) is not taken for a port in use.
+async fn probe_bind(addr: SocketAddr) -> Result<(), BrokerError> {
+    let port_error = |source| BrokerError::Port { addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(port_error)?;
+    socket.set_reuseaddr(true).map_err(port_error)?;
+    socket.bind(addr).map_err(port_error)?;
+    socket.listen(1).map_err(port_error)?;
+    Ok(())
 }
 
 impl Drop for EmbeddedBroker {

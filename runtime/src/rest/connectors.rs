@@ -3,15 +3,16 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, ApiResult, RestState, parse_body, string_map};
+use super::body::JsonBody;
+use super::{ApiError, ApiResult, RestState, check_config_size, parse_body, string_map};
 use crate::store::{TargetState, TaskStatus};
+use crate::worker::connector_name;
 use crate::worker::herder::{ConnectorInfo, ConnectorStatus};
 
 fn info_json(info: &ConnectorInfo) -> Value {
@@ -102,14 +103,21 @@ struct CreateRequest {
     initial_state: Option<String>,
 }
 
-pub async fn create(State(state): State<RestState>, body: Bytes) -> ApiResult<Response> {
+pub async fn create(
+    State(state): State<RestState>,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Response> {
     let request: CreateRequest = parse_body(&body)?;
     let config = string_map(request.config.as_ref().unwrap_or(&json!({})), "config")?;
+    // As Connect: the name is trimmed (Java's trim: every char up to ' '), then checked
+    // before anything is written.
     let name = request
         .name
         .or_else(|| config.get("name").cloned())
-        .filter(|n| !n.trim().is_empty())
-        .ok_or_else(|| ApiError::bad_request("Connector name must be given (\"name\")"))?;
+        .unwrap_or_default();
+    let name = connector_name::trim(&name).to_string();
+    connector_name::check(&name).map_err(ApiError::bad_request)?;
+    check_config_size(&state, &config)?;
     let initial = match request.initial_state.as_deref() {
         None => None,
         Some("RUNNING") => Some(TargetState::Started),
@@ -124,7 +132,10 @@ pub async fn create(State(state): State<RestState>, body: Bytes) -> ApiResult<Re
     let info = state.herder.create(&name, config, initial).await?;
     Ok((
         StatusCode::CREATED,
-        [(header::LOCATION, format!("/connectors/{name}"))],
+        [(
+            header::LOCATION,
+            format!("/connectors/{}", connector_name::path_segment(&name)),
+        )],
         Json(info_json(&info)),
     )
         .into_response())
@@ -155,10 +166,12 @@ pub async fn config(
 pub async fn put_config(
     State(state): State<RestState>,
     Path(name): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> ApiResult<Response> {
+    connector_name::check(&name).map_err(ApiError::bad_request)?;
     let value: Value = parse_body(&body)?;
     let config = string_map(&value, "config")?;
+    check_config_size(&state, &config)?;
     let (created, info) = state.herder.put_config(&name, config).await?;
     let status = if created {
         StatusCode::CREATED
@@ -171,7 +184,7 @@ pub async fn put_config(
 pub async fn patch_config(
     State(state): State<RestState>,
     Path(name): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> ApiResult<Json<Value>> {
     let value: Value = parse_body(&body)?;
     let object = value
@@ -191,6 +204,17 @@ pub async fn patch_config(
             }
         };
         patch.insert(key.clone(), value);
+    }
+    // The patched config must fit the config topic too; a connector not found is the
+    // herder's 404 below.
+    if let Ok(mut patched) = state.herder.config(&name) {
+        for (key, value) in &patch {
+            match value {
+                Some(value) => patched.insert(key.clone(), value.clone()),
+                None => patched.remove(key),
+            };
+        }
+        check_config_size(&state, &patched)?;
     }
     Ok(Json(info_json(
         &state.herder.patch_config(&name, patch).await?,
@@ -318,7 +342,7 @@ pub async fn offsets(
 pub async fn alter_offsets(
     State(state): State<RestState>,
     Path(name): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> ApiResult<Json<Value>> {
     let value: Value = parse_body(&body)?;
     let entries = value

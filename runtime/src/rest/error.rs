@@ -3,8 +3,10 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use rdkafka::types::RDKafkaErrorCode;
 use serde_json::json;
 
+use crate::store::StoreError;
 use crate::worker::HerderError;
 
 #[derive(Debug)]
@@ -43,6 +45,13 @@ impl From<HerderError> for ApiError {
             HerderError::NotFound(_) | HerderError::TaskNotFound(..) => StatusCode::NOT_FOUND,
             HerderError::AlreadyExists(_) => StatusCode::CONFLICT,
             HerderError::BadRequest(_) | HerderError::InvalidConfig(_) => StatusCode::BAD_REQUEST,
+            // What REST's own size check did not foresee (a task config grown past it): still
+            // the client's record that is too large, not a server fault.
+            HerderError::Store(StoreError::Kafka { source, .. })
+                if source.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) =>
+            {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             HerderError::Store(_) | HerderError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, error.to_string())

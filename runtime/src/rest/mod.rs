@@ -1,23 +1,29 @@
 //! Kafka Connect's REST API, path for path and JSON shape for JSON shape, plus `/health` and
 //! `/metrics`.
 
+mod body;
 mod connectors;
 mod error;
+mod loggers;
 mod plugins;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use body::MAX_BODY_BYTES;
 pub use error::{ApiError, ApiResult};
+pub use loggers::{LogLevelError, LogLevels};
 
 use crate::worker::Herder;
 
@@ -25,9 +31,48 @@ use crate::worker::Herder;
 pub struct RestState {
     pub herder: Arc<Herder>,
     pub kafka_cluster_id: Option<String>,
+    /// Read and changed by `/admin/loggers`.
+    pub log_levels: LogLevels,
+    /// The largest connector config (as JSON) accepted: one record of the config topic must
+    /// hold it, and a larger one would fail there only after validation.
+    pub max_config_bytes: usize,
+    /// Why the worker cannot go on, once it cannot: `/health` then answers 500.
+    pub failure: watch::Receiver<Option<String>>,
 }
 
+/// The API, answering a path with trailing slashes (`/connectors/`) as the path without them,
+/// as Connect (Jersey) does.
 pub fn router(state: RestState) -> Router {
+    // Routing happens before a router's own middleware runs, so the rewrite sits in an outer
+    // router whose only route is the API as its fallback.
+    Router::new()
+        .fallback_service(routes(state))
+        .layer(middleware::from_fn(trim_trailing_slashes))
+}
+
+async fn trim_trailing_slashes(mut request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if path.len() > 1 && path.ends_with('/') {
+        let trimmed = match path.trim_end_matches('/') {
+            "" => "/",
+            trimmed => trimmed,
+        };
+        let rewritten = match request.uri().query() {
+            Some(query) => format!("{trimmed}?{query}"),
+            None => trimmed.to_string(),
+        };
+        if let Ok(path_and_query) = rewritten.parse() {
+            let mut parts = request.uri().clone().into_parts();
+            parts.path_and_query = Some(path_and_query);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+    }
+    next.run(request).await
+}
+
+fn routes(state: RestState) -> Router {
     Router::new()
         .route("/", get(root))
         .route("/health", get(health))
@@ -77,6 +122,12 @@ pub fn router(state: RestState) -> Router {
             "/connector-plugins/{plugin}/config/validate",
             put(plugins::validate),
         )
+        .route("/admin/loggers", get(loggers::list))
+        .route(
+            "/admin/loggers/{logger}",
+            get(loggers::get).put(loggers::put),
+        )
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .fallback(|| async { ApiError::not_found("HTTP 404 Not Found") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -106,10 +157,26 @@ async fn root(State(state): State<RestState>) -> impl IntoResponse {
     }))
 }
 
-async fn health(State(state): State<RestState>) -> impl IntoResponse {
-    axum::Json(
-        json!({ "status": "healthy", "message": "Worker has completed startup and is ready to handle requests.", "worker_id": state.herder.worker_id() }),
-    )
+/// Connect's (KIP-1017) shape: 200 `healthy`, or 500 `unhealthy` with the reason.
+async fn health(State(state): State<RestState>) -> Response {
+    let failure = state.failure.borrow().clone();
+    match failure {
+        None => axum::Json(json!({
+            "status": "healthy",
+            "message": "Worker has completed startup and is ready to handle requests.",
+            "worker_id": state.herder.worker_id(),
+        }))
+        .into_response(),
+        Some(reason) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({
+                "status": "unhealthy",
+                "message": reason,
+                "worker_id": state.herder.worker_id(),
+            })),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics(State(state): State<RestState>) -> impl IntoResponse {
@@ -146,4 +213,33 @@ pub(crate) fn string_map(value: &Value, what: &str) -> ApiResult<medconnect_api:
             ))),
         })
         .collect()
+}
+
+/// Room left in a config-topic record for its key, Connect's `{"properties": ...}` wrapper,
+/// record framing and the few settings a task config adds to its connector's.
+const CONFIG_RECORD_HEADROOM: usize = 64 * 1024;
+
+/// The largest connector config to accept when the producer takes records of up to
+/// `message_max_bytes` (librdkafka's `message.max.bytes`, 1,000,000 unless configured).
+pub fn max_config_bytes(message_max_bytes: usize) -> usize {
+    message_max_bytes.saturating_sub(CONFIG_RECORD_HEADROOM)
+}
+
+/// Refuses a config the config topic could not store, before anything is written: the
+/// producer would fail with `MessageSizeTooLarge` only after validation.
+pub(crate) fn check_config_size(
+    state: &RestState,
+    config: &medconnect_api::Props,
+) -> ApiResult<()> {
+    let size = serde_json::to_vec(config).map_or(usize::MAX, |json| json.len());
+    if size > state.max_config_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "Connector configuration is {size} bytes as JSON; the limit is {} bytes (one record of the config topic must hold it)",
+                state.max_config_bytes
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -2,11 +2,11 @@
 //! predicates) this worker can run, their config definitions, and config validation.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::body::JsonBody;
 use super::{ApiError, ApiResult, RestState, parse_body, string_map};
 use crate::transform::{predicate_plugins, transform_plugins};
 use crate::worker::connector_config as cc;
@@ -86,7 +86,7 @@ pub async fn config(
 pub async fn validate(
     State(state): State<RestState>,
     Path(plugin): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> ApiResult<Json<Value>> {
     let value: Value = parse_body(&body)?;
     let config = string_map(&value, "config")?;

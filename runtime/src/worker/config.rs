@@ -33,6 +33,10 @@ pub struct WorkerConfig {
     #[serde(default)]
     pub worker_id: Option<String>,
     pub bootstrap_servers: String,
+    /// How long start-up waits for Kafka to answer (and to create the internal topics) before
+    /// the worker gives up with an error, instead of retrying an unreachable cluster forever.
+    #[serde(default = "default_startup_timeout_ms")]
+    pub startup_timeout_ms: u64,
     #[serde(default)]
     pub rest: RestConfig,
     #[serde(default)]
@@ -128,6 +132,9 @@ impl Default for TaskSettings {
 fn default_group_id() -> String {
     "medconnect".into()
 }
+fn default_startup_timeout_ms() -> u64 {
+    30_000
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8083))
 }
@@ -185,6 +192,7 @@ impl WorkerConfig {
             group_id: default_group_id(),
             worker_id: None,
             bootstrap_servers: bootstrap_servers.to_string(),
+            startup_timeout_ms: default_startup_timeout_ms(),
             rest: RestConfig::default(),
             internal_topics: InternalTopics::default(),
             tasks: TaskSettings::default(),
@@ -227,6 +235,10 @@ impl WorkerConfig {
         settings.consumer = to_strings(&self.consumer);
         settings.admin = to_strings(&self.admin);
         settings
+    }
+
+    pub fn startup_timeout(&self) -> Duration {
+        Duration::from_millis(self.startup_timeout_ms.max(1))
     }
 
     pub fn runner_settings(&self) -> RunnerSettings {
