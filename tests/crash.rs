@@ -45,8 +45,12 @@ const MLLP_MESSAGES: usize = 2_000;
 const MLLP_SENDERS: usize = 4;
 
 const OFFSETS_TOPIC: &str = "crash-offsets";
-/// The sink consumers' session timeout: how long the restarted worker's sink waits for the
-/// killed worker's consumer to leave the group.
+/// The sink consumers' session timeout: how long the killed worker's consumer stays a member of
+/// its group. A sink consumer of the restarted worker that joins before then gets no partition
+/// from the embedded broker (tansu 0.6) — not now, not after the dead member expired (JoinGroup
+/// still names the dead leader, SyncGroup answers an empty assignment, heartbeats succeed): the
+/// sink reads nothing, for good. So the restart waits this long after the kill; librdkafka's
+/// default (45 s) would make the test wait that long.
 const SESSION_TIMEOUT_MS: u64 = 6_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,6 +119,7 @@ async fn datagen_crash(processes: &mut Processes, flush_ms: u64) -> anyhow::Resu
     )
     .await?;
     processes.kill("worker-1")?;
+    let killed_at = Instant::now();
     let killed_after = started.elapsed();
     let lines_at_kill = count_lines(&output);
 
@@ -151,6 +156,14 @@ async fn datagen_crash(processes: &mut Processes, flush_ms: u64) -> anyhow::Resu
         &lost[..lost.len().min(20)]
     );
 
+    // The restarted worker's sink joins its consumer group only once the killed worker's member
+    // is past its session (its last heartbeat was before the kill, so this bound is exact): the
+    // embedded broker (tansu 0.6) gives a member that joins while a dead leader still holds its
+    // session an empty assignment, for good, once the dead one expires (see SESSION_TIMEOUT_MS).
+    tokio::time::sleep_until(
+        (killed_at + Duration::from_millis(SESSION_TIMEOUT_MS + 1_000)).into(),
+    )
+    .await;
     let rest = start_worker(processes, "worker-2", &worker_toml).await?;
     // The source is done once it stored the offset of every task's last record.
     eventually(
@@ -488,8 +501,8 @@ offset_flush_interval_ms = {flush_ms}
 [consumer]
 # The embedded broker answers a fetch only after half of this wait (configs/worker.toml).
 "fetch.wait.max.ms" = 25
-# A killed worker's sink consumers stay members of their group until this passes; the restarted
-# worker's sink tasks get their partitions only then (librdkafka's default: 45 s).
+# A killed worker's sink consumers stay members of their group until this passes (librdkafka's
+# default: 45 s); the test restarts the worker only after it (see SESSION_TIMEOUT_MS).
 "session.timeout.ms" = {SESSION_TIMEOUT_MS}
 "#
         ),
