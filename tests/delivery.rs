@@ -526,3 +526,186 @@ async fn an_outage_fails_a_tolerant_source_instead_of_skipping_records() -> anyh
     worker.shutdown().await;
     Ok(())
 }
+
+// ---- asynchronous sinks: pre_commit and partition pause ----------------------------------
+
+/// What the test sees of a [`PacedSink`] task.
+#[derive(Default)]
+struct Pace {
+    /// Values put, in order.
+    put: std::sync::Mutex<Vec<String>>,
+    paused: AtomicBool,
+    resumed: AtomicBool,
+    /// Whether a record arrived while its partition was paused by the task.
+    leaked: AtomicBool,
+}
+
+/// A sink that writes "asynchronously": `pre_commit` acknowledges only what `ack.below`
+/// allows; a record `pause` makes it pause its partition and resume it 1.5 s later.
+#[derive(Default)]
+struct PacedSink(Arc<Pace>);
+
+impl Connector for PacedSink {
+    fn class(&self) -> &'static str {
+        "test.PacedSink"
+    }
+    fn version(&self) -> &'static str {
+        "0"
+    }
+    fn kind(&self) -> ConnectorKind {
+        ConnectorKind::Sink
+    }
+    fn config_def(&self) -> ConfigDef {
+        ConfigDef::new()
+    }
+    fn task_configs(&self, context: &ConnectorContext, _: usize) -> ConnectResult<Vec<TaskConfig>> {
+        Ok(vec![context.config.clone()])
+    }
+}
+
+impl SinkConnector for PacedSink {
+    fn create_task(&self) -> Box<dyn SinkTask> {
+        Box::new(PacedSinkTask {
+            pace: self.0.clone(),
+            ack_below: i64::MAX,
+            partitions: None,
+        })
+    }
+}
+
+struct PacedSinkTask {
+    pace: Arc<Pace>,
+    ack_below: i64,
+    partitions: Option<medconnect_api::SinkPartitions>,
+}
+
+#[async_trait]
+impl SinkTask for PacedSinkTask {
+    async fn start(&mut self, context: SinkTaskContext) -> ConnectResult<()> {
+        if let Some(below) = context.config.get("ack.below") {
+            self.ack_below = below.parse().unwrap_or(i64::MAX);
+        }
+        self.partitions = Some(context.partitions);
+        Ok(())
+    }
+
+    async fn put(&mut self, records: Vec<SinkRecord>) -> ConnectResult<()> {
+        for record in records {
+            let value = String::from_utf8_lossy(record.record.value.as_deref().unwrap_or_default())
+                .to_string();
+            if self.pace.paused.load(Ordering::SeqCst) && !self.pace.resumed.load(Ordering::SeqCst)
+            {
+                self.pace.leaked.store(true, Ordering::SeqCst);
+            }
+            if value == "pause"
+                && let Some(partitions) = self.partitions.clone()
+            {
+                let partition = medconnect_api::TopicPartition::new(
+                    record.record.topic.clone(),
+                    record.kafka_partition,
+                );
+                partitions.pause(std::slice::from_ref(&partition))?;
+                self.pace.paused.store(true, Ordering::SeqCst);
+                let pace = self.pace.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+                    pace.resumed.store(true, Ordering::SeqCst);
+                    let _ = partitions.resume(&[partition]);
+                });
+            }
+            self.pace
+                .put
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(value);
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> ConnectResult<()> {
+        Ok(())
+    }
+
+    async fn pre_commit(
+        &mut self,
+        offsets: &medconnect_api::SinkOffsets,
+    ) -> ConnectResult<medconnect_api::SinkOffsets> {
+        Ok(offsets
+            .iter()
+            .map(|(partition, next)| (partition.clone(), (*next).min(self.ack_below)))
+            .collect())
+    }
+
+    async fn stop(&mut self) -> ConnectResult<()> {
+        Ok(())
+    }
+}
+
+async fn paced_worker(cluster: &TestCluster, pace: Arc<Pace>) -> anyhow::Result<TestWorker> {
+    let plugins = Plugins::builtin().with_sink(Arc::new(PacedSink(pace)));
+    cluster
+        .start_worker_with_plugins(cluster.worker_config(), plugins)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_are_committed_only_as_far_as_pre_commit_allows() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let pace = Arc::new(Pace::default());
+    let worker = paced_worker(&cluster, pace.clone()).await?;
+    let records: Vec<(Option<&str>, &str)> = (0..5).map(|_| (None, "x")).collect();
+    cluster.produce("bulk", &records).await?;
+    worker
+        .rest
+        .create(
+            "bulk-out",
+            json!({"connector.class": "test.PacedSink", "topics": "bulk", "ack.below": "3"}),
+        )
+        .await?;
+    eventually("5 records to be put", async || {
+        (pace.put.lock().ok()?.len() == 5).then_some(())
+    })
+    .await?;
+    let (code, _) = worker.rest.put_empty("/connectors/bulk-out/stop").await?;
+    assert_eq!(code, 204);
+    worker.wait_for_state("bulk-out", "STOPPED", 0).await?;
+    // Records 3 and 4 were put but never acknowledged by the target: not committed.
+    let (_, offsets) = worker.rest.get("/connectors/bulk-out/offsets").await?;
+    assert_eq!(
+        offsets["offsets"][0]["offset"]["kafka_offset"], 3,
+        "{offsets}"
+    );
+    worker.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_task_can_pause_and_resume_its_partitions() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let pace = Arc::new(Pace::default());
+    let worker = paced_worker(&cluster, pace.clone()).await?;
+    cluster.produce("paced", &[(None, "pause")]).await?;
+    worker
+        .rest
+        .create(
+            "paced-out",
+            json!({"connector.class": "test.PacedSink", "topics": "paced"}),
+        )
+        .await?;
+    eventually("the task to pause its partition", async || {
+        pace.paused.load(Ordering::SeqCst).then_some(())
+    })
+    .await?;
+    cluster.produce("paced", &[(None, "after")]).await?;
+    eventually("the record after the pause to be put", async || {
+        (pace.put.lock().ok()?.len() == 2).then_some(())
+    })
+    .await?;
+    assert!(
+        !pace.leaked.load(Ordering::SeqCst),
+        "a record was put while the task had its partition paused"
+    );
+    assert!(pace.resumed.load(Ordering::SeqCst));
+    worker.shutdown().await;
+    Ok(())
+}

@@ -161,6 +161,7 @@ async fn started(
         task_id: 0,
         config,
         errant_records: ErrantRecordReporter::collecting(errant),
+        partitions: medconnect_api::SinkPartitions::detached(),
     })
     .await
     .expect("sink starts");

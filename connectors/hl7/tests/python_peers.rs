@@ -203,6 +203,7 @@ async fn the_sink_delivers_to_hl7apy_s_mllp_server() {
             ("retry.backoff.ms", "1".into()),
         ]),
         errant_records: ErrantRecordReporter::collecting(errant_tx),
+        partitions: medconnect_api::SinkPartitions::detached(),
     })
     .await
     .expect("sink starts");

@@ -149,6 +149,7 @@ async fn the_sink_delivers_over_tls_to_a_listener_that_requires_client_certifica
             ("mllp.tls.key.file", path(&pki.client.1)),
         ]),
         errant_records: ErrantRecordReporter::collecting(errant_tx),
+        partitions: medconnect_api::SinkPartitions::detached(),
     })
     .await
     .expect("TLS sink starts");

@@ -8,6 +8,7 @@
 //! - *listener* sources (MLLP, MQTT) attach an [`AckHandle`](crate::AckHandle) to each record
 //!   and answer their sender only when the engine completes it with a durable delivery.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -199,6 +200,84 @@ impl ErrantRecordHandler for Collecting {
     }
 }
 
+/// A Kafka topic partition a sink task reads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    pub topic: String,
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    pub fn new(topic: impl Into<String>, partition: i32) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+/// Consumer positions per partition: the offset of the next record to read.
+pub type SinkOffsets = BTreeMap<TopicPartition, i64>;
+
+/// The engine's side of [`SinkPartitions`].
+pub trait PartitionControl: Send + Sync {
+    fn assignment(&self) -> Vec<TopicPartition>;
+    fn pause(&self, partitions: &[TopicPartition]) -> ConnectResult<()>;
+    fn resume(&self, partitions: &[TopicPartition]) -> ConnectResult<()>;
+}
+
+/// Lets a sink task stop reading some partitions and read them again later: backpressure
+/// when its target pushes back (an index answering 429) without failing or blocking the task.
+/// Partitions a task paused stay paused across a connector pause/resume until it resumes them.
+#[derive(Clone)]
+pub struct SinkPartitions(Arc<dyn PartitionControl>);
+
+impl std::fmt::Debug for SinkPartitions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SinkPartitions")
+            .field(&self.0.assignment())
+            .finish()
+    }
+}
+
+impl SinkPartitions {
+    pub fn new(control: Arc<dyn PartitionControl>) -> Self {
+        Self(control)
+    }
+
+    /// Controls nothing (a task driven by its own unit tests, with no consumer).
+    pub fn detached() -> Self {
+        Self(Arc::new(Detached))
+    }
+
+    /// The partitions assigned to this task now.
+    pub fn assignment(&self) -> Vec<TopicPartition> {
+        self.0.assignment()
+    }
+
+    pub fn pause(&self, partitions: &[TopicPartition]) -> ConnectResult<()> {
+        self.0.pause(partitions)
+    }
+
+    pub fn resume(&self, partitions: &[TopicPartition]) -> ConnectResult<()> {
+        self.0.resume(partitions)
+    }
+}
+
+struct Detached;
+
+impl PartitionControl for Detached {
+    fn assignment(&self) -> Vec<TopicPartition> {
+        Vec::new()
+    }
+    fn pause(&self, _: &[TopicPartition]) -> ConnectResult<()> {
+        Ok(())
+    }
+    fn resume(&self, _: &[TopicPartition]) -> ConnectResult<()> {
+        Ok(())
+    }
+}
+
 /// What a sink task is given when it starts.
 #[derive(Clone)]
 pub struct SinkTaskContext {
@@ -206,18 +285,33 @@ pub struct SinkTaskContext {
     pub task_id: u32,
     pub config: TaskConfig,
     pub errant_records: ErrantRecordReporter,
+    pub partitions: SinkPartitions,
 }
 
 #[async_trait]
 pub trait SinkTask: Send {
     async fn start(&mut self, context: SinkTaskContext) -> ConnectResult<()>;
 
-    /// Takes a batch. The task may buffer; only `flush` promises durability.
+    /// Takes a batch. The task may buffer; only `flush` (or `pre_commit`) promises
+    /// durability. A `put` that failed with a retriable error is called again with the same
+    /// batch, so it must be idempotent for that batch (upsert by key, document id from
+    /// topic/partition/offset, ...).
     async fn put(&mut self, records: Vec<SinkRecord>) -> ConnectResult<()>;
 
     /// Makes everything put so far durable in the target. The engine commits consumer
     /// offsets only after this returns `Ok`.
     async fn flush(&mut self) -> ConnectResult<()>;
+
+    /// Before the engine commits consumer offsets (Connect's `preCommit`): `offsets` holds,
+    /// per partition, the position after the last record handed to `put`. Returns the
+    /// positions that are safe to commit. The default flushes and returns `offsets`. A sink
+    /// that writes asynchronously (bulk requests in flight) returns, per partition, the
+    /// position after the last record its target acknowledged, and leaves out partitions
+    /// with nothing acknowledged. The engine never commits past what it handed to `put`.
+    async fn pre_commit(&mut self, offsets: &SinkOffsets) -> ConnectResult<SinkOffsets> {
+        self.flush().await?;
+        Ok(offsets.clone())
+    }
 
     async fn stop(&mut self) -> ConnectResult<()>;
 }

@@ -16,7 +16,8 @@ pub use config::{
 };
 pub use connector::{
     Connector, ConnectorContext, ConnectorKind, ErrantRecordHandler, ErrantRecordReporter,
-    ErrantReport, OffsetReader, Placement, SinkConnector, SinkTask, SinkTaskContext,
+    ErrantReport, OffsetReader, PartitionControl, Placement, SinkOffsets, SinkPartitions,
+    TopicPartition, SinkConnector, SinkTask, SinkTaskContext,
     SourceConnector, SourceTask, SourceTaskContext, TaskConfig,
 };
 pub use error::{ConnectError, ConnectResult};

@@ -2,7 +2,7 @@
 //! -> commit consumer offsets. Offsets are committed only after the sink flushed the records
 //! (and any dead-letter writes were acknowledged), so a crash redelivers, never loses.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -12,7 +12,8 @@ use futures::FutureExt;
 use futures::future::Shared;
 use medconnect_api::{
     ConnectError, ConnectResult, ErrantRecordHandler, ErrantRecordReporter, ErrantReport, Headers,
-    Record, SinkRecord, SinkTask, SinkTaskContext, TaskConfig,
+    PartitionControl, Record, SinkOffsets, SinkPartitions, SinkRecord, SinkTask, SinkTaskContext,
+    TaskConfig, TopicPartition,
 };
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
@@ -72,11 +73,17 @@ impl SinkRunner {
         } = spec;
         let errors = Arc::new(errors);
         let errant = Arc::new(ErrantRecords::new(errors.clone()));
+        let consumer = Arc::new(consumer);
+        let partitions = Arc::new(ConsumerPartitions {
+            consumer: consumer.clone(),
+            paused_by_task: Mutex::new(BTreeSet::new()),
+        });
         let context = SinkTaskContext {
             connector_name: connector.clone(),
             task_id,
             config,
             errant_records: ErrantRecordReporter::new(errant.clone()),
+            partitions: SinkPartitions::new(partitions.clone()),
         };
         if let Err(error) = start_with_retries(task.as_mut(), context, &errors.policy, &stop).await
         {
@@ -104,7 +111,8 @@ impl SinkRunner {
         let mut sink = Sink {
             connector,
             task,
-            consumer: Arc::new(consumer),
+            consumer,
+            partitions,
             transforms,
             errors,
             errant,
@@ -250,6 +258,54 @@ impl ErrantRecordHandler for ErrantRecords {
     }
 }
 
+/// Pausing and resuming partitions on behalf of the task ([`SinkPartitions`]).
+struct ConsumerPartitions {
+    consumer: Arc<StreamConsumer>,
+    paused_by_task: Mutex<BTreeSet<TopicPartition>>,
+}
+
+impl ConsumerPartitions {
+    fn list(partitions: &[TopicPartition]) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        for partition in partitions {
+            list.add_partition(&partition.topic, partition.partition);
+        }
+        list
+    }
+}
+
+impl PartitionControl for ConsumerPartitions {
+    fn assignment(&self) -> Vec<TopicPartition> {
+        self.consumer
+            .assignment()
+            .map(|list| {
+                list.elements()
+                    .iter()
+                    .map(|e| TopicPartition::new(e.topic(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn pause(&self, partitions: &[TopicPartition]) -> ConnectResult<()> {
+        lock(&self.paused_by_task).extend(partitions.iter().cloned());
+        self.consumer
+            .pause(&Self::list(partitions))
+            .map_err(|e| ConnectError::retriable(format!("cannot pause partitions: {e}")))
+    }
+
+    fn resume(&self, partitions: &[TopicPartition]) -> ConnectResult<()> {
+        let mut paused = lock(&self.paused_by_task);
+        for partition in partitions {
+            paused.remove(partition);
+        }
+        drop(paused);
+        self.consumer
+            .resume(&Self::list(partitions))
+            .map_err(|e| ConnectError::retriable(format!("cannot resume partitions: {e}")))
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -258,6 +314,7 @@ struct Sink {
     connector: String,
     task: Box<dyn SinkTask>,
     consumer: Arc<StreamConsumer>,
+    partitions: Arc<ConsumerPartitions>,
     transforms: TransformChain,
     errors: Arc<ErrorReporter>,
     errant: Arc<ErrantRecords>,
@@ -390,27 +447,48 @@ impl Sink {
         self.metrics.set_commit_lag(self.uncommitted);
     }
 
-    /// Flushes the sink, waits until every errant record reported so far (from `put`,
-    /// `flush` or transforms) is in the dead-letter topic, then commits the consumed positions.
+    /// Asks the sink what is safe to commit (`pre_commit`, which flushes by default), waits
+    /// until every errant record reported so far (from `put`, `flush` or transforms) is in
+    /// the dead-letter topic, then commits those positions, never past what was put.
     async fn flush_and_commit(&mut self) -> ConnectResult<()> {
         if self.positions.is_empty() {
             return self.errant.settle().await;
         }
+        let consumed: SinkOffsets = self
+            .positions
+            .iter()
+            .map(|((topic, partition), next)| {
+                (TopicPartition::new(topic.clone(), *partition), *next)
+            })
+            .collect();
         let mut backoff = self.errors.policy.backoff(false);
         let unstoppable = CancellationToken::new();
-        loop {
-            let flush = self.task.flush();
-            match bounded("flush", flush, &self.stop, self.shutdown_timeout).await {
+        let accepted = loop {
+            let pre_commit = self.task.pre_commit(&consumed);
+            match bounded("pre_commit", pre_commit, &self.stop, self.shutdown_timeout).await {
                 Err(error) if backoff.retry_after(&error, &unstoppable).await => continue,
                 other => break other?,
             }
-        }
+        };
         self.errant.settle().await?;
         let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), next) in &self.positions {
+        let mut committing = Vec::new();
+        for (partition, offset) in accepted {
+            let Some(&next) = consumed.get(&partition) else {
+                continue;
+            };
+            let offset = offset.min(next);
             offsets
-                .add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .add_partition_offset(
+                    &partition.topic,
+                    partition.partition,
+                    Offset::Offset(offset),
+                )
                 .map_err(|e| ConnectError::fatal(e.to_string()))?;
+            committing.push((partition, offset, next));
+        }
+        if committing.is_empty() {
+            return Ok(());
         }
         let consumer = self.consumer.clone();
         let committed =
@@ -419,9 +497,19 @@ impl Sink {
                 .map_err(|e| ConnectError::fatal(e.to_string()))?;
         match committed {
             Ok(()) => {
-                self.positions.clear();
-                self.uncommitted = 0;
-                self.metrics.set_commit_lag(0);
+                // A partition stays pending until the sink accepted everything put from it.
+                for (partition, offset, next) in committing {
+                    if offset >= next {
+                        self.positions
+                            .remove(&(partition.topic, partition.partition));
+                    }
+                }
+                self.uncommitted = if self.positions.is_empty() {
+                    0
+                } else {
+                    self.uncommitted
+                };
+                self.metrics.set_commit_lag(self.uncommitted);
                 self.metrics.committed();
             }
             // The records are flushed; if the commit is lost they are delivered again (at least once).
@@ -432,6 +520,8 @@ impl Sink {
         Ok(())
     }
 
+    /// Pauses or resumes the whole assignment for the connector's target state; partitions
+    /// the task paused itself stay paused on resume.
     fn pause(&self, paused: bool) {
         let Ok(assignment) = self.consumer.assignment() else {
             return;
@@ -439,7 +529,15 @@ impl Sink {
         let result = if paused {
             self.consumer.pause(&assignment)
         } else {
-            self.consumer.resume(&assignment)
+            let held = lock(&self.partitions.paused_by_task).clone();
+            let mut resume = TopicPartitionList::new();
+            for element in assignment.elements() {
+                let partition = TopicPartition::new(element.topic(), element.partition());
+                if !held.contains(&partition) {
+                    resume.add_partition(element.topic(), element.partition());
+                }
+            }
+            self.consumer.resume(&resume)
         };
         if let Err(error) = result {
             tracing::warn!(connector = %self.connector, %error, paused, "cannot change consumption state");
