@@ -619,6 +619,12 @@ async fn paths_with_a_trailing_slash_answer_like_without() -> anyhow::Result<()>
     assert_eq!(code, 204);
     let (code, error) = rest.get("/connectors/nope/").await?;
     assert_eq!((code, error["error_code"].as_u64()), (404, Some(404)));
+    // axum's own rejections (a query it cannot read) are Connect's JSON too.
+    let (code, error) = rest
+        .post_empty("/connectors/slash/restart?includeTasks=maybe")
+        .await?;
+    assert_eq!(code, 400, "{error}");
+    assert!(connect_error(code, &error), "{error}");
     let (code, _) = rest.delete("/connectors/slash/").await?;
     assert_eq!(code, 204);
     Ok(())

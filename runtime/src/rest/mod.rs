@@ -47,7 +47,33 @@ pub fn router(state: RestState) -> Router {
     // router whose only route is the API as its fallback.
     Router::new()
         .fallback_service(routes(state))
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(trim_trailing_slashes))
+}
+
+/// Every error answer in Connect's JSON shape, including the plain-text rejections of axum's
+/// extractors (a malformed path segment or query, `?includeTasks=maybe`).
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    // Rejection texts are short; a larger body is cut rather than buffered.
+    let text = axum::body::to_bytes(response.into_body(), 64 * 1024)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_string(),
+        text => text.to_string(),
+    };
+    ApiError::new(status, message).into_response()
 }
 
 async fn trim_trailing_slashes(mut request: Request, next: Next) -> Response {
