@@ -28,7 +28,9 @@ pub struct RunnerSettings {
     pub offset_flush_interval: Duration,
     /// Records sent to Kafka and not yet acknowledged, per source task (backpressure).
     pub max_in_flight: usize,
-    /// How long a stopping task may take to deliver what it already has.
+    /// How long a stopping task may take to deliver what it already has. The runner bounds
+    /// each of its stopping steps by it; the herder abandons a runner still going after twice
+    /// this (see `TaskHandle::stop`).
     pub shutdown_timeout: Duration,
     /// Records handed to a sink's `put` at most at once.
     pub sink_batch_max: usize,
