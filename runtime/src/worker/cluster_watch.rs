@@ -112,7 +112,12 @@ pub async fn watch(
             &topics,
             Duration::from_secs(10),
         );
-        let view = match looked.await {
+        // An unreachable cluster holds a look for its timeouts: never a shutdown.
+        let looked = tokio::select! {
+            looked = looked => looked,
+            _ = shutdown.cancelled() => return,
+        };
+        let view = match looked {
             Ok(view) => view,
             Err(error) => {
                 tracing::debug!(%error, "cannot look at the Kafka cluster");
