@@ -240,7 +240,7 @@ async fn split_frames_oversize_frames_and_concurrent_senders() -> anyhow::Result
     ]
     .concat();
     for piece in framed.chunks(17) {
-        sender.send_raw(piece).await?;
+        sender.send_raw(piece, WAIT).await?;
         // Separate reads on the receiving side.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -321,7 +321,9 @@ async fn no_aa_while_kafka_is_unreachable_and_retransmissions_arrive_after() -> 
     );
 
     network.cut();
-    sender.send(adt("DURING", "PAT1", "A01").as_bytes()).await?;
+    sender
+        .send(adt("DURING", "PAT1", "A01").as_bytes(), WAIT)
+        .await?;
     // The sender's own ACK timeout: no answer while Kafka cannot take the message.
     match sender.receive(Duration::from_secs(3)).await {
         Err(ClientError::Timeout(_)) => {}
@@ -334,7 +336,7 @@ async fn no_aa_while_kafka_is_unreachable_and_retransmissions_arrive_after() -> 
     // The sender retransmits on a new connection, as EHRs do after an ACK timeout.
     let mut retransmit = client(port).await?;
     retransmit
-        .send(adt("DURING", "PAT1", "A01").as_bytes())
+        .send(adt("DURING", "PAT1", "A01").as_bytes(), WAIT)
         .await?;
 
     network.restore();
@@ -435,6 +437,214 @@ async fn the_sink_delivers_to_a_real_mllp_receiver_and_dead_letters_rejections()
     worker.wait_for_state("lis-out", "STOPPED", 0).await?;
     let (_, offsets) = worker.rest.get("/connectors/lis-out/offsets").await?;
     assert_eq!(offsets["offsets"][0]["offset"]["kafka_offset"], 3);
+    worker.shutdown().await;
+    Ok(())
+}
+
+/// An ADT message of about `bytes` bytes (notes appended).
+fn adt_of_size(control_id: &str, patient: &str, bytes: usize) -> String {
+    let mut message = adt(control_id, patient, "A01");
+    let note = "NTE|1||Lorem ipsum dolor sit amet, consectetur adipiscing elit\r";
+    while message.len() < bytes {
+        message.push_str(note);
+    }
+    message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_kafka_takes_is_answered_ar_and_the_listener_goes_on()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    // A listener limit above what the producer takes is refused, naming the setting.
+    let (code, body) = worker
+        .rest
+        .post(
+            "/connectors",
+            &json!({"name": "too-big", "config": {"connector.class": "MllpSource",
+                    "mllp.bind": "127.0.0.1", "mllp.port": "0", "mllp.max.message.bytes": "4194304"}}),
+        )
+        .await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("mllp.max.message.bytes:")),
+        "{body}"
+    );
+
+    // With the defaults, 1.1 MB (under the old 4 MiB limit, over Kafka's 1,000,000 bytes) is
+    // answered AR: it used to fail the task and close the listener for every sender.
+    let port = mllp_source(&worker, "ehr-in", json!({})).await?;
+    let mut sender = client(port).await?;
+    let huge = adt_of_size("HUGE1", "PAT7", 1_100_000);
+    assert_eq!(
+        ack_code(&sender.request(huge.as_bytes(), WAIT).await?),
+        "AR"
+    );
+
+    let mut next = client(port).await?;
+    let ack = next
+        .request(adt("AFTER1", "PAT8", "A01").as_bytes(), WAIT)
+        .await?;
+    assert_eq!(ack_code(&ack), "AA");
+    worker.wait_for_state("ehr-in", "RUNNING", 1).await?;
+    let records = cluster.read_all("hl7.adt").await?;
+    let ids: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r.header("hl7.control.id"))
+        .collect();
+    assert_eq!(ids, vec!["AFTER1"]);
+    worker.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_producer_refuses_is_answered_ar_and_the_connection_goes_on()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    // A producer limit set for the whole worker, which connector validation cannot see: the
+    // listener accepts messages the producer refuses.
+    let mut config = cluster.worker_config();
+    config.producer = medconnect_runtime::WorkerConfig::from_toml(
+        "bootstrap_servers = \"unused\"\n[producer]\n\"message.max.bytes\" = \"200000\"",
+    )
+    .map_err(anyhow::Error::msg)?
+    .producer;
+    let worker = cluster.start_worker_with(config).await?;
+    let port = mllp_source(
+        &worker,
+        "ehr-in",
+        json!({"errors.deadletterqueue.topic.name": ""}),
+    )
+    .await?;
+    let mut sender = client(port).await?;
+    let ack = sender
+        .request(adt_of_size("HUGE2", "PAT9", 300_000).as_bytes(), WAIT)
+        .await?;
+    assert_eq!(ack_code(&ack), "AR", "{}", String::from_utf8_lossy(&ack));
+    assert!(
+        String::from_utf8_lossy(&ack).contains("not stored"),
+        "{}",
+        String::from_utf8_lossy(&ack)
+    );
+    // Only that record failed: the same connection carries the next message.
+    let ack = sender
+        .request(adt("AFTER2", "PAT9", "A01").as_bytes(), WAIT)
+        .await?;
+    assert_eq!(ack_code(&ack), "AA");
+    worker.wait_for_state("ehr-in", "RUNNING", 1).await?;
+    let records = cluster.read_all("hl7.adt").await?;
+    let ids: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r.header("hl7.control.id"))
+        .collect();
+    assert_eq!(ids, vec!["AFTER2"]);
+    worker.shutdown().await;
+    Ok(())
+}
+
+/// A receiver that answers every message AE and reports each message and when its
+/// connection closes.
+async fn refusing_receiver() -> anyhow::Result<(
+    u16,
+    tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+    tokio::task::JoinHandle<()>,
+)> {
+    use medconnect_hl7::ack::{self, Ack, AckCode};
+    use medconnect_hl7::message::read_header;
+    use medconnect_hl7::mllp::MllpCodec;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let serving = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let events = events.clone();
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    // One MLLP frame: 0x0b, the message, 0x1c 0x0d.
+                    if let Some(end) = buffer.windows(2).position(|w| w == b"\x1c\r") {
+                        let start = buffer.iter().position(|b| *b == 0x0b).map_or(0, |s| s + 1);
+                        let frame =
+                            String::from_utf8_lossy(&buffer[start.min(end)..end]).into_owned();
+                        buffer.drain(..end + 2);
+                        let _ = events.send("message");
+                        let header = read_header(&frame).ok();
+                        let reply = ack::build(
+                            header.as_ref(),
+                            &Ack {
+                                code: AckCode::Error,
+                                text: "refused",
+                                error: None,
+                            },
+                        );
+                        if stream.write_all(&MllpCodec::frame(&reply)).await.is_err() {
+                            let _ = events.send("closed");
+                            return;
+                        }
+                        continue;
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => {
+                            let _ = events.send("closed");
+                            return;
+                        }
+                        Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    Ok((port, events_rx, serving))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_sink_ends_its_backoff_between_attempts() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    // A shutdown timeout longer than the test: only the backoff itself may end early.
+    let mut config = cluster.worker_config();
+    config.tasks.shutdown_timeout_ms = 600_000;
+    let worker = cluster.start_worker_with(config).await?;
+    let (port, mut events, serving) = refusing_receiver().await?;
+    cluster
+        .produce(
+            "hl7.outbound",
+            &[(Some("PAT1"), &adt("SLOW1", "PAT1", "A01"))],
+        )
+        .await?;
+    worker
+        .rest
+        .create(
+            "lis-out",
+            json!({"connector.class": "MllpSink", "topics": "hl7.outbound", "mllp.host": "127.0.0.1",
+                   "mllp.port": port.to_string(), "retry.max.attempts": "3", "retry.backoff.ms": "3600000",
+                   "errors.tolerance": "all"}),
+        )
+        .await?;
+    let first = tokio::time::timeout(WAIT, events.recv()).await?;
+    assert_eq!(first, Some("message"));
+
+    // The sink now waits an hour before its second attempt; a stop must end that wait (the
+    // stop call answers once the task has stopped, and the worker's shutdown timeout here is
+    // ten minutes: only the end of the backoff lets it answer within WAIT).
+    let stopped = tokio::time::timeout(WAIT, worker.rest.put_empty("/connectors/lis-out/stop"))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("the stop did not end the sink's backoff within {WAIT:?}")
+        })??;
+    assert_eq!(stopped.0, 204, "{}", stopped.1);
+    let next = tokio::time::timeout(WAIT, events.recv()).await?;
+    assert_eq!(
+        next,
+        Some("closed"),
+        "the sink stopped and closed its connection without another attempt"
+    );
+    worker.wait_for_state("lis-out", "STOPPED", 0).await?;
+    serving.abort();
     worker.shutdown().await;
     Ok(())
 }

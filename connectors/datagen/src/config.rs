@@ -30,8 +30,11 @@ fn rate_check(value: &str) -> Result<(), String> {
         .trim()
         .parse()
         .map_err(|_| format!("'{value}' is not a number"))?;
-    if !rate.is_finite() || rate < 0.0 {
-        return Err("must be a finite number, at least 0".into());
+    if !rate.is_finite() {
+        return Err(format!("'{value}' is not a finite number"));
+    }
+    if rate < 0.0 {
+        return Err("must be at least 0".into());
     }
     if rate > 0.0 && rate < MIN_RATE {
         return Err(format!(
