@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use medconnect_e2e::{DEADLINE, eventually, medconnect_bin};
-use medconnect_runtime::broker::EmbeddedBroker;
+use medconnect_e2e::{DEADLINE, Rest, eventually, medconnect_bin};
+use medconnect_runtime::broker::{self, EmbeddedBroker};
 use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
 use medconnect_runtime::worker::cluster_watch;
+use medconnect_runtime::{Plugins, Worker, WorkerConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -125,12 +126,13 @@ fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn worker_toml(dir: &tempfile::TempDir, bootstrap: &str) -> anyhow::Result<String> {
+/// A worker config for `bootstrap`, REST on a free port; `extra` adds top-level settings.
+fn worker_toml(dir: &tempfile::TempDir, bootstrap: &str, extra: &str) -> anyhow::Result<String> {
     let path = dir.path().join("worker.toml");
     std::fs::write(
         &path,
         format!(
-            "bootstrap_servers = \"{bootstrap}\"\nstartup_timeout_ms = 3000\n\
+            "bootstrap_servers = \"{bootstrap}\"\n{extra}\n\
              [rest]\nlisten = \"127.0.0.1:0\"\n\
              [consumer]\n\"fetch.wait.max.ms\" = 25\n"
         ),
@@ -142,7 +144,8 @@ fn worker_toml(dir: &tempfile::TempDir, bootstrap: &str) -> anyhow::Result<Strin
 async fn worker_exits_when_kafka_is_unreachable() -> anyhow::Result<()> {
     let nobody = free_port()?.to_string();
     let dir = tempfile::tempdir()?;
-    let mut worker = Process::start(&["worker", &worker_toml(&dir, &nobody)?])?;
+    let config = worker_toml(&dir, &nobody, "startup_timeout_ms = 3000")?;
+    let mut worker = Process::start(&["worker", &config])?;
     let status = worker.exit_within(PROMPTLY).await?;
     let stderr = worker.stderr();
     assert!(!status.success(), "{status}; stderr:\n{stderr}");
@@ -150,28 +153,29 @@ async fn worker_exits_when_kafka_is_unreachable() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A broker killed and restarted without its data: the worker says so and exits non-zero,
+/// A broker that comes back without its data: the worker process says so and exits non-zero,
 /// for a supervisor to restart it (it used to log ~10 errors a second, forever).
 ///
-/// Ignored: against the embedded broker the worker never gets to say it. tansu 0.6 answers a
-/// fetch for a topic it does not know with a zero topic id and a current-leader tag, and
-/// librdkafka 2.12.1 then looks that topic up by its (NULL) name: SIGSEGV in
-/// `rd_kafka_metadata_update_op`, within milliseconds of the empty broker answering, before
-/// any check can run (the process does end non-zero, without a message). Real Kafka answers
-/// UNKNOWN_TOPIC_ID instead. Run it (`--ignored`) once either side is fixed.
-#[ignore = "librdkafka 2.12.1 crashes on tansu's fetch answer for an unknown topic"]
+/// The broker "comes back" behind a proxy that holds Fetch requests: tansu 0.6 answers a fetch
+/// for a topic it does not know with a zero topic id and a current-leader tag, and librdkafka
+/// 2.12.1 looks that topic up by its (NULL) name: SIGSEGV in `rd_kafka_metadata_update_op`,
+/// within milliseconds, before anything else can happen. Real Kafka answers UNKNOWN_TOPIC_ID.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_exits_when_its_broker_comes_back_empty() -> anyhow::Result<()> {
-    let kafka = free_port()?.to_string();
-    let mut first = Process::start(&["broker", "--listen", &kafka])?;
-    first.line_with("broker listening").await?;
+    let (proxy, listener) = SwitchingProxy::bind().await?;
+    let first = EmbeddedBroker::start_advertising("127.0.0.1:0".parse()?, Some(proxy.addr)).await?;
+    proxy.serve(listener, first.addr());
     let dir = tempfile::tempdir()?;
-    let mut worker = Process::start(&["worker", &worker_toml(&dir, &kafka)?])?;
+    let config = worker_toml(&dir, &proxy.addr.to_string(), "")?;
+    let mut worker = Process::start(&["worker", &config])?;
     worker.line_with("worker started").await?;
 
-    first.child.kill().await?;
-    let second = Process::start(&["broker", "--listen", &kafka])?;
-    second.line_with("broker listening").await?;
+    let empty = EmbeddedBroker::start_advertising("127.0.0.1:0".parse()?, Some(proxy.addr)).await?;
+    proxy
+        .hold_fetches
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    proxy.move_to(empty.addr());
+    first.stop();
 
     let status = worker.exit_within(DEADLINE).await?;
     let stderr = worker.stderr();
@@ -182,7 +186,6 @@ async fn worker_exits_when_its_broker_comes_back_empty() -> anyhow::Result<()> {
 
 /// The watcher behind `/health`, `Worker::failed` and the exit above, against the embedded
 /// broker: it reports internal topics gone once an empty broker answers at the same address.
-/// (A whole worker cannot be shown here: see the ignored test above.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_watch_reports_a_broker_that_came_back_empty() -> anyhow::Result<()> {
     medconnect_e2e::capture_logs();
@@ -223,5 +226,127 @@ async fn the_cluster_watch_reports_a_broker_that_came_back_empty() -> anyhow::Re
     );
     shutdown.cancel();
     watching.await?;
+    Ok(())
+}
+
+/// A TCP proxy in front of a broker that can move to another broker (dropping every
+/// connection, so clients reconnect there) and hold back Fetch requests. Holding fetches keeps
+/// librdkafka from the tansu answer that crashes it (see
+/// `worker_exits_when_its_broker_comes_back_empty`).
+struct SwitchingProxy {
+    addr: SocketAddr,
+    target: watch::Sender<SocketAddr>,
+    hold_fetches: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Kafka's API key of Fetch requests.
+const FETCH: i16 = 1;
+
+impl SwitchingProxy {
+    async fn bind() -> anyhow::Result<(Self, tokio::net::TcpListener)> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let (target, _) = watch::channel(listener.local_addr()?);
+        Ok((
+            Self {
+                addr: listener.local_addr()?,
+                target,
+                hold_fetches: Arc::default(),
+            },
+            listener,
+        ))
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener, target: SocketAddr) {
+        self.target.send_replace(target);
+        let targets = self.target.subscribe();
+        let hold = self.hold_fetches.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let mut targets = targets.clone();
+                let target = *targets.borrow_and_update();
+                let hold = hold.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut from_client, to_client) = inbound.into_split();
+                    let (from_broker, mut to_broker) = outbound.into_split();
+                    let requests = forward_requests(&mut from_client, &mut to_broker, &hold);
+                    let mut from_broker = from_broker;
+                    let mut to_client = to_client;
+                    let answers = tokio::io::copy(&mut from_broker, &mut to_client);
+                    tokio::select! {
+                        _ = requests => {}
+                        _ = answers => {}
+                        _ = targets.changed() => {}
+                    }
+                });
+            }
+        });
+    }
+
+    /// Every client is cut off and reconnects to `target`.
+    fn move_to(&self, target: SocketAddr) {
+        self.target.send_replace(target);
+    }
+}
+
+/// Copies request frames (4-byte length, then api key first), leaving out held fetches.
+async fn forward_requests(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    hold_fetches: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let mut length = [0u8; 4];
+        from.read_exact(&mut length).await?;
+        let mut frame = vec![0u8; usize::try_from(u32::from_be_bytes(length))?];
+        from.read_exact(&mut frame).await?;
+        let api_key = frame
+            .get(..2)
+            .map(|key| i16::from_be_bytes([key[0], key[1]]));
+        if api_key == Some(FETCH) && hold_fetches.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
+        }
+        to.write_all(&length).await?;
+        to.write_all(&frame).await?;
+    }
+}
+
+/// A whole in-process worker meets a broker that came back empty: `/health` turns 500 with the
+/// reason and `Worker::failed` resolves with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reports_a_broker_that_came_back_empty() -> anyhow::Result<()> {
+    medconnect_e2e::capture_logs();
+    let (proxy, listener) = SwitchingProxy::bind().await?;
+    let first = EmbeddedBroker::start_advertising("127.0.0.1:0".parse()?, Some(proxy.addr)).await?;
+    proxy.serve(listener, first.addr());
+    let mut config = WorkerConfig::new(&proxy.addr.to_string())
+        .with_consumer_settings(broker::CONSUMER_SETTINGS);
+    config.rest.listen = "127.0.0.1:0".parse()?;
+    let worker = Worker::start(config, Plugins::builtin()).await?;
+    let rest = Rest::new(&format!("http://{}", worker.rest_addr()));
+    let (code, health) = rest.get("/health").await?;
+    assert_eq!(code, 200, "{health}");
+
+    let empty = EmbeddedBroker::start_advertising("127.0.0.1:0".parse()?, Some(proxy.addr)).await?;
+    proxy
+        .hold_fetches
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    proxy.move_to(empty.addr());
+    first.stop();
+
+    let (code, health) = eventually("/health to report the loss", async || {
+        let (code, health) = rest.get("/health").await.ok()?;
+        (code != 200).then_some((code, health))
+    })
+    .await?;
+    assert_eq!((code, health["status"].as_str()), (500, Some("unhealthy")));
+    let message = health["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("internal topics"), "{message}");
+    let reason = tokio::time::timeout(DEADLINE, worker.failed()).await?;
+    assert_eq!(reason, message);
+    tokio::time::timeout(DEADLINE, worker.shutdown()).await?;
     Ok(())
 }
