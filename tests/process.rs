@@ -27,9 +27,14 @@ struct Process {
 
 impl Process {
     fn start(args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_logging(args, "info,rdkafka=warn,tansu=warn")
+    }
+
+    /// With `MEDCONNECT_LOG` set to `filter`.
+    fn start_logging(args: &[&str], filter: &str) -> anyhow::Result<Self> {
         let mut child = Command::new(medconnect_bin()?)
             .args(args)
-            .env("MEDCONNECT_LOG", "info,rdkafka=warn,tansu=warn")
+            .env("MEDCONNECT_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -348,5 +353,38 @@ async fn a_worker_reports_a_broker_that_came_back_empty() -> anyhow::Result<()> 
     let reason = tokio::time::timeout(DEADLINE, worker.failed()).await?;
     assert_eq!(reason, message);
     tokio::time::timeout(DEADLINE, worker.shutdown()).await?;
+    Ok(())
+}
+
+/// `PUT /admin/loggers/{logger}` changes what the binary logs, at once: started at `warn`, it
+/// logs the change itself (an INFO line) only because the change let INFO through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_changes_its_log_level_at_run_time() -> anyhow::Result<()> {
+    let rest_addr = free_port()?.to_string();
+    let dev = Process::start_logging(
+        &["dev", "--kafka", "127.0.0.1:0", "--rest", &rest_addr],
+        "warn",
+    )?;
+    let rest = Rest::new(&format!("http://{rest_addr}"));
+    eventually("the REST API", async || {
+        rest.get("/health")
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .with_context(|| dev.stderr())?;
+    let (_, loggers) = rest.get("/admin/loggers").await?;
+    assert_eq!(loggers["root"]["level"], "WARN", "{loggers}");
+
+    let (code, affected) = rest
+        .put(
+            "/admin/loggers/medconnect_runtime::rest",
+            &serde_json::json!({"level": "INFO"}),
+        )
+        .await?;
+    assert_eq!(code, 200, "{affected}");
+    let line = dev.line_with("log level changed").await?;
+    assert!(line.contains("INFO"), "{line}");
     Ok(())
 }
