@@ -261,6 +261,16 @@ pub struct SourceConfig {
 }
 
 impl SourceConfig {
+    /// Parses a connector config at validation, with the checks that span settings: the
+    /// listener's size limit against what the producer accepts. A task starts with `parse`
+    /// alone, so a connector stored before the check existed keeps running (a record Kafka
+    /// refuses is answered AR) instead of failing at its next restart.
+    pub fn validate(props: &Props) -> ConnectResult<Self> {
+        let config = Self::parse(props)?;
+        check_message_size(config.max_message_bytes, props)?;
+        Ok(config)
+    }
+
     pub fn parse(props: &Props) -> ConnectResult<Self> {
         let parsed = source_def().parse(props)?;
         let key_field = parsed.string(KEY_FIELD)?;
@@ -279,7 +289,6 @@ impl SourceConfig {
         };
         let idle = millis(&parsed, IDLE_TIMEOUT_MS)?;
         let max_message_bytes = parsed.int_as(MAX_MESSAGE_BYTES)?;
-        check_message_size(max_message_bytes, props)?;
         Ok(Self {
             bind: parsed.string(MLLP_BIND)?.trim().to_string(),
             port: parsed.int_as(MLLP_PORT)?,
@@ -409,7 +418,7 @@ mod tests {
 
     #[test]
     fn the_message_size_limit_must_fit_what_the_producer_accepts() {
-        let field = |p: &[(&str, &str)]| match SourceConfig::parse(&props(p)) {
+        let field = |p: &[(&str, &str)]| match SourceConfig::validate(&props(p)) {
             Err(ConnectError::Config { field, reason }) => (field, reason),
             other => panic!("expected a config error, got {other:?}"),
         };
@@ -419,7 +428,7 @@ mod tests {
         assert!(reason.contains("1000000"), "{reason}");
         assert!(reason.contains(PRODUCER_MESSAGE_MAX_BYTES), "{reason}");
         // Raised together with the producer's limit, it is fine.
-        let raised = SourceConfig::parse(&props(&[
+        let raised = SourceConfig::validate(&props(&[
             (MAX_MESSAGE_BYTES, "4194304"),
             (PRODUCER_MESSAGE_MAX_BYTES, "4259840"),
         ]))
@@ -433,8 +442,11 @@ mod tests {
         assert_eq!(name, MAX_MESSAGE_BYTES);
         let (name, _) = field(&[(PRODUCER_MESSAGE_MAX_BYTES, "lots")]);
         assert_eq!(name, PRODUCER_MESSAGE_MAX_BYTES);
-        let defaults = SourceConfig::parse(&props(&[])).expect("defaults fit");
+        let defaults = SourceConfig::validate(&props(&[])).expect("defaults fit");
         assert_eq!(defaults.max_message_bytes, 900_000);
+        // A task of a connector stored before the check still starts.
+        let stored = SourceConfig::parse(&props(&[(MAX_MESSAGE_BYTES, "4194304")]));
+        assert!(stored.is_ok(), "{stored:?}");
     }
 
     #[test]
@@ -486,7 +498,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.clone(), v.as_str().expect("string values").to_string()))
             .collect();
-        let config = SourceConfig::parse(&props).expect("valid");
+        let config = SourceConfig::validate(&props).expect("valid");
         assert_eq!(config.port, 2575);
         assert_eq!(config.ack_mode, AckMode::AfterCommit);
         let adt = crate::message::parse(crate::samples::ADT_A01.as_bytes(), &config.rules)

@@ -61,7 +61,7 @@ impl Connector for MllpSourceConnector {
     }
 
     fn validate(&self, config: &Props) -> ConnectResult<()> {
-        SourceConfig::parse(config).map(|_| ())
+        SourceConfig::validate(config).map(|_| ())
     }
 
     fn task_configs(
