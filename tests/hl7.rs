@@ -649,12 +649,8 @@ async fn stopping_a_sink_ends_its_backoff_between_attempts() -> anyhow::Result<(
     Ok(())
 }
 
-// Fails today: the task FAILS with "cannot write to dead-letter topic hl7.dlq:
-// MessageSizeTooLarge" (runtime/src/task/errors.rs turns a refused dead-letter write into
-// Verdict::Fail), so a listener with a dead-letter topic still closes on one oversize record.
-// For the engine's owner: a dead-letter write refused for the record itself should fail only
-// that record (Delivery::Rejected, answered AR). Un-ignore once it does.
-#[ignore = "engine: a dead-letter write refused as too large fails the task (task/errors.rs)"]
+// The dead-letter topic takes no larger records than the record's own topic: a record
+// refused by both fails only itself (AE, Delivery::Rejected), never the listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_too_large_for_its_topic_and_the_dead_letter_topic_fails_only_itself()
 -> anyhow::Result<()> {

@@ -5,11 +5,15 @@
 
 use std::time::Duration;
 
+use futures::channel::oneshot::Canceled;
 use medconnect_api::{
     ConnectError, ConnectResult, ParsedConfig, Record, SourceOffset, SourcePartition,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -125,6 +129,51 @@ impl Backoff<'_> {
         }
         self.delay = (self.delay * 2).min(self.policy.retry_delay_max);
         true
+    }
+}
+
+/// Whether Kafka refused a record for what it is (too large, invalid for its topic or
+/// partition) rather than because it could not be reached: sending it again will not help.
+pub(crate) fn refuses_the_record(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            MessageSizeTooLarge
+                | InvalidMessageSize
+                | InvalidRecord
+                | MessageBatchTooLarge
+                | UnknownPartition
+                | InvalidTopic
+                | BadMessage
+        )
+    )
+}
+
+/// What became of a dead-letter write once Kafka answered.
+pub(crate) enum DeadLetterResult {
+    Written,
+    /// Refused for what the record is (too large for the dead-letter topic as well): the
+    /// record is skipped, as with `errors.tolerance=all` and no dead-letter topic.
+    Refused(String),
+}
+
+/// Reads Kafka's answer to a dead-letter write; an `Err` fails the task.
+pub(crate) fn dead_letter_result(
+    answer: Result<OwnedDeliveryResult, Canceled>,
+) -> ConnectResult<DeadLetterResult> {
+    match answer {
+        Ok(Ok(_)) => Ok(DeadLetterResult::Written),
+        Ok(Err((error, _))) if refuses_the_record(&error) => {
+            tracing::error!(%error, "the dead-letter topic refused the record too; skipped");
+            Ok(DeadLetterResult::Refused(error.to_string()))
+        }
+        Ok(Err((error, _))) => Err(ConnectError::fatal(format!(
+            "a dead-letter record was not acknowledged by Kafka: {error}"
+        ))),
+        Err(_) => Err(ConnectError::fatal(
+            "a dead-letter record was not acknowledged: the producer was closed",
+        )),
     }
 }
 
@@ -256,6 +305,12 @@ impl ErrorReporter {
             Ok(delivery) => {
                 self.metrics.dead_lettered();
                 Verdict::DeadLettered(delivery)
+            }
+            // Too large for the dead-letter topic as well: tolerated and skipped, as Connect
+            // does when its dead-letter write fails; the metadata is logged, never the payload.
+            Err((error, _)) if refuses_the_record(&error) => {
+                tracing::error!(connector = %self.connector, task = self.task_id, stage = stage.as_str(), dlq = %topic, %error, "the dead-letter topic refused the record too; skipped");
+                Verdict::Skipped
             }
             Err((error, _)) => Verdict::Fail(ConnectError::fatal(format!(
                 "cannot write to dead-letter topic {topic}: {error}"

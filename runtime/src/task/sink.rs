@@ -21,7 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::errors::{ErrorReporter, Origin, Stage, Verdict};
+use super::errors::{ErrorReporter, Origin, Stage, Verdict, dead_letter_result};
 use super::lifecycle::start_with_retries;
 use super::{RunState, RunnerSettings, StatusReporter};
 use crate::metrics::TaskMetrics;
@@ -218,14 +218,9 @@ impl ErrantRecords {
                     Box::pin(std::future::ready(Err(error)))
                 }
                 Verdict::Skipped => return Box::pin(std::future::ready(Ok(()))),
-                Verdict::DeadLettered(delivery) => Box::pin(async move {
-                    match delivery.await {
-                        Ok(Ok(_)) => Ok(()),
-                        _ => Err(ConnectError::fatal(
-                            "a dead-letter record was not acknowledged by Kafka",
-                        )),
-                    }
-                }),
+                Verdict::DeadLettered(delivery) => {
+                    Box::pin(async move { dead_letter_result(delivery.await).map(|_| ()) })
+                }
             };
         let shared = report.shared();
         lock(&self.outstanding).push(shared.clone());

@@ -21,12 +21,15 @@ use medconnect_api::{
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::errors::{ErrorReporter, Origin, Stage, Verdict};
+use super::errors::{
+    DeadLetterResult, ErrorReporter, Origin, Stage, Verdict, dead_letter_result, refuses_the_record,
+};
 use super::lifecycle::{panic_message, start_with_retries};
 use super::{RunState, RunnerSettings, StatusReporter};
 use crate::kafka::{KafkaSettings, TopicSpec, ensure_topics};
@@ -103,12 +106,7 @@ impl Future for InFlight {
             },
             Outcome::DeadLettered { delivery, reason } => match Pin::new(delivery).poll(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(Ok(_))) => Ok(Delivery::DeadLettered {
-                    reason: std::mem::take(reason),
-                }),
-                Poll::Ready(_) => Err(ConnectError::fatal(format!(
-                    "dead-letter write failed for a record rejected with: {reason}"
-                ))),
+                Poll::Ready(answer) => dead_lettered(answer, std::mem::take(reason)),
             },
         };
         Poll::Ready(Completed {
@@ -131,18 +129,28 @@ struct Completed {
     first_failure: Option<tokio::time::Instant>,
 }
 
+/// A record's delivery once its dead-letter write was answered.
+fn dead_lettered(
+    answer: Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+    reason: String,
+) -> ConnectResult<Delivery> {
+    Ok(match dead_letter_result(answer)? {
+        DeadLetterResult::Written => Delivery::DeadLettered { reason },
+        DeadLetterResult::Refused(why) => Delivery::Rejected {
+            reason: format!("{reason}; the dead-letter topic refused it too: {why}"),
+        },
+    })
+}
+
 /// What Kafka's refusal of a record means. A record too large or invalid for its topic is bad
 /// data (that record fails: dead-letter topic, or a negative acknowledgement to its sender);
 /// anything else (broker unreachable past `delivery.timeout.ms`, ...) is not the record's fault
 /// and is never skipped silently.
 fn produce_error(error: &KafkaError) -> ConnectError {
-    use RDKafkaErrorCode::*;
-    match error.rdkafka_error_code() {
-        Some(
-            MessageSizeTooLarge | InvalidMessageSize | InvalidRecord | MessageBatchTooLarge
-            | UnknownPartition | InvalidTopic | BadMessage,
-        ) => ConnectError::data(format!("Kafka refused the record: {error}")),
-        _ => ConnectError::retriable(format!("Kafka did not take the record: {error}")),
+    if refuses_the_record(error) {
+        ConnectError::data(format!("Kafka refused the record: {error}"))
+    } else {
+        ConnectError::retriable(format!("Kafka did not take the record: {error}"))
     }
 }
 
@@ -980,12 +988,7 @@ impl Refusal {
         match self.verdict {
             Verdict::Fail(error) => Err(error),
             Verdict::Skipped => Ok(Delivery::Rejected { reason }),
-            Verdict::DeadLettered(delivery) => match delivery.await {
-                Ok(Ok(_)) => Ok(Delivery::DeadLettered { reason }),
-                _ => Err(ConnectError::fatal(format!(
-                    "dead-letter write failed for a record Kafka refused: {reason}"
-                ))),
-            },
+            Verdict::DeadLettered(delivery) => dead_lettered(delivery.await, reason),
         }
     }
 }
