@@ -18,6 +18,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -83,6 +84,9 @@ async fn datagen_crash(processes: &mut Processes, flush_ms: u64) -> anyhow::Resu
     let bootstrap = start_broker(processes).await?;
     let worker_toml = write_worker_config(processes, &bootstrap, flush_ms)?;
     let rest = start_worker(processes, "worker-1", &worker_toml).await?;
+    // A plain consumer tailing the topic as the sink does: what the broker served it is
+    // compared with what the topic holds in the end.
+    let witness = Witness::start(&bootstrap, VITALS);
     let output = processes.path("vitals.jsonl");
     let output_text = output
         .to_str()
@@ -131,7 +135,19 @@ async fn datagen_crash(processes: &mut Processes, flush_ms: u64) -> anyhow::Resu
         "the offset topic holds offsets for tasks {:?} only, though the worker's REST API showed every task's",
         stored.keys().collect::<Vec<_>>()
     );
-    let at_kill = datagen_counts(&read_all(&bootstrap, VITALS).await?)?;
+    // Read until every stored position is there (or the deadline passed), then until quiet.
+    let wanted = stored.clone();
+    let at_kill = datagen_counts(
+        &read_all(&bootstrap, VITALS, move |records| {
+            let Ok(counts) = datagen_counts(records) else {
+                return true;
+            };
+            wanted
+                .iter()
+                .all(|(task, seq)| (0..=*seq).all(|s| counts.contains_key(&(*task, s))))
+        })
+        .await?,
+    )?;
     let mut lost = Vec::new();
     for (&task, &seq) in &stored {
         lost.extend(
@@ -144,11 +160,11 @@ async fn datagen_crash(processes: &mut Processes, flush_ms: u64) -> anyhow::Resu
         .keys()
         .filter(|(task, seq)| stored.get(task).is_none_or(|stored| seq > stored))
         .count();
-    println!(
-        "crash: datagen killed after {:.1}s with {lines_at_kill} lines in the file; stored offsets {stored:?}; topic held {} distinct records, {past_stored} past the stored offsets",
+    report_line(format!(
+        "crash: datagen (offset flush {flush_ms} ms) killed after {:.1}s with {lines_at_kill} lines in the file; stored offsets {stored:?}; topic held {} distinct records, {past_stored} past the stored offsets",
         killed_after.as_secs_f64(),
         at_kill.len()
-    );
+    ));
     ensure!(
         lost.is_empty(),
         "{} record(s) whose source offset was stored before the kill are not in {VITALS}: first {:?}",
@@ -176,8 +192,16 @@ async fn datagen_crash(processes: &mut Processes, flush_ms: u64) -> anyhow::Resu
         },
     )
     .await?;
-    let records = read_all(&bootstrap, VITALS).await?;
+    let records = read_all(&bootstrap, VITALS, |records| {
+        // Unreadable records end the wait: the caller reports them.
+        match datagen_counts(records) {
+            Ok(counts) => counts.len() as u64 == DATAGEN_RECORDS,
+            Err(_) => true,
+        }
+    })
+    .await?;
     let topic = datagen_counts(&records)?;
+    let served_differently = witness.mismatches(&records).await?;
     let expected: Vec<(u64, u64)> = (0..DATAGEN_TASKS)
         .flat_map(|task| (0..TASK_SHARE).map(move |seq| (task, seq)))
         .collect();
@@ -188,7 +212,7 @@ async fn datagen_crash(processes: &mut Processes, flush_ms: u64) -> anyhow::Resu
     let topic = Arc::new(topic);
     let wanted = topic.clone();
     let path = output.clone();
-    let file = eventually_blocking("the file to hold every record of the topic", move || {
+    let caught_up = eventually_blocking("the file to hold every record of the topic", move || {
         if count_lines(&path) < topic_total as u64 {
             return None;
         }
@@ -196,22 +220,53 @@ async fn datagen_crash(processes: &mut Processes, flush_ms: u64) -> anyhow::Resu
         wanted
             .iter()
             .all(|(key, n)| file.counts.get(key).is_some_and(|m| m >= n))
-            .then_some(file)
+            .then_some(())
     })
-    .await?;
+    .await;
+    let file = read_datagen_file(&output)?;
+    if let Err(error) = caught_up {
+        // Say exactly what the sink left out, and where it is in the topic.
+        let mut short = Vec::new();
+        for record in &records {
+            let value: Value = serde_json::from_slice(record.value.as_deref().unwrap_or_default())?;
+            let key = datagen_key(&value)?;
+            if topic
+                .get(&key)
+                .is_some_and(|n| file.counts.get(&key).is_none_or(|m| m < n))
+            {
+                short.push(format!(
+                    "task {} seq {} at {VITALS}[{}]@{}",
+                    key.0, key.1, record.partition, record.offset
+                ));
+            }
+        }
+        bail!(
+            "{error}: the file ({} lines, {lines_at_kill} at the kill) lacks {} record(s) of the topic ({} missing from the file altogether): {}; a plain consumer tailing the topic was served {} record(s) other than the topic holds at their offsets: {}",
+            file.lines,
+            short.len(),
+            expected
+                .iter()
+                .filter(|k| !file.counts.contains_key(k))
+                .count(),
+            short[..short.len().min(20)].join(", "),
+            served_differently.len(),
+            served_differently[..served_differently.len().min(20)].join(", ")
+        );
+    }
     let file_missing = expected
         .iter()
         .filter(|k| !file.counts.contains_key(k))
         .count();
     let file_total: usize = file.counts.values().sum();
-    println!(
-        "crash: datagen topic {topic_total} records, {} duplicates, {topic_missing} missing; file {} lines ({file_total} records), {} duplicates, {file_missing} missing, {} torn line(s); offset flush interval {flush_ms} ms, {:.1}s in all",
+    report_line(format!(
+        "crash: datagen topic {topic_total} records, {} duplicates, {topic_missing} missing; file {} lines ({file_total} records), {} duplicates, {file_missing} missing, {} torn line(s); offset flush interval {flush_ms} ms; a tailing consumer was served {} record(s) other than the topic holds; {:.1}s in all",
         topic_total - topic.len(),
         file.lines,
         file_total - file.counts.len(),
         file.torn,
+        served_differently.len(),
         started.elapsed().as_secs_f64()
-    );
+    ));
     ensure!(
         topic_missing == 0 && file_missing == 0,
         "records lost: {topic_missing} missing from {VITALS}, {file_missing} from the file"
@@ -282,7 +337,14 @@ async fn mllp_crash(processes: &mut Processes) -> anyhow::Result<()> {
         acked.extend(answers.acked);
     }
 
-    let records = read_all(&bootstrap, HL7_TOPIC).await?;
+    let records = read_all(&bootstrap, HL7_TOPIC, |records| {
+        let ids: HashSet<String> = records
+            .iter()
+            .filter_map(|r| r.header("hl7.control.id"))
+            .collect();
+        ids.len() >= MLLP_MESSAGES
+    })
+    .await?;
     let mut counts: HashMap<String, usize> = HashMap::new();
     for record in &records {
         let id = record
@@ -302,7 +364,7 @@ async fn mllp_crash(processes: &mut Processes) -> anyhow::Result<()> {
         .iter()
         .filter(|id| counts.get(*id).is_some_and(|n| *n > 1))
         .count();
-    println!(
+    report_line(format!(
         "crash: mllp {MLLP_MESSAGES} messages, {} AA'd before the kill (after {:.1}s), {} AA'd in all after {round} round(s), {negative} AE/AR; topic {} records, {} AA'd before the kill missing, {missing} missing, {duplicates} duplicates ({acked_twice} of messages AA'd before the kill); {:.1}s in all",
         before_kill.acked.len(),
         killed_after.as_secs_f64(),
@@ -310,7 +372,7 @@ async fn mllp_crash(processes: &mut Processes) -> anyhow::Result<()> {
         records.len(),
         lost.len(),
         started.elapsed().as_secs_f64()
-    );
+    ));
     ensure!(
         lost.is_empty(),
         "{} message(s) answered AA before the kill are not in {HL7_TOPIC}: {:?}",
@@ -319,6 +381,13 @@ async fn mllp_crash(processes: &mut Processes) -> anyhow::Result<()> {
     );
     ensure!(missing == 0, "{missing} message(s) are not in {HL7_TOPIC}");
     Ok(())
+}
+
+/// A `crash:` line written to stderr directly, past libtest's capture, so the counts of
+/// passing runs show in `scripts/test`'s log too.
+fn report_line(line: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 // ---- processes ----
@@ -572,7 +641,7 @@ async fn stored_datagen_offsets(
 ) -> anyhow::Result<BTreeMap<u64, u64>> {
     let mut stored = BTreeMap::new();
     // Within a partition of the offset topic, a later record for a key replaces an earlier one.
-    for record in read_all(bootstrap, OFFSETS_TOPIC).await? {
+    for record in read_all(bootstrap, OFFSETS_TOPIC, |_| true).await? {
         let Some(key) = record.key.as_deref() else {
             continue;
         };
@@ -803,8 +872,116 @@ async fn wait_for_listener(rest: &Rest, port: u16) -> anyhow::Result<()> {
 
 // ---- Kafka ----
 
+/// A plain consumer reading a topic from the beginning while it is written, recording which
+/// record the broker served at each offset.
+struct Witness {
+    stop: Arc<AtomicBool>,
+    reading: Option<tokio::task::JoinHandle<anyhow::Result<Vec<(i32, i64, (u64, u64))>>>>,
+}
+
+/// Stops the reader on every exit path: the runtime waits for blocking tasks when it drops.
+impl Drop for Witness {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+impl Witness {
+    fn start(bootstrap: &str, topic: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (bootstrap, topic, stopped) = (bootstrap.to_string(), topic.to_string(), stop.clone());
+        let reading = tokio::task::spawn_blocking(move || {
+            let consumer = reader(&bootstrap, "crash-test-witness")?;
+            let partitions = partitions_of(&consumer, &topic)?;
+            let mut assignment = TopicPartitionList::new();
+            for partition in partitions {
+                assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
+            }
+            consumer.assign(&assignment)?;
+            let mut seen = Vec::new();
+            let mut last_seen = Instant::now();
+            while !(stopped.load(Ordering::Acquire) && last_seen.elapsed() >= QUIET) {
+                let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let message = message?;
+                last_seen = Instant::now();
+                let value: Value = serde_json::from_slice(message.payload().unwrap_or_default())?;
+                seen.push((message.partition(), message.offset(), datagen_key(&value)?));
+            }
+            Ok(seen)
+        });
+        Self {
+            stop,
+            reading: Some(reading),
+        }
+    }
+
+    /// Where it was served another record than `records` (read afterwards) hold.
+    async fn mismatches(mut self, records: &[Read]) -> anyhow::Result<Vec<String>> {
+        self.stop.store(true, Ordering::Release);
+        let reading = self
+            .reading
+            .take()
+            .context("the witness was read already")?;
+        let seen = reading.await??;
+        let mut held = HashMap::new();
+        for record in records {
+            let value: Value = serde_json::from_slice(record.value.as_deref().unwrap_or_default())?;
+            held.insert((record.partition, record.offset), datagen_key(&value)?);
+        }
+        Ok(seen
+            .iter()
+            .filter(|(p, o, key)| held.get(&(*p, *o)) != Some(key))
+            .map(|(p, o, key)| {
+                format!(
+                    "[{p}]@{o} served task {} seq {}, holds {:?}",
+                    key.0,
+                    key.1,
+                    held.get(&(*p, *o))
+                )
+            })
+            .collect())
+    }
+}
+
+fn reader(bootstrap: &str, group: &str) -> anyhow::Result<BaseConsumer> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    for &(key, value) in CONSUMER_SETTINGS {
+        config.set(key, value);
+    }
+    Ok(config.create()?)
+}
+
+/// The partitions of a topic, once it exists.
+fn partitions_of(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let ids: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if !ids.is_empty() {
+            return Ok(ids);
+        }
+        if Instant::now() > deadline {
+            bail!("topic {topic} never appeared");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A record read back from a topic.
 struct Read {
+    partition: i32,
+    offset: i64,
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
     headers: Vec<(String, Vec<u8>)>,
@@ -820,41 +997,28 @@ impl Read {
     }
 }
 
-/// Every record of a topic, from the beginning until no record arrived for [`QUIET`] (the
-/// embedded broker under-reports end offsets, so watermarks cannot say where the end is).
-async fn read_all(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Read>> {
+/// Every record of a topic, from the beginning until `complete` holds for what was read and no
+/// record arrived for [`QUIET`] (the embedded broker under-reports end offsets, so watermarks
+/// cannot say where the end is). Past the deadline, what was read: the caller counts what is
+/// missing.
+async fn read_all(
+    bootstrap: &str,
+    topic: &str,
+    complete: impl Fn(&[Read]) -> bool + Send + 'static,
+) -> anyhow::Result<Vec<Read>> {
     let bootstrap = bootstrap.to_string();
     let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || read_all_blocking(&bootstrap, &topic)).await?
+    tokio::task::spawn_blocking(move || read_all_blocking(&bootstrap, &topic, complete)).await?
 }
 
-fn read_all_blocking(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Read>> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "crash-test-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    for &(key, value) in CONSUMER_SETTINGS {
-        config.set(key, value);
-    }
-    let consumer: BaseConsumer = config.create()?;
+fn read_all_blocking(
+    bootstrap: &str,
+    topic: &str,
+    complete: impl Fn(&[Read]) -> bool,
+) -> anyhow::Result<Vec<Read>> {
+    let consumer = reader(bootstrap, "crash-test-reader")?;
     let deadline = Instant::now() + LONG;
-    let partitions = loop {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let ids: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if !ids.is_empty() {
-            break ids;
-        }
-        if Instant::now() > deadline {
-            bail!("topic {topic} never appeared");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let partitions = partitions_of(&consumer, topic)?;
     let mut assignment = TopicPartitionList::new();
     for partition in partitions {
         assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
@@ -862,12 +1026,19 @@ fn read_all_blocking(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Read>> 
     consumer.assign(&assignment)?;
     let mut records = Vec::new();
     let mut last_seen = Instant::now();
-    while last_seen.elapsed() < QUIET {
+    let mut checked = 0;
+    loop {
         if Instant::now() > deadline {
-            bail!(
-                "{topic} still delivering after {LONG:?} ({} records)",
-                records.len()
-            );
+            return Ok(records);
+        }
+        if last_seen.elapsed() >= QUIET {
+            // Quiet: done if complete; otherwise keep reading until the deadline.
+            if checked != records.len() || records.is_empty() {
+                checked = records.len();
+                if complete(&records) {
+                    return Ok(records);
+                }
+            }
         }
         let Some(message) = consumer.poll(Duration::from_millis(100)) else {
             continue;
@@ -883,10 +1054,11 @@ fn read_all_blocking(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Read>> 
             })
             .unwrap_or_default();
         records.push(Read {
+            partition: message.partition(),
+            offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().map(<[u8]>::to_vec),
             headers,
         });
     }
-    Ok(records)
 }
