@@ -2,13 +2,15 @@
 //! tokio task ended abnormally.
 
 use medconnect_api::{ConnectResult, SinkTask, SinkTaskContext, SourceTask, SourceTaskContext};
+use std::time::Duration;
+
 use tokio_util::sync::CancellationToken;
 
 use super::errors::ErrorPolicy;
 
 /// Starts the task, retrying retriable failures (a listener's port still held by its previous
 /// run) with backoff within `errors.retry.timeout`, until `stop`.
-pub(super) async fn start_with_retries<C: Clone, T: StartTask<C> + ?Sized>(
+pub(super) async fn start_with_retries<C: Clone, T: TaskLifecycle<C> + ?Sized>(
     task: &mut T,
     context: C,
     policy: &ErrorPolicy,
@@ -25,23 +27,50 @@ pub(super) async fn start_with_retries<C: Clone, T: StartTask<C> + ?Sized>(
     }
 }
 
-/// A task's `start`, for [`start_with_retries`] over sources and sinks alike.
+/// A task's `start` and `stop`, for [`start_with_retries`] and [`stop_in_time`] over sources
+/// and sinks alike.
 #[async_trait::async_trait]
-pub(super) trait StartTask<C> {
+pub(super) trait TaskLifecycle<C> {
     async fn start_task(&mut self, context: C) -> ConnectResult<()>;
+    async fn stop_task(&mut self) -> ConnectResult<()>;
 }
 
 #[async_trait::async_trait]
-impl StartTask<SourceTaskContext> for dyn SourceTask {
+impl TaskLifecycle<SourceTaskContext> for dyn SourceTask {
     async fn start_task(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
         self.start(context).await
+    }
+    async fn stop_task(&mut self) -> ConnectResult<()> {
+        self.stop().await
     }
 }
 
 #[async_trait::async_trait]
-impl StartTask<SinkTaskContext> for dyn SinkTask {
+impl TaskLifecycle<SinkTaskContext> for dyn SinkTask {
     async fn start_task(&mut self, context: SinkTaskContext) -> ConnectResult<()> {
         self.start(context).await
+    }
+    async fn stop_task(&mut self) -> ConnectResult<()> {
+        self.stop().await
+    }
+}
+
+/// Calls the task's `stop`, bounded by the shutdown timeout: a stuck task must not hold its
+/// runner (and the worker's shutdown) forever.
+pub(super) async fn stop_in_time<C, T: TaskLifecycle<C> + ?Sized>(
+    task: &mut T,
+    connector: &str,
+    task_id: u32,
+    timeout: Duration,
+) {
+    match tokio::time::timeout(timeout, task.stop_task()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%connector, task = task_id, %error, "task did not stop cleanly")
+        }
+        Err(_) => {
+            tracing::warn!(%connector, task = task_id, ?timeout, "task did not stop in time; abandoned")
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::errors::{ErrorReporter, Origin, Stage, Verdict, dead_letter_result};
-use super::lifecycle::start_with_retries;
+use super::lifecycle::{start_with_retries, stop_in_time};
 use super::{RunState, RunnerSettings, StatusReporter};
 use crate::metrics::TaskMetrics;
 use crate::store::ConnectorState;
@@ -99,7 +99,13 @@ impl SinkRunner {
         };
         if let Err(error) = subscribed {
             status.failed(&format!("cannot subscribe: {error}")).await;
-            stop_task(task.as_mut(), &connector, task_id, &settings).await;
+            stop_in_time(
+                task.as_mut(),
+                &connector,
+                task_id,
+                settings.shutdown_timeout,
+            )
+            .await;
             return;
         }
         if let Subscription::Topics(topics) = &subscription {
@@ -129,31 +135,19 @@ impl SinkRunner {
             tracing::warn!(connector = %sink.connector, task = task_id, %error, "final flush failed; records will be redelivered");
             failure = Some(error);
         }
-        stop_task(sink.task.as_mut(), &sink.connector, task_id, &settings).await;
+        stop_in_time(
+            sink.task.as_mut(),
+            &sink.connector,
+            task_id,
+            settings.shutdown_timeout,
+        )
+        .await;
         sink.transforms.close();
         sink.consumer.unsubscribe();
         if let Some(error) = failure {
             status.failed(&error).await;
         }
         sink.metrics.remove();
-    }
-}
-
-/// Calls the task's `stop`, bounded by the shutdown timeout.
-async fn stop_task(
-    task: &mut dyn SinkTask,
-    connector: &str,
-    task_id: u32,
-    settings: &RunnerSettings,
-) {
-    match tokio::time::timeout(settings.shutdown_timeout, task.stop()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => {
-            tracing::warn!(%connector, task = task_id, %error, "sink task did not stop cleanly")
-        }
-        Err(_) => {
-            tracing::warn!(%connector, task = task_id, timeout = ?settings.shutdown_timeout, "sink task did not stop in time; abandoned")
-        }
     }
 }
 

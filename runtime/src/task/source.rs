@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::errors::{
     DeadLetterResult, ErrorReporter, Origin, Stage, Verdict, dead_letter_result, refuses_the_record,
 };
-use super::lifecycle::{panic_message, start_with_retries};
+use super::lifecycle::{panic_message, start_with_retries, stop_in_time};
 use super::{RunState, RunnerSettings, StatusReporter};
 use crate::kafka::{KafkaSettings, TopicSpec, ensure_topics};
 use crate::metrics::TaskMetrics;
@@ -232,7 +232,13 @@ impl SourceRunner {
             return;
         }
         if stop.is_cancelled() {
-            stop_task(task.as_mut(), &connector, task_id, &settings).await;
+            stop_in_time(
+                task.as_mut(),
+                &connector,
+                task_id,
+                settings.shutdown_timeout,
+            )
+            .await;
             return;
         }
         status.report(ConnectorState::Running, None).await;
@@ -290,7 +296,13 @@ impl SourceRunner {
                 {
                     tracing::warn!(connector = %pipeline.connector, task = task_id, %error, "commit failed while stopping");
                 }
-                stop_task(task.as_mut(), &pipeline.connector, task_id, &settings).await;
+                stop_in_time(
+                    task.as_mut(),
+                    &pipeline.connector,
+                    task_id,
+                    settings.shutdown_timeout,
+                )
+                .await;
             }
             Err(error) => {
                 // The poller panicked (or was aborted): the task is dead, whatever else happened.
@@ -306,25 +318,6 @@ impl SourceRunner {
             status.failed(&error).await;
         }
         pipeline.metrics.remove();
-    }
-}
-
-/// Calls the task's `stop`, bounded by the shutdown timeout: a stuck task must not hold its
-/// runner (and the worker's shutdown) forever.
-async fn stop_task(
-    task: &mut dyn SourceTask,
-    connector: &str,
-    task_id: u32,
-    settings: &RunnerSettings,
-) {
-    match tokio::time::timeout(settings.shutdown_timeout, task.stop()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => {
-            tracing::warn!(%connector, task = task_id, %error, "task did not stop cleanly")
-        }
-        Err(_) => {
-            tracing::warn!(%connector, task = task_id, timeout = ?settings.shutdown_timeout, "task did not stop in time; abandoned")
-        }
     }
 }
 
