@@ -118,10 +118,9 @@ impl Backoff<'_> {
         if !error.is_retriable() || !in_time || stop.is_cancelled() {
             return false;
         }
-        // A peer that said when to come back (429/503 Retry-After) is not asked sooner.
-        let delay = error
-            .retry_after()
-            .map_or(self.delay, |hint| hint.max(self.delay));
+        // A task that says when to try again (an HTTP 429/503 Retry-After, a connector's own
+        // configured backoff) knows better than the engine's schedule: its hint is the wait.
+        let delay = error.retry_after().unwrap_or(self.delay);
         tracing::debug!(%error, ?delay, "retriable failure; retrying");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
