@@ -441,4 +441,16 @@ mod tests {
         assert_eq!(retry_timeout(0), Some(Duration::ZERO));
         assert_eq!(retry_timeout(1500), Some(Duration::from_millis(1500)));
     }
+
+    #[tokio::test]
+    async fn a_retry_after_hint_is_the_wait() {
+        // The engine's own delay would be 10 ms (retry.delay.max); the task asked for 300 ms.
+        // A sleep never ends early, so the lower bound cannot flake.
+        let policy = policy(-1);
+        let mut backoff = policy.backoff(false);
+        let busy = ConnectError::retriable("429").with_retry_after(Duration::from_millis(300));
+        let started = tokio::time::Instant::now();
+        assert!(backoff.retry_after(&busy, &CancellationToken::new()).await);
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
 }
