@@ -241,7 +241,7 @@ async fn datagen_crash(processes: &mut Processes, flush_ms: u64) -> anyhow::Resu
             }
         }
         bail!(
-            "{error}: the file ({} lines, {lines_at_kill} at the kill) lacks {} record(s) of the topic ({} missing from the file altogether): {}; a plain consumer tailing the topic was served {} record(s) other than the topic holds at their offsets: {}",
+            "{error}: the file ({} lines, {lines_at_kill} at the kill) lacks {} record(s) of the topic ({} missing from the file altogether): {}; a plain consumer tailing the topic was served {} record(s) other than the topic holds at their offsets, or none: {}",
             file.lines,
             short.len(),
             expected
@@ -259,7 +259,7 @@ async fn datagen_crash(processes: &mut Processes, flush_ms: u64) -> anyhow::Resu
         .count();
     let file_total: usize = file.counts.values().sum();
     report_line(format!(
-        "crash: datagen topic {topic_total} records, {} duplicates, {topic_missing} missing; file {} lines ({file_total} records), {} duplicates, {file_missing} missing, {} torn line(s); offset flush interval {flush_ms} ms; a tailing consumer was served {} record(s) other than the topic holds; {:.1}s in all",
+        "crash: datagen topic {topic_total} records, {} duplicates, {topic_missing} missing; file {} lines ({file_total} records), {} duplicates, {file_missing} missing, {} torn line(s); offset flush interval {flush_ms} ms; a tailing consumer was served {} record(s) other than the topic holds or none; {:.1}s in all",
         topic_total - topic.len(),
         file.lines,
         file_total - file.counts.len(),
@@ -872,11 +872,14 @@ async fn wait_for_listener(rest: &Rest, port: u16) -> anyhow::Result<()> {
 
 // ---- Kafka ----
 
+/// (partition, offset, (task, seq)) of a record a consumer was served.
+type Served = (i32, i64, (u64, u64));
+
 /// A plain consumer reading a topic from the beginning while it is written, recording which
 /// record the broker served at each offset.
 struct Witness {
     stop: Arc<AtomicBool>,
-    reading: Option<tokio::task::JoinHandle<anyhow::Result<Vec<(i32, i64, (u64, u64))>>>>,
+    reading: Option<tokio::task::JoinHandle<anyhow::Result<Vec<Served>>>>,
 }
 
 /// Stops the reader on every exit path: the runtime waits for blocking tasks when it drops.
@@ -917,7 +920,7 @@ impl Witness {
         }
     }
 
-    /// Where it was served another record than `records` (read afterwards) hold.
+    /// Where it was served another record than `records` (read afterwards) hold, or none.
     async fn mismatches(mut self, records: &[Read]) -> anyhow::Result<Vec<String>> {
         self.stop.store(true, Ordering::Release);
         let reading = self
@@ -930,7 +933,7 @@ impl Witness {
             let value: Value = serde_json::from_slice(record.value.as_deref().unwrap_or_default())?;
             held.insert((record.partition, record.offset), datagen_key(&value)?);
         }
-        Ok(seen
+        let mut differences: Vec<String> = seen
             .iter()
             .filter(|(p, o, key)| held.get(&(*p, *o)) != Some(key))
             .map(|(p, o, key)| {
@@ -941,7 +944,17 @@ impl Witness {
                     held.get(&(*p, *o))
                 )
             })
-            .collect())
+            .collect();
+        // Offsets the topic holds that the witness was never served (it read past them).
+        let served: HashSet<(i32, i64)> = seen.iter().map(|(p, o, _)| (*p, *o)).collect();
+        let mut skipped: Vec<_> = held.iter().filter(|(at, _)| !served.contains(at)).collect();
+        skipped.sort();
+        differences.extend(
+            skipped
+                .into_iter()
+                .map(|((p, o), key)| format!("[{p}]@{o} never served, holds {key:?}")),
+        );
+        Ok(differences)
     }
 }
 
