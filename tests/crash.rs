@@ -36,7 +36,12 @@ const DATAGEN: &str = "crash-datagen";
 const FILE_SINK: &str = "crash-file";
 const VITALS: &str = "crash.vitals";
 const DATAGEN_RECORDS: u64 = 20_000;
-const DATAGEN_TASKS: u64 = 2;
+/// One task: one producer. Two source tasks writing one partition at once hit a race in the
+/// embedded broker (tansu 0.6's storage raises a partition's high watermark before it stores
+/// the batch; a fetch in between is answered with the batches after it, and the consumer
+/// never reads that batch): with 2 tasks the file sink lost one whole batch (4-6 records) in 4
+/// of ~25 runs, with or without a crash, while the topic held every record.
+const DATAGEN_TASKS: u64 = 1;
 /// Records per second over both tasks: the stream lasts about 10 s.
 const DATAGEN_RATE: u64 = 2_000;
 
@@ -77,7 +82,7 @@ async fn mllp_loses_no_acknowledged_message_after_sigkill() -> anyhow::Result<()
     processes.report(outcome)
 }
 
-/// datagen (2 tasks) -> topic -> FileStreamSink -> file; the worker is killed once 60% of the
+/// datagen -> topic -> FileStreamSink -> file; the worker is killed once 60% of the
 /// stream is in the file and every task has stored an offset, then started again.
 async fn datagen_crash(processes: &mut Processes, flush_ms: u64) -> anyhow::Result<()> {
     let started = Instant::now();
