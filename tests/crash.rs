@@ -646,7 +646,18 @@ async fn stored_datagen_offsets(
 ) -> anyhow::Result<BTreeMap<u64, u64>> {
     let mut stored = BTreeMap::new();
     // Within a partition of the offset topic, a later record for a key replaces an earlier one.
-    for record in read_all(bootstrap, OFFSETS_TOPIC, |_| true).await? {
+    // The worker's REST API showed an offset for every task: read until they are all there.
+    let name = connector.to_string();
+    let complete = move |records: &[Read]| {
+        let tasks: HashSet<u64> = records
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<Value>(r.key.as_deref()?).ok())
+            .filter(|key| key[0] == name.as_str())
+            .filter_map(|key| key[1]["task"].as_u64())
+            .collect();
+        tasks.len() as u64 >= DATAGEN_TASKS
+    };
+    for record in read_all(bootstrap, OFFSETS_TOPIC, complete).await? {
         let Some(key) = record.key.as_deref() else {
             continue;
         };
