@@ -40,9 +40,9 @@ const DATAGEN_RECORDS: u64 = 20_000;
 /// embedded broker (tansu 0.6's storage raises a partition's high watermark before it stores
 /// the batch; a fetch in between is answered with the batches after it, and the consumer
 /// never reads that batch): with 2 tasks the file sink lost one whole batch (4-6 records) in 4
-/// of ~25 runs, with or without a crash, while the topic held every record.
+/// of ~40 runs, with or without a crash, while the topic held every record.
 const DATAGEN_TASKS: u64 = 1;
-/// Records per second over both tasks: the stream lasts about 10 s.
+/// Records per second: the stream lasts about 10 s.
 const DATAGEN_RATE: u64 = 2_000;
 
 const MLLP: &str = "crash-mllp";
