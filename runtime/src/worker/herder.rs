@@ -608,13 +608,12 @@ impl Herder {
 
     // ---- reconcile ---------------------------------------------------------------------
 
-    /// Makes the tasks running here match the config topic.
+    /// Makes the tasks running here match the config topic. Does not wait for the runs it
+    /// stopped: they stop in their own tokio tasks, and a task's next run waits for its last
+    /// one, so the caller (the config-topic watcher) stays free to follow further changes.
     pub async fn reconcile(&self) {
-        let stops = {
-            let _guard = self.operations.lock().await;
-            self.reconcile_locked().await
-        };
-        settle(stops).await;
+        let _guard = self.operations.lock().await;
+        let _stopping = self.reconcile_locked().await;
     }
 
     /// Starts, pauses, resumes and stops tasks to match the config topic. Returns the runs it
