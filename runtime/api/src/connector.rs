@@ -313,5 +313,21 @@ pub trait SinkTask: Send {
         Ok(offsets.clone())
     }
 
+    /// Partitions newly assigned to this task (Connect's `open`): at its first assignment and
+    /// at every consumer-group rebalance, before any of their records is put. A sink that keeps
+    /// a writer per partition (a file, a transaction, a bulk buffer) opens it here.
+    async fn open(&mut self, _partitions: &[TopicPartition]) -> ConnectResult<()> {
+        Ok(())
+    }
+
+    /// Partitions taken from this task (Connect's `close`): revoked by a rebalance, or all of
+    /// them when the task stops. Called after the engine committed what `pre_commit` accepted
+    /// for them; records of these partitions put since the last commit the task accepted are
+    /// read again by their next owner. A sink releases what it holds for these partitions here
+    /// and puts nothing more for them. Not called for partitions the task never had opened.
+    async fn close(&mut self, _partitions: &[TopicPartition]) -> ConnectResult<()> {
+        Ok(())
+    }
+
     async fn stop(&mut self) -> ConnectResult<()>;
 }

@@ -11,7 +11,7 @@ mod error;
 use std::collections::BTreeMap;
 
 use rdkafka::ClientConfig;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 
 pub use admin::{TopicSpec, ensure_topics};
@@ -101,6 +101,19 @@ impl KafkaSettings {
     ) -> Result<StreamConsumer, KafkaSetupError> {
         self.consumer_config(group_id, overrides)
             .create()
+            .map_err(|e| KafkaSetupError::client("consumer", e))
+    }
+
+    /// A [`stream_consumer`](Self::stream_consumer) whose group events go to `context` (a sink
+    /// runner takes over partition assignment to commit before a revocation completes).
+    pub fn stream_consumer_with<C: ConsumerContext + 'static>(
+        &self,
+        group_id: Option<&str>,
+        overrides: &BTreeMap<String, String>,
+        context: C,
+    ) -> Result<StreamConsumer<C>, KafkaSetupError> {
+        self.consumer_config(group_id, overrides)
+            .create_with_context(context)
             .map_err(|e| KafkaSetupError::client("consumer", e))
     }
 

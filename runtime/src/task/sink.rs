@@ -1,6 +1,14 @@
 //! The sink task runner: consumer group `connect-<name>` -> transforms -> `put` -> `flush`
 //! -> commit consumer offsets. Offsets are committed only after the sink flushed the records
 //! (and any dead-letter writes were acknowledged), so a crash redelivers, never loses.
+//!
+//! Partition assignment is the runner's, not the consumer's: all tasks of a sink share the
+//! group `connect-<name>`, so a partition revoked from one task is read next by another from
+//! the last committed offset. The consumer's rebalance callback (run inside `recv`) therefore
+//! does not (un)assign; it hands the change to the runner, which commits what the task
+//! accepted for revoked partitions, calls the task's `close`, and only then unassigns them
+//! (librdkafka waits for that call before the group moves on); for assigned partitions it
+//! assigns them and calls the task's `open` before any of their records is read.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -15,15 +23,21 @@ use medconnect_api::{
     PartitionControl, Record, SinkOffsets, SinkPartitions, SinkRecord, SinkTask, SinkTaskContext,
     TaskConfig, TopicPartition,
 };
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::errors::{ErrorReporter, Origin, Stage, Verdict, dead_letter_result};
 use super::lifecycle::{start_with_retries, stop_in_time};
 use super::{RunState, RunnerSettings, StatusReporter};
+use crate::kafka::{KafkaSettings, KafkaSetupError};
 use crate::metrics::TaskMetrics;
 use crate::store::ConnectorState;
 use crate::transform::TransformChain;
@@ -42,12 +56,145 @@ pub struct SinkTaskSpec {
     /// The task's resolved settings; the runner builds the task's context around them.
     pub config: TaskConfig,
     pub subscription: Subscription,
-    pub consumer: StreamConsumer,
+    pub consumer: SinkConsumer,
     pub transforms: TransformChain,
     pub errors: ErrorReporter,
     pub status: StatusReporter,
     pub metrics: TaskMetrics,
     pub settings: RunnerSettings,
+}
+
+/// A change of the task's partitions, handed from the consumer's rebalance callback to the
+/// runner, which (un)assigns them once it dealt with them.
+#[derive(Debug)]
+enum Rebalance {
+    Assign(Vec<TopicPartition>),
+    Revoke(Vec<TopicPartition>),
+}
+
+/// The consumer's context: forwards rebalances to the runner while it handles them, and
+/// applies them itself (as rdkafka's default does) once the runner stopped listening, e.g.
+/// while the consumer closes.
+pub struct RebalanceContext {
+    runner: Mutex<Option<mpsc::UnboundedSender<Rebalance>>>,
+}
+
+impl RebalanceContext {
+    /// From now on rebalances are applied at once, without the runner.
+    fn detach(&self) {
+        lock(&self.runner).take();
+    }
+}
+
+impl ClientContext for RebalanceContext {}
+
+/// Detaches the runner from the consumer's rebalances when dropped: a runner dropped midway
+/// (a panic, a run abandoned at shutdown) must not leave the consumer's close waiting for an
+/// unassignment nobody will make (`BaseConsumer`'s drop polls until the group is left).
+struct Detach(Arc<RebalanceContext>);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
+}
+
+impl ConsumerContext for RebalanceContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let partitions = partitions_of(tpl);
+        let event = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(partitions),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(partitions),
+            other => {
+                // rdkafka calls this only for assignments and revocations.
+                tracing::warn!(error = ?other, "unexpected rebalance event");
+                return;
+            }
+        };
+        let event = match lock(&self.runner).as_ref() {
+            Some(runner) => match runner.send(event) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(event)) => event,
+            },
+            None => event,
+        };
+        let applied = match event {
+            Rebalance::Assign(_) => assign(consumer, tpl),
+            Rebalance::Revoke(_) => unassign(consumer, tpl),
+        };
+        if let Err(error) = applied {
+            tracing::warn!(%error, "cannot apply a rebalance");
+        }
+    }
+}
+
+/// Assigns partitions the way the group's rebalance protocol requires.
+fn assign<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    partitions: &TopicPartitionList,
+) -> KafkaResult<()> {
+    match consumer.rebalance_protocol() {
+        RebalanceProtocol::Cooperative => consumer.incremental_assign(partitions),
+        _ => consumer.assign(partitions),
+    }
+}
+
+/// Unassigns revoked partitions: only those under the cooperative protocol, all of them under
+/// the eager one (which always revokes the whole assignment).
+fn unassign<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    partitions: &TopicPartitionList,
+) -> KafkaResult<()> {
+    match consumer.rebalance_protocol() {
+        RebalanceProtocol::Cooperative => consumer.incremental_unassign(partitions),
+        _ => consumer.unassign(),
+    }
+}
+
+fn protocol_name<C: ConsumerContext>(consumer: &impl Consumer<C>) -> &'static str {
+    match consumer.rebalance_protocol() {
+        RebalanceProtocol::Cooperative => "cooperative",
+        RebalanceProtocol::Eager => "eager",
+        RebalanceProtocol::None => "none",
+    }
+}
+
+fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
+    list.elements()
+        .iter()
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+        .collect()
+}
+
+type GroupConsumer = StreamConsumer<RebalanceContext>;
+
+/// A sink task's group consumer, with the rebalances it hands to the runner.
+pub struct SinkConsumer {
+    consumer: GroupConsumer,
+    rebalances: mpsc::UnboundedReceiver<Rebalance>,
+}
+
+impl SinkConsumer {
+    pub fn create(
+        kafka: &KafkaSettings,
+        group_id: Option<&str>,
+        overrides: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, KafkaSetupError> {
+        let (runner, rebalances) = mpsc::unbounded_channel();
+        let context = RebalanceContext {
+            runner: Mutex::new(Some(runner)),
+        };
+        let consumer = kafka.stream_consumer_with(group_id, overrides, context)?;
+        Ok(Self {
+            consumer,
+            rebalances,
+        })
+    }
 }
 
 pub struct SinkRunner;
@@ -73,7 +220,14 @@ impl SinkRunner {
         } = spec;
         let errors = Arc::new(errors);
         let errant = Arc::new(ErrantRecords::new(errors.clone()));
+        let SinkConsumer {
+            consumer,
+            rebalances,
+        } = consumer;
         let consumer = Arc::new(consumer);
+        // Locals drop in reverse order, so this one before `consumer` (the last reference to
+        // the consumer until `Sink` owns it; there it is the first field, dropped first).
+        let detach = Detach(consumer.context().clone());
         let partitions = Arc::new(ConsumerPartitions {
             consumer: consumer.clone(),
             paused_by_task: Mutex::new(BTreeSet::new()),
@@ -98,6 +252,7 @@ impl SinkRunner {
             Subscription::Regex(regex) => consumer.subscribe(&[&format!("^{regex}")]),
         };
         if let Err(error) = subscribed {
+            consumer.context().detach();
             status.failed(&format!("cannot subscribe: {error}")).await;
             stop_in_time(
                 task.as_mut(),
@@ -115,6 +270,7 @@ impl SinkRunner {
         }
         status.report(ConnectorState::Running, None).await;
         let mut sink = Sink {
+            _detach: detach,
             connector,
             task,
             consumer,
@@ -127,13 +283,38 @@ impl SinkRunner {
             uncommitted: 0,
             stop: stop.clone(),
             shutdown_timeout: settings.shutdown_timeout,
+            rebalances,
+            open: BTreeSet::new(),
+            paused: false,
         };
         let mut failure = sink.run(run_state, &settings).await;
+        // Rebalances from here on (the consumer's close revokes everything) are applied by the
+        // consumer itself; those already handed over are handled here, since librdkafka waits
+        // for their (un)assignment.
+        sink.consumer.context().detach();
+        while let Ok(event) = sink.rebalances.try_recv() {
+            let handled = match event {
+                // Partitions the task would close at once: assigned for the group's sake only.
+                Rebalance::Assign(partitions) => assign(
+                    sink.consumer.as_ref(),
+                    &ConsumerPartitions::list(&partitions),
+                )
+                .map_err(|e| ConnectError::fatal(format!("cannot assign partitions: {e}"))),
+                revoke => sink.rebalance(revoke, failure.is_none()).await,
+            };
+            if let Err(error) = handled {
+                failure.get_or_insert(error);
+            }
+        }
         if failure.is_none()
             && let Err(error) = sink.flush_and_commit().await
         {
             tracing::warn!(connector = %sink.connector, task = task_id, %error, "final flush failed; records will be redelivered");
             failure = Some(error);
+        }
+        let open: Vec<TopicPartition> = std::mem::take(&mut sink.open).into_iter().collect();
+        if let Err(error) = sink.close(&open).await {
+            tracing::warn!(connector = %sink.connector, task = task_id, %error, "sink task did not close its partitions cleanly");
         }
         stop_in_time(
             sink.task.as_mut(),
@@ -249,7 +430,7 @@ impl ErrantRecordHandler for ErrantRecords {
 
 /// Pausing and resuming partitions on behalf of the task ([`SinkPartitions`]).
 struct ConsumerPartitions {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<GroupConsumer>,
     paused_by_task: Mutex<BTreeSet<TopicPartition>>,
 }
 
@@ -267,12 +448,7 @@ impl PartitionControl for ConsumerPartitions {
     fn assignment(&self) -> Vec<TopicPartition> {
         self.consumer
             .assignment()
-            .map(|list| {
-                list.elements()
-                    .iter()
-                    .map(|e| TopicPartition::new(e.topic(), e.partition()))
-                    .collect()
-            })
+            .map(|list| partitions_of(&list))
             .unwrap_or_default()
     }
 
@@ -300,9 +476,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 struct Sink {
+    /// First, so dropped before the task and the consumer (fields drop in order).
+    _detach: Detach,
     connector: String,
     task: Box<dyn SinkTask>,
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<GroupConsumer>,
     partitions: Arc<ConsumerPartitions>,
     transforms: TransformChain,
     errors: Arc<ErrorReporter>,
@@ -313,6 +491,12 @@ struct Sink {
     uncommitted: i64,
     stop: CancellationToken,
     shutdown_timeout: Duration,
+    /// Assignment changes from the consumer's rebalance callback, for the runner to apply.
+    rebalances: mpsc::UnboundedReceiver<Rebalance>,
+    /// The partitions the task was told of with `open` and not yet with `close`.
+    open: BTreeSet<TopicPartition>,
+    /// The connector is paused: partitions assigned now are paused at once.
+    paused: bool,
 }
 
 impl Sink {
@@ -323,18 +507,24 @@ impl Sink {
     ) -> Option<ConnectError> {
         let mut flush = tokio::time::interval(settings.offset_flush_interval);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut paused = false;
         loop {
             let consumer = self.consumer.clone();
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return None,
+                // Before reading on: a rebalance waits for the runner, and records of newly
+                // assigned partitions are read only after the task opened them.
+                Some(event) = self.rebalances.recv() => {
+                    if let Err(error) = self.rebalance(event, true).await {
+                        return Some(error);
+                    }
+                }
                 changed = run_state.changed() => {
                     if changed.is_err() {
                         return None;
                     }
-                    paused = *run_state.borrow_and_update() == RunState::Paused;
-                    self.pause(paused);
+                    self.paused = *run_state.borrow_and_update() == RunState::Paused;
+                    self.pause(self.paused);
                 }
                 _ = flush.tick() => {
                     if let Err(error) = self.flush_and_commit().await {
@@ -350,7 +540,7 @@ impl Sink {
                             continue;
                         }
                     };
-                    if paused {
+                    if self.paused {
                         // A partition assigned while paused: hold it, and read this record again on resume.
                         self.hold(&first);
                         continue;
@@ -424,6 +614,89 @@ impl Sink {
                 Err(error)
             }
         }
+    }
+
+    /// Applies an assignment change the consumer handed over: the partitions are (un)assigned
+    /// only here, once the task opened them or once what it accepted of them is committed
+    /// (`commit`: not when the task already failed) and it closed them.
+    async fn rebalance(&mut self, event: Rebalance, commit: bool) -> ConnectResult<()> {
+        match event {
+            Rebalance::Assign(partitions) => {
+                tracing::debug!(connector = %self.connector, ?partitions, protocol = protocol_name(self.consumer.as_ref()), "partitions assigned");
+                assign(
+                    self.consumer.as_ref(),
+                    &ConsumerPartitions::list(&partitions),
+                )
+                .map_err(|e| {
+                    ConnectError::fatal(format!("cannot assign partitions {partitions:?}: {e}"))
+                })?;
+                // Paused before the first read: the connector's target state, or the task's own
+                // pause of a partition it had before this rebalance.
+                let held = lock(&self.partitions.paused_by_task).clone();
+                let pause: Vec<TopicPartition> = partitions
+                    .iter()
+                    .filter(|p| self.paused || held.contains(p))
+                    .cloned()
+                    .collect();
+                if !pause.is_empty()
+                    && let Err(error) = self.consumer.pause(&ConsumerPartitions::list(&pause))
+                {
+                    tracing::warn!(connector = %self.connector, %error, "cannot pause newly assigned partitions");
+                }
+                let opening: Vec<TopicPartition> = partitions
+                    .into_iter()
+                    .filter(|p| self.open.insert(p.clone()))
+                    .collect();
+                if opening.is_empty() {
+                    return Ok(());
+                }
+                let open = self.task.open(&opening);
+                bounded("open", open, &self.stop, self.shutdown_timeout).await
+            }
+            Rebalance::Revoke(partitions) => {
+                tracing::debug!(connector = %self.connector, ?partitions, protocol = protocol_name(self.consumer.as_ref()), "partitions revoked");
+                // A lost assignment (the member was expired) may already be another task's:
+                // nothing is committed for it, as in Connect.
+                let lost = self.consumer.assignment_lost();
+                let committed = if commit && !lost {
+                    self.flush_and_commit().await
+                } else {
+                    Ok(())
+                };
+                let closing: Vec<TopicPartition> = partitions
+                    .iter()
+                    .filter(|p| self.open.remove(p))
+                    .cloned()
+                    .collect();
+                let closed = self.close(&closing).await;
+                // What was not committed is read again by the next owner, from the last commit.
+                for partition in &partitions {
+                    self.positions
+                        .remove(&(partition.topic.clone(), partition.partition));
+                }
+                if self.positions.is_empty() {
+                    self.uncommitted = 0;
+                    self.metrics.set_commit_lag(0);
+                }
+                // Always, even after a failure: the group waits for this call.
+                if let Err(error) = unassign(
+                    self.consumer.as_ref(),
+                    &ConsumerPartitions::list(&partitions),
+                ) {
+                    tracing::warn!(connector = %self.connector, %error, "cannot unassign revoked partitions");
+                }
+                committed.and(closed)
+            }
+        }
+    }
+
+    /// Tells the task it no longer has these partitions.
+    async fn close(&mut self, partitions: &[TopicPartition]) -> ConnectResult<()> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let close = self.task.close(partitions);
+        bounded("close", close, &self.stop, self.shutdown_timeout).await
     }
 
     fn advance(&mut self, topic: &str, partition: i32, offset: i64) {

@@ -871,10 +871,12 @@ impl Herder {
             }
             ConnectorPlugin::Sink(connector) => {
                 let overrides = overrides_with_prefix(&resolved, cc::CONSUMER_OVERRIDE);
-                let consumer = self
-                    .kafka
-                    .stream_consumer(Some(&sink_offsets::group_id(name)), &overrides)
-                    .map_err(|e| ConnectError::fatal(e.to_string()))?;
+                let consumer = crate::task::sink::SinkConsumer::create(
+                    &self.kafka,
+                    Some(&sink_offsets::group_id(name)),
+                    &overrides,
+                )
+                .map_err(|e| ConnectError::fatal(e.to_string()))?;
                 let subscription = match common.optional_string(cc::TOPICS_REGEX) {
                     Some(regex) => Subscription::Regex(regex),
                     None => Subscription::Topics(common.list(cc::TOPICS)?),
