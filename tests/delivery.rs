@@ -396,7 +396,7 @@ struct FlakySourceTask {
 impl SourceTask for FlakySourceTask {
     async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
         self.panic
-            .store(context.config.get("panic").is_some(), Ordering::SeqCst);
+            .store(context.config.contains_key("panic"), Ordering::SeqCst);
         if self.starts.fetch_add(1, Ordering::SeqCst) < 3 {
             return Err(ConnectError::retriable("address in use"));
         }

@@ -16,9 +16,9 @@ pub use config::{
 };
 pub use connector::{
     Connector, ConnectorContext, ConnectorKind, ErrantRecordHandler, ErrantRecordReporter,
-    ErrantReport, OffsetReader, PartitionControl, Placement, SinkOffsets, SinkPartitions,
-    TopicPartition, SinkConnector, SinkTask, SinkTaskContext,
-    SourceConnector, SourceTask, SourceTaskContext, TaskConfig,
+    ErrantReport, OffsetReader, PartitionControl, Placement, SinkConnector, SinkOffsets,
+    SinkPartitions, SinkTask, SinkTaskContext, SourceConnector, SourceTask, SourceTaskContext,
+    TaskConfig, TopicPartition,
 };
 pub use error::{ConnectError, ConnectResult};
 pub use record::{
