@@ -352,7 +352,14 @@ async fn a_refused_message_hands_its_backoff_to_the_engine_instead_of_sleeping_i
 #[tokio::test]
 async fn a_receiver_that_stops_reading_cannot_hold_a_put() {
     // Accepts connections and never reads: once the socket buffers are full, a write blocks.
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+    // A small receive buffer, fixed (no autotuning, which may grow to tcp_rmem's 32 MiB), and
+    // a message far larger than the sender's largest send buffer (tcp_wmem, 4 MiB here).
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("receive buffer");
+    socket
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
+    let listener = socket.listen(16).expect("listen");
     let port = listener.local_addr().expect("addr").port();
     let silent = tokio::spawn(async move {
         let mut held = Vec::new();
@@ -361,8 +368,8 @@ async fn a_receiver_that_stops_reading_cannot_hold_a_put() {
         }
     });
     let (mut task, mut errant) = started(port, &[("ack.timeout.ms", "500")]).await;
-    // Far more than loopback socket buffers hold.
-    let big = adt("BIG", "P") + &"OBX|1|ST|NOTE||".repeat(4 * 1024 * 1024 / 16);
+    // Far more than the socket buffers hold.
+    let big = adt("BIG", "P") + &"OBX|1|ST|NOTE||".repeat(16 * 1024 * 1024 / 16);
     let batch = vec![SinkRecord {
         record: Record::new("hl7.out").with_value(big),
         kafka_partition: 0,
