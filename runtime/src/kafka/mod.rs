@@ -10,6 +10,10 @@ mod error;
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
+use medconnect_api::Record;
+use rdkafka::message::{Headers as _, Message};
+
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::producer::FutureProducer;
@@ -131,4 +135,31 @@ pub fn overrides_with_prefix(
         .iter()
         .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone())))
         .collect()
+}
+
+/// A Kafka message as a [`Record`]: a record a sink consumed, or one the producer handed back
+/// with its refusal (to dead-letter or send again). Payloads are copied out of the client's
+/// buffer once.
+pub(crate) fn record_of(message: &impl Message) -> Record {
+    let headers = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|header| {
+                    (
+                        header.key.to_string(),
+                        header.value.map(Bytes::copy_from_slice),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic: message.topic().to_string(),
+        partition: (message.partition() >= 0).then_some(message.partition()),
+        key: message.key().map(Bytes::copy_from_slice),
+        value: message.payload().map(Bytes::copy_from_slice),
+        headers,
+        timestamp: message.timestamp().to_millis(),
+    }
 }

@@ -15,12 +15,11 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::Shared;
 use medconnect_api::{
-    ConnectError, ConnectResult, ErrantRecordHandler, ErrantRecordReporter, ErrantReport, Headers,
-    PartitionControl, Record, SinkOffsets, SinkPartitions, SinkRecord, SinkTask, SinkTaskContext,
+    ConnectError, ConnectResult, ErrantRecordHandler, ErrantRecordReporter, ErrantReport,
+    PartitionControl, SinkOffsets, SinkPartitions, SinkRecord, SinkTask, SinkTaskContext,
     TaskConfig, TopicPartition,
 };
 use rdkafka::client::ClientContext;
@@ -28,7 +27,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{BorrowedMessage, Headers as _, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
@@ -37,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use super::errors::{ErrorReporter, Origin, Stage, Verdict, dead_letter_result};
 use super::lifecycle::{start_with_retries, stop_in_time};
 use super::{RunState, RunnerSettings, StatusReporter};
+use crate::kafka::record_of;
 use crate::kafka::{KafkaSettings, KafkaSetupError};
 use crate::metrics::TaskMetrics;
 use crate::store::ConnectorState;
@@ -820,28 +820,8 @@ impl Sink {
 }
 
 fn to_sink_record(message: &BorrowedMessage<'_>) -> SinkRecord {
-    let headers: Headers = message
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|header| {
-                    (
-                        header.key.to_string(),
-                        header.value.map(Bytes::copy_from_slice),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
     SinkRecord {
-        record: Record {
-            topic: message.topic().to_string(),
-            partition: Some(message.partition()),
-            key: message.key().map(Bytes::copy_from_slice),
-            value: message.payload().map(Bytes::copy_from_slice),
-            headers,
-            timestamp: message.timestamp().to_millis(),
-        },
+        record: record_of(message),
         kafka_partition: message.partition(),
         kafka_offset: message.offset(),
     }

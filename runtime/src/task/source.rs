@@ -14,13 +14,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use medconnect_api::{
     AckHandle, ConnectError, ConnectResult, Delivery, Record, SourceOffset, SourcePartition,
     SourceRecord, SourceTask, SourceTaskContext,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
@@ -32,7 +31,7 @@ use super::errors::{
 };
 use super::lifecycle::{panic_message, start_with_retries, stop_in_time};
 use super::{RunState, RunnerSettings, StatusReporter};
-use crate::kafka::{KafkaSettings, TopicSpec, ensure_topics};
+use crate::kafka::{KafkaSettings, TopicSpec, ensure_topics, record_of};
 use crate::metrics::TaskMetrics;
 use crate::store::{ConnectorState, OffsetStore};
 use crate::transform::TransformChain;
@@ -151,31 +150,6 @@ fn produce_error(error: &KafkaError) -> ConnectError {
         ConnectError::data(format!("Kafka refused the record: {error}"))
     } else {
         ConnectError::retriable(format!("Kafka did not take the record: {error}"))
-    }
-}
-
-/// The record Kafka handed back with its refusal, for the dead-letter topic or a retry.
-fn record_of(message: &OwnedMessage) -> Record {
-    let headers = message
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|header| {
-                    (
-                        header.key.to_string(),
-                        header.value.map(Bytes::copy_from_slice),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Record {
-        topic: message.topic().to_string(),
-        partition: (message.partition() >= 0).then_some(message.partition()),
-        key: message.key().map(Bytes::copy_from_slice),
-        value: message.payload().map(Bytes::copy_from_slice),
-        headers,
-        timestamp: message.timestamp().to_millis(),
     }
 }
 
