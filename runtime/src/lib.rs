@@ -5,9 +5,11 @@ pub mod broker;
 pub mod kafka;
 pub mod metrics;
 pub mod rest;
+pub mod server;
 pub mod store;
 pub mod task;
 pub mod transform;
 pub mod worker;
 
-pub use worker::{Plugins, Worker, WorkerConfig};
+pub use server::{Worker, WorkerError};
+pub use worker::{Plugins, WorkerConfig};

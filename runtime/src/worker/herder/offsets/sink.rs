@@ -7,11 +7,13 @@ use std::time::Duration;
 use medconnect_api::Props;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use super::connector_config as cc;
-use super::herder::OffsetChanges;
 use crate::kafka::KafkaSettings;
+use crate::worker::connector_config as cc;
+
+/// A partition's new offset, or `None` to delete it (as `PATCH .../offsets` gives them).
+type PartitionChange = (Map<String, Value>, Option<Map<String, Value>>);
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -93,10 +95,10 @@ pub async fn read(
 pub async fn alter(
     settings: &KafkaSettings,
     connector: &str,
-    offsets: OffsetChanges,
+    offsets: &[PartitionChange],
 ) -> Result<(), String> {
     let mut list = TopicPartitionList::new();
-    for (partition, offset) in &offsets {
+    for (partition, offset) in offsets {
         let topic = partition
             .get("kafka_topic")
             .and_then(Value::as_str)

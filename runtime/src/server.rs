@@ -1,0 +1,248 @@
+//! A running worker process: the internal topics, the stores that read them, the herder and
+//! the REST API, started together and stopped together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::kafka::{KafkaSetupError, TopicSpec, ensure_topics};
+use crate::metrics::Metrics;
+use crate::rest::{self, LogLevels, RestState};
+use crate::store::{ConfigStore, OffsetStore, StatusStore, StoreError};
+use crate::worker::herder::{self, EveryTaskHere, Herder, HerderError};
+use crate::worker::{Plugins, WorkerConfig, cluster_watch};
+
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaSetupError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Herder(#[from] HerderError),
+    #[error("Kafka at {servers} did not answer within {timeout:?} while {what}")]
+    StartTimeout {
+        servers: String,
+        what: &'static str,
+        timeout: Duration,
+    },
+}
+
+/// A running worker. Dropping it without `shutdown` abandons its tasks.
+pub struct Worker {
+    herder: Arc<Herder>,
+    rest_addr: SocketAddr,
+    shutdown: CancellationToken,
+    background: Vec<JoinHandle<()>>,
+    /// Set once the worker cannot go on (its Kafka state is gone, its REST server stopped).
+    failure: watch::Receiver<Option<String>>,
+}
+
+impl Worker {
+    /// Starts a worker: creates missing internal topics, reads them, starts the connectors
+    /// they hold and serves the REST API. Its `/admin/loggers` records levels but steers no
+    /// subscriber: see [`Worker::start_with_log_levels`].
+    pub async fn start(config: WorkerConfig, plugins: Plugins) -> Result<Self, WorkerError> {
+        Self::start_with_log_levels(config, plugins, LogLevels::default()).await
+    }
+
+    /// As [`Worker::start`], with `/admin/loggers` reading and changing `log_levels`.
+    ///
+    /// Every part that can fail to start (the REST listener, reaching Kafka, the internal
+    /// topics, the stores) fails here, with what and where, within
+    /// `startup_timeout_ms` for Kafka: never a worker that runs half-started.
+    pub async fn start_with_log_levels(
+        config: WorkerConfig,
+        plugins: Plugins,
+        log_levels: LogLevels,
+    ) -> Result<Self, WorkerError> {
+        // The listener first: a port in use is the most common start-up failure and needs
+        // no broker to find out.
+        let listener = TcpListener::bind(config.rest.listen)
+            .await
+            .map_err(|source| WorkerError::Listen {
+                addr: config.rest.listen,
+                source,
+            })?;
+        let rest_addr = listener
+            .local_addr()
+            .map_err(|source| WorkerError::Listen {
+                addr: config.rest.listen,
+                source,
+            })?;
+        let kafka = config.kafka_settings();
+        let topics = &config.internal_topics;
+        let internal = vec![
+            topics.config.clone(),
+            topics.offsets.clone(),
+            topics.status.clone(),
+        ];
+        let startup_timeout = config.startup_timeout();
+        let timed_out = |what| WorkerError::StartTimeout {
+            servers: kafka.bootstrap_servers().to_string(),
+            what,
+            timeout: startup_timeout,
+        };
+        // librdkafka retries an unreachable cluster forever: bound the wait for it.
+        let cluster = cluster_watch::look(&kafka, &internal, startup_timeout).await?;
+        tokio::time::timeout(
+            startup_timeout,
+            ensure_topics(
+                &kafka,
+                &[
+                    TopicSpec::compacted(&topics.config, 1, topics.replication_factor),
+                    TopicSpec::compacted(
+                        &topics.offsets,
+                        topics.offsets_partitions,
+                        topics.replication_factor,
+                    ),
+                    TopicSpec::compacted(
+                        &topics.status,
+                        topics.status_partitions,
+                        topics.replication_factor,
+                    ),
+                ],
+            ),
+        )
+        .await
+        .map_err(|_| timed_out("creating the internal topics"))??;
+        let (configs, offsets, statuses) = tokio::try_join!(
+            ConfigStore::open(&kafka, &topics.config),
+            OffsetStore::open(&kafka, &topics.offsets),
+            StatusStore::open(&kafka, &topics.status),
+        )?;
+        let worker_id = config
+            .worker_id
+            .clone()
+            .unwrap_or_else(|| rest_addr.to_string());
+        let configs = Arc::new(configs);
+        let metrics = Metrics::default();
+        let herder = Arc::new(Herder::new(herder::HerderParts {
+            worker_id,
+            plugins,
+            configs: configs.clone(),
+            offsets: Arc::new(offsets),
+            statuses: Arc::new(statuses),
+            kafka: kafka.clone(),
+            runner: config.runner_settings(),
+            metrics,
+            // One worker runs everything until the cluster brings group membership.
+            assignment: Arc::new(EveryTaskHere),
+        })?);
+        let shutdown = CancellationToken::new();
+        let (failure_tx, failure) = watch::channel(None);
+        let rest = tokio::spawn({
+            let state = RestState {
+                herder: herder.clone(),
+                kafka_cluster_id: cluster.cluster_id.clone(),
+                log_levels,
+                max_config_bytes: rest::max_config_bytes(message_max_bytes(&kafka)),
+                failure: failure.clone(),
+            };
+            let (shutdown, failure) = (shutdown.clone(), failure_tx.clone());
+            async move {
+                rest::serve(listener, state, shutdown.clone()).await;
+                if !shutdown.is_cancelled() {
+                    failure.send_replace(Some(format!("the REST server on {rest_addr} stopped")));
+                }
+            }
+        });
+        herder.reconcile().await;
+        let watcher = tokio::spawn(follow_config_topic(
+            herder.clone(),
+            configs,
+            shutdown.clone(),
+        ));
+        let cluster_watch = tokio::spawn(cluster_watch::watch(
+            kafka.clone(),
+            internal,
+            cluster.cluster_id,
+            failure_tx,
+            shutdown.clone(),
+        ));
+        tracing::info!(rest = %rest_addr, worker = herder.worker_id(), "worker started");
+        Ok(Self {
+            herder,
+            rest_addr,
+            shutdown,
+            background: vec![rest, watcher, cluster_watch],
+            failure,
+        })
+    }
+
+    pub fn rest_addr(&self) -> SocketAddr {
+        self.rest_addr
+    }
+
+    pub fn herder(&self) -> &Arc<Herder> {
+        &self.herder
+    }
+
+    /// Resolves with the reason once the worker cannot go on (its Kafka cluster lost the
+    /// internal topics or was replaced, its REST server stopped); pending while it works.
+    /// The caller decides what follows: the `medconnect` binary exits non-zero.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.failure.clone();
+        match failure.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The sender lives in background tasks that end only at shutdown.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Stops serving, then stops every task after it delivered and committed what it holds.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for handle in self.background {
+            let _ = handle.await;
+        }
+        self.herder.shutdown().await;
+        tracing::info!("worker stopped");
+    }
+}
+
+/// The largest record the worker's producers send (librdkafka's `message.max.bytes`).
+fn message_max_bytes(kafka: &crate::kafka::KafkaSettings) -> usize {
+    const LIBRDKAFKA_DEFAULT: usize = 1_000_000;
+    kafka
+        .producer
+        .get("message.max.bytes")
+        .or_else(|| kafka.common.get("message.max.bytes"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(LIBRDKAFKA_DEFAULT)
+}
+
+/// Reconciles whenever the config topic changes, including changes made by other processes.
+async fn follow_config_topic(
+    herder: Arc<Herder>,
+    configs: Arc<ConfigStore>,
+    shutdown: CancellationToken,
+) {
+    let mut changes = configs.changes();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // Let a burst of records (task configs + commit) arrive before acting on them.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                changes.borrow_and_update();
+                herder.reconcile().await;
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Changes to connectors: each writes the config topic, then reconciles, and waits for the
+//! runs it stopped only once it released the operations lock.
+
+use std::collections::BTreeMap;
+
+use medconnect_api::Props;
+
+use super::reads::ConnectorInfo;
+use super::{ConnectorPlugin, Herder, HerderError, Result, cc, settle};
+use crate::store::{ConnectorState, TargetState};
+use crate::task::{AfterStop, Stopping};
+use crate::worker::connector_config::restore_hidden;
+use crate::worker::connector_name;
+
+impl Herder {
+    /// Sets `name` in the config, refusing a different one already there.
+    fn named(name: &str, mut config: Props) -> Result<Props> {
+        if let Some(given) = config.get(cc::NAME).filter(|n| *n != name) {
+            return Err(HerderError::BadRequest(format!(
+                "Connector name configuration ({given}) doesn't match connector name in the URL ({name})"
+            )));
+        }
+        config.insert(cc::NAME.into(), name.to_string());
+        Ok(config)
+    }
+
+    fn check(&self, name: &str, config: &Props) -> Result<ConnectorPlugin> {
+        // The REST API checks names as it reads them; this holds for every other caller.
+        connector_name::check(name).map_err(HerderError::BadRequest)?;
+        if !config.contains_key(cc::CLASS) {
+            return Err(HerderError::InvalidConfig(vec![(
+                cc::CLASS.into(),
+                "Missing required configuration \"connector.class\" which has no default value."
+                    .into(),
+            )]));
+        }
+        let plugin = self.plugin_for(config)?;
+        let errors: Vec<(String, String)> =
+            cc::validate(&plugin, config, self.runner.tasks_max_limit)
+                .into_iter()
+                .flat_map(|v| v.errors.into_iter().map(move |e| (v.name.clone(), e)))
+                .collect();
+        if errors.is_empty() {
+            Ok(plugin)
+        } else {
+            Err(HerderError::InvalidConfig(errors))
+        }
+    }
+
+    pub async fn create(
+        &self,
+        name: &str,
+        config: Props,
+        initial: Option<TargetState>,
+    ) -> Result<ConnectorInfo> {
+        let guard = self.operations.lock().await;
+        if self.configs.connector(name).is_some() {
+            return Err(HerderError::AlreadyExists(name.to_string()));
+        }
+        let config = Self::named(name, config)?;
+        self.check(name, &config)?;
+        self.write_new_config(name, &config, initial.unwrap_or_default())
+            .await?;
+        let stops = self.reconcile_locked().await;
+        let info = self.info(name);
+        drop(guard);
+        settle(stops).await;
+        info
+    }
+
+    /// `PUT /connectors/{name}/config`: creates or replaces; `true` when created.
+    pub async fn put_config(&self, name: &str, config: Props) -> Result<(bool, ConnectorInfo)> {
+        let guard = self.operations.lock().await;
+        let mut config = Self::named(name, config)?;
+        let existing = self.configs.connector(name);
+        if let Some(existing) = &existing {
+            let def = cc::full_def(&self.plugin_for(&config)?);
+            restore_hidden(&def, &mut config, Some(&existing.config));
+        }
+        self.check(name, &config)?;
+        let created = existing.is_none();
+        match existing {
+            None => {
+                self.write_new_config(name, &config, TargetState::Started)
+                    .await?
+            }
+            Some(existing) => {
+                self.configs.put_connector(name, &config).await?;
+                if existing.target_state != TargetState::Stopped {
+                    self.generate_tasks(name, &config).await?;
+                }
+            }
+        }
+        let stops = self.reconcile_locked().await;
+        let info = self.info(name);
+        drop(guard);
+        settle(stops).await;
+        Ok((created, info?))
+    }
+
+    pub async fn patch_config(
+        &self,
+        name: &str,
+        patch: BTreeMap<String, Option<String>>,
+    ) -> Result<ConnectorInfo> {
+        let guard = self.operations.lock().await;
+        let existing = self.entry(name)?;
+        let mut config = existing.config.clone();
+        for (key, value) in patch {
+            match value {
+                Some(value) => config.insert(key, value),
+                None => config.remove(&key),
+            };
+        }
+        config.insert(cc::NAME.into(), name.to_string());
+        let def = cc::full_def(&self.plugin_for(&config)?);
+        restore_hidden(&def, &mut config, Some(&existing.config));
+        self.check(name, &config)?;
+        self.configs.put_connector(name, &config).await?;
+        if existing.target_state != TargetState::Stopped {
+            self.generate_tasks(name, &config).await?;
+        }
+        let stops = self.reconcile_locked().await;
+        let info = self.info(name);
+        drop(guard);
+        settle(stops).await;
+        info
+    }
+
+    async fn write_new_config(
+        &self,
+        name: &str,
+        config: &Props,
+        initial: TargetState,
+    ) -> Result<()> {
+        self.configs.put_target_state(name, initial).await?;
+        self.configs.put_connector(name, config).await?;
+        if initial != TargetState::Stopped {
+            self.generate_tasks(name, config).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let guard = self.operations.lock().await;
+        self.entry(name)?;
+        self.configs.remove_connector(name).await?;
+        // The stopped runs are closed: nothing they still do can outlive these tombstones.
+        let stops = self.reconcile_locked().await;
+        let removed = self.statuses.remove(name).await;
+        drop(guard);
+        settle(stops).await;
+        Ok(removed?)
+    }
+
+    pub async fn set_target_state(&self, name: &str, state: TargetState) -> Result<()> {
+        let guard = self.operations.lock().await;
+        let entry = self.entry(name)?;
+        if entry.target_state == TargetState::Stopped && state != TargetState::Stopped {
+            // Stopped connectors have no task configs; make them anew.
+            self.configs.put_target_state(name, state).await?;
+            self.generate_tasks(name, &entry.config).await?;
+        } else {
+            self.configs.put_target_state(name, state).await?;
+            if state == TargetState::Stopped {
+                self.configs.put_task_configs(name, &[]).await?;
+            }
+        }
+        let stops = self.reconcile_locked().await;
+        drop(guard);
+        settle(stops).await;
+        Ok(())
+    }
+
+    /// `POST /connectors/{name}/restart`: restarts the connector and, with `include_tasks`,
+    /// its tasks (only failed ones with `only_failed`). Returns the tasks restarted.
+    pub async fn restart(
+        &self,
+        name: &str,
+        include_tasks: bool,
+        only_failed: bool,
+    ) -> Result<Vec<u32>> {
+        let guard = self.operations.lock().await;
+        let entry = self.entry(name)?;
+        let connector_failed = self
+            .statuses
+            .connector(name)
+            .is_some_and(|s| s.state == ConnectorState::Failed);
+        if !only_failed || connector_failed {
+            self.put_connector_status(name, ConnectorState::Restarting, None)
+                .await;
+            if entry.target_state != TargetState::Stopped {
+                self.generate_tasks(name, &entry.config).await?;
+            }
+        }
+        let mut restarted = Vec::new();
+        let mut stops = Vec::new();
+        if include_tasks {
+            for id in 0..entry.tasks.len() as u32 {
+                let failed = self
+                    .statuses
+                    .task(name, id)
+                    .is_some_and(|s| s.state == ConnectorState::Failed);
+                if !only_failed || failed {
+                    stops.extend(self.stop_task(name, id, AfterStop::Restarting).await);
+                    restarted.push(id);
+                }
+            }
+        }
+        stops.extend(self.reconcile_locked().await);
+        drop(guard);
+        settle(stops).await;
+        Ok(restarted)
+    }
+
+    pub async fn restart_task(&self, name: &str, task: u32) -> Result<()> {
+        let guard = self.operations.lock().await;
+        let entry = self.entry(name)?;
+        if task as usize >= entry.tasks.len() {
+            return Err(HerderError::TaskNotFound(name.to_string(), task));
+        }
+        let mut stops: Vec<Stopping> = self
+            .stop_task(name, task, AfterStop::Restarting)
+            .await
+            .into_iter()
+            .collect();
+        stops.extend(self.reconcile_locked().await);
+        drop(guard);
+        settle(stops).await;
+        Ok(())
+    }
+
+    pub async fn reset_topics(&self, name: &str) -> Result<()> {
+        self.entry(name)?;
+        let topics = self.statuses.topics(name);
+        Ok(self.statuses.reset_topics(name, &topics).await?)
+    }
+}

@@ -1,0 +1,139 @@
+//! Answers about connectors: their configs, task configs, status, topics, and validation of a
+//! config before it is written.
+
+use medconnect_api::{ConfigValue, ConnectorKind, Props};
+use serde_json::Value;
+
+use super::{Herder, HerderError, Result, cc};
+use crate::store::{ConnectorState, TaskStatus};
+
+/// A connector as the REST API shows it.
+#[derive(Debug, Clone)]
+pub struct ConnectorInfo {
+    pub name: String,
+    pub config: Props,
+    pub tasks: Vec<u32>,
+    pub kind: ConnectorKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnectorStatus {
+    pub name: String,
+    pub connector: TaskStatus,
+    pub tasks: Vec<(u32, TaskStatus)>,
+    pub kind: ConnectorKind,
+}
+
+/// The result of validating a connector config.
+#[derive(Debug, Clone)]
+pub struct Validation {
+    pub class: String,
+    pub groups: Vec<String>,
+    pub definitions: Vec<Value>,
+    pub values: Vec<ConfigValue>,
+}
+
+impl Validation {
+    pub fn error_count(&self) -> usize {
+        self.values.iter().map(|v| v.errors.len()).sum()
+    }
+}
+
+impl Herder {
+    pub fn connector_names(&self) -> Vec<String> {
+        self.configs.snapshot().connectors.into_keys().collect()
+    }
+
+    pub fn info(&self, name: &str) -> Result<ConnectorInfo> {
+        let entry = self.entry(name)?;
+        let plugin = self.plugin_for(&entry.config)?;
+        Ok(ConnectorInfo {
+            name: name.to_string(),
+            config: cc::redact(&cc::full_def(&plugin), &entry.config),
+            tasks: (0..entry.tasks.len() as u32).collect(),
+            kind: plugin.kind(),
+        })
+    }
+
+    pub fn config(&self, name: &str) -> Result<Props> {
+        Ok(self.info(name)?.config)
+    }
+
+    pub fn task_configs(&self, name: &str) -> Result<Vec<(u32, Props)>> {
+        let entry = self.entry(name)?;
+        let def = cc::full_def(&self.plugin_for(&entry.config)?);
+        Ok(entry
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(id, config)| (id as u32, cc::redact(&def, config)))
+            .collect())
+    }
+
+    pub fn status(&self, name: &str) -> Result<ConnectorStatus> {
+        let entry = self.entry(name)?;
+        let kind = self.plugin_for(&entry.config)?.kind();
+        let connector = self
+            .statuses
+            .connector(name)
+            .unwrap_or_else(|| self.unassigned());
+        let tasks = self
+            .statuses
+            .tasks(name)
+            .into_iter()
+            .filter(|(id, _)| (*id as usize) < entry.tasks.len())
+            .collect();
+        Ok(ConnectorStatus {
+            name: name.to_string(),
+            connector,
+            tasks,
+            kind,
+        })
+    }
+
+    pub fn task_status(&self, name: &str, task: u32) -> Result<TaskStatus> {
+        let entry = self.entry(name)?;
+        if task as usize >= entry.tasks.len() {
+            return Err(HerderError::TaskNotFound(name.to_string(), task));
+        }
+        Ok(self
+            .statuses
+            .task(name, task)
+            .unwrap_or_else(|| self.unassigned()))
+    }
+
+    fn unassigned(&self) -> TaskStatus {
+        TaskStatus {
+            state: ConnectorState::Unassigned,
+            trace: None,
+            worker_id: self.worker_id.clone(),
+            generation: 0,
+            run: 0,
+        }
+    }
+
+    pub fn topics(&self, name: &str) -> Result<Vec<String>> {
+        self.entry(name)?;
+        Ok(self.statuses.topics(name))
+    }
+
+    pub fn validate(&self, class: &str, config: &Props) -> Result<Validation> {
+        let plugin = self.plugin_named(class)?;
+        let mut with_class = config.clone();
+        with_class
+            .entry(cc::CLASS.to_string())
+            .or_insert_with(|| class.to_string());
+        let def = cc::full_def(&plugin);
+        Ok(Validation {
+            class: plugin.connector().class().to_string(),
+            groups: def.groups(),
+            definitions: def
+                .keys()
+                .iter()
+                .enumerate()
+                .map(|(i, k)| k.definition_json(i))
+                .collect(),
+            values: cc::validate(&plugin, &with_class, self.runner.tasks_max_limit),
+        })
+    }
+}

@@ -1,0 +1,58 @@
+//! Task-config generation: the connector splits its work, and the task configs are committed
+//! to the config topic with the `${...}` references the user wrote, resolved only when each
+//! task starts.
+
+use medconnect_api::{ConnectorContext, Props};
+
+use super::{Herder, HerderError, Result, cc};
+use crate::store::ConnectorState;
+use crate::worker::secrets;
+
+impl Herder {
+    /// Asks the connector for its task configs and commits them to the config topic.
+    pub(super) async fn generate_tasks(&self, name: &str, config: &Props) -> Result<()> {
+        let plugin = self.plugin_for(config)?;
+        // Bounded even for a config stored before the worker's limit existed.
+        let max_tasks = cc::task_count(&plugin, config, self.runner.tasks_max_limit);
+        // Task configs keep `${...}` references: they are resolved when each task starts.
+        let context = ConnectorContext {
+            connector_name: name.to_string(),
+            config: config.clone(),
+        };
+        let resolved_context = ConnectorContext {
+            config: secrets::resolve(config)
+                .map_err(|e| HerderError::InvalidConfig(vec![cc::field_and_reason(e)]))?,
+            ..context.clone()
+        };
+        match plugin
+            .connector()
+            .task_configs(&resolved_context, max_tasks)
+        {
+            Ok(resolved_tasks) => {
+                // Store the unresolved values of settings the connector copied through.
+                let tasks: Vec<Props> = resolved_tasks
+                    .into_iter()
+                    .map(|task| {
+                        task.into_iter()
+                            .map(|(k, v)| match context.config.get(&k) {
+                                Some(original) if resolved_context.config.get(&k) == Some(&v) => {
+                                    (k, original.clone())
+                                }
+                                _ => (k, v),
+                            })
+                            .collect()
+                    })
+                    .collect();
+                self.configs.put_task_configs(name, &tasks).await?;
+                Ok(())
+            }
+            Err(error) => {
+                self.put_connector_status(name, ConnectorState::Failed, Some(error.to_string()))
+                    .await;
+                Err(HerderError::BadRequest(format!(
+                    "Connector {name} could not generate task configs: {error}"
+                )))
+            }
+        }
+    }
+}
