@@ -15,7 +15,7 @@ use medconnect_api::{
     SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig,
 };
 use medconnect_e2e::{TestCluster, TestWorker, eventually, json};
-use medconnect_runtime::{Plugins, WorkerConfig};
+use medconnect_runtime::WorkerConfig;
 use serde_json::{Map, Value};
 
 /// Records the scripted source emits.
@@ -100,7 +100,7 @@ fn map(key: &str, value: Value) -> Map<String, Value> {
 }
 
 async fn worker_with(cluster: &TestCluster, config: WorkerConfig) -> anyhow::Result<TestWorker> {
-    let plugins = Plugins::builtin()
+    let plugins = medconnect::builtin_plugins()
         .with_source(Arc::new(ScriptedSource))
         .with_source(Arc::new(FlakySource::default()))
         .with_sink(Arc::new(ReportingSink));
@@ -642,7 +642,7 @@ impl SinkTask for PacedSinkTask {
 }
 
 async fn paced_worker(cluster: &TestCluster, pace: Arc<Pace>) -> anyhow::Result<TestWorker> {
-    let plugins = Plugins::builtin().with_sink(Arc::new(PacedSink(pace)));
+    let plugins = medconnect::builtin_plugins().with_sink(Arc::new(PacedSink(pace)));
     cluster
         .start_worker_with_plugins(cluster.worker_config(), plugins)
         .await

@@ -12,7 +12,7 @@ use medconnect_e2e::{DEADLINE, Rest, eventually, medconnect_bin};
 use medconnect_runtime::broker::{self, EmbeddedBroker};
 use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
 use medconnect_runtime::worker::cluster_watch;
-use medconnect_runtime::{Plugins, Worker, WorkerConfig};
+use medconnect_runtime::{Worker, WorkerConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -330,7 +330,7 @@ async fn a_worker_reports_a_broker_that_came_back_empty() -> anyhow::Result<()> 
     let mut config = WorkerConfig::new(&proxy.addr.to_string())
         .with_consumer_settings(broker::CONSUMER_SETTINGS);
     config.rest.listen = "127.0.0.1:0".parse()?;
-    let worker = Worker::start(config, Plugins::builtin()).await?;
+    let worker = Worker::start(config, medconnect::builtin_plugins()).await?;
     let rest = Rest::new(&format!("http://{}", worker.rest_addr()));
     let (code, health) = rest.get("/health").await?;
     assert_eq!(code, 200, "{health}");

@@ -23,8 +23,8 @@ use medconnect_api::{
     SinkRecord, SinkTask, SinkTaskContext, TaskConfig, TopicPartition,
 };
 use medconnect_e2e::{TestCluster, TestWorker, eventually, json};
+use medconnect_runtime::WorkerConfig;
 use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
-use medconnect_runtime::{Plugins, WorkerConfig};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -308,7 +308,7 @@ async fn worker(cluster: &TestCluster) -> anyhow::Result<TestWorker> {
     let mut config: WorkerConfig = cluster.worker_config();
     // No periodic commit: only rebalances and stops commit.
     config.tasks.offset_flush_interval_ms = 3_600_000;
-    let plugins = Plugins::builtin().with_sink(Arc::new(RecordingSink));
+    let plugins = medconnect::builtin_plugins().with_sink(Arc::new(RecordingSink));
     cluster.start_worker_with_plugins(config, plugins).await
 }
 

@@ -13,7 +13,6 @@ use medconnect_api::{
     SourceTask, SourceTaskContext, TaskConfig,
 };
 use medconnect_e2e::{DEADLINE, Rest, TestCluster, TestWorker, eventually, json};
-use medconnect_runtime::Plugins;
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -228,7 +227,7 @@ async fn worker_with_test_connectors(
     shutdown_timeout_ms: u64,
 ) -> anyhow::Result<(TestWorker, Arc<Hooks>)> {
     let hooks = Hooks::new();
-    let plugins = Plugins::builtin()
+    let plugins = medconnect::builtin_plugins()
         .with_sink(Arc::new(MisbehavingSink(hooks.clone())))
         .with_source(Arc::new(MisbehavingSource(hooks.clone())));
     let mut config = cluster.worker_config();

@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use medconnect_hl7::mllp::client::MllpClient;
 use medconnect_runtime::broker::EmbeddedBroker;
 use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
-use medconnect_runtime::{Plugins, Worker, WorkerConfig};
+use medconnect_runtime::{Worker, WorkerConfig};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 fn adt(sender: usize, seq: u64) -> Vec<u8> {
@@ -178,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
     let bootstrap = broker.bootstrap_servers();
     let mut config = WorkerConfig::new(&bootstrap);
     config.rest.listen = "127.0.0.1:0".parse()?;
-    let worker = Worker::start(config, Plugins::builtin()).await?;
+    let worker = Worker::start(config, medconnect::builtin_plugins()).await?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();

@@ -25,7 +25,7 @@ use medconnect_api::{
 use medconnect_datagen::{Schema, generate};
 use medconnect_runtime::broker::{self, EmbeddedBroker};
 use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
-use medconnect_runtime::{Plugins, Worker, WorkerConfig};
+use medconnect_runtime::{Worker, WorkerConfig};
 use rdkafka::producer::FutureRecord;
 use serde_json::{Map, json};
 
@@ -230,7 +230,7 @@ fn medconnect_binary() -> anyhow::Result<std::path::PathBuf> {
     let path = exe.with_file_name("medconnect");
     if !path.exists() {
         bail!(
-            "{} not found: build it first (cargo build -p medconnect-runtime)",
+            "{} not found: build it first (cargo build -p medconnect --bin medconnect)",
             path.display()
         );
     }
@@ -396,7 +396,8 @@ async fn main() -> anyhow::Result<()> {
     let mut config = WorkerConfig::new(&broker.bootstrap_servers())
         .with_consumer_settings(broker::CONSUMER_SETTINGS);
     config.rest.listen = "127.0.0.1:0".parse()?;
-    let plugins = Plugins::builtin().with_source(Arc::new(ReplayConnector { data: data.clone() }));
+    let plugins =
+        medconnect::builtin_plugins().with_source(Arc::new(ReplayConnector { data: data.clone() }));
     let worker = Worker::start(config, plugins).await?;
     let (mut best_raw, mut best_pipeline) = (0.0f64, 0.0f64);
     for n in 0..ROUNDS {

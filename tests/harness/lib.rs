@@ -98,7 +98,7 @@ impl TestCluster {
     }
 
     pub async fn start_worker_with(&self, config: WorkerConfig) -> anyhow::Result<TestWorker> {
-        self.start_worker_with_plugins(config, Plugins::builtin())
+        self.start_worker_with_plugins(config, medconnect::builtin_plugins())
             .await
     }
 

@@ -18,7 +18,7 @@ pub fn medconnect_bin() -> anyhow::Result<PathBuf> {
     let bin = profile_dir.join("medconnect");
     if !bin.is_file() {
         bail!(
-            "{} is missing: run `cargo build -p medconnect-runtime --bin medconnect` first (scripts/test does)",
+            "{} is missing: run `cargo build -p medconnect --bin medconnect` first (scripts/test does)",
             bin.display()
         );
     }

@@ -1,4 +1,5 @@
-//! The connector plugins a worker knows: the built-in connectors, looked up by class or alias.
+//! The connector plugins a worker knows, looked up by class or alias. The embedder registers
+//! them (the `medconnect` package registers the built-in connectors).
 
 use std::sync::Arc;
 
@@ -45,16 +46,6 @@ pub struct Plugins {
 }
 
 impl Plugins {
-    /// The connectors built into the `medconnect` binary.
-    pub fn builtin() -> Self {
-        Self::default()
-            .with_source(Arc::new(medconnect_datagen::DatagenSourceConnector))
-            .with_source(Arc::new(medconnect_file::FileSourceConnector))
-            .with_sink(Arc::new(medconnect_file::FileSinkConnector))
-            .with_source(Arc::new(medconnect_hl7::MllpSourceConnector))
-            .with_sink(Arc::new(medconnect_hl7::MllpSinkConnector))
-    }
-
     pub fn with_source(mut self, connector: Arc<dyn SourceConnector>) -> Self {
         self.connectors.push(ConnectorPlugin::Source(connector));
         self

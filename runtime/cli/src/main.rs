@@ -1,6 +1,7 @@
 //! The `medconnect` binary.
 
 use std::io::IsTerminal;
+#[cfg(feature = "embedded-broker")]
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,8 +10,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use medconnect_runtime::rest::LogLevels;
+#[cfg(feature = "embedded-broker")]
 use medconnect_runtime::worker::connector_name;
-use medconnect_runtime::{Plugins, Worker, WorkerConfig};
+use medconnect_runtime::{Worker, WorkerConfig};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::reload;
@@ -129,9 +131,10 @@ async fn run(command: Command, log_levels: LogLevels) -> anyhow::Result<()> {
     match command {
         Command::Worker { config } => {
             let config = WorkerConfig::from_file(&config)?;
-            let worker = Worker::start_with_log_levels(config, Plugins::builtin(), log_levels)
-                .await
-                .context("the worker did not start")?;
+            let worker =
+                Worker::start_with_log_levels(config, medconnect::builtin_plugins(), log_levels)
+                    .await
+                    .context("the worker did not start")?;
             tokio::select! {
                 _ = wait_for_signal() => worker.shutdown().await,
                 reason = worker.failed() => return Err(stop_failed(worker, reason).await),
@@ -149,9 +152,10 @@ async fn run(command: Command, log_levels: LogLevels) -> anyhow::Result<()> {
             let mut config = WorkerConfig::new(&broker.bootstrap_servers())
                 .with_consumer_settings(medconnect_runtime::broker::CONSUMER_SETTINGS);
             config.rest.listen = rest;
-            let worker = Worker::start_with_log_levels(config, Plugins::builtin(), log_levels)
-                .await
-                .context("the worker did not start")?;
+            let worker =
+                Worker::start_with_log_levels(config, medconnect::builtin_plugins(), log_levels)
+                    .await
+                    .context("the worker did not start")?;
             for path in connectors {
                 create_from_file(&worker, &path).await?;
             }
@@ -216,7 +220,9 @@ async fn stop_failed(worker: Worker, reason: String) -> anyhow::Error {
     anyhow::anyhow!("the worker stopped: {reason}")
 }
 
-/// Creates a connector from a Connect-style JSON file, as `POST /connectors` would.
+/// Creates a connector from a Connect-style JSON file, as `POST /connectors` would; only
+/// `dev --connector` reads such files.
+#[cfg(feature = "embedded-broker")]
 async fn create_from_file(worker: &Worker, path: &PathBuf) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

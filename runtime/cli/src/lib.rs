@@ -1,0 +1,19 @@
+//! The built-in connectors, registered for the `medconnect` binary and for tests and
+//! benchmarks that run workers in-process. They live here, not in `medconnect-runtime`, so the
+//! engine depends on the connector API only and never on a connector crate.
+
+use std::sync::Arc;
+
+use medconnect_runtime::Plugins;
+
+/// The connectors built into the `medconnect` binary: the datagen source, the file source and
+/// sink, and the HL7 MLLP source and sink. Add more with [`Plugins::with_source`] and
+/// [`Plugins::with_sink`].
+pub fn builtin_plugins() -> Plugins {
+    Plugins::default()
+        .with_source(Arc::new(medconnect_datagen::DatagenSourceConnector))
+        .with_source(Arc::new(medconnect_file::FileSourceConnector))
+        .with_sink(Arc::new(medconnect_file::FileSinkConnector))
+        .with_source(Arc::new(medconnect_hl7::MllpSourceConnector))
+        .with_sink(Arc::new(medconnect_hl7::MllpSinkConnector))
+}
