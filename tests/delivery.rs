@@ -30,6 +30,7 @@ const BAD: u64 = 7;
 /// topic yet), while the records after it are written.
 struct ScriptedSource;
 
+#[async_trait]
 impl Connector for ScriptedSource {
     fn class(&self) -> &'static str {
         "test.ScriptedSource"
@@ -43,17 +44,21 @@ impl Connector for ScriptedSource {
     fn config_def(&self) -> ConfigDef {
         ConfigDef::new()
     }
-    fn task_configs(&self, context: &ConnectorContext, _: usize) -> ConnectResult<Vec<TaskConfig>> {
+    async fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        _: usize,
+    ) -> ConnectResult<Vec<TaskConfig>> {
         Ok(vec![context.config.clone()])
     }
 }
 
 impl SourceConnector for ScriptedSource {
-    fn create_task(&self) -> Box<dyn SourceTask> {
-        Box::new(ScriptedSourceTask {
-            topic: String::new(),
+    fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
+        Ok(Box::new(ScriptedSourceTask {
+            topic: context.config.get("topic").cloned().unwrap_or_default(),
             emitted: false,
-        })
+        }))
     }
 }
 
@@ -64,8 +69,7 @@ struct ScriptedSourceTask {
 
 #[async_trait]
 impl SourceTask for ScriptedSourceTask {
-    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
-        self.topic = context.config.get("topic").cloned().unwrap_or_default();
+    async fn start(&mut self) -> ConnectResult<()> {
         Ok(())
     }
 
@@ -191,6 +195,7 @@ async fn a_record_kafka_refuses_is_dead_lettered_with_tolerance_all() -> anyhow:
 /// record whose value is `stuck`.
 struct ReportingSink;
 
+#[async_trait]
 impl Connector for ReportingSink {
     fn class(&self) -> &'static str {
         "test.ReportingSink"
@@ -204,29 +209,32 @@ impl Connector for ReportingSink {
     fn config_def(&self) -> ConfigDef {
         ConfigDef::new()
     }
-    fn task_configs(&self, context: &ConnectorContext, _: usize) -> ConnectResult<Vec<TaskConfig>> {
+    async fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        _: usize,
+    ) -> ConnectResult<Vec<TaskConfig>> {
         Ok(vec![context.config.clone()])
     }
 }
 
 impl SinkConnector for ReportingSink {
-    fn create_task(&self) -> Box<dyn SinkTask> {
-        Box::new(ReportingSinkTask {
+    fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {
+        Ok(Box::new(ReportingSinkTask {
             buffer: Vec::new(),
-            reporter: None,
-        })
+            reporter: context.errant_records,
+        }))
     }
 }
 
 struct ReportingSinkTask {
     buffer: Vec<SinkRecord>,
-    reporter: Option<ErrantRecordReporter>,
+    reporter: ErrantRecordReporter,
 }
 
 #[async_trait]
 impl SinkTask for ReportingSinkTask {
-    async fn start(&mut self, context: SinkTaskContext) -> ConnectResult<()> {
-        self.reporter = Some(context.errant_records);
+    async fn start(&mut self) -> ConnectResult<()> {
         Ok(())
     }
 
@@ -242,10 +250,7 @@ impl SinkTask for ReportingSinkTask {
     }
 
     async fn flush(&mut self) -> ConnectResult<()> {
-        let reporter = self
-            .reporter
-            .as_ref()
-            .ok_or_else(|| ConnectError::fatal("not started"))?;
+        let reporter = &self.reporter;
         for record in self.buffer.drain(..) {
             if record.record.value.as_deref() == Some(b"bad") {
                 // Not awaited: the engine must still have it in the dead-letter topic
@@ -360,6 +365,7 @@ struct FlakySource {
     starts: Arc<AtomicUsize>,
 }
 
+#[async_trait]
 impl Connector for FlakySource {
     fn class(&self) -> &'static str {
         "test.FlakySource"
@@ -373,17 +379,21 @@ impl Connector for FlakySource {
     fn config_def(&self) -> ConfigDef {
         ConfigDef::new()
     }
-    fn task_configs(&self, context: &ConnectorContext, _: usize) -> ConnectResult<Vec<TaskConfig>> {
+    async fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        _: usize,
+    ) -> ConnectResult<Vec<TaskConfig>> {
         Ok(vec![context.config.clone()])
     }
 }
 
 impl SourceConnector for FlakySource {
-    fn create_task(&self) -> Box<dyn SourceTask> {
-        Box::new(FlakySourceTask {
+    fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
+        Ok(Box::new(FlakySourceTask {
             starts: self.starts.clone(),
-            panic: Arc::new(AtomicBool::new(false)),
-        })
+            panic: Arc::new(AtomicBool::new(context.config.contains_key("panic"))),
+        }))
     }
 }
 
@@ -394,9 +404,7 @@ struct FlakySourceTask {
 
 #[async_trait]
 impl SourceTask for FlakySourceTask {
-    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
-        self.panic
-            .store(context.config.contains_key("panic"), Ordering::SeqCst);
+    async fn start(&mut self) -> ConnectResult<()> {
         if self.starts.fetch_add(1, Ordering::SeqCst) < 3 {
             return Err(ConnectError::retriable("address in use"));
         }
@@ -545,6 +553,7 @@ struct Pace {
 #[derive(Default)]
 struct PacedSink(Arc<Pace>);
 
+#[async_trait]
 impl Connector for PacedSink {
     fn class(&self) -> &'static str {
         "test.PacedSink"
@@ -558,34 +567,38 @@ impl Connector for PacedSink {
     fn config_def(&self) -> ConfigDef {
         ConfigDef::new()
     }
-    fn task_configs(&self, context: &ConnectorContext, _: usize) -> ConnectResult<Vec<TaskConfig>> {
+    async fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        _: usize,
+    ) -> ConnectResult<Vec<TaskConfig>> {
         Ok(vec![context.config.clone()])
     }
 }
 
 impl SinkConnector for PacedSink {
-    fn create_task(&self) -> Box<dyn SinkTask> {
-        Box::new(PacedSinkTask {
+    fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {
+        Ok(Box::new(PacedSinkTask {
             pace: self.0.clone(),
-            ack_below: i64::MAX,
-            partitions: None,
-        })
+            ack_below: context
+                .config
+                .get("ack.below")
+                .and_then(|below| below.parse().ok())
+                .unwrap_or(i64::MAX),
+            partitions: context.partitions,
+        }))
     }
 }
 
 struct PacedSinkTask {
     pace: Arc<Pace>,
     ack_below: i64,
-    partitions: Option<medconnect_api::SinkPartitions>,
+    partitions: medconnect_api::SinkPartitions,
 }
 
 #[async_trait]
 impl SinkTask for PacedSinkTask {
-    async fn start(&mut self, context: SinkTaskContext) -> ConnectResult<()> {
-        if let Some(below) = context.config.get("ack.below") {
-            self.ack_below = below.parse().unwrap_or(i64::MAX);
-        }
-        self.partitions = Some(context.partitions);
+    async fn start(&mut self) -> ConnectResult<()> {
         Ok(())
     }
 
@@ -597,9 +610,8 @@ impl SinkTask for PacedSinkTask {
             {
                 self.pace.leaked.store(true, Ordering::SeqCst);
             }
-            if value == "pause"
-                && let Some(partitions) = self.partitions.clone()
-            {
+            if value == "pause" {
+                let partitions = self.partitions.clone();
                 let partition = medconnect_api::TopicPartition::new(
                     record.record.topic.clone(),
                     record.kafka_partition,

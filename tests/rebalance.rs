@@ -85,6 +85,7 @@ fn events(connector: &str) -> Vec<Event> {
 /// flushes, which has nothing to do).
 struct RecordingSink;
 
+#[async_trait]
 impl Connector for RecordingSink {
     fn class(&self) -> &'static str {
         "test.RecordingSink"
@@ -98,7 +99,7 @@ impl Connector for RecordingSink {
     fn config_def(&self) -> ConfigDef {
         ConfigDef::new()
     }
-    fn task_configs(
+    async fn task_configs(
         &self,
         context: &ConnectorContext,
         max_tasks: usize,
@@ -108,12 +109,12 @@ impl Connector for RecordingSink {
 }
 
 impl SinkConnector for RecordingSink {
-    fn create_task(&self) -> Box<dyn SinkTask> {
-        Box::new(RecordingTask {
-            connector: String::new(),
-            task: 0,
+    fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {
+        Ok(Box::new(RecordingTask {
+            connector: context.connector_name,
+            task: context.task_id,
             run: RUNS.fetch_add(1, Ordering::SeqCst),
-        })
+        }))
     }
 }
 
@@ -142,9 +143,7 @@ fn numbers(partitions: &[TopicPartition]) -> Vec<i32> {
 
 #[async_trait]
 impl SinkTask for RecordingTask {
-    async fn start(&mut self, context: SinkTaskContext) -> ConnectResult<()> {
-        self.connector = context.connector_name;
-        self.task = context.task_id;
+    async fn start(&mut self) -> ConnectResult<()> {
         while self.task == 1 && held(&self.connector) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -78,6 +78,7 @@ fn behaviour_def() -> ConfigDef {
 /// A sink whose tasks misbehave as `behaviour` says, `tasks.max` of them.
 struct MisbehavingSink(Arc<Hooks>);
 
+#[async_trait]
 impl Connector for MisbehavingSink {
     fn class(&self) -> &'static str {
         "test.MisbehavingSink"
@@ -95,7 +96,7 @@ impl Connector for MisbehavingSink {
         behaviour_def()
     }
 
-    fn task_configs(
+    async fn task_configs(
         &self,
         context: &ConnectorContext,
         max_tasks: usize,
@@ -105,17 +106,18 @@ impl Connector for MisbehavingSink {
 }
 
 impl SinkConnector for MisbehavingSink {
-    fn create_task(&self) -> Box<dyn SinkTask> {
-        Box::new(MisbehavingTask {
-            hooks: self.0.clone(),
-            behaviour: String::new(),
-        })
+    fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {
+        Ok(Box::new(MisbehavingTask::new(
+            self.0.clone(),
+            &context.config,
+        )))
     }
 }
 
 /// A source whose tasks misbehave as `behaviour` says.
 struct MisbehavingSource(Arc<Hooks>);
 
+#[async_trait]
 impl Connector for MisbehavingSource {
     fn class(&self) -> &'static str {
         "test.MisbehavingSource"
@@ -133,7 +135,7 @@ impl Connector for MisbehavingSource {
         behaviour_def()
     }
 
-    fn task_configs(
+    async fn task_configs(
         &self,
         context: &ConnectorContext,
         max_tasks: usize,
@@ -143,11 +145,11 @@ impl Connector for MisbehavingSource {
 }
 
 impl SourceConnector for MisbehavingSource {
-    fn create_task(&self) -> Box<dyn SourceTask> {
-        Box::new(MisbehavingTask {
-            hooks: self.0.clone(),
-            behaviour: String::new(),
-        })
+    fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
+        Ok(Box::new(MisbehavingTask::new(
+            self.0.clone(),
+            &context.config,
+        )))
     }
 }
 
@@ -157,8 +159,14 @@ struct MisbehavingTask {
 }
 
 impl MisbehavingTask {
-    fn start(&mut self, config: &TaskConfig) -> ConnectResult<()> {
-        self.behaviour = config.get(BEHAVIOUR).cloned().unwrap_or_default();
+    fn new(hooks: Arc<Hooks>, config: &TaskConfig) -> Self {
+        Self {
+            hooks,
+            behaviour: config.get(BEHAVIOUR).cloned().unwrap_or_default(),
+        }
+    }
+
+    fn start(&mut self) -> ConnectResult<()> {
         self.hooks.starts.fetch_add(1, Ordering::SeqCst);
         match self.behaviour.as_str() {
             "fail-start" => Err(medconnect_api::ConnectError::fatal(
@@ -183,8 +191,8 @@ impl MisbehavingTask {
 
 #[async_trait]
 impl SinkTask for MisbehavingTask {
-    async fn start(&mut self, context: SinkTaskContext) -> ConnectResult<()> {
-        MisbehavingTask::start(self, &context.config)
+    async fn start(&mut self) -> ConnectResult<()> {
+        MisbehavingTask::start(self)
     }
 
     async fn put(&mut self, records: Vec<SinkRecord>) -> ConnectResult<()> {
@@ -205,8 +213,8 @@ impl SinkTask for MisbehavingTask {
 
 #[async_trait]
 impl SourceTask for MisbehavingTask {
-    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
-        MisbehavingTask::start(self, &context.config)
+    async fn start(&mut self) -> ConnectResult<()> {
+        MisbehavingTask::start(self)
     }
 
     async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>> {

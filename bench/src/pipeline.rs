@@ -51,6 +51,7 @@ struct ReplayConnector {
     data: Dataset,
 }
 
+#[async_trait]
 impl Connector for ReplayConnector {
     fn class(&self) -> &'static str {
         "bench.ReplaySource"
@@ -64,7 +65,7 @@ impl Connector for ReplayConnector {
     fn config_def(&self) -> ConfigDef {
         ConfigDef::new()
     }
-    fn task_configs(
+    async fn task_configs(
         &self,
         context: &ConnectorContext,
         _max_tasks: usize,
@@ -74,12 +75,12 @@ impl Connector for ReplayConnector {
 }
 
 impl SourceConnector for ReplayConnector {
-    fn create_task(&self) -> Box<dyn SourceTask> {
-        Box::new(ReplayTask {
+    fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
+        Ok(Box::new(ReplayTask {
             data: self.data.clone(),
             next: 0,
-            topic: String::new(),
-        })
+            topic: context.config.get("topic").cloned().unwrap_or_default(),
+        }))
     }
 }
 
@@ -91,8 +92,7 @@ struct ReplayTask {
 
 #[async_trait]
 impl SourceTask for ReplayTask {
-    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
-        self.topic = context.config.get("topic").cloned().unwrap_or_default();
+    async fn start(&mut self) -> ConnectResult<()> {
         Ok(())
     }
 

@@ -29,6 +29,7 @@ const IDLE: Duration = Duration::from_millis(200);
 #[derive(Debug, Default)]
 pub struct DatagenSourceConnector;
 
+#[async_trait]
 impl Connector for DatagenSourceConnector {
     fn class(&self) -> &'static str {
         "io.medconnect.connectors.datagen.DatagenSourceConnector"
@@ -50,11 +51,11 @@ impl Connector for DatagenSourceConnector {
         config::def()
     }
 
-    fn validate(&self, config: &Props) -> ConnectResult<()> {
+    async fn validate(&self, config: &Props) -> ConnectResult<()> {
         DatagenConfig::parse(config).map(|_| ())
     }
 
-    fn task_configs(
+    async fn task_configs(
         &self,
         context: &ConnectorContext,
         max_tasks: usize,
@@ -82,33 +83,34 @@ impl Connector for DatagenSourceConnector {
 }
 
 impl SourceConnector for DatagenSourceConnector {
-    fn create_task(&self) -> Box<dyn SourceTask> {
-        Box::<DatagenSourceTask>::default()
+    fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
+        let config = DatagenTaskConfig::parse(&context.config)?;
+        let partition = Map::from_iter([
+            (
+                "generator".to_string(),
+                json!(config.connector.schema.as_str()),
+            ),
+            ("task".to_string(), json!(context.task_id)),
+        ]);
+        Ok(Box::new(DatagenSourceTask {
+            pace: config.pace(),
+            config,
+            context,
+            next_seq: 0,
+            next_due: None,
+            partition,
+        }))
     }
 }
 
-#[derive(Debug)]
 pub struct DatagenSourceTask {
-    config: Option<DatagenTaskConfig>,
-    task_id: u32,
+    config: DatagenTaskConfig,
+    context: SourceTaskContext,
     next_seq: u64,
     pace: Pace,
     /// When the next record is due (throttled tasks; set on the first poll).
     next_due: Option<Instant>,
     partition: Map<String, Value>,
-}
-
-impl Default for DatagenSourceTask {
-    fn default() -> Self {
-        Self {
-            config: None,
-            task_id: 0,
-            next_seq: 0,
-            pace: Pace::Unthrottled,
-            next_due: None,
-            partition: Map::new(),
-        }
-    }
 }
 
 impl DatagenSourceTask {
@@ -160,35 +162,22 @@ impl DatagenSourceTask {
 
 #[async_trait]
 impl SourceTask for DatagenSourceTask {
-    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
-        let config = DatagenTaskConfig::parse(&context.config)?;
-        self.task_id = context.task_id;
-        self.pace = config.pace();
+    async fn start(&mut self) -> ConnectResult<()> {
+        self.pace = self.config.pace();
         self.next_due = None;
-        self.partition = Map::from_iter([
-            (
-                "generator".to_string(),
-                json!(config.connector.schema.as_str()),
-            ),
-            ("task".to_string(), json!(self.task_id)),
-        ]);
+        let context = &self.context;
         self.next_seq = context
             .offsets
             .offset(&self.partition)
             .and_then(|offset| offset.get("seq").and_then(Value::as_u64))
             // A stored offset is data (PATCH .../offsets can set any): never overflow on it.
             .map_or(0, |seq| seq.saturating_add(1));
-        tracing::info!(connector = %context.connector_name, task = self.task_id, resume_from = self.next_seq, pace = ?self.pace, "datagen task started");
-        self.config = Some(config);
+        tracing::info!(connector = %context.connector_name, task = context.task_id, resume_from = self.next_seq, pace = ?self.pace, "datagen task started");
         Ok(())
     }
 
     async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>> {
-        let Some(config) = self.config.as_ref() else {
-            return Err(medconnect_api::ConnectError::fatal(
-                "datagen task polled before start",
-            ));
-        };
+        let config = &self.config;
         let count = match self.batch_len(config) {
             0 => {
                 // Limit reached: idle without spinning; the engine calls again.
@@ -200,16 +189,14 @@ impl SourceTask for DatagenSourceTask {
         if count == 0 {
             return Ok(Vec::new());
         }
-        let Some(config) = self.config.as_ref() else {
-            return Ok(Vec::new());
-        };
+        let config = &self.config;
         let first = self.next_seq;
         let records = (first..first.saturating_add(count))
             .map(|seq| {
                 let event = generate(
                     config.connector.schema,
                     config.connector.seed,
-                    self.task_id,
+                    self.context.task_id,
                     seq,
                 );
                 let record = Record::new(config.connector.topic.clone())
@@ -261,28 +248,33 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_rate_too_small_to_pace_is_a_config_error_not_a_panic() {
-        let mut task = DatagenSourceTask::default();
-        let started = task
-            .start(context(&[(TOPIC, "t"), (RATE, "1e-300")], None))
-            .await;
+    async fn started(context: SourceTaskContext) -> Box<dyn SourceTask> {
+        let mut task = DatagenSourceConnector
+            .create_task(context)
+            .expect("a valid task config");
+        task.start().await.expect("starts");
+        task
+    }
+
+    #[test]
+    fn a_rate_too_small_to_pace_is_a_config_error_not_a_panic() {
+        let created =
+            DatagenSourceConnector.create_task(context(&[(TOPIC, "t"), (RATE, "1e-300")], None));
         assert!(
-            matches!(started, Err(ConnectError::Config { ref field, .. }) if field == RATE),
-            "{started:?}"
+            matches!(created, Err(ConnectError::Config { ref field, .. }) if field == RATE),
+            "{:?}",
+            created.err()
         );
     }
 
     #[tokio::test]
     async fn the_slowest_pace_sends_one_record_then_idles_without_overflow() {
-        let mut task = DatagenSourceTask::default();
         // The slowest valid rate spread over the most tasks: one record every 136 million years.
-        task.start(context(
+        let mut task = started(context(
             &[(TOPIC, "t"), (RATE, "0.000001"), (TASK_COUNT, "4294967295")],
             None,
         ))
-        .await
-        .expect("starts");
+        .await;
         assert_eq!(task.poll().await.expect("polls").len(), 1);
         for _ in 0..3 {
             assert!(task.poll().await.expect("polls").is_empty());
@@ -291,16 +283,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_stored_offset_at_the_end_of_the_sequence_does_not_overflow() {
-        let mut task = DatagenSourceTask::default();
-        task.start(context(&[(TOPIC, "t"), (RATE, "0")], Some(u64::MAX)))
-            .await
-            .expect("starts");
+        let mut task = started(context(&[(TOPIC, "t"), (RATE, "0")], Some(u64::MAX))).await;
         let records = task.poll().await.expect("polls");
         assert!(records.len() <= 1, "{}", records.len());
     }
 
-    #[test]
-    fn task_configs_split_records_and_share_the_rate() {
+    #[tokio::test]
+    async fn task_configs_split_records_and_share_the_rate() {
         let config: Props = [(TOPIC, "t"), (RATE, "9"), (MAX_RECORDS, "10")]
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -313,6 +302,7 @@ mod tests {
                 },
                 3,
             )
+            .await
             .expect("task configs");
         let parsed: Vec<DatagenTaskConfig> = tasks
             .iter()

@@ -14,6 +14,7 @@ use crate::config::{FileSinkConfig, sink_def};
 #[derive(Debug, Default)]
 pub struct FileSinkConnector;
 
+#[async_trait]
 impl Connector for FileSinkConnector {
     fn class(&self) -> &'static str {
         "io.medconnect.connectors.file.FileSinkConnector"
@@ -35,11 +36,11 @@ impl Connector for FileSinkConnector {
         sink_def()
     }
 
-    fn validate(&self, config: &Props) -> ConnectResult<()> {
+    async fn validate(&self, config: &Props) -> ConnectResult<()> {
         FileSinkConfig::parse(config).map(|_| ())
     }
 
-    fn task_configs(
+    async fn task_configs(
         &self,
         context: &ConnectorContext,
         _max_tasks: usize,
@@ -54,28 +55,30 @@ impl Connector for FileSinkConnector {
 }
 
 impl SinkConnector for FileSinkConnector {
-    fn create_task(&self) -> Box<dyn SinkTask> {
-        Box::<FileSinkTask>::default()
+    fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {
+        Ok(Box::new(FileSinkTask {
+            config: FileSinkConfig::parse(&context.config)?,
+            writer: None,
+        }))
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FileSinkTask {
-    config: Option<FileSinkConfig>,
+    config: FileSinkConfig,
     writer: Option<BufWriter<File>>,
 }
 
 #[async_trait]
 impl SinkTask for FileSinkTask {
-    async fn start(&mut self, context: SinkTaskContext) -> ConnectResult<()> {
-        let config = FileSinkConfig::parse(&context.config)?;
+    async fn start(&mut self) -> ConnectResult<()> {
+        let path = &self.config.file;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&config.file)
+            .open(path)
             .await
-            .map_err(|e| ConnectError::fatal(format!("cannot open {}: {e}", config.file)))?;
-        self.config = Some(config);
+            .map_err(|e| ConnectError::fatal(format!("cannot open {path}: {e}")))?;
         self.writer = Some(BufWriter::new(file));
         Ok(())
     }

@@ -18,6 +18,7 @@ use crate::config::{FileSourceConfig, source_def};
 #[derive(Debug, Default)]
 pub struct FileSourceConnector;
 
+#[async_trait]
 impl Connector for FileSourceConnector {
     fn class(&self) -> &'static str {
         "io.medconnect.connectors.file.FileSourceConnector"
@@ -39,11 +40,11 @@ impl Connector for FileSourceConnector {
         source_def()
     }
 
-    fn validate(&self, config: &Props) -> ConnectResult<()> {
+    async fn validate(&self, config: &Props) -> ConnectResult<()> {
         FileSourceConfig::parse(config).map(|_| ())
     }
 
-    fn task_configs(
+    async fn task_configs(
         &self,
         context: &ConnectorContext,
         _max_tasks: usize,
@@ -58,14 +59,22 @@ impl Connector for FileSourceConnector {
 }
 
 impl SourceConnector for FileSourceConnector {
-    fn create_task(&self) -> Box<dyn SourceTask> {
-        Box::<FileSourceTask>::default()
+    fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
+        let config = FileSourceConfig::parse(&context.config)?;
+        let partition = Map::from_iter([("filename".to_string(), json!(config.file))]);
+        Ok(Box::new(FileSourceTask {
+            config,
+            context,
+            reader: None,
+            position: 0,
+            partition,
+        }))
     }
 }
 
-#[derive(Debug, Default)]
 pub struct FileSourceTask {
-    config: Option<FileSourceConfig>,
+    config: FileSourceConfig,
+    context: SourceTaskContext,
     reader: Option<BufReader<File>>,
     /// Byte position after the last complete line returned.
     position: u64,
@@ -89,9 +98,8 @@ impl FileSourceTask {
 
 #[async_trait]
 impl SourceTask for FileSourceTask {
-    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
-        let config = FileSourceConfig::parse(&context.config)?;
-        self.partition = Map::from_iter([("filename".to_string(), json!(config.file))]);
+    async fn start(&mut self) -> ConnectResult<()> {
+        let (config, context) = (&self.config, &self.context);
         self.position = context
             .offsets
             .offset(&self.partition)
@@ -99,15 +107,11 @@ impl SourceTask for FileSourceTask {
             .unwrap_or(0);
         self.reader = None;
         tracing::info!(connector = %context.connector_name, file = %config.file, position = self.position, "file source started");
-        self.config = Some(config);
         Ok(())
     }
 
     async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>> {
-        let config = self
-            .config
-            .clone()
-            .ok_or_else(|| ConnectError::fatal("file source polled before start"))?;
+        let config = self.config.clone();
         if self.reader.is_none() && !self.open(&config.file).await? {
             tokio::time::sleep(config.poll_interval).await;
             return Ok(Vec::new());

@@ -24,6 +24,7 @@ use crate::mllp::{ClientError, MllpClient, tls};
 #[derive(Debug, Default)]
 pub struct MllpSinkConnector;
 
+#[async_trait]
 impl Connector for MllpSinkConnector {
     fn class(&self) -> &'static str {
         "io.medconnect.connectors.hl7.MllpSinkConnector"
@@ -45,11 +46,11 @@ impl Connector for MllpSinkConnector {
         sink_def()
     }
 
-    fn validate(&self, config: &Props) -> ConnectResult<()> {
+    async fn validate(&self, config: &Props) -> ConnectResult<()> {
         SinkConfig::parse(config).map(|_| ())
     }
 
-    fn task_configs(
+    async fn task_configs(
         &self,
         context: &ConnectorContext,
         max_tasks: usize,
@@ -61,8 +62,8 @@ impl Connector for MllpSinkConnector {
 }
 
 impl SinkConnector for MllpSinkConnector {
-    fn create_task(&self) -> Box<dyn SinkTask> {
-        Box::<MllpSinkTask>::default()
+    fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {
+        Ok(Box::new(MllpSinkTask::new(context)?))
     }
 }
 
@@ -88,13 +89,12 @@ enum Attempt {
     },
 }
 
-#[derive(Default)]
 pub struct MllpSinkTask {
     connector: String,
-    config: Option<SinkConfig>,
+    config: SinkConfig,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     connection: Option<MllpClient>,
-    errant: Option<ErrantRecordReporter>,
+    errant: ErrantRecordReporter,
     /// Records of the batch in hand that were acknowledged or reported: when the engine puts
     /// the same batch again after a retriable failure, they are not sent twice.
     settled: HashSet<RecordId>,
@@ -111,14 +111,21 @@ impl std::fmt::Debug for MllpSinkTask {
 }
 
 impl MllpSinkTask {
-    fn config(&self) -> ConnectResult<&SinkConfig> {
-        self.config
-            .as_ref()
-            .ok_or_else(|| ConnectError::fatal("MLLP sink used before start"))
+    /// The task for one task config (what the connector's `create_task` boxes).
+    pub fn new(context: SinkTaskContext) -> ConnectResult<Self> {
+        Ok(Self {
+            config: SinkConfig::parse(&context.config)?,
+            connector: context.connector_name,
+            tls: None,
+            connection: None,
+            errant: context.errant_records,
+            settled: HashSet::new(),
+            retrying: None,
+        })
     }
 
     async fn connect(&self) -> ConnectResult<MllpClient> {
-        let config = self.config()?;
+        let config = &self.config;
         let tls = self
             .tls
             .as_ref()
@@ -138,7 +145,7 @@ impl MllpSinkTask {
     /// closed by the receiver in the meantime (restart, idle timeout): that is retried once on
     /// a new connection. A receiver that cannot be reached is a retriable error for the engine.
     async fn exchange(&mut self, value: &Bytes, control_id: &str) -> ConnectResult<Attempt> {
-        let config = self.config()?.clone();
+        let config = self.config.clone();
         let mut reused = self.connection.is_some();
         loop {
             let mut connection = match self.connection.take() {
@@ -227,7 +234,7 @@ impl MllpSinkTask {
     /// returns, and a token cancelled in `stop` would be cancelled too late — while the
     /// engine's wait between retries ends the moment the task is asked to stop.
     async fn deliver(&mut self, record: &SinkRecord, value: &Bytes) -> ConnectResult<()> {
-        let config = self.config()?.clone();
+        let config = self.config.clone();
         let control_id = read_header(&String::from_utf8_lossy(value))
             .map(|h| h.control_id)
             .unwrap_or_default();
@@ -274,11 +281,7 @@ impl MllpSinkTask {
             ))
             .with_retry_after(wait));
         }
-        let reporter = self
-            .errant
-            .as_ref()
-            .ok_or_else(|| ConnectError::fatal("MLLP sink used before start"))?;
-        reporter
+        self.errant
             .report(
                 record.clone(),
                 ConnectError::data(format!(
@@ -301,8 +304,8 @@ fn record_id(record: &SinkRecord) -> RecordId {
 
 #[async_trait]
 impl SinkTask for MllpSinkTask {
-    async fn start(&mut self, context: SinkTaskContext) -> ConnectResult<()> {
-        let config = SinkConfig::parse(&context.config)?;
+    async fn start(&mut self) -> ConnectResult<()> {
+        let config = &self.config;
         self.tls = match &config.tls {
             Some(t) => {
                 let client = t
@@ -319,16 +322,12 @@ impl SinkTask for MllpSinkTask {
             None => None,
         };
         tracing::info!(
-            connector = %context.connector_name,
-            task = context.task_id,
+            connector = %self.connector,
             host = %config.host,
             port = config.port,
             tls = self.tls.is_some(),
             "MLLP sink started"
         );
-        self.connector = context.connector_name;
-        self.errant = Some(context.errant_records);
-        self.config = Some(config);
         Ok(())
     }
 

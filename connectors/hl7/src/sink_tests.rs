@@ -155,16 +155,15 @@ async fn started(
         config.insert(k.to_string(), v.to_string());
     }
     let (errant, errant_rx) = mpsc::unbounded_channel();
-    let mut task = MllpSinkTask::default();
-    task.start(SinkTaskContext {
+    let mut task = MllpSinkTask::new(SinkTaskContext {
         connector_name: "hl7-sink-test".into(),
         task_id: 0,
         config,
         errant_records: ErrantRecordReporter::collecting(errant),
         partitions: medconnect_api::SinkPartitions::detached(),
     })
-    .await
-    .expect("sink starts");
+    .expect("a valid task config");
+    task.start().await.expect("sink starts");
     (task, errant_rx)
 }
 

@@ -39,6 +39,7 @@ const MAX_REASON_CHARS: usize = 120;
 #[derive(Debug, Default)]
 pub struct MllpSourceConnector;
 
+#[async_trait]
 impl Connector for MllpSourceConnector {
     fn class(&self) -> &'static str {
         "io.medconnect.connectors.hl7.MllpSourceConnector"
@@ -60,11 +61,11 @@ impl Connector for MllpSourceConnector {
         source_def()
     }
 
-    fn validate(&self, config: &Props) -> ConnectResult<()> {
+    async fn validate(&self, config: &Props) -> ConnectResult<()> {
         SourceConfig::validate(config).map(|_| ())
     }
 
-    fn task_configs(
+    async fn task_configs(
         &self,
         context: &ConnectorContext,
         _max_tasks: usize,
@@ -84,8 +85,8 @@ impl Connector for MllpSourceConnector {
 }
 
 impl SourceConnector for MllpSourceConnector {
-    fn create_task(&self) -> Box<dyn SourceTask> {
-        Box::<MllpSourceTask>::default()
+    fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
+        Ok(Box::new(MllpSourceTask::new(context)?))
     }
 }
 
@@ -98,8 +99,10 @@ struct Shared {
     shutdown: CancellationToken,
 }
 
-#[derive(Default)]
 pub struct MllpSourceTask {
+    connector: String,
+    task_id: u32,
+    config: SourceConfig,
     records: Option<mpsc::Receiver<SourceRecord>>,
     local_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
@@ -116,6 +119,21 @@ impl std::fmt::Debug for MllpSourceTask {
 }
 
 impl MllpSourceTask {
+    /// The task for one task config (what the connector's `create_task` boxes).
+    pub fn new(context: SourceTaskContext) -> ConnectResult<Self> {
+        let config = SourceConfig::parse(&context.config)?;
+        Ok(Self {
+            connector: context.connector_name,
+            task_id: context.task_id,
+            batch_max: config.poll_batch_max,
+            config,
+            records: None,
+            local_addr: None,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        })
+    }
+
     /// The address the listener is bound to, once started (the port chosen when `mllp.port`
     /// is 0). Also written to `listener.address.file` when that is set.
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -132,8 +150,8 @@ fn write_address_file(path: &Path, address: SocketAddr) -> std::io::Result<()> {
 
 #[async_trait]
 impl SourceTask for MllpSourceTask {
-    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
-        let config = SourceConfig::parse(&context.config)?;
+    async fn start(&mut self) -> ConnectResult<()> {
+        let config = self.config.clone();
         let acceptor = match &config.tls {
             Some(t) => Some(
                 tls::acceptor(&t.cert, &t.key, t.client_ca.as_deref()).map_err(|e| {
@@ -160,22 +178,21 @@ impl SourceTask for MllpSourceTask {
             })?;
         }
         tracing::info!(
-            connector = %context.connector_name,
-            task = context.task_id,
+            connector = %self.connector,
+            task = self.task_id,
             %address,
             tls = acceptor.is_some(),
             ack_mode = ?config.ack_mode,
             "MLLP listener bound"
         );
         let (queue, records) = mpsc::channel(config.queue_capacity);
-        self.batch_max = config.poll_batch_max;
         self.records = Some(records);
         self.local_addr = Some(address);
         self.shutdown = CancellationToken::new();
         self.tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(config.max_connections));
         let shared = Arc::new(Shared {
-            connector: context.connector_name,
+            connector: self.connector.clone(),
             config,
             queue,
             tls: acceptor,

@@ -46,8 +46,8 @@ pub(crate) fn context(settings: &[(&str, &str)]) -> SourceTaskContext {
 }
 
 async fn started(settings: &[(&str, &str)]) -> MllpSourceTask {
-    let mut task = MllpSourceTask::default();
-    task.start(context(settings)).await.expect("source starts");
+    let mut task = MllpSourceTask::new(context(settings)).expect("a valid task config");
+    task.start().await.expect("source starts");
     task
 }
 

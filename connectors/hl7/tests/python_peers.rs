@@ -61,15 +61,14 @@ fn props(pairs: &[(&str, String)]) -> Props {
 #[tokio::test]
 async fn mllp_send_gets_aa_for_records_written_with_the_right_headers() {
     let bin = python_bin();
-    let mut task = MllpSourceTask::default();
-    task.start(SourceTaskContext {
+    let mut task = MllpSourceTask::new(SourceTaskContext {
         connector_name: "hl7-python".into(),
         task_id: 0,
         config: props(&[("mllp.bind", "127.0.0.1".into()), ("mllp.port", "0".into())]),
         offsets: Arc::new(NoOffsets),
     })
-    .await
-    .expect("source starts");
+    .expect("a valid task config");
+    task.start().await.expect("source starts");
     let port = task.local_addr().expect("bound").port();
 
     // The engine: every record is written at once.
@@ -192,8 +191,7 @@ async fn the_sink_delivers_to_hl7apy_s_mllp_server() {
         .to_string();
 
     let (errant_tx, mut errant_rx) = mpsc::unbounded_channel();
-    let mut sink = MllpSinkTask::default();
-    sink.start(SinkTaskContext {
+    let mut sink = MllpSinkTask::new(SinkTaskContext {
         connector_name: "hl7-sink-python".into(),
         task_id: 0,
         config: props(&[
@@ -205,8 +203,8 @@ async fn the_sink_delivers_to_hl7apy_s_mllp_server() {
         errant_records: ErrantRecordReporter::collecting(errant_tx),
         partitions: medconnect_api::SinkPartitions::detached(),
     })
-    .await
-    .expect("sink starts");
+    .expect("a valid task config");
+    sink.start().await.expect("sink starts");
 
     let values = [
         ADT_A01.replace('\n', "\r"),

@@ -92,23 +92,21 @@ fn path(p: &Path) -> String {
 #[tokio::test]
 async fn the_sink_delivers_over_tls_to_a_listener_that_requires_client_certificates() {
     let pki = pki();
-    let mut source = MllpSourceTask::default();
-    source
-        .start(SourceTaskContext {
-            connector_name: "hl7-tls".into(),
-            task_id: 0,
-            config: props(&[
-                ("mllp.bind", "127.0.0.1".into()),
-                ("mllp.port", "0".into()),
-                ("mllp.tls.enabled", "true".into()),
-                ("mllp.tls.cert.file", path(&pki.server.0)),
-                ("mllp.tls.key.file", path(&pki.server.1)),
-                ("mllp.tls.client.ca.file", path(&pki.ca)),
-            ]),
-            offsets: Arc::new(NoOffsets),
-        })
-        .await
-        .expect("TLS source starts");
+    let mut source = MllpSourceTask::new(SourceTaskContext {
+        connector_name: "hl7-tls".into(),
+        task_id: 0,
+        config: props(&[
+            ("mllp.bind", "127.0.0.1".into()),
+            ("mllp.port", "0".into()),
+            ("mllp.tls.enabled", "true".into()),
+            ("mllp.tls.cert.file", path(&pki.server.0)),
+            ("mllp.tls.key.file", path(&pki.server.1)),
+            ("mllp.tls.client.ca.file", path(&pki.ca)),
+        ]),
+        offsets: Arc::new(NoOffsets),
+    })
+    .expect("a valid task config");
+    source.start().await.expect("TLS source starts");
     let port = source.local_addr().expect("bound").port();
 
     // A sender without a client certificate is refused: no message gets through.
@@ -136,8 +134,7 @@ async fn the_sink_delivers_over_tls_to_a_listener_that_requires_client_certifica
     }
 
     let (errant_tx, mut errant_rx) = mpsc::unbounded_channel();
-    let mut sink = MllpSinkTask::default();
-    sink.start(SinkTaskContext {
+    let mut sink = MllpSinkTask::new(SinkTaskContext {
         connector_name: "hl7-tls-sink".into(),
         task_id: 0,
         config: props(&[
@@ -151,8 +148,8 @@ async fn the_sink_delivers_over_tls_to_a_listener_that_requires_client_certifica
         errant_records: ErrantRecordReporter::collecting(errant_tx),
         partitions: medconnect_api::SinkPartitions::detached(),
     })
-    .await
-    .expect("TLS sink starts");
+    .expect("a valid task config");
+    sink.start().await.expect("TLS sink starts");
 
     let put = tokio::spawn(async move {
         let record = SinkRecord {

@@ -57,6 +57,11 @@ pub struct ConnectorContext {
 }
 
 /// Behaviour shared by source and sink connectors.
+///
+/// `validate` and `task_configs` may do I/O (a FHIR server's CapabilityStatement, a database's
+/// table list); the engine bounds each call in time, so a peer that does not answer fails the
+/// call instead of holding the REST request.
+#[async_trait]
 pub trait Connector: Send + Sync {
     /// The fully qualified class name, e.g. `io.medconnect.connectors.file.FileSourceConnector`.
     fn class(&self) -> &'static str;
@@ -74,13 +79,15 @@ pub trait Connector: Send + Sync {
     fn config_def(&self) -> ConfigDef;
 
     /// Checks that span several settings or need I/O; field errors come back as
-    /// `ConnectError::Config`. Single-setting rules belong in the `ConfigDef`.
-    fn validate(&self, _config: &Props) -> ConnectResult<()> {
+    /// `ConnectError::Config`. Single-setting rules belong in the `ConfigDef`. Called only for
+    /// a config every single setting of which is valid, with references (`${env:...}`)
+    /// resolved.
+    async fn validate(&self, _config: &Props) -> ConnectResult<()> {
         Ok(())
     }
 
     /// Splits the work into at most `max_tasks` task configs.
-    fn task_configs(
+    async fn task_configs(
         &self,
         context: &ConnectorContext,
         max_tasks: usize,
@@ -98,11 +105,16 @@ pub trait Connector: Send + Sync {
 }
 
 pub trait SourceConnector: Connector {
-    fn create_task(&self) -> Box<dyn SourceTask>;
+    /// Creates the task for one task config, with everything it is given. The task parses its
+    /// settings here into its own typed config and keeps it: a task config it cannot run is a
+    /// `ConnectError::Config`, and the task fails without starting. No I/O here: that belongs
+    /// in [`SourceTask::start`], which is retried.
+    fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>>;
 }
 
 pub trait SinkConnector: Connector {
-    fn create_task(&self) -> Box<dyn SinkTask>;
+    /// As [`SourceConnector::create_task`], for a sink task.
+    fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>>;
 }
 
 /// Gives a source task the offsets stored for its partitions.
@@ -116,7 +128,7 @@ pub trait OffsetReader: Send + Sync {
     }
 }
 
-/// What a source task is given when it starts.
+/// What a source task is created with.
 #[derive(Clone)]
 pub struct SourceTaskContext {
     pub connector_name: String,
@@ -127,7 +139,10 @@ pub struct SourceTaskContext {
 
 #[async_trait]
 pub trait SourceTask: Send {
-    async fn start(&mut self, context: SourceTaskContext) -> ConnectResult<()>;
+    /// Opens what the task needs (connections, a listener, the stored offsets). A retriable
+    /// error (a port still held by the task's previous run, a peer not up yet) makes the
+    /// engine call it again, with backoff, within `errors.retry.timeout`.
+    async fn start(&mut self) -> ConnectResult<()>;
 
     /// Waits for the next records. May return an empty batch; the engine calls again. The
     /// engine stops calling while too many records are in flight (backpressure), and may
@@ -278,7 +293,7 @@ impl PartitionControl for Detached {
     }
 }
 
-/// What a sink task is given when it starts.
+/// What a sink task is created with.
 #[derive(Clone)]
 pub struct SinkTaskContext {
     pub connector_name: String,
@@ -290,7 +305,8 @@ pub struct SinkTaskContext {
 
 #[async_trait]
 pub trait SinkTask: Send {
-    async fn start(&mut self, context: SinkTaskContext) -> ConnectResult<()>;
+    /// Opens what the task needs; retried as [`SourceTask::start`] is.
+    async fn start(&mut self) -> ConnectResult<()>;
 
     /// Takes a batch. The task may buffer; only `flush` (or `pre_commit`) promises
     /// durability. A `put` that failed with a retriable error is called again with the same

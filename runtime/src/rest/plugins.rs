@@ -106,7 +106,7 @@ pub async fn validate(
             "Included connector type does not match request type",
         ));
     }
-    let validation = state.herder.validate(&plugin, &config)?;
+    let validation = state.herder.validate(&plugin, &config).await?;
     let configs: Vec<Value> = validation
         .values
         .iter()

@@ -1,7 +1,7 @@
 //! What both runners do around a task: start it (retrying what is retriable), and tell why a
 //! tokio task ended abnormally.
 
-use medconnect_api::{ConnectResult, SinkTask, SinkTaskContext, SourceTask, SourceTaskContext};
+use medconnect_api::{ConnectResult, SinkTask, SourceTask};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -10,15 +10,14 @@ use super::errors::ErrorPolicy;
 
 /// Starts the task, retrying retriable failures (a listener's port still held by its previous
 /// run) with backoff within `errors.retry.timeout`, until `stop`.
-pub(super) async fn start_with_retries<C: Clone, T: TaskLifecycle<C> + ?Sized>(
+pub(super) async fn start_with_retries<T: TaskLifecycle + ?Sized>(
     task: &mut T,
-    context: C,
     policy: &ErrorPolicy,
     stop: &CancellationToken,
 ) -> ConnectResult<()> {
     let mut backoff = policy.backoff(false);
     loop {
-        match task.start_task(context.clone()).await {
+        match task.start_task().await {
             Err(error) if backoff.retry_after(&error, stop).await => {
                 tracing::warn!(%error, "task start failed; retrying");
             }
@@ -30,15 +29,15 @@ pub(super) async fn start_with_retries<C: Clone, T: TaskLifecycle<C> + ?Sized>(
 /// A task's `start` and `stop`, for [`start_with_retries`] and [`stop_in_time`] over sources
 /// and sinks alike.
 #[async_trait::async_trait]
-pub(super) trait TaskLifecycle<C> {
-    async fn start_task(&mut self, context: C) -> ConnectResult<()>;
+pub(super) trait TaskLifecycle {
+    async fn start_task(&mut self) -> ConnectResult<()>;
     async fn stop_task(&mut self) -> ConnectResult<()>;
 }
 
 #[async_trait::async_trait]
-impl TaskLifecycle<SourceTaskContext> for dyn SourceTask {
-    async fn start_task(&mut self, context: SourceTaskContext) -> ConnectResult<()> {
-        self.start(context).await
+impl TaskLifecycle for dyn SourceTask {
+    async fn start_task(&mut self) -> ConnectResult<()> {
+        self.start().await
     }
     async fn stop_task(&mut self) -> ConnectResult<()> {
         self.stop().await
@@ -46,9 +45,9 @@ impl TaskLifecycle<SourceTaskContext> for dyn SourceTask {
 }
 
 #[async_trait::async_trait]
-impl TaskLifecycle<SinkTaskContext> for dyn SinkTask {
-    async fn start_task(&mut self, context: SinkTaskContext) -> ConnectResult<()> {
-        self.start(context).await
+impl TaskLifecycle for dyn SinkTask {
+    async fn start_task(&mut self) -> ConnectResult<()> {
+        self.start().await
     }
     async fn stop_task(&mut self) -> ConnectResult<()> {
         self.stop().await
@@ -57,7 +56,7 @@ impl TaskLifecycle<SinkTaskContext> for dyn SinkTask {
 
 /// Calls the task's `stop`, bounded by the shutdown timeout: a stuck task must not hold its
 /// runner (and the worker's shutdown) forever.
-pub(super) async fn stop_in_time<C, T: TaskLifecycle<C> + ?Sized>(
+pub(super) async fn stop_in_time<T: TaskLifecycle + ?Sized>(
     task: &mut T,
     connector: &str,
     task_id: u32,

@@ -36,6 +36,10 @@ pub struct RunnerSettings {
     pub sink_batch_max: usize,
     /// The largest `tasks.max` a connector may ask for (`[tasks] tasks_max_limit`).
     pub tasks_max_limit: u32,
+    /// How long a connector's own `validate` or `task_configs` may take (`[tasks]
+    /// connector_call_timeout_ms`): they may wait on a peer (a FHIR server's
+    /// CapabilityStatement), which must fail the call, not hold the REST request forever.
+    pub connector_call_timeout: Duration,
 }
 
 /// The default of `[tasks] tasks_max_limit`. Every task holds its own Kafka client (threads,
@@ -46,6 +50,10 @@ pub struct RunnerSettings {
 /// run more than a few hundred per connector), yet a bounded amount of work.
 pub const DEFAULT_TASKS_MAX_LIMIT: u32 = 1000;
 
+/// The default of `[tasks] connector_call_timeout_ms`: below the 90 s after which Connect's
+/// REST clients give up, so the answer still reaches them.
+pub const DEFAULT_CONNECTOR_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Default for RunnerSettings {
     fn default() -> Self {
         Self {
@@ -54,6 +62,7 @@ impl Default for RunnerSettings {
             shutdown_timeout: Duration::from_secs(10),
             sink_batch_max: 500,
             tasks_max_limit: DEFAULT_TASKS_MAX_LIMIT,
+            connector_call_timeout: DEFAULT_CONNECTOR_CALL_TIMEOUT,
         }
     }
 }

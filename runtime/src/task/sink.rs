@@ -19,8 +19,8 @@ use futures::FutureExt;
 use futures::future::Shared;
 use medconnect_api::{
     ConnectError, ConnectResult, ErrantRecordHandler, ErrantRecordReporter, ErrantReport,
-    PartitionControl, SinkOffsets, SinkPartitions, SinkRecord, SinkTask, SinkTaskContext,
-    TaskConfig, TopicPartition,
+    PartitionControl, SinkConnector, SinkOffsets, SinkPartitions, SinkRecord, SinkTask,
+    SinkTaskContext, TaskConfig, TopicPartition,
 };
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
@@ -52,7 +52,8 @@ pub enum Subscription {
 pub struct SinkTaskSpec {
     pub connector: String,
     pub task_id: u32,
-    pub task: Box<dyn SinkTask>,
+    /// Creates the task when the runner starts, from a context the runner builds.
+    pub plugin: Arc<dyn SinkConnector>,
     /// The task's resolved settings; the runner builds the task's context around them.
     pub config: TaskConfig,
     pub subscription: Subscription,
@@ -208,7 +209,7 @@ impl SinkRunner {
         let SinkTaskSpec {
             connector,
             task_id,
-            mut task,
+            plugin,
             config,
             subscription,
             consumer,
@@ -239,8 +240,14 @@ impl SinkRunner {
             errant_records: ErrantRecordReporter::new(errant.clone()),
             partitions: SinkPartitions::new(partitions.clone()),
         };
-        if let Err(error) = start_with_retries(task.as_mut(), context, &errors.policy, &stop).await
-        {
+        let mut task = match plugin.create_task(context) {
+            Ok(task) => task,
+            Err(error) => {
+                status.failed(&error).await;
+                return;
+            }
+        };
+        if let Err(error) = start_with_retries(task.as_mut(), &errors.policy, &stop).await {
             status.failed(&error).await;
             return;
         }

@@ -15,8 +15,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use medconnect_api::{
-    AckHandle, ConnectError, ConnectResult, Delivery, Record, SourceOffset, SourcePartition,
-    SourceRecord, SourceTask, SourceTaskContext,
+    AckHandle, ConnectError, ConnectResult, Delivery, Record, SourceConnector, SourceOffset,
+    SourcePartition, SourceRecord, SourceTask, SourceTaskContext,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
@@ -41,7 +41,8 @@ pub struct SourceTaskSpec {
     pub connector: String,
     pub connector_class: String,
     pub task_id: u32,
-    pub task: Box<dyn SourceTask>,
+    /// Creates the task from `context` when the runner starts.
+    pub plugin: Arc<dyn SourceConnector>,
     pub context: SourceTaskContext,
     pub transforms: TransformChain,
     pub errors: ErrorReporter,
@@ -188,7 +189,7 @@ impl SourceRunner {
             connector,
             connector_class,
             task_id,
-            mut task,
+            plugin,
             context,
             transforms,
             errors,
@@ -200,8 +201,14 @@ impl SourceRunner {
             metrics,
             settings,
         } = spec;
-        if let Err(error) = start_with_retries(task.as_mut(), context, &errors.policy, &stop).await
-        {
+        let mut task = match plugin.create_task(context) {
+            Ok(task) => task,
+            Err(error) => {
+                status.failed(&error).await;
+                return;
+            }
+        };
+        if let Err(error) = start_with_retries(task.as_mut(), &errors.policy, &stop).await {
             status.failed(&error).await;
             return;
         }

@@ -115,6 +115,10 @@ pub struct TaskSettings {
     /// connector is a 400 naming `tasks.max`.
     #[serde(default = "default_tasks_max_limit")]
     pub tasks_max_limit: u32,
+    /// How long a connector's own validation or task-config generation may take (they may
+    /// wait on the connector's peer); past it, the REST call answers with the timeout.
+    #[serde(default = "default_connector_call_timeout_ms")]
+    pub connector_call_timeout_ms: u64,
 }
 
 impl Default for TaskSettings {
@@ -125,6 +129,7 @@ impl Default for TaskSettings {
             shutdown_timeout_ms: default_shutdown_ms(),
             sink_batch_max: default_sink_batch(),
             tasks_max_limit: default_tasks_max_limit(),
+            connector_call_timeout_ms: default_connector_call_timeout_ms(),
         }
     }
 }
@@ -167,6 +172,12 @@ fn default_shutdown_ms() -> u64 {
 }
 fn default_sink_batch() -> usize {
     500
+}
+fn default_connector_call_timeout_ms() -> u64 {
+    crate::task::DEFAULT_CONNECTOR_CALL_TIMEOUT
+        .as_millis()
+        .try_into()
+        .unwrap_or(u64::MAX)
 }
 fn default_tasks_max_limit() -> u32 {
     crate::task::DEFAULT_TASKS_MAX_LIMIT
@@ -250,6 +261,9 @@ impl WorkerConfig {
             shutdown_timeout: Duration::from_millis(self.tasks.shutdown_timeout_ms),
             sink_batch_max: self.tasks.sink_batch_max.max(1),
             tasks_max_limit: self.tasks.tasks_max_limit.max(1),
+            connector_call_timeout: Duration::from_millis(
+                self.tasks.connector_call_timeout_ms.max(1),
+            ),
         }
     }
 }

@@ -1,13 +1,16 @@
 //! Settings every connector has (Connect's names), validation of a whole connector config,
 //! and redaction of secrets in configs the API returns.
 
+use std::time::Duration;
+
 use medconnect_api::{
-    ConfigDef, ConfigType, ConfigValue, ConnectorKind, Importance, ParsedConfig, Props, Validator,
+    ConfigDef, ConfigType, ConfigValue, ConnectError, ConnectResult, ConnectorKind, Importance,
+    ParsedConfig, Props, Validator,
 };
 
 use super::plugins::ConnectorPlugin;
 use super::secrets;
-use crate::task::errors;
+use crate::task::{RunnerSettings, errors};
 use crate::transform::TransformChain;
 
 pub const NAME: &str = "name";
@@ -136,9 +139,31 @@ fn tasks_max_error(
     })
 }
 
-/// Validates a connector config like Connect's validate endpoint: one entry per setting.
-/// `tasks_max_limit` is the worker's cap on `tasks.max`.
-pub fn validate(plugin: &ConnectorPlugin, props: &Props, tasks_max_limit: u32) -> Vec<ConfigValue> {
+/// Runs one of the connector's own calls (`validate`, `task_configs`), which may wait on its
+/// peer, within `timeout` (the worker's `connector_call_timeout_ms`).
+pub async fn within_call_timeout<T>(
+    timeout: Duration,
+    what: &str,
+    call: impl Future<Output = ConnectResult<T>>,
+) -> ConnectResult<T> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ConnectError::retriable(format!(
+                "the connector did not finish {what} within {} ms (connector_call_timeout_ms)",
+                timeout.as_millis()
+            )))
+        })
+}
+
+/// Validates a connector config like Connect's validate endpoint: one entry per setting,
+/// within the worker's limits (`tasks_max_limit`, `connector_call_timeout`).
+pub async fn validate(
+    plugin: &ConnectorPlugin,
+    props: &Props,
+    settings: &RunnerSettings,
+) -> Vec<ConfigValue> {
+    let tasks_max_limit = settings.tasks_max_limit;
     let def = full_def(plugin);
     let mut values = def.validate(props);
     values.extend(TransformChain::validate(props));
@@ -182,7 +207,12 @@ pub fn validate(plugin: &ConnectorPlugin, props: &Props, tasks_max_limit: u32) -
     let cross_checks_apply = extra.is_empty() && values.iter().all(|v| v.errors.is_empty());
     if cross_checks_apply
         && let Ok(resolved) = &resolved
-        && let Err(error) = plugin.connector().validate(resolved)
+        && let Err(error) = within_call_timeout(
+            settings.connector_call_timeout,
+            "validating",
+            plugin.connector().validate(resolved),
+        )
+        .await
     {
         extra.push(field_and_reason(error));
     }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use medconnect_api::Props;
+use tokio::sync::MutexGuard;
 
 use super::reads::ConnectorInfo;
 use super::{ConnectorPlugin, Herder, HerderError, Result, cc, settle};
@@ -24,7 +25,8 @@ impl Herder {
         Ok(config)
     }
 
-    fn check(&self, name: &str, config: &Props) -> Result<ConnectorPlugin> {
+    /// Checks a config as validation does (the connector's own checks may do I/O).
+    async fn check(&self, name: &str, config: &Props) -> Result<ConnectorPlugin> {
         // The REST API checks names as it reads them; this holds for every other caller.
         connector_name::check(name).map_err(HerderError::BadRequest)?;
         if !config.contains_key(cc::CLASS) {
@@ -35,16 +37,34 @@ impl Herder {
             )]));
         }
         let plugin = self.plugin_for(config)?;
-        let errors: Vec<(String, String)> =
-            cc::validate(&plugin, config, self.runner.tasks_max_limit)
-                .into_iter()
-                .flat_map(|v| v.errors.into_iter().map(move |e| (v.name.clone(), e)))
-                .collect();
+        let errors: Vec<(String, String)> = cc::validate(&plugin, config, &self.runner)
+            .await
+            .into_iter()
+            .flat_map(|v| v.errors.into_iter().map(move |e| (v.name.clone(), e)))
+            .collect();
         if errors.is_empty() {
             Ok(plugin)
         } else {
             Err(HerderError::InvalidConfig(errors))
         }
+    }
+
+    /// Checks the config `propose` makes from the stored state before taking the operations
+    /// lock (a connector's checks may wait on its peer, and must not hold up other writes),
+    /// then again under the lock only if the stored state changed it meanwhile. Returns the
+    /// lock and the config to write.
+    async fn checked<F>(&self, name: &str, propose: F) -> Result<(MutexGuard<'_, ()>, Props)>
+    where
+        F: Fn(&Self) -> Result<Props>,
+    {
+        let config = propose(self)?;
+        self.check(name, &config).await?;
+        let guard = self.operations.lock().await;
+        let now = propose(self)?;
+        if now != config {
+            self.check(name, &now).await?;
+        }
+        Ok((guard, now))
     }
 
     pub async fn create(
@@ -53,12 +73,13 @@ impl Herder {
         config: Props,
         initial: Option<TargetState>,
     ) -> Result<ConnectorInfo> {
-        let guard = self.operations.lock().await;
-        if self.configs.connector(name).is_some() {
-            return Err(HerderError::AlreadyExists(name.to_string()));
-        }
         let config = Self::named(name, config)?;
-        self.check(name, &config)?;
+        let (guard, config) = self
+            .checked(name, |herder| match herder.configs.connector(name) {
+                Some(_) => Err(HerderError::AlreadyExists(name.to_string())),
+                None => Ok(config.clone()),
+            })
+            .await?;
         self.write_new_config(name, &config, initial.unwrap_or_default())
             .await?;
         let stops = self.reconcile_locked().await;
@@ -70,14 +91,18 @@ impl Herder {
 
     /// `PUT /connectors/{name}/config`: creates or replaces; `true` when created.
     pub async fn put_config(&self, name: &str, config: Props) -> Result<(bool, ConnectorInfo)> {
-        let guard = self.operations.lock().await;
-        let mut config = Self::named(name, config)?;
+        let given = Self::named(name, config)?;
+        let (guard, config) = self
+            .checked(name, |herder| {
+                let mut config = given.clone();
+                if let Some(existing) = herder.configs.connector(name) {
+                    let def = cc::full_def(&herder.plugin_for(&config)?);
+                    restore_hidden(&def, &mut config, Some(&existing.config));
+                }
+                Ok(config)
+            })
+            .await?;
         let existing = self.configs.connector(name);
-        if let Some(existing) = &existing {
-            let def = cc::full_def(&self.plugin_for(&config)?);
-            restore_hidden(&def, &mut config, Some(&existing.config));
-        }
-        self.check(name, &config)?;
         let created = existing.is_none();
         match existing {
             None => {
@@ -103,21 +128,24 @@ impl Herder {
         name: &str,
         patch: BTreeMap<String, Option<String>>,
     ) -> Result<ConnectorInfo> {
-        let guard = self.operations.lock().await;
-        let existing = self.entry(name)?;
-        let mut config = existing.config.clone();
-        for (key, value) in patch {
-            match value {
-                Some(value) => config.insert(key, value),
-                None => config.remove(&key),
-            };
-        }
-        config.insert(cc::NAME.into(), name.to_string());
-        let def = cc::full_def(&self.plugin_for(&config)?);
-        restore_hidden(&def, &mut config, Some(&existing.config));
-        self.check(name, &config)?;
+        let (guard, config) = self
+            .checked(name, |herder| {
+                let existing = herder.entry(name)?;
+                let mut config = existing.config.clone();
+                for (key, value) in &patch {
+                    match value {
+                        Some(value) => config.insert(key.clone(), value.clone()),
+                        None => config.remove(key),
+                    };
+                }
+                config.insert(cc::NAME.into(), name.to_string());
+                let def = cc::full_def(&herder.plugin_for(&config)?);
+                restore_hidden(&def, &mut config, Some(&existing.config));
+                Ok(config)
+            })
+            .await?;
         self.configs.put_connector(name, &config).await?;
-        if existing.target_state != TargetState::Stopped {
+        if self.entry(name)?.target_state != TargetState::Stopped {
             self.generate_tasks(name, &config).await?;
         }
         let stops = self.reconcile_locked().await;

@@ -117,7 +117,7 @@ impl Herder {
         Ok(self.statuses.topics(name))
     }
 
-    pub fn validate(&self, class: &str, config: &Props) -> Result<Validation> {
+    pub async fn validate(&self, class: &str, config: &Props) -> Result<Validation> {
         let plugin = self.plugin_named(class)?;
         let mut with_class = config.clone();
         with_class
@@ -133,7 +133,7 @@ impl Herder {
                 .enumerate()
                 .map(|(i, k)| k.definition_json(i))
                 .collect(),
-            values: cc::validate(&plugin, &with_class, self.runner.tasks_max_limit),
+            values: cc::validate(&plugin, &with_class, &self.runner).await,
         })
     }
 }

@@ -24,10 +24,15 @@ impl Herder {
                 .map_err(|e| HerderError::InvalidConfig(vec![cc::field_and_reason(e)]))?,
             ..context.clone()
         };
-        match plugin
-            .connector()
-            .task_configs(&resolved_context, max_tasks)
-        {
+        let generated = cc::within_call_timeout(
+            self.runner.connector_call_timeout,
+            "generating task configs",
+            plugin
+                .connector()
+                .task_configs(&resolved_context, max_tasks),
+        )
+        .await;
+        match generated {
             Ok(resolved_tasks) => {
                 // Store the unresolved values of settings the connector copied through.
                 let tasks: Vec<Props> = resolved_tasks

@@ -125,7 +125,7 @@ impl Herder {
                     connector: name.to_string(),
                     connector_class: connector.class().to_string(),
                     task_id: id,
-                    task: connector.create_task(),
+                    plugin: connector.clone(),
                     context: SourceTaskContext {
                         connector_name: name.to_string(),
                         task_id: id,
@@ -162,7 +162,7 @@ impl Herder {
                 let spec = SinkTaskSpec {
                     connector: name.to_string(),
                     task_id: id,
-                    task: connector.create_task(),
+                    plugin: connector,
                     config: resolved.clone(),
                     subscription,
                     consumer,
