@@ -1,0 +1,192 @@
+//! An HTTP client for one cluster: its node URLs taken in turn, basic auth, timeouts.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use reqwest::{Response, StatusCode};
+use serde::Deserialize;
+
+use super::error::BulkError;
+use super::response::BulkResponse;
+use crate::config::ConnectionConfig;
+
+/// What the cluster's root says about it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClusterInfo {
+    #[serde(default)]
+    pub cluster_name: String,
+    pub version: Version,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Version {
+    pub number: String,
+    /// `opensearch` on OpenSearch; absent on Elasticsearch.
+    #[serde(default)]
+    pub distribution: Option<String>,
+}
+
+impl ClusterInfo {
+    /// `elasticsearch 8.15.0`, `opensearch 2.17.1`.
+    pub fn describe(&self) -> String {
+        let distribution = self
+            .version
+            .distribution
+            .as_deref()
+            .unwrap_or("elasticsearch");
+        format!("{distribution} {}", self.version.number)
+    }
+}
+
+#[derive(Debug)]
+pub struct EsClient {
+    http: reqwest::Client,
+    urls: Vec<String>,
+    next: AtomicUsize,
+    credentials: Option<(String, Option<String>)>,
+}
+
+/// A `Retry-After` in seconds (the HTTP-date form is not used by Elasticsearch or OpenSearch).
+fn retry_after(response: &Response) -> Option<Duration> {
+    response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// The error type and reason of a whole-request error body, without echoing anything else.
+fn error_reason(body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct Body {
+        error: serde_json::Value,
+    }
+    match serde_json::from_slice::<Body>(body) {
+        Ok(Body { error }) => match (error.get("type"), error.get("reason")) {
+            (Some(kind), Some(reason)) => format!(
+                "{}: {}",
+                kind.as_str().unwrap_or_default(),
+                reason.as_str().unwrap_or_default()
+            ),
+            _ => error.as_str().unwrap_or("no reason given").to_string(),
+        },
+        Err(_) => "no reason given".to_string(),
+    }
+}
+
+impl EsClient {
+    pub fn new(config: &ConnectionConfig) -> Result<Self, BulkError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.read_timeout)
+            .build()
+            .map_err(BulkError::Client)?;
+        Ok(Self {
+            http,
+            urls: config.urls.clone(),
+            next: AtomicUsize::new(0),
+            credentials: config
+                .username
+                .clone()
+                .map(|user| (user, config.password.clone())),
+        })
+    }
+
+    /// The node to ask next: requests (and so retries) go round the list.
+    fn url(&self) -> &str {
+        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.urls.len().max(1);
+        self.urls.get(at).map_or("", String::as_str)
+    }
+
+    fn authorised(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.credentials {
+            Some((user, password)) => request.basic_auth(user, password.as_ref()),
+            None => request,
+        }
+    }
+
+    /// Turns a non-2xx answer into the error that says what to do next.
+    async fn check(url: &str, response: Response) -> Result<Response, BulkError> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            return Err(BulkError::Busy {
+                url: url.to_string(),
+                status: status.as_u16(),
+                retry_after: retry_after(&response),
+            });
+        }
+        let body = response.bytes().await.unwrap_or_default();
+        Err(BulkError::Refused {
+            url: url.to_string(),
+            status: status.as_u16(),
+            reason: error_reason(&body),
+        })
+    }
+
+    /// `GET /` on each node in turn until one answers.
+    pub async fn info(&self) -> Result<ClusterInfo, BulkError> {
+        let mut last = None;
+        for _ in 0..self.urls.len() {
+            let url = self.url().to_string();
+            let sent = self
+                .authorised(self.http.get(format!("{url}/")))
+                .send()
+                .await;
+            let answer = match sent {
+                Ok(response) => Self::check(&url, response).await,
+                Err(source) => Err(BulkError::Unreachable {
+                    url: url.clone(),
+                    source,
+                }),
+            };
+            match answer {
+                Ok(response) => {
+                    let body = response
+                        .bytes()
+                        .await
+                        .map_err(|source| BulkError::Unreachable {
+                            url: url.clone(),
+                            source,
+                        })?;
+                    return serde_json::from_slice(&body).map_err(|e| BulkError::Unreadable {
+                        url,
+                        reason: format!("not a cluster's root answer: {e}"),
+                    });
+                }
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(last.unwrap_or_else(|| BulkError::Unreadable {
+            url: String::new(),
+            reason: "no URL configured".into(),
+        }))
+    }
+
+    /// `POST /_bulk` with an NDJSON body.
+    pub async fn bulk(&self, body: Vec<u8>) -> Result<BulkResponse, BulkError> {
+        let url = self.url().to_string();
+        let request = self
+            .http
+            .post(format!("{url}/_bulk"))
+            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+            .body(body);
+        let unreachable = |source| BulkError::Unreachable {
+            url: url.clone(),
+            source,
+        };
+        let response = self.authorised(request).send().await.map_err(unreachable)?;
+        let response = Self::check(&url, response).await?;
+        let body = response.bytes().await.map_err(unreachable)?;
+        serde_json::from_slice(&body).map_err(|e| BulkError::Unreadable {
+            url: url.clone(),
+            reason: format!("not a _bulk answer: {e}"),
+        })
+    }
+}

@@ -1,0 +1,352 @@
+//! Settings of the Elasticsearch sink, declared once and read into a typed struct.
+
+use std::time::Duration;
+
+use medconnect_api::{
+    ConfigDef, ConfigType, ConnectError, ConnectResult, Importance, ParsedConfig, Props, Validator,
+};
+
+use crate::index::IndexTemplate;
+
+pub const CONNECTION_URL: &str = "connection.url";
+pub const CONNECTION_USERNAME: &str = "connection.username";
+pub const CONNECTION_PASSWORD: &str = "connection.password";
+pub const CONNECTION_TIMEOUT_MS: &str = "connection.timeout.ms";
+pub const READ_TIMEOUT_MS: &str = "read.timeout.ms";
+pub const INDEX: &str = "index";
+pub const KEY_IGNORE: &str = "key.ignore";
+pub const WRITE_METHOD: &str = "write.method";
+pub const BEHAVIOR_ON_NULL_VALUES: &str = "behavior.on.null.values";
+pub const BEHAVIOR_ON_MALFORMED_DOCUMENTS: &str = "behavior.on.malformed.documents";
+pub const BATCH_SIZE: &str = "batch.size";
+pub const BULK_SIZE_BYTES: &str = "bulk.size.bytes";
+pub const MAX_IN_FLIGHT_REQUESTS: &str = "max.in.flight.requests";
+pub const LINGER_MS: &str = "linger.ms";
+pub const MAX_RETRIES: &str = "max.retries";
+pub const RETRY_BACKOFF_MS: &str = "retry.backoff.ms";
+
+/// Prefixes of this connector's own settings. A setting under one of them that the connector
+/// does not declare is a typo (`behaviour.on.null.values`), refused by name instead of
+/// silently falling back to a default. Connect's common settings (`topics`, `errors.*`,
+/// `transforms.*`, ...) are under none of them.
+const OWN_PREFIXES: &[&str] = &[
+    "connection.",
+    "behavior.",
+    "write.",
+    "bulk.",
+    "batch.",
+    "linger.",
+    "max.in.flight",
+    "max.retries",
+    "retry.",
+    "read.",
+    "index.",
+];
+
+/// The longest timeout or backoff accepted: a day. Longer ones are surely typos, and deadlines
+/// computed from them must stay within what a clock can represent.
+const MAX_TIMEOUT_MS: f64 = 86_400_000.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMethod {
+    /// `index` (key ids: the latest record wins) or `create` (position ids: a document once
+    /// written never changes, and a conflict means it is already there).
+    Insert,
+    /// `update` with `doc_as_upsert`: fields of the record are merged into the document.
+    Upsert,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NullValues {
+    Ignore,
+    /// A tombstone deletes the document with the record key's id.
+    Delete,
+    /// Reported as errant (dead-letter topic or task failure per `errors.tolerance`).
+    Fail,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MalformedDocuments {
+    Ignore,
+    Warn,
+    /// Reported as errant with the cluster's error type and reason.
+    Fail,
+}
+
+/// How the cluster is reached.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    pub urls: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub connection: ConnectionConfig,
+    pub index: IndexTemplate,
+    /// Document ids from topic+partition+offset instead of the record key.
+    pub key_ignore: bool,
+    pub write_method: WriteMethod,
+    pub null_values: NullValues,
+    pub malformed: MalformedDocuments,
+    pub batch_size: usize,
+    pub bulk_size_bytes: usize,
+    pub max_in_flight: usize,
+    pub linger: Duration,
+    pub max_retries: u32,
+    pub retry_backoff: Duration,
+}
+
+fn url_check(value: &str) -> Result<(), String> {
+    let value = value.trim();
+    if value.starts_with("http://") || value.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(format!("'{value}' is not an http:// or https:// URL"))
+    }
+}
+
+pub fn sink_def() -> ConfigDef {
+    ConfigDef::new()
+        .define_required(CONNECTION_URL, ConfigType::List, Importance::High, "URLs of the cluster's nodes (http://host:9200), comma-separated; requests go round-robin, and a retry goes to the next.")
+        .with_validator(Validator::custom(url_check))
+        .define(CONNECTION_USERNAME, ConfigType::String, "", Importance::Medium, "User for HTTP basic authentication (empty: none).")
+        .define(CONNECTION_PASSWORD, ConfigType::Password, "", Importance::Medium, "Password for HTTP basic authentication; use ${env:...} or ${file:...}.")
+        .define(CONNECTION_TIMEOUT_MS, ConfigType::Long, "1000", Importance::Low, "How long establishing a connection may take.")
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
+        .define(READ_TIMEOUT_MS, ConfigType::Long, "15000", Importance::Low, "How long a request may wait for the cluster's answer; then it is retried.")
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
+        .in_group("Connection")
+        .define(INDEX, ConfigType::String, "${topic}", Importance::High, "Index of the documents: ${topic} stands for the record's topic (lower-cased), ${yyyy.MM.dd} (any of yyyy, MM, dd, HH with separators) for the record's timestamp in UTC, e.g. vitals-${yyyy.MM.dd}.")
+        .with_validator(Validator::custom(|v| IndexTemplate::parse(v).map(|_| ())))
+        .define(KEY_IGNORE, ConfigType::Boolean, "false", Importance::High, "true: document id topic+partition+offset (each record its own document); false: the record key (the latest record of a key wins).")
+        .define(WRITE_METHOD, ConfigType::String, "insert", Importance::Medium, "insert: the record value is the document; upsert: its fields are merged into the document of the same id.")
+        .with_validator(Validator::OneOf(vec!["insert", "upsert"]))
+        .define(BEHAVIOR_ON_NULL_VALUES, ConfigType::String, "fail", Importance::Medium, "A record with a null value (tombstone): ignore it, delete the document of its key (needs key.ignore=false), or fail (reported as errant: dead-letter topic or task failure per errors.tolerance).")
+        .with_validator(Validator::OneOf(vec!["ignore", "delete", "fail"]))
+        .define(BEHAVIOR_ON_MALFORMED_DOCUMENTS, ConfigType::String, "fail", Importance::Medium, "A document the cluster refuses (mapping errors) or a value that is not a JSON object: ignore it, warn (logged without its content) or fail (reported as errant with the error type and reason).")
+        .with_validator(Validator::OneOf(vec!["ignore", "warn", "fail"]))
+        .in_group("Data")
+        .define(BATCH_SIZE, ConfigType::Int, "1000", Importance::Medium, "Documents per _bulk request at most.")
+        .with_validator(Validator::between(1.0, 1_000_000.0))
+        .define(BULK_SIZE_BYTES, ConfigType::Long, "5242880", Importance::Low, "Bytes of NDJSON per _bulk request at most (a larger single document is sent alone).")
+        .with_validator(Validator::between(1024.0, 2_147_483_647.0))
+        .define(MAX_IN_FLIGHT_REQUESTS, ConfigType::Int, "5", Importance::Medium, "_bulk requests in flight at once per task.")
+        .with_validator(Validator::between(1.0, 1000.0))
+        .define(LINGER_MS, ConfigType::Long, "1", Importance::Low, "How long a partial batch waits for more documents before it is sent.")
+        .with_validator(Validator::between(0.0, MAX_TIMEOUT_MS))
+        .define(MAX_RETRIES, ConfigType::Int, "5", Importance::Medium, "Retries of a request the cluster pushes back on (429, es_rejected_execution_exception, 5xx, unreachable) before its documents wait in the queue, with the task's partitions paused, for the next round. The task does not fail for this.")
+        .with_validator(Validator::between(0.0, 30.0))
+        .define(RETRY_BACKOFF_MS, ConfigType::Long, "100", Importance::Low, "Wait before the first retry, doubled at each one (a longer Retry-After from the cluster is honoured).")
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
+        .in_group("Bulk")
+}
+
+fn unknown_settings(props: &Props, def: &ConfigDef) -> ConnectResult<()> {
+    match props
+        .keys()
+        .find(|name| OWN_PREFIXES.iter().any(|p| name.starts_with(p)) && def.key(name).is_none())
+    {
+        Some(name) => Err(ConnectError::config(
+            name.clone(),
+            "not a setting of the Elasticsearch sink (misspelled?)",
+        )),
+        None => Ok(()),
+    }
+}
+
+fn one_of<T: Copy>(parsed: &ParsedConfig, name: &str, values: &[(&str, T)]) -> ConnectResult<T> {
+    let given = parsed.string(name)?;
+    values
+        .iter()
+        .find(|(text, _)| *text == given.trim())
+        .map(|(_, value)| *value)
+        .ok_or_else(|| ConnectError::config(name, format!("'{given}' is not a known value")))
+}
+
+impl SinkConfig {
+    /// Parses a task's or connector's settings; refuses undeclared settings of its own and
+    /// combinations that cannot work.
+    pub fn parse(props: &Props) -> ConnectResult<Self> {
+        let def = sink_def();
+        unknown_settings(props, &def)?;
+        let parsed = def.parse(props)?;
+        let urls: Vec<String> = parsed
+            .list(CONNECTION_URL)?
+            .into_iter()
+            .map(|url| url.trim_end_matches('/').to_string())
+            .collect();
+        if urls.is_empty() {
+            return Err(ConnectError::config(
+                CONNECTION_URL,
+                "at least one URL is required",
+            ));
+        }
+        let username = parsed.optional_string(CONNECTION_USERNAME);
+        let password = parsed.optional_string(CONNECTION_PASSWORD);
+        if password.is_some() && username.is_none() {
+            return Err(ConnectError::config(
+                CONNECTION_USERNAME,
+                "required with connection.password",
+            ));
+        }
+        let index = IndexTemplate::parse(&parsed.string(INDEX)?)
+            .map_err(|reason| ConnectError::config(INDEX, reason))?;
+        let key_ignore = parsed.boolean(KEY_IGNORE)?;
+        let null_values = one_of(
+            &parsed,
+            BEHAVIOR_ON_NULL_VALUES,
+            &[
+                ("ignore", NullValues::Ignore),
+                ("delete", NullValues::Delete),
+                ("fail", NullValues::Fail),
+            ],
+        )?;
+        // With position ids a tombstone names no earlier document: it would delete nothing.
+        if null_values == NullValues::Delete && key_ignore {
+            return Err(ConnectError::config(
+                BEHAVIOR_ON_NULL_VALUES,
+                "delete needs document ids from the record key (key.ignore=false)",
+            ));
+        }
+        Ok(Self {
+            connection: ConnectionConfig {
+                urls,
+                username,
+                password,
+                connect_timeout: parsed.millis(CONNECTION_TIMEOUT_MS)?,
+                read_timeout: parsed.millis(READ_TIMEOUT_MS)?,
+            },
+            index,
+            key_ignore,
+            write_method: one_of(
+                &parsed,
+                WRITE_METHOD,
+                &[
+                    ("insert", WriteMethod::Insert),
+                    ("upsert", WriteMethod::Upsert),
+                ],
+            )?,
+            null_values,
+            malformed: one_of(
+                &parsed,
+                BEHAVIOR_ON_MALFORMED_DOCUMENTS,
+                &[
+                    ("ignore", MalformedDocuments::Ignore),
+                    ("warn", MalformedDocuments::Warn),
+                    ("fail", MalformedDocuments::Fail),
+                ],
+            )?,
+            batch_size: parsed.int_as(BATCH_SIZE)?,
+            bulk_size_bytes: parsed.int_as(BULK_SIZE_BYTES)?,
+            max_in_flight: parsed.int_as(MAX_IN_FLIGHT_REQUESTS)?,
+            linger: parsed.millis(LINGER_MS)?,
+            max_retries: parsed.int_as(MAX_RETRIES)?,
+            retry_backoff: parsed.millis(RETRY_BACKOFF_MS)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(pairs: &[(&str, &str)]) -> Props {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn field_of(pairs: &[(&str, &str)]) -> String {
+        match SinkConfig::parse(&props(pairs)) {
+            Err(ConnectError::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_with_a_url_are_valid() {
+        let config =
+            SinkConfig::parse(&props(&[(CONNECTION_URL, "http://a:9200/, http://b:9200")]))
+                .expect("valid");
+        assert_eq!(
+            config.connection.urls,
+            vec!["http://a:9200", "http://b:9200"]
+        );
+        assert!(!config.key_ignore);
+        assert_eq!(config.write_method, WriteMethod::Insert);
+        assert_eq!(config.null_values, NullValues::Fail);
+        assert_eq!(config.malformed, MalformedDocuments::Fail);
+        assert_eq!(config.batch_size, 1000);
+        assert_eq!(config.max_in_flight, 5);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        assert_eq!(field_of(&[]), CONNECTION_URL);
+        assert_eq!(field_of(&[(CONNECTION_URL, "a:9200")]), CONNECTION_URL);
+        let url = (CONNECTION_URL, "http://a:9200");
+        assert_eq!(field_of(&[url, (INDEX, "Vitals")]), INDEX);
+        assert_eq!(field_of(&[url, (INDEX, "v-${yyyy.QQ}")]), INDEX);
+        assert_eq!(field_of(&[url, (WRITE_METHOD, "append")]), WRITE_METHOD);
+        assert_eq!(field_of(&[url, (BATCH_SIZE, "0")]), BATCH_SIZE);
+        assert_eq!(
+            field_of(&[url, (CONNECTION_PASSWORD, "secret")]),
+            CONNECTION_USERNAME
+        );
+        assert_eq!(
+            field_of(&[
+                url,
+                (KEY_IGNORE, "true"),
+                (BEHAVIOR_ON_NULL_VALUES, "delete")
+            ]),
+            BEHAVIOR_ON_NULL_VALUES
+        );
+    }
+
+    #[test]
+    fn misspelled_settings_of_its_own_are_refused_by_name() {
+        let url = (CONNECTION_URL, "http://a:9200");
+        assert_eq!(
+            field_of(&[url, ("behavior.on.null.value", "ignore")]),
+            "behavior.on.null.value"
+        );
+        assert_eq!(
+            field_of(&[url, ("connection.user", "u")]),
+            "connection.user"
+        );
+        // Connect's common settings pass.
+        let common = SinkConfig::parse(&props(&[
+            url,
+            ("topics", "vitals"),
+            ("errors.tolerance", "all"),
+            ("transforms.a.type", "x"),
+            ("consumer.override.max.poll.records", "10"),
+        ]));
+        assert!(common.is_ok(), "{common:?}");
+    }
+
+    #[test]
+    fn the_example_connector_config_is_valid() {
+        let json: serde_json::Value =
+            serde_json::from_str(include_str!("../../../configs/elasticsearch-sink.json"))
+                .expect("JSON");
+        let props: Props = json["config"]
+            .as_object()
+            .expect("config object")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().expect("string values").to_string()))
+            .collect();
+        let config = SinkConfig::parse(&props).expect("valid");
+        assert!(config.key_ignore);
+        // 2024-01-02T03:04:05Z
+        assert_eq!(
+            config.index.resolve("vitals", Some(1_704_164_645_000)),
+            "vitals-2024.01.02"
+        );
+    }
+}
