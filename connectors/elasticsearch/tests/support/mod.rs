@@ -54,8 +54,13 @@ pub struct Osmem {
 
 impl Osmem {
     pub fn start() -> Self {
+        Self::start_at("127.0.0.1:0")
+    }
+
+    /// On a given address (a port a task already points at).
+    pub fn start_at(address: &str) -> Self {
         let mut child = Command::new(osmem_binary())
-            .args(["-addr", "127.0.0.1:0", "-no-stdin-watch", "-no-ja"])
+            .args(["-addr", address, "-no-stdin-watch", "-no-ja"])
             // Gone with the test process even if it dies before the guard drops.
             .args(["-parent-pid", &std::process::id().to_string()])
             .stdin(Stdio::null())

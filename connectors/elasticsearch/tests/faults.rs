@@ -1,0 +1,223 @@
+//! The sink when the cluster pushes back or is away: a fault-injecting HTTP proxy in front of
+//! a real osmem-server (which still answers everything the proxy forwards), and a cluster that
+//! comes up only after the task started writing.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use medconnect_api::{
+    ConnectResult, PartitionControl, SinkOffsets, SinkPartitions, SinkRecord, SinkTask,
+    TopicPartition,
+};
+use serde_json::{Value, json};
+use support::{DEADLINE, Osmem, put_all, task, vitals};
+
+/// Answers 429 to every third `_bulk`; of the others, every fifth is forwarded but its
+/// first item is reported back as rejected (the document is written all the same, as when
+/// an answer is lost), so it is sent again and found already there.
+#[derive(Clone)]
+struct Proxy {
+    upstream: String,
+    client: reqwest::Client,
+    bulks: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
+    items_rejected: Arc<AtomicUsize>,
+}
+
+async fn forward(
+    State(proxy): State<Proxy>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let bulk = uri.path().ends_with("/_bulk");
+    let n = if bulk {
+        proxy.bulks.fetch_add(1, Ordering::SeqCst) + 1
+    } else {
+        0
+    };
+    if bulk && n % 3 == 0 {
+        proxy.refused.fetch_add(1, Ordering::SeqCst);
+        let error = json!({"error": {"type": "es_rejected_execution_exception", "reason": "rejected by the test proxy"}, "status": 429});
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::CONTENT_TYPE, "application/json")],
+            error.to_string(),
+        )
+            .into_response();
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = proxy
+        .client
+        .request(method, format!("{}{path}", proxy.upstream))
+        .body(body);
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        request = request.header(header::CONTENT_TYPE, content_type);
+    }
+    let Ok(answer) = request.send().await else {
+        return StatusCode::BAD_GATEWAY.into_response();
+    };
+    let status = answer.status();
+    let mut text = answer.bytes().await.unwrap_or_default().to_vec();
+    if bulk && n % 5 == 0 && status.is_success() {
+        let mut parsed: Value = serde_json::from_slice(&text).expect("a _bulk answer");
+        if let Some(item) = parsed["items"][0]
+            .as_object_mut()
+            .and_then(|i| i.values_mut().next())
+        {
+            item["status"] = json!(429);
+            item["error"] = json!({"type": "es_rejected_execution_exception", "reason": "rejected by the test proxy"});
+            parsed["errors"] = json!(true);
+            proxy.items_rejected.fetch_add(1, Ordering::SeqCst);
+        }
+        text = parsed.to_string().into_bytes();
+    }
+    (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+/// Partition control that records what the task asked for.
+#[derive(Default)]
+struct Recorder {
+    paused: AtomicBool,
+    pauses: AtomicUsize,
+    resumes: AtomicUsize,
+}
+
+impl PartitionControl for Recorder {
+    fn assignment(&self) -> Vec<TopicPartition> {
+        (0..3).map(|p| TopicPartition::new("vitals", p)).collect()
+    }
+    fn pause(&self, _: &[TopicPartition]) -> ConnectResult<()> {
+        self.paused.store(true, Ordering::SeqCst);
+        self.pauses.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn resume(&self, _: &[TopicPartition]) -> ConnectResult<()> {
+        self.paused.store(false, Ordering::SeqCst);
+        self.resumes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn positions(records: &[SinkRecord]) -> SinkOffsets {
+    let mut offsets = SinkOffsets::new();
+    for record in records {
+        let next = offsets
+            .entry(TopicPartition::new(
+                record.record.topic.clone(),
+                record.kafka_partition,
+            ))
+            .or_insert(0);
+        *next = (*next).max(record.kafka_offset + 1);
+    }
+    offsets
+}
+
+#[tokio::test]
+async fn pushed_back_bulks_are_retried_with_partitions_paused_and_nothing_is_lost() {
+    let osmem = Osmem::start();
+    let proxy = Proxy {
+        upstream: osmem.url.clone(),
+        client: reqwest::Client::new(),
+        bulks: Arc::default(),
+        refused: Arc::default(),
+        items_rejected: Arc::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let app = axum::Router::new()
+        .fallback(forward)
+        .with_state(proxy.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let recorder = Arc::new(Recorder::default());
+    let (mut sink, mut errant) = task(
+        &url,
+        &[
+            ("key.ignore", "true"),
+            ("index", "vitals-${yyyy.MM.dd}"),
+            ("batch.size", "200"),
+            ("max.in.flight.requests", "2"),
+            ("max.retries", "2"),
+            ("retry.backoff.ms", "10"),
+        ],
+        SinkPartitions::new(recorder.clone()),
+    )
+    .await;
+    let records = vitals("vitals", 10_000);
+    // The task never fails: every put, the flush and pre_commit succeed.
+    put_all(&mut sink, &records, 1_000).await;
+    assert_eq!(osmem.count("vitals-*").await, 10_000);
+    let put = positions(&records);
+    assert_eq!(sink.pre_commit(&put).await.expect("pre_commit"), put);
+    assert!(errant.try_recv().is_err(), "nothing errant");
+
+    let bulks = proxy.bulks.load(Ordering::SeqCst);
+    let refused = proxy.refused.load(Ordering::SeqCst);
+    assert!(
+        refused >= 10 && refused == bulks / 3,
+        "{refused} of {bulks} bulks answered 429"
+    );
+    assert!(proxy.items_rejected.load(Ordering::SeqCst) >= 5);
+    assert!(
+        recorder.pauses.load(Ordering::SeqCst) >= 1,
+        "paused while the cluster lagged"
+    );
+    assert!(
+        !recorder.paused.load(Ordering::SeqCst),
+        "resumed once it caught up"
+    );
+    sink.stop().await.expect("stop");
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_cluster_that_comes_up_late_gets_everything_and_nothing_is_committed_before() {
+    // A port nothing listens on yet.
+    let address = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let (mut sink, mut errant) = task(
+        &format!("http://{address}"),
+        &[
+            ("key.ignore", "true"),
+            ("batch.size", "100"),
+            ("max.retries", "3"),
+            ("retry.backoff.ms", "20"),
+            ("connection.timeout.ms", "200"),
+        ],
+        SinkPartitions::detached(),
+    )
+    .await;
+    let records = vitals("vitals", 2_000);
+    for chunk in records.chunks(500) {
+        sink.put(chunk.to_vec())
+            .await
+            .expect("put does not fail while the cluster is away");
+    }
+    let put = positions(&records);
+    let committable = sink.pre_commit(&put).await.expect("pre_commit");
+    assert!(
+        committable.values().all(|offset| *offset == 0),
+        "nothing acknowledged, nothing committable: {committable:?}"
+    );
+
+    let osmem = Osmem::start_at(&address.to_string());
+    tokio::time::timeout(DEADLINE, sink.flush())
+        .await
+        .expect("caught up within the deadline")
+        .expect("flush");
+    assert_eq!(osmem.count("vitals").await, 2_000);
+    assert_eq!(sink.pre_commit(&put).await.expect("pre_commit"), put);
+    assert!(errant.try_recv().is_err());
+    sink.stop().await.expect("stop");
+}
