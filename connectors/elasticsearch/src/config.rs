@@ -73,12 +73,28 @@ pub enum MalformedDocuments {
     Fail,
 }
 
+/// A secret that never shows in `Debug` output (configs and clients get logged and printed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[hidden]")
+    }
+}
+
 /// How the cluster is reached.
 #[derive(Debug, Clone)]
 pub struct ConnectionConfig {
     pub urls: Vec<String>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
 }
@@ -186,7 +202,7 @@ impl SinkConfig {
             ));
         }
         let username = parsed.optional_string(CONNECTION_USERNAME);
-        let password = parsed.optional_string(CONNECTION_PASSWORD);
+        let password = parsed.optional_string(CONNECTION_PASSWORD).map(Secret);
         if password.is_some() && username.is_none() {
             return Err(ConnectError::config(
                 CONNECTION_USERNAME,
@@ -306,6 +322,21 @@ mod tests {
             ]),
             BEHAVIOR_ON_NULL_VALUES
         );
+    }
+
+    #[test]
+    fn the_password_never_shows_in_debug_output() {
+        let config = SinkConfig::parse(&props(&[
+            (CONNECTION_URL, "http://a:9200"),
+            (CONNECTION_USERNAME, "medconnect"),
+            (CONNECTION_PASSWORD, "hunter2"),
+        ]))
+        .expect("valid");
+        assert_eq!(
+            config.connection.password.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::error::BulkError;
 use super::response::BulkResponse;
-use crate::config::ConnectionConfig;
+use crate::config::{ConnectionConfig, Secret};
 
 /// What the cluster's root says about it.
 #[derive(Debug, Clone, Deserialize)]
@@ -43,7 +43,7 @@ pub struct EsClient {
     http: reqwest::Client,
     urls: Vec<String>,
     next: AtomicUsize,
-    credentials: Option<(String, Option<String>)>,
+    credentials: Option<(String, Option<Secret>)>,
 }
 
 /// A `Retry-After` in seconds (the HTTP-date form is not used by Elasticsearch or OpenSearch).
@@ -104,7 +104,9 @@ impl EsClient {
 
     fn authorised(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.credentials {
-            Some((user, password)) => request.basic_auth(user, password.as_ref()),
+            Some((user, password)) => {
+                request.basic_auth(user, password.as_ref().map(Secret::expose))
+            }
             None => request,
         }
     }

@@ -60,8 +60,9 @@ impl BulkItem {
         });
         match self.status {
             200..=299 => ItemOutcome::Written,
-            // Deleting what is not there leaves it not there.
-            404 if operation == Operation::Delete && self.error.is_none() => ItemOutcome::Written,
+            // Deleting what is not there (no document, or no index any more: a daily index
+            // dropped by retention) leaves it not there.
+            404 if operation == Operation::Delete => ItemOutcome::Written,
             // A create with a deterministic id found its document: written before (a batch
             // sent again after a lost answer, or a record delivered again after a crash).
             409 if operation == Operation::Create => ItemOutcome::Written,
@@ -141,10 +142,27 @@ mod tests {
         assert_eq!(outcomes[5], ItemOutcome::Retry);
         assert_eq!(outcomes[6], ItemOutcome::Retry);
         assert_eq!(outcomes[7], ItemOutcome::Retry);
-        assert!(
-            matches!(&outcomes[8], ItemOutcome::Refused(e) if e.kind == "index_not_found_exception")
+        assert_eq!(
+            outcomes[8],
+            ItemOutcome::Written,
+            "no index, no document to delete"
         );
         assert!(response.items(3).is_none());
+    }
+
+    #[test]
+    fn a_missing_index_is_refused_for_writes() {
+        let item = BulkItem {
+            status: 404,
+            error: Some(ItemError {
+                kind: "index_not_found_exception".into(),
+                reason: String::new(),
+            }),
+        };
+        assert!(matches!(
+            item.outcome(Operation::Index),
+            ItemOutcome::Refused(_)
+        ));
     }
 
     #[test]
