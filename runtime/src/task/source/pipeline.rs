@@ -1,0 +1,505 @@
+//! The pipeline: records from `poll` through the transforms to the producer, settled in poll
+//! order; offsets stored beside it, never past a record that failed without being tolerated.
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::Duration;
+
+use medconnect_api::{
+    AckHandle, ConnectError, ConnectResult, Delivery, Record, SourceOffset, SourcePartition,
+    SourceRecord,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::kafka::{KafkaSettings, TopicSpec, ensure_topics, record_of};
+use crate::metrics::TaskMetrics;
+use crate::store::OffsetStore;
+use crate::task::errors::{ErrorReporter, Origin, Stage, Verdict};
+use crate::task::{RunnerSettings, StatusReporter};
+use crate::transform::TransformChain;
+
+use super::in_flight::{AfterFailure, Completed, InFlight, Outcome, Refusal, produce_error};
+use super::offset_writes::{OffsetWrite, offset_write};
+use super::{Batch, Capacity, StoredOffsets};
+
+/// Waits for the oldest record in flight to settle and takes it.
+pub(super) fn next_settled(
+    in_flight: &mut VecDeque<InFlight>,
+) -> impl Future<Output = Option<Completed>> + '_ {
+    std::future::poll_fn(move |cx| match in_flight.front_mut() {
+        None => Poll::Ready(None),
+        Some(oldest) => match Pin::new(oldest).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(done) => {
+                in_flight.pop_front();
+                Poll::Ready(Some(done))
+            }
+        },
+    })
+}
+
+pub(super) struct Pipeline {
+    pub(super) connector: String,
+    /// Named in dead-letter headers for input the source itself rejected.
+    pub(super) connector_class: String,
+    pub(super) transforms: TransformChain,
+    pub(super) errors: ErrorReporter,
+    pub(super) producer: FutureProducer,
+    pub(super) offsets: Arc<OffsetStore>,
+    pub(super) kafka: KafkaSettings,
+    pub(super) new_topic: (i32, i32),
+    pub(super) status: StatusReporter,
+    pub(super) metrics: TaskMetrics,
+    pub(super) capacity: Arc<Capacity>,
+    /// Records in poll order. Only the oldest is awaited: Kafka acknowledges a partition's
+    /// records in order, and offsets must be stored in poll order anyway.
+    pub(super) in_flight: VecDeque<InFlight>,
+    /// Offsets acknowledged and not yet stored, one per partition (sources have few).
+    pub(super) pending_offsets: Vec<(SourcePartition, SourceOffset)>,
+    pub(super) uncommitted: i64,
+    /// The offset write under way, if any. It runs beside the pipeline: the offset topic
+    /// being slow or unreachable must not stop records from being settled (a listener's
+    /// sender waits for its answer meanwhile).
+    pub(super) committing: Option<tokio::task::JoinHandle<OffsetWrite>>,
+    pub(super) known_topics: HashSet<String>,
+    /// Set once a record with a source position failed without being tolerated: no offset
+    /// is stored past it, even for later records Kafka did take, so a restart polls it again.
+    pub(super) held: bool,
+}
+
+impl Pipeline {
+    /// The main loop; returns the error that failed the task, if any.
+    pub(super) async fn run(
+        &mut self,
+        mut batches: mpsc::Receiver<Batch>,
+        stop: &CancellationToken,
+        stored: &StoredOffsets,
+        settings: &RunnerSettings,
+    ) -> Option<ConnectError> {
+        let mut flush = tokio::time::interval(settings.offset_flush_interval);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return None,
+                Some(done) = next_settled(&mut self.in_flight), if !self.in_flight.is_empty() => {
+                    if let Err(error) = self.complete(done).await {
+                        return Some(error);
+                    }
+                }
+                batch = batches.recv() => match batch {
+                    Some(Ok(records)) => {
+                        if let Err(error) = self.process(records).await {
+                            return Some(error);
+                        }
+                    }
+                    Some(Err(error)) => {
+                        self.metrics.error(Stage::TaskPoll.as_str());
+                        return Some(error);
+                    }
+                    // The poller stopped without an error: the worker is stopping.
+                    None => return None,
+                },
+                _ = flush.tick() => self.start_offset_write(),
+                written = offset_write(&mut self.committing), if self.committing.is_some() => {
+                    self.committing = None;
+                    self.finish_offset_write(written, stored);
+                }
+            }
+        }
+    }
+
+    async fn process(&mut self, records: Vec<SourceRecord>) -> ConnectResult<()> {
+        self.metrics.records_in(records.len() as u64);
+        for source in records {
+            self.process_one(source).await?;
+        }
+        self.metrics.set_in_flight(self.in_flight.len() as i64);
+        Ok(())
+    }
+
+    async fn process_one(&mut self, source: SourceRecord) -> ConnectResult<()> {
+        let SourceRecord {
+            record,
+            source_partition,
+            source_offset,
+            ack,
+            rejected,
+        } = source;
+        if let Some(reason) = rejected {
+            let position =
+                (!source_partition.is_empty()).then_some((source_partition, source_offset));
+            return self.reject_input(record, reason, position, ack);
+        }
+        let original = (!self.transforms.is_empty() && self.errors.policy.dlq_topic.is_some())
+            .then(|| record.clone());
+        let transformed = self.transforms.apply(record);
+        let position = (!source_partition.is_empty()).then_some((source_partition, source_offset));
+        let record = match transformed {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                self.metrics.filtered();
+                self.enqueue(position, ack, Outcome::Ready(Some(Ok(Delivery::Filtered))));
+                return Ok(());
+            }
+            Err(failure) => {
+                let record = original.unwrap_or_else(|| Record::new(""));
+                let verdict = self.errors.report(
+                    Stage::Transformation,
+                    &failure.class,
+                    &record,
+                    Origin::Source(position.as_ref()),
+                    failure.error.clone(),
+                );
+                return self.dead_letter(verdict, position, ack, failure.error);
+            }
+        };
+        if !self.known_topics.contains(&record.topic) {
+            self.discover_topic(&record.topic).await?;
+        }
+        match self.produce(&record).await? {
+            Ok(delivery) => {
+                let topic = ack.is_some().then_some(record.topic);
+                self.enqueue(position, ack, Outcome::Produced { delivery, topic });
+            }
+            // Refused before it was sent (too large for the producer): settled in poll order
+            // like any other refusal.
+            Err(error) => {
+                let refused = self.refuse(record, error, position.as_ref(), ack.is_some());
+                let settled = refused.await_dead_letter().await;
+                self.enqueue(position, ack, Outcome::Ready(Some(settled)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Input the source rejected: to the dead-letter topic when there is one, never a task failure.
+    fn reject_input(
+        &mut self,
+        record: Record,
+        reason: ConnectError,
+        position: Option<(SourcePartition, SourceOffset)>,
+        ack: Option<AckHandle>,
+    ) -> ConnectResult<()> {
+        let verdict = self.errors.reject(
+            Stage::TaskPoll,
+            &self.connector_class,
+            &record,
+            Origin::Source(position.as_ref()),
+            reason.clone(),
+        );
+        self.dead_letter(verdict, position, ack, reason)
+    }
+
+    fn dead_letter(
+        &mut self,
+        verdict: Verdict,
+        position: Option<(SourcePartition, SourceOffset)>,
+        ack: Option<AckHandle>,
+        error: ConnectError,
+    ) -> ConnectResult<()> {
+        match verdict {
+            Verdict::Fail(error) => {
+                if let Some(ack) = ack {
+                    ack.complete(Delivery::Failed {
+                        reason: error.to_string(),
+                    });
+                }
+                Err(error)
+            }
+            Verdict::Skipped => {
+                let reason = error.to_string();
+                self.enqueue(
+                    position,
+                    ack,
+                    Outcome::Ready(Some(Ok(Delivery::Rejected { reason }))),
+                );
+                Ok(())
+            }
+            Verdict::DeadLettered(delivery) => {
+                let reason = error.to_string();
+                self.enqueue(position, ack, Outcome::DeadLettered { delivery, reason });
+                Ok(())
+            }
+        }
+    }
+
+    fn enqueue(
+        &mut self,
+        position: Option<(SourcePartition, SourceOffset)>,
+        ack: Option<AckHandle>,
+        outcome: Outcome,
+    ) {
+        self.capacity.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.push_back(InFlight {
+            position,
+            ack,
+            outcome,
+            first_failure: None,
+        });
+    }
+
+    /// Hands a record to the producer, waiting for room when its queue is full. The inner
+    /// error is a refusal of this record (too large for the producer); the outer one fails
+    /// the task.
+    async fn produce(
+        &mut self,
+        record: &Record,
+    ) -> ConnectResult<Result<DeliveryFuture, ConnectError>> {
+        loop {
+            match self.send(record) {
+                Ok(delivery) => return Ok(Ok(delivery)),
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                    // Make room by settling the oldest record in flight.
+                    match next_settled(&mut self.in_flight).await {
+                        Some(done) => Box::pin(self.complete(done)).await?,
+                        None => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                Err(error) => {
+                    let error = produce_error(&error);
+                    if error.is_record_error() {
+                        return Ok(Err(error));
+                    }
+                    self.metrics.error(Stage::KafkaProduce.as_str());
+                    return Err(ConnectError::fatal(format!(
+                        "cannot produce to {}: {error}",
+                        record.topic
+                    )));
+                }
+            }
+        }
+    }
+
+    fn send(&self, record: &Record) -> Result<DeliveryFuture, KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in record.headers.iter() {
+            headers = headers.insert(Header {
+                key,
+                value: value.map(|v| v.as_ref()),
+            });
+        }
+        let mut message: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&record.topic).headers(headers);
+        if let Some(key) = record.key.as_deref() {
+            message = message.key(key);
+        }
+        if let Some(value) = record.value.as_deref() {
+            message = message.payload(value);
+        }
+        if let Some(partition) = record.partition {
+            message = message.partition(partition);
+        }
+        if let Some(timestamp) = record.timestamp {
+            message = message.timestamp(timestamp);
+        }
+        self.producer
+            .send_result(message)
+            .map_err(|(error, _)| error)
+    }
+
+    /// Applies the error policy to a record Kafka refused as bad data (too large, invalid for
+    /// its topic). A listener's record never fails the task: its sender is told (dead-letter
+    /// topic if there is one, else a rejection). A polling source's record follows
+    /// `errors.tolerance`.
+    fn refuse(
+        &mut self,
+        record: Record,
+        error: ConnectError,
+        position: Option<&(SourcePartition, SourceOffset)>,
+        listener: bool,
+    ) -> Refusal {
+        self.metrics.error(Stage::KafkaProduce.as_str());
+        let origin = Origin::Source(position);
+        let verdict = if listener {
+            self.errors.reject(
+                Stage::KafkaProduce,
+                "KafkaProducer",
+                &record,
+                origin,
+                error.clone(),
+            )
+        } else {
+            self.errors.report(
+                Stage::KafkaProduce,
+                "KafkaProducer",
+                &record,
+                origin,
+                error.clone(),
+            )
+        };
+        Refusal { verdict, error }
+    }
+
+    async fn discover_topic(&mut self, topic: &str) -> ConnectResult<()> {
+        let (partitions, replication) = self.new_topic;
+        ensure_topics(
+            &self.kafka,
+            &[TopicSpec::regular(topic, partitions, replication)],
+        )
+        .await
+        .map_err(|e| ConnectError::retriable(e.to_string()))?;
+        self.status.topic(topic).await;
+        self.known_topics.insert(topic.to_string());
+        Ok(())
+    }
+
+    /// Settles one record in poll order: completes its acknowledgement and, unless an
+    /// earlier record failed (`held`), advances its source offset.
+    async fn complete(&mut self, done: Completed) -> ConnectResult<()> {
+        self.capacity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.capacity.freed.notify_one();
+        let Completed {
+            position,
+            ack,
+            outcome,
+            refused,
+            first_failure,
+        } = done;
+        let delivery = match outcome {
+            Ok(delivery) => delivery,
+            Err(error) => {
+                match self
+                    .after_failure(
+                        error,
+                        refused,
+                        position.as_ref(),
+                        ack.is_some(),
+                        first_failure,
+                    )
+                    .await
+                {
+                    AfterFailure::Retry(outcome, first_failure) => {
+                        // Back in front: nothing behind it settles before it does.
+                        self.capacity.in_flight.fetch_add(1, Ordering::AcqRel);
+                        self.in_flight.push_front(InFlight {
+                            position,
+                            ack,
+                            outcome,
+                            first_failure: Some(first_failure),
+                        });
+                        return Ok(());
+                    }
+                    AfterFailure::Settled(delivery) => delivery,
+                    AfterFailure::Fail(error) => {
+                        self.held = true;
+                        if let Some(ack) = ack {
+                            ack.complete(Delivery::Failed {
+                                reason: error.to_string(),
+                            });
+                        }
+                        return Err(error);
+                    }
+                }
+            }
+        };
+        if delivery.is_durable() {
+            self.metrics.records_out(1);
+        }
+        self.metrics.set_in_flight(self.in_flight.len() as i64);
+        if let Some(ack) = ack {
+            ack.complete(delivery);
+        }
+        if let Some((partition, offset)) = position
+            && !self.held
+        {
+            match self
+                .pending_offsets
+                .iter_mut()
+                .find(|(p, _)| *p == partition)
+            {
+                Some(entry) => entry.1 = offset,
+                None => self.pending_offsets.push((partition, offset)),
+            }
+            self.uncommitted += 1;
+            self.metrics.set_commit_lag(self.uncommitted);
+        }
+        Ok(())
+    }
+
+    /// Decides the fate of a record that was not written.
+    async fn after_failure(
+        &mut self,
+        error: ConnectError,
+        refused: Option<OwnedMessage>,
+        position: Option<&(SourcePartition, SourceOffset)>,
+        listener: bool,
+        first_failure: Option<tokio::time::Instant>,
+    ) -> AfterFailure {
+        if error.is_record_error()
+            && let Some(message) = &refused
+        {
+            let record = record_of(message);
+            return match self
+                .refuse(record, error, position, listener)
+                .await_dead_letter()
+                .await
+            {
+                Ok(delivery) => AfterFailure::Settled(delivery),
+                Err(error) => AfterFailure::Fail(error),
+            };
+        }
+        if !error.is_retriable() {
+            self.metrics.error(Stage::KafkaProduce.as_str());
+            return AfterFailure::Fail(error);
+        }
+        // Not the record's fault (broker unreachable past `delivery.timeout.ms`): send it again
+        // within `errors.retry.timeout`, in its place.
+        let first_failure = first_failure.unwrap_or_else(tokio::time::Instant::now);
+        let in_time = self
+            .errors
+            .policy
+            .retry_timeout
+            .is_none_or(|timeout| first_failure.elapsed() < timeout);
+        if in_time && let Some(message) = &refused {
+            let record = record_of(message);
+            if let Ok(delivery) = self.send(&record) {
+                tracing::warn!(connector = %self.connector, %error, "Kafka did not take a record; sending it again");
+                let topic = listener.then_some(record.topic);
+                return AfterFailure::Retry(Outcome::Produced { delivery, topic }, first_failure);
+            }
+        }
+        self.metrics.error(Stage::KafkaProduce.as_str());
+        if listener {
+            // The sender gets no positive acknowledgement and sends again; the listener stays.
+            tracing::warn!(connector = %self.connector, %error, "record not stored; its sender is told to retry");
+            return AfterFailure::Settled(Delivery::Failed {
+                reason: error.to_string(),
+            });
+        }
+        // A polling source must not skip it: the task fails with its offset held before it.
+        AfterFailure::Fail(error)
+    }
+
+    /// Waits (bounded) for every record in flight, settling each. Returns the first failure:
+    /// records after it may still be acknowledged to their senders, but no offset passes it.
+    pub(super) async fn drain(&mut self, settings: &RunnerSettings) -> ConnectResult<()> {
+        let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
+        let mut failure = None;
+        while !self.in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, next_settled(&mut self.in_flight)).await {
+                Ok(Some(done)) => {
+                    if let Err(error) = self.complete(done).await {
+                        tracing::warn!(connector = %self.connector, %error, "record not delivered while stopping");
+                        failure.get_or_insert(error);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(connector = %self.connector, in_flight = self.in_flight.len(), "stopping before Kafka acknowledged every record; they will be sent again");
+                    break;
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
