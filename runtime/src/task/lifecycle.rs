@@ -8,9 +8,21 @@ use tokio_util::sync::CancellationToken;
 
 use super::errors::ErrorPolicy;
 
+/// Takes the task its connector created (or the reason it could not) and starts it, retrying
+/// what is retriable: the one way both runners get a running task.
+pub(super) async fn created_and_started<T: TaskLifecycle + ?Sized>(
+    created: ConnectResult<Box<T>>,
+    policy: &ErrorPolicy,
+    stop: &CancellationToken,
+) -> ConnectResult<Box<T>> {
+    let mut task = created?;
+    start_with_retries(task.as_mut(), policy, stop).await?;
+    Ok(task)
+}
+
 /// Starts the task, retrying retriable failures (a listener's port still held by its previous
 /// run) with backoff within `errors.retry.timeout`, until `stop`.
-pub(super) async fn start_with_retries<T: TaskLifecycle + ?Sized>(
+async fn start_with_retries<T: TaskLifecycle + ?Sized>(
     task: &mut T,
     policy: &ErrorPolicy,
     stop: &CancellationToken,

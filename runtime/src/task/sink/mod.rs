@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::errors::ErrorReporter;
-use super::lifecycle::{start_with_retries, stop_in_time};
+use super::lifecycle::{created_and_started, stop_in_time};
 use super::{RunState, RunnerSettings, StatusReporter};
 use crate::metrics::TaskMetrics;
 use crate::store::ConnectorState;
@@ -105,17 +105,14 @@ impl SinkRunner {
             errant_records: ErrantRecordReporter::new(errant.clone()),
             partitions: SinkPartitions::new(partitions.clone()),
         };
-        let mut task = match plugin.create_task(context) {
+        let started = created_and_started(plugin.create_task(context), &errors.policy, &stop).await;
+        let mut task = match started {
             Ok(task) => task,
             Err(error) => {
                 status.failed(&error).await;
                 return;
             }
         };
-        if let Err(error) = start_with_retries(task.as_mut(), &errors.policy, &stop).await {
-            status.failed(&error).await;
-            return;
-        }
         let subscribed = match &subscription {
             Subscription::Topics(topics) => {
                 let names: Vec<&str> = topics.iter().map(String::as_str).collect();

@@ -24,7 +24,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::errors::ErrorReporter;
-use super::lifecycle::{panic_message, start_with_retries, stop_in_time};
+use super::lifecycle::{created_and_started, panic_message, stop_in_time};
 use super::{RunState, RunnerSettings, StatusReporter};
 use crate::kafka::KafkaSettings;
 use crate::metrics::TaskMetrics;
@@ -100,17 +100,14 @@ impl SourceRunner {
             metrics,
             settings,
         } = spec;
-        let mut task = match plugin.create_task(context) {
+        let started = created_and_started(plugin.create_task(context), &errors.policy, &stop).await;
+        let mut task = match started {
             Ok(task) => task,
             Err(error) => {
                 status.failed(&error).await;
                 return;
             }
         };
-        if let Err(error) = start_with_retries(task.as_mut(), &errors.policy, &stop).await {
-            status.failed(&error).await;
-            return;
-        }
         if stop.is_cancelled() {
             stop_in_time(
                 task.as_mut(),
