@@ -1,0 +1,264 @@
+//! The connector and its task: records are buffered up to `batch.size` and written by
+//! [`writer::write`], each batch in one transaction; `flush` writes the rest.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use medconnect_api::{
+    ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind,
+    ErrantRecordReporter, Props, SinkConnector, SinkRecord, SinkTask, SinkTaskContext, TaskConfig,
+    TopicPartition,
+};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::config::{
+    CONNECTION_PASSWORD, CONNECTION_URL, CONNECTION_USER, ConnectionConfig, SinkConfig,
+    redacted_url, sink_def,
+};
+use crate::error::{Failure, classify};
+use crate::schema::Catalog;
+use crate::writer;
+
+/// The pool of one task: one connection, as a task writes one batch at a time. Created lazily:
+/// a database that is down makes writes retriable instead of failing the task's start.
+fn pool(connection: &ConnectionConfig) -> ConnectResult<PgPool> {
+    let mut options = PgConnectOptions::from_str(&connection.url)
+        .map_err(|e| ConnectError::config(CONNECTION_URL, e.to_string()))?;
+    if let Some(user) = &connection.user {
+        options = options.username(user);
+    }
+    if let Some(password) = &connection.password {
+        options = options.password(password);
+    }
+    let options = options.application_name("medconnect-postgres-sink");
+    Ok(PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(connection.timeout)
+        .connect_lazy_with(options))
+}
+
+/// Where a failure to reach the server points in the config.
+fn connection_field(error: &sqlx::Error) -> &'static str {
+    match error {
+        // invalid_authorization_specification / invalid_password
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("28")) => {
+            if db.code().as_deref() == Some("28P01") {
+                CONNECTION_PASSWORD
+            } else {
+                CONNECTION_USER
+            }
+        }
+        _ => CONNECTION_URL,
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PostgresSinkConnector;
+
+#[async_trait]
+impl Connector for PostgresSinkConnector {
+    fn class(&self) -> &'static str {
+        "io.medconnect.connectors.postgres.PostgresSinkConnector"
+    }
+
+    fn aliases(&self) -> &'static [&'static str] {
+        &["PostgresSink", "JdbcSink"]
+    }
+
+    fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn kind(&self) -> ConnectorKind {
+        ConnectorKind::Sink
+    }
+
+    fn config_def(&self) -> ConfigDef {
+        sink_def()
+    }
+
+    /// Parses the settings, then connects and asks the server's version: an unreachable
+    /// server or refused credentials are an error on the setting at fault.
+    async fn validate(&self, config: &Props) -> ConnectResult<()> {
+        let config = SinkConfig::parse(config)?;
+        let pool = pool(&config.connection)?;
+        let version: Result<String, sqlx::Error> = sqlx::query_scalar("SELECT version()")
+            .fetch_one(&pool)
+            .await;
+        pool.close().await;
+        match version {
+            Ok(version) => {
+                tracing::info!(server = %redacted_url(&config.connection.url), %version, "PostgreSQL sink validated against the server");
+                Ok(())
+            }
+            Err(error) => Err(ConnectError::config(
+                connection_field(&error),
+                format!("cannot connect to PostgreSQL: {error}"),
+            )),
+        }
+    }
+
+    async fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        max_tasks: usize,
+    ) -> ConnectResult<Vec<TaskConfig>> {
+        // Tasks share the topics' partitions through the consumer group; each has its pool.
+        Ok(vec![context.config.clone(); max_tasks.max(1)])
+    }
+}
+
+impl SinkConnector for PostgresSinkConnector {
+    fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {
+        Ok(Box::new(PostgresSinkTask::new(context)?))
+    }
+}
+
+pub struct PostgresSinkTask {
+    connector: String,
+    config: SinkConfig,
+    errant: ErrantRecordReporter,
+    pool: Option<PgPool>,
+    catalog: Catalog,
+    /// Records put and not yet written, in the order they were put.
+    buffer: Vec<SinkRecord>,
+    /// Per partition, the offset after the last record taken into the buffer: a batch put
+    /// again after a retriable error is not taken twice.
+    next: HashMap<TopicPartition, i64>,
+}
+
+impl std::fmt::Debug for PostgresSinkTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSinkTask")
+            .field("connector", &self.connector)
+            .field("server", &redacted_url(&self.config.connection.url))
+            .field("buffered", &self.buffer.len())
+            .finish()
+    }
+}
+
+impl PostgresSinkTask {
+    pub fn new(context: SinkTaskContext) -> ConnectResult<Self> {
+        Ok(Self {
+            config: SinkConfig::parse(&context.config)?,
+            connector: context.connector_name,
+            errant: context.errant_records,
+            pool: None,
+            catalog: Catalog::default(),
+            buffer: Vec::new(),
+            next: HashMap::new(),
+        })
+    }
+
+    /// Writes the first `count` buffered records in one transaction, reports the rows the
+    /// database refused, then drops them from the buffer. On an error they stay buffered, and
+    /// the next `put` or `flush` writes them again.
+    async fn write_first(&mut self, count: usize) -> ConnectResult<()> {
+        let pool = self
+            .pool
+            .as_ref()
+            .ok_or_else(|| ConnectError::fatal("write before start"))?;
+        let count = count.min(self.buffer.len());
+        let batch = &self.buffer[..count];
+        let outcome = match writer::write(pool, &mut self.catalog, &self.config, batch).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                tracing::warn!(connector = %self.connector, records = count, %error, "batch not written");
+                return Err(error.into());
+            }
+        };
+        tracing::debug!(
+            connector = %self.connector,
+            records = count,
+            rows_written = outcome.rows_written,
+            rows_deleted = outcome.rows_deleted,
+            skipped = outcome.skipped,
+            errant = outcome.errant.len(),
+            "batch committed"
+        );
+        for (index, error) in outcome.errant {
+            if let Some(record) = batch.get(index) {
+                tracing::warn!(connector = %self.connector, topic = %record.record.topic, partition = record.kafka_partition, offset = record.kafka_offset, %error, "record not written");
+                self.errant.report(record.clone(), error).await?;
+            }
+        }
+        self.buffer.drain(..count);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SinkTask for PostgresSinkTask {
+    /// Opens the pool and checks the server answers; one that does not is retried by the
+    /// engine (a retriable error).
+    async fn start(&mut self) -> ConnectResult<()> {
+        let pool = pool(&self.config.connection)?;
+        let version: String = sqlx::query_scalar("SELECT version()")
+            .fetch_one(&pool)
+            .await
+            .map_err(|error| match classify(&error) {
+                Failure::Transient => {
+                    ConnectError::retriable(format!("PostgreSQL does not answer yet: {error}"))
+                        .caused_by(error)
+                }
+                _ => ConnectError::config(
+                    connection_field(&error),
+                    format!("cannot connect to PostgreSQL: {error}"),
+                ),
+            })?;
+        tracing::info!(connector = %self.connector, server = %redacted_url(&self.config.connection.url), %version, "PostgreSQL sink started");
+        self.pool = Some(pool);
+        Ok(())
+    }
+
+    async fn put(&mut self, records: Vec<SinkRecord>) -> ConnectResult<()> {
+        for record in records {
+            let partition =
+                TopicPartition::new(record.record.topic.clone(), record.kafka_partition);
+            if self
+                .next
+                .get(&partition)
+                .is_some_and(|next| record.kafka_offset < *next)
+            {
+                continue;
+            }
+            self.next.insert(partition, record.kafka_offset + 1);
+            self.buffer.push(record);
+        }
+        while self.buffer.len() >= self.config.batch_size {
+            self.write_first(self.config.batch_size).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is buffered: once this returns, every record put is committed in the
+    /// database or reported errant.
+    async fn flush(&mut self) -> ConnectResult<()> {
+        while !self.buffer.is_empty() {
+            self.write_first(self.config.batch_size).await?;
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self, partitions: &[TopicPartition]) -> ConnectResult<()> {
+        // Their records not yet written are read again by the partitions' next owner.
+        self.buffer.retain(|record| {
+            !partitions
+                .iter()
+                .any(|p| p.topic == record.record.topic && p.partition == record.kafka_partition)
+        });
+        for partition in partitions {
+            self.next.remove(partition);
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self) -> ConnectResult<()> {
+        if let Some(pool) = self.pool.take() {
+            pool.close().await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,292 @@
+//! The sink against a real PostgreSQL 15 (scripts/postgres-peers), over TCP on 127.0.0.1: the
+//! task is driven as the engine drives it (put in batches, flush), errant records collected.
+
+mod support;
+
+use medconnect_api::{ConnectError, Connector, SinkTask};
+use medconnect_postgres::PostgresSinkConnector;
+use support::*;
+
+fn vitals(count: usize, heart_rate_offset: i64) -> Vec<medconnect_api::SinkRecord> {
+    (0..count)
+        .map(|n| {
+            let value = format!(
+                r#"{{"id":{n},"patient":"P{n:05}","hr":{},"temp":36.{},"alarm":{},"obs":{{"spo2":{}}}}}"#,
+                60 + (n as i64 % 60) + heart_rate_offset,
+                n % 10,
+                n % 7 == 0,
+                90 + n % 10
+            );
+            record("vitals", n as i64, None, Some(&value))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn ten_thousand_records_make_ten_thousand_rows_and_an_upsert_of_them_again_no_more() {
+    let url = shared().database("bulk").await;
+    let keyed = [
+        ("pk.mode", "record_value"),
+        ("pk.fields", "id"),
+        ("auto.create", "true"),
+        ("batch.size", "3000"),
+    ];
+    let mut insert = keyed.to_vec();
+    insert.push(("insert.mode", "insert"));
+    let (mut task, mut errant) = sink_task(&url, &insert);
+    task.start().await.expect("start");
+    put_all(&mut task, &vitals(10_000, 0)).await;
+    task.stop().await.expect("stop");
+    assert!(drain(&mut errant).is_empty());
+    assert_eq!(count(&url, "SELECT count(*) FROM vitals").await, 10_000);
+    assert_eq!(
+        count(&url, "SELECT count(DISTINCT id) FROM vitals").await,
+        10_000
+    );
+
+    // The same records again (as after a crash before the commit), heart rates changed:
+    // upserted, not added.
+    let mut upsert = keyed.to_vec();
+    upsert.push(("insert.mode", "upsert"));
+    let (mut task, mut errant) = sink_task(&url, &upsert);
+    task.start().await.expect("start");
+    put_all(&mut task, &vitals(10_000, 1000)).await;
+    task.stop().await.expect("stop");
+    assert!(drain(&mut errant).is_empty());
+    assert_eq!(count(&url, "SELECT count(*) FROM vitals").await, 10_000);
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM vitals WHERE hr >= 1000").await,
+        10_000
+    );
+    // The inferred types.
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'vitals' AND \
+             ((column_name = 'id' AND data_type = 'bigint') OR (column_name = 'patient' AND data_type = 'text') \
+             OR (column_name = 'temp' AND data_type = 'double precision') OR (column_name = 'alarm' AND data_type = 'boolean') \
+             OR (column_name = 'obs' AND data_type = 'jsonb'))"
+        )
+        .await,
+        5
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM vitals WHERE (obs->>'spo2')::int BETWEEN 90 AND 99"
+        )
+        .await,
+        10_000
+    );
+}
+
+#[tokio::test]
+async fn a_new_field_adds_a_nullable_column_with_auto_evolve_and_is_errant_without() {
+    let url = shared().database("evolve").await;
+    let settings = [
+        ("pk.mode", "kafka"),
+        ("insert.mode", "upsert"),
+        ("auto.create", "true"),
+        ("auto.evolve", "true"),
+    ];
+    let (mut task, mut errant) = sink_task(&url, &settings);
+    task.start().await.expect("start");
+    put_all(&mut task, &[record("obs", 0, None, Some(r#"{"hr":80}"#))]).await;
+    put_all(
+        &mut task,
+        &[record("obs", 1, None, Some(r#"{"hr":81,"Spo2 %":97.5}"#))],
+    )
+    .await;
+    assert!(drain(&mut errant).is_empty());
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'obs' \
+             AND column_name = 'Spo2 %' AND data_type = 'double precision' AND is_nullable = 'YES'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &url,
+            r#"SELECT count(*) FROM obs WHERE "Spo2 %" = 97.5 AND __connect_offset = 1"#
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &url,
+            r#"SELECT count(*) FROM obs WHERE "Spo2 %" IS NULL AND __connect_offset = 0"#
+        )
+        .await,
+        1
+    );
+    task.stop().await.expect("stop");
+
+    // Without auto.evolve, a record with a field the table lacks is errant; the others land.
+    let (mut task, mut errant) = sink_task(&url, &settings[..3]);
+    task.start().await.expect("start");
+    put_all(
+        &mut task,
+        &[
+            record("obs", 2, None, Some(r#"{"hr":82}"#)),
+            record("obs", 3, None, Some(r#"{"hr":83,"rr":14}"#)),
+        ],
+    )
+    .await;
+    let reports = drain(&mut errant);
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert_eq!(reports[0].0.kafka_offset, 3);
+    assert!(
+        reports[0].1.to_string().contains("\"rr\""),
+        "{}",
+        reports[0].1
+    );
+    assert_eq!(count(&url, "SELECT count(*) FROM obs").await, 3);
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_tombstone_deletes_the_row_of_its_key() {
+    let url = shared().database("tombstones").await;
+    let (mut task, mut errant) = sink_task(
+        &url,
+        &[
+            ("pk.mode", "record_key"),
+            ("insert.mode", "upsert"),
+            ("delete.enabled", "true"),
+            ("auto.create", "true"),
+            ("table.name.format", "patients_${topic}"),
+        ],
+    );
+    task.start().await.expect("start");
+    let key = |p: &str| format!(r#"{{"mrn":"{p}"}}"#);
+    put_all(
+        &mut task,
+        &[
+            record("adt", 0, Some(&key("P1")), Some(r#"{"name":"Doe"}"#)),
+            record("adt", 1, Some(&key("P2")), Some(r#"{"name":"Roe"}"#)),
+            record("adt", 2, Some(&key("P3")), Some(r#"{"name":"Poe"}"#)),
+        ],
+    )
+    .await;
+    assert_eq!(count(&url, "SELECT count(*) FROM patients_adt").await, 3);
+    // P2 deleted in its own batch; P3 deleted and written again within one batch.
+    put_all(
+        &mut task,
+        &[
+            record("adt", 3, Some(&key("P2")), None),
+            record("adt", 4, Some(&key("P3")), None),
+            record("adt", 5, Some(&key("P3")), Some(r#"{"name":"Moe"}"#)),
+        ],
+    )
+    .await;
+    assert!(drain(&mut errant).is_empty());
+    assert_eq!(count(&url, "SELECT count(*) FROM patients_adt").await, 2);
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM patients_adt WHERE mrn = 'P2'").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM patients_adt WHERE mrn = 'P3' AND name = 'Moe'"
+        )
+        .await,
+        1
+    );
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn only_the_rows_breaking_a_constraint_are_errant_and_the_rest_are_written() {
+    let url = shared().database("constraints").await;
+    execute(
+        &url,
+        "CREATE TABLE vitals (id bigint PRIMARY KEY, patient text NOT NULL, \
+         hr bigint CONSTRAINT hr_plausible CHECK (hr BETWEEN 0 AND 300))",
+    )
+    .await;
+    let (mut task, mut errant) = sink_task(
+        &url,
+        &[
+            ("pk.mode", "record_value"),
+            ("pk.fields", "id"),
+            ("insert.mode", "upsert"),
+            ("batch.size", "1000"),
+        ],
+    );
+    task.start().await.expect("start");
+    let records: Vec<_> = (0..1000)
+        .map(|n| {
+            let value = match n {
+                137 => r#"{"id":137,"patient":"P137","hr":999}"#.to_string(),
+                500 => r#"{"id":500,"patient":null,"hr":70}"#.to_string(),
+                _ => format!(r#"{{"id":{n},"patient":"P{n}","hr":70}}"#),
+            };
+            record("vitals", n, None, Some(&value))
+        })
+        .collect();
+    put_all(&mut task, &records).await;
+    let reports = drain(&mut errant);
+    let offsets: Vec<i64> = reports.iter().map(|(r, _)| r.kafka_offset).collect();
+    assert_eq!(offsets, [137, 500]);
+    let messages: Vec<String> = reports.iter().map(|(_, e)| e.to_string()).collect();
+    assert!(
+        matches!(reports[0].1, ConnectError::Data(_))
+            && messages[0].contains("23514")
+            && messages[0].contains("hr_plausible"),
+        "{messages:?}"
+    );
+    assert!(
+        messages[1].contains("23502") && messages[1].contains("patient"),
+        "{messages:?}"
+    );
+    // Values never appear in the reasons.
+    assert!(!messages[0].contains("999"), "{messages:?}");
+    assert_eq!(count(&url, "SELECT count(*) FROM vitals").await, 998);
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM vitals WHERE id IN (137, 500)").await,
+        0
+    );
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn validate_connects_and_names_the_setting_at_fault() {
+    let url = shared().database("validate").await;
+    let connector = PostgresSinkConnector;
+    connector
+        .validate(&props(&[("connection.url", &url)]))
+        .await
+        .expect("a reachable server is valid");
+    let closed = format!(
+        "postgres://{USER}@127.0.0.1:{}/validate",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port")
+    );
+    let error = connector
+        .validate(&props(&[
+            ("connection.url", &closed),
+            ("connection.timeout.ms", "2000"),
+        ]))
+        .await
+        .expect_err("nobody listens there");
+    assert!(
+        matches!(error, ConnectError::Config { ref field, .. } if field == "connection.url"),
+        "{error:?}"
+    );
+    let missing = format!("{}_missing", url);
+    let error = connector
+        .validate(&props(&[("connection.url", &missing)]))
+        .await
+        .expect_err("no such database");
+    assert!(
+        matches!(error, ConnectError::Config { ref field, .. } if field == "connection.url"),
+        "{error:?}"
+    );
+}
