@@ -64,7 +64,7 @@ impl Connector for PostgresSinkConnector {
     }
 
     fn aliases(&self) -> &'static [&'static str] {
-        &["PostgresSink", "JdbcSink"]
+        &["PostgresSink"]
     }
 
     fn version(&self) -> &'static str {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use medconnect_runtime::Plugins;
 
 /// The connectors built into the `medconnect` binary: the datagen source, the file source and
-/// sink, the HL7 MLLP source and sink, and the Elasticsearch/OpenSearch sink. Add more with
-/// [`Plugins::with_source`] and [`Plugins::with_sink`].
+/// sink, the HL7 MLLP source and sink, the Elasticsearch/OpenSearch sink and the PostgreSQL
+/// sink. Add more with [`Plugins::with_source`] and [`Plugins::with_sink`].
 pub fn builtin_plugins() -> Plugins {
     Plugins::default()
         .with_source(Arc::new(medconnect_datagen::DatagenSourceConnector))
@@ -19,4 +19,5 @@ pub fn builtin_plugins() -> Plugins {
         .with_sink(Arc::new(
             medconnect_elasticsearch::ElasticsearchSinkConnector,
         ))
+        .with_sink(Arc::new(medconnect_postgres::PostgresSinkConnector))
 }
