@@ -10,11 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 use medconnect_api::{
-    ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind,
-    ErrantRecordReporter, Record, SinkConnector, SinkRecord, SinkTask, SinkTaskContext,
-    SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig,
+    ConnectError, ConnectResult, ErrantRecordReporter, Record, SinkConnector, SinkRecord, SinkTask,
+    SinkTaskContext, SourceConnector, SourceRecord, SourceTask, SourceTaskContext,
 };
-use medconnect_e2e::{TestCluster, TestWorker, eventually, json};
+use medconnect_e2e::{TestCluster, TestWorker, eventually, json, test_connector};
 use medconnect_runtime::WorkerConfig;
 use serde_json::{Map, Value};
 
@@ -30,28 +29,7 @@ const BAD: u64 = 7;
 /// topic yet), while the records after it are written.
 struct ScriptedSource;
 
-#[async_trait]
-impl Connector for ScriptedSource {
-    fn class(&self) -> &'static str {
-        "test.ScriptedSource"
-    }
-    fn version(&self) -> &'static str {
-        "0"
-    }
-    fn kind(&self) -> ConnectorKind {
-        ConnectorKind::Source
-    }
-    fn config_def(&self) -> ConfigDef {
-        ConfigDef::new()
-    }
-    async fn task_configs(
-        &self,
-        context: &ConnectorContext,
-        _: usize,
-    ) -> ConnectResult<Vec<TaskConfig>> {
-        Ok(vec![context.config.clone()])
-    }
-}
+test_connector!(ScriptedSource, "test.ScriptedSource", Source);
 
 impl SourceConnector for ScriptedSource {
     fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
@@ -195,28 +173,7 @@ async fn a_record_kafka_refuses_is_dead_lettered_with_tolerance_all() -> anyhow:
 /// record whose value is `stuck`.
 struct ReportingSink;
 
-#[async_trait]
-impl Connector for ReportingSink {
-    fn class(&self) -> &'static str {
-        "test.ReportingSink"
-    }
-    fn version(&self) -> &'static str {
-        "0"
-    }
-    fn kind(&self) -> ConnectorKind {
-        ConnectorKind::Sink
-    }
-    fn config_def(&self) -> ConfigDef {
-        ConfigDef::new()
-    }
-    async fn task_configs(
-        &self,
-        context: &ConnectorContext,
-        _: usize,
-    ) -> ConnectResult<Vec<TaskConfig>> {
-        Ok(vec![context.config.clone()])
-    }
-}
+test_connector!(ReportingSink, "test.ReportingSink", Sink);
 
 impl SinkConnector for ReportingSink {
     fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {
@@ -365,28 +322,7 @@ struct FlakySource {
     starts: Arc<AtomicUsize>,
 }
 
-#[async_trait]
-impl Connector for FlakySource {
-    fn class(&self) -> &'static str {
-        "test.FlakySource"
-    }
-    fn version(&self) -> &'static str {
-        "0"
-    }
-    fn kind(&self) -> ConnectorKind {
-        ConnectorKind::Source
-    }
-    fn config_def(&self) -> ConfigDef {
-        ConfigDef::new()
-    }
-    async fn task_configs(
-        &self,
-        context: &ConnectorContext,
-        _: usize,
-    ) -> ConnectResult<Vec<TaskConfig>> {
-        Ok(vec![context.config.clone()])
-    }
-}
+test_connector!(FlakySource, "test.FlakySource", Source);
 
 impl SourceConnector for FlakySource {
     fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
@@ -553,28 +489,7 @@ struct Pace {
 #[derive(Default)]
 struct PacedSink(Arc<Pace>);
 
-#[async_trait]
-impl Connector for PacedSink {
-    fn class(&self) -> &'static str {
-        "test.PacedSink"
-    }
-    fn version(&self) -> &'static str {
-        "0"
-    }
-    fn kind(&self) -> ConnectorKind {
-        ConnectorKind::Sink
-    }
-    fn config_def(&self) -> ConfigDef {
-        ConfigDef::new()
-    }
-    async fn task_configs(
-        &self,
-        context: &ConnectorContext,
-        _: usize,
-    ) -> ConnectResult<Vec<TaskConfig>> {
-        Ok(vec![context.config.clone()])
-    }
-}
+test_connector!(PacedSink, "test.PacedSink", Sink);
 
 impl SinkConnector for PacedSink {
     fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {

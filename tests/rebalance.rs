@@ -19,10 +19,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use medconnect_api::{
-    ConfigDef, ConnectResult, Connector, ConnectorContext, ConnectorKind, SinkConnector,
-    SinkRecord, SinkTask, SinkTaskContext, TaskConfig, TopicPartition,
+    ConnectResult, SinkConnector, SinkRecord, SinkTask, SinkTaskContext, TopicPartition,
 };
-use medconnect_e2e::{TestCluster, TestWorker, eventually, json};
+use medconnect_e2e::{TestCluster, TestWorker, eventually, json, test_connector};
 use medconnect_runtime::WorkerConfig;
 use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
 use rdkafka::ClientConfig;
@@ -85,28 +84,7 @@ fn events(connector: &str) -> Vec<Event> {
 /// flushes, which has nothing to do).
 struct RecordingSink;
 
-#[async_trait]
-impl Connector for RecordingSink {
-    fn class(&self) -> &'static str {
-        "test.RecordingSink"
-    }
-    fn version(&self) -> &'static str {
-        "0"
-    }
-    fn kind(&self) -> ConnectorKind {
-        ConnectorKind::Sink
-    }
-    fn config_def(&self) -> ConfigDef {
-        ConfigDef::new()
-    }
-    async fn task_configs(
-        &self,
-        context: &ConnectorContext,
-        max_tasks: usize,
-    ) -> ConnectResult<Vec<TaskConfig>> {
-        Ok(vec![context.config.clone(); max_tasks])
-    }
-}
+test_connector!(RecordingSink, "test.RecordingSink", Sink);
 
 impl SinkConnector for RecordingSink {
     fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {

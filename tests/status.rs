@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use medconnect_api::{
-    ConfigDef, ConfigType, ConnectResult, Connector, ConnectorContext, ConnectorKind, Importance,
-    SinkConnector, SinkRecord, SinkTask, SinkTaskContext, SourceConnector, SourceRecord,
-    SourceTask, SourceTaskContext, TaskConfig,
+    ConfigDef, ConfigType, ConnectResult, Importance, SinkConnector, SinkRecord, SinkTask,
+    SinkTaskContext, SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig,
 };
-use medconnect_e2e::{DEADLINE, Rest, TestCluster, TestWorker, eventually, json};
+use medconnect_e2e::{DEADLINE, Rest, TestCluster, TestWorker, eventually, json, test_connector};
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -78,32 +77,12 @@ fn behaviour_def() -> ConfigDef {
 /// A sink whose tasks misbehave as `behaviour` says, `tasks.max` of them.
 struct MisbehavingSink(Arc<Hooks>);
 
-#[async_trait]
-impl Connector for MisbehavingSink {
-    fn class(&self) -> &'static str {
-        "test.MisbehavingSink"
-    }
-
-    fn version(&self) -> &'static str {
-        "0"
-    }
-
-    fn kind(&self) -> ConnectorKind {
-        ConnectorKind::Sink
-    }
-
-    fn config_def(&self) -> ConfigDef {
-        behaviour_def()
-    }
-
-    async fn task_configs(
-        &self,
-        context: &ConnectorContext,
-        max_tasks: usize,
-    ) -> ConnectResult<Vec<TaskConfig>> {
-        Ok(vec![context.config.clone(); max_tasks])
-    }
-}
+test_connector!(
+    MisbehavingSink,
+    "test.MisbehavingSink",
+    Sink,
+    behaviour_def()
+);
 
 impl SinkConnector for MisbehavingSink {
     fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {
@@ -117,32 +96,12 @@ impl SinkConnector for MisbehavingSink {
 /// A source whose tasks misbehave as `behaviour` says.
 struct MisbehavingSource(Arc<Hooks>);
 
-#[async_trait]
-impl Connector for MisbehavingSource {
-    fn class(&self) -> &'static str {
-        "test.MisbehavingSource"
-    }
-
-    fn version(&self) -> &'static str {
-        "0"
-    }
-
-    fn kind(&self) -> ConnectorKind {
-        ConnectorKind::Source
-    }
-
-    fn config_def(&self) -> ConfigDef {
-        behaviour_def()
-    }
-
-    async fn task_configs(
-        &self,
-        context: &ConnectorContext,
-        max_tasks: usize,
-    ) -> ConnectResult<Vec<TaskConfig>> {
-        Ok(vec![context.config.clone(); max_tasks])
-    }
-}
+test_connector!(
+    MisbehavingSource,
+    "test.MisbehavingSource",
+    Source,
+    behaviour_def()
+);
 
 impl SourceConnector for MisbehavingSource {
     fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {

@@ -18,6 +18,8 @@ use serde_json::Value;
 pub use serde_json::json;
 
 mod process;
+mod test_connector;
+pub use async_trait::async_trait;
 pub use process::medconnect_bin;
 
 /// How long a condition may take before a test fails.
