@@ -1,0 +1,360 @@
+//! The PostgreSQL sink against `COPY` of the same rows into a table of the same shape, in the
+//! same run, on a server of its own (Debian's postgresql-15, `scripts/postgres-peers`).
+//!
+//!   cargo run -p medconnect-bench --bin postgres -- [rows] [batch.size]
+//!
+//! The sink task is driven as the engine drives it (`put` in batches of 500, then `flush`),
+//! without Kafka: this measures the sink itself, with `insert.mode=upsert` and `pk.mode=kafka`
+//! (the idempotent setting) and with plain `insert` without a key. `COPY ... FROM STDIN` gets
+//! the same rows already rendered as COPY text, in one stream: the fastest way in, the bound.
+//! Tables are emptied between runs; each contender runs three times, alternated, and the best
+//! run counts. Prints rows/s and the ratios, and checks every row arrived.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use medconnect_api::{
+    ErrantRecordReporter, Props, Record, SinkPartitions, SinkRecord, SinkTask, SinkTaskContext,
+};
+use medconnect_postgres::PostgresSinkTask;
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+
+/// Records handed to one `put`, as the engine's sink batches.
+const PUT_BATCH: usize = 500;
+const ROUNDS: usize = 3;
+const USER: &str = "medconnect";
+
+/// A server in a temporary directory, stopped on drop. As root it runs as `postgres`
+/// (PostgreSQL refuses root).
+struct Server {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    user: Option<(u32, u32)>,
+    port: u16,
+}
+
+fn id_of(flag: &str, name: Option<&str>) -> Option<u32> {
+    let out = Command::new("id").arg(flag).args(name).output().ok()?;
+    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+}
+
+impl Server {
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(self.bin.join(program));
+        if let Some((uid, gid)) = self.user {
+            command.uid(uid).gid(gid);
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn start() -> anyhow::Result<Self> {
+        let bin = std::env::var_os("MEDCONNECT_PG_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"));
+        if !bin.join("postgres").is_file() {
+            bail!(
+                "no PostgreSQL in {}: run scripts/postgres-peers",
+                bin.display()
+            );
+        }
+        let user = if id_of("-u", None) == Some(0) {
+            Some((
+                id_of("-u", Some("postgres")).context("no postgres user")?,
+                id_of("-g", Some("postgres")).context("no postgres group")?,
+            ))
+        } else {
+            None
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("medconnect-pg-bench")
+            .tempdir()?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let server = Self {
+            dir,
+            bin,
+            user,
+            port,
+        };
+        let initdb = server
+            .command("initdb")
+            .arg("-D")
+            .arg(server.data())
+            .args([
+                "-U",
+                USER,
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .status()?;
+        if !initdb.success() {
+            bail!("initdb failed: {initdb}");
+        }
+        // Durable settings (fsync on, synchronous commit): what a real server pays per commit.
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical",
+            server.port,
+            server.dir.path().display()
+        );
+        let started = server
+            .command("pg_ctl")
+            .arg("start")
+            .arg("-D")
+            .arg(server.data())
+            .arg("-l")
+            .arg(server.dir.path().join("server.log"))
+            .args(["-w", "-o", &options])
+            .status()?;
+        if !started.success() {
+            bail!("pg_ctl start failed: {started}");
+        }
+        Ok(server)
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://{USER}@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("stop")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w"])
+            .status();
+    }
+}
+
+fn records(count: usize) -> Vec<SinkRecord> {
+    (0..count)
+        .map(|n| {
+            let value = format!(
+                r#"{{"patient_id":"MRN{:08}","hr":{},"spo2":{},"temp":36.{},"alarm":{},"observed_at":"2024-01-01T12:{:02}:{:02}Z","ward":"ICU"}}"#,
+                n % 5000,
+                60 + n % 40,
+                90 + n % 10,
+                n % 10,
+                n % 3 == 0,
+                (n / 60) % 60,
+                n % 60
+            );
+            SinkRecord {
+                record: Record::new("vitals").with_value(value),
+                kafka_partition: 0,
+                kafka_offset: n as i64,
+            }
+        })
+        .collect()
+}
+
+/// The same rows as COPY text, in the sink's column order (the `kafka` key columns if
+/// `keyed`, then the fields sorted by name).
+fn copy_text(records: &[SinkRecord], keyed: bool) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(records.len() * 120);
+    for record in records {
+        let value: serde_json::Value =
+            serde_json::from_slice(record.record.value.as_deref().unwrap_or_default())?;
+        let map = value.as_object().context("an object")?;
+        let mut line = String::new();
+        if keyed {
+            line = format!(
+                "{}\t{}\t{}\t",
+                record.record.topic, record.kafka_partition, record.kafka_offset
+            );
+        }
+        let mut fields: Vec<(&String, &serde_json::Value)> = map.iter().collect();
+        fields.sort_by(|a, b| a.0.cmp(b.0));
+        for (n, (_, field)) in fields.into_iter().enumerate() {
+            if n > 0 {
+                line.push('\t');
+            }
+            match field {
+                serde_json::Value::String(s) => line.push_str(s),
+                other => line.push_str(&other.to_string()),
+            }
+        }
+        line.push('\n');
+        out.extend_from_slice(line.as_bytes());
+    }
+    Ok(out)
+}
+
+fn sink(url: &str, settings: &[(&str, &str)]) -> anyhow::Result<PostgresSinkTask> {
+    let mut config: Props = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    config.insert("connection.url".into(), url.to_string());
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    Ok(PostgresSinkTask::new(SinkTaskContext {
+        connector_name: "bench".into(),
+        task_id: 0,
+        config,
+        errant_records: ErrantRecordReporter::collecting(tx),
+        partitions: SinkPartitions::detached(),
+    })?)
+}
+
+async fn count(connection: &mut PgConnection, table: &str) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar(&format!("SELECT count(*) FROM \"{table}\""))
+            .fetch_one(connection)
+            .await?,
+    )
+}
+
+/// Rows/s of the sink writing `records` into an empty table.
+async fn run_sink(
+    url: &str,
+    settings: &[(&str, &str)],
+    records: &[SinkRecord],
+    admin: &mut PgConnection,
+    table: &str,
+) -> anyhow::Result<f64> {
+    sqlx::raw_sql(&format!("TRUNCATE \"{table}\""))
+        .execute(&mut *admin)
+        .await?;
+    let mut task = sink(url, settings)?;
+    task.start().await?;
+    let started = Instant::now();
+    for batch in records.chunks(PUT_BATCH) {
+        task.put(batch.to_vec()).await?;
+    }
+    task.flush().await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    task.stop().await?;
+    let rows = count(admin, table).await?;
+    if rows != records.len() as i64 {
+        bail!("the sink wrote {rows} rows of {}", records.len());
+    }
+    Ok(records.len() as f64 / elapsed)
+}
+
+/// Rows/s of one COPY of the pre-rendered rows into an empty table.
+async fn run_copy(
+    admin: &mut PgConnection,
+    table: &str,
+    text: &[u8],
+    expected: usize,
+) -> anyhow::Result<f64> {
+    sqlx::raw_sql(&format!("TRUNCATE \"{table}\""))
+        .execute(&mut *admin)
+        .await?;
+    let started = Instant::now();
+    let mut copy = admin
+        .copy_in_raw(&format!("COPY \"{table}\" FROM STDIN"))
+        .await?;
+    for chunk in text.chunks(1 << 20) {
+        copy.send(chunk).await?;
+    }
+    let rows = copy.finish().await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if rows != expected as u64 {
+        bail!("COPY wrote {rows} rows of {expected}");
+    }
+    Ok(expected as f64 / elapsed)
+}
+
+fn arg(n: usize, default: usize) -> anyhow::Result<usize> {
+    std::env::args()
+        .nth(n)
+        .map(|a| a.parse().context("a number"))
+        .transpose()
+        .map(|v| v.unwrap_or(default))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let rows = arg(1, 200_000)?;
+    let batch_size = arg(2, 3000)?.to_string();
+    let server = Server::start()?;
+    let url = server.url();
+    let mut admin = PgConnection::connect(&url).await?;
+    let records = records(rows);
+    let keyed_text = copy_text(&records, true)?;
+    let plain_text = copy_text(&records, false)?;
+
+    let upsert = [
+        ("table.name.format", "upsert_${topic}"),
+        ("insert.mode", "upsert"),
+        ("pk.mode", "kafka"),
+        ("auto.create", "true"),
+        ("batch.size", batch_size.as_str()),
+    ];
+    let insert = [
+        ("table.name.format", "insert_${topic}"),
+        ("insert.mode", "insert"),
+        ("pk.mode", "none"),
+        ("auto.create", "true"),
+        ("batch.size", batch_size.as_str()),
+    ];
+    // The tables, created by the sink from a first record; COPY targets of the same shapes.
+    for settings in [&upsert[..], &insert[..]] {
+        let mut task = sink(&url, settings)?;
+        task.start().await?;
+        task.put(records[..1].to_vec()).await?;
+        task.flush().await?;
+        task.stop().await?;
+    }
+    sqlx::raw_sql(
+        "CREATE TABLE copy_keyed (LIKE upsert_vitals INCLUDING ALL); \
+         CREATE TABLE copy_plain (LIKE insert_vitals INCLUDING ALL);",
+    )
+    .execute(&mut admin)
+    .await?;
+
+    let (mut best_upsert, mut best_insert, mut best_copy_keyed, mut best_copy_plain) =
+        (0f64, 0f64, 0f64, 0f64);
+    for _ in 0..ROUNDS {
+        best_copy_keyed =
+            best_copy_keyed.max(run_copy(&mut admin, "copy_keyed", &keyed_text, rows).await?);
+        best_upsert =
+            best_upsert.max(run_sink(&url, &upsert, &records, &mut admin, "upsert_vitals").await?);
+        best_copy_plain =
+            best_copy_plain.max(run_copy(&mut admin, "copy_plain", &plain_text, rows).await?);
+        best_insert =
+            best_insert.max(run_sink(&url, &insert, &records, &mut admin, "insert_vitals").await?);
+    }
+    let _ = admin.close().await;
+    drop(server);
+
+    println!(
+        "{rows} rows of 10 columns (3 key + 7 fields), batch.size {batch_size}, best of {ROUNDS}:"
+    );
+    println!(
+        "  keyed (primary key __connect_*):  sink upsert {:>9.0} rows/s   COPY {:>9.0} rows/s   ratio {:.2}",
+        best_upsert,
+        best_copy_keyed,
+        best_upsert / best_copy_keyed
+    );
+    println!(
+        "  no key:                           sink insert {:>9.0} rows/s   COPY {:>9.0} rows/s   ratio {:.2}",
+        best_insert,
+        best_copy_plain,
+        best_insert / best_copy_plain
+    );
+    Ok(())
+}
