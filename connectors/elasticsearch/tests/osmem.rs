@@ -192,3 +192,40 @@ async fn validate_says_which_cluster_it_is_or_names_the_url() {
         "{error:?}"
     );
 }
+
+#[tokio::test]
+async fn upserts_merge_the_fields_of_records_with_the_same_key() {
+    let osmem = Osmem::start();
+    let (mut sink, mut errant) = task(
+        &osmem.url,
+        &[("index", "beds"), ("write.method", "upsert")],
+        SinkPartitions::detached(),
+    )
+    .await;
+    let values = [
+        json!({ "bed": "icu-1", "patient": "p1" }),
+        json!({ "bed": "icu-1", "status": "occupied" }),
+    ];
+    let records: Vec<SinkRecord> = values
+        .iter()
+        .enumerate()
+        .map(|(offset, value)| SinkRecord {
+            record: Record::new("beds")
+                .with_key("icu-1")
+                .with_value(value.to_string()),
+            kafka_partition: 0,
+            kafka_offset: offset as i64,
+        })
+        .collect();
+    put_all(&mut sink, &records[..1], 1).await;
+    put_all(&mut sink, &records[1..], 1).await;
+    assert_eq!(osmem.count("beds").await, 1);
+    let (status, document) = osmem.request(Method::GET, "/beds/_doc/icu-1", None).await;
+    assert_eq!(status, 200, "{document}");
+    assert_eq!(
+        document["_source"],
+        json!({ "bed": "icu-1", "patient": "p1", "status": "occupied" })
+    );
+    assert!(errant.try_recv().is_err());
+    sink.stop().await.expect("stop");
+}
