@@ -11,6 +11,7 @@ use crate::index::IndexTemplate;
 pub const CONNECTION_URL: &str = "connection.url";
 pub const CONNECTION_USERNAME: &str = "connection.username";
 pub const CONNECTION_PASSWORD: &str = "connection.password";
+pub const CONNECTION_API_KEY: &str = "connection.api.key";
 pub const CONNECTION_TIMEOUT_MS: &str = "connection.timeout.ms";
 pub const READ_TIMEOUT_MS: &str = "read.timeout.ms";
 pub const INDEX: &str = "index";
@@ -95,6 +96,8 @@ pub struct ConnectionConfig {
     pub urls: Vec<String>,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// Sent as `Authorization: ApiKey <value>` (the encoded key the cluster hands out).
+    pub api_key: Option<Secret>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
 }
@@ -131,6 +134,7 @@ pub fn sink_def() -> ConfigDef {
         .with_validator(Validator::custom(url_check))
         .define(CONNECTION_USERNAME, ConfigType::String, "", Importance::Medium, "User for HTTP basic authentication (empty: none).")
         .define(CONNECTION_PASSWORD, ConfigType::Password, "", Importance::Medium, "Password for HTTP basic authentication; use ${env:...} or ${file:...}.")
+        .define(CONNECTION_API_KEY, ConfigType::Password, "", Importance::Medium, "API key (the encoded form: base64 of id:key) sent as Authorization: ApiKey; instead of a user and password. Use ${env:...} or ${file:...}.")
         .define(CONNECTION_TIMEOUT_MS, ConfigType::Long, "1000", Importance::Low, "How long establishing a connection may take.")
         .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
         .define(READ_TIMEOUT_MS, ConfigType::Long, "15000", Importance::Low, "How long a request may wait for the cluster's answer; then it is retried.")
@@ -203,6 +207,13 @@ impl SinkConfig {
         }
         let username = parsed.optional_string(CONNECTION_USERNAME);
         let password = parsed.optional_string(CONNECTION_PASSWORD).map(Secret);
+        let api_key = parsed.optional_string(CONNECTION_API_KEY).map(Secret);
+        if api_key.is_some() && username.is_some() {
+            return Err(ConnectError::config(
+                CONNECTION_API_KEY,
+                "either an API key or connection.username/connection.password, not both",
+            ));
+        }
         if password.is_some() && username.is_none() {
             return Err(ConnectError::config(
                 CONNECTION_USERNAME,
@@ -233,6 +244,7 @@ impl SinkConfig {
                 urls,
                 username,
                 password,
+                api_key,
                 connect_timeout: parsed.millis(CONNECTION_TIMEOUT_MS)?,
                 read_timeout: parsed.millis(READ_TIMEOUT_MS)?,
             },
@@ -337,6 +349,20 @@ mod tests {
             Some("hunter2")
         );
         assert!(!format!("{config:?}").contains("hunter2"));
+        let keyed = SinkConfig::parse(&props(&[
+            (CONNECTION_URL, "http://a:9200"),
+            (CONNECTION_API_KEY, "a2V5aWQ6c2VjcmV0"),
+        ]))
+        .expect("valid");
+        assert!(!format!("{keyed:?}").contains("a2V5aWQ6c2VjcmV0"));
+        assert_eq!(
+            field_of(&[
+                (CONNECTION_URL, "http://a:9200"),
+                (CONNECTION_USERNAME, "u"),
+                (CONNECTION_API_KEY, "k"),
+            ]),
+            CONNECTION_API_KEY
+        );
     }
 
     #[test]

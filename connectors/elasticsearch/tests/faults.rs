@@ -221,3 +221,102 @@ async fn a_cluster_that_comes_up_late_gets_everything_and_nothing_is_committed_b
     assert!(errant.try_recv().is_err());
     sink.stop().await.expect("stop");
 }
+
+/// Forwards everything, keeping the `Authorization` header of every `_bulk`.
+#[derive(Clone)]
+struct Recording {
+    upstream: String,
+    client: reqwest::Client,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+async fn record_authorization(
+    State(proxy): State<Recording>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if uri.path().ends_with("/_bulk") {
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string();
+        proxy
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(authorization);
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = proxy
+        .client
+        .request(method, format!("{}{path}", proxy.upstream))
+        .body(body);
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        request = request.header(header::CONTENT_TYPE, content_type);
+    }
+    match request.send().await {
+        Ok(answer) => {
+            let status = answer.status();
+            let body = answer.bytes().await.unwrap_or_default();
+            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+    }
+}
+
+#[tokio::test]
+async fn requests_carry_the_configured_api_key_or_basic_credentials() {
+    let osmem = Osmem::start();
+    let proxy = Recording {
+        upstream: osmem.url.clone(),
+        client: reqwest::Client::new(),
+        seen: Arc::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let app = axum::Router::new()
+        .fallback(record_authorization)
+        .with_state(proxy.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let records = vitals("vitals", 10);
+    let (mut keyed, _) = task(
+        &url,
+        &[
+            ("key.ignore", "true"),
+            ("connection.api.key", "a2V5aWQ6c2VjcmV0"),
+        ],
+        SinkPartitions::detached(),
+    )
+    .await;
+    put_all(&mut keyed, &records, 10).await;
+    keyed.stop().await.expect("stop");
+    let (mut basic, _) = task(
+        &url,
+        &[
+            ("key.ignore", "true"),
+            ("connection.username", "medconnect"),
+            ("connection.password", "hunter2"),
+        ],
+        SinkPartitions::detached(),
+    )
+    .await;
+    put_all(&mut basic, &records, 10).await;
+    basic.stop().await.expect("stop");
+
+    let seen = proxy.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // base64("medconnect:hunter2")
+    assert_eq!(
+        seen,
+        vec![
+            "ApiKey a2V5aWQ6c2VjcmV0".to_string(),
+            "Basic bWVkY29ubmVjdDpodW50ZXIy".to_string()
+        ]
+    );
+    server.abort();
+}

@@ -38,12 +38,23 @@ impl ClusterInfo {
     }
 }
 
+/// How requests authenticate.
+#[derive(Debug)]
+enum Credentials {
+    None,
+    Basic {
+        user: String,
+        password: Option<Secret>,
+    },
+    ApiKey(Secret),
+}
+
 #[derive(Debug)]
 pub struct EsClient {
     http: reqwest::Client,
     urls: Vec<String>,
     next: AtomicUsize,
-    credentials: Option<(String, Option<Secret>)>,
+    credentials: Credentials,
 }
 
 /// A `Retry-After` in seconds (the HTTP-date form is not used by Elasticsearch or OpenSearch).
@@ -89,10 +100,14 @@ impl EsClient {
             http,
             urls: config.urls.clone(),
             next: AtomicUsize::new(0),
-            credentials: config
-                .username
-                .clone()
-                .map(|user| (user, config.password.clone())),
+            credentials: match (&config.api_key, &config.username) {
+                (Some(key), _) => Credentials::ApiKey(key.clone()),
+                (None, Some(user)) => Credentials::Basic {
+                    user: user.clone(),
+                    password: config.password.clone(),
+                },
+                (None, None) => Credentials::None,
+            },
         })
     }
 
@@ -104,10 +119,14 @@ impl EsClient {
 
     fn authorised(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.credentials {
-            Some((user, password)) => {
+            Credentials::None => request,
+            Credentials::Basic { user, password } => {
                 request.basic_auth(user, password.as_ref().map(Secret::expose))
             }
-            None => request,
+            Credentials::ApiKey(key) => request.header(
+                reqwest::header::AUTHORIZATION,
+                format!("ApiKey {}", key.expose()),
+            ),
         }
     }
 
