@@ -27,12 +27,43 @@ pub struct Outcome {
     pub skipped: usize,
 }
 
-/// One statement's rows: each row's bound parameters, one per column, with its record's index.
+/// One statement and its rows, column by column (each column is bound as one array; a range
+/// of rows binds slices of them, with no copy).
 struct Statement {
     table: String,
     action: &'static str,
     sql: String,
-    rows: Vec<(usize, Vec<Option<String>>)>,
+    /// The same rows by `COPY`, tried first when nothing is to be done on a key conflict (a
+    /// refused row makes it fall back to `sql`, which isolates the row).
+    copy: Option<String>,
+    /// Each row's record, by index in the batch.
+    records: Vec<usize>,
+    columns: Vec<Vec<Option<String>>>,
+}
+
+impl Statement {
+    fn new(table: &str, action: &'static str, sql: String) -> Self {
+        Self {
+            table: table.to_string(),
+            action,
+            sql,
+            copy: None,
+            records: Vec::new(),
+            columns: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, index: usize, values: impl Iterator<Item = Option<String>>) {
+        for (n, value) in values.enumerate() {
+            if n == self.columns.len() {
+                self.columns.push(Vec::new());
+            }
+            if let Some(column) = self.columns.get_mut(n) {
+                column.push(value);
+            }
+        }
+        self.records.push(index);
+    }
 }
 
 /// The changes of one table after the batch's later records of a key replaced earlier ones.
@@ -127,11 +158,10 @@ fn columns_of(cells: &[Cell]) -> Vec<&str> {
     cells.iter().map(|c| c.column.as_str()).collect()
 }
 
-fn params(cells: &[Cell], types: &Columns) -> Vec<Option<String>> {
+fn params<'a>(cells: &'a [Cell], types: &'a Columns) -> impl Iterator<Item = Option<String>> + 'a {
     cells
         .iter()
         .map(|c| sql::param(&c.value, types.sql_type(&c.column).unwrap_or("text")))
-        .collect()
 }
 
 fn on_conflict(config: &SinkConfig) -> OnConflict {
@@ -143,39 +173,45 @@ fn on_conflict(config: &SinkConfig) -> OnConflict {
     }
 }
 
-/// The statements of one table: its deletes, then one statement per shape of row.
+/// The statements of one table: its deletes, then one statement per shape of row (the same
+/// key and other columns). Records of a topic mostly share one shape, so shapes are found by
+/// comparing names with the few seen, without allocating per row.
 fn statements(
     table: &str,
     settled: Settled,
     types: &Columns,
     config: &SinkConfig,
 ) -> Vec<Statement> {
-    let mut by_shape: BTreeMap<(Vec<String>, Vec<String>, bool), Statement> = BTreeMap::new();
+    let mut deletes: Vec<(Vec<String>, Statement)> = Vec::new();
     for (index, key) in settled.deletes {
-        let shape = (
-            columns_of(&key).into_iter().map(String::from).collect(),
-            Vec::new(),
-            true,
-        );
-        let statement = by_shape.entry(shape).or_insert_with(|| Statement {
-            table: table.to_string(),
-            action: "DELETE",
-            sql: sql::delete(table, &columns_of(&key), types),
-            rows: Vec::new(),
-        });
-        statement.rows.push((index, params(&key, types)));
+        let names = columns_of(&key);
+        let at = match deletes
+            .iter()
+            .position(|(shape, _)| shape.iter().eq(names.iter()))
+        {
+            Some(at) => at,
+            None => {
+                let text = sql::delete(table, &names, types);
+                deletes.push((
+                    names.iter().map(|n| n.to_string()).collect(),
+                    Statement::new(table, "DELETE", text),
+                ));
+                deletes.len() - 1
+            }
+        };
+        if let Some((_, statement)) = deletes.get_mut(at) {
+            statement.push(index, params(&key, types));
+        }
     }
-    let mut writes: BTreeMap<(Vec<String>, Vec<String>, bool), Statement> = BTreeMap::new();
+    let mut writes: Vec<(Vec<String>, usize, Statement)> = Vec::new();
     for (index, row) in settled.writes {
         let key = columns_of(&row.key);
         let others = columns_of(&row.others);
-        let shape = (
-            key.iter().map(|c| c.to_string()).collect(),
-            others.iter().map(|c| c.to_string()).collect(),
-            false,
-        );
-        let statement = match writes.get_mut(&shape) {
-            Some(statement) => statement,
+        let found = writes.iter().position(|(shape, key_len, _)| {
+            *key_len == key.len() && shape.iter().eq(key.iter().chain(&others))
+        });
+        let at = match found {
+            Some(at) => at,
             None => {
                 let (action, text) = match config.insert_mode {
                     InsertMode::Update => match sql::update(table, &key, &others, types) {
@@ -187,19 +223,33 @@ fn statements(
                         sql::insert(table, &key, &others, types, on_conflict(config)),
                     ),
                 };
-                writes.entry(shape).or_insert(Statement {
-                    table: table.to_string(),
-                    action,
-                    sql: text,
-                    rows: Vec::new(),
-                })
+                let all: Vec<&str> = key.iter().chain(&others).copied().collect();
+                let mut statement = Statement::new(table, action, text);
+                if action == "INSERT"
+                    && (key.is_empty() || on_conflict(config) == OnConflict::Refuse)
+                {
+                    statement.copy = Some(sql::copy(table, &all));
+                }
+                writes.push((
+                    all.iter().map(|n| n.to_string()).collect(),
+                    key.len(),
+                    statement,
+                ));
+                writes.len() - 1
             }
         };
-        let mut values = params(&row.key, types);
-        values.extend(params(&row.others, types));
-        statement.rows.push((index, values));
+        if let Some((_, _, statement)) = writes.get_mut(at) {
+            statement.push(
+                index,
+                params(&row.key, types).chain(params(&row.others, types)),
+            );
+        }
     }
-    by_shape.into_values().chain(writes.into_values()).collect()
+    deletes
+        .into_iter()
+        .map(|(_, statement)| statement)
+        .chain(writes.into_iter().map(|(_, _, statement)| statement))
+        .collect()
 }
 
 fn statement_error(
@@ -229,17 +279,26 @@ async fn run(
     statement: &Statement,
     range: Range<usize>,
 ) -> Result<u64, sqlx::Error> {
-    let rows = &statement.rows[range];
-    let width = rows.first().map(|(_, values)| values.len()).unwrap_or(0);
     let mut query = sqlx::query(&statement.sql);
-    for column in 0..width {
-        let array: Vec<Option<String>> = rows
-            .iter()
-            .map(|(_, values)| values.get(column).cloned().flatten())
-            .collect();
-        query = query.bind(array);
+    for column in &statement.columns {
+        query = query.bind(column.get(range.clone()).unwrap_or_default());
     }
     Ok(query.execute(connection).await?.rows_affected())
+}
+
+/// `COPY` of every row of the statement.
+async fn copy_all(
+    connection: &mut PgConnection,
+    statement: &Statement,
+    copy: &str,
+) -> Result<u64, sqlx::Error> {
+    let text = sql::copy_rows(&statement.columns, statement.records.len());
+    let mut stream = connection.copy_in_raw(copy).await?;
+    if let Err(error) = stream.send(text).await {
+        let _ = stream.abort("medconnect: sending the rows failed").await;
+        return Err(error);
+    }
+    stream.finish().await
 }
 
 async fn simple(connection: &mut PgConnection, text: &str) -> Result<(), sqlx::Error> {
@@ -254,9 +313,31 @@ async fn run_isolating(
     catalog: &mut Catalog,
     errant: &mut Vec<(usize, ConnectError)>,
 ) -> Result<u64, WriteError> {
+    if let Some(copy) = &statement.copy {
+        simple(connection, "SAVEPOINT medconnect_copy")
+            .await
+            .map_err(|e| statement_error(statement, e, catalog))?;
+        match copy_all(connection, statement, copy).await {
+            Ok(rows) => {
+                simple(connection, "RELEASE SAVEPOINT medconnect_copy")
+                    .await
+                    .map_err(|e| statement_error(statement, e, catalog))?;
+                return Ok(rows);
+            }
+            Err(error) => {
+                if !matches!(classify(&error), Failure::Row(_)) {
+                    return Err(statement_error(statement, error, catalog));
+                }
+                // A row is refused: the statement finds which.
+                simple(connection, "ROLLBACK TO SAVEPOINT medconnect_copy")
+                    .await
+                    .map_err(|e| statement_error(statement, e, catalog))?;
+            }
+        }
+    }
     let mut affected = 0;
     let mut pending: Vec<Range<usize>> = Vec::new();
-    pending.push(0..statement.rows.len());
+    pending.push(0..statement.records.len());
     while let Some(range) = pending.pop() {
         if range.is_empty() {
             continue;
@@ -282,9 +363,13 @@ async fn run_isolating(
                     .await
                     .map_err(|e| statement_error(statement, e, catalog))?;
                 if range.len() == 1 {
-                    let (index, _) = &statement.rows[range.start];
+                    let index = statement
+                        .records
+                        .get(range.start)
+                        .copied()
+                        .unwrap_or_default();
                     tracing::debug!(table = %statement.table, sqlstate = %rejection.sqlstate, constraint = ?rejection.constraint, "row refused");
-                    errant.push((*index, rejection.into_error()));
+                    errant.push((index, rejection.into_error()));
                 } else {
                     let middle = range.start + range.len() / 2;
                     // Popped first half first, so rows keep their order.
@@ -322,7 +407,11 @@ pub async fn write(
 
     let mut planned: Vec<Statement> = Vec::new();
     for (table, changes) in by_table {
-        let mut settled = settle(changes, config.pk_mode.has_key());
+        // Kafka positions are unique per record, and a record is never in a batch twice.
+        let mut settled = settle(
+            changes,
+            config.pk_mode.has_key() && config.pk_mode != crate::config::PkMode::Kafka,
+        );
         outcome.skipped += settled.superseded;
         let needed = needed(&settled.writes, &settled.deletes);
         let primary_key: Vec<String> = settled

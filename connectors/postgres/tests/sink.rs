@@ -255,6 +255,45 @@ async fn only_the_rows_breaking_a_constraint_are_errant_and_the_rest_are_written
 }
 
 #[tokio::test]
+async fn plain_inserts_go_by_copy_and_fall_back_to_isolate_a_refused_row() {
+    let url = shared().database("copy").await;
+    execute(
+        &url,
+        "CREATE TABLE readings (device text NOT NULL, note text, \
+         hr bigint CONSTRAINT hr_plausible CHECK (hr BETWEEN 0 AND 300))",
+    )
+    .await;
+    let (mut task, mut errant) = sink_task(&url, &[("batch.size", "1000")]);
+    task.start().await.expect("start");
+    // COPY's special characters travel intact.
+    let note = r#""tab\there, backslash \\ and\r\nnewline, \\N""#;
+    let batch = |offsets: std::ops::Range<i64>, bad: Option<i64>| -> Vec<_> {
+        offsets
+            .map(|n| {
+                let hr = if Some(n) == bad { 999 } else { 70 };
+                let value = format!(r#"{{"device":"D{n}","note":{note},"hr":{hr}}}"#);
+                record("readings", n, None, Some(&value))
+            })
+            .collect()
+    };
+    put_all(&mut task, &batch(0..1000, None)).await;
+    put_all(&mut task, &batch(1000..2000, Some(1500))).await;
+    let reports = drain(&mut errant);
+    let offsets: Vec<i64> = reports.iter().map(|(r, _)| r.kafka_offset).collect();
+    assert_eq!(offsets, [1500]);
+    assert_eq!(count(&url, "SELECT count(*) FROM readings").await, 1999);
+    assert_eq!(
+        count(
+            &url,
+            r"SELECT count(*) FROM readings WHERE note = E'tab\there, backslash \\ and\r\nnewline, \\N'"
+        )
+        .await,
+        1999
+    );
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
 async fn validate_connects_and_names_the_setting_at_fault() {
     let url = shared().database("validate").await;
     let connector = PostgresSinkConnector;
