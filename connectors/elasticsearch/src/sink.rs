@@ -124,9 +124,17 @@ impl ElasticsearchSinkTask {
             let mut state = self.tracker.lock();
             if !state.paused && state.count() >= pause_at {
                 let assignment = self.partitions.assignment();
-                self.partitions.pause(&assignment)?;
-                state.paused = true;
-                tracing::info!(connector = %self.connector, outstanding = state.count(), "cluster lagging; partitions paused");
+                // A pause that fails is not worth failing the task for: the wait below still
+                // bounds what is held.
+                match self.partitions.pause(&assignment) {
+                    Ok(()) => {
+                        state.paused = true;
+                        tracing::info!(connector = %self.connector, outstanding = state.count(), "cluster lagging; partitions paused");
+                    }
+                    Err(error) => {
+                        tracing::warn!(connector = %self.connector, %error, "cannot pause partitions")
+                    }
+                }
             }
         }
         let hard_limit = pause_at.saturating_mul(4);
