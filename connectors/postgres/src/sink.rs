@@ -10,8 +10,8 @@ use medconnect_api::{
     ErrantRecordReporter, Props, SinkConnector, SinkRecord, SinkTask, SinkTaskContext, TaskConfig,
     TopicPartition,
 };
-use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::{Connection, PgPool};
 
 use crate::config::{
     CONNECTION_PASSWORD, CONNECTION_URL, CONNECTION_USER, ConnectionConfig, SinkConfig,
@@ -21,9 +21,7 @@ use crate::error::{Failure, classify};
 use crate::schema::Catalog;
 use crate::writer;
 
-/// The pool of one task: one connection, as a task writes one batch at a time. Created lazily:
-/// a database that is down makes writes retriable instead of failing the task's start.
-fn pool(connection: &ConnectionConfig) -> ConnectResult<PgPool> {
+fn connect_options(connection: &ConnectionConfig) -> ConnectResult<PgConnectOptions> {
     let mut options = PgConnectOptions::from_str(&connection.url)
         .map_err(|e| ConnectError::config(CONNECTION_URL, e.to_string()))?;
     if let Some(user) = &connection.user {
@@ -32,11 +30,35 @@ fn pool(connection: &ConnectionConfig) -> ConnectResult<PgPool> {
     if let Some(password) = &connection.password {
         options = options.password(password);
     }
-    let options = options.application_name("medconnect-postgres-sink");
+    Ok(options.application_name("medconnect-postgres-sink"))
+}
+
+/// The pool of one task: one connection, as a task writes one batch at a time. Created lazily:
+/// a database that goes down makes writes retriable instead of failing the task.
+fn pool(connection: &ConnectionConfig) -> ConnectResult<PgPool> {
     Ok(PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(connection.timeout)
-        .connect_lazy_with(options))
+        .connect_lazy_with(connect_options(connection)?))
+}
+
+/// Connects once and asks the server's version. A direct connection, not the pool, so that a
+/// failure says why (refused, unknown database, bad password) instead of "pool timed out".
+async fn server_version(
+    connection: &ConnectionConfig,
+) -> ConnectResult<Result<String, sqlx::Error>> {
+    let options = connect_options(connection)?;
+    let attempt = async {
+        let mut connection = PgConnection::connect_with(&options).await?;
+        let version = sqlx::query_scalar("SELECT version()")
+            .fetch_one(&mut connection)
+            .await;
+        let _ = connection.close().await;
+        version
+    };
+    Ok(tokio::time::timeout(connection.timeout, attempt)
+        .await
+        .unwrap_or(Err(sqlx::Error::PoolTimedOut)))
 }
 
 /// Where a failure to reach the server points in the config.
@@ -83,12 +105,7 @@ impl Connector for PostgresSinkConnector {
     /// server or refused credentials are an error on the setting at fault.
     async fn validate(&self, config: &Props) -> ConnectResult<()> {
         let config = SinkConfig::parse(config)?;
-        let pool = pool(&config.connection)?;
-        let version: Result<String, sqlx::Error> = sqlx::query_scalar("SELECT version()")
-            .fetch_one(&pool)
-            .await;
-        pool.close().await;
-        match version {
+        match server_version(&config.connection).await? {
             Ok(version) => {
                 tracing::info!(server = %redacted_url(&config.connection.url), %version, "PostgreSQL sink validated against the server");
                 Ok(())
@@ -194,22 +211,21 @@ impl SinkTask for PostgresSinkTask {
     /// Opens the pool and checks the server answers; one that does not is retried by the
     /// engine (a retriable error).
     async fn start(&mut self) -> ConnectResult<()> {
-        let pool = pool(&self.config.connection)?;
-        let version: String = sqlx::query_scalar("SELECT version()")
-            .fetch_one(&pool)
-            .await
-            .map_err(|error| match classify(&error) {
-                Failure::Transient => {
-                    ConnectError::retriable(format!("PostgreSQL does not answer yet: {error}"))
-                        .caused_by(error)
-                }
-                _ => ConnectError::config(
-                    connection_field(&error),
-                    format!("cannot connect to PostgreSQL: {error}"),
-                ),
-            })?;
+        let version =
+            server_version(&self.config.connection)
+                .await?
+                .map_err(|error| match classify(&error) {
+                    Failure::Transient => {
+                        ConnectError::retriable(format!("PostgreSQL does not answer yet: {error}"))
+                            .caused_by(error)
+                    }
+                    _ => ConnectError::config(
+                        connection_field(&error),
+                        format!("cannot connect to PostgreSQL: {error}"),
+                    ),
+                })?;
         tracing::info!(connector = %self.connector, server = %redacted_url(&self.config.connection.url), %version, "PostgreSQL sink started");
-        self.pool = Some(pool);
+        self.pool = Some(pool(&self.config.connection)?);
         Ok(())
     }
 
