@@ -19,6 +19,7 @@ pub const PK_FIELDS: &str = "pk.fields";
 pub const DELETE_ENABLED: &str = "delete.enabled";
 pub const AUTO_CREATE: &str = "auto.create";
 pub const AUTO_EVOLVE: &str = "auto.evolve";
+pub const AUTO_CREATE_TIMESTAMPTZ: &str = "auto.create.timestamptz";
 pub const VALUE_MODE: &str = "value.mode";
 pub const VALUE_COLUMN: &str = "value.column";
 pub const FIELDS_INCLUDE: &str = "fields.include";
@@ -78,12 +79,15 @@ impl PkMode {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueMode {
-    /// Each top-level field of a JSON object value is a column.
+    /// Each top-level field of a JSON object value is a column; an HL7 v2 value
+    /// (`content-type: application/hl7-v2`) goes as text into `value.column`.
     Columns,
-    /// The whole value in one `jsonb` column of this name, beside the key columns.
-    Jsonb { column: String },
+    /// The whole JSON value in the `jsonb` column `value.column`, beside the key columns.
+    Jsonb,
+    /// The whole value, as UTF-8 text, in the `text` column `value.column` (HL7 v2, CSV lines).
+    Text,
 }
 
 /// Which top-level fields of a value become columns.
@@ -140,7 +144,10 @@ pub struct SinkConfig {
     pub delete_enabled: bool,
     pub auto_create: bool,
     pub auto_evolve: bool,
+    /// New columns for ISO-8601 strings with a zone are `timestamptz` rather than `text`.
+    pub timestamptz: bool,
     pub value_mode: ValueMode,
+    pub value_column: String,
     pub fields: FieldFilter,
     pub batch_size: usize,
 }
@@ -173,9 +180,10 @@ pub fn sink_def() -> ConfigDef {
         .define(DELETE_ENABLED, ConfigType::Boolean, "false", Importance::Medium, "A record with a null value (tombstone) deletes the row of its key (needs pk.mode=record_key). Otherwise tombstones are skipped.")
         .define(AUTO_CREATE, ConfigType::Boolean, "false", Importance::Medium, "Create a missing table, with column types inferred from the first records and the primary key of pk.mode.")
         .define(AUTO_EVOLVE, ConfigType::Boolean, "false", Importance::Medium, "Add a nullable column for a field the table does not have. Otherwise such a record is reported as errant.")
-        .define(VALUE_MODE, ConfigType::String, "columns", Importance::Medium, "columns: each top-level field of a JSON object value is a column; jsonb: the whole JSON value in the value.column column beside the key columns.")
-        .with_validator(Validator::OneOf(vec!["columns", "jsonb"]))
-        .define(VALUE_COLUMN, ConfigType::String, "value", Importance::Low, "The jsonb column of value.mode=jsonb.")
+        .define(AUTO_CREATE_TIMESTAMPTZ, ConfigType::Boolean, "false", Importance::Low, "With auto.create/auto.evolve, a string in ISO-8601 form with a zone (2024-01-01T12:00:00Z, 2024-01-01 12:00:00.5+01:00) makes a timestamptz column instead of text.")
+        .define(VALUE_MODE, ConfigType::String, "columns", Importance::Medium, "columns: each top-level field of a JSON object value is a column (an HL7 v2 value, content-type application/hl7-v2, goes as text into value.column); jsonb: the whole JSON value in the value.column column beside the key columns; text: the whole value as UTF-8 text in value.column.")
+        .with_validator(Validator::OneOf(vec!["columns", "jsonb", "text"]))
+        .define(VALUE_COLUMN, ConfigType::String, "value", Importance::Low, "The column of a whole value (value.mode jsonb or text, HL7 v2 values).")
         .with_validator(Validator::NonEmpty)
         .define(FIELDS_INCLUDE, ConfigType::List, "", Importance::Low, "Value fields written as columns (empty: all). Key columns are always written.")
         .define(FIELDS_EXCLUDE, ConfigType::List, "", Importance::Low, "Value fields never written as columns.")
@@ -251,17 +259,14 @@ impl SinkConfig {
             ));
         }
         let value_mode = match parsed.string(VALUE_MODE)?.trim() {
-            "jsonb" => ValueMode::Jsonb {
-                column: parsed.string(VALUE_COLUMN)?.trim().to_string(),
-            },
+            "jsonb" => ValueMode::Jsonb,
+            "text" => ValueMode::Text,
             _ => ValueMode::Columns,
         };
-        if matches!(value_mode, ValueMode::Jsonb { .. })
-            && matches!(pk_mode, PkMode::RecordValue { .. })
-        {
+        if value_mode != ValueMode::Columns && matches!(pk_mode, PkMode::RecordValue { .. }) {
             return Err(ConnectError::config(
                 PK_MODE,
-                "value.mode=jsonb has no value columns to key on: use record_key or kafka",
+                "value.mode jsonb and text have no value columns to key on: use record_key or kafka",
             ));
         }
         let table = TableTemplate::parse(&parsed.string(TABLE_NAME_FORMAT)?)
@@ -279,7 +284,9 @@ impl SinkConfig {
             delete_enabled,
             auto_create: parsed.boolean(AUTO_CREATE)?,
             auto_evolve: parsed.boolean(AUTO_EVOLVE)?,
+            timestamptz: parsed.boolean(AUTO_CREATE_TIMESTAMPTZ)?,
             value_mode,
+            value_column: parsed.string(VALUE_COLUMN)?.trim().to_string(),
             fields: FieldFilter {
                 include: parsed.list(FIELDS_INCLUDE)?,
                 exclude: parsed.list(FIELDS_EXCLUDE)?,

@@ -1,6 +1,6 @@
 //! A sink record read as a change to a table: a row to write, or a key to delete.
 
-use medconnect_api::{ConnectError, SinkRecord};
+use medconnect_api::{ConnectError, SinkRecord, content_type};
 use serde_json::{Map, Value};
 
 use crate::config::{
@@ -20,6 +20,16 @@ pub struct Cell {
 impl Cell {
     fn inferred(column: impl Into<String>, value: Value) -> Self {
         let ty = ColumnType::infer(&value);
+        Self {
+            column: column.into(),
+            value,
+            ty,
+        }
+    }
+
+    /// With ISO-8601 strings typed `timestamptz` when `timestamps`.
+    fn inferred_with(column: impl Into<String>, value: Value, timestamps: bool) -> Self {
+        let ty = ColumnType::infer_with(&value, timestamps);
         Self {
             column: column.into(),
             value,
@@ -160,6 +170,19 @@ fn key_of(
     }
 }
 
+/// The whole value as text in `value.column` (HL7 v2 messages, `value.mode=text`).
+fn text_row(record: &SinkRecord, bytes: &[u8], config: &SinkConfig) -> Result<Row, ConnectError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| data("the value is not UTF-8 text"))?;
+    Ok(Row {
+        key: key_of(record, &config.pk_mode, None)?,
+        others: vec![Cell {
+            column: config.value_column.clone(),
+            value: Value::String(text.to_string()),
+            ty: ColumnType::Text,
+        }],
+    })
+}
+
 /// Reads a record as a change. An error concerns this record alone.
 pub fn change_of(record: &SinkRecord, config: &SinkConfig) -> Result<Change, ConnectError> {
     let Some(bytes) = &record.record.value else {
@@ -172,24 +195,26 @@ pub fn change_of(record: &SinkRecord, config: &SinkConfig) -> Result<Change, Con
         }
         return Ok(Change::Delete(key));
     };
-    let value = parse_json(bytes, "value")?;
-    let row = match &config.value_mode {
-        ValueMode::Jsonb { column } => Row {
+    let hl7 = record.record.content_type() == Some(content_type::HL7_V2);
+    let row = match config.value_mode {
+        ValueMode::Text => text_row(record, bytes, config)?,
+        ValueMode::Columns if hl7 => text_row(record, bytes, config)?,
+        ValueMode::Jsonb => Row {
             key: key_of(record, &config.pk_mode, None)?,
             others: vec![Cell {
-                column: column.clone(),
-                value,
+                column: config.value_column.clone(),
+                value: parse_json(bytes, "value")?,
                 ty: ColumnType::Jsonb,
             }],
         },
         ValueMode::Columns => {
-            let map = object(value, "value")?;
+            let map = object(parse_json(bytes, "value")?, "value")?;
             let key = key_of(record, &config.pk_mode, Some(&map))?;
             let mut others: Vec<Cell> = map
                 .into_iter()
                 .filter(|(field, _)| config.fields.keeps(field))
                 .filter(|(field, _)| !key.iter().any(|k| &k.column == field))
-                .map(|(field, value)| Cell::inferred(field, value))
+                .map(|(field, value)| Cell::inferred_with(field, value, config.timestamptz))
                 .collect();
             others.sort_by(|a, b| a.column.cmp(&b.column));
             Row { key, others }
@@ -278,6 +303,38 @@ mod tests {
         assert_eq!(row.key[0].value, json!("PAT123"));
         let skipped = change_of(&record(Some("PAT123"), None), &by_name);
         assert!(matches!(skipped, Ok(Change::Skip(_))), "{skipped:?}");
+    }
+
+    #[test]
+    fn hl7_values_and_text_mode_go_to_a_text_column() {
+        let columns = config(&[("pk.mode", "kafka"), ("insert.mode", "upsert")]);
+        let mut hl7 = record(None, Some("MSH|^~\\&|EPIC\rPID|1||P1\r"));
+        hl7.record
+            .headers
+            .add(content_type::HEADER, content_type::HL7_V2);
+        let Ok(Change::Write(row)) = change_of(&hl7, &columns) else {
+            panic!("a row");
+        };
+        assert_eq!(columns_of_row(&row), ["value"]);
+        assert_eq!(row.others[0].ty, ColumnType::Text);
+        let text = config(&[("value.mode", "text"), ("value.column", "line")]);
+        let Ok(Change::Write(row)) = change_of(&record(None, Some("a,b,c")), &text) else {
+            panic!("a row");
+        };
+        assert_eq!(row.others[0].column, "line");
+        assert_eq!(row.others[0].value, json!("a,b,c"));
+        let timestamps = config(&[("auto.create.timestamptz", "true")]);
+        let Ok(Change::Write(row)) = change_of(
+            &record(None, Some(r#"{"at":"2024-01-01T12:00:00Z"}"#)),
+            &timestamps,
+        ) else {
+            panic!("a row");
+        };
+        assert_eq!(row.others[0].ty, ColumnType::Timestamptz);
+    }
+
+    fn columns_of_row(row: &Row) -> Vec<&str> {
+        row.others.iter().map(|c| c.column.as_str()).collect()
     }
 
     #[test]

@@ -23,9 +23,59 @@ pub enum ColumnType {
     Text,
     Boolean,
     Jsonb,
+    Timestamptz,
+}
+
+/// An ISO-8601 / RFC 3339 date and time with a zone: `YYYY-MM-DD`, `T` or a space,
+/// `HH:MM:SS`, an optional fraction, then `Z` or `+HH:MM` / `-HH:MM`. Without a zone the
+/// instant would depend on the server's time zone, so such strings stay text.
+pub fn is_timestamp(text: &str) -> bool {
+    let b = text.as_bytes();
+    let digits = |from: usize, to: usize| {
+        b.get(from..to)
+            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+    };
+    let at = |i: usize, c: &[u8]| b.get(i).is_some_and(|x| c.contains(x));
+    if !(digits(0, 4)
+        && at(4, b"-")
+        && digits(5, 7)
+        && at(7, b"-")
+        && digits(8, 10)
+        && at(10, b"T ")
+        && digits(11, 13)
+        && at(13, b":")
+        && digits(14, 16)
+        && at(16, b":")
+        && digits(17, 19))
+    {
+        return false;
+    }
+    let mut rest = b.get(19..).unwrap_or_default();
+    if let Some(fraction) = rest.strip_prefix(b".") {
+        let n = fraction.iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 {
+            return false;
+        }
+        rest = fraction.get(n..).unwrap_or_default();
+    }
+    match rest {
+        b"Z" => true,
+        [sign, h1, h2, b':', m1, m2] => {
+            (*sign == b'+' || *sign == b'-') && [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit())
+        }
+        _ => false,
+    }
 }
 
 impl ColumnType {
+    /// As [`ColumnType::infer`], with ISO-8601 strings as `timestamptz` when `timestamps`.
+    pub fn infer_with(value: &Value, timestamps: bool) -> Self {
+        match value {
+            Value::String(text) if timestamps && is_timestamp(text) => Self::Timestamptz,
+            other => Self::infer(other),
+        }
+    }
+
     pub fn infer(value: &Value) -> Self {
         match value {
             Value::Number(n) if n.is_i64() => Self::BigInt,
@@ -46,6 +96,7 @@ impl ColumnType {
             Self::Text => "text",
             Self::Boolean => "boolean",
             Self::Jsonb => "jsonb",
+            Self::Timestamptz => "timestamp with time zone",
         }
     }
 }
@@ -272,5 +323,30 @@ mod tests {
         assert_eq!(ColumnType::infer(&json!({"a": 1})), ColumnType::Jsonb);
         assert_eq!(ColumnType::infer(&json!([1])), ColumnType::Jsonb);
         assert_eq!(ColumnType::infer(&json!(null)), ColumnType::Text);
+        let at = json!("2024-01-01T12:00:00Z");
+        assert_eq!(ColumnType::infer(&at), ColumnType::Text);
+        assert_eq!(ColumnType::infer_with(&at, true), ColumnType::Timestamptz);
+    }
+
+    #[test]
+    fn only_timestamps_with_a_zone_are_timestamps() {
+        for yes in [
+            "2024-01-01T12:00:00Z",
+            "2024-01-01 12:00:00.123456+01:00",
+            "1999-12-31T23:59:59-05:30",
+        ] {
+            assert!(is_timestamp(yes), "{yes}");
+        }
+        for no in [
+            "2024-01-01T12:00:00",
+            "2024-01-01",
+            "2024-01-01T12:00:00.Z",
+            "2024-01-01T12:00:00+0100",
+            "20240101T120000Z",
+            "MRN2024-01-01T12:00:00Z",
+            "",
+        ] {
+            assert!(!is_timestamp(no), "{no}");
+        }
     }
 }

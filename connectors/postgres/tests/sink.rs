@@ -294,6 +294,55 @@ async fn plain_inserts_go_by_copy_and_fall_back_to_isolate_a_refused_row() {
 }
 
 #[tokio::test]
+async fn timestamps_become_timestamptz_and_hl7_messages_text() {
+    let url = shared().database("typed").await;
+    let (mut task, mut errant) = sink_task(
+        &url,
+        &[
+            ("pk.mode", "kafka"),
+            ("insert.mode", "upsert"),
+            ("auto.create", "true"),
+            ("auto.create.timestamptz", "true"),
+        ],
+    );
+    task.start().await.expect("start");
+    let mut hl7 = record("adt", 0, None, Some("MSH|^~\\&|EPIC|HOSP\rPID|1||P1\r"));
+    hl7.record.headers.add("content-type", "application/hl7-v2");
+    put_all(
+        &mut task,
+        &[
+            record(
+                "obs",
+                0,
+                None,
+                Some(r#"{"at":"2024-01-01T12:00:00+01:00","hr":70}"#),
+            ),
+            hl7,
+        ],
+    )
+    .await;
+    assert!(drain(&mut errant).is_empty());
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM obs WHERE at = '2024-01-01T11:00:00Z'::timestamptz \
+             AND pg_typeof(at) = 'timestamp with time zone'::regtype"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM adt WHERE value LIKE 'MSH|%' AND pg_typeof(value) = 'text'::regtype"
+        )
+        .await,
+        1
+    );
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
 async fn validate_connects_and_names_the_setting_at_fault() {
     let url = shared().database("validate").await;
     let connector = PostgresSinkConnector;
