@@ -28,6 +28,29 @@ struct Proxy {
     bulks: Arc<AtomicUsize>,
     refused: Arc<AtomicUsize>,
     items_rejected: Arc<AtomicUsize>,
+    /// Faults only before this moment (`None`: always); afterwards everything is forwarded.
+    faulty_until: Option<std::time::Instant>,
+    /// Also report the first item of every fifth forwarded `_bulk` as rejected.
+    reject_items: bool,
+}
+
+impl Proxy {
+    fn new(upstream: &str, faulty_until: Option<std::time::Instant>, reject_items: bool) -> Self {
+        Self {
+            upstream: upstream.to_string(),
+            client: reqwest::Client::new(),
+            bulks: Arc::default(),
+            refused: Arc::default(),
+            items_rejected: Arc::default(),
+            faulty_until,
+            reject_items,
+        }
+    }
+
+    fn faulty(&self) -> bool {
+        self.faulty_until
+            .is_none_or(|until| std::time::Instant::now() < until)
+    }
 }
 
 async fn forward(
@@ -43,7 +66,8 @@ async fn forward(
     } else {
         0
     };
-    if bulk && n % 3 == 0 {
+    let faulty = proxy.faulty();
+    if bulk && faulty && n % 3 == 0 {
         proxy.refused.fetch_add(1, Ordering::SeqCst);
         let error = json!({"error": {"type": "es_rejected_execution_exception", "reason": "rejected by the test proxy"}, "status": 429});
         return (
@@ -66,7 +90,7 @@ async fn forward(
     };
     let status = answer.status();
     let mut text = answer.bytes().await.unwrap_or_default().to_vec();
-    if bulk && n % 5 == 0 && status.is_success() {
+    if bulk && faulty && proxy.reject_items && n % 5 == 0 && status.is_success() {
         let mut parsed: Value = serde_json::from_slice(&text).expect("a _bulk answer");
         if let Some(item) = parsed["items"][0]
             .as_object_mut()
@@ -123,13 +147,7 @@ fn positions(records: &[SinkRecord]) -> SinkOffsets {
 #[tokio::test]
 async fn pushed_back_bulks_are_retried_with_partitions_paused_and_nothing_is_lost() {
     let osmem = Osmem::start();
-    let proxy = Proxy {
-        upstream: osmem.url.clone(),
-        client: reqwest::Client::new(),
-        bulks: Arc::default(),
-        refused: Arc::default(),
-        items_rejected: Arc::default(),
-    };
+    let proxy = Proxy::new(&osmem.url, None, true);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -319,4 +337,233 @@ async fn requests_carry_the_configured_api_key_or_basic_credentials() {
         ]
     );
     server.abort();
+}
+
+/// How long the timed faults of the issue last.
+const FAULT_WINDOW: std::time::Duration = std::time::Duration::from_secs(20);
+/// How often the test hands the task a chunk of records while a fault lasts.
+const PUT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Everything acknowledged (`pre_commit` of what was put equals it): what an engine would see.
+async fn assert_running(
+    sink: &mut medconnect_elasticsearch::ElasticsearchSinkTask,
+    put: &SinkOffsets,
+) -> SinkOffsets {
+    tokio::time::timeout(DEADLINE, sink.pre_commit(put))
+        .await
+        .expect("pre_commit returns")
+        .expect("pre_commit never fails while the cluster pushes back or is away")
+}
+
+#[tokio::test]
+async fn a_429_on_every_third_bulk_for_20_s_loses_nothing_and_the_task_keeps_running() {
+    let osmem = Osmem::start();
+    let proxy = Proxy::new(
+        &osmem.url,
+        Some(std::time::Instant::now() + FAULT_WINDOW),
+        false,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let app = axum::Router::new()
+        .fallback(forward)
+        .with_state(proxy.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let (mut sink, mut errant) = task(
+        &url,
+        &[
+            ("key.ignore", "true"),
+            ("index", "vitals-${yyyy.MM.dd}"),
+            ("batch.size", "200"),
+            ("max.in.flight.requests", "2"),
+            ("max.retries", "3"),
+            ("retry.backoff.ms", "20"),
+        ],
+        SinkPartitions::detached(),
+    )
+    .await;
+    // Records keep coming while the proxy pushes back: a chunk every PUT_EVERY.
+    let records = vitals("vitals", 20_000);
+    let mut sent = 0;
+    let mut ticks = tokio::time::interval(PUT_EVERY);
+    while proxy.faulty() && sent < records.len() {
+        ticks.tick().await;
+        let chunk = &records[sent..(sent + 100).min(records.len())];
+        tokio::time::timeout(DEADLINE, sink.put(chunk.to_vec()))
+            .await
+            .expect("put returns")
+            .expect("put never fails while the cluster pushes back");
+        sent += chunk.len();
+        assert_running(&mut sink, &positions(&records[..sent])).await;
+    }
+    assert!(
+        !proxy.faulty(),
+        "the 20 s window ended before the records did"
+    );
+    let refused_in_window = proxy.refused.load(Ordering::SeqCst);
+    assert!(
+        refused_in_window >= 10,
+        "{refused_in_window} bulks answered 429 in the window"
+    );
+    tokio::time::timeout(DEADLINE, sink.flush())
+        .await
+        .expect("caught up within the deadline")
+        .expect("flush");
+    assert_eq!(osmem.count("vitals-*").await, sent as u64);
+    let put = positions(&records[..sent]);
+    assert_eq!(assert_running(&mut sink, &put).await, put);
+    assert!(errant.try_recv().is_err(), "nothing errant");
+    sink.stop().await.expect("stop");
+    server.abort();
+}
+
+/// A TCP proxy that can be taken down: while down it closes every connection it accepts and
+/// cuts the ones open (a node gone, its kept-alive connections with it); up, it relays bytes.
+struct Outage {
+    url: String,
+    down: tokio::sync::watch::Sender<bool>,
+    closed: Arc<AtomicUsize>,
+    relay: tokio::task::JoinHandle<()>,
+}
+
+impl Outage {
+    async fn start(upstream: &str) -> Self {
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let (down, watching) = tokio::sync::watch::channel(false);
+        let closed = Arc::new(AtomicUsize::new(0));
+        let counter = closed.clone();
+        let relay = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if *watching.borrow() {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    drop(inbound);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let mut watching = watching.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watching.wait_for(|down| *down) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            down,
+            closed,
+            relay,
+        }
+    }
+
+    fn is_down(&self) -> bool {
+        *self.down.borrow()
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        self.relay.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_down_for_20_s_gets_everything_once_it_is_back() {
+    let osmem = Osmem::start();
+    let outage = Outage::start(&osmem.url).await;
+    let recorder = Arc::new(Recorder::default());
+    let (mut sink, mut errant) = task(
+        &outage.url,
+        &[
+            ("key.ignore", "true"),
+            ("batch.size", "250"),
+            ("max.in.flight.requests", "2"),
+            ("max.retries", "3"),
+            ("retry.backoff.ms", "50"),
+            ("connection.timeout.ms", "500"),
+            ("read.timeout.ms", "2000"),
+        ],
+        SinkPartitions::new(recorder.clone()),
+    )
+    .await;
+    let records = vitals("vitals", 12_000);
+    let before = 1_000;
+    put_all(&mut sink, &records[..before], 250).await;
+    assert_eq!(osmem.count("vitals").await, before as u64);
+    let acknowledged = positions(&records[..before]);
+
+    // Down for 20 s: a timed fault; records keep coming meanwhile.
+    outage.down.send_replace(true);
+    let back = outage.down.clone();
+    let outage_over = tokio::spawn(async move {
+        tokio::time::sleep(FAULT_WINDOW).await;
+        back.send_replace(false);
+    });
+    let mut sent = before;
+    let mut ticks = tokio::time::interval(PUT_EVERY);
+    while outage.is_down() && sent < records.len() {
+        ticks.tick().await;
+        let chunk = &records[sent..(sent + 100).min(records.len())];
+        tokio::time::timeout(DEADLINE, sink.put(chunk.to_vec()))
+            .await
+            .expect("put returns")
+            .expect("put never fails while the cluster is away");
+        sent += chunk.len();
+        let committable = assert_running(&mut sink, &positions(&records[..sent])).await;
+        if outage.is_down() {
+            // Nothing written while the cluster is away is committable.
+            for (partition, offset) in &committable {
+                assert!(
+                    *offset <= acknowledged.get(partition).copied().unwrap_or(0),
+                    "{partition:?} committable at {offset} while the cluster is down"
+                );
+            }
+        }
+    }
+    outage_over.await.expect("outage over");
+    // Past 4 × 2 × batch.size × max.in.flight.requests (4,000) outstanding documents, `put`
+    // itself waits for room: the engine's backpressure, not an error.
+    assert!(
+        sent >= before + 3_000,
+        "records kept coming in the outage: {sent}"
+    );
+    assert!(
+        outage.closed.load(Ordering::SeqCst) >= 3,
+        "the task kept trying while the cluster was down"
+    );
+    assert!(
+        recorder.pauses.load(Ordering::SeqCst) >= 1,
+        "paused while the cluster was away"
+    );
+    // The rest, now that it is back.
+    for chunk in records[sent..].chunks(500) {
+        tokio::time::timeout(DEADLINE, sink.put(chunk.to_vec()))
+            .await
+            .expect("put returns")
+            .expect("put");
+    }
+    tokio::time::timeout(DEADLINE, sink.flush())
+        .await
+        .expect("caught up within the deadline")
+        .expect("flush");
+    assert_eq!(osmem.count("vitals").await, records.len() as u64);
+    let put = positions(&records);
+    assert_eq!(assert_running(&mut sink, &put).await, put);
+    assert!(
+        !recorder.paused.load(Ordering::SeqCst),
+        "resumed once it caught up"
+    );
+    assert!(errant.try_recv().is_err(), "nothing errant");
+    sink.stop().await.expect("stop");
 }
