@@ -120,7 +120,7 @@ pub fn update(table: &str, key: &[&str], others: &[&str], types: &Columns) -> Op
     let (from, casts) = unnest(&all, types);
     let sets: Vec<String> = others
         .iter()
-        .zip(&casts[key.len()..])
+        .zip(casts.get(key.len()..).unwrap_or_default())
         .map(|(column, cast)| format!("{} = {cast}", quote_ident(column)))
         .collect();
     Some(format!(
@@ -128,7 +128,7 @@ pub fn update(table: &str, key: &[&str], others: &[&str], types: &Columns) -> Op
         quote_ident(table),
         sets.join(", "),
         from,
-        key_match(key, &casts[..key.len()])
+        key_match(key, casts.get(..key.len()).unwrap_or_default())
     ))
 }
 
