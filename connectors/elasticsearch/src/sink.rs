@@ -12,11 +12,19 @@ use medconnect_api::{
     SinkTaskContext, TaskConfig, TopicPartition,
 };
 
-use crate::bulk::EsClient;
-use crate::config::{CONNECTION_URL, SinkConfig, sink_def};
+use crate::bulk::{BulkError, EsClient};
+use crate::config::{CONNECTION_TLS_CA_FILE, CONNECTION_URL, SinkConfig, sink_def};
 use crate::document::{Prepared, prepare};
 use crate::progress::Tracker;
 use crate::writer::{Wiring, Writer};
+
+/// A client that cannot be built is a configuration error: of the CA file, or of the URLs.
+fn client_error(error: BulkError) -> ConnectError {
+    match error {
+        BulkError::CaFile(reason) => ConnectError::config(CONNECTION_TLS_CA_FILE, reason),
+        other => ConnectError::config(CONNECTION_URL, other.to_string()),
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct ElasticsearchSinkConnector;
@@ -47,8 +55,7 @@ impl Connector for ElasticsearchSinkConnector {
     /// or refused credentials are an error on `connection.url`.
     async fn validate(&self, config: &Props) -> ConnectResult<()> {
         let config = SinkConfig::parse(config)?;
-        let client = EsClient::new(&config.connection)
-            .map_err(|e| ConnectError::config(CONNECTION_URL, e.to_string()))?;
+        let client = EsClient::new(&config.connection).map_err(client_error)?;
         let info = client.info().await.map_err(|e| {
             ConnectError::config(CONNECTION_URL, format!("cannot reach the cluster: {e}"))
         })?;
@@ -149,10 +156,7 @@ impl SinkTask for ElasticsearchSinkTask {
     /// Starts the writer. An unreachable cluster does not fail the start: the writer retries,
     /// and the partitions pause until the cluster answers.
     async fn start(&mut self) -> ConnectResult<()> {
-        let client = Arc::new(
-            EsClient::new(&self.config.connection)
-                .map_err(|e| ConnectError::config(CONNECTION_URL, e.to_string()))?,
-        );
+        let client = Arc::new(EsClient::new(&self.config.connection).map_err(client_error)?);
         match client.info().await {
             Ok(info) => {
                 tracing::info!(connector = %self.connector, cluster = %info.cluster_name, version = %info.describe(), "Elasticsearch sink started")

@@ -89,13 +89,33 @@ fn error_reason(body: &[u8]) -> String {
     }
 }
 
+/// The certificates of a PEM file (one CA or a bundle).
+fn ca_certificates(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, BulkError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| BulkError::CaFile(format!("cannot read {}: {e}", path.display())))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        BulkError::CaFile(format!("{} is not a PEM certificate: {e}", path.display()))
+    })?;
+    if certificates.is_empty() {
+        return Err(BulkError::CaFile(format!(
+            "{} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certificates)
+}
+
 impl EsClient {
     pub fn new(config: &ConnectionConfig) -> Result<Self, BulkError> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
-            .timeout(config.read_timeout)
-            .build()
-            .map_err(BulkError::Client)?;
+            .timeout(config.read_timeout);
+        if let Some(path) = &config.tls_ca_file {
+            for certificate in ca_certificates(path)? {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let http = builder.build().map_err(BulkError::Client)?;
         Ok(Self {
             http,
             urls: config.urls.clone(),

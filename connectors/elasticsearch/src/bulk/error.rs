@@ -6,8 +6,12 @@ use std::time::Duration;
 pub enum BulkError {
     #[error("cannot build the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
-    /// Connection refused or reset, timeout: the request may succeed later or on another node.
-    #[error("{url} unreachable: {source}")]
+    /// The CA file of `connection.tls.ca.file` cannot be read or holds no certificate.
+    #[error("{0}")]
+    CaFile(String),
+    /// Connection refused or reset, timeout, a certificate not trusted: the request may
+    /// succeed later or on another node.
+    #[error("{url} unreachable: {}", causes(source))]
     Unreachable {
         url: String,
         #[source]
@@ -31,6 +35,23 @@ pub enum BulkError {
     /// An answer that is not what the API promises (not JSON, items missing).
     #[error("{url} answered something unreadable: {reason}")]
     Unreadable { url: String, reason: String },
+}
+
+/// An error with its causes (`error sending request: ...: invalid peer certificate:
+/// UnknownIssuer`), which reqwest's own message leaves out; with a hint when a certificate was
+/// not trusted.
+fn causes(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if text.contains("certificate") {
+        text.push_str(" (is connection.tls.ca.file the CA that signed the cluster's certificate?)");
+    }
+    text
 }
 
 impl BulkError {
