@@ -240,12 +240,28 @@ async fn a_cluster_that_comes_up_late_gets_everything_and_nothing_is_committed_b
     sink.stop().await.expect("stop");
 }
 
-/// Forwards everything, keeping the `Authorization` header of every `_bulk`.
+/// A `_bulk` body's `Content-Encoding` and its bytes once decoded.
+type SeenBody = (Option<String>, Vec<u8>);
+
+/// Forwards everything, keeping the `Authorization` header of every `_bulk`, and its
+/// `Content-Encoding` with the body as the cluster would decode it.
 #[derive(Clone)]
 struct Recording {
     upstream: String,
     client: reqwest::Client,
     seen: Arc<std::sync::Mutex<Vec<String>>>,
+    bodies: Arc<std::sync::Mutex<Vec<SeenBody>>>,
+}
+
+impl Recording {
+    fn new(upstream: &str) -> Self {
+        Self {
+            upstream: upstream.to_string(),
+            client: reqwest::Client::new(),
+            seen: Arc::default(),
+            bodies: Arc::default(),
+        }
+    }
 }
 
 async fn record_authorization(
@@ -266,14 +282,35 @@ async fn record_authorization(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(authorization);
+        let encoding = headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let decoded = if encoding.as_deref() == Some("gzip") {
+            use std::io::Read;
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(&body[..])
+                .read_to_end(&mut plain)
+                .expect("a gzip body");
+            plain
+        } else {
+            body.to_vec()
+        };
+        proxy
+            .bodies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((encoding, decoded));
     }
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request = proxy
         .client
         .request(method, format!("{}{path}", proxy.upstream))
         .body(body);
-    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
-        request = request.header(header::CONTENT_TYPE, content_type);
+    for name in [header::CONTENT_TYPE, header::CONTENT_ENCODING] {
+        if let Some(value) = headers.get(&name) {
+            request = request.header(name, value);
+        }
     }
     match request.send().await {
         Ok(answer) => {
@@ -288,11 +325,7 @@ async fn record_authorization(
 #[tokio::test]
 async fn requests_carry_the_configured_api_key_or_basic_credentials() {
     let osmem = Osmem::start();
-    let proxy = Recording {
-        upstream: osmem.url.clone(),
-        client: reqwest::Client::new(),
-        seen: Arc::default(),
-    };
+    let proxy = Recording::new(&osmem.url);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -566,4 +599,60 @@ async fn a_cluster_down_for_20_s_gets_everything_once_it_is_back() {
     );
     assert!(errant.try_recv().is_err(), "nothing errant");
     sink.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn compressed_bulks_are_gzipped_and_the_cluster_takes_them() {
+    let osmem = Osmem::start();
+    let proxy = Recording::new(&osmem.url);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let app = axum::Router::new()
+        .fallback(record_authorization)
+        .with_state(proxy.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let records = vitals("vitals", 1_000);
+    let (mut sink, mut errant) = task(
+        &url,
+        &[
+            ("key.ignore", "true"),
+            ("batch.size", "250"),
+            ("connection.compression", "true"),
+        ],
+        SinkPartitions::detached(),
+    )
+    .await;
+    put_all(&mut sink, &records, 250).await;
+    sink.stop().await.expect("stop");
+    // osmem-server decodes a gzip body itself: the proxy forwarded the compressed bytes.
+    assert_eq!(osmem.count("vitals").await, 1_000);
+    assert!(errant.try_recv().is_err());
+
+    let bodies = proxy
+        .bodies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    assert!(!bodies.is_empty());
+    let mut lines = 0;
+    for (encoding, body) in &bodies {
+        assert_eq!(encoding.as_deref(), Some("gzip"));
+        let text = std::str::from_utf8(body).expect("NDJSON");
+        for line in text.lines() {
+            serde_json::from_str::<Value>(line).expect("a JSON line");
+            lines += 1;
+        }
+    }
+    assert_eq!(lines, 2_000, "an action and a source line per document");
+
+    // Without the setting, plain bodies.
+    let (mut plain, _) = task(&url, &[("key.ignore", "true")], SinkPartitions::detached()).await;
+    put_all(&mut plain, &vitals("other", 10), 10).await;
+    plain.stop().await.expect("stop");
+    let last = proxy.bodies.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    assert!(matches!(last, Some((None, _))), "no Content-Encoding");
+    server.abort();
 }

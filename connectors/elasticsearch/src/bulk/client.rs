@@ -55,6 +55,19 @@ pub struct EsClient {
     urls: Vec<String>,
     next: AtomicUsize,
     credentials: Credentials,
+    compression: bool,
+}
+
+/// A `_bulk` body gzipped (the fast level: NDJSON of similar documents compresses well even so).
+fn gzip(body: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    // Writing into a Vec cannot fail.
+    let _ = encoder.write_all(body);
+    encoder.finish().unwrap_or_default()
 }
 
 /// A `Retry-After` in seconds (the HTTP-date form is not used by Elasticsearch or OpenSearch).
@@ -120,6 +133,7 @@ impl EsClient {
             http,
             urls: config.urls.clone(),
             next: AtomicUsize::new(0),
+            compression: config.compression,
             credentials: match (&config.api_key, &config.username) {
                 (Some(key), _) => Credentials::ApiKey(key.clone()),
                 (None, Some(user)) => Credentials::Basic {
@@ -213,11 +227,17 @@ impl EsClient {
     /// `POST /_bulk` with an NDJSON body.
     pub async fn bulk(&self, body: Vec<u8>) -> Result<BulkResponse, BulkError> {
         let url = self.url().to_string();
-        let request = self
+        let mut request = self
             .http
             .post(format!("{url}/_bulk"))
-            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
-            .body(body);
+            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson");
+        request = if self.compression {
+            request
+                .header(reqwest::header::CONTENT_ENCODING, "gzip")
+                .body(gzip(&body))
+        } else {
+            request.body(body)
+        };
         let unreachable = |source| BulkError::Unreachable {
             url: url.clone(),
             source,
