@@ -157,12 +157,7 @@ impl DatagenTaskConfig {
 mod tests {
     use super::*;
 
-    fn props(pairs: &[(&str, &str)]) -> Props {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use medconnect_api::props_from as props;
 
     fn field(pairs: &[(&str, &str)]) -> String {
         match DatagenConfig::parse(&props(pairs)) {

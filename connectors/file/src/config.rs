@@ -100,12 +100,7 @@ mod tests {
 
     use super::*;
 
-    fn props(pairs: &[(&str, &str)]) -> Props {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use medconnect_api::props_from as props;
 
     #[test]
     fn settings_parse_into_typed_configs() {

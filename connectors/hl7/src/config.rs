@@ -378,12 +378,7 @@ impl SinkConfig {
 mod tests {
     use super::*;
 
-    fn props(pairs: &[(&str, &str)]) -> Props {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use medconnect_api::props_from as props;
 
     #[test]
     fn source_defaults_are_safe() {

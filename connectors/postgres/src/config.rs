@@ -300,12 +300,7 @@ impl SinkConfig {
 mod tests {
     use super::*;
 
-    fn props(pairs: &[(&str, &str)]) -> Props {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use medconnect_api::props_from as props;
 
     fn field_of(pairs: &[(&str, &str)]) -> String {
         match SinkConfig::parse(&props(pairs)) {

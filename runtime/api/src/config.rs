@@ -17,6 +17,14 @@ use crate::ConnectError;
 /// A connector's or task's settings: names to string values.
 pub type Props = BTreeMap<String, String>;
 
+/// Settings from literal pairs, for configs written in code (tests, examples, benches).
+pub fn props_from(pairs: &[(&str, &str)]) -> Props {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum ConfigType {
@@ -505,12 +513,7 @@ mod tests {
             )
     }
 
-    fn props(pairs: &[(&str, &str)]) -> Props {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::props_from as props;
 
     #[test]
     fn a_missing_required_setting_is_reported_by_name() {

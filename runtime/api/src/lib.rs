@@ -13,6 +13,7 @@ pub mod transform;
 
 pub use config::{
     ConfigDef, ConfigKey, ConfigType, ConfigValue, Importance, ParsedConfig, Props, Validator,
+    props_from,
 };
 pub use connector::{
     Connector, ConnectorContext, ConnectorKind, ErrantRecordHandler, ErrantRecordReporter,

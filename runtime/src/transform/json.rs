@@ -174,14 +174,8 @@ pub(crate) fn non_empty_list() -> Validator {
     })
 }
 
-/// Settings from pairs, for the transforms' tests.
 #[cfg(test)]
-pub(crate) fn props(pairs: &[(&str, &str)]) -> medconnect_api::Props {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+pub(crate) use medconnect_api::props_from as props;
 
 /// Validates settings and builds the transform, as the chain does.
 #[cfg(test)]

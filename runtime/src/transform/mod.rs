@@ -308,12 +308,7 @@ pub(crate) fn json_object(
 mod tests {
     use super::*;
 
-    fn props(pairs: &[(&str, &str)]) -> Props {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use medconnect_api::props_from as props;
 
     #[test]
     fn chain_applies_in_order_and_predicates_select_records() {

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use medconnect_api::{
-    ConnectError, ErrantRecordReporter, Props, Record, SinkPartitions, SinkRecord, SinkTask,
+    ConnectError, ErrantRecordReporter, Record, SinkPartitions, SinkRecord, SinkTask,
     SinkTaskContext,
 };
 use medconnect_postgres::PostgresSinkTask;
@@ -239,12 +239,7 @@ pub fn shared() -> &'static PgServer {
     SERVER.get_or_init(PgServer::start)
 }
 
-pub fn props(pairs: &[(&str, &str)]) -> Props {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+pub use medconnect_api::props_from as props;
 
 /// A task as the engine creates it, reporting errant records to the returned receiver.
 pub fn sink_task(

@@ -1,6 +1,6 @@
 //! The host against the checked-in `.wat` fixtures: no guest toolchain needed.
 
-use medconnect_api::{ConnectError, Props, Record, Transform};
+use medconnect_api::{ConnectError, Record, Transform};
 
 use super::WasmTransform;
 use crate::transform::TransformChain;
@@ -12,12 +12,7 @@ fn fixture(name: &str) -> String {
     )
 }
 
-fn props(pairs: &[(&str, &str)]) -> Props {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+use medconnect_api::props_from as props;
 
 fn transform(name: &str, extra: &[(&str, &str)]) -> Result<WasmTransform, ConnectError> {
     let mut settings = props(extra);
