@@ -17,6 +17,9 @@ pub const CONNECTION_TLS_CA_FILE: &str = "connection.tls.ca.file";
 pub const CONNECTION_COMPRESSION: &str = "connection.compression";
 pub const READ_TIMEOUT_MS: &str = "read.timeout.ms";
 pub const INDEX: &str = "index";
+pub const INDEX_TEMPLATE_NAME: &str = "index.template.name";
+pub const INDEX_TEMPLATE_FILE: &str = "index.template.file";
+pub const INDEX_TEMPLATE_JSON: &str = "index.template.json";
 pub const KEY_IGNORE: &str = "key.ignore";
 pub const WRITE_METHOD: &str = "write.method";
 pub const BEHAVIOR_ON_NULL_VALUES: &str = "behavior.on.null.values";
@@ -109,10 +112,19 @@ pub struct ConnectionConfig {
     pub read_timeout: Duration,
 }
 
+/// An index template (`PUT _index_template/<name>`) put before the first write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateSetup {
+    pub name: String,
+    /// The template's body: `index_patterns`, `template.settings`/`mappings`, ...
+    pub body: serde_json::Value,
+}
+
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
     pub connection: ConnectionConfig,
     pub index: IndexTemplate,
+    pub template: Option<TemplateSetup>,
     /// Document ids from topic+partition+offset instead of the record key.
     pub key_ignore: bool,
     pub write_method: WriteMethod,
@@ -151,6 +163,9 @@ pub fn sink_def() -> ConfigDef {
         .in_group("Connection")
         .define(INDEX, ConfigType::String, "${topic}", Importance::High, "Index of the documents: ${topic} stands for the record's topic (lower-cased), ${yyyy.MM.dd} (any of yyyy, MM, dd, HH with separators) for the record's timestamp in UTC, e.g. vitals-${yyyy.MM.dd}.")
         .with_validator(Validator::custom(|v| IndexTemplate::parse(v).map(|_| ())))
+        .define(INDEX_TEMPLATE_NAME, ConfigType::String, "", Importance::Medium, "Name of an index template put (PUT _index_template/<name>, replacing one of that name) before the first write; its body from index.template.file or index.template.json. Empty: none.")
+        .define(INDEX_TEMPLATE_FILE, ConfigType::String, "", Importance::Medium, "JSON file with the index template's body (index_patterns, template.mappings, ...); needs index.template.name.")
+        .define(INDEX_TEMPLATE_JSON, ConfigType::String, "", Importance::Medium, "The index template's body inline, instead of index.template.file.")
         .define(KEY_IGNORE, ConfigType::Boolean, "false", Importance::High, "true: document id topic+partition+offset (each record its own document); false: the record key (the latest record of a key wins).")
         .define(WRITE_METHOD, ConfigType::String, "insert", Importance::Medium, "insert: the record value is the document; upsert: its fields are merged into the document of the same id.")
         .with_validator(Validator::OneOf(vec!["insert", "upsert"]))
@@ -185,6 +200,58 @@ fn unknown_settings(props: &Props, def: &ConfigDef) -> ConnectResult<()> {
         )),
         None => Ok(()),
     }
+}
+
+/// The index template of `index.template.*`: a name and a JSON object, from a file or inline.
+fn template_setup(parsed: &ParsedConfig) -> ConnectResult<Option<TemplateSetup>> {
+    let name = parsed.optional_string(INDEX_TEMPLATE_NAME);
+    let file = parsed.optional_string(INDEX_TEMPLATE_FILE);
+    let inline = parsed.optional_string(INDEX_TEMPLATE_JSON);
+    let (text, source) = match (file, inline) {
+        (None, None) => {
+            return match name {
+                Some(_) => Err(ConnectError::config(
+                    INDEX_TEMPLATE_NAME,
+                    "needs index.template.file or index.template.json",
+                )),
+                None => Ok(None),
+            };
+        }
+        (Some(_), Some(_)) => {
+            return Err(ConnectError::config(
+                INDEX_TEMPLATE_JSON,
+                "either index.template.file or index.template.json, not both",
+            ));
+        }
+        (Some(path), None) => (
+            std::fs::read_to_string(&path).map_err(|e| {
+                ConnectError::config(INDEX_TEMPLATE_FILE, format!("cannot read {path}: {e}"))
+            })?,
+            INDEX_TEMPLATE_FILE,
+        ),
+        (None, Some(inline)) => (inline, INDEX_TEMPLATE_JSON),
+    };
+    let Some(name) = name else {
+        return Err(ConnectError::config(
+            INDEX_TEMPLATE_NAME,
+            format!("required with {source}"),
+        ));
+    };
+    if let Err(reason) = IndexTemplate::parse(&name) {
+        return Err(ConnectError::config(INDEX_TEMPLATE_NAME, reason));
+    }
+    let body: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ConnectError::config(source, format!("not JSON: {e}")))?;
+    if !body.is_object() {
+        return Err(ConnectError::config(source, "not a JSON object"));
+    }
+    if body.get("index_patterns").is_none() {
+        return Err(ConnectError::config(
+            source,
+            "an index template needs index_patterns",
+        ));
+    }
+    Ok(Some(TemplateSetup { name, body }))
 }
 
 fn one_of<T: Copy>(parsed: &ParsedConfig, name: &str, values: &[(&str, T)]) -> ConnectResult<T> {
@@ -262,6 +329,7 @@ impl SinkConfig {
                 read_timeout: parsed.millis(READ_TIMEOUT_MS)?,
             },
             index,
+            template: template_setup(&parsed)?,
             key_ignore,
             write_method: one_of(
                 &parsed,
@@ -375,6 +443,52 @@ mod tests {
                 (CONNECTION_API_KEY, "k"),
             ]),
             CONNECTION_API_KEY
+        );
+    }
+
+    #[test]
+    fn an_index_template_needs_a_name_and_one_json_object_with_index_patterns() {
+        let url = (CONNECTION_URL, "http://a:9200");
+        let body =
+            r#"{"index_patterns":["vitals-*"],"template":{"mappings":{"dynamic":"strict"}}}"#;
+        let config = SinkConfig::parse(&props(&[
+            url,
+            (INDEX_TEMPLATE_NAME, "vitals"),
+            (INDEX_TEMPLATE_JSON, body),
+        ]))
+        .expect("valid");
+        let template = config.template.expect("a template");
+        assert_eq!(template.name, "vitals");
+        assert_eq!(template.body["template"]["mappings"]["dynamic"], "strict");
+        assert!(
+            SinkConfig::parse(&props(&[url]))
+                .expect("valid")
+                .template
+                .is_none()
+        );
+        assert_eq!(
+            field_of(&[url, (INDEX_TEMPLATE_JSON, body)]),
+            INDEX_TEMPLATE_NAME
+        );
+        assert_eq!(
+            field_of(&[url, (INDEX_TEMPLATE_NAME, "vitals")]),
+            INDEX_TEMPLATE_NAME
+        );
+        assert_eq!(
+            field_of(&[url, (INDEX_TEMPLATE_NAME, "v"), (INDEX_TEMPLATE_JSON, "{")]),
+            INDEX_TEMPLATE_JSON
+        );
+        assert_eq!(
+            field_of(&[url, (INDEX_TEMPLATE_NAME, "v"), (INDEX_TEMPLATE_JSON, "{}")]),
+            INDEX_TEMPLATE_JSON
+        );
+        assert_eq!(
+            field_of(&[
+                url,
+                (INDEX_TEMPLATE_NAME, "v"),
+                (INDEX_TEMPLATE_FILE, "/nonexistent/template.json")
+            ]),
+            INDEX_TEMPLATE_FILE
         );
     }
 

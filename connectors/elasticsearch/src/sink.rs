@@ -156,7 +156,11 @@ impl SinkTask for ElasticsearchSinkTask {
     /// Starts the writer. An unreachable cluster does not fail the start: the writer retries,
     /// and the partitions pause until the cluster answers.
     async fn start(&mut self) -> ConnectResult<()> {
-        let client = Arc::new(EsClient::new(&self.config.connection).map_err(client_error)?);
+        let client = Arc::new(
+            EsClient::new(&self.config.connection)
+                .map_err(client_error)?
+                .with_template(self.config.template.clone()),
+        );
         match client.info().await {
             Ok(info) => {
                 tracing::info!(connector = %self.connector, cluster = %info.cluster_name, version = %info.describe(), "Elasticsearch sink started")

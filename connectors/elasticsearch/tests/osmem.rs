@@ -229,3 +229,76 @@ async fn upserts_merge_the_fields_of_records_with_the_same_key() {
     assert!(errant.try_recv().is_err());
     sink.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn the_index_template_is_put_before_the_first_write_and_its_strict_mapping_applies() {
+    let osmem = Osmem::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("vitals-template.json");
+    let template = serde_json::json!({
+        "index_patterns": ["vitals-*"],
+        "template": {
+            "settings": {"number_of_shards": 1},
+            "mappings": {
+                "dynamic": "strict",
+                "properties": {
+                    "patient": {"type": "keyword"},
+                    "hr": {"type": "integer"},
+                    "spo2": {"type": "integer"},
+                    "seq": {"type": "long"}
+                }
+            }
+        }
+    });
+    std::fs::write(&file, template.to_string()).expect("write the template");
+    let (mut sink, mut errant) = task(
+        &osmem.url,
+        &[
+            ("key.ignore", "true"),
+            ("index", "vitals-${yyyy.MM.dd}"),
+            ("index.template.name", "medconnect-vitals"),
+            ("index.template.file", file.to_str().expect("UTF-8")),
+        ],
+        SinkPartitions::detached(),
+    )
+    .await;
+    let mut records = vitals("vitals", 200);
+    // A field the strict mapping does not know.
+    let mut extra = records[0].clone();
+    extra.kafka_offset = 1_000;
+    extra.record.value = Some(
+        serde_json::json!({"patient": "p1", "hr": 70, "note": "not in the mapping"})
+            .to_string()
+            .into(),
+    );
+    records.push(extra);
+    put_all(&mut sink, &records, 50).await;
+    assert_eq!(osmem.count("vitals-*").await, 200);
+    let (record, error) = errant.try_recv().expect("the extra field is errant");
+    assert_eq!(record.kafka_offset, 1_000);
+    assert!(
+        error
+            .to_string()
+            .contains("strict_dynamic_mapping_exception"),
+        "{error}"
+    );
+    assert!(errant.try_recv().is_err(), "only that one");
+
+    let (status, body) = osmem
+        .request(
+            reqwest::Method::GET,
+            "/_index_template/medconnect-vitals",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, mapping) = osmem
+        .request(reqwest::Method::GET, "/vitals-2024.01.02/_mapping", None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        mapping["vitals-2024.01.02"]["mappings"]["dynamic"], "strict",
+        "{mapping}"
+    );
+    sink.stop().await.expect("stop");
+}

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::error::BulkError;
 use super::response::BulkResponse;
-use crate::config::{ConnectionConfig, Secret};
+use crate::config::{ConnectionConfig, Secret, TemplateSetup};
 
 /// What the cluster's root says about it.
 #[derive(Debug, Clone, Deserialize)]
@@ -56,6 +56,10 @@ pub struct EsClient {
     next: AtomicUsize,
     credentials: Credentials,
     compression: bool,
+    /// Put before the first `_bulk`.
+    template: Option<TemplateSetup>,
+    /// Set once what has to happen before the first `_bulk` happened.
+    ready: tokio::sync::OnceCell<()>,
 }
 
 /// A `_bulk` body gzipped (the fast level: NDJSON of similar documents compresses well even so).
@@ -134,6 +138,8 @@ impl EsClient {
             urls: config.urls.clone(),
             next: AtomicUsize::new(0),
             compression: config.compression,
+            template: None,
+            ready: tokio::sync::OnceCell::new(),
             credentials: match (&config.api_key, &config.username) {
                 (Some(key), _) => Credentials::ApiKey(key.clone()),
                 (None, Some(user)) => Credentials::Basic {
@@ -143,6 +149,60 @@ impl EsClient {
                 (None, None) => Credentials::None,
             },
         })
+    }
+
+    /// An index template to put before the first `_bulk`.
+    pub fn with_template(mut self, template: Option<TemplateSetup>) -> Self {
+        self.template = template;
+        self
+    }
+
+    /// What has to happen before the first `_bulk`: the index template put. Done once; a
+    /// failure is returned (retriable or not) and tried again at the next `_bulk`.
+    async fn prepare(&self) -> Result<(), BulkError> {
+        self.ready
+            .get_or_try_init(|| async {
+                if let Some(template) = &self.template {
+                    self.put_template(template).await?;
+                }
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// `PUT _index_template/<name>`.
+    async fn put_template(&self, template: &TemplateSetup) -> Result<(), BulkError> {
+        let url = self.url().to_string();
+        let request = self
+            .http
+            .put(format!("{url}/_index_template/{}", template.name))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(template.body.to_string());
+        let response =
+            self.authorised(request)
+                .send()
+                .await
+                .map_err(|source| BulkError::Unreachable {
+                    url: url.clone(),
+                    source,
+                })?;
+        Self::check(&url, response)
+            .await
+            .map_err(|error| match error {
+                BulkError::Refused {
+                    url,
+                    status,
+                    reason,
+                } => BulkError::Refused {
+                    url,
+                    status,
+                    reason: format!("index template {}: {reason}", template.name),
+                },
+                other => other,
+            })?;
+        tracing::info!(template = %template.name, "index template put");
+        Ok(())
     }
 
     /// The node to ask next: requests (and so retries) go round the list.
@@ -226,6 +286,7 @@ impl EsClient {
 
     /// `POST /_bulk` with an NDJSON body.
     pub async fn bulk(&self, body: Vec<u8>) -> Result<BulkResponse, BulkError> {
+        self.prepare().await?;
         let url = self.url().to_string();
         let mut request = self
             .http
