@@ -59,7 +59,7 @@ impl Connector for ElasticsearchSinkConnector {
         let info = client.info().await.map_err(|e| {
             ConnectError::config(CONNECTION_URL, format!("cannot reach the cluster: {e}"))
         })?;
-        tracing::info!(cluster = %info.cluster_name, version = %info.describe(), "Elasticsearch sink validated against the cluster");
+        tracing::info!(cluster = %info.cluster_name, version = %info.describe(), dialect = ?info.dialect(), "Elasticsearch sink validated against the cluster");
         Ok(())
     }
 

@@ -656,3 +656,139 @@ async fn compressed_bulks_are_gzipped_and_the_cluster_takes_them() {
     assert!(matches!(last, Some((None, _))), "no Content-Encoding");
     server.abort();
 }
+
+/// Media types of every `_bulk` and template request (`Content-Type`, `Accept`), and whether
+/// the root answer is made to look like Elasticsearch 8's.
+#[derive(Clone)]
+struct Dialects {
+    upstream: String,
+    client: reqwest::Client,
+    pretend_elasticsearch_8: bool,
+    seen: Arc<std::sync::Mutex<Vec<(String, String, String)>>>,
+}
+
+const COMPAT_JSON: &str = "application/vnd.elasticsearch+json; compatible-with=8";
+const COMPAT_NDJSON: &str = "application/vnd.elasticsearch+x-ndjson; compatible-with=8";
+
+async fn record_dialect(
+    State(proxy): State<Dialects>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &header::HeaderValue| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string()
+    };
+    if uri.path() == "/" && proxy.pretend_elasticsearch_8 {
+        let root = json!({"name": "es01", "cluster_name": "docker-cluster", "version": {"number": "8.15.0", "build_flavor": "default"}, "tagline": "You Know, for Search"});
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            root.to_string(),
+        )
+            .into_response();
+    }
+    let content_type = text(header::CONTENT_TYPE);
+    if uri.path() != "/" {
+        proxy.seen.lock().unwrap_or_else(|e| e.into_inner()).push((
+            uri.path().to_string(),
+            content_type.clone(),
+            text(header::ACCEPT),
+        ));
+    }
+    // osmem-server, like OpenSearch, answers 406 to the vendor types: what an Elasticsearch 8
+    // would take is handed on as plain JSON.
+    let plain = match content_type.as_str() {
+        COMPAT_NDJSON => "application/x-ndjson".to_string(),
+        COMPAT_JSON => "application/json".to_string(),
+        other => other.to_string(),
+    };
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = proxy
+        .client
+        .request(method, format!("{}{path}", proxy.upstream))
+        .header(header::CONTENT_TYPE, plain)
+        .body(body);
+    match request.send().await {
+        Ok(answer) => {
+            let status = answer.status();
+            let body = answer.bytes().await.unwrap_or_default();
+            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+    }
+}
+
+async fn dialects_seen(pretend_elasticsearch_8: bool) -> Vec<(String, String, String)> {
+    let osmem = Osmem::start();
+    let proxy = Dialects {
+        upstream: osmem.url.clone(),
+        client: reqwest::Client::new(),
+        pretend_elasticsearch_8,
+        seen: Arc::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let app = axum::Router::new()
+        .fallback(record_dialect)
+        .with_state(proxy.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (mut sink, mut errant) = task(
+        &url,
+        &[
+            ("key.ignore", "true"),
+            ("index.template.name", "vitals"),
+            ("index.template.json", r#"{"index_patterns":["vitals*"]}"#),
+        ],
+        SinkPartitions::detached(),
+    )
+    .await;
+    put_all(&mut sink, &vitals("vitals", 100), 50).await;
+    sink.stop().await.expect("stop");
+    assert_eq!(osmem.count("vitals").await, 100);
+    assert!(errant.try_recv().is_err());
+    server.abort();
+    proxy.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+#[tokio::test]
+async fn opensearch_gets_plain_json_and_elasticsearch_8_the_compatibility_types() {
+    let opensearch = dialects_seen(false).await;
+    assert!(opensearch.len() >= 2, "{opensearch:?}");
+    assert_eq!(
+        opensearch[0],
+        (
+            "/_index_template/vitals".to_string(),
+            "application/json".to_string(),
+            "application/json".to_string()
+        )
+    );
+    for (path, content_type, accept) in &opensearch[1..] {
+        assert_eq!(path, "/_bulk");
+        assert_eq!(content_type, "application/x-ndjson");
+        assert_eq!(accept, "application/json");
+    }
+
+    let elasticsearch = dialects_seen(true).await;
+    assert!(elasticsearch.len() >= 2, "{elasticsearch:?}");
+    assert_eq!(
+        elasticsearch[0],
+        (
+            "/_index_template/vitals".to_string(),
+            COMPAT_JSON.to_string(),
+            COMPAT_JSON.to_string()
+        )
+    );
+    for (path, content_type, accept) in &elasticsearch[1..] {
+        assert_eq!(path, "/_bulk");
+        assert_eq!(content_type, COMPAT_NDJSON);
+        assert_eq!(accept, COMPAT_JSON);
+    }
+}

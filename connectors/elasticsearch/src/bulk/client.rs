@@ -16,6 +16,44 @@ pub struct ClusterInfo {
     #[serde(default)]
     pub cluster_name: String,
     pub version: Version,
+    /// `You Know, for Search` (Elasticsearch), `The OpenSearch Project: ...` (OpenSearch).
+    #[serde(default)]
+    pub tagline: Option<String>,
+}
+
+/// The media types the cluster is spoken to with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `application/json` and `application/x-ndjson`: OpenSearch (which answers 406 to the
+    /// vendor types) and Elasticsearch 7.
+    Plain,
+    /// `application/vnd.elasticsearch+json; compatible-with=8` (and `+x-ndjson` for `_bulk`):
+    /// Elasticsearch 8 and 9, whose REST API compatibility keeps the 8 behaviour the sink
+    /// relies on.
+    Compatible8,
+}
+
+impl Dialect {
+    pub const COMPAT_JSON: &'static str = "application/vnd.elasticsearch+json; compatible-with=8";
+    pub const COMPAT_NDJSON: &'static str =
+        "application/vnd.elasticsearch+x-ndjson; compatible-with=8";
+
+    /// `Content-Type` of a JSON body, or of an NDJSON one (`_bulk`).
+    pub fn content_type(self, ndjson: bool) -> &'static str {
+        match (self, ndjson) {
+            (Self::Plain, false) => "application/json",
+            (Self::Plain, true) => "application/x-ndjson",
+            (Self::Compatible8, false) => Self::COMPAT_JSON,
+            (Self::Compatible8, true) => Self::COMPAT_NDJSON,
+        }
+    }
+
+    pub fn accept(self) -> &'static str {
+        match self {
+            Self::Plain => "application/json",
+            Self::Compatible8 => Self::COMPAT_JSON,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -27,6 +65,31 @@ pub struct Version {
 }
 
 impl ClusterInfo {
+    /// Elasticsearch rather than OpenSearch (or another speaker of the API): no
+    /// `distribution` other than `elasticsearch`, and no OpenSearch tagline.
+    pub fn is_elasticsearch(&self) -> bool {
+        let distribution = self
+            .version
+            .distribution
+            .as_deref()
+            .unwrap_or("elasticsearch");
+        let tagline = self.tagline.as_deref().unwrap_or_default();
+        distribution.eq_ignore_ascii_case("elasticsearch") && !tagline.contains("OpenSearch")
+    }
+
+    /// The major version, when `version.number` starts with one.
+    pub fn major(&self) -> Option<u32> {
+        self.version.number.split('.').next()?.trim().parse().ok()
+    }
+
+    /// How to speak to this cluster: the compatibility media types for Elasticsearch 8+.
+    pub fn dialect(&self) -> Dialect {
+        match self.major() {
+            Some(major) if major >= 8 && self.is_elasticsearch() => Dialect::Compatible8,
+            _ => Dialect::Plain,
+        }
+    }
+
     /// `elasticsearch 8.15.0`, `opensearch 2.17.1`.
     pub fn describe(&self) -> String {
         let distribution = self
@@ -58,8 +121,8 @@ pub struct EsClient {
     compression: bool,
     /// Put before the first `_bulk`.
     template: Option<TemplateSetup>,
-    /// Set once what has to happen before the first `_bulk` happened.
-    ready: tokio::sync::OnceCell<()>,
+    /// Set once what has to happen before the first `_bulk` happened: the dialect known.
+    ready: tokio::sync::OnceCell<Dialect>,
 }
 
 /// A `_bulk` body gzipped (the fast level: NDJSON of similar documents compresses well even so).
@@ -159,25 +222,42 @@ impl EsClient {
 
     /// What has to happen before the first `_bulk`: the index template put. Done once; a
     /// failure is returned (retriable or not) and tried again at the next `_bulk`.
-    async fn prepare(&self) -> Result<(), BulkError> {
+    async fn prepare(&self) -> Result<Dialect, BulkError> {
         self.ready
             .get_or_try_init(|| async {
+                let dialect = match self.info().await {
+                    Ok(info) => info.dialect(),
+                    // The root needs a privilege (monitor) that a writer's key may lack.
+                    Err(BulkError::Refused { status, .. }) => {
+                        tracing::warn!(
+                            status,
+                            "the cluster's root is refused; speaking plain JSON"
+                        );
+                        Dialect::Plain
+                    }
+                    Err(error) => return Err(error),
+                };
                 if let Some(template) = &self.template {
-                    self.put_template(template).await?;
+                    self.put_template(template, dialect).await?;
                 }
-                Ok(())
+                Ok(dialect)
             })
             .await
-            .map(|_| ())
+            .copied()
     }
 
     /// `PUT _index_template/<name>`.
-    async fn put_template(&self, template: &TemplateSetup) -> Result<(), BulkError> {
+    async fn put_template(
+        &self,
+        template: &TemplateSetup,
+        dialect: Dialect,
+    ) -> Result<(), BulkError> {
         let url = self.url().to_string();
         let request = self
             .http
             .put(format!("{url}/_index_template/{}", template.name))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_TYPE, dialect.content_type(false))
+            .header(reqwest::header::ACCEPT, dialect.accept())
             .body(template.body.to_string());
         let response =
             self.authorised(request)
@@ -286,12 +366,13 @@ impl EsClient {
 
     /// `POST /_bulk` with an NDJSON body.
     pub async fn bulk(&self, body: Vec<u8>) -> Result<BulkResponse, BulkError> {
-        self.prepare().await?;
+        let dialect = self.prepare().await?;
         let url = self.url().to_string();
         let mut request = self
             .http
             .post(format!("{url}/_bulk"))
-            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson");
+            .header(reqwest::header::CONTENT_TYPE, dialect.content_type(true))
+            .header(reqwest::header::ACCEPT, dialect.accept());
         request = if self.compression {
             request
                 .header(reqwest::header::CONTENT_ENCODING, "gzip")
@@ -310,5 +391,70 @@ impl EsClient {
             url: url.clone(),
             reason: format!("not a _bulk answer: {e}"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(root: &str) -> ClusterInfo {
+        serde_json::from_str(root).expect("a root answer")
+    }
+
+    #[test]
+    fn the_dialect_follows_the_distribution_and_version_of_the_root_answer() {
+        let es9 = info(
+            r#"{"name":"n","cluster_name":"c","version":{"number":"9.1.0","build_flavor":"default","lucene_version":"10.2.2"},"tagline":"You Know, for Search"}"#,
+        );
+        let es8 = info(
+            r#"{"name":"n","cluster_name":"c","version":{"number":"8.15.0","build_flavor":"default","build_type":"docker"},"tagline":"You Know, for Search"}"#,
+        );
+        let es7 = info(
+            r#"{"name":"n","cluster_name":"c","version":{"number":"7.17.24","build_flavor":"default"},"tagline":"You Know, for Search"}"#,
+        );
+        let os2 = info(
+            r#"{"name":"n","cluster_name":"c","version":{"distribution":"opensearch","number":"2.17.1"},"tagline":"The OpenSearch Project: https://opensearch.org/"}"#,
+        );
+        // osmem-server's answer (trimmed).
+        let osmem = info(
+            r#"{"cluster_name":"osmem","name":"osmem-node","tagline":"The OpenSearch Project: https://opensearch.org/","version":{"distribution":"opensearch","number":"3.8.0"}}"#,
+        );
+        // OpenSearch in compatibility mode reports 7.10.2 and keeps its distribution.
+        let os_compat = info(
+            r#"{"cluster_name":"c","version":{"distribution":"opensearch","number":"7.10.2"},"tagline":"The OpenSearch Project: https://opensearch.org/"}"#,
+        );
+        // A distribution not named, but an OpenSearch tagline, is still OpenSearch.
+        let os_untagged = info(
+            r#"{"cluster_name":"c","version":{"number":"8.0.0"},"tagline":"The OpenSearch Project: https://opensearch.org/"}"#,
+        );
+        assert_eq!(es9.dialect(), Dialect::Compatible8);
+        assert_eq!(es8.dialect(), Dialect::Compatible8);
+        assert_eq!(es7.dialect(), Dialect::Plain);
+        assert_eq!(os2.dialect(), Dialect::Plain);
+        assert_eq!(osmem.dialect(), Dialect::Plain);
+        assert_eq!(os_compat.dialect(), Dialect::Plain);
+        assert_eq!(os_untagged.dialect(), Dialect::Plain);
+        assert_eq!(es8.describe(), "elasticsearch 8.15.0");
+        assert_eq!(osmem.describe(), "opensearch 3.8.0");
+    }
+
+    #[test]
+    fn the_headers_of_each_dialect() {
+        assert_eq!(Dialect::Plain.content_type(true), "application/x-ndjson");
+        assert_eq!(Dialect::Plain.content_type(false), "application/json");
+        assert_eq!(Dialect::Plain.accept(), "application/json");
+        assert_eq!(
+            Dialect::Compatible8.content_type(true),
+            "application/vnd.elasticsearch+x-ndjson; compatible-with=8"
+        );
+        assert_eq!(
+            Dialect::Compatible8.content_type(false),
+            "application/vnd.elasticsearch+json; compatible-with=8"
+        );
+        assert_eq!(
+            Dialect::Compatible8.accept(),
+            "application/vnd.elasticsearch+json; compatible-with=8"
+        );
     }
 }

@@ -4,6 +4,6 @@ mod client;
 mod error;
 mod response;
 
-pub use client::{ClusterInfo, EsClient};
+pub use client::{ClusterInfo, Dialect, EsClient};
 pub use error::BulkError;
 pub use response::{BulkResponse, ItemError, ItemOutcome};
