@@ -20,6 +20,9 @@ pub const INDEX: &str = "index";
 pub const INDEX_TEMPLATE_NAME: &str = "index.template.name";
 pub const INDEX_TEMPLATE_FILE: &str = "index.template.file";
 pub const INDEX_TEMPLATE_JSON: &str = "index.template.json";
+pub const DATA_STREAM_TYPE: &str = "data.stream.type";
+pub const DATA_STREAM_DATASET: &str = "data.stream.dataset";
+pub const DATA_STREAM_NAMESPACE: &str = "data.stream.namespace";
 pub const KEY_IGNORE: &str = "key.ignore";
 pub const WRITE_METHOD: &str = "write.method";
 pub const BEHAVIOR_ON_NULL_VALUES: &str = "behavior.on.null.values";
@@ -47,6 +50,7 @@ const OWN_PREFIXES: &[&str] = &[
     "retry.",
     "read.",
     "index.",
+    "data.stream.",
 ];
 
 /// The longest timeout or backoff accepted: a day. Longer ones are surely typos, and deadlines
@@ -120,11 +124,65 @@ pub struct TemplateSetup {
     pub body: serde_json::Value,
 }
 
+/// Documents go to the data stream `<type>-<dataset>-<namespace>` instead of `index`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataStream {
+    pub kind: String,
+    /// `None`: the record's topic, made a valid dataset name.
+    pub dataset: Option<String>,
+    pub namespace: String,
+}
+
+impl DataStream {
+    pub fn name(&self, topic: &str) -> String {
+        let dataset = match &self.dataset {
+            Some(dataset) => dataset.clone(),
+            None => dataset_of_topic(topic),
+        };
+        format!("{}-{dataset}-{}", self.kind, self.namespace)
+    }
+}
+
+/// A topic as a dataset: lower case, and `_` for what a dataset may not contain (`-`, and
+/// anything but letters, digits, `_` and `.`).
+fn dataset_of_topic(topic: &str) -> String {
+    let dataset: String = topic
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dataset.trim_start_matches(['_', '.']).to_string()
+}
+
+/// A dataset or namespace: lower-case letters, digits, `_` and `.`, at most 100 characters.
+fn data_stream_part(value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > 100 {
+        return Err(format!("'{value}' must have 1 to 100 characters"));
+    }
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+        || value.starts_with(['_', '.'])
+    {
+        return Err(format!(
+            "'{value}' may have only lower-case letters, digits, _ and . (no -), and not start with _ or ."
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
     pub connection: ConnectionConfig,
     pub index: IndexTemplate,
     pub template: Option<TemplateSetup>,
+    pub data_stream: Option<DataStream>,
     /// Document ids from topic+partition+offset instead of the record key.
     pub key_ignore: bool,
     pub write_method: WriteMethod,
@@ -166,6 +224,10 @@ pub fn sink_def() -> ConfigDef {
         .define(INDEX_TEMPLATE_NAME, ConfigType::String, "", Importance::Medium, "Name of an index template put (PUT _index_template/<name>, replacing one of that name) before the first write; its body from index.template.file or index.template.json. Empty: none.")
         .define(INDEX_TEMPLATE_FILE, ConfigType::String, "", Importance::Medium, "JSON file with the index template's body (index_patterns, template.mappings, ...); needs index.template.name.")
         .define(INDEX_TEMPLATE_JSON, ConfigType::String, "", Importance::Medium, "The index template's body inline, instead of index.template.file.")
+        .define(DATA_STREAM_TYPE, ConfigType::String, "", Importance::Medium, "logs, metrics, traces or synthetics: write to the data stream <type>-<dataset>-<namespace> (op_type create, @timestamp from the record's timestamp) instead of index. Empty: no data stream. Needs key.ignore=true and write.method=insert.")
+        .with_validator(Validator::OneOf(vec!["", "logs", "metrics", "traces", "synthetics"]))
+        .define(DATA_STREAM_DATASET, ConfigType::String, "", Importance::Medium, "The data stream's dataset (lower case, no -); empty: the record's topic (lower-cased, - and other characters as _).")
+        .define(DATA_STREAM_NAMESPACE, ConfigType::String, "default", Importance::Low, "The data stream's namespace (lower case, no -).")
         .define(KEY_IGNORE, ConfigType::Boolean, "false", Importance::High, "true: document id topic+partition+offset (each record its own document); false: the record key (the latest record of a key wins).")
         .define(WRITE_METHOD, ConfigType::String, "insert", Importance::Medium, "insert: the record value is the document; upsert: its fields are merged into the document of the same id.")
         .with_validator(Validator::OneOf(vec!["insert", "upsert"]))
@@ -254,6 +316,24 @@ fn template_setup(parsed: &ParsedConfig) -> ConnectResult<Option<TemplateSetup>>
     Ok(Some(TemplateSetup { name, body }))
 }
 
+/// The data stream of `data.stream.*`, or `None` without a type.
+fn data_stream(parsed: &ParsedConfig) -> ConnectResult<Option<DataStream>> {
+    let Some(kind) = parsed.optional_string(DATA_STREAM_TYPE) else {
+        return Ok(None);
+    };
+    let dataset = parsed.optional_string(DATA_STREAM_DATASET);
+    if let Some(dataset) = &dataset {
+        data_stream_part(dataset).map_err(|r| ConnectError::config(DATA_STREAM_DATASET, r))?;
+    }
+    let namespace = parsed.string(DATA_STREAM_NAMESPACE)?.trim().to_string();
+    data_stream_part(&namespace).map_err(|r| ConnectError::config(DATA_STREAM_NAMESPACE, r))?;
+    Ok(Some(DataStream {
+        kind: kind.trim().to_string(),
+        dataset,
+        namespace,
+    }))
+}
+
 fn one_of<T: Copy>(parsed: &ParsedConfig, name: &str, values: &[(&str, T)]) -> ConnectResult<T> {
     let given = parsed.string(name)?;
     values
@@ -315,6 +395,37 @@ impl SinkConfig {
                 "delete needs document ids from the record key (key.ignore=false)",
             ));
         }
+        let data_stream = data_stream(&parsed)?;
+        let write_method = one_of(
+            &parsed,
+            WRITE_METHOD,
+            &[
+                ("insert", WriteMethod::Insert),
+                ("upsert", WriteMethod::Upsert),
+            ],
+        )?;
+        // A data stream takes only creates: no updates, no deletes, and an id per record (a
+        // key id would make the second record of a key a conflict, taken for written).
+        if data_stream.is_some() {
+            if props.contains_key(INDEX) {
+                return Err(ConnectError::config(
+                    INDEX,
+                    "not with data.stream.type: the data stream names the target",
+                ));
+            }
+            if !key_ignore {
+                return Err(ConnectError::config(
+                    KEY_IGNORE,
+                    "a data stream needs key.ignore=true (a data stream only creates documents: a second record of a key could not replace the first)",
+                ));
+            }
+            if write_method == WriteMethod::Upsert {
+                return Err(ConnectError::config(
+                    WRITE_METHOD,
+                    "a data stream only creates documents: upsert is not possible",
+                ));
+            }
+        }
         Ok(Self {
             connection: ConnectionConfig {
                 urls,
@@ -330,15 +441,9 @@ impl SinkConfig {
             },
             index,
             template: template_setup(&parsed)?,
+            data_stream,
             key_ignore,
-            write_method: one_of(
-                &parsed,
-                WRITE_METHOD,
-                &[
-                    ("insert", WriteMethod::Insert),
-                    ("upsert", WriteMethod::Upsert),
-                ],
-            )?,
+            write_method,
             null_values,
             malformed: one_of(
                 &parsed,
@@ -489,6 +594,52 @@ mod tests {
                 (INDEX_TEMPLATE_FILE, "/nonexistent/template.json")
             ]),
             INDEX_TEMPLATE_FILE
+        );
+    }
+
+    #[test]
+    fn data_streams_are_named_by_type_dataset_and_namespace_and_only_create() {
+        let url = (CONNECTION_URL, "http://a:9200");
+        let ids = (KEY_IGNORE, "true");
+        let config =
+            SinkConfig::parse(&props(&[url, ids, (DATA_STREAM_TYPE, "logs")])).expect("valid");
+        let stream = config.data_stream.expect("a data stream");
+        assert_eq!(stream.name("vitals"), "logs-vitals-default");
+        assert_eq!(stream.name("ICU-Vitals.v2"), "logs-icu_vitals.v2-default");
+        let config = SinkConfig::parse(&props(&[
+            url,
+            ids,
+            (DATA_STREAM_TYPE, "metrics"),
+            (DATA_STREAM_DATASET, "vitals"),
+            (DATA_STREAM_NAMESPACE, "ward7"),
+        ]))
+        .expect("valid");
+        assert_eq!(
+            config.data_stream.expect("a data stream").name("any"),
+            "metrics-vitals-ward7"
+        );
+        let stream = (DATA_STREAM_TYPE, "logs");
+        assert_eq!(
+            field_of(&[url, ids, (DATA_STREAM_TYPE, "events")]),
+            DATA_STREAM_TYPE
+        );
+        assert_eq!(field_of(&[url, stream]), KEY_IGNORE);
+        assert_eq!(
+            field_of(&[url, ids, stream, (WRITE_METHOD, "upsert")]),
+            WRITE_METHOD
+        );
+        assert_eq!(field_of(&[url, ids, stream, (INDEX, "vitals")]), INDEX);
+        assert_eq!(
+            field_of(&[url, ids, stream, (DATA_STREAM_DATASET, "icu-vitals")]),
+            DATA_STREAM_DATASET
+        );
+        assert_eq!(
+            field_of(&[url, ids, stream, (DATA_STREAM_NAMESPACE, "Ward")]),
+            DATA_STREAM_NAMESPACE
+        );
+        assert_eq!(
+            field_of(&[url, ids, ("data.stream.typ", "logs")]),
+            "data.stream.typ"
         );
     }
 

@@ -92,14 +92,42 @@ fn one_line_object(value: &Bytes) -> Result<Bytes, &'static str> {
     Ok(value.clone())
 }
 
+/// The source with `@timestamp` (the record's timestamp) first, unless it has one: what a
+/// data stream needs of every document.
+fn with_timestamp(source: Bytes, timestamp_ms: Option<i64>) -> Result<Bytes, &'static str> {
+    let fields: std::collections::BTreeMap<String, IgnoredAny> =
+        serde_json::from_slice(&source).map_err(|_| "the record value is not a JSON object")?;
+    if fields.contains_key("@timestamp") {
+        return Ok(source);
+    }
+    let timestamp = timestamp_ms
+        .ok_or("the record has no timestamp for @timestamp (data.stream.type is set)")?;
+    let start = source
+        .iter()
+        .position(|b| *b == b'{')
+        .ok_or("the record value is not a JSON object")?;
+    let mut out = Vec::with_capacity(source.len() + 40);
+    out.extend_from_slice(b"{\"@timestamp\":\"");
+    out.extend_from_slice(crate::index::rfc3339_millis(timestamp).as_bytes());
+    out.push(b'"');
+    if !fields.is_empty() {
+        out.push(b',');
+    }
+    out.extend_from_slice(&source[start + 1..]);
+    Ok(Bytes::from(out))
+}
+
 pub fn prepare(record: &SinkRecord, config: &SinkConfig) -> Prepared {
     let id = match document_id(record, config.key_ignore) {
         Ok(id) => id,
         Err(error) => return Prepared::Errant(error),
     };
-    let index = config
-        .index
-        .resolve(&record.record.topic, record.record.timestamp);
+    let index = match &config.data_stream {
+        Some(stream) => stream.name(&record.record.topic),
+        None => config
+            .index
+            .resolve(&record.record.topic, record.record.timestamp),
+    };
     let (operation, source) = match &record.record.value {
         None => match config.null_values {
             NullValues::Ignore => {
@@ -114,7 +142,13 @@ pub fn prepare(record: &SinkRecord, config: &SinkConfig) -> Prepared {
             }
             NullValues::Delete => (Operation::Delete, None),
         },
-        Some(value) => match one_line_object(value) {
+        Some(value) => match one_line_object(value).and_then(|source| {
+            if config.data_stream.is_some() {
+                with_timestamp(source, record.record.timestamp)
+            } else {
+                Ok(source)
+            }
+        }) {
             Ok(source) => {
                 let operation = match (config.write_method, config.key_ignore) {
                     (WriteMethod::Upsert, _) => Operation::Upsert,
@@ -213,6 +247,44 @@ mod tests {
         let mut body = Vec::new();
         document.encode(&mut body);
         String::from_utf8(body).expect("UTF-8")
+    }
+
+    #[test]
+    fn data_streams_get_creates_with_a_timestamp_from_the_record() {
+        let stream = config(&[("key.ignore", "true"), ("data.stream.type", "logs")]);
+        assert_eq!(
+            encoded(prepare(&record(None, Some("{\"hr\":80}")), &stream)),
+            "{\"create\":{\"_id\":\"vitals+2+41\",\"_index\":\"logs-vitals-default\"}}\n{\"@timestamp\":\"2024-01-02T03:04:05.000Z\",\"hr\":80}\n"
+        );
+        // An empty object, and one with its own @timestamp (kept).
+        assert_eq!(
+            encoded(prepare(&record(None, Some(" { } ")), &stream)),
+            "{\"create\":{\"_id\":\"vitals+2+41\",\"_index\":\"logs-vitals-default\"}}\n{\"@timestamp\":\"2024-01-02T03:04:05.000Z\" } \n"
+        );
+        assert_eq!(
+            encoded(prepare(
+                &record(
+                    None,
+                    Some("{\"@timestamp\":\"2020-01-01T00:00:00Z\",\"hr\":1}")
+                ),
+                &stream
+            )),
+            "{\"create\":{\"_id\":\"vitals+2+41\",\"_index\":\"logs-vitals-default\"}}\n{\"@timestamp\":\"2020-01-01T00:00:00Z\",\"hr\":1}\n"
+        );
+        let mut untimed = record(None, Some("{\"hr\":80}"));
+        untimed.record.timestamp = None;
+        assert!(matches!(prepare(&untimed, &stream), Prepared::Errant(_)));
+        let metrics = config(&[
+            ("key.ignore", "true"),
+            ("data.stream.type", "metrics"),
+            ("data.stream.dataset", "vitals"),
+            ("data.stream.namespace", "icu"),
+        ]);
+        assert!(
+            encoded(prepare(&record(None, Some("{}")), &metrics)).starts_with(
+                "{\"create\":{\"_id\":\"vitals+2+41\",\"_index\":\"metrics-vitals-icu\"}}\n"
+            )
+        );
     }
 
     #[test]

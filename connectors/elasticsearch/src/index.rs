@@ -137,6 +137,16 @@ impl IndexTemplate {
     }
 }
 
+/// A time in ms since the epoch as RFC 3339 in UTC with milliseconds
+/// (`2024-01-02T03:04:05.000Z`): the form `@timestamp` takes.
+pub fn rfc3339_millis(timestamp_ms: i64) -> String {
+    let (year, month, day, hour) = civil(timestamp_ms);
+    let minute = timestamp_ms.div_euclid(60_000).rem_euclid(60);
+    let second = timestamp_ms.div_euclid(1000).rem_euclid(60);
+    let millis = timestamp_ms.rem_euclid(1000);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -165,6 +175,20 @@ fn civil(timestamp_ms: i64) -> (i64, u32, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_in_rfc_3339() {
+        assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_millis(1_704_164_645_123),
+            "2024-01-02T03:04:05.123Z"
+        );
+        assert_eq!(
+            rfc3339_millis(1_709_251_199_999),
+            "2024-02-29T23:59:59.999Z"
+        );
+        assert_eq!(rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
+    }
 
     #[test]
     fn dates_come_from_the_record_timestamp_in_utc() {
