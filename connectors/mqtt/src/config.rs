@@ -1,0 +1,286 @@
+//! Settings of the MQTT broker source, declared once and read into a typed struct.
+
+use std::time::Duration;
+
+use medconnect_api::{
+    ConfigDef, ConfigType, ConnectError, ConnectResult, Importance, Props, Validator,
+};
+
+use crate::mapping::{Template, TopicPattern};
+
+pub const SERVER_URI: &str = "mqtt.server.uri";
+pub const HOST: &str = "mqtt.host";
+pub const PORT: &str = "mqtt.port";
+pub const CLIENT_ID: &str = "mqtt.client.id";
+pub const USERNAME: &str = "mqtt.username";
+pub const PASSWORD: &str = "mqtt.password";
+pub const TOPICS: &str = "mqtt.topics";
+pub const QOS: &str = "mqtt.qos";
+pub const CLEAN_SESSION: &str = "mqtt.clean.session";
+pub const KEEP_ALIVE_S: &str = "mqtt.keep.alive.s";
+pub const MAX_PACKET_BYTES: &str = "mqtt.max.packet.bytes";
+pub const TOPIC_PATTERN: &str = "mqtt.topic.pattern";
+pub const KAFKA_TOPIC: &str = "kafka.topic";
+pub const KAFKA_KEY: &str = "kafka.key";
+pub const CONTENT_TYPE: &str = "payload.content.type";
+pub const QUEUE_CAPACITY: &str = "queue.capacity";
+pub const POLL_BATCH_MAX: &str = "poll.batch.max";
+pub const RECONNECT_BACKOFF_MS: &str = "mqtt.reconnect.backoff.ms";
+pub const RECONNECT_BACKOFF_MAX_MS: &str = "mqtt.reconnect.backoff.max.ms";
+pub const CONNECT_TIMEOUT_MS: &str = "mqtt.connect.timeout.ms";
+
+/// The longest timeout or backoff accepted: a day (longer ones are surely typos).
+const MAX_TIMEOUT_MS: f64 = 86_400_000.0;
+
+fn check_filter(filter: &str) -> Result<(), String> {
+    let filter = filter.trim();
+    let plain = match filter.strip_prefix("$share/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((group, plain)) if !group.is_empty() && !group.contains(['+', '#']) => plain,
+            _ => return Err(format!("'{filter}' is not $share/<group>/<filter>")),
+        },
+        None => filter,
+    };
+    if plain.is_empty() {
+        return Err("an empty topic filter".into());
+    }
+    TopicPattern::parse(plain).map(|_| ())
+}
+
+fn check_filters(value: &str) -> Result<(), String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .try_for_each(check_filter)
+}
+
+fn check_uri(value: &str) -> Result<(), String> {
+    if value.trim().is_empty() {
+        return Ok(());
+    }
+    parse_uri(value).map(|_| ())
+}
+
+/// `tcp://host:port` or `mqtt://host:port` (port 1883 when left out). TLS is not built yet.
+fn parse_uri(value: &str) -> Result<(String, u16), String> {
+    let value = value.trim();
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return Err(format!("'{value}' is not a URI such as tcp://broker:1883"));
+    };
+    if !matches!(scheme, "tcp" | "mqtt") {
+        return Err(format!(
+            "scheme '{scheme}' is not supported: use tcp:// or mqtt:// (TLS is not built yet)"
+        ));
+    }
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) => {
+            let port = port
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("'{port}' is not a port"))?;
+            (host, port)
+        }
+        None => (rest, 1883),
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("'{value}' names no host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+pub fn source_def() -> ConfigDef {
+    ConfigDef::new()
+        .define(SERVER_URI, ConfigType::String, "", Importance::High, "Broker to subscribe to, tcp://host:port (mqtt:// also accepted); overrides mqtt.host and mqtt.port.")
+        .with_validator(Validator::custom(check_uri))
+        .define(HOST, ConfigType::String, "localhost", Importance::High, "Broker host, when mqtt.server.uri is not set.")
+        .with_validator(Validator::NonEmpty)
+        .define(PORT, ConfigType::Int, "1883", Importance::High, "Broker port, when mqtt.server.uri is not set.")
+        .with_validator(Validator::between(1.0, 65535.0))
+        .define_required(CLIENT_ID, ConfigType::String, Importance::High, "MQTT client id. Keep it stable: the broker keeps the session (subscriptions and unacknowledged messages) under it. With several tasks, task n uses <id>-<n>.")
+        .with_validator(Validator::NonEmpty)
+        .define(USERNAME, ConfigType::String, "", Importance::Medium, "Username of the CONNECT (none when empty).")
+        .define(PASSWORD, ConfigType::Password, "", Importance::Medium, "Password of the CONNECT.")
+        .define_required(TOPICS, ConfigType::List, Importance::High, "Topic filters to subscribe to (+ and # allowed); $share/<group>/<filter> lets several tasks or workers split one stream.")
+        .with_validator(Validator::custom(check_filters))
+        .define(QOS, ConfigType::Int, "1", Importance::High, "QoS of the subscriptions: 1 (PUBACK only once Kafka has the record) or 0 (no acknowledgement at all: a message in flight at a crash is lost).")
+        .with_validator(Validator::between(0.0, 1.0))
+        .define(CLEAN_SESSION, ConfigType::Boolean, "false", Importance::Medium, "Start a new session at each connection. false (default): the broker keeps the subscriptions and queues messages while the task is away, and resends unacknowledged ones.")
+        .define(KEEP_ALIVE_S, ConfigType::Int, "30", Importance::Low, "Keep-alive interval in seconds.")
+        .with_validator(Validator::between(5.0, 65535.0))
+        .define(MAX_PACKET_BYTES, ConfigType::Int, "1048576", Importance::Medium, "Largest packet accepted from the broker; a larger one drops the connection (and the broker resends it): keep it within what Kafka accepts.")
+        .with_validator(Validator::between(1024.0, 268_435_455.0))
+        .define(TOPIC_PATTERN, ConfigType::String, "", Importance::Medium, "Pattern naming levels of the MQTT topic, e.g. devices/+device/vitals, for use as ${device} in kafka.topic and kafka.key (empty: no captures).")
+        .with_validator(Validator::custom(TopicPattern::check))
+        .define(KAFKA_TOPIC, ConfigType::String, "${mqtt.topic}", Importance::High, "Kafka topic template: ${mqtt.topic} and captures of mqtt.topic.pattern; '/' becomes '.', other characters Kafka refuses become '_'.")
+        .with_validator(Validator::NonEmpty)
+        .define(KAFKA_KEY, ConfigType::String, "${mqtt.topic}", Importance::Medium, "Record key template (e.g. ${device}); empty: no key.")
+        .define(CONTENT_TYPE, ConfigType::String, "application/json", Importance::Low, "content-type header of the records (the payload is kept as bytes).")
+        .define(QUEUE_CAPACITY, ConfigType::Int, "256", Importance::Low, "Messages received and not yet polled; beyond it the task stops reading from the broker (which then holds further messages).")
+        .with_validator(Validator::between(1.0, 65_535.0))
+        .define(POLL_BATCH_MAX, ConfigType::Int, "500", Importance::Low, "Records returned per poll at most.")
+        .with_validator(Validator::between(1.0, 1_000_000.0))
+        .define(CONNECT_TIMEOUT_MS, ConfigType::Long, "10000", Importance::Low, "How long start() waits for the broker's CONNACK and SUBACK before it reports a retriable error.")
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
+        .define(RECONNECT_BACKOFF_MS, ConfigType::Long, "500", Importance::Low, "Wait before reconnecting after the connection is lost; doubled each failed attempt.")
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
+        .define(RECONNECT_BACKOFF_MAX_MS, ConfigType::Long, "30000", Importance::Low, "Longest wait between reconnection attempts.")
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
+        .in_group("MQTT")
+}
+
+/// The broker source's settings, typed.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    /// Username and password; secrets never appear in `Debug`.
+    pub credentials: Option<Credentials>,
+    pub topics: Vec<String>,
+    pub qos: u8,
+    pub clean_session: bool,
+    pub keep_alive: Duration,
+    pub max_packet_bytes: usize,
+    pub topic_pattern: TopicPattern,
+    pub kafka_topic: Template,
+    pub kafka_key: Option<Template>,
+    pub content_type: String,
+    pub queue_capacity: usize,
+    pub poll_batch_max: usize,
+    pub connect_timeout: Duration,
+    pub reconnect_backoff: Duration,
+    pub reconnect_backoff_max: Duration,
+}
+
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"[hidden]")
+            .finish()
+    }
+}
+
+impl SourceConfig {
+    pub fn parse(props: &Props) -> ConnectResult<Self> {
+        let parsed = source_def().parse(props)?;
+        let (host, port) = match parsed.optional_string(SERVER_URI) {
+            Some(uri) => {
+                parse_uri(&uri).map_err(|reason| ConnectError::config(SERVER_URI, reason))?
+            }
+            None => (
+                parsed.string(HOST)?.trim().to_string(),
+                parsed.int_as(PORT)?,
+            ),
+        };
+        let credentials = parsed
+            .optional_string(USERNAME)
+            .map(|username| Credentials {
+                username,
+                password: parsed.optional_string(PASSWORD).unwrap_or_default(),
+            });
+        if credentials.is_none() && parsed.optional_string(PASSWORD).is_some() {
+            return Err(ConnectError::config(
+                PASSWORD,
+                format!("set without {USERNAME}"),
+            ));
+        }
+        let topics = parsed.list(TOPICS)?;
+        if topics.is_empty() {
+            return Err(ConnectError::config(TOPICS, "names no topic filter"));
+        }
+        let topic_pattern = TopicPattern::parse(&parsed.string(TOPIC_PATTERN)?)
+            .map_err(|reason| ConnectError::config(TOPIC_PATTERN, reason))?;
+        let kafka_topic = Template::new(parsed.string(KAFKA_TOPIC)?.trim());
+        kafka_topic
+            .check_against(&topic_pattern)
+            .map_err(|e| ConnectError::config(KAFKA_TOPIC, e.to_string()))?;
+        let kafka_key = parsed.optional_string(KAFKA_KEY).map(|k| Template::new(&k));
+        if let Some(key) = &kafka_key {
+            key.check_against(&topic_pattern)
+                .map_err(|e| ConnectError::config(KAFKA_KEY, e.to_string()))?;
+        }
+        let reconnect_backoff = parsed.millis(RECONNECT_BACKOFF_MS)?;
+        let reconnect_backoff_max = parsed.millis(RECONNECT_BACKOFF_MAX_MS)?;
+        if reconnect_backoff_max < reconnect_backoff {
+            return Err(ConnectError::config(
+                RECONNECT_BACKOFF_MAX_MS,
+                format!("less than {RECONNECT_BACKOFF_MS}"),
+            ));
+        }
+        Ok(Self {
+            host,
+            port,
+            client_id: parsed.string(CLIENT_ID)?.trim().to_string(),
+            credentials,
+            topics,
+            qos: parsed.int_as(QOS)?,
+            clean_session: parsed.boolean(CLEAN_SESSION)?,
+            keep_alive: Duration::from_secs(parsed.int_as(KEEP_ALIVE_S)?),
+            max_packet_bytes: parsed.int_as(MAX_PACKET_BYTES)?,
+            topic_pattern,
+            kafka_topic,
+            kafka_key,
+            content_type: parsed.string(CONTENT_TYPE)?.trim().to_string(),
+            queue_capacity: parsed.int_as(QUEUE_CAPACITY)?,
+            poll_batch_max: parsed.int_as(POLL_BATCH_MAX)?,
+            connect_timeout: parsed.millis(CONNECT_TIMEOUT_MS)?,
+            reconnect_backoff,
+            reconnect_backoff_max,
+        })
+    }
+
+    /// Whether every filter is a shared subscription, so that several tasks split the stream
+    /// instead of each receiving every message.
+    pub fn all_shared(&self) -> bool {
+        self.topics.iter().all(|t| t.starts_with("$share/"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medconnect_api::props_from;
+
+    #[test]
+    fn parses_a_uri_filters_and_templates() {
+        let config = SourceConfig::parse(&props_from(&[
+            (SERVER_URI, "tcp://broker:1884"),
+            (CLIENT_ID, "medconnect-1"),
+            (TOPICS, "$share/g/devices/+/vitals, alarms/#"),
+            (TOPIC_PATTERN, "devices/+device/vitals"),
+            (KAFKA_KEY, "${device}"),
+        ]))
+        .unwrap();
+        assert_eq!((config.host.as_str(), config.port), ("broker", 1884));
+        assert_eq!(config.topics.len(), 2);
+        assert!(!config.clean_session);
+        assert_eq!(config.qos, 1);
+        assert!(!config.all_shared());
+    }
+
+    #[test]
+    fn refuses_what_cannot_run() {
+        let base = [(CLIENT_ID, "c"), (TOPICS, "a/b")];
+        let with = |extra: (&str, &str)| {
+            let mut pairs = base.to_vec();
+            pairs.push(extra);
+            SourceConfig::parse(&props_from(&pairs))
+        };
+        assert!(with((SERVER_URI, "ssl://b:8883")).is_err());
+        assert!(with((QOS, "2")).is_err());
+        assert!(with((TOPICS, "$share//a")).is_err());
+        assert!(with((KAFKA_KEY, "${device}")).is_err());
+        assert!(with((PASSWORD, "secret")).is_err());
+        assert!(with((USERNAME, "u")).is_ok());
+    }
+}

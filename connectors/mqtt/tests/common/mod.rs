@@ -1,0 +1,140 @@
+//! A real Mosquitto broker for the tests, and `mosquitto_pub` as the device. `scripts/mqtt-peers`
+//! installs both; `MEDCONNECT_MOSQUITTO` names the broker binary if it is not on the PATH or in
+//! /usr/sbin.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use medconnect_api::{OffsetReader, Props, SourceOffset, SourcePartition, SourceTaskContext};
+
+/// The broker binary; fails (never skips) when it is not installed.
+fn mosquitto_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("MEDCONNECT_MOSQUITTO") {
+        return PathBuf::from(path);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("mosquitto"))
+        .find(|candidate| candidate.is_file());
+    on_path.unwrap_or_else(|| {
+        panic!("mosquitto is not installed: run scripts/mqtt-peers (and set MEDCONNECT_MOSQUITTO to the path it prints)")
+    })
+}
+
+/// A Mosquitto broker on a free port, with its config in a temporary directory; killed when
+/// dropped.
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let config = dir.path().join("mosquitto.conf");
+        // No queue limit: tests publish to offline persistent sessions (the default drops
+        // beyond 1,000 queued messages).
+        std::fs::write(
+            &config,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        let broker = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        broker
+    }
+
+    pub fn uri(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    /// Publishes each line as one QoS 1 message with `mosquitto_pub -l`, like a device that
+    /// waits for its PUBACKs; returns once the process exits successfully.
+    pub async fn publish_lines(&self, topic: &str, lines: &[String]) {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                topic,
+                "-l",
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_pub (scripts/mqtt-peers installs it)");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let mut input = lines.join("\n");
+        input.push('\n');
+        stdin
+            .write_all(input.as_bytes())
+            .await
+            .expect("write to mosquitto_pub");
+        drop(stdin);
+        let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+            .await
+            .expect("mosquitto_pub finishes")
+            .expect("mosquitto_pub runs");
+        assert!(status.success(), "mosquitto_pub failed: {status}");
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct NoOffsets;
+
+impl OffsetReader for NoOffsets {
+    fn offset(&self, _partition: &SourcePartition) -> Option<SourceOffset> {
+        None
+    }
+}
+
+/// What the engine would give a source task.
+pub fn source_context(config: Props) -> SourceTaskContext {
+    SourceTaskContext {
+        connector_name: "mqtt-test".into(),
+        task_id: 0,
+        config,
+        offsets: Arc::new(NoOffsets),
+    }
+}
