@@ -177,11 +177,48 @@ fn data_stream_part(value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the body of the index template comes from: read at `start`/`validate`, not while
+/// the task's settings are parsed (no I/O in `create_task`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TemplateSource {
+    File(std::path::PathBuf),
+    Inline(serde_json::Value),
+}
+
+/// The settings `index.template.*`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateSpec {
+    pub name: String,
+    pub source: TemplateSource,
+}
+
+impl TemplateSpec {
+    /// The template with its body, the file read (an error on `index.template.file`).
+    pub fn load(&self) -> ConnectResult<TemplateSetup> {
+        let body = match &self.source {
+            TemplateSource::Inline(body) => body.clone(),
+            TemplateSource::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConnectError::config(
+                        INDEX_TEMPLATE_FILE,
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                template_body(&text, INDEX_TEMPLATE_FILE)?
+            }
+        };
+        Ok(TemplateSetup {
+            name: self.name.clone(),
+            body,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
     pub connection: ConnectionConfig,
     pub index: IndexTemplate,
-    pub template: Option<TemplateSetup>,
+    pub template: Option<TemplateSpec>,
     pub data_stream: Option<DataStream>,
     /// Document ids from topic+partition+offset instead of the record key.
     pub key_ignore: bool,
@@ -265,11 +302,11 @@ fn unknown_settings(props: &Props, def: &ConfigDef) -> ConnectResult<()> {
 }
 
 /// The index template of `index.template.*`: a name and a JSON object, from a file or inline.
-fn template_setup(parsed: &ParsedConfig) -> ConnectResult<Option<TemplateSetup>> {
+fn template_setup(parsed: &ParsedConfig) -> ConnectResult<Option<TemplateSpec>> {
     let name = parsed.optional_string(INDEX_TEMPLATE_NAME);
     let file = parsed.optional_string(INDEX_TEMPLATE_FILE);
     let inline = parsed.optional_string(INDEX_TEMPLATE_JSON);
-    let (text, source) = match (file, inline) {
+    let (source, setting) = match (file, inline) {
         (None, None) => {
             return match name {
                 Some(_) => Err(ConnectError::config(
@@ -286,34 +323,40 @@ fn template_setup(parsed: &ParsedConfig) -> ConnectResult<Option<TemplateSetup>>
             ));
         }
         (Some(path), None) => (
-            std::fs::read_to_string(&path).map_err(|e| {
-                ConnectError::config(INDEX_TEMPLATE_FILE, format!("cannot read {path}: {e}"))
-            })?,
+            TemplateSource::File(std::path::PathBuf::from(path)),
             INDEX_TEMPLATE_FILE,
         ),
-        (None, Some(inline)) => (inline, INDEX_TEMPLATE_JSON),
+        (None, Some(inline)) => (
+            TemplateSource::Inline(template_body(&inline, INDEX_TEMPLATE_JSON)?),
+            INDEX_TEMPLATE_JSON,
+        ),
     };
     let Some(name) = name else {
         return Err(ConnectError::config(
             INDEX_TEMPLATE_NAME,
-            format!("required with {source}"),
+            format!("required with {setting}"),
         ));
     };
     if let Err(reason) = IndexTemplate::parse(&name) {
         return Err(ConnectError::config(INDEX_TEMPLATE_NAME, reason));
     }
-    let body: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ConnectError::config(source, format!("not JSON: {e}")))?;
+    Ok(Some(TemplateSpec { name, source }))
+}
+
+/// A template's body: a JSON object with `index_patterns`.
+fn template_body(text: &str, setting: &str) -> ConnectResult<serde_json::Value> {
+    let body: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| ConnectError::config(setting, format!("not JSON: {e}")))?;
     if !body.is_object() {
-        return Err(ConnectError::config(source, "not a JSON object"));
+        return Err(ConnectError::config(setting, "not a JSON object"));
     }
     if body.get("index_patterns").is_none() {
         return Err(ConnectError::config(
-            source,
+            setting,
             "an index template needs index_patterns",
         ));
     }
-    Ok(Some(TemplateSetup { name, body }))
+    Ok(body)
 }
 
 /// The data stream of `data.stream.*`, or `None` without a type.
@@ -562,7 +605,7 @@ mod tests {
             (INDEX_TEMPLATE_JSON, body),
         ]))
         .expect("valid");
-        let template = config.template.expect("a template");
+        let template = config.template.expect("a template").load().expect("inline");
         assert_eq!(template.name, "vitals");
         assert_eq!(template.body["template"]["mappings"]["dynamic"], "strict");
         assert!(
@@ -587,14 +630,17 @@ mod tests {
             field_of(&[url, (INDEX_TEMPLATE_NAME, "v"), (INDEX_TEMPLATE_JSON, "{}")]),
             INDEX_TEMPLATE_JSON
         );
-        assert_eq!(
-            field_of(&[
-                url,
-                (INDEX_TEMPLATE_NAME, "v"),
-                (INDEX_TEMPLATE_FILE, "/nonexistent/template.json")
-            ]),
-            INDEX_TEMPLATE_FILE
-        );
+        // The file is read at start, not while the settings are parsed.
+        let missing = SinkConfig::parse(&props(&[
+            url,
+            (INDEX_TEMPLATE_NAME, "v"),
+            (INDEX_TEMPLATE_FILE, "/nonexistent/template.json"),
+        ]))
+        .expect("valid settings");
+        match missing.template.expect("a template").load() {
+            Err(ConnectError::Config { field, .. }) => assert_eq!(field, INDEX_TEMPLATE_FILE),
+            other => panic!("expected a config error, got {other:?}"),
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use medconnect_api::{
 };
 
 use crate::bulk::{BulkError, EsClient};
-use crate::config::{CONNECTION_TLS_CA_FILE, CONNECTION_URL, SinkConfig, sink_def};
+use crate::config::{CONNECTION_TLS_CA_FILE, CONNECTION_URL, SinkConfig, TemplateSpec, sink_def};
 use crate::document::{Prepared, prepare};
 use crate::progress::Tracker;
 use crate::writer::{Wiring, Writer};
@@ -55,6 +55,9 @@ impl Connector for ElasticsearchSinkConnector {
     /// or refused credentials are an error on `connection.url`.
     async fn validate(&self, config: &Props) -> ConnectResult<()> {
         let config = SinkConfig::parse(config)?;
+        if let Some(template) = &config.template {
+            template.load()?;
+        }
         let client = EsClient::new(&config.connection).map_err(client_error)?;
         let info = client.info().await.map_err(|e| {
             ConnectError::config(CONNECTION_URL, format!("cannot reach the cluster: {e}"))
@@ -159,7 +162,13 @@ impl SinkTask for ElasticsearchSinkTask {
         let client = Arc::new(
             EsClient::new(&self.config.connection)
                 .map_err(client_error)?
-                .with_template(self.config.template.clone()),
+                .with_template(
+                    self.config
+                        .template
+                        .as_ref()
+                        .map(TemplateSpec::load)
+                        .transpose()?,
+                ),
         );
         match client.info().await {
             Ok(info) => {
