@@ -7,8 +7,8 @@ use std::sync::Arc;
 use medconnect_runtime::Plugins;
 
 /// The connectors built into the `medconnect` binary: the datagen source, the file source and
-/// sink, the HL7 MLLP source and sink, the Elasticsearch/OpenSearch sink and the PostgreSQL
-/// sink. Add more with [`Plugins::with_source`] and [`Plugins::with_sink`].
+/// sink, the HL7 MLLP source and sink, the Elasticsearch/OpenSearch sink, the PostgreSQL
+/// sink and the MQTT broker source. Add more with [`Plugins::with_source`] and [`Plugins::with_sink`].
 pub fn builtin_plugins() -> Plugins {
     Plugins::default()
         .with_source(Arc::new(medconnect_datagen::DatagenSourceConnector))
@@ -20,4 +20,5 @@ pub fn builtin_plugins() -> Plugins {
             medconnect_elasticsearch::ElasticsearchSinkConnector,
         ))
         .with_sink(Arc::new(medconnect_postgres::PostgresSinkConnector))
+        .with_source(Arc::new(medconnect_mqtt::MqttBrokerSourceConnector))
 }

@@ -1,0 +1,147 @@
+//! The MQTT broker source in a real worker against the embedded Kafka-API broker: devices
+//! (`mosquitto_pub`, QoS 1) publish to a real Mosquitto (`scripts/mqtt-peers` installs both),
+//! the connector from `configs/mqtt-broker-source.json` subscribes, and exactly what was
+//! published lands in Kafka, keyed by device.
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use medconnect_e2e::TestCluster;
+use tokio::io::AsyncWriteExt;
+
+/// Mosquitto on a free port with its config in a temporary directory; killed on drop.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    fn start() -> anyhow::Result<Self> {
+        let binary = std::env::var_os("MEDCONNECT_MOSQUITTO")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/usr/sbin/mosquitto"));
+        anyhow::ensure!(
+            binary.is_file(),
+            "mosquitto missing at {}: run scripts/mqtt-peers",
+            binary.display()
+        );
+        let dir = tempfile::tempdir()?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let config = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"
+            ),
+        )?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let broker = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(broker)
+    }
+
+    /// One QoS 1 message per line, sent by `mosquitto_pub -l` as a device would.
+    async fn publish_lines(&self, topic: &str, lines: &[String]) -> anyhow::Result<()> {
+        let mut child = tokio::process::Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                topic,
+                "-l",
+            ])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(format!("{}\n", lines.join("\n")).as_bytes())
+            .await?;
+        drop(stdin);
+        let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
+        anyhow::ensure!(status.success(), "mosquitto_pub failed: {status}");
+        Ok(())
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_readings_published_to_mosquitto_land_in_kafka_exactly() -> anyhow::Result<()> {
+    let mosquitto = Mosquitto::start()?;
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+
+    let example: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/mqtt-broker-source.json"
+    ))?)?;
+    let mut config = example["config"].clone();
+    config["mqtt.server.uri"] = format!("tcp://127.0.0.1:{}", mosquitto.port).into();
+    let name = example["name"].as_str().expect("a name");
+    worker.rest.create(name, config).await?;
+    worker.wait_for_state(name, "RUNNING", 1).await?;
+
+    let devices = ["monitor-7", "pump-3"];
+    let mut published = BTreeSet::new();
+    for device in devices {
+        let lines: Vec<String> = (0..250)
+            .map(|n| format!("{{\"device\":\"{device}\",\"n\":{n}}}"))
+            .collect();
+        published.extend(lines.iter().cloned());
+        mosquitto
+            .publish_lines(&format!("devices/{device}/vitals"), &lines)
+            .await?;
+    }
+
+    cluster.read_topic("device.vitals", 500).await?;
+    let records = cluster.read_all("device.vitals").await?;
+    assert_eq!(records.len(), 500, "exactly the 500 published readings");
+    let mut values = BTreeSet::new();
+    for record in &records {
+        let value = record.json();
+        let device = value["device"].as_str().expect("a device").to_string();
+        assert_eq!(record.key.as_deref(), Some(device.as_str()));
+        assert_eq!(
+            record.header("mqtt.topic"),
+            Some(format!("devices/{device}/vitals").as_str())
+        );
+        assert_eq!(record.header("mqtt.qos"), Some("1"));
+        values.insert(value.to_string());
+    }
+    let expected: BTreeSet<String> = published
+        .iter()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).map(|v| v.to_string()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(values, expected);
+    worker.shutdown().await;
+    Ok(())
+}
