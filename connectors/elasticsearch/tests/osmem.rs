@@ -369,3 +369,35 @@ async fn osmem_server_refuses_writes_into_a_real_data_stream() {
     assert_eq!(refused, 10, "every create refused, each reported");
     sink.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn an_index_template_the_cluster_refuses_fails_the_task_before_anything_is_written() {
+    let osmem = Osmem::start();
+    let (mut sink, _errant) = task(
+        &osmem.url,
+        &[
+            ("key.ignore", "true"),
+            ("index.template.name", "broken"),
+            (
+                "index.template.json",
+                r#"{"index_patterns":["vitals*"],"template":{"mappings":{"properties":{"hr":{"type":"no_such_type"}}}}}"#,
+            ),
+        ],
+        SinkPartitions::detached(),
+    )
+    .await;
+    sink.put(vitals("vitals", 10)).await.expect("put queues");
+    let error = tokio::time::timeout(DEADLINE, sink.flush())
+        .await
+        .expect("flush returns")
+        .expect_err("the template is refused");
+    let text = error.to_string();
+    assert!(
+        text.contains("index template broken") && text.contains("400"),
+        "{text}"
+    );
+    assert!(sink.pre_commit(&SinkOffsets::new()).await.is_err());
+    let (status, _) = osmem.request(Method::GET, "/vitals/_count", None).await;
+    assert_eq!(status, 404, "no index written");
+    sink.stop().await.expect("stop");
+}
