@@ -309,13 +309,15 @@ impl Batcher {
         let connector = &self.wiring.connector;
         let tracker = self.wiring.tracker.clone();
         tracker.settle(outcome.written.iter().map(position));
+        // Logs name a record by its Kafka position, never by its document id: ids may come
+        // from record keys (a patient's identifier).
         for (document, error) in outcome.malformed {
             match self.malformed {
                 MalformedDocuments::Ignore => {
-                    tracing::debug!(%connector, index = %document.index, id = %document.id, error_type = %error.kind, "malformed document ignored");
+                    tracing::debug!(%connector, index = %document.index, topic = %document.partition.topic, partition = document.partition.partition, offset = document.record.kafka_offset, error_type = %error.kind, "malformed document ignored");
                 }
                 MalformedDocuments::Warn => {
-                    tracing::warn!(%connector, index = %document.index, id = %document.id, error_type = %error.kind, "malformed document skipped");
+                    tracing::warn!(%connector, index = %document.index, topic = %document.partition.topic, partition = document.partition.partition, offset = document.record.kafka_offset, error_type = %error.kind, "malformed document skipped");
                 }
                 MalformedDocuments::Fail => self.report(&document, &error).await,
             }
@@ -351,7 +353,7 @@ impl Batcher {
     }
 
     async fn report(&self, document: &Document, error: &ItemError) {
-        tracing::debug!(connector = %self.wiring.connector, index = %document.index, id = %document.id, error_type = %error.kind, "document refused by the cluster; reported as errant");
+        tracing::debug!(connector = %self.wiring.connector, index = %document.index, topic = %document.partition.topic, partition = document.partition.partition, offset = document.record.kafka_offset, error_type = %error.kind, "document refused by the cluster; reported as errant");
         let reported = self
             .wiring
             .errant
