@@ -284,3 +284,100 @@ mod tests {
         assert!(with((USERNAME, "u")).is_ok());
     }
 }
+
+pub const SINK_TOPIC: &str = "mqtt.topic";
+pub const RETAIN: &str = "mqtt.retain";
+pub const INFLIGHT: &str = "mqtt.inflight";
+pub const ACK_TIMEOUT_MS: &str = "mqtt.ack.timeout.ms";
+
+/// The sink's settings, declared once.
+pub fn sink_def() -> ConfigDef {
+    ConfigDef::new()
+        .define(SERVER_URI, ConfigType::String, "", Importance::High, "Broker to publish to, tcp://host:port (mqtt:// also accepted); overrides mqtt.host and mqtt.port.")
+        .with_validator(Validator::custom(check_uri))
+        .define(HOST, ConfigType::String, "localhost", Importance::High, "Broker host, when mqtt.server.uri is not set.")
+        .with_validator(Validator::NonEmpty)
+        .define(PORT, ConfigType::Int, "1883", Importance::High, "Broker port, when mqtt.server.uri is not set.")
+        .with_validator(Validator::between(1.0, 65535.0))
+        .define_required(CLIENT_ID, ConfigType::String, Importance::High, "MQTT client id; task n uses <id>-<n>.")
+        .with_validator(Validator::NonEmpty)
+        .define(USERNAME, ConfigType::String, "", Importance::Medium, "Username of the CONNECT (none when empty).")
+        .define(PASSWORD, ConfigType::Password, "", Importance::Medium, "Password of the CONNECT.")
+        .define(SINK_TOPIC, ConfigType::String, "devices/${key}/commands", Importance::High, "MQTT topic template: ${key}, ${topic} (the Kafka topic) and ${header.<name>}. A record missing a value it needs is reported as errant.")
+        .with_validator(Validator::custom(crate::sink_topic::SinkTopic::check))
+        .define(QOS, ConfigType::Int, "1", Importance::High, "1: offsets are committed only after the broker's PUBACK. 0: after the PUBLISH was handed to the connection (no acknowledgement).")
+        .with_validator(Validator::between(0.0, 1.0))
+        .define(RETAIN, ConfigType::Boolean, "false", Importance::Medium, "Publish with the retain flag (the broker keeps the last message per topic for new subscribers).")
+        .define(CLEAN_SESSION, ConfigType::Boolean, "false", Importance::Low, "Start a new session at each connection. false: unacknowledged publishes survive a reconnect.")
+        .define(KEEP_ALIVE_S, ConfigType::Int, "30", Importance::Low, "Keep-alive interval in seconds.")
+        .with_validator(Validator::between(5.0, 65535.0))
+        .define(MAX_PACKET_BYTES, ConfigType::Int, "1048576", Importance::Medium, "Largest packet sent; a larger record is reported as errant.")
+        .with_validator(Validator::between(1024.0, 268_435_455.0))
+        .define(INFLIGHT, ConfigType::Int, "100", Importance::Low, "Publishes awaiting their PUBACK at most; put waits beyond it.")
+        .with_validator(Validator::between(1.0, 65_535.0))
+        .define(ACK_TIMEOUT_MS, ConfigType::Long, "30000", Importance::Low, "How long flush waits for the PUBACKs of everything put before it reports a retriable error.")
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
+        .define(RECONNECT_BACKOFF_MS, ConfigType::Long, "500", Importance::Low, "Wait before reconnecting after the connection is lost; doubled each failed attempt.")
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
+        .define(RECONNECT_BACKOFF_MAX_MS, ConfigType::Long, "30000", Importance::Low, "Longest wait between reconnection attempts.")
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
+        .in_group("MQTT")
+}
+
+/// The sink's settings, typed.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub credentials: Option<Credentials>,
+    pub topic: crate::sink_topic::SinkTopic,
+    pub qos: u8,
+    pub retain: bool,
+    pub clean_session: bool,
+    pub keep_alive: Duration,
+    pub max_packet_bytes: usize,
+    pub inflight: u16,
+    pub ack_timeout: Duration,
+    pub reconnect_backoff: Duration,
+    pub reconnect_backoff_max: Duration,
+}
+
+impl SinkConfig {
+    pub fn parse(props: &Props) -> ConnectResult<Self> {
+        let parsed = sink_def().parse(props)?;
+        let (host, port) = match parsed.optional_string(SERVER_URI) {
+            Some(uri) => {
+                parse_uri(&uri).map_err(|reason| ConnectError::config(SERVER_URI, reason))?
+            }
+            None => (
+                parsed.string(HOST)?.trim().to_string(),
+                parsed.int_as(PORT)?,
+            ),
+        };
+        let credentials = parsed
+            .optional_string(USERNAME)
+            .map(|username| Credentials {
+                username,
+                password: parsed.optional_string(PASSWORD).unwrap_or_default(),
+            });
+        let topic = crate::sink_topic::SinkTopic::parse(&parsed.string(SINK_TOPIC)?)
+            .map_err(|reason| ConnectError::config(SINK_TOPIC, reason))?;
+        Ok(Self {
+            host,
+            port,
+            client_id: parsed.string(CLIENT_ID)?.trim().to_string(),
+            credentials,
+            topic,
+            qos: parsed.int_as(QOS)?,
+            retain: parsed.boolean(RETAIN)?,
+            clean_session: parsed.boolean(CLEAN_SESSION)?,
+            keep_alive: Duration::from_secs(parsed.int_as(KEEP_ALIVE_S)?),
+            max_packet_bytes: parsed.int_as(MAX_PACKET_BYTES)?,
+            inflight: parsed.int_as(INFLIGHT)?,
+            ack_timeout: parsed.millis(ACK_TIMEOUT_MS)?,
+            reconnect_backoff: parsed.millis(RECONNECT_BACKOFF_MS)?,
+            reconnect_backoff_max: parsed.millis(RECONNECT_BACKOFF_MAX_MS)?,
+        })
+    }
+}

@@ -4,11 +4,18 @@
 //!   with a persistent session and manual acknowledgements: each PUBLISH becomes a record, and
 //!   its PUBACK is sent only once the engine reports the record durable in Kafka.
 //!
-//! The listener source (devices connect to medconnect) and the sink are not built yet.
+//! - [`MqttSinkConnector`]: publishes each record to a topic built from its key, headers and
+//!   Kafka topic; with QoS 1, offsets are committed only after the broker's PUBACK.
+//!
+//! The listener source (devices connect to medconnect) is not built yet.
 
 pub mod config;
 pub mod mapping;
+mod sink;
+pub mod sink_topic;
 mod source;
+
+pub use sink::{MqttSinkConnector, MqttSinkTask};
 
 pub use source::{
     HEADER_CLIENT_ID, HEADER_DUP, HEADER_QOS, HEADER_RETAIN, HEADER_TOPIC,

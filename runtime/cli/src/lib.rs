@@ -8,7 +8,7 @@ use medconnect_runtime::Plugins;
 
 /// The connectors built into the `medconnect` binary: the datagen source, the file source and
 /// sink, the HL7 MLLP source and sink, the Elasticsearch/OpenSearch sink, the PostgreSQL
-/// sink and the MQTT broker source. Add more with [`Plugins::with_source`] and [`Plugins::with_sink`].
+/// sink, and the MQTT broker source and sink. Add more with [`Plugins::with_source`] and [`Plugins::with_sink`].
 pub fn builtin_plugins() -> Plugins {
     Plugins::default()
         .with_source(Arc::new(medconnect_datagen::DatagenSourceConnector))
@@ -21,4 +21,5 @@ pub fn builtin_plugins() -> Plugins {
         ))
         .with_sink(Arc::new(medconnect_postgres::PostgresSinkConnector))
         .with_source(Arc::new(medconnect_mqtt::MqttBrokerSourceConnector))
+        .with_sink(Arc::new(medconnect_mqtt::MqttSinkConnector))
 }
