@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{Mosquitto, source_context};
+use common::{CuttableProxy, Mosquitto, source_context};
 use medconnect_api::{Delivery, SourceRecord, SourceTask, props_from};
 use medconnect_mqtt::{
     HEADER_CLIENT_ID, HEADER_DUP, HEADER_QOS, HEADER_TOPIC, MqttBrokerSourceTask,
@@ -26,9 +26,13 @@ fn task(broker: &Mosquitto, client_id: &str) -> MqttBrokerSourceTask {
 
 /// A task whose polls return at most `batch_max` records.
 fn task_with(broker: &Mosquitto, client_id: &str, batch_max: &str) -> MqttBrokerSourceTask {
+    task_at(&broker.uri(), client_id, batch_max)
+}
+
+fn task_at(uri: &str, client_id: &str, batch_max: &str) -> MqttBrokerSourceTask {
     let config = props_from(&[
         ("poll.batch.max", batch_max),
-        ("mqtt.server.uri", &broker.uri()),
+        ("mqtt.server.uri", uri),
         ("mqtt.client.id", client_id),
         ("mqtt.topics", "devices/+/vitals"),
         ("mqtt.topic.pattern", "devices/+device/vitals"),
@@ -213,4 +217,66 @@ async fn an_unreachable_broker_is_a_retriable_start_error() {
     let mut task = MqttBrokerSourceTask::new(source_context(config)).unwrap();
     let error = task.start().await.expect_err("no broker");
     assert!(error.is_retriable(), "{error}");
+}
+
+#[tokio::test]
+async fn after_a_connection_cut_unacknowledged_messages_come_again_as_counted_duplicates() {
+    let broker = Mosquitto::start();
+    let proxy = CuttableProxy::start(broker.port).await;
+    let mut task = task_at(&proxy.uri(), "bridge-cut", "1");
+    task.start().await.expect("start");
+    broker
+        .publish_lines("devices/pump-9/vitals", &lines("p", 0..50))
+        .await;
+
+    // Mosquitto's in-flight window (20) arrives; none is settled before the cut.
+    let mut held = Vec::new();
+    while held.len() < 20 {
+        held.extend(rest_until_first(&mut task).await);
+    }
+    held.extend(rest(&mut task).await);
+    assert_eq!(held.len(), 20, "Mosquitto's in-flight window");
+    proxy.cut();
+    // The task sees the loss (and waits 500 ms to reconnect); only then does the engine
+    // settle the 20: their PUBACKs belong to a connection that is gone, so none is sent.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    held.iter_mut().for_each(written);
+
+    let mut after = take_settling(&mut task, 50).await;
+    for mut record in rest(&mut task).await {
+        written(&mut record);
+        after.push(record);
+    }
+    let duplicates = after
+        .iter()
+        .filter(|r| r.record.headers.last_str(HEADER_DUP) == Some("true"))
+        .count();
+    let distinct: BTreeSet<String> = held.iter().chain(&after).map(value).collect();
+    println!(
+        "after the cut: {} records, {duplicates} of them resent duplicates",
+        after.len()
+    );
+    assert_eq!(
+        distinct,
+        lines("p", 0..50).into_iter().collect(),
+        "nothing lost"
+    );
+    assert_eq!(
+        after.len(),
+        50,
+        "the 20 held come again, then the 30 never sent"
+    );
+    assert_eq!(
+        duplicates, 20,
+        "exactly the 20 unacknowledged are duplicates"
+    );
+    task.stop().await.expect("stop");
+}
+
+/// The next batch, waiting for it.
+async fn rest_until_first(task: &mut MqttBrokerSourceTask) -> Vec<SourceRecord> {
+    tokio::time::timeout(DEADLINE, task.poll())
+        .await
+        .expect("a record in time")
+        .expect("poll")
 }

@@ -138,3 +138,72 @@ pub fn source_context(config: Props) -> SourceTaskContext {
         offsets: Arc::new(NoOffsets),
     }
 }
+
+/// A TCP proxy in front of the broker whose `cut` closes every connection through it, as a
+/// network failure would; new connections are forwarded again at once. Stops when dropped.
+pub struct CuttableProxy {
+    pub port: u16,
+    current: Arc<std::sync::Mutex<tokio_util::sync::CancellationToken>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl CuttableProxy {
+    pub async fn start(upstream_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let current = Arc::new(std::sync::Mutex::new(
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (shared, stopping) = (current.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stopping.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut client, _)) = accepted else {
+                    continue;
+                };
+                let cut = shared.lock().expect("proxy token").clone();
+                let stopping = stopping.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = cut.cancelled() => {}
+                        _ = stopping.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            current,
+            stop,
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every connection made so far.
+    pub fn cut(&self) {
+        let mut current = self.current.lock().expect("proxy token");
+        current.cancel();
+        *current = tokio_util::sync::CancellationToken::new();
+    }
+}
+
+impl Drop for CuttableProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
