@@ -145,3 +145,57 @@ async fn device_readings_published_to_mosquitto_land_in_kafka_exactly() -> anyho
     worker.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_on_an_unmapped_topic_goes_to_the_dead_letter_topic_and_is_acknowledged()
+-> anyhow::Result<()> {
+    let mosquitto = Mosquitto::start()?;
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let config = serde_json::json!({
+        "connector.class": "MqttBrokerSource",
+        "mqtt.server.uri": format!("tcp://127.0.0.1:{}", mosquitto.port),
+        "mqtt.client.id": "medconnect-dlq",
+        "mqtt.topics": "devices/#",
+        "mqtt.topic.pattern": "devices/+device/vitals",
+        "kafka.topic": "device.vitals",
+        "kafka.key": "${device}",
+        "errors.tolerance": "all",
+        "errors.deadletterqueue.topic.name": "device.dlq",
+        "errors.deadletterqueue.context.headers.enable": "true",
+    });
+    worker.rest.create("devices-dlq", config).await?;
+    worker.wait_for_state("devices-dlq", "RUNNING", 1).await?;
+
+    let readings: Vec<String> = (0..10).map(|n| format!("{{\"n\":{n}}}")).collect();
+    let alarms: Vec<String> = (0..5).map(|n| format!("{{\"alarm\":{n}}}")).collect();
+    // mosquitto_pub exits successfully only once every message was PUBACKed: the dead-lettered
+    // alarms too, since they are durable in the dead-letter topic.
+    mosquitto
+        .publish_lines("devices/monitor-1/vitals", &readings)
+        .await?;
+    mosquitto
+        .publish_lines("devices/monitor-1/alarms", &alarms)
+        .await?;
+
+    cluster.read_topic("device.vitals", 10).await?;
+    assert_eq!(cluster.count_records("device.vitals").await?, 10);
+    cluster.read_topic("device.dlq", 5).await?;
+    let dead = cluster.read_all("device.dlq").await?;
+    assert_eq!(dead.len(), 5, "exactly the 5 unmapped messages");
+    for record in &dead {
+        assert_eq!(
+            record.header("mqtt.topic"),
+            Some("devices/monitor-1/alarms")
+        );
+        assert!(
+            record
+                .header("__connect.errors.exception.message")
+                .is_some_and(|m| m.contains("does not match mqtt.topic.pattern")),
+            "{:?}",
+            record.headers
+        );
+    }
+    worker.shutdown().await;
+    Ok(())
+}

@@ -280,3 +280,52 @@ async fn rest_until_first(task: &mut MqttBrokerSourceTask) -> Vec<SourceRecord> 
         .expect("a record in time")
         .expect("poll")
 }
+
+#[tokio::test]
+async fn two_tasks_on_a_shared_subscription_split_the_stream_without_loss() {
+    let broker = Mosquitto::start();
+    let shared = |client_id: &str| {
+        let config = props_from(&[
+            ("mqtt.server.uri", &broker.uri()),
+            ("mqtt.client.id", client_id),
+            ("mqtt.topics", "$share/medconnect/devices/+/vitals"),
+        ]);
+        MqttBrokerSourceTask::new(source_context(config)).expect("a valid config")
+    };
+    let (mut a, mut b) = (shared("bridge-share-0"), shared("bridge-share-1"));
+    a.start().await.expect("start a");
+    b.start().await.expect("start b");
+    broker
+        .publish_lines("devices/m-1/vitals", &lines("s", 0..200))
+        .await;
+
+    let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
+    while from_a.len() + from_b.len() < 200 {
+        tokio::select! {
+            batch = a.poll() => from_a.extend(batch.expect("poll a")),
+            batch = b.poll() => from_b.extend(batch.expect("poll b")),
+            _ = tokio::time::sleep(DEADLINE) => panic!("only {} of 200", from_a.len() + from_b.len()),
+        }
+        from_a.iter_mut().chain(from_b.iter_mut()).for_each(written);
+    }
+    from_a.extend(rest(&mut a).await);
+    from_b.extend(rest(&mut b).await);
+    println!(
+        "shared subscription: {} to one task, {} to the other",
+        from_a.len(),
+        from_b.len()
+    );
+    assert_eq!(
+        from_a.len() + from_b.len(),
+        200,
+        "each message to one task only"
+    );
+    assert!(
+        !from_a.is_empty() && !from_b.is_empty(),
+        "both tasks got a share"
+    );
+    let all: BTreeSet<String> = from_a.iter().chain(&from_b).map(value).collect();
+    assert_eq!(all, lines("s", 0..200).into_iter().collect());
+    a.stop().await.expect("stop");
+    b.stop().await.expect("stop");
+}
