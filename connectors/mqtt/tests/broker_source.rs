@@ -329,3 +329,62 @@ async fn two_tasks_on_a_shared_subscription_split_the_stream_without_loss() {
     a.stop().await.expect("stop");
     b.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn records_kafka_failed_to_take_come_again_without_a_restart() {
+    let broker = Mosquitto::start();
+    let mut task = task_with(&broker, "bridge-failed", "1");
+    task.start().await.expect("start");
+    broker
+        .publish_lines("devices/pump-5/vitals", &lines("f", 0..30))
+        .await;
+
+    // The engine writes the first 10, then Kafka fails the next 10.
+    let written_first = take_settling(&mut task, 10).await;
+    let mut failed = Vec::new();
+    while failed.len() < 10 {
+        for mut record in rest_until_first(&mut task).await {
+            record.complete(Delivery::Failed {
+                reason: "Kafka unreachable".into(),
+            });
+            failed.push(record);
+        }
+    }
+    // Kafka is back: whatever comes now is written at once.
+    let mut after = Vec::new();
+    while let Ok(batch) = tokio::time::timeout(QUIET, task.poll()).await {
+        for mut record in batch.expect("poll") {
+            written(&mut record);
+            after.push(record);
+        }
+    }
+    let failed_values: BTreeSet<String> = failed.iter().map(value).collect();
+    let after_values: BTreeSet<String> = after.iter().map(value).collect();
+    let written_values: BTreeSet<String> = written_first
+        .iter()
+        .map(value)
+        .chain(after_values.iter().cloned())
+        .collect();
+    println!(
+        "failed 10, then {} records ({} distinct)",
+        after.len(),
+        after_values.len()
+    );
+    assert!(
+        failed_values.is_subset(&after_values),
+        "every failed record came again"
+    );
+    assert_eq!(
+        written_values,
+        lines("f", 0..30).into_iter().collect(),
+        "all 30 written"
+    );
+    task.stop().await.expect("stop");
+
+    // Everything was acknowledged in the end: a restart gets nothing.
+    let mut again = task_with(&broker, "bridge-failed", "1");
+    again.start().await.expect("restart");
+    let left = rest(&mut again).await;
+    assert_eq!(left.len(), 0, "nothing left unacknowledged");
+    again.stop().await.expect("stop");
+}

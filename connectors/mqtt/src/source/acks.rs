@@ -7,7 +7,10 @@
 //!   would be refused again, forever, and would hold one of the broker's in-flight slots; the
 //!   engine has logged it with the reason: PUBACK;
 //! - `Failed`, or a handle dropped unanswered (Kafka unreachable, task stopping): no PUBACK,
-//!   so the broker sends the message again on the next connection.
+//!   so the broker sends the message again on the next connection. An MQTT 3.1.1 broker
+//!   resends only then, so a `Failed` record also asks the session to reconnect (with backoff,
+//!   persistent sessions only): else the message would hold one of the broker's in-flight
+//!   slots until the connection happened to drop.
 //!
 //! An acknowledgement is sent only on the connection the message arrived on: the broker
 //! numbers messages per connection, and after a reconnect it resends what was not
@@ -62,6 +65,7 @@ pub async fn run(
     client: AsyncClient,
     mut pending: mpsc::Receiver<PendingAck>,
     connection: ConnectionNumber,
+    resend: mpsc::Sender<u64>,
     shutdown: CancellationToken,
 ) {
     let mut waiting = FuturesUnordered::new();
@@ -76,7 +80,14 @@ pub async fn run(
                 None => break,
             },
             Some((publish, arrived_on, delivery)) = waiting.next(), if !waiting.is_empty() => {
+                let failed = matches!(delivery, Ok(Delivery::Failed { .. }));
                 settle(&client, &publish, arrived_on, delivery, &connection);
+                if failed && arrived_on == connection.current() {
+                    // One request per connection is enough: the reconnect resends every
+                    // unacknowledged message (the session ignores requests for a connection
+                    // it has already replaced).
+                    let _ = resend.try_send(arrived_on);
+                }
             }
         }
     }

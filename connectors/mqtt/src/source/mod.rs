@@ -134,10 +134,12 @@ impl SourceTask for MqttBrokerSourceTask {
         let (acks_tx, acks_rx) = mpsc::channel(self.config.queue_capacity);
         let (ready_tx, ready_rx) = oneshot::channel();
         let connection = ConnectionNumber::default();
+        let (resend_tx, resend_rx) = mpsc::channel(1);
         self.tracker.spawn(acks::run(
             client.clone(),
             acks_rx,
             connection.clone(),
+            resend_tx,
             self.shutdown.clone(),
         ));
         self.tracker.spawn(
@@ -150,6 +152,7 @@ impl SourceTask for MqttBrokerSourceTask {
                 connection,
                 shutdown: self.shutdown.clone(),
                 ready: Some(ready_tx),
+                resend: resend_rx,
             }
             .run(),
         );

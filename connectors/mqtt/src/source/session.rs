@@ -70,6 +70,8 @@ pub struct Session {
     pub shutdown: CancellationToken,
     /// Told once the subscriptions are in place (or why they are not).
     pub ready: Option<oneshot::Sender<Result<(), SessionError>>>,
+    /// Asked when a record could not be written: reconnect, so the broker resends it.
+    pub resend: mpsc::Receiver<u64>,
 }
 
 impl Session {
@@ -102,6 +104,21 @@ impl Session {
             let event = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 event = self.event_loop.poll() => event,
+                Some(failed_on) = self.resend.recv(), if !self.config.clean_session => {
+                    if failed_on != self.connection.current() {
+                        continue;
+                    }
+                    // Interrupting poll is safe here: the connection is dropped anyway.
+                    tracing::warn!(broker = %self.address(), retry_in_ms = backoff.as_millis() as u64, "records not written to Kafka: reconnecting so that the broker sends them again");
+                    self.event_loop.clean();
+                    self.connection.next();
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.config.reconnect_backoff_max);
+                    continue;
+                }
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(connack))) => {
