@@ -388,3 +388,33 @@ async fn records_kafka_failed_to_take_come_again_without_a_restart() {
     assert_eq!(left.len(), 0, "nothing left unacknowledged");
     again.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn credentials_are_checked_by_the_broker_and_a_refusal_names_the_setting() {
+    let broker = Mosquitto::start_with_user("medconnect", "s3cret");
+    let with_password = |password: &str| {
+        let config = props_from(&[
+            ("mqtt.server.uri", &broker.uri()),
+            ("mqtt.client.id", "bridge-auth"),
+            ("mqtt.topics", "devices/+/vitals"),
+            ("mqtt.username", "medconnect"),
+            ("mqtt.password", password),
+        ]);
+        MqttBrokerSourceTask::new(source_context(config)).expect("a valid config")
+    };
+
+    let mut refused = with_password("wrong");
+    let error = refused.start().await.expect_err("a wrong password");
+    assert!(
+        matches!(&error, medconnect_api::ConnectError::Config { field, .. } if field == "mqtt.username"),
+        "{error}"
+    );
+    assert!(
+        !error.to_string().contains("wrong"),
+        "the password is never echoed: {error}"
+    );
+
+    let mut admitted = with_password("s3cret");
+    admitted.start().await.expect("the right password");
+    admitted.stop().await.expect("stop");
+}

@@ -12,7 +12,7 @@ use medconnect_api::{
     ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind, Props,
     SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig,
 };
-use rumqttc::AsyncClient;
+use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -121,6 +121,14 @@ impl MqttBrokerSourceTask {
     }
 }
 
+/// A refusal that retrying cannot fix: the credentials are wrong or not allowed.
+fn refused_for_credentials(code: ConnectReturnCode) -> bool {
+    matches!(
+        code,
+        ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized
+    )
+}
+
 #[async_trait]
 impl SourceTask for MqttBrokerSourceTask {
     async fn start(&mut self) -> ConnectResult<()> {
@@ -165,6 +173,15 @@ impl SourceTask for MqttBrokerSourceTask {
                 crate::config::TOPICS,
                 format!(
                     "the broker refused the subscription to '{filter}' (not authorised, or an invalid filter)"
+                ),
+            ),
+            Ok(Ok(Err(SessionError::Connect {
+                source: ConnectionError::ConnectionRefused(code),
+                ..
+            }))) if refused_for_credentials(code) => ConnectError::config(
+                crate::config::USERNAME,
+                format!(
+                    "the broker refused the CONNECT ({code:?}): check mqtt.username and mqtt.password"
                 ),
             ),
             Ok(Ok(Err(error))) => ConnectError::retriable(error.to_string()).caused_by(error),

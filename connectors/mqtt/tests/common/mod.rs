@@ -38,7 +38,29 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A broker that admits only `user` with `password` (a `mosquitto_passwd` file).
+    pub fn start_with_user(user: &str, password: &str) -> Self {
+        Self::start_with(Some((user, password)))
+    }
+
+    fn start_with(credentials: Option<(&str, &str)>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let mut access = "allow_anonymous true\n".to_string();
+        if let Some((user, password)) = credentials {
+            let file = dir.path().join("passwords");
+            let status = Command::new("mosquitto_passwd")
+                .arg("-c")
+                .arg("-b")
+                .arg(&file)
+                .args([user, password])
+                .status()
+                .expect("mosquitto_passwd (scripts/mqtt-peers installs it)");
+            assert!(status.success(), "mosquitto_passwd failed");
+            access = format!("allow_anonymous false\npassword_file {}\n", file.display());
+        }
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -49,7 +71,7 @@ impl Mosquitto {
         std::fs::write(
             &config,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+                "listener {port} 127.0.0.1\n{access}persistence false\nmax_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type warning\n"
             ),
         )
         .expect("write mosquitto.conf");
