@@ -165,7 +165,9 @@ async fn run_connection(
             Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                 backoff = config.reconnect_backoff;
                 tracing::info!(client_id = %config.client_id, session_present = connack.session_present, "MQTT sink connected");
-                let outstanding = requested.load(Ordering::SeqCst) - progress.borrow().settled;
+                let outstanding = requested
+                    .load(Ordering::SeqCst)
+                    .saturating_sub(progress.borrow().settled);
                 if connected_before && !connack.session_present && outstanding > 0 {
                     progress.send_modify(|p| {
                         p.lost = Some(format!(
