@@ -53,6 +53,18 @@ impl Proxy {
     }
 }
 
+/// Serves `app` (a proxy in front of osmem-server) on a free port: its URL and its task.
+async fn serve(app: axum::Router) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    (
+        url,
+        tokio::spawn(async move { axum::serve(listener, app).await }),
+    )
+}
+
 async fn forward(
     State(proxy): State<Proxy>,
     method: Method,
@@ -148,14 +160,12 @@ fn positions(records: &[SinkRecord]) -> SinkOffsets {
 async fn pushed_back_bulks_are_retried_with_partitions_paused_and_nothing_is_lost() {
     let osmem = Osmem::start();
     let proxy = Proxy::new(&osmem.url, None, true);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    let app = axum::Router::new()
-        .fallback(forward)
-        .with_state(proxy.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (url, server) = serve(
+        axum::Router::new()
+            .fallback(forward)
+            .with_state(proxy.clone()),
+    )
+    .await;
 
     let recorder = Arc::new(Recorder::default());
     let (mut sink, mut errant) = task(
@@ -326,14 +336,12 @@ async fn record_authorization(
 async fn requests_carry_the_configured_api_key_or_basic_credentials() {
     let osmem = Osmem::start();
     let proxy = Recording::new(&osmem.url);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    let app = axum::Router::new()
-        .fallback(record_authorization)
-        .with_state(proxy.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (url, server) = serve(
+        axum::Router::new()
+            .fallback(record_authorization)
+            .with_state(proxy.clone()),
+    )
+    .await;
 
     let records = vitals("vitals", 10);
     let (mut keyed, _) = task(
@@ -396,14 +404,12 @@ async fn a_429_on_every_third_bulk_for_20_s_loses_nothing_and_the_task_keeps_run
         Some(std::time::Instant::now() + FAULT_WINDOW),
         false,
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    let app = axum::Router::new()
-        .fallback(forward)
-        .with_state(proxy.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (url, server) = serve(
+        axum::Router::new()
+            .fallback(forward)
+            .with_state(proxy.clone()),
+    )
+    .await;
 
     let (mut sink, mut errant) = task(
         &url,
@@ -605,14 +611,12 @@ async fn a_cluster_down_for_20_s_gets_everything_once_it_is_back() {
 async fn compressed_bulks_are_gzipped_and_the_cluster_takes_them() {
     let osmem = Osmem::start();
     let proxy = Recording::new(&osmem.url);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    let app = axum::Router::new()
-        .fallback(record_authorization)
-        .with_state(proxy.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (url, server) = serve(
+        axum::Router::new()
+            .fallback(record_authorization)
+            .with_state(proxy.clone()),
+    )
+    .await;
 
     let records = vitals("vitals", 1_000);
     let (mut sink, mut errant) = task(
@@ -732,14 +736,12 @@ async fn dialects_seen(pretend_elasticsearch_8: bool) -> Vec<(String, String, St
         pretend_elasticsearch_8,
         seen: Arc::default(),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    let app = axum::Router::new()
-        .fallback(record_dialect)
-        .with_state(proxy.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (url, server) = serve(
+        axum::Router::new()
+            .fallback(record_dialect)
+            .with_state(proxy.clone()),
+    )
+    .await;
     let (mut sink, mut errant) = task(
         &url,
         &[
