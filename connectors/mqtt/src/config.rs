@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use medconnect_api::{
-    ConfigDef, ConfigType, ConnectError, ConnectResult, Importance, Props, Validator,
+    ConfigDef, ConfigType, ConnectError, ConnectResult, Importance, ParsedConfig, Props, Validator,
 };
 
 use crate::mapping::{Template, TopicPattern};
@@ -91,6 +91,28 @@ fn parse_uri(value: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// The broker's host and port: `mqtt.server.uri` when set, else `mqtt.host` and `mqtt.port`
+/// (the source and the sink connect alike).
+fn broker_address(parsed: &ParsedConfig) -> ConnectResult<(String, u16)> {
+    match parsed.optional_string(SERVER_URI) {
+        Some(uri) => parse_uri(&uri).map_err(|reason| ConnectError::config(SERVER_URI, reason)),
+        None => Ok((
+            parsed.string(HOST)?.trim().to_string(),
+            parsed.int_as(PORT)?,
+        )),
+    }
+}
+
+/// The CONNECT's username and password, when a username is set.
+fn credentials(parsed: &ParsedConfig) -> Option<Credentials> {
+    parsed
+        .optional_string(USERNAME)
+        .map(|username| Credentials {
+            username,
+            password: parsed.optional_string(PASSWORD).unwrap_or_default(),
+        })
+}
+
 pub fn source_def() -> ConfigDef {
     ConfigDef::new()
         .define(SERVER_URI, ConfigType::String, "", Importance::High, "Broker to subscribe to, tcp://host:port (mqtt:// also accepted); overrides mqtt.host and mqtt.port.")
@@ -173,21 +195,8 @@ impl std::fmt::Debug for Credentials {
 impl SourceConfig {
     pub fn parse(props: &Props) -> ConnectResult<Self> {
         let parsed = source_def().parse(props)?;
-        let (host, port) = match parsed.optional_string(SERVER_URI) {
-            Some(uri) => {
-                parse_uri(&uri).map_err(|reason| ConnectError::config(SERVER_URI, reason))?
-            }
-            None => (
-                parsed.string(HOST)?.trim().to_string(),
-                parsed.int_as(PORT)?,
-            ),
-        };
-        let credentials = parsed
-            .optional_string(USERNAME)
-            .map(|username| Credentials {
-                username,
-                password: parsed.optional_string(PASSWORD).unwrap_or_default(),
-            });
+        let (host, port) = broker_address(&parsed)?;
+        let credentials = credentials(&parsed);
         if credentials.is_none() && parsed.optional_string(PASSWORD).is_some() {
             return Err(ConnectError::config(
                 PASSWORD,
@@ -346,21 +355,8 @@ pub struct SinkConfig {
 impl SinkConfig {
     pub fn parse(props: &Props) -> ConnectResult<Self> {
         let parsed = sink_def().parse(props)?;
-        let (host, port) = match parsed.optional_string(SERVER_URI) {
-            Some(uri) => {
-                parse_uri(&uri).map_err(|reason| ConnectError::config(SERVER_URI, reason))?
-            }
-            None => (
-                parsed.string(HOST)?.trim().to_string(),
-                parsed.int_as(PORT)?,
-            ),
-        };
-        let credentials = parsed
-            .optional_string(USERNAME)
-            .map(|username| Credentials {
-                username,
-                password: parsed.optional_string(PASSWORD).unwrap_or_default(),
-            });
+        let (host, port) = broker_address(&parsed)?;
+        let credentials = credentials(&parsed);
         let topic = crate::sink_topic::SinkTopic::parse(&parsed.string(SINK_TOPIC)?)
             .map_err(|reason| ConnectError::config(SINK_TOPIC, reason))?;
         Ok(Self {
