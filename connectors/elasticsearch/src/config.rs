@@ -289,12 +289,9 @@ pub fn sink_def() -> ConfigDef {
 }
 
 fn unknown_settings(props: &Props, def: &ConfigDef) -> ConnectResult<()> {
-    match props
-        .keys()
-        .find(|name| OWN_PREFIXES.iter().any(|p| name.starts_with(p)) && def.key(name).is_none())
-    {
+    match def.undeclared(props, OWN_PREFIXES) {
         Some(name) => Err(ConnectError::config(
-            name.clone(),
+            name,
             "not a setting of the Elasticsearch sink (misspelled?)",
         )),
         None => Ok(()),

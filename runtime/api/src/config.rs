@@ -271,6 +271,15 @@ impl ConfigDef {
         &self.keys
     }
 
+    /// The first setting under one of `prefixes` (a connector's own namespaces, e.g.
+    /// `connection.`) that this definition does not declare: a misspelled setting, which would
+    /// otherwise fall back to its default without a word.
+    pub fn undeclared<'a>(&self, props: &'a Props, prefixes: &[&str]) -> Option<&'a str> {
+        props.keys().map(String::as_str).find(|name| {
+            prefixes.iter().any(|prefix| name.starts_with(prefix)) && self.key(name).is_none()
+        })
+    }
+
     pub fn key(&self, name: &str) -> Option<&ConfigKey> {
         self.keys.iter().find(|k| k.name == name)
     }
