@@ -17,6 +17,7 @@ use serde_json::Value;
 
 pub use serde_json::json;
 
+pub mod crash;
 mod process;
 mod test_connector;
 pub use async_trait::async_trait;
