@@ -1,4 +1,4 @@
-//! PostgreSQL sink.
+//! PostgreSQL sink and sources.
 //!
 //! [`PostgresSinkConnector`] writes records to tables: the top-level fields of a JSON object
 //! value as columns (types inferred, tables created and evolved on demand), or the whole value
@@ -13,8 +13,10 @@ pub mod error;
 pub mod row;
 pub mod schema;
 mod sink;
+pub mod source;
 pub mod sql;
 pub mod table;
 mod writer;
 
 pub use sink::{PostgresSinkConnector, PostgresSinkTask};
+pub use source::{PostgresSourceConnector, PostgresSourceTask};

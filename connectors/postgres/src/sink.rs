@@ -21,7 +21,7 @@ use crate::error::{Failure, classify};
 use crate::schema::Catalog;
 use crate::writer;
 
-fn connect_options(connection: &ConnectionConfig) -> ConnectResult<PgConnectOptions> {
+pub(crate) fn connect_options(connection: &ConnectionConfig) -> ConnectResult<PgConnectOptions> {
     let mut options = PgConnectOptions::from_str(&connection.url)
         .map_err(|e| ConnectError::config(CONNECTION_URL, e.to_string()))?;
     if let Some(user) = &connection.user {
@@ -30,7 +30,7 @@ fn connect_options(connection: &ConnectionConfig) -> ConnectResult<PgConnectOpti
     if let Some(password) = &connection.password {
         options = options.password(password);
     }
-    Ok(options.application_name("medconnect-postgres-sink"))
+    Ok(options.application_name("medconnect-postgres"))
 }
 
 /// The pool of one task: one connection, as a task writes one batch at a time. Created lazily:
@@ -44,7 +44,7 @@ fn pool(connection: &ConnectionConfig) -> ConnectResult<PgPool> {
 
 /// Connects once and asks the server's version. A direct connection, not the pool, so that a
 /// failure says why (refused, unknown database, bad password) instead of "pool timed out".
-async fn server_version(
+pub(crate) async fn server_version(
     connection: &ConnectionConfig,
 ) -> ConnectResult<Result<String, sqlx::Error>> {
     let options = connect_options(connection)?;
@@ -62,7 +62,7 @@ async fn server_version(
 }
 
 /// Where a failure to reach the server points in the config.
-fn connection_field(error: &sqlx::Error) -> &'static str {
+pub(crate) fn connection_field(error: &sqlx::Error) -> &'static str {
     match error {
         // invalid_authorization_specification / invalid_password
         sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("28")) => {

@@ -15,9 +15,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use medconnect_api::{
-    ConnectError, ErrantRecordReporter, Record, SinkPartitions, SinkRecord, SinkTask,
-    SinkTaskContext,
+    ConnectError, ErrantRecordReporter, OffsetReader, Record, SinkPartitions, SinkRecord, SinkTask,
+    SinkTaskContext, SourceOffset, SourcePartition, SourceRecord, SourceTask, SourceTaskContext,
 };
 use medconnect_postgres::PostgresSinkTask;
 use sqlx::Connection;
@@ -316,3 +319,109 @@ pub async fn execute(url: &str, sql: &str) {
 }
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// An offset store in memory: what the engine would have stored (the latest offset per source
+/// partition of the records it was given).
+#[derive(Default, Clone)]
+pub struct MemoryOffsets(Arc<Mutex<HashMap<String, (SourcePartition, SourceOffset)>>>);
+
+impl MemoryOffsets {
+    /// Stores the offsets of these records, in order, as the engine does once Kafka has them.
+    pub fn store(&self, records: &[SourceRecord]) -> Vec<(SourcePartition, SourceOffset)> {
+        let mut stored = self.0.lock().expect("offsets lock");
+        let mut latest: HashMap<String, (SourcePartition, SourceOffset)> = HashMap::new();
+        for record in records.iter().filter(|r| !r.source_partition.is_empty()) {
+            let key = serde_json::Value::Object(record.source_partition.clone()).to_string();
+            let entry = (
+                record.source_partition.clone(),
+                record.source_offset.clone(),
+            );
+            stored.insert(key.clone(), entry.clone());
+            latest.insert(key, entry);
+        }
+        latest.into_values().collect()
+    }
+}
+
+impl OffsetReader for MemoryOffsets {
+    fn offset(&self, partition: &SourcePartition) -> Option<SourceOffset> {
+        let key = serde_json::Value::Object(partition.clone()).to_string();
+        let stored = self.0.lock().ok()?;
+        stored.get(&key).map(|(_, offset)| offset.clone())
+    }
+
+    fn partitions(&self) -> Vec<SourcePartition> {
+        self.0
+            .lock()
+            .map(|s| s.values().map(|(p, _)| p.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A source task's context with these settings (and `connection.url`) and offsets.
+pub fn source_context(
+    url: &str,
+    pairs: &[(&str, &str)],
+    offsets: &MemoryOffsets,
+) -> SourceTaskContext {
+    let mut config = props(pairs);
+    config.insert("connection.url".into(), url.to_string());
+    SourceTaskContext {
+        connector_name: "pg-source-test".into(),
+        task_id: 0,
+        config,
+        offsets: Arc::new(offsets.clone()),
+    }
+}
+
+/// Polls until `want` records came (never more than asked for is an error the caller checks),
+/// or fails at the deadline.
+pub async fn poll_until<T: SourceTask + ?Sized>(
+    task: &mut T,
+    want: usize,
+    deadline: Duration,
+) -> Vec<SourceRecord> {
+    let until = tokio::time::Instant::now() + deadline;
+    let mut got = Vec::new();
+    while got.len() < want {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        assert!(
+            !left.is_zero(),
+            "only {} of {want} records before the deadline",
+            got.len()
+        );
+        match tokio::time::timeout(left, task.poll()).await {
+            Ok(Ok(records)) => got.extend(records),
+            Ok(Err(error)) => panic!("poll failed: {error}"),
+            Err(_) => panic!("only {} of {want} records before the deadline", got.len()),
+        }
+    }
+    got
+}
+
+/// Polls for `period`, returning whatever came.
+pub async fn poll_for<T: SourceTask + ?Sized>(task: &mut T, period: Duration) -> Vec<SourceRecord> {
+    let until = tokio::time::Instant::now() + period;
+    let mut got = Vec::new();
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return got;
+        }
+        match tokio::time::timeout(left, task.poll()).await {
+            Ok(Ok(records)) => got.extend(records),
+            Ok(Err(error)) => panic!("poll failed: {error}"),
+            Err(_) => return got,
+        }
+    }
+}
+
+/// A record value's JSON.
+pub fn value_json(record: &SourceRecord) -> serde_json::Value {
+    record
+        .record
+        .value
+        .as_ref()
+        .and_then(|v| serde_json::from_slice(v).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
