@@ -53,7 +53,7 @@ pub struct Hfs {
     port: u16,
     /// The wrapper shell kills hfs when this pipe closes: when the guard drops, or when the
     /// test process ends in any way (statics are never dropped).
-    _lifeline: ChildStdin,
+    lifeline: Option<ChildStdin>,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -106,7 +106,7 @@ impl Hfs {
         let hfs = Self {
             url,
             port,
-            _lifeline: lifeline,
+            lifeline: Some(lifeline),
             child,
             _dir: dir,
         };
@@ -181,7 +181,9 @@ impl Hfs {
 
 impl Drop for Hfs {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // Closing the pipe makes the wrapper shell stop hfs and wait for it; killing the
+        // shell instead would leave hfs running.
+        drop(self.lifeline.take());
         let _ = self.child.wait();
     }
 }

@@ -1,0 +1,277 @@
+//! The FHIR connectors in a real worker against a real broker and a real FHIR R4 server
+//! (Helios hfs; `scripts/fhir-peers` installs it):
+//! - sink: 1,000 Observations produced to Kafka land in the server once each, one record the
+//!   server refuses lands in the dead-letter topic with its OperationOutcome and Connect's
+//!   context headers, and the committed offsets reach the end;
+//! - source: every version of Patients created, updated and deleted in the server lands in
+//!   `fhir.Patient` once, deletions as tombstones.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+
+use medconnect_e2e::{TestCluster, eventually, json};
+use serde_json::Value;
+
+/// hfs on a free port with the full R4 search parameters; killed on drop or with the test
+/// process (its wrapper shell watches a pipe from us).
+struct Hfs {
+    url: String,
+    child: Child,
+    lifeline: Option<ChildStdin>,
+    _dir: tempfile::TempDir,
+}
+
+impl Hfs {
+    fn start() -> anyhow::Result<Self> {
+        let binary = std::env::var_os("MEDCONNECT_HFS_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                std::env::var_os("MEDCONNECT_CACHE")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| {
+                        PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                            .join(".cache/medconnect")
+                    })
+                    .join("hfs-0.2.7/bin/hfs")
+            });
+        let params = binary
+            .parent()
+            .and_then(|b| b.parent())
+            .map(|root| root.join("search-parameters-r4.json"))
+            .unwrap_or_default();
+        anyhow::ensure!(
+            binary.is_file() && params.is_file(),
+            "hfs missing at {} (or its search parameters): run scripts/fhir-peers",
+            binary.display()
+        );
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data)?;
+        std::fs::copy(&params, data.join("search-parameters-r4.json"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let url = format!("http://127.0.0.1:{port}");
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(r#""$0" "$@" & child=$!; read _ || true; kill $child 2>/dev/null; wait $child"#)
+            .arg(&binary)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--database-url", ":memory:", "--log-level", "warn"])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--base-url", &url])
+            .env("HFS_UI_ENABLED", "false")
+            .current_dir(dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let lifeline = child.stdin.take().expect("stdin");
+        if let Some(stderr) = child.stderr.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("ERROR") {
+                        eprintln!("hfs: {line}");
+                    }
+                }
+            });
+        }
+        Ok(Self {
+            url,
+            child,
+            lifeline: Some(lifeline),
+            _dir: dir,
+        })
+    }
+
+    async fn get(&self, path: &str) -> Option<Value> {
+        reqwest::Client::new()
+            .get(format!("{}/{path}", self.url))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+
+    async fn ready(&self) -> anyhow::Result<()> {
+        eventually("hfs answering /metadata", async || {
+            self.get("metadata").await.map(|_| ())
+        })
+        .await
+    }
+
+    async fn count(&self, kind: &str, system: &str) -> Option<u64> {
+        self.get(&format!("{kind}?identifier={system}|&_summary=count"))
+            .await?["total"]
+            .as_u64()
+    }
+
+    async fn transaction(&self, entries: &[Value]) -> anyhow::Result<()> {
+        let body = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+        let answer = reqwest::Client::new()
+            .post(&self.url)
+            .header("Content-Type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await?;
+        anyhow::ensure!(
+            answer.status().is_success(),
+            "transaction: {}",
+            answer.status()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Hfs {
+    fn drop(&mut self) {
+        // Closing the pipe makes the wrapper shell stop hfs and wait for it; killing the
+        // shell instead would leave hfs running.
+        drop(self.lifeline.take());
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observations_from_kafka_land_in_the_server_once_and_a_refused_one_in_the_dead_letter_topic()
+-> anyhow::Result<()> {
+    let hfs = Hfs::start()?;
+    hfs.ready().await?;
+    let cluster = TestCluster::start().await?;
+    let system = "urn:e2e:obs";
+    let values: Vec<(String, String)> = (0..1_001)
+        .map(|i| {
+            let key = format!("Observation/e2e-{i}");
+            let value = if i == 500 {
+                // The key names an Observation, the value is a Patient: the server refuses it.
+                json!({"resourceType": "Patient", "name": [{"family": "Refused"}]})
+            } else {
+                json!({"resourceType": "Observation", "status": "final",
+                       "identifier": [{"system": system, "value": i.to_string()}],
+                       "code": {"text": "heart rate"}, "valueQuantity": {"value": 60 + i % 40}})
+            };
+            (key, value.to_string())
+        })
+        .collect();
+    let records: Vec<(Option<&str>, &str)> = values
+        .iter()
+        .map(|(k, v)| (Some(k.as_str()), v.as_str()))
+        .collect();
+    cluster.produce("obs.in", &records).await?;
+
+    let worker = cluster.start_worker().await?;
+    worker
+        .rest
+        .create(
+            "fhir-out",
+            json!({"connector.class": "FhirSink", "topics": "obs.in", "fhir.url": hfs.url,
+                   "fhir.bundle.size": "100", "fhir.bundle.type": "transaction",
+                   "errors.tolerance": "all", "errors.deadletterqueue.topic.name": "fhir.dlq",
+                   "errors.deadletterqueue.context.headers.enable": "true"}),
+        )
+        .await?;
+    worker.wait_for_state("fhir-out", "RUNNING", 1).await?;
+    let written = eventually("1,000 Observations in the server", async || {
+        hfs.count("Observation", system)
+            .await
+            .filter(|n| *n >= 1_000)
+    })
+    .await?;
+    assert_eq!(written, 1_000);
+    let dead = cluster.read_topic("fhir.dlq", 1).await?;
+    assert_eq!(dead.len(), 1);
+    let dead = &dead[0];
+    assert_eq!(dead.key.as_deref(), Some("Observation/e2e-500"));
+    assert_eq!(dead.header("fhir.outcome.status"), Some("400"));
+    assert_eq!(dead.header("fhir.outcome.code"), Some("invalid"));
+    assert!(
+        dead.header("fhir.outcome.diagnostics")
+            .is_some_and(|d| d.contains("does not match")),
+        "{dead:?}"
+    );
+    assert_eq!(dead.header("__connect.errors.offset"), Some("500"));
+    let message = dead
+        .header("__connect.errors.exception.message")
+        .unwrap_or_default();
+    assert!(
+        message.contains("HTTP 400") && !message.contains("does not match"),
+        "{message}"
+    );
+
+    eventually("offsets committed up to the end", async || {
+        let (_, offsets) = worker.rest.get("/connectors/fhir-out/offsets").await.ok()?;
+        let total: i64 = offsets["offsets"]
+            .as_array()?
+            .iter()
+            .filter_map(|o| o["offset"]["kafka_offset"].as_i64())
+            .sum();
+        (total == 1_001).then_some(())
+    })
+    .await?;
+    let (_, status) = worker.rest.get("/connectors/fhir-out/status").await?;
+    assert_eq!(status["tasks"][0]["state"], "RUNNING", "{status}");
+    assert_eq!(
+        cluster.count_records("fhir.dlq").await?,
+        1,
+        "only the refused record"
+    );
+    worker.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patient_changes_in_the_server_land_in_kafka_once_each() -> anyhow::Result<()> {
+    let hfs = Hfs::start()?;
+    hfs.ready().await?;
+    let put = |i: usize, family: &str| {
+        json!({"resource": {"resourceType": "Patient", "id": format!("p{i}"), "name": [{"family": family}]},
+               "request": {"method": "PUT", "url": format!("Patient/p{i}")}})
+    };
+    let created: Vec<Value> = (0..200).map(|i| put(i, "Created")).collect();
+    hfs.transaction(&created).await?;
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    worker
+        .rest
+        .create(
+            "fhir-in",
+            json!({"connector.class": "FhirSource", "fhir.url": hfs.url,
+                   "fhir.resource.types": "Patient", "fhir.poll.interval.ms": "200",
+                   "topic.creation.default.partitions": "1"}),
+        )
+        .await?;
+    worker.wait_for_state("fhir-in", "RUNNING", 1).await?;
+    // While it runs: 50 updates, 10 deletions.
+    let updated: Vec<Value> = (0..50).map(|i| put(i, "Updated")).collect();
+    hfs.transaction(&updated).await?;
+    let deleted: Vec<Value> = (190..200)
+        .map(|i| json!({"request": {"method": "DELETE", "url": format!("Patient/p{i}")}}))
+        .collect();
+    hfs.transaction(&deleted).await?;
+
+    cluster.read_topic("fhir.Patient", 260).await?;
+    let records = cluster.read_all("fhir.Patient").await?;
+    assert_eq!(records.len(), 260, "every version once");
+    let tombstones: Vec<_> = records.iter().filter(|r| r.value.is_none()).collect();
+    assert_eq!(tombstones.len(), 10);
+    assert!(
+        tombstones
+            .iter()
+            .all(|r| r.header("fhir.version.id") == Some("2"))
+    );
+    let p7: Vec<_> = records
+        .iter()
+        .filter(|r| r.key.as_deref() == Some("Patient/p7"))
+        .collect();
+    assert_eq!(p7.len(), 2);
+    assert_eq!(p7[0].header("fhir.version.id"), Some("1"));
+    assert_eq!(p7[1].json()["name"][0]["family"], "Updated");
+    assert_eq!(p7[1].header("content-type"), Some("application/fhir+json"));
+    assert_eq!(p7[1].header("fhir.resource.type"), Some("Patient"));
+    worker.shutdown().await;
+    Ok(())
+}
