@@ -497,3 +497,33 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod example_configs {
+    use super::*;
+
+    fn example(name: &str) -> Props {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../configs")
+            .join(name);
+        let text = std::fs::read_to_string(&path).expect("the example config");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        json["config"]
+            .as_object()
+            .expect("a config object")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().expect("string values").to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_example_configs_parse() {
+        let source = SourceConfig::parse(&example("fhir-source.json")).expect("fhir-source.json");
+        assert_eq!(
+            source.resource_types,
+            ["Patient", "Encounter", "Observation"]
+        );
+        let sink = SinkConfig::parse(&example("fhir-sink.json")).expect("fhir-sink.json");
+        assert_eq!(sink.bundle_size, 100);
+    }
+}
