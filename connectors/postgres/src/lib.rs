@@ -19,4 +19,6 @@ pub mod table;
 mod writer;
 
 pub use sink::{PostgresSinkConnector, PostgresSinkTask};
-pub use source::{PostgresSourceConnector, PostgresSourceTask};
+pub use source::{
+    PostgresCdcSourceConnector, PostgresCdcSourceTask, PostgresSourceConnector, PostgresSourceTask,
+};

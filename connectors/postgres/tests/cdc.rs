@@ -1,0 +1,405 @@
+//! The CDC source against a real PostgreSQL 15 (`wal_level=logical`): the initial snapshot
+//! then inserts, updates and deletes in commit order; the slot's `confirmed_flush_lsn` moving
+//! only to stored offsets; heartbeats moving an idle slot; a restart inside a transaction; a
+//! dropped slot failing the task. The engine is played by the test: it stores the offsets of
+//! the records it chooses and calls `commit` with them.
+
+mod support;
+
+use std::time::Duration;
+
+use medconnect_api::{ConnectError, SourceRecord, SourceTask};
+use medconnect_postgres::PostgresCdcSourceTask;
+use serde_json::{Value, json};
+use support::{
+    DEADLINE, MemoryOffsets, count, execute, poll_for, poll_until, shared, source_context,
+    value_json,
+};
+
+fn cdc_task(
+    url: &str,
+    slot: &str,
+    offsets: &MemoryOffsets,
+    extra: &[(&str, &str)],
+) -> PostgresCdcSourceTask {
+    let mut pairs = vec![
+        ("slot.name", slot),
+        ("publication.name", "medconnect_pub"),
+        ("table.include", "public.patients"),
+        ("topic.prefix", "ehr"),
+        ("status.interval.ms", "100"),
+        ("heartbeat.interval.ms", "0"),
+    ];
+    pairs.extend_from_slice(extra);
+    PostgresCdcSourceTask::new(source_context(url, &pairs, offsets)).expect("a valid task config")
+}
+
+const PATIENTS: &str =
+    "CREATE TABLE patients (id int PRIMARY KEY, name text, score numeric, tags jsonb)";
+
+fn changes(records: &[SourceRecord]) -> Vec<&SourceRecord> {
+    records
+        .iter()
+        .filter(|r| r.record.topic == "ehr.public.patients")
+        .collect()
+}
+
+fn op(record: &SourceRecord) -> String {
+    match &record.record.value {
+        None => "tombstone".into(),
+        Some(_) => value_json(record)["op"].as_str().unwrap_or("?").to_string(),
+    }
+}
+
+fn key(record: &SourceRecord) -> Value {
+    record
+        .record
+        .key
+        .as_ref()
+        .and_then(|k| serde_json::from_slice(k).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn lsn_of(record: &SourceRecord) -> u64 {
+    record.source_offset["lsn"]
+        .as_u64()
+        .expect("an lsn in the offset")
+}
+
+/// Polls until `want` change records of the patients table came (heartbeats aside).
+async fn poll_changes(task: &mut PostgresCdcSourceTask, want: usize) -> Vec<SourceRecord> {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    let mut got: Vec<SourceRecord> = Vec::new();
+    while changes(&got).len() < want {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "only {} of {want} changes",
+            changes(&got).len()
+        );
+        got.extend(poll_until(task, 1, DEADLINE).await);
+    }
+    got
+}
+
+async fn confirmed_flush(url: &str, slot: &str) -> u64 {
+    let text = count_text(
+        url,
+        &format!("SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::text FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+    )
+    .await;
+    text.parse().expect("an LSN")
+}
+
+async fn count_text(url: &str, sql: &str) -> String {
+    let mut connection = support::connect(url).await;
+    let text: String = sqlx::query_scalar(sql)
+        .fetch_one(&mut connection)
+        .await
+        .expect("query");
+    text
+}
+
+/// Waits until the server received a standby status update from the slot's session sent
+/// after now: the session had its chance to confirm whatever it was told.
+async fn a_status_update_later(url: &str, slot: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid \
+         WHERE s.slot_name = '{slot}' AND r.reply_time > now()"
+    );
+    let started = count_text(url, "SELECT now()::text").await;
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let sql = sql.replace("now()", &format!("'{started}'::timestamptz"));
+        if count(url, &sql).await == 1 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no status update from the slot's session"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_then_inserts_updates_and_deletes_stream_in_commit_order() {
+    let url = shared().database("cdc_order").await;
+    execute(&url, PATIENTS).await;
+    execute(&url, "INSERT INTO patients VALUES (1, 'Ada', 7.5, '{\"ward\": \"icu\"}'), (2, 'Ben', NULL, NULL)").await;
+    let offsets = MemoryOffsets::default();
+    let mut task = cdc_task(&url, "cdc_order", &offsets, &[]);
+    task.start().await.expect("start");
+    // The snapshot (two reads), then the heartbeat that marks it complete.
+    let snapshot = poll_until(&mut task, 3, DEADLINE).await;
+    assert_eq!(snapshot[..2].iter().map(op).collect::<Vec<_>>(), ["r", "r"]);
+    assert_eq!(snapshot[2].record.topic, "__medconnect-heartbeat.ehr");
+    let ada = value_json(&snapshot[0]);
+    assert_eq!(
+        ada["after"],
+        json!({"id": 1, "name": "Ada", "score": 7.5, "tags": {"ward": "icu"}})
+    );
+    assert_eq!(ada["source"]["snapshot"], true);
+    assert_eq!(key(&snapshot[0]), json!({"id": 1}));
+
+    execute(&url, "INSERT INTO patients VALUES (3, 'Cy', 1, '[]')").await;
+    execute(&url, "BEGIN; UPDATE patients SET name = 'Ada L.' WHERE id = 1; INSERT INTO patients VALUES (4, 'Di', 2, NULL); COMMIT").await;
+    execute(&url, "DELETE FROM patients WHERE id = 2").await;
+    let streamed = poll_changes(&mut task, 5).await;
+    let streamed: Vec<&SourceRecord> = changes(&streamed);
+    assert_eq!(
+        streamed.iter().map(|r| op(r)).collect::<Vec<_>>(),
+        ["c", "u", "c", "d", "tombstone"]
+    );
+    assert_eq!(
+        streamed.iter().map(|r| key(r)).collect::<Vec<_>>(),
+        [
+            json!({"id": 3}),
+            json!({"id": 1}),
+            json!({"id": 4}),
+            json!({"id": 2}),
+            json!({"id": 2})
+        ]
+    );
+    let update = value_json(streamed[1]);
+    assert_eq!(update["after"]["name"], "Ada L.");
+    assert_eq!(
+        update["before"],
+        Value::Null,
+        "default replica identity: no old row"
+    );
+    let delete = value_json(streamed[3]);
+    assert_eq!(delete["before"], json!({"id": 2}));
+    assert_eq!(delete["after"], Value::Null);
+    assert_eq!(delete["source"]["table"], "patients");
+    // source.lsn grows, and the update and the insert share their transaction.
+    let lsns: Vec<u64> = streamed[..4]
+        .iter()
+        .map(|r| value_json(r)["source"]["lsn"].as_u64().expect("source.lsn"))
+        .collect();
+    assert!(lsns.windows(2).all(|w| w[0] < w[1]), "{lsns:?}");
+    assert_eq!(
+        value_json(streamed[1])["source"]["txId"],
+        value_json(streamed[2])["source"]["txId"]
+    );
+    // Offsets: the update is not its transaction's last (its commit LSN), the insert is.
+    assert_eq!(
+        streamed[1].source_offset["lsn"],
+        streamed[1].source_offset["txn"]
+    );
+    assert!(lsn_of(streamed[2]) > lsn_of(streamed[1]));
+    assert!(
+        poll_for(&mut task, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_is_confirmed_only_up_to_the_stored_offsets() {
+    let url = shared().database("cdc_confirm").await;
+    execute(&url, PATIENTS).await;
+    let offsets = MemoryOffsets::default();
+    let mut task = cdc_task(&url, "cdc_confirm", &offsets, &[]);
+    task.start().await.expect("start");
+    let heartbeat = poll_until(&mut task, 1, DEADLINE).await;
+    let consistent = lsn_of(&heartbeat[0]);
+    for id in 1..=3 {
+        execute(&url, &format!("INSERT INTO patients (id) VALUES ({id})")).await;
+    }
+    let polled = poll_changes(&mut task, 3).await;
+    let inserts: Vec<&SourceRecord> = changes(&polled);
+    // Nothing stored: the session reports, and the slot stays where it was created.
+    a_status_update_later(&url, "cdc_confirm").await;
+    assert!(confirmed_flush(&url, "cdc_confirm").await <= consistent);
+
+    for (stored, record) in inserts.iter().enumerate() {
+        let batch: Vec<SourceRecord> = vec![SourceRecord::new(
+            record.record.clone(),
+            record.source_partition.clone(),
+            record.source_offset.clone(),
+        )];
+        let newly = offsets.store(&batch);
+        task.commit(&newly).await.expect("commit");
+        let want = lsn_of(record);
+        let until = tokio::time::Instant::now() + DEADLINE;
+        while confirmed_flush(&url, "cdc_confirm").await != want {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "slot not confirmed at insert {stored}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        a_status_update_later(&url, "cdc_confirm").await;
+        assert_eq!(
+            confirmed_flush(&url, "cdc_confirm").await,
+            want,
+            "never past the stored offset"
+        );
+        if let Some(next) = inserts.get(stored + 1) {
+            assert!(want < lsn_of(next));
+        }
+    }
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_move_an_idle_slot_past_wal_written_for_other_tables() {
+    let url = shared().database("cdc_idle").await;
+    execute(&url, PATIENTS).await;
+    execute(&url, "CREATE TABLE audit (n int)").await;
+    let offsets = MemoryOffsets::default();
+    let mut task = cdc_task(
+        &url,
+        "cdc_idle",
+        &offsets,
+        &[("heartbeat.interval.ms", "200")],
+    );
+    task.start().await.expect("start");
+    let first = poll_until(&mut task, 1, DEADLINE).await;
+    let newly = offsets.store(&first);
+    task.commit(&newly).await.expect("commit");
+    let before = confirmed_flush(&url, "cdc_idle").await;
+
+    // WAL for a table outside the publication: no change for the connector.
+    execute(&url, "INSERT INTO audit SELECT generate_series(1, 1000)").await;
+    let written: u64 = count_text(&url, "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::text")
+        .await
+        .parse()
+        .expect("an LSN");
+    let until = tokio::time::Instant::now() + DEADLINE;
+    let mut heartbeats = 0;
+    loop {
+        let polled = poll_for(&mut task, Duration::from_millis(300)).await;
+        assert!(
+            changes(&polled).is_empty(),
+            "no change record for another table"
+        );
+        heartbeats += polled.len();
+        let newly = offsets.store(&polled);
+        task.commit(&newly).await.expect("commit");
+        if confirmed_flush(&url, "cdc_idle").await >= written {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the idle slot did not move past {written}"
+        );
+    }
+    assert!(heartbeats >= 1);
+    assert!(confirmed_flush(&url, "cdc_idle").await > before);
+    task.stop().await.expect("stop");
+}
+
+/// A restart with offsets stored through the second change of a four-change transaction:
+/// the new task gets exactly the third and fourth, then what follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_inside_a_transaction_resumes_after_the_stored_change() {
+    let url = shared().database("cdc_restart").await;
+    execute(&url, PATIENTS).await;
+    let offsets = MemoryOffsets::default();
+    let mut first = cdc_task(&url, "cdc_restart", &offsets, &[]);
+    first.start().await.expect("start");
+    let heartbeat = poll_until(&mut first, 1, DEADLINE).await;
+    let newly = offsets.store(&heartbeat);
+    first.commit(&newly).await.expect("commit");
+    execute(&url, "INSERT INTO patients (id) VALUES (1)").await;
+    execute(
+        &url,
+        "BEGIN; INSERT INTO patients (id) VALUES (2), (3), (4), (5); COMMIT",
+    )
+    .await;
+    let polled = poll_changes(&mut first, 5).await;
+    let inserts: Vec<SourceRecord> = changes(&polled)
+        .into_iter()
+        .map(|r| {
+            SourceRecord::new(
+                r.record.clone(),
+                r.source_partition.clone(),
+                r.source_offset.clone(),
+            )
+        })
+        .collect();
+    let newly = offsets.store(&inserts[..3]);
+    first.commit(&newly).await.expect("commit");
+    // Crash: the session goes without a word.
+    drop(first);
+
+    let mut second = cdc_task(&url, "cdc_restart", &offsets, &[]);
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match second.start().await {
+            Ok(()) => break,
+            // The crashed session's walsender may still hold the slot a moment.
+            Err(error) if error.is_retriable() && tokio::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("start: {error}"),
+        }
+    }
+    execute(&url, "INSERT INTO patients (id) VALUES (6)").await;
+    let again = poll_changes(&mut second, 3).await;
+    let ids: Vec<Value> = changes(&again)
+        .iter()
+        .map(|r| key(r)["id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        [json!(4), json!(5), json!(6)],
+        "exactly the changes not stored"
+    );
+    second.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_fails_the_task_with_the_reason() {
+    let url = shared().database("cdc_lost").await;
+    execute(&url, PATIENTS).await;
+    let offsets = MemoryOffsets::default();
+    let mut task = cdc_task(&url, "cdc_lost", &offsets, &[]);
+    task.start().await.expect("start");
+    let heartbeat = poll_until(&mut task, 1, DEADLINE).await;
+    let newly = offsets.store(&heartbeat);
+    task.commit(&newly).await.expect("commit");
+
+    execute(&url, "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'cdc_lost'").await;
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while count(&url, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'cdc_lost' AND active_pid IS NULL").await != 1 {
+        assert!(tokio::time::Instant::now() < until, "walsender still there");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    execute(&url, "SELECT pg_drop_replication_slot('cdc_lost')").await;
+    let error = loop {
+        match task.poll().await {
+            Ok(_) => {}
+            Err(error) if error.is_retriable() => {}
+            Err(error) => break error,
+        }
+        assert!(tokio::time::Instant::now() < until, "no task error");
+    };
+    assert!(matches!(error, ConnectError::Fatal(_)), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains("\"cdc_lost\" does not exist"), "{message}");
+    task.stop().await.expect("stop");
+
+    // A new task with the offsets stored refuses to start rather than re-create the slot.
+    let mut again = cdc_task(&url, "cdc_lost", &offsets, &[]);
+    let error = again
+        .start()
+        .await
+        .expect_err("a missing slot with stored offsets");
+    assert!(
+        error
+            .to_string()
+            .contains("does not exist although offsets are stored"),
+        "{error}"
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'cdc_lost'"
+        )
+        .await,
+        0
+    );
+}
