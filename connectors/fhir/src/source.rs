@@ -108,8 +108,8 @@ struct Change {
     last_updated: Nanos,
     /// As the server wrote it.
     last_updated_text: String,
-    /// `None`: a deletion.
-    resource: Option<Value>,
+    /// The resource's JSON, serialized once; `None`: a deletion.
+    resource: Option<bytes::Bytes>,
 }
 
 impl Change {
@@ -177,7 +177,13 @@ fn change_of(entry: &Value, resource_type: &str) -> Option<Change> {
         version,
         last_updated,
         last_updated_text,
-        resource: if deleted { None } else { resource.cloned() },
+        resource: if deleted {
+            None
+        } else {
+            resource
+                .and_then(|r| serde_json::to_vec(r).ok())
+                .map(bytes::Bytes::from)
+        },
     })
 }
 
@@ -384,7 +390,7 @@ impl FhirSourceTask {
             Some(resource) => {
                 record = record
                     .with_header(content_type::HEADER, content_type::FHIR_JSON)
-                    .with_value(resource.to_string());
+                    .with_value(resource.clone());
             }
             None if self.config.tombstones => {}
             None => return None,
