@@ -165,6 +165,19 @@ impl FhirClient {
         answer(response).await
     }
 
+    /// `PUT [base]/<path>` of a resource: the stored resource.
+    pub async fn put(&self, path: &str, resource: &Value) -> Result<Value, FhirError> {
+        let response = self
+            .http
+            .put(format!("{}/{path}", self.base))
+            .header(CONTENT_TYPE, FHIR_JSON)
+            .body(resource.to_string())
+            .send()
+            .await
+            .map_err(|e| FhirError::Transport(transport_reason(&e)))?;
+        answer(response).await
+    }
+
     /// `POST [base]` of a batch or transaction Bundle: the response Bundle.
     pub async fn bundle(&self, body: Vec<u8>) -> Result<Value, FhirError> {
         let response = self

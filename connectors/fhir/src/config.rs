@@ -28,6 +28,15 @@ pub const PAGE_SIZE: &str = "fhir.page.size";
 pub const TOMBSTONES: &str = "fhir.tombstones";
 pub const INITIAL_SINCE: &str = "fhir.initial.since";
 
+pub const LISTENER_HOST: &str = "fhir.listener.host";
+pub const LISTENER_PORT: &str = "fhir.listener.port";
+pub const ACK_TIMEOUT_MS: &str = "fhir.ack.timeout.ms";
+pub const SUBSCRIPTION_ID: &str = "fhir.subscription.id";
+pub const SUBSCRIPTION_TOPIC: &str = "fhir.subscription.topic";
+pub const SUBSCRIPTION_ENDPOINT: &str = "fhir.subscription.endpoint";
+pub const SUBSCRIPTION_CONTENT: &str = "fhir.subscription.content";
+pub const SUBSCRIPTION_HEARTBEAT_S: &str = "fhir.subscription.heartbeat.seconds";
+
 pub const WRITE_MODE: &str = "fhir.write.mode";
 pub const IDENTIFIER_SYSTEM: &str = "fhir.identifier.system";
 pub const BUNDLE_TYPE: &str = "fhir.bundle.type";
@@ -226,9 +235,56 @@ pub struct SourceConfig {
     pub tombstones: bool,
     /// Where a resource type without a stored offset starts (`None`: its whole history).
     pub initial_since: Option<time::Nanos>,
+    /// The rest-hook receiver (FhirSubscriptionSource only).
+    pub listener: Option<ListenerConfig>,
+    /// The Subscription the task keeps on the server (FhirSubscriptionSource only).
+    pub subscription: Option<SubscriptionSpec>,
+}
+
+/// Where the rest-hook receiver listens, and how long a notification waits for its records
+/// to be durable before the server is answered 503 (and sends it again).
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub address: String,
+    pub ack_timeout: Duration,
+}
+
+/// A Subscription (R4 Backport IG) the task puts on the server at start: rest-hook to
+/// `endpoint`, on `topic`.
+#[derive(Debug, Clone)]
+pub struct SubscriptionSpec {
+    pub id: String,
+    pub topic: String,
+    pub endpoint: String,
+    pub content: String,
+    pub heartbeat_seconds: u32,
 }
 
 pub fn source_def() -> ConfigDef {
+    polling_def("1000")
+}
+
+/// The settings of FhirSubscriptionSource: the polling source's (polls become the safety
+/// net, every minute by default), the receiver's and the managed Subscription's.
+pub fn subscription_def() -> ConfigDef {
+    polling_def("60000")
+        .define(LISTENER_HOST, ConfigType::String, "0.0.0.0", Importance::Medium, "Address the rest-hook receiver binds (every worker runs one).")
+        .define_required(LISTENER_PORT, ConfigType::Int, Importance::High, "Port the rest-hook receiver binds, the same on every worker (behind a load balancer).")
+        .with_validator(Validator::between(1.0, 65_535.0))
+        .define(ACK_TIMEOUT_MS, ConfigType::Long, "30000", Importance::Low, "How long a notification waits for its records to be durable in Kafka; then the server is answered 503 and sends it again.")
+        .with_validator(Validator::between(1.0, MAX_MS))
+        .define(SUBSCRIPTION_ID, ConfigType::String, "", Importance::High, "Id of a Subscription the task puts on the server at start (PUT Subscription/<id>, status requested: the server handshakes and activates it again after an outage). Empty: the Subscription is managed elsewhere.")
+        .with_validator(Validator::custom(|v| if v.is_empty() || (v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')) { Ok(()) } else { Err(format!("'{v}' is not a FHIR id")) }))
+        .define(SUBSCRIPTION_TOPIC, ConfigType::String, "", Importance::High, "The SubscriptionTopic canonical URL of the managed Subscription (Subscription.criteria in the R4 Backport IG).")
+        .define(SUBSCRIPTION_ENDPOINT, ConfigType::String, "", Importance::High, "The URL the server posts notifications to: the load balancer in front of the workers' receivers.")
+        .define(SUBSCRIPTION_CONTENT, ConfigType::String, "id-only", Importance::Medium, "Payload of the managed Subscription: id-only or full-resource (either way the versions are read from _history; full-resource over plain http is refused by some servers).")
+        .with_validator(Validator::OneOf(vec!["id-only", "full-resource", "empty"]))
+        .define(SUBSCRIPTION_HEARTBEAT_S, ConfigType::Int, "60", Importance::Low, "Heartbeat period asked of the server; a heartbeat that reports more events than were received starts a catch-up read.")
+        .with_validator(Validator::between(1.0, 86_400.0))
+        .in_group("Subscription")
+}
+
+fn polling_def(poll_interval_default: &'static str) -> ConfigDef {
     connection_def()
         .define_required(RESOURCE_TYPES, ConfigType::List, Importance::High, "Resource types to read the changes of (Patient,Observation); split over the tasks.")
         .with_validator(Validator::custom(|v| {
@@ -236,7 +292,7 @@ pub fn source_def() -> ConfigDef {
         }))
         .define(TOPIC, ConfigType::String, "fhir.${resourceType}", Importance::High, "Topic of the records; ${resourceType} stands for the resource's type.")
         .with_validator(Validator::custom(|v| TopicTemplate::parse(v).map(|_| ())))
-        .define(POLL_INTERVAL_MS, ConfigType::Long, "1000", Importance::Medium, "How often each resource type's _history is asked for changes when the last poll found none.")
+        .define(POLL_INTERVAL_MS, ConfigType::Long, poll_interval_default, Importance::Medium, "How often each resource type's _history is asked for changes when the last poll found none (with a rest-hook receiver: the safety net behind the notifications).")
         .with_validator(Validator::between(1.0, MAX_MS))
         .define(OVERLAP_MS, ConfigType::Long, "2000", Importance::Medium, "Each poll reads again this far back before the latest change seen (_since = latest - overlap), so a change the server committed late with an earlier lastUpdated is not skipped; versions already emitted are recognised by (id, versionId) and not emitted twice.")
         .with_validator(Validator::between(0.0, MAX_MS))
@@ -252,8 +308,51 @@ pub fn source_def() -> ConfigDef {
 
 impl SourceConfig {
     pub fn parse(props: &Props) -> ConnectResult<Self> {
-        let def = source_def();
-        refuse_undeclared(props, &def, "source")?;
+        Self::parse_with(props, source_def(), "source").map(|(config, _)| config)
+    }
+
+    /// The settings of FhirSubscriptionSource.
+    pub fn parse_subscription(props: &Props) -> ConnectResult<Self> {
+        let (mut config, parsed) =
+            Self::parse_with(props, subscription_def(), "subscription source")?;
+        let port: u16 = parsed.int_as(LISTENER_PORT)?;
+        config.listener = Some(ListenerConfig {
+            address: format!("{}:{port}", parsed.string(LISTENER_HOST)?.trim()),
+            ack_timeout: parsed.millis(ACK_TIMEOUT_MS)?,
+        });
+        config.subscription = match parsed.optional_string(SUBSCRIPTION_ID) {
+            None => None,
+            Some(id) => {
+                let topic = parsed.optional_string(SUBSCRIPTION_TOPIC).ok_or_else(|| {
+                    ConnectError::config(SUBSCRIPTION_TOPIC, "required with fhir.subscription.id")
+                })?;
+                let endpoint = parsed
+                    .optional_string(SUBSCRIPTION_ENDPOINT)
+                    .ok_or_else(|| {
+                        ConnectError::config(
+                            SUBSCRIPTION_ENDPOINT,
+                            "required with fhir.subscription.id",
+                        )
+                    })?;
+                url_check(&endpoint).map_err(|r| ConnectError::config(SUBSCRIPTION_ENDPOINT, r))?;
+                Some(SubscriptionSpec {
+                    id,
+                    topic: topic.trim().to_string(),
+                    endpoint: endpoint.trim().to_string(),
+                    content: parsed.string(SUBSCRIPTION_CONTENT)?,
+                    heartbeat_seconds: parsed.int_as(SUBSCRIPTION_HEARTBEAT_S)?,
+                })
+            }
+        };
+        Ok(config)
+    }
+
+    fn parse_with(
+        props: &Props,
+        def: ConfigDef,
+        what: &str,
+    ) -> ConnectResult<(Self, ParsedConfig)> {
+        refuse_undeclared(props, &def, what)?;
         let parsed = def.parse(props)?;
         let mut resource_types: Vec<String> = Vec::new();
         for name in parsed.list(RESOURCE_TYPES)? {
@@ -277,7 +376,7 @@ impl SourceConfig {
             })?),
             None => None,
         };
-        Ok(Self {
+        let config = Self {
             connection: connection(&parsed)?,
             resource_types,
             topic,
@@ -286,7 +385,10 @@ impl SourceConfig {
             page_size: parsed.int_as(PAGE_SIZE)?,
             tombstones: parsed.boolean(TOMBSTONES)?,
             initial_since,
-        })
+            listener: None,
+            subscription: None,
+        };
+        Ok((config, parsed))
     }
 }
 

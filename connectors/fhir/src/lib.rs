@@ -15,6 +15,7 @@
 pub mod client;
 pub mod config;
 pub mod entry;
+pub mod hook;
 pub mod outcome;
 mod progress;
 mod sink;
@@ -23,5 +24,5 @@ pub mod time;
 mod writer;
 
 pub use sink::{FhirSinkConnector, FhirSinkTask};
-pub use source::{FhirSourceConnector, FhirSourceTask};
+pub use source::{FhirSourceConnector, FhirSourceTask, FhirSubscriptionSourceConnector};
 pub use writer::{HEADER_CODE, HEADER_DIAGNOSTICS, HEADER_SEVERITY, HEADER_STATUS};

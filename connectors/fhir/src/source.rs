@@ -11,15 +11,20 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use medconnect_api::{
-    ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind,
-    OffsetReader, Props, Record, SourceConnector, SourceOffset, SourcePartition, SourceRecord,
-    SourceTask, SourceTaskContext, TaskConfig, content_type,
+    AckHandle, ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind,
+    Delivery, OffsetReader, Placement, Props, Record, SourceConnector, SourceOffset,
+    SourcePartition, SourceRecord, SourceTask, SourceTaskContext, TaskConfig, content_type,
 };
 use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::client::{FhirClient, FhirError};
-use crate::config::{RESOURCE_TYPES, SourceConfig, source_def};
+use crate::config::{
+    LISTENER_PORT, RESOURCE_TYPES, SUBSCRIPTION_ID, SourceConfig, source_def, subscription_def,
+};
+use crate::hook::{Receiver, Settled, Trigger};
 use crate::sink::{check_server, client_error};
 use crate::time::{self, Nanos};
 
@@ -97,6 +102,70 @@ impl Connector for FhirSourceConnector {
 impl SourceConnector for FhirSourceConnector {
     fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
         Ok(Box::new(FhirSourceTask::new(context)?))
+    }
+}
+
+/// The rest-hook receiver for R4 Subscriptions (Backport IG): one task on every worker, each
+/// listening on `fhir.listener.port` behind a load balancer. A notification makes the task read
+/// the `_history` of the resource types it names at once (the records are those of the polling
+/// source: every version, in order, offsets per resource type), and the server is answered
+/// only once those records are durable in Kafka. Polling every `fhir.poll.interval.ms` (a
+/// minute by default) and at start is the safety net: what changed while no receiver answered
+/// arrives then, or at the next notification.
+#[derive(Debug, Default)]
+pub struct FhirSubscriptionSourceConnector;
+
+#[async_trait]
+impl Connector for FhirSubscriptionSourceConnector {
+    fn class(&self) -> &'static str {
+        "io.medconnect.connectors.fhir.FhirSubscriptionSourceConnector"
+    }
+
+    fn aliases(&self) -> &'static [&'static str] {
+        &["FhirSubscriptionSource"]
+    }
+
+    fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn kind(&self) -> ConnectorKind {
+        ConnectorKind::Source
+    }
+
+    fn config_def(&self) -> ConfigDef {
+        subscription_def()
+    }
+
+    async fn validate(&self, config: &Props) -> ConnectResult<()> {
+        let config = SourceConfig::parse_subscription(config)?;
+        let client = FhirClient::new(&config.connection).map_err(client_error)?;
+        let server = check_server(&client).await?;
+        tracing::info!(%server, "FHIR subscription source validated against the server");
+        Ok(())
+    }
+
+    async fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        _max_tasks: usize,
+    ) -> ConnectResult<Vec<TaskConfig>> {
+        // One receiver per worker: more tasks on one worker could not share the port.
+        Ok(vec![context.config.clone()])
+    }
+
+    fn placement(&self) -> Placement {
+        Placement::EveryWorker
+    }
+
+    fn max_tasks(&self) -> Option<u32> {
+        Some(1)
+    }
+}
+
+impl SourceConnector for FhirSubscriptionSourceConnector {
+    fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
+        Ok(Box::new(FhirSourceTask::with_receiver(context)?))
     }
 }
 
@@ -281,6 +350,45 @@ pub struct FhirSourceTask {
     offsets: Arc<dyn OffsetReader>,
     client: Option<FhirClient>,
     types: Vec<TypeState>,
+    hook: Option<Hook>,
+}
+
+/// The running receiver: its HTTP server, the reads it asks for, and the acknowledgements
+/// of the records it waits on.
+struct Hook {
+    triggers: mpsc::Receiver<Trigger>,
+    acks: mpsc::UnboundedSender<(u64, oneshot::Receiver<Delivery>)>,
+    /// The sequence number of the last record emitted.
+    seq: u64,
+    server: JoinHandle<()>,
+    settler: JoinHandle<()>,
+}
+
+impl Drop for Hook {
+    fn drop(&mut self) {
+        self.server.abort();
+        self.settler.abort();
+    }
+}
+
+/// Follows the records' acknowledgements in order: how far they are settled, and how many
+/// were not written.
+async fn settle(
+    mut acks: mpsc::UnboundedReceiver<(u64, oneshot::Receiver<Delivery>)>,
+    settled: watch::Sender<Settled>,
+) {
+    let mut state = Settled::default();
+    while let Some((seq, ack)) = acks.recv().await {
+        let written = matches!(
+            ack.await,
+            Ok(Delivery::Written { .. } | Delivery::Filtered | Delivery::DeadLettered { .. })
+        );
+        if !written {
+            state.failures += 1;
+        }
+        state.settled = seq;
+        let _ = settled.send(state);
+    }
 }
 
 impl std::fmt::Debug for FhirSourceTask {
@@ -310,7 +418,102 @@ impl FhirSourceTask {
             offsets: context.offsets,
             client: None,
             types: Vec::new(),
+            hook: None,
         })
+    }
+
+    /// A task of FhirSubscriptionSource: a polling source with a rest-hook receiver.
+    pub fn with_receiver(context: SourceTaskContext) -> ConnectResult<Self> {
+        Ok(Self {
+            config: SourceConfig::parse_subscription(&context.config)?,
+            connector: context.connector_name,
+            offsets: context.offsets,
+            client: None,
+            types: Vec::new(),
+            hook: None,
+        })
+    }
+
+    /// Starts the receiver, then puts the managed Subscription (the server handshakes with
+    /// the receiver at once).
+    async fn start_receiver(&mut self, client: &FhirClient) -> ConnectResult<()> {
+        let Some(listener) = self.config.listener.clone() else {
+            return Ok(());
+        };
+        self.hook = None;
+        let socket = tokio::net::TcpListener::bind(&listener.address)
+            .await
+            .map_err(|e| {
+                let error = ConnectError::from(e);
+                if error.is_retriable() {
+                    error
+                } else {
+                    ConnectError::config(
+                        LISTENER_PORT,
+                        format!("cannot listen on {}: {error}", listener.address),
+                    )
+                }
+            })?;
+        let (triggers_tx, triggers) = mpsc::channel(64);
+        let (acks, acks_rx) = mpsc::unbounded_channel();
+        let (settled_tx, settled) = watch::channel(Settled::default());
+        let receiver = Receiver {
+            connector: self.connector.clone(),
+            triggers: triggers_tx,
+            settled,
+            resource_types: Arc::new(self.config.resource_types.clone()),
+            ack_timeout: listener.ack_timeout,
+            events: Arc::default(),
+        };
+        let connector = self.connector.clone();
+        let server = tokio::spawn(async move {
+            if let Err(error) = axum::serve(socket, crate::hook::router(receiver)).await {
+                tracing::error!(connector = %connector, %error, "the rest-hook receiver stopped");
+            }
+        });
+        self.hook = Some(Hook {
+            triggers,
+            acks,
+            seq: 0,
+            server,
+            settler: tokio::spawn(settle(acks_rx, settled_tx)),
+        });
+        tracing::info!(connector = %self.connector, address = %listener.address, "rest-hook receiver listening");
+        if let Some(spec) = &self.config.subscription {
+            let resource = crate::hook::subscription_resource(spec, &self.connector);
+            match client
+                .put(&format!("Subscription/{}", spec.id), &resource)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(connector = %self.connector, subscription = %spec.id, "Subscription requested")
+                }
+                Err(error) if error.is_retriable() => {
+                    return Err(ConnectError::retriable(format!(
+                        "cannot put the Subscription: {error}"
+                    )));
+                }
+                Err(error) => {
+                    return Err(ConnectError::config(
+                        SUBSCRIPTION_ID,
+                        format!("the server refused the Subscription: {error}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With several receivers (one per worker), another one may have read further: its
+    /// stored offset is taken when it is ahead of this task's.
+    fn catch_up_cursor(&mut self, index: usize) {
+        let state = &mut self.types[index];
+        if let Some(stored) = self.offsets.offset(&state.partition) {
+            let stored = Cursor::from_offset(&stored);
+            if stored.since > state.cursor.since {
+                state.cursor = stored;
+            }
+        }
     }
 
     /// The page URL a `next` link names, on the configured base: a server that writes its own
@@ -372,6 +575,100 @@ impl FhirSourceTask {
         Ok(changes)
     }
 
+    /// Reads one resource type's new versions; `None` when the server did not answer (the
+    /// type is due again after the poll interval or the server's Retry-After).
+    async fn read(
+        &mut self,
+        client: &FhirClient,
+        index: usize,
+    ) -> ConnectResult<Option<Vec<SourceRecord>>> {
+        let overlap = self.config.overlap;
+        let (resource_type, since) = {
+            let state = &self.types[index];
+            let since = state
+                .cursor
+                .since
+                .map(|since| since - overlap.as_nanos() as Nanos);
+            (state.resource_type.clone(), since)
+        };
+        let changes = match self.history(client, &resource_type, since).await {
+            Ok(changes) => changes,
+            Err(error) if error.is_retriable() => {
+                let wait = error
+                    .retry_after()
+                    .unwrap_or(self.config.poll_interval)
+                    .max(self.config.poll_interval);
+                tracing::warn!(connector = %self.connector, resource_type, %error, wait_ms = wait.as_millis() as u64, "cannot read the history; trying again");
+                self.types[index].due = Instant::now() + wait;
+                return Ok(None);
+            }
+            Err(
+                error @ FhirError::Status {
+                    status: 401 | 403, ..
+                },
+            ) => {
+                return Err(ConnectError::fatal(format!(
+                    "the FHIR server refused the source's credentials: {error}"
+                )));
+            }
+            Err(error) => {
+                return Err(ConnectError::fatal(format!(
+                    "cannot read the {resource_type} history: {error}"
+                )));
+            }
+        };
+        let state = &mut self.types[index];
+        let fresh: Vec<Change> = changes
+            .into_iter()
+            .filter(|c| !state.cursor.seen.contains(&c.seen_key()))
+            .collect();
+        if fresh.is_empty() {
+            state.due = Instant::now() + self.config.poll_interval;
+            return Ok(Some(Vec::new()));
+        }
+        let before = state.cursor.offset();
+        for change in &fresh {
+            state.cursor.record(change, overlap);
+        }
+        let after = state.cursor.offset();
+        // More may have come while these were read: ask again at once.
+        state.due = Instant::now();
+        let partition = state.partition.clone();
+        let emitted: Vec<&Change> = fresh
+            .iter()
+            .filter(|c| c.resource.is_some() || self.config.tombstones)
+            .collect();
+        let last = emitted.len().saturating_sub(1);
+        let records = emitted
+            .iter()
+            .enumerate()
+            .filter_map(|(i, change)| {
+                let offset = if i == last {
+                    after.clone()
+                } else {
+                    before.clone()
+                };
+                self.to_record(&resource_type, change, offset, &partition)
+            })
+            .collect::<Vec<_>>();
+        tracing::debug!(connector = %self.connector, resource_type, records = records.len(), "changes read");
+        Ok(Some(records))
+    }
+
+    /// With a receiver, every record carries an acknowledgement, followed in order so that a
+    /// notification is answered only once the records of its read are durable.
+    fn acknowledged(&mut self, mut records: Vec<SourceRecord>) -> Vec<SourceRecord> {
+        if let Some(hook) = &mut self.hook {
+            for record in &mut records {
+                let (ack, delivered) = AckHandle::channel();
+                hook.seq += 1;
+                record.ack = Some(ack);
+                let _ = hook.acks.send((hook.seq, delivered));
+            }
+        }
+        records
+    }
+
     fn to_record(
         &self,
         resource_type: &str,
@@ -425,15 +722,16 @@ impl SourceTask for FhirSourceTask {
                 }
             })
             .collect();
+        self.start_receiver(&client).await?;
         tracing::info!(connector = %self.connector, resource_types = ?self.config.resource_types, "FHIR source started");
         self.client = Some(client);
         Ok(())
     }
 
-    /// Waits until a resource type is due, reads its history and returns its new versions,
-    /// oldest first. Every record but the last carries the offset from before this poll, the
-    /// last one the offset after it: a crash in between reads the poll again (duplicates),
-    /// never past it.
+    /// Waits until a resource type is due (or, with a receiver, a notification asks for a
+    /// read), reads its history and returns its new versions, oldest first. Every record but
+    /// the last of a type carries the offset from before this read, the last one the offset
+    /// after it: a crash in between reads them again (duplicates), never past them.
     async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>> {
         let client = self
             .client
@@ -442,77 +740,54 @@ impl SourceTask for FhirSourceTask {
         let Some(index) = (0..self.types.len()).min_by_key(|&i| self.types[i].due) else {
             return Ok(Vec::new());
         };
-        tokio::time::sleep_until(self.types[index].due).await;
-        let overlap = self.config.overlap;
-        let (resource_type, since) = {
-            let state = &self.types[index];
-            let since = state
-                .cursor
-                .since
-                .map(|since| since - overlap.as_nanos() as Nanos);
-            (state.resource_type.clone(), since)
-        };
-        let changes = match self.history(&client, &resource_type, since).await {
-            Ok(changes) => changes,
-            Err(error) if error.is_retriable() => {
-                let wait = error
-                    .retry_after()
-                    .unwrap_or(self.config.poll_interval)
-                    .max(self.config.poll_interval);
-                tracing::warn!(connector = %self.connector, resource_type, %error, wait_ms = wait.as_millis() as u64, "cannot read the history; trying again");
-                self.types[index].due = Instant::now() + wait;
-                return Ok(Vec::new());
+        let due = self.types[index].due;
+        let mut triggered = Vec::new();
+        match &mut self.hook {
+            Some(hook) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    trigger = hook.triggers.recv() => triggered.extend(trigger),
+                }
+                while let Ok(trigger) = hook.triggers.try_recv() {
+                    triggered.push(trigger);
+                }
             }
-            Err(
-                error @ FhirError::Status {
-                    status: 401 | 403, ..
-                },
-            ) => {
-                return Err(ConnectError::fatal(format!(
-                    "the FHIR server refused the source's credentials: {error}"
-                )));
-            }
-            Err(error) => {
-                return Err(ConnectError::fatal(format!(
-                    "cannot read the {resource_type} history: {error}"
-                )));
-            }
-        };
-        let state = &mut self.types[index];
-        let fresh: Vec<Change> = changes
-            .into_iter()
-            .filter(|c| !state.cursor.seen.contains(&c.seen_key()))
-            .collect();
-        if fresh.is_empty() {
-            state.due = Instant::now() + self.config.poll_interval;
-            return Ok(Vec::new());
+            None => tokio::time::sleep_until(due).await,
         }
-        let before = state.cursor.offset();
-        for change in &fresh {
-            state.cursor.record(change, overlap);
+        if triggered.is_empty() {
+            if self.hook.is_some() {
+                self.catch_up_cursor(index);
+            }
+            let records = self.read(&client, index).await?.unwrap_or_default();
+            return Ok(self.acknowledged(records));
         }
-        let after = state.cursor.offset();
-        // More may have come while these were read: ask again at once.
-        state.due = Instant::now();
-        let partition = state.partition.clone();
-        let emitted: Vec<&Change> = fresh
-            .iter()
-            .filter(|c| c.resource.is_some() || self.config.tombstones)
-            .collect();
-        let last = emitted.len().saturating_sub(1);
-        let records = emitted
-            .iter()
-            .enumerate()
-            .filter_map(|(i, change)| {
-                let offset = if i == last {
-                    after.clone()
-                } else {
-                    before.clone()
-                };
-                self.to_record(&resource_type, change, offset, &partition)
-            })
-            .collect::<Vec<_>>();
-        tracing::debug!(connector = %self.connector, resource_type, records = records.len(), "changes read");
+        let mut types: Vec<String> = Vec::new();
+        for trigger in &triggered {
+            for kind in &trigger.types {
+                if !types.contains(kind) {
+                    types.push(kind.clone());
+                }
+            }
+        }
+        let mut records = Vec::new();
+        let mut complete = true;
+        for kind in types {
+            let Some(index) = self.types.iter().position(|t| t.resource_type == kind) else {
+                continue;
+            };
+            self.catch_up_cursor(index);
+            match self.read(&client, index).await? {
+                Some(read) => records.extend(read),
+                None => complete = false,
+            }
+        }
+        let records = self.acknowledged(records);
+        // A read that failed leaves its notifications unanswered (503: sent again).
+        if complete && let Some(hook) = &self.hook {
+            for trigger in triggered {
+                let _ = trigger.reply.send(hook.seq);
+            }
+        }
         Ok(records)
     }
 

@@ -23,5 +23,6 @@ pub fn builtin_plugins() -> Plugins {
         .with_source(Arc::new(medconnect_mqtt::MqttBrokerSourceConnector))
         .with_sink(Arc::new(medconnect_mqtt::MqttSinkConnector))
         .with_source(Arc::new(medconnect_fhir::FhirSourceConnector))
+        .with_source(Arc::new(medconnect_fhir::FhirSubscriptionSourceConnector))
         .with_sink(Arc::new(medconnect_fhir::FhirSinkConnector))
 }
