@@ -4,13 +4,25 @@
 //!   server refuses lands in the dead-letter topic with its OperationOutcome and Connect's
 //!   context headers, and the committed offsets reach the end;
 //! - source: every version of Patients created, updated and deleted in the server lands in
-//!   `fhir.Patient` once, deletions as tombstones.
+//!   `fhir.Patient` once, deletions as tombstones;
+//! - crash: a worker process running the sink, killed with SIGKILL mid-stream, loses nothing
+//!   it committed, and after its restart the server holds exactly one resource per record.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 
+use std::time::Instant;
+
+use anyhow::{Context, ensure};
+use medconnect_e2e::crash::{
+    Processes, committed_offsets, report_line, start_broker, start_worker, wait_out_session,
+    write_worker_config,
+};
 use medconnect_e2e::{TestCluster, eventually, json};
+use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
 /// hfs on a free port with the full R4 search parameters; killed on drop or with the test
@@ -273,5 +285,172 @@ async fn patient_changes_in_the_server_land_in_kafka_once_each() -> anyhow::Resu
     assert_eq!(p7[1].header("content-type"), Some("application/fhir+json"));
     assert_eq!(p7[1].header("fhir.resource.type"), Some("Patient"));
     worker.shutdown().await;
+    Ok(())
+}
+
+const CRASH_TOPIC: &str = "crash.fhir";
+const CRASH_SINK: &str = "crash-fhir";
+const CRASH_SYSTEM: &str = "urn:crash:obs";
+const CRASH_PARTITIONS: i32 = 3;
+const CRASH_PER_PARTITION: i64 = 5_000;
+
+/// The id of the record at `offset` of `partition` (the topic is new: the n-th record produced
+/// to a partition is at offset n).
+fn crash_id(partition: i32, offset: i64) -> String {
+    format!("crash-{partition}-{offset}")
+}
+
+/// Which of `ids` the server does not hold (`_id` searches of 200 at a time).
+async fn missing(hfs: &Hfs, ids: &[String]) -> anyhow::Result<usize> {
+    let mut missing = 0;
+    for chunk in ids.chunks(200) {
+        let found = hfs
+            .get(&format!(
+                "Observation?_id={}&_summary=count",
+                chunk.join(",")
+            ))
+            .await
+            .context("a count")?["total"]
+            .as_u64()
+            .context("total")?;
+        missing += chunk.len() - found as usize;
+    }
+    Ok(missing)
+}
+
+/// Crash honesty for the sink: 15,000 Observations in 3 partitions -> the sink (upserts,
+/// Bundles of 50) -> hfs, in a worker process killed with SIGKILL once 40 % are in the server
+/// and it committed offsets, then started again. Every record below the committed offsets read
+/// after the kill is in the server (0 lost), and in the end the server holds exactly one
+/// resource per record: those written past the commit are delivered again and upserted (a new
+/// versionId, not a new resource).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_committed_is_lost_and_nothing_is_written_twice_after_sigkill() -> anyhow::Result<()>
+{
+    let mut processes = Processes::new()?;
+    let outcome = fhir_crash(&mut processes).await;
+    processes.report(outcome)
+}
+
+async fn fhir_crash(processes: &mut Processes) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let total = CRASH_PER_PARTITION as u64 * CRASH_PARTITIONS as u64;
+    let hfs = Hfs::start()?;
+    hfs.ready().await?;
+    let bootstrap = start_broker(processes).await?;
+    ensure_topics(
+        &KafkaSettings::new(&bootstrap),
+        &[TopicSpec::regular(CRASH_TOPIC, CRASH_PARTITIONS, 1)],
+    )
+    .await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("linger.ms", "5")
+        .create()?;
+    let mut sends = Vec::new();
+    for offset in 0..CRASH_PER_PARTITION {
+        for partition in 0..CRASH_PARTITIONS {
+            let id = crash_id(partition, offset);
+            let value = json!({"resourceType": "Observation", "status": "final",
+                "identifier": [{"system": CRASH_SYSTEM, "value": id}],
+                "code": {"text": "heart rate"}, "valueQuantity": {"value": 60 + offset % 40}})
+            .to_string();
+            let key = format!("Observation/{id}");
+            sends.push(
+                producer
+                    .send_result(
+                        FutureRecord::to(CRASH_TOPIC)
+                            .partition(partition)
+                            .key(&key)
+                            .payload(&value),
+                    )
+                    .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?,
+            );
+            if sends.len() >= 1_000 {
+                for send in sends.drain(..) {
+                    send.await?
+                        .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+                }
+            }
+        }
+    }
+    for send in sends.drain(..) {
+        send.await?
+            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+    }
+
+    let worker_toml = write_worker_config(processes, &bootstrap, 1_000)?;
+    let rest = start_worker(processes, "worker-1", &worker_toml).await?;
+    rest.create(
+        CRASH_SINK,
+        json!({"connector.class": "FhirSink", "topics": CRASH_TOPIC, "fhir.url": hfs.url,
+               "fhir.bundle.size": "50"}),
+    )
+    .await?;
+    let kill_at = total * 4 / 10;
+    eventually(
+        &format!("{kill_at} resources written and offsets committed"),
+        async || {
+            if hfs.count("Observation", CRASH_SYSTEM).await? < kill_at {
+                return None;
+            }
+            let (_, offsets) = rest
+                .get(&format!("/connectors/{CRASH_SINK}/offsets"))
+                .await
+                .ok()?;
+            let committed: i64 = offsets["offsets"]
+                .as_array()?
+                .iter()
+                .filter_map(|o| o["offset"]["kafka_offset"].as_i64())
+                .sum();
+            (committed > 0).then_some(())
+        },
+    )
+    .await?;
+    processes.kill("worker-1")?;
+    let killed_at = Instant::now();
+    let killed_after = started.elapsed();
+
+    // What the killed worker vouched for: every record below its committed offsets.
+    let committed =
+        committed_offsets(&bootstrap, &format!("connect-{CRASH_SINK}"), CRASH_TOPIC).await?;
+    let vouched: Vec<String> = committed
+        .iter()
+        .flat_map(|(partition, next)| (0..*next).map(move |offset| crash_id(*partition, offset)))
+        .collect();
+    let written_at_kill = hfs
+        .count("Observation", CRASH_SYSTEM)
+        .await
+        .context("count at the kill")?;
+    let lost = missing(&hfs, &vouched).await?;
+    ensure!(
+        lost == 0,
+        "{lost} record(s) below the committed offsets {committed:?} are not in the server"
+    );
+
+    wait_out_session(killed_at).await;
+    let _rest = start_worker(processes, "worker-2", &worker_toml).await?;
+    let written = eventually(&format!("{total} resources: one per record"), async || {
+        hfs.count("Observation", CRASH_SYSTEM)
+            .await
+            .filter(|n| *n >= total)
+    })
+    .await?;
+    let all: Vec<String> = (0..CRASH_PARTITIONS)
+        .flat_map(|p| (0..CRASH_PER_PARTITION).map(move |o| crash_id(p, o)))
+        .collect();
+    let absent = missing(&hfs, &all).await?;
+    let committed_total: i64 = committed.values().sum();
+    report_line(format!(
+        "crash: fhir sink killed after {:.1}s with {written_at_kill} resources written and {committed_total} records committed ({} written past the commit, delivered again after the restart as upserts); server {written} resources for {total} records, {absent} missing, {lost} lost below the commit; {:.1}s in all",
+        killed_after.as_secs_f64(),
+        written_at_kill.saturating_sub(committed_total as u64),
+        started.elapsed().as_secs_f64()
+    ));
+    ensure!(absent == 0, "{absent} record(s) are not in the server");
+    ensure!(
+        written == total,
+        "{written} resources for {total} records: some written twice"
+    );
     Ok(())
 }
