@@ -1,7 +1,11 @@
-//! The PostgreSQL sink in a real worker against a real broker: datagen vitals through Kafka
-//! (3 partitions) into a table the sink creates on a PostgreSQL 15 of the test's own
-//! (`scripts/postgres-peers`). Every record lands once, keyed by its Kafka position, and the
-//! committed offsets reach the end.
+//! PostgreSQL connectors in real workers against a real broker, on a PostgreSQL 15 of the
+//! test's own (`scripts/postgres-peers`, `wal_level=logical`):
+//! - the sink: datagen vitals through Kafka (3 partitions) into a table the sink creates. Every
+//!   record lands once, keyed by its Kafka position, and the committed offsets reach the end;
+//! - the CDC source, crash-tested: changes committed while a worker process (its own, the
+//!   broker in another) streams them, the worker SIGKILLed mid-stream and started again. No
+//!   change is lost; the duplicates are counted and printed (`crash:` line); the slot's
+//!   `confirmed_flush_lsn` at the kill is not past the offset stored in the offset topic.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -80,7 +84,7 @@ impl Postgres {
             .expect("run initdb");
         assert!(initdb.success(), "initdb: {initdb}");
         let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c wal_level=logical",
             server.dir.path().display()
         );
         let started = server
@@ -180,4 +184,316 @@ async fn vitals_become_rows_once_each_and_the_offsets_are_committed() -> anyhow:
     assert_eq!(status["tasks"][0]["state"], "RUNNING");
     worker.shutdown().await;
     Ok(())
+}
+
+mod cdc_crash {
+    //! The CDC source's crash test. The worker that is killed runs in a process of its own:
+    //! this test binary started again with [`WORKER_ENV`] naming the worker config, so it runs
+    //! only [`cdc_crash_worker_process`] (the built-in connectors and the PostgreSQL sources;
+    //! once `medconnect::builtin_plugins` registers them, `medconnect worker` would do).
+
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, bail, ensure};
+    use medconnect_e2e::crash::{
+        OFFSETS_TOPIC, Processes, Read, read_all, report_line, start_broker, write_worker_config,
+    };
+    use medconnect_e2e::{Rest, eventually, json};
+    use serde_json::Value;
+    use sqlx::Connection;
+    use sqlx::postgres::PgConnection;
+
+    use super::Postgres;
+
+    const CONNECTOR: &str = "crash-ehr-cdc";
+    const TOPIC: &str = "crash.public.events";
+    const SLOT: &str = "crash_cdc";
+    const WORKER_ENV: &str = "MEDCONNECT_PG_CRASH_WORKER";
+    /// Transactions committed while the worker streams: each inserts a row, every 4th also
+    /// updates the row before it, every 10th also deletes the row five before it.
+    const TRANSACTIONS: i64 = 2_000;
+    /// Rows in the table before the connector starts: the snapshot reads them.
+    const SNAPSHOT_ROWS: i64 = 100;
+
+    /// Not a test of its own: the worker process of the crash test (a no-op without
+    /// [`WORKER_ENV`]). Runs until killed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cdc_crash_worker_process() -> anyhow::Result<()> {
+        let Some(config) = std::env::var_os(WORKER_ENV) else {
+            return Ok(());
+        };
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "info,medconnect_postgres=debug",
+            ))
+            .with_ansi(false)
+            .try_init();
+        let config = medconnect_runtime::WorkerConfig::from_file(Path::new(&config))?;
+        let mut plugins = medconnect::builtin_plugins();
+        if plugins.find("PostgresCdcSource").is_none() {
+            plugins =
+                plugins.with_source(Arc::new(medconnect_postgres::PostgresCdcSourceConnector));
+        }
+        let worker = medconnect_runtime::Worker::start(config, plugins).await?;
+        println!("medconnect worker: REST on {}", worker.rest_addr());
+        let reason = worker.failed().await;
+        bail!("the worker failed: {reason}")
+    }
+
+    async fn start_worker(
+        processes: &mut Processes,
+        name: &str,
+        toml: &Path,
+    ) -> anyhow::Result<Rest> {
+        let text = std::fs::read_to_string(toml)?;
+        let listen = text
+            .lines()
+            .find_map(|l| l.strip_prefix("listen = \""))
+            .and_then(|l| l.strip_suffix('"'))
+            .context("no REST listen address in the worker config")?;
+        let rest = Rest::new(&format!("http://{listen}"));
+        let toml = toml.to_str().context("temp path is not UTF-8")?;
+        processes.spawn(
+            name,
+            &std::env::current_exe()?,
+            &[
+                "cdc_crash::cdc_crash_worker_process",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ],
+            &[(WORKER_ENV, toml)],
+        )?;
+        let up = eventually(&format!("{name}'s REST API"), async || {
+            if matches!(rest.get("/").await, Ok((200, _))) {
+                Some(true)
+            } else {
+                processes.exited(name).then_some(false)
+            }
+        })
+        .await?;
+        ensure!(up, "{name} exited while starting");
+        Ok(rest)
+    }
+
+    /// What one transaction changes, as (op, id) pairs; deletes are followed by a tombstone.
+    fn plan(k: i64) -> (String, Vec<(&'static str, i64)>) {
+        let mut sql = format!("BEGIN; INSERT INTO events (id, v) VALUES ({k}, 0);");
+        let mut changes = vec![("c", k)];
+        if k % 4 == 0 {
+            sql.push_str(&format!("UPDATE events SET v = 1 WHERE id = {};", k - 1));
+            changes.push(("u", k - 1));
+        }
+        if k % 10 == 0 {
+            sql.push_str(&format!("DELETE FROM events WHERE id = {};", k - 5));
+            changes.push(("d", k - 5));
+            changes.push(("tombstone", k - 5));
+        }
+        sql.push_str("COMMIT");
+        (sql, changes)
+    }
+
+    fn identity(record: &Read) -> anyhow::Result<(String, i64)> {
+        let key: Value =
+            serde_json::from_slice(record.key.as_deref().context("a change without a key")?)?;
+        let id = key["id"].as_i64().context("a key without id")?;
+        let op = match record.value.as_deref() {
+            None => "tombstone".to_string(),
+            Some(value) => {
+                let value: Value = serde_json::from_slice(value)?;
+                value["op"]
+                    .as_str()
+                    .context("a value without op")?
+                    .to_string()
+            }
+        };
+        Ok((op, id))
+    }
+
+    async fn stored_lsn(rest: &Rest) -> Option<u64> {
+        let (code, body) = rest
+            .get(&format!("/connectors/{CONNECTOR}/offsets"))
+            .await
+            .ok()?;
+        if code != 200 {
+            return None;
+        }
+        body["offsets"]
+            .as_array()?
+            .iter()
+            .find_map(|o| o["offset"]["lsn"].as_u64())
+    }
+
+    /// The latest offset of the connector in the offset topic, as a plain consumer reads it.
+    async fn offset_topic_lsn(bootstrap: &str) -> anyhow::Result<u64> {
+        let records = read_all(bootstrap, OFFSETS_TOPIC, |records| {
+            records.iter().any(|r| {
+                r.key
+                    .as_deref()
+                    .and_then(|k| serde_json::from_slice::<Value>(k).ok())
+                    .is_some_and(|k| k[0] == CONNECTOR)
+            })
+        })
+        .await?;
+        let mut lsn = None;
+        for record in records {
+            let Some(key) = record.key.as_deref() else {
+                continue;
+            };
+            let key: Value = serde_json::from_slice(key)?;
+            if key[0] != CONNECTOR {
+                continue;
+            }
+            let value: Value = serde_json::from_slice(record.value.as_deref().unwrap_or(b"null"))?;
+            if let Some(stored) = value["lsn"].as_u64() {
+                lsn = Some(stored);
+            }
+        }
+        lsn.context("no offset with an lsn in the offset topic")
+    }
+
+    async fn confirmed_flush(url: &str) -> anyhow::Result<u64> {
+        let mut connection = PgConnection::connect(url).await?;
+        let text: String = sqlx::query_scalar(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::text FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(SLOT)
+        .fetch_one(&mut connection)
+        .await?;
+        let _ = connection.close().await;
+        Ok(text.parse()?)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cdc_loses_no_change_when_its_worker_is_sigkilled_mid_stream() -> anyhow::Result<()> {
+        if std::env::var_os(WORKER_ENV).is_some() {
+            return Ok(());
+        }
+        let mut processes = Processes::new()?;
+        let postgres = Postgres::start();
+        let outcome = crash(&mut processes, &postgres.url()).await;
+        processes.report(outcome)
+    }
+
+    async fn crash(processes: &mut Processes, url: &str) -> anyhow::Result<()> {
+        let started = Instant::now();
+        {
+            let mut connection = PgConnection::connect(url).await?;
+            sqlx::raw_sql(&format!(
+                "CREATE TABLE events (id bigint PRIMARY KEY, v int NOT NULL, at timestamptz DEFAULT now()); \
+                 INSERT INTO events (id, v) SELECT -g, 0 FROM generate_series(1, {SNAPSHOT_ROWS}) g"
+            ))
+            .execute(&mut connection)
+            .await?;
+            let _ = connection.close().await;
+        }
+        let bootstrap = start_broker(processes).await?;
+        let toml = write_worker_config(processes, &bootstrap, 500)?;
+        let rest = start_worker(processes, "worker-1", &toml).await?;
+        rest.create(
+            CONNECTOR,
+            json!({"connector.class": "PostgresCdcSource", "connection.url": url,
+                   "slot.name": SLOT, "publication.name": "crash_pub", "table.include": "public.events",
+                   "topic.prefix": "crash", "heartbeat.interval.ms": "1000", "status.interval.ms": "100"}),
+        )
+        .await?;
+
+        // The snapshot is complete once its heartbeat's offset is stored: rows committed from
+        // now on are changes.
+        eventually("the snapshot to complete", async || stored_lsn(&rest).await).await?;
+        // The writer commits the transactions one by one, about 400 a second, across the kill.
+        let committed = Arc::new(AtomicI64::new(0));
+        let writer = {
+            let (url, committed) = (url.to_string(), committed.clone());
+            tokio::spawn(async move {
+                let mut connection = PgConnection::connect(&url).await?;
+                for k in 1..=TRANSACTIONS {
+                    let (sql, _) = plan(k);
+                    sqlx::Executor::execute(&mut connection, sql.as_str()).await?;
+                    committed.store(k, Ordering::Release);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                let _ = connection.close().await;
+                anyhow::Ok(())
+            })
+        };
+        let kill_after = TRANSACTIONS * 4 / 10;
+        eventually(
+            "40% committed and an offset of the stream stored",
+            async || {
+                (committed.load(Ordering::Acquire) >= kill_after
+                    && stored_lsn(&rest).await.is_some())
+                .then_some(())
+            },
+        )
+        .await?;
+        processes.kill("worker-1")?;
+        let killed_after = started.elapsed();
+        let committed_at_kill = committed.load(Ordering::Acquire);
+        let confirmed = confirmed_flush(url).await?;
+        let stored = offset_topic_lsn(&bootstrap).await?;
+        report_line(format!(
+            "crash: postgres CDC worker killed after {:.1}s with {committed_at_kill} of {TRANSACTIONS} transactions committed; slot confirmed at {confirmed}, offset topic at {stored}",
+            killed_after.as_secs_f64()
+        ));
+        ensure!(
+            confirmed <= stored,
+            "the slot was confirmed at LSN {confirmed}, past the stored offset {stored}"
+        );
+
+        let rest = start_worker(processes, "worker-2", &toml).await?;
+        writer.await??;
+        let mut expected: BTreeSet<(String, i64)> =
+            (1..=SNAPSHOT_ROWS).map(|g| ("r".to_string(), -g)).collect();
+        for k in 1..=TRANSACTIONS {
+            expected.extend(plan(k).1.into_iter().map(|(op, id)| (op.to_string(), id)));
+        }
+        let wanted = expected.clone();
+        let records = read_all(&bootstrap, TOPIC, move |records| {
+            let got: BTreeSet<(String, i64)> =
+                records.iter().filter_map(|r| identity(r).ok()).collect();
+            wanted.iter().all(|w| got.contains(w))
+        })
+        .await?;
+        let mut counts: BTreeMap<(String, i64), usize> = BTreeMap::new();
+        for record in &records {
+            *counts.entry(identity(record)?).or_default() += 1;
+        }
+        let missing: Vec<&(String, i64)> = expected
+            .iter()
+            .filter(|e| !counts.contains_key(*e))
+            .collect();
+        let unexpected: Vec<&(String, i64)> =
+            counts.keys().filter(|c| !expected.contains(*c)).collect();
+        let duplicates: usize = counts.values().map(|n| n - 1).sum();
+        let (_, status) = rest.get(&format!("/connectors/{CONNECTOR}/status")).await?;
+        report_line(format!(
+            "crash: postgres CDC {} changes expected ({SNAPSHOT_ROWS} snapshot reads), {} records in {TOPIC}: {} missing, {duplicates} duplicates, {} unexpected; task {}; {:.1}s in all",
+            expected.len(),
+            records.len(),
+            missing.len(),
+            unexpected.len(),
+            status["tasks"][0]["state"],
+            started.elapsed().as_secs_f64()
+        ));
+        ensure!(
+            missing.is_empty(),
+            "{} change(s) lost: first {:?}",
+            missing.len(),
+            &missing[..missing.len().min(20)]
+        );
+        ensure!(
+            unexpected.is_empty(),
+            "records of no change: {unexpected:?}"
+        );
+        ensure!(
+            status["tasks"][0]["state"] == "RUNNING",
+            "task state after the restart: {status}"
+        );
+        Ok(())
+    }
 }

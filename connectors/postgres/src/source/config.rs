@@ -443,6 +443,30 @@ mod tests {
         assert!(config.tombstones && config.slot_create);
     }
 
+    fn example(text: &str) -> Props {
+        let json: serde_json::Value = serde_json::from_str(text).expect("JSON");
+        json["config"]
+            .as_object()
+            .expect("config object")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().expect("string values").to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_example_connector_configs_are_valid() {
+        let query = QuerySourceConfig::parse(&example(include_str!(
+            "../../../../configs/postgres-query-source.json"
+        )))
+        .expect("valid query source");
+        assert_eq!(query.mode.incrementing(), Some("id"));
+        let cdc = CdcSourceConfig::parse(&example(include_str!(
+            "../../../../configs/postgres-cdc-source.json"
+        )))
+        .expect("valid CDC source");
+        assert_eq!(cdc.tables.len(), 2);
+    }
+
     #[test]
     fn table_names_are_quoted_part_by_part() {
         assert_eq!(quoted_table("lab.Results"), "\"lab\".\"Results\"");
