@@ -19,6 +19,11 @@ pub enum FhirError {
     CaFile(String),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    #[error("the SMART private key: {0}")]
+    Key(String),
+    /// The authorization server refused the client (a wrong key or client id).
+    #[error("SMART authorization failed: {0}")]
+    Auth(String),
     #[error("no answer from the FHIR server: {0}")]
     Transport(String),
     /// The server answered with an error status. `Display` names the status and the
@@ -93,6 +98,8 @@ fn now() -> time::Nanos {
 pub struct FhirClient {
     http: reqwest::Client,
     base: String,
+    /// SMART Backend Services: the access token for each request.
+    tokens: Option<std::sync::Arc<crate::smart::TokenSource>>,
 }
 
 impl std::fmt::Debug for FhirClient {
@@ -114,6 +121,7 @@ impl FhirClient {
                 Some(format!("Basic {encoded}"))
             }
             Auth::Bearer(token) => Some(format!("Bearer {}", token.expose())),
+            Auth::Smart(_) => None,
         };
         if let Some(value) = authorization {
             let mut value = HeaderValue::from_str(&value).map_err(|_| {
@@ -139,10 +147,56 @@ impl FhirClient {
         let http = builder
             .build()
             .map_err(|e| FhirError::Client(e.to_string()))?;
+        let tokens = match &config.auth {
+            Auth::Smart(settings) => {
+                let signer =
+                    crate::smart::Signer::load(&settings.key_file).map_err(FhirError::Key)?;
+                Some(std::sync::Arc::new(crate::smart::TokenSource::new(
+                    http.clone(),
+                    config.base.clone(),
+                    settings.clone(),
+                    signer,
+                )))
+            }
+            _ => None,
+        };
         Ok(Self {
             http,
             base: config.base.clone(),
+            tokens,
         })
+    }
+
+    /// Sends a request (built again for a retry), with the SMART access token when there is
+    /// one; a 401 to a token makes one more attempt with a new token.
+    async fn send(
+        &self,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, FhirError> {
+        let Some(tokens) = &self.tokens else {
+            return build()
+                .send()
+                .await
+                .map_err(|e| FhirError::Transport(transport_reason(&e)));
+        };
+        for attempt in 0..2 {
+            let token = tokens.token().await?;
+            let mut authorization =
+                HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                    FhirError::Auth("an access token that cannot be sent in a header".into())
+                })?;
+            authorization.set_sensitive(true);
+            let response = build()
+                .header(AUTHORIZATION, authorization)
+                .send()
+                .await
+                .map_err(|e| FhirError::Transport(transport_reason(&e)))?;
+            if response.status().as_u16() != 401 || attempt == 1 {
+                return Ok(response);
+            }
+            tokens.invalidate().await;
+        }
+        Err(FhirError::Auth("no access token accepted".into()))
     }
 
     pub fn base(&self) -> &str {
@@ -156,38 +210,36 @@ impl FhirClient {
 
     /// A GET of a URL on this server (a `_history` page).
     pub async fn get(&self, url: &str) -> Result<Value, FhirError> {
-        let response = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| FhirError::Transport(transport_reason(&e)))?;
+        let response = self.send(|| self.http.get(url)).await?;
         answer(response).await
     }
 
     /// `PUT [base]/<path>` of a resource: the stored resource.
     pub async fn put(&self, path: &str, resource: &Value) -> Result<Value, FhirError> {
+        let url = format!("{}/{path}", self.base);
+        let body = resource.to_string();
         let response = self
-            .http
-            .put(format!("{}/{path}", self.base))
-            .header(CONTENT_TYPE, FHIR_JSON)
-            .body(resource.to_string())
-            .send()
-            .await
-            .map_err(|e| FhirError::Transport(transport_reason(&e)))?;
+            .send(|| {
+                self.http
+                    .put(&url)
+                    .header(CONTENT_TYPE, FHIR_JSON)
+                    .body(body.clone())
+            })
+            .await?;
         answer(response).await
     }
 
     /// `POST [base]` of a batch or transaction Bundle: the response Bundle.
     pub async fn bundle(&self, body: Vec<u8>) -> Result<Value, FhirError> {
+        let body = bytes::Bytes::from(body);
         let response = self
-            .http
-            .post(&self.base)
-            .header(CONTENT_TYPE, FHIR_JSON)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| FhirError::Transport(transport_reason(&e)))?;
+            .send(|| {
+                self.http
+                    .post(&self.base)
+                    .header(CONTENT_TYPE, FHIR_JSON)
+                    .body(body.clone())
+            })
+            .await?;
         answer(response).await
     }
 }

@@ -16,6 +16,11 @@ pub const AUTH_TYPE: &str = "fhir.auth.type";
 pub const AUTH_USERNAME: &str = "fhir.auth.username";
 pub const AUTH_PASSWORD: &str = "fhir.auth.password";
 pub const AUTH_TOKEN: &str = "fhir.auth.token";
+pub const AUTH_CLIENT_ID: &str = "fhir.auth.client.id";
+pub const AUTH_PRIVATE_KEY_FILE: &str = "fhir.auth.private.key.file";
+pub const AUTH_KEY_ID: &str = "fhir.auth.key.id";
+pub const AUTH_SCOPE: &str = "fhir.auth.scope";
+pub const AUTH_TOKEN_URL: &str = "fhir.auth.token.url";
 pub const TLS_CA_FILE: &str = "fhir.tls.ca.file";
 pub const CONNECT_TIMEOUT_MS: &str = "fhir.connect.timeout.ms";
 pub const REQUEST_TIMEOUT_MS: &str = "fhir.request.timeout.ms";
@@ -73,8 +78,25 @@ impl std::fmt::Debug for Secret {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
     None,
-    Basic { username: String, password: Secret },
+    Basic {
+        username: String,
+        password: Secret,
+    },
     Bearer(Secret),
+    /// SMART Backend Services: client credentials with a signed JWT assertion.
+    Smart(SmartSettings),
+}
+
+/// SMART Backend Services settings; the key file is read when the client is built (at
+/// start or validation, not while the task's settings are parsed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmartSettings {
+    pub client_id: String,
+    pub key_file: PathBuf,
+    pub key_id: Option<String>,
+    pub scope: String,
+    /// `None`: from `[base]/.well-known/smart-configuration`.
+    pub token_url: Option<String>,
 }
 
 /// How the FHIR server is reached; the same for the source and the sink.
@@ -112,11 +134,16 @@ fn connection_def() -> ConfigDef {
     ConfigDef::new()
         .define_required(URL, ConfigType::String, Importance::High, "The FHIR R4 server's service base URL (http://host:8080/fhir).")
         .with_validator(Validator::custom(url_check))
-        .define(AUTH_TYPE, ConfigType::String, "none", Importance::High, "none, basic (fhir.auth.username/fhir.auth.password) or bearer (a static token in fhir.auth.token).")
-        .with_validator(Validator::OneOf(vec!["none", "basic", "bearer"]))
+        .define(AUTH_TYPE, ConfigType::String, "none", Importance::High, "none, basic (fhir.auth.username/fhir.auth.password), bearer (a static token in fhir.auth.token) or smart-backend (SMART Backend Services: fhir.auth.client.id and fhir.auth.private.key.file).")
+        .with_validator(Validator::OneOf(vec!["none", "basic", "bearer", "smart-backend"]))
         .define(AUTH_USERNAME, ConfigType::String, "", Importance::Medium, "User for basic authentication.")
         .define(AUTH_PASSWORD, ConfigType::Password, "", Importance::Medium, "Password for basic authentication; use ${env:...} or ${file:...}.")
         .define(AUTH_TOKEN, ConfigType::Password, "", Importance::Medium, "Bearer token sent as Authorization: Bearer; use ${env:...} or ${file:...}.")
+        .define(AUTH_CLIENT_ID, ConfigType::String, "", Importance::Medium, "SMART Backend Services: the client id registered with the server's authorization server (iss and sub of the assertion).")
+        .define(AUTH_PRIVATE_KEY_FILE, ConfigType::String, "", Importance::Medium, "SMART Backend Services: PEM file of the client's private key, RSA (signs RS384) or P-384 (signs ES384), PKCS#8 (or PKCS#1 for RSA).")
+        .define(AUTH_KEY_ID, ConfigType::String, "", Importance::Low, "SMART Backend Services: kid of the key in the client's registered JWKS (empty: none sent).")
+        .define(AUTH_SCOPE, ConfigType::String, "system/*.read system/*.write", Importance::Medium, "SMART Backend Services: the scopes asked for.")
+        .define(AUTH_TOKEN_URL, ConfigType::String, "", Importance::Low, "SMART Backend Services: the token endpoint; empty: token_endpoint of [base]/.well-known/smart-configuration.")
         .define(TLS_CA_FILE, ConfigType::String, "", Importance::Medium, "PEM file of the CA(s) that signed the server's certificate (https://), trusted besides the system's roots.")
         .define(CONNECT_TIMEOUT_MS, ConfigType::Long, "2000", Importance::Low, "How long establishing a connection may take.")
         .with_validator(Validator::between(1.0, MAX_MS))
@@ -146,6 +173,36 @@ fn connection(parsed: &ParsedConfig) -> ConnectResult<ConnectionConfig> {
                 ));
             }
         },
+        "smart-backend" => {
+            if username.is_some() || password.is_some() || token.is_some() {
+                return Err(ConnectError::config(
+                    AUTH_TYPE,
+                    "smart-backend takes fhir.auth.client.id and fhir.auth.private.key.file, not a user, password or token",
+                ));
+            }
+            let client_id = parsed.optional_string(AUTH_CLIENT_ID).ok_or_else(|| {
+                ConnectError::config(AUTH_CLIENT_ID, "required with fhir.auth.type=smart-backend")
+            })?;
+            let key_file = parsed
+                .optional_string(AUTH_PRIVATE_KEY_FILE)
+                .ok_or_else(|| {
+                    ConnectError::config(
+                        AUTH_PRIVATE_KEY_FILE,
+                        "required with fhir.auth.type=smart-backend",
+                    )
+                })?;
+            let token_url = parsed.optional_string(AUTH_TOKEN_URL);
+            if let Some(url) = &token_url {
+                url_check(url).map_err(|r| ConnectError::config(AUTH_TOKEN_URL, r))?;
+            }
+            Auth::Smart(SmartSettings {
+                client_id,
+                key_file: PathBuf::from(key_file),
+                key_id: parsed.optional_string(AUTH_KEY_ID),
+                scope: parsed.string(AUTH_SCOPE)?,
+                token_url,
+            })
+        }
         "bearer" => Auth::Bearer(token.ok_or_else(|| {
             ConnectError::config(AUTH_TOKEN, "required with fhir.auth.type=bearer")
         })?),

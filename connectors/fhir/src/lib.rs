@@ -19,6 +19,7 @@ pub mod hook;
 pub mod outcome;
 mod progress;
 mod sink;
+pub mod smart;
 mod source;
 pub mod time;
 mod writer;

@@ -14,7 +14,7 @@ use medconnect_api::{
 };
 
 use crate::client::{FhirClient, FhirError};
-use crate::config::{SinkConfig, TLS_CA_FILE, URL, sink_def};
+use crate::config::{AUTH_PRIVATE_KEY_FILE, SinkConfig, TLS_CA_FILE, URL, sink_def};
 use crate::entry::{Prepared, prepare};
 use crate::progress::Tracker;
 use crate::writer::{Wiring, Writer};
@@ -23,6 +23,7 @@ use crate::writer::{Wiring, Writer};
 pub(crate) fn client_error(error: FhirError) -> ConnectError {
     match error {
         FhirError::CaFile(reason) => ConnectError::config(TLS_CA_FILE, reason),
+        FhirError::Key(reason) => ConnectError::config(AUTH_PRIVATE_KEY_FILE, reason),
         other => ConnectError::config(URL, other.to_string()),
     }
 }

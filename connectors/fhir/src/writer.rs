@@ -234,9 +234,11 @@ impl Actor {
                     again = chunk;
                 }
                 Err(
-                    error @ FhirError::Status {
+                    error @ (FhirError::Status {
                         status: 401 | 403, ..
-                    },
+                    }
+                    | FhirError::Auth(_)
+                    | FhirError::Key(_)),
                 ) => {
                     self.wiring.tracker.fail(ConnectError::fatal(format!(
                         "the FHIR server refused the sink's credentials: {error}"
