@@ -7,14 +7,17 @@
 //! - [`MqttSinkConnector`]: publishes each record to a topic built from its key, headers and
 //!   Kafka topic; with QoS 1, offsets are committed only after the broker's PUBACK.
 //!
-//! The listener source (devices connect to medconnect) is not built yet.
+//! - [`MqttListenerSourceConnector`]: devices connect to medconnect (MQTT 3.1.1 and 5) and get
+//!   their PUBACK / PUBREC only once the record is durable in Kafka.
 
 pub mod config;
+pub mod listener;
 pub mod mapping;
 mod sink;
 pub mod sink_topic;
 mod source;
 
+pub use listener::{MqttListenerSourceConnector, MqttListenerSourceTask};
 pub use sink::{MqttSinkConnector, MqttSinkTask};
 
 pub use source::{

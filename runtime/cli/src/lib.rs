@@ -21,6 +21,7 @@ pub fn builtin_plugins() -> Plugins {
         ))
         .with_sink(Arc::new(medconnect_postgres::PostgresSinkConnector))
         .with_source(Arc::new(medconnect_mqtt::MqttBrokerSourceConnector))
+        .with_source(Arc::new(medconnect_mqtt::MqttListenerSourceConnector))
         .with_sink(Arc::new(medconnect_mqtt::MqttSinkConnector))
         .with_source(Arc::new(medconnect_fhir::FhirSourceConnector))
         .with_source(Arc::new(medconnect_fhir::FhirSubscriptionSourceConnector))

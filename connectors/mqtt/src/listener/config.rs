@@ -1,0 +1,150 @@
+//! Settings of the listener source (devices connect to medconnect), declared once and read
+//! into a typed struct.
+
+use std::time::Duration;
+
+use medconnect_api::{
+    ConfigDef, ConfigType, ConnectError, ConnectResult, Importance, Props, Validator,
+};
+
+use super::auth::Users;
+use crate::config::{
+    CONTENT_TYPE, KAFKA_KEY, KAFKA_TOPIC, POLL_BATCH_MAX, QUEUE_CAPACITY, TOPIC_PATTERN,
+};
+use crate::mapping::{Template, TopicPattern};
+
+pub const BIND: &str = "mqtt.bind";
+pub const PORT: &str = "mqtt.port";
+pub const USERS: &str = "mqtt.users";
+pub const ALLOW_ANONYMOUS: &str = "mqtt.allow.anonymous";
+pub const MAX_CONNECTIONS: &str = "mqtt.max.connections";
+pub const MAX_PACKET_BYTES: &str = "mqtt.max.packet.bytes";
+pub const MAX_INFLIGHT: &str = "mqtt.max.inflight";
+pub const MAX_QOS: &str = "mqtt.max.qos";
+pub const KEEP_ALIVE_MAX_S: &str = "mqtt.keep.alive.max.s";
+pub const CONNECT_TIMEOUT_MS: &str = "mqtt.connect.timeout.ms";
+pub const CONNECT_RATE: &str = "mqtt.connect.rate";
+
+pub fn listener_def() -> ConfigDef {
+    ConfigDef::new()
+        .define(BIND, ConfigType::String, "127.0.0.1", Importance::High, "Address to listen on; 0.0.0.0 for devices on the network (say so explicitly: the default keeps the port local).")
+        .with_validator(Validator::NonEmpty)
+        .define(PORT, ConfigType::Int, "1883", Importance::High, "TCP port (0: any free port).")
+        .with_validator(Validator::between(0.0, 65535.0))
+        .define(USERS, ConfigType::Password, "", Importance::High, "Devices allowed to connect: username:password entries separated by newlines or commas; use a secret reference such as ${file:/etc/medconnect/mqtt-users:users}. A CONNECT with other credentials is refused (bad username or password).")
+        .define(ALLOW_ANONYMOUS, ConfigType::Boolean, "false", Importance::High, "Accept a CONNECT without a username. false (default): refused as not authorised.")
+        .define(MAX_CONNECTIONS, ConfigType::Int, "1000", Importance::Medium, "Connections at once on this worker; one more is refused (server busy / unavailable) and closed.")
+        .with_validator(Validator::between(1.0, 1_000_000.0))
+        .define(MAX_PACKET_BYTES, ConfigType::Int, "262144", Importance::Medium, "Largest packet accepted; a larger one is refused from its header alone (MQTT 5: DISCONNECT packet too large) and the connection closed. Bounds memory per connection.")
+        .with_validator(Validator::between(128.0, 268_435_455.0))
+        .define(MAX_INFLIGHT, ConfigType::Int, "32", Importance::Medium, "QoS 1/2 publishes per connection waiting for Kafka at once (MQTT 5: the receive maximum in CONNACK); beyond it the listener stops reading that connection.")
+        .with_validator(Validator::between(1.0, 65_535.0))
+        .define(MAX_QOS, ConfigType::Int, "2", Importance::Low, "Highest QoS accepted; a publish above it closes the connection (MQTT 5: QoS not supported).")
+        .with_validator(Validator::between(0.0, 2.0))
+        .define(KEEP_ALIVE_MAX_S, ConfigType::Int, "300", Importance::Low, "Longest keep-alive allowed (a client asking for more or for none gets this, MQTT 5 in CONNACK); a connection silent for 1.5 times its keep-alive is closed.")
+        .with_validator(Validator::between(1.0, 65_535.0))
+        .define(CONNECT_TIMEOUT_MS, ConfigType::Long, "10000", Importance::Low, "How long a new connection may take to send its CONNECT.")
+        .with_validator(Validator::between(1.0, 86_400_000.0))
+        .define(CONNECT_RATE, ConfigType::Int, "200", Importance::Low, "CONNECTs accepted per second on this worker (a reconnect storm after an outage); beyond it refused (connection rate exceeded / server unavailable), the device retries.")
+        .with_validator(Validator::between(1.0, 1_000_000.0))
+        .define(TOPIC_PATTERN, ConfigType::String, "", Importance::Medium, "Pattern naming levels of the MQTT topic, e.g. devices/+device/vitals, for use as ${device} in kafka.topic and kafka.key. A publish whose topic does not match goes to the dead-letter topic.")
+        .with_validator(Validator::custom(TopicPattern::check))
+        .define(KAFKA_TOPIC, ConfigType::String, "${mqtt.topic}", Importance::High, "Kafka topic template: ${mqtt.topic} and captures of mqtt.topic.pattern; '/' becomes '.', other characters Kafka refuses become '_'.")
+        .with_validator(Validator::NonEmpty)
+        .define(KAFKA_KEY, ConfigType::String, "${mqtt.topic}", Importance::Medium, "Record key template (e.g. ${device}); empty: no key.")
+        .define(CONTENT_TYPE, ConfigType::String, "application/json", Importance::Low, "content-type header of the records, unless an MQTT 5 publish names its own.")
+        .define(QUEUE_CAPACITY, ConfigType::Int, "1024", Importance::Low, "Publishes received and not yet polled, over all connections; while it is full, connections are not read.")
+        .with_validator(Validator::between(1.0, 1_000_000.0))
+        .define(POLL_BATCH_MAX, ConfigType::Int, "500", Importance::Low, "Records returned per poll at most.")
+        .with_validator(Validator::between(1.0, 1_000_000.0))
+        .in_group("MQTT listener")
+}
+
+/// The listener's settings, typed.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub bind: String,
+    pub port: u16,
+    pub users: Users,
+    pub allow_anonymous: bool,
+    pub max_connections: usize,
+    pub max_packet_bytes: usize,
+    pub max_inflight: u16,
+    pub max_qos: u8,
+    pub keep_alive_max: u16,
+    pub connect_timeout: Duration,
+    pub connect_rate: u32,
+    pub topic_pattern: TopicPattern,
+    pub kafka_topic: Template,
+    pub kafka_key: Option<Template>,
+    pub content_type: String,
+    pub queue_capacity: usize,
+    pub poll_batch_max: usize,
+}
+
+impl ListenerConfig {
+    pub fn parse(props: &Props) -> ConnectResult<Self> {
+        let parsed = listener_def().parse(props)?;
+        let users = Users::parse(&parsed.string(USERS)?)
+            .map_err(|reason| ConnectError::config(USERS, reason))?;
+        let allow_anonymous = parsed.boolean(ALLOW_ANONYMOUS)?;
+        if users.is_empty() && !allow_anonymous {
+            return Err(ConnectError::config(
+                USERS,
+                format!("names no device, and {ALLOW_ANONYMOUS} is false: no device could connect"),
+            ));
+        }
+        let topic_pattern = TopicPattern::parse(&parsed.string(TOPIC_PATTERN)?)
+            .map_err(|reason| ConnectError::config(TOPIC_PATTERN, reason))?;
+        let kafka_topic = Template::new(parsed.string(KAFKA_TOPIC)?.trim());
+        kafka_topic
+            .check_against(&topic_pattern)
+            .map_err(|e| ConnectError::config(KAFKA_TOPIC, e.to_string()))?;
+        let kafka_key = parsed.optional_string(KAFKA_KEY).map(|k| Template::new(&k));
+        if let Some(key) = &kafka_key {
+            key.check_against(&topic_pattern)
+                .map_err(|e| ConnectError::config(KAFKA_KEY, e.to_string()))?;
+        }
+        Ok(Self {
+            bind: parsed.string(BIND)?.trim().to_string(),
+            port: parsed.int_as(PORT)?,
+            users,
+            allow_anonymous,
+            max_connections: parsed.int_as(MAX_CONNECTIONS)?,
+            max_packet_bytes: parsed.int_as(MAX_PACKET_BYTES)?,
+            max_inflight: parsed.int_as(MAX_INFLIGHT)?,
+            max_qos: parsed.int_as(MAX_QOS)?,
+            keep_alive_max: parsed.int_as(KEEP_ALIVE_MAX_S)?,
+            connect_timeout: parsed.millis(CONNECT_TIMEOUT_MS)?,
+            connect_rate: parsed.int_as(CONNECT_RATE)?,
+            topic_pattern,
+            kafka_topic,
+            kafka_key,
+            content_type: parsed.string(CONTENT_TYPE)?.trim().to_string(),
+            queue_capacity: parsed.int_as(QUEUE_CAPACITY)?,
+            poll_batch_max: parsed.int_as(POLL_BATCH_MAX)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medconnect_api::props_from;
+
+    #[test]
+    fn needs_users_unless_anonymous_is_allowed() {
+        let error = ListenerConfig::parse(&props_from(&[])).unwrap_err();
+        assert!(error.to_string().contains(USERS), "{error}");
+        assert!(ListenerConfig::parse(&props_from(&[(ALLOW_ANONYMOUS, "true")])).is_ok());
+        let config = ListenerConfig::parse(&props_from(&[
+            (USERS, "pump-3:s3cret\nmonitor-7:other"),
+            (TOPIC_PATTERN, "devices/+device/vitals"),
+            (KAFKA_KEY, "${device}"),
+        ]))
+        .unwrap();
+        assert_eq!(config.users.len(), 2);
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert!(ListenerConfig::parse(&props_from(&[(USERS, "no-colon")])).is_err());
+    }
+}

@@ -1,0 +1,256 @@
+//! The listener source: devices connect to medconnect over MQTT 3.1.1 or 5 and get their
+//! PUBACK (QoS 1) or PUBREC (QoS 2) only once the engine reports the record durable in Kafka —
+//! unlike a broker that acknowledges on receipt (rumqttd 0.20 appends to its in-memory log and
+//! acknowledges at once, with no hook to wait for Kafka; so this listener speaks the protocol
+//! itself, with rumqttc's codecs). One listener per worker (placement every worker), so a TCP
+//! load balancer spreads devices over the cluster.
+
+mod auth;
+pub mod config;
+mod connection;
+mod rate;
+mod record;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use medconnect_api::{
+    ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind, Placement,
+    Props, SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{ListenerConfig, listener_def};
+pub use record::{HEADER_USERNAME, USER_PROPERTY_PREFIX};
+
+use rate::ConnectRate;
+
+/// How long `stop` waits for connections to close.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Default)]
+pub struct MqttListenerSourceConnector;
+
+#[async_trait]
+impl Connector for MqttListenerSourceConnector {
+    fn class(&self) -> &'static str {
+        "io.medconnect.connectors.mqtt.MqttListenerSourceConnector"
+    }
+
+    fn aliases(&self) -> &'static [&'static str] {
+        &["MqttListenerSource", "MqttDeviceSource"]
+    }
+
+    fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn kind(&self) -> ConnectorKind {
+        ConnectorKind::Source
+    }
+
+    fn config_def(&self) -> ConfigDef {
+        listener_def()
+    }
+
+    fn placement(&self) -> Placement {
+        Placement::EveryWorker
+    }
+
+    /// One listener per worker: more tasks on one worker could not share the port.
+    fn max_tasks(&self) -> Option<u32> {
+        Some(1)
+    }
+
+    async fn validate(&self, config: &Props) -> ConnectResult<()> {
+        ListenerConfig::parse(config).map(|_| ())
+    }
+
+    async fn task_configs(
+        &self,
+        context: &ConnectorContext,
+        _max_tasks: usize,
+    ) -> ConnectResult<Vec<TaskConfig>> {
+        Ok(vec![context.config.clone()])
+    }
+}
+
+impl SourceConnector for MqttListenerSourceConnector {
+    fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
+        Ok(Box::new(MqttListenerSourceTask::new(context)?))
+    }
+}
+
+/// What every connection shares.
+pub(crate) struct Shared {
+    connector: String,
+    config: ListenerConfig,
+    queue: mpsc::Sender<SourceRecord>,
+    shutdown: CancellationToken,
+    connect_rate: ConnectRate,
+    clients: AtomicU64,
+}
+
+impl Shared {
+    /// Hands a record to the task's `poll`; waits while the queue is full (the connection is
+    /// not read meanwhile). An error: the task is stopping.
+    async fn enqueue(&self, record: SourceRecord) -> Result<(), ()> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Err(()),
+            sent = self.queue.send(record) => sent.map_err(|_| ()),
+        }
+    }
+
+    fn next_client_number(&self) -> u64 {
+        self.clients.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+pub struct MqttListenerSourceTask {
+    connector: String,
+    config: ListenerConfig,
+    records: Option<mpsc::Receiver<SourceRecord>>,
+    local_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for MqttListenerSourceTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttListenerSourceTask")
+            .field("connector", &self.connector)
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl MqttListenerSourceTask {
+    pub fn new(context: SourceTaskContext) -> ConnectResult<Self> {
+        Ok(Self {
+            config: ListenerConfig::parse(&context.config)?,
+            connector: context.connector_name,
+            records: None,
+            local_addr: None,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// The address the listener is bound to, once started.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+}
+
+#[async_trait]
+impl SourceTask for MqttListenerSourceTask {
+    async fn start(&mut self) -> ConnectResult<()> {
+        let config = self.config.clone();
+        let listener = TcpListener::bind((config.bind.as_str(), config.port))
+            .await
+            .map_err(|e| {
+                let message = format!("cannot listen on {}:{}: {e}", config.bind, config.port);
+                // A previous task on this worker may still hold the port for a moment.
+                if e.kind() == std::io::ErrorKind::AddrInUse {
+                    ConnectError::retriable(message)
+                } else {
+                    ConnectError::fatal(message)
+                }
+            })?;
+        let address = listener.local_addr()?;
+        tracing::info!(connector = %self.connector, %address, devices = config.users.len(), anonymous = config.allow_anonymous, "MQTT listener bound");
+        let (queue, records) = mpsc::channel(config.queue_capacity);
+        self.records = Some(records);
+        self.local_addr = Some(address);
+        self.shutdown = CancellationToken::new();
+        self.tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(config.max_connections));
+        let shared = Arc::new(Shared {
+            connector: self.connector.clone(),
+            connect_rate: ConnectRate::new(config.connect_rate),
+            config,
+            queue,
+            shutdown: self.shutdown.clone(),
+            clients: AtomicU64::new(0),
+        });
+        self.tracker
+            .spawn(accept_loop(listener, shared, self.tracker.clone(), limit));
+        Ok(())
+    }
+
+    async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>> {
+        let records = self
+            .records
+            .as_mut()
+            .ok_or_else(|| ConnectError::fatal("MQTT listener polled before start"))?;
+        let Some(first) = records.recv().await else {
+            return Err(ConnectError::fatal("the MQTT listener has stopped"));
+        };
+        let mut batch = vec![first];
+        while batch.len() < self.config.poll_batch_max {
+            match records.try_recv() {
+                Ok(record) => batch.push(record),
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn stop(&mut self) -> ConnectResult<()> {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(STOP_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(connector = %self.connector, "MQTT connections did not close within the grace period");
+        }
+        // Records never polled drop their handles: their devices get no PUBACK and resend.
+        self.records = None;
+        Ok(())
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    limit: Arc<Semaphore>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    tracing::warn!(connector = %shared.connector, %peer, max = shared.config.max_connections, "too many MQTT connections; closing the new one");
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                tracker.spawn(async move {
+                    connection::serve(stream, peer, shared).await;
+                    drop(permit);
+                });
+            }
+            Err(error) => {
+                // E.g. out of file descriptors: back off instead of spinning.
+                tracing::warn!(connector = %shared.connector, %error, "accepting an MQTT connection failed");
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+    tracing::info!(connector = %shared.connector, "MQTT listener closed");
+}

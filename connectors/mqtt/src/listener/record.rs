@@ -1,0 +1,174 @@
+//! One device PUBLISH as one record: the payload as is (never parsed, never logged), the key
+//! and topic from the mapping, headers saying who sent it and how.
+
+use medconnect_api::{AckHandle, ConnectError, Record, SourceRecord, content_type};
+use rumqttc::QoS;
+
+use super::config::ListenerConfig;
+use super::wire::Publish;
+use crate::config::{KAFKA_TOPIC, TOPIC_PATTERN};
+use crate::mapping::kafka_topic_name;
+use crate::source::{HEADER_CLIENT_ID, HEADER_DUP, HEADER_QOS, HEADER_RETAIN, HEADER_TOPIC};
+
+/// The username the device authenticated with.
+pub const HEADER_USERNAME: &str = "mqtt.username";
+/// The prefix of an MQTT 5 user property whose name would shadow one of the listener's
+/// headers (`mqtt.*`, `content-type`).
+pub const USER_PROPERTY_PREFIX: &str = "mqtt.user.";
+
+const UNMAPPED_TOPIC: &str = "mqtt.unmapped";
+
+/// Who sent a publish: fixed for a connection once its CONNECT was accepted.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub client_id: String,
+    pub username: Option<String>,
+}
+
+fn qos_number(qos: QoS) -> &'static str {
+    match qos {
+        QoS::AtMostOnce => "0",
+        QoS::AtLeastOnce => "1",
+        QoS::ExactlyOnce => "2",
+    }
+}
+
+/// The record for `publish`; rejected (for the dead-letter topic) when its topic fits no
+/// mapping. `ack` is `None` for QoS 0.
+pub fn to_record(
+    config: &ListenerConfig,
+    device: &Device,
+    publish: Publish,
+    ack: Option<AckHandle>,
+) -> SourceRecord {
+    let Publish {
+        topic: mqtt_topic,
+        qos,
+        dup,
+        retain,
+        payload,
+        user_properties,
+        content_type: publish_content_type,
+        ..
+    } = publish;
+    let mut record = Record::new(UNMAPPED_TOPIC).with_value(payload);
+    record.headers.add(HEADER_TOPIC, mqtt_topic.clone());
+    record.headers.add(HEADER_QOS, qos_number(qos));
+    record
+        .headers
+        .add(HEADER_CLIENT_ID, device.client_id.clone());
+    if let Some(username) = &device.username {
+        record.headers.add(HEADER_USERNAME, username.clone());
+    }
+    if retain {
+        record.headers.add(HEADER_RETAIN, "true");
+    }
+    if dup {
+        record.headers.add(HEADER_DUP, "true");
+    }
+    record.headers.add(
+        content_type::HEADER,
+        publish_content_type.unwrap_or_else(|| config.content_type.clone()),
+    );
+    for (name, value) in user_properties {
+        let reserved = name.starts_with("mqtt.") || name == content_type::HEADER;
+        let name = if reserved {
+            format!("{USER_PROPERTY_PREFIX}{name}")
+        } else {
+            name
+        };
+        record.headers.add(name, value);
+    }
+
+    let Some(captures) = config.topic_pattern.captures(&mqtt_topic) else {
+        let reason = ConnectError::data(format!(
+            "MQTT topic '{mqtt_topic}' does not match {TOPIC_PATTERN}"
+        ));
+        return SourceRecord::rejected(record, reason, ack);
+    };
+    let rendered = config.kafka_topic.render(&mqtt_topic, &captures);
+    let Some(topic) = kafka_topic_name(&rendered) else {
+        let reason = ConnectError::data(format!(
+            "{KAFKA_TOPIC} gives no usable Kafka topic for MQTT topic '{mqtt_topic}'"
+        ));
+        return SourceRecord::rejected(record, reason, ack);
+    };
+    record.topic = topic;
+    if let Some(key) = &config.kafka_key {
+        let key = key.render(&mqtt_topic, &captures);
+        if !key.is_empty() {
+            record.key = Some(key.into());
+        }
+    }
+    match ack {
+        Some(ack) => SourceRecord::acknowledged(record, ack),
+        None => SourceRecord::new(record, Default::default(), Default::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KAFKA_KEY;
+    use crate::listener::config::ALLOW_ANONYMOUS;
+    use medconnect_api::props_from;
+
+    fn publish(topic: &str) -> Publish {
+        Publish {
+            topic: topic.into(),
+            qos: QoS::AtLeastOnce,
+            pkid: 1,
+            dup: true,
+            retain: false,
+            payload: "{\"hr\":72}".into(),
+            user_properties: vec![
+                ("unit".into(), "bpm".into()),
+                ("mqtt.qos".into(), "9".into()),
+            ],
+            content_type: None,
+            topic_alias: None,
+        }
+    }
+
+    #[test]
+    fn maps_topic_key_and_headers_with_user_properties() {
+        let config = ListenerConfig::parse(&props_from(&[
+            (ALLOW_ANONYMOUS, "true"),
+            (TOPIC_PATTERN, "devices/+device/vitals"),
+            (KAFKA_TOPIC, "device.vitals"),
+            (KAFKA_KEY, "${device}"),
+        ]))
+        .unwrap();
+        let device = Device {
+            client_id: "pump-3".into(),
+            username: Some("ward-4".into()),
+        };
+        let (ack, _) = AckHandle::channel();
+        let record = to_record(
+            &config,
+            &device,
+            publish("devices/pump-3/vitals"),
+            Some(ack),
+        );
+        assert!(record.rejected.is_none());
+        let headers = &record.record.headers;
+        assert_eq!(record.record.topic, "device.vitals");
+        assert_eq!(record.record.key.as_deref(), Some(&b"pump-3"[..]));
+        assert_eq!(headers.last_str(HEADER_CLIENT_ID), Some("pump-3"));
+        assert_eq!(headers.last_str(HEADER_USERNAME), Some("ward-4"));
+        assert_eq!(headers.last_str(HEADER_QOS), Some("1"));
+        assert_eq!(headers.last_str(HEADER_DUP), Some("true"));
+        assert_eq!(headers.last_str("unit"), Some("bpm"));
+        assert_eq!(headers.last_str("mqtt.user.mqtt.qos"), Some("9"));
+
+        let (ack, _) = AckHandle::channel();
+        let record = to_record(
+            &config,
+            &device,
+            publish("devices/pump-3/alarms"),
+            Some(ack),
+        );
+        assert!(record.rejected.is_some());
+        assert!(record.ack.is_some());
+    }
+}

@@ -1,0 +1,445 @@
+//! The listener source (devices connect to medconnect) over real sockets, with devices written
+//! by others: `mosquitto_pub` (MQTT 3.1.1 and 5, QoS 1 and 2) and rumqttc's client. The test
+//! plays the engine: it polls the task and settles each record's `AckHandle` — or, to prove no
+//! PUBACK goes out before durability, does not.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use common::source_context;
+use medconnect_api::{Delivery, SourceRecord, SourceTask, props_from};
+use medconnect_mqtt::listener::HEADER_USERNAME;
+use medconnect_mqtt::{HEADER_CLIENT_ID, HEADER_QOS, HEADER_TOPIC, MqttListenerSourceTask};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+/// How long the test waits to believe something does not happen.
+const QUIET: Duration = Duration::from_millis(1500);
+const USERS: &str = "pump-3:s3cret-pump\nmonitor-7:s3cret-monitor";
+
+async fn listener(extra: &[(&str, &str)]) -> (MqttListenerSourceTask, u16) {
+    let mut pairs = vec![
+        ("mqtt.port", "0"),
+        ("mqtt.users", USERS),
+        ("mqtt.topic.pattern", "devices/+device/vitals"),
+        ("kafka.topic", "device.vitals"),
+        ("kafka.key", "${device}"),
+    ];
+    pairs.extend_from_slice(extra);
+    let mut task =
+        MqttListenerSourceTask::new(source_context(props_from(&pairs))).expect("a valid config");
+    task.start().await.expect("start");
+    let port = task.local_addr().expect("bound").port();
+    (task, port)
+}
+
+async fn next_records(task: &mut MqttListenerSourceTask, count: usize) -> Vec<SourceRecord> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut records = Vec::new();
+    while records.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let batch = tokio::time::timeout(left, task.poll())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {count} records arrived", records.len()))
+            .expect("poll");
+        records.extend(batch);
+    }
+    records
+}
+
+fn written(record: &mut SourceRecord) {
+    record.complete(Delivery::Written {
+        topic: record.record.topic.clone(),
+        partition: 0,
+        offset: 0,
+    });
+}
+
+/// A device on rumqttc: its events go to a channel the test reads.
+fn device(
+    port: u16,
+    client_id: &str,
+    password: &str,
+) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options
+        .set_credentials(client_id, password)
+        .set_clean_session(false)
+        .set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    let (events, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(event) => {
+                    if events.send(event).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    (client, received)
+}
+
+/// The next PUBACK the device receives within `within`, if any.
+async fn puback(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+    within: Duration,
+) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(Event::Incoming(Packet::PubAck(ack)))) => return Some(ack.pkid),
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_puback_goes_out_only_once_the_record_is_settled() {
+    let (mut task, port) = listener(&[]).await;
+    let (client, mut events) = device(port, "pump-3", "s3cret-pump");
+    client
+        .publish(
+            "devices/pump-3/vitals",
+            QoS::AtLeastOnce,
+            false,
+            "{\"hr\":72}",
+        )
+        .await
+        .unwrap();
+    let mut records = next_records(&mut task, 1).await;
+    let headers = &records[0].record.headers;
+    assert_eq!(records[0].record.topic, "device.vitals");
+    assert_eq!(records[0].record.key.as_deref(), Some(&b"pump-3"[..]));
+    assert_eq!(
+        headers.last_str(HEADER_TOPIC),
+        Some("devices/pump-3/vitals")
+    );
+    assert_eq!(headers.last_str(HEADER_CLIENT_ID), Some("pump-3"));
+    assert_eq!(headers.last_str(HEADER_USERNAME), Some("pump-3"));
+    assert_eq!(headers.last_str(HEADER_QOS), Some("1"));
+
+    assert_eq!(
+        puback(&mut events, QUIET).await,
+        None,
+        "a PUBACK before Kafka had the record"
+    );
+    written(&mut records[0]);
+    assert!(
+        puback(&mut events, DEADLINE).await.is_some(),
+        "no PUBACK once written"
+    );
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_record_kafka_failed_to_take_closes_the_connection_and_the_device_sends_it_again() {
+    let (mut task, port) = listener(&[]).await;
+    let (client, mut events) = device(port, "monitor-7", "s3cret-monitor");
+    client
+        .publish(
+            "devices/monitor-7/vitals",
+            QoS::AtLeastOnce,
+            false,
+            "{\"spo2\":97}",
+        )
+        .await
+        .unwrap();
+    let mut first = next_records(&mut task, 1).await;
+    first[0].complete(Delivery::Failed {
+        reason: "broker unreachable".into(),
+    });
+    // rumqttc reconnects, is told its session is present, and resends what was not
+    // acknowledged (rumqttc 0.25 without the DUP flag; clients that set it get `mqtt.dup`).
+    let mut again = next_records(&mut task, 1).await;
+    assert_eq!(again[0].record.value, first[0].record.value);
+    written(&mut again[0]);
+    assert!(puback(&mut events, DEADLINE).await.is_some());
+    // Stored twice at most: once failed (not in Kafka), once written.
+    task.stop().await.expect("stop");
+}
+
+/// `mosquitto_pub` with the given arguments; its exit status and stderr.
+async fn mosquitto_pub(port: u16, args: &[&str]) -> (bool, String) {
+    let child = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (scripts/mqtt-peers installs it)");
+    let output = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .expect("mosquitto_pub finishes")
+        .expect("mosquitto_pub runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn mosquitto_pub_qos_2_over_mqtt_5_with_user_properties_completes_once_stored() {
+    let (mut task, port) = listener(&[]).await;
+    let publisher = tokio::spawn(async move {
+        mosquitto_pub(
+            port,
+            &[
+                "-V",
+                "mqttv5",
+                "-q",
+                "2",
+                "-i",
+                "pump-3",
+                "-u",
+                "pump-3",
+                "-P",
+                "s3cret-pump",
+                "-t",
+                "devices/pump-3/vitals",
+                "-m",
+                "{\"rate\":12.5}",
+                "-D",
+                "publish",
+                "user-property",
+                "unit",
+                "ml/h",
+                "-D",
+                "publish",
+                "content-type",
+                "application/vnd.pump+json",
+            ],
+        )
+        .await
+    });
+    let mut records = next_records(&mut task, 1).await;
+    let headers = &records[0].record.headers;
+    assert_eq!(headers.last_str(HEADER_QOS), Some("2"));
+    assert_eq!(headers.last_str("unit"), Some("ml/h"));
+    assert_eq!(
+        records[0].record.content_type(),
+        Some("application/vnd.pump+json")
+    );
+    // mosquitto_pub waits for PUBREC and PUBCOMP: not finished while the record is unsettled.
+    tokio::time::sleep(QUIET).await;
+    assert!(
+        !publisher.is_finished(),
+        "QoS 2 completed before the record was stored"
+    );
+    written(&mut records[0]);
+    let (ok, stderr) = publisher.await.unwrap();
+    assert!(ok, "mosquitto_pub failed: {stderr}");
+
+    // MQTT 3.1.1, QoS 1, many lines on one connection: each one record.
+    let lines: Vec<String> = (0..200).map(|n| format!("{{\"n\":{n}}}")).collect();
+    let publisher = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-q",
+                "1",
+                "-i",
+                "monitor-7",
+            ])
+            .args([
+                "-u",
+                "monitor-7",
+                "-P",
+                "s3cret-monitor",
+                "-t",
+                "devices/monitor-7/vitals",
+                "-l",
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_pub");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all((lines.join("\n") + "\n").as_bytes())
+            .await
+            .unwrap();
+        drop(stdin);
+        child.wait().await.unwrap().success()
+    });
+    let deadline = Instant::now() + DEADLINE;
+    let mut stored = 0;
+    while stored < 200 {
+        assert!(Instant::now() < deadline, "only {stored} of 200 records");
+        for mut record in tokio::time::timeout(DEADLINE, task.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            written(&mut record);
+            stored += 1;
+        }
+    }
+    assert!(publisher.await.unwrap(), "mosquitto_pub -l failed");
+    assert!(
+        tokio::time::timeout(QUIET, task.poll()).await.is_err(),
+        "records beyond the 200 published"
+    );
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn wrong_or_missing_credentials_are_refused_and_store_nothing() {
+    let (mut task, port) = listener(&[]).await;
+    for version in ["mqttv311", "mqttv5"] {
+        let (ok, stderr) = mosquitto_pub(
+            port,
+            &[
+                "-V",
+                version,
+                "-q",
+                "1",
+                "-u",
+                "pump-3",
+                "-P",
+                "wrong",
+                "-t",
+                "devices/pump-3/vitals",
+                "-m",
+                "x",
+            ],
+        )
+        .await;
+        assert!(!ok);
+        assert!(
+            stderr.to_lowercase().contains("bad user name or password"),
+            "{version}: {stderr}"
+        );
+        let (ok, stderr) = mosquitto_pub(
+            port,
+            &[
+                "-V",
+                version,
+                "-q",
+                "1",
+                "-t",
+                "devices/x/vitals",
+                "-m",
+                "x",
+            ],
+        )
+        .await;
+        assert!(!ok);
+        assert!(
+            stderr.to_lowercase().contains("not authori"),
+            "{version}: {stderr}"
+        );
+    }
+    assert!(
+        tokio::time::timeout(QUIET, task.poll()).await.is_err(),
+        "a refused device's publish was stored"
+    );
+    task.stop().await.expect("stop");
+}
+
+/// A CONNECT as rumqttc encodes it, sent on a raw socket; returns the socket after CONNACK.
+async fn raw_connect(port: u16, keep_alive_s: u16) -> TcpStream {
+    let mut connect = rumqttc::mqttbytes::v4::Connect::new("raw-device");
+    connect.keep_alive = keep_alive_s;
+    connect.set_login("pump-3", "s3cret-pump");
+    let mut bytes = BytesMut::new();
+    rumqttc::mqttbytes::v4::Packet::Connect(connect)
+        .write(&mut bytes, usize::MAX)
+        .unwrap();
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut connack))
+        .await
+        .expect("CONNACK in time")
+        .expect("CONNACK");
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "CONNACK accepted");
+    stream
+}
+
+/// Reads until the listener closes the connection; how long that took.
+async fn closed_after(stream: &mut TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut sink = [0u8; 64];
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut sink)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the connection stayed open"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn limits_a_packet_announcing_too_much_a_silent_device_and_too_many_connections() {
+    let (mut task, port) = listener(&[
+        ("mqtt.max.packet.bytes", "4096"),
+        ("mqtt.max.connections", "2"),
+    ])
+    .await;
+
+    // A PUBLISH whose header announces 1 MiB: closed from the header alone.
+    let mut big = raw_connect(port, 60).await;
+    big.write_all(&[0x32, 0x80, 0x80, 0x40]).await.unwrap();
+    closed_after(&mut big).await;
+
+    // Keep-alive 1 s and then silence: closed after 1.5 s, not before.
+    let mut silent = raw_connect(port, 1).await;
+    let waited = closed_after(&mut silent).await;
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "closed after {waited:?}"
+    );
+
+    // Two connections at once at most: the third is closed at once.
+    let _first = raw_connect(port, 60).await;
+    let _second = raw_connect(port, 60).await;
+    let mut third = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    closed_after(&mut third).await;
+    assert!(tokio::time::timeout(QUIET, task.poll()).await.is_err());
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_publish_outside_the_topic_pattern_is_rejected_for_the_dead_letter_topic() {
+    let (mut task, port) = listener(&[]).await;
+    let (ok, stderr) = tokio::join!(
+        mosquitto_pub(
+            port,
+            &[
+                "-q",
+                "1",
+                "-u",
+                "pump-3",
+                "-P",
+                "s3cret-pump",
+                "-t",
+                "devices/pump-3/alarms",
+                "-m",
+                "x"
+            ]
+        ),
+        async {
+            let mut records = next_records(&mut task, 1).await;
+            assert!(records[0].rejected.is_some());
+            records[0].complete(Delivery::DeadLettered {
+                reason: "no mapping".into(),
+            });
+        }
+    )
+    .0;
+    assert!(ok, "a dead-lettered publish is acknowledged: {stderr}");
+    task.stop().await.expect("stop");
+}
