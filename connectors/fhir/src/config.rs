@@ -462,6 +462,10 @@ pub enum WriteMode {
     /// `POST Type` with `If-None-Exist: identifier=system|value`: creates it only when no
     /// resource has that identifier.
     ConditionalCreate,
+    /// `PUT Type/id` with `If-Match` on the resource's `meta.versionId`: only over that
+    /// version. A 412 re-reads the resource: the same content is a redelivery (written),
+    /// another is reported as errant.
+    Versioned,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -505,8 +509,8 @@ pub struct SinkConfig {
 
 pub fn sink_def() -> ConfigDef {
     connection_def()
-        .define(WRITE_MODE, ConfigType::String, "upsert", Importance::High, "upsert: PUT Type/id (id from the record key Type/id, else the resource's id); conditional-update: PUT Type?identifier=system|value; conditional-create: POST Type with If-None-Exist on the identifier. Each is idempotent: a record delivered again changes nothing but the versionId.")
-        .with_validator(Validator::OneOf(vec!["upsert", "conditional-update", "conditional-create"]))
+        .define(WRITE_MODE, ConfigType::String, "upsert", Importance::High, "upsert: PUT Type/id (id from the record key Type/id, else the resource's id); conditional-update: PUT Type?identifier=system|value; conditional-create: POST Type with If-None-Exist on the identifier; versioned: PUT Type/id with If-Match on the resource's meta.versionId (a 412 re-reads the resource: the same content is a redelivery, another goes to the dead-letter topic). Each is idempotent: a record delivered again changes nothing but the versionId.")
+        .with_validator(Validator::OneOf(vec!["upsert", "conditional-update", "conditional-create", "versioned"]))
         .define(IDENTIFIER_SYSTEM, ConfigType::String, "", Importance::Medium, "For the conditional modes: the system of the identifier to match on; empty: the resource's first identifier.")
         .define(BUNDLE_TYPE, ConfigType::String, "batch", Importance::Medium, "batch: entries succeed or fail one by one; transaction: all of a Bundle or nothing (a refused transaction is sent again as a batch to find the entries the server refuses).")
         .with_validator(Validator::OneOf(vec!["batch", "transaction"]))
@@ -549,6 +553,7 @@ impl SinkConfig {
                     ("upsert", WriteMode::Upsert),
                     ("conditional-update", WriteMode::ConditionalUpdate),
                     ("conditional-create", WriteMode::ConditionalCreate),
+                    ("versioned", WriteMode::Versioned),
                 ],
             )?,
             identifier_system: parsed.optional_string(IDENTIFIER_SYSTEM),

@@ -19,6 +19,8 @@ pub struct Entry {
     pub entry: Value,
     /// 409/412 answers so far.
     pub conflicts: u32,
+    /// Sent with `If-Match` (versioned mode): a 412 is checked by reading the resource.
+    pub if_match: bool,
 }
 
 #[derive(Debug)]
@@ -96,6 +98,7 @@ pub fn prepare(record: &SinkRecord, config: &SinkConfig) -> Prepared {
             method,
             entry,
             conflicts: 0,
+            if_match: false,
         }))
     };
     let Some(value) = record.record.value.as_deref() else {
@@ -127,6 +130,29 @@ pub fn prepare(record: &SinkRecord, config: &SinkConfig) -> Prepared {
         return errant("the resourceType is not a resource type name");
     }
     match config.write_mode {
+        WriteMode::Versioned => {
+            let (Some(id), Some(version)) = (
+                resource["id"]
+                    .as_str()
+                    .filter(|id| valid_id(id))
+                    .map(str::to_string),
+                resource["meta"]["versionId"].as_str().map(str::to_string),
+            ) else {
+                return errant("versioned writes need the resource's id and meta.versionId");
+            };
+            let target = format!("{kind}/{id}");
+            match build(
+                target.clone(),
+                "PUT",
+                json!({"resource": resource, "request": {"method": "PUT", "url": target, "ifMatch": format!("W/\"{version}\"")}}),
+            ) {
+                Prepared::Write(mut entry) => {
+                    entry.if_match = true;
+                    Prepared::Write(entry)
+                }
+                other => other,
+            }
+        }
         WriteMode::Upsert => {
             // The key names the target; the resource gets the key's id when it has none. A
             // key that names another resource than the body is the server's to refuse.
@@ -265,6 +291,27 @@ mod tests {
             prepare(
                 &record(None, Some(json!({"resourceType": "Observation"}))),
                 &config(&[("fhir.write.mode", "conditional-create")])
+            ),
+            Prepared::Errant(_)
+        ));
+    }
+
+    #[test]
+    fn versioned_writes_match_the_version() {
+        let value = json!({"resourceType": "Patient", "id": "p1", "meta": {"versionId": "3"}});
+        let e = entry(prepare(
+            &record(None, Some(value)),
+            &config(&[("fhir.write.mode", "versioned")]),
+        ));
+        assert_eq!(
+            e.entry["request"],
+            json!({"method": "PUT", "url": "Patient/p1", "ifMatch": "W/\"3\""})
+        );
+        assert!(e.if_match);
+        assert!(matches!(
+            prepare(
+                &record(None, Some(json!({"resourceType": "Patient", "id": "p1"}))),
+                &config(&[("fhir.write.mode", "versioned")])
             ),
             Prepared::Errant(_)
         ));

@@ -107,6 +107,20 @@ enum Verdict {
         status: u16,
         outcome: Option<Outcome>,
     },
+    /// 412 to an `If-Match`: read the resource to tell a redelivery from a conflict.
+    Check {
+        outcome: Option<Outcome>,
+    },
+}
+
+/// A resource without `meta` (and `text`, which servers may generate): what a write set.
+fn content(resource: &Value) -> Value {
+    let mut resource = resource.clone();
+    if let Some(map) = resource.as_object_mut() {
+        map.remove("meta");
+        map.remove("text");
+    }
+    resource
 }
 
 struct Actor {
@@ -223,6 +237,13 @@ impl Actor {
                                 Verdict::Refused { status, outcome } => {
                                     self.refuse(entry, status, outcome).await
                                 }
+                                Verdict::Check { outcome } => {
+                                    match self.already_there(&entry).await {
+                                        Some(true) => written.push(entry),
+                                        Some(false) => self.refuse(entry, 412, outcome).await,
+                                        None => again.push(entry),
+                                    }
+                                }
                             }
                         }
                         self.settle(&written);
@@ -291,6 +312,9 @@ impl Actor {
             200..=299 => Verdict::Written,
             // Already gone: a delete delivered again.
             404 | 410 if entry.method == "DELETE" => Verdict::Written,
+            412 if entry.if_match => Verdict::Check {
+                outcome: Outcome::parse(&answer["response"]["outcome"]),
+            },
             409 | 412 => {
                 entry.conflicts += 1;
                 if entry.conflicts > self.conflict_retries {
@@ -307,6 +331,17 @@ impl Actor {
                 status,
                 outcome: Outcome::parse(&answer["response"]["outcome"]),
             },
+        }
+    }
+
+    /// Whether the server's current resource has this entry's content (a versioned write
+    /// delivered again, after it was written); `None` when it cannot be read now.
+    async fn already_there(&self, entry: &Entry) -> Option<bool> {
+        let url = format!("{}/{}", self.wiring.client.base(), entry.target);
+        match self.wiring.client.get(&url).await {
+            Ok(current) => Some(content(&current) == content(&entry.entry["resource"])),
+            Err(error) if error.is_retriable() => None,
+            Err(_) => Some(false),
         }
     }
 

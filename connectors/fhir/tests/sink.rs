@@ -411,3 +411,67 @@ async fn a_server_that_is_not_r4_is_refused_at_validation() {
     );
     let _: Option<Value> = None;
 }
+
+#[tokio::test]
+async fn versioned_writes_update_only_the_version_they_name_and_redelivery_is_recognised() {
+    let hfs = shared();
+    let entries: Vec<Value> = (0..50)
+        .map(|i| json!({"resource": {"resourceType": "Patient", "id": format!("vers-{i}"), "name": [{"family": "Before"}]},
+                        "request": {"method": "PUT", "url": format!("Patient/vers-{i}")}}))
+        .collect();
+    hfs.transaction(entries).await;
+    let updates: Vec<SinkRecord> = (0..50)
+        .map(|i| SinkRecord {
+            record: Record::new("vers").with_value(
+                json!({"resourceType": "Patient", "id": format!("vers-{i}"), "meta": {"versionId": "1"},
+                       "name": [{"family": "After"}]})
+                .to_string(),
+            ),
+            kafka_partition: 0,
+            kafka_offset: i,
+        })
+        .collect();
+    let settings = [("fhir.write.mode", "versioned"), ("fhir.bundle.size", "20")];
+    let (mut task, mut errant) = sink_task(&hfs.url, &settings, SinkPartitions::detached()).await;
+    put_all(&mut task, &updates, 50).await;
+    // Delivered again: If-Match W/"1" fails (412), the resource read back has this content.
+    let (mut again, mut errant_again) =
+        sink_task(&hfs.url, &settings, SinkPartitions::detached()).await;
+    put_all(&mut again, &updates, 50).await;
+    for i in [0, 17, 49] {
+        let (_, patient) = hfs.get(&format!("Patient/vers-{i}")).await;
+        assert_eq!(patient["meta"]["versionId"], "2", "vers-{i}: updated once");
+        assert_eq!(patient["name"][0]["family"], "After");
+    }
+    assert!(
+        errant.try_recv().is_err() && errant_again.try_recv().is_err(),
+        "nothing refused"
+    );
+
+    // A record written over version 1 with other content: the server has version 2 now.
+    let stale = SinkRecord {
+        record: Record::new("vers").with_value(
+            json!({"resourceType": "Patient", "id": "vers-3", "meta": {"versionId": "1"},
+                   "name": [{"family": "Stale"}]})
+            .to_string(),
+        ),
+        kafka_partition: 0,
+        kafka_offset: 50,
+    };
+    put_all(&mut again, &[stale], 1).await;
+    let (record, error) = errant_again.try_recv().expect("the stale record refused");
+    assert_eq!(record.kafka_offset, 50);
+    assert_eq!(
+        record.record.headers.last_str("fhir.outcome.status"),
+        Some("412")
+    );
+    assert!(error.to_string().contains("HTTP 412"), "{error}");
+    let (_, patient) = hfs.get("Patient/vers-3").await;
+    assert_eq!(
+        (
+            patient["meta"]["versionId"].as_str(),
+            patient["name"][0]["family"].as_str()
+        ),
+        (Some("2"), Some("After"))
+    );
+}
