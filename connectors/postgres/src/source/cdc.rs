@@ -158,6 +158,7 @@ struct Table {
     relation: Relation,
     topic: String,
     key: Vec<String>,
+    source_prefix: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -176,7 +177,7 @@ pub struct PostgresCdcSourceTask {
     replication: ReplicationConfig,
     admin: Option<PgPool>,
     phase: Phase,
-    tables: HashMap<u32, Table>,
+    tables: HashMap<u32, Arc<Table>>,
     txn: Option<Txn>,
     /// The latest change of the open transaction: whether it is the last is known only at
     /// the next message.
@@ -670,27 +671,18 @@ impl PostgresCdcSourceTask {
         format!("{}.{schema}.{table}", self.config.topic_prefix)
     }
 
-    fn source(
-        &self,
-        schema: &str,
-        table: &str,
-        lsn: u64,
-        txn: Option<Txn>,
-        snapshot: bool,
-    ) -> Value {
-        json!({
-            "connector": "postgresql",
-            "name": self.connector,
-            "db": self.replication.database,
-            "schema": schema,
-            "table": table,
-            "slot": self.config.slot,
-            "lsn": lsn,
-            "commit_lsn": txn.map(|t| t.final_lsn),
-            "txId": txn.map(|t| t.xid),
-            "ts_ms": txn.map(|t| t.commit_ms),
-            "snapshot": snapshot,
-        })
+    /// The fixed part of a table's `source` block, rendered once per table:
+    /// `{"connector":...,"slot":...,` (the per-change fields follow).
+    fn source_prefix(&self, schema: &str, table: &str) -> String {
+        let text = |s: &str| Value::String(s.to_string()).to_string();
+        format!(
+            "{{\"connector\":\"postgresql\",\"name\":{},\"db\":{},\"schema\":{},\"table\":{},\"slot\":{},",
+            text(&self.connector),
+            text(&self.replication.database),
+            text(schema),
+            text(table),
+            text(&self.config.slot)
+        )
     }
 
     /// The next rows of the snapshot, or `None` when it is complete.
@@ -746,6 +738,7 @@ impl PostgresCdcSourceTask {
             }
         };
         let topic = self.topic(&table.schema, &table.table);
+        let prefix = self.source_prefix(&table.schema, &table.table);
         let mut records = Vec::with_capacity(rows.len());
         for row in rows {
             let mut after = Map::new();
@@ -759,15 +752,9 @@ impl PostgresCdcSourceTask {
                 after.insert(column.name.clone(), value);
             }
             let key = key_of(&table.key, &after);
-            let value = json!({
-                "op": "r",
-                "before": null,
-                "after": after,
-                "source": self.source(&table.schema, &table.table, consistent, None, true),
-                "ts_ms": now_ms(),
-            });
+            let value = envelope("r", None, Some(&after), &prefix, consistent, None, true);
             let mut record = Record::new(topic.clone())
-                .with_value(value.to_string())
+                .with_value(value)
                 .with_header(content_type::HEADER, content_type::JSON);
             record.key = key.map(|k| k.to_string().into());
             let offset = Map::from_iter([("snapshot".to_string(), json!(true))]);
@@ -835,13 +822,15 @@ impl PostgresCdcSourceTask {
                 .collect();
         }
         let topic = self.topic(&relation.schema, &relation.table);
+        let source_prefix = self.source_prefix(&relation.schema, &relation.table);
         self.tables.insert(
             relation.id,
-            Table {
+            Arc::new(Table {
                 relation,
                 topic,
                 key,
-            },
+                source_prefix,
+            }),
         );
         Ok(())
     }
@@ -909,23 +898,18 @@ impl PostgresCdcSourceTask {
             (_, Some(before)) => key_of(&table.key, before),
             _ => None,
         };
-        let source = self.source(
-            &table.relation.schema,
-            &table.relation.table,
+        let value = envelope(
+            op,
+            before.as_ref(),
+            after.as_ref(),
+            &table.source_prefix,
             lsn,
             self.txn,
             false,
         );
-        let value = json!({
-            "op": op,
-            "before": before,
-            "after": after,
-            "source": source,
-            "ts_ms": now_ms(),
-        });
         let commit_ms = self.txn.map(|t| t.commit_ms);
         let mut record = Record::new(table.topic.clone())
-            .with_value(value.to_string())
+            .with_value(value)
             .with_header(content_type::HEADER, content_type::JSON);
         record.key = key.as_ref().map(|k| k.to_string().into());
         record.timestamp = commit_ms;
@@ -1064,6 +1048,33 @@ fn execute(connection: &mut PgConnection, sql: String) -> SqlFuture<'_, ()> {
 
 fn fetch(connection: &mut PgConnection, sql: String) -> SqlFuture<'_, Vec<sqlx::postgres::PgRow>> {
     Box::pin(async move { sqlx::query(&sql).fetch_all(connection).await })
+}
+
+/// A record's value: the envelope written straight into one string (no intermediate JSON
+/// tree for the fixed parts).
+fn envelope(
+    op: &str,
+    before: Option<&Map<String, Value>>,
+    after: Option<&Map<String, Value>>,
+    source_prefix: &str,
+    lsn: u64,
+    txn: Option<Txn>,
+    snapshot: bool,
+) -> String {
+    let row = |row: Option<&Map<String, Value>>| {
+        row.and_then(|r| serde_json::to_string(r).ok())
+            .unwrap_or_else(|| "null".to_string())
+    };
+    let optional = |n: Option<String>| n.unwrap_or_else(|| "null".to_string());
+    format!(
+        "{{\"op\":\"{op}\",\"before\":{},\"after\":{},\"source\":{source_prefix}\"lsn\":{lsn},\"commit_lsn\":{},\"txId\":{},\"ts_ms\":{},\"snapshot\":{snapshot}}},\"ts_ms\":{}}}",
+        row(before),
+        row(after),
+        optional(txn.map(|t| t.final_lsn.to_string())),
+        optional(txn.map(|t| t.xid.to_string())),
+        optional(txn.map(|t| t.commit_ms.to_string())),
+        now_ms()
+    )
 }
 
 /// The key columns of a row as a JSON object (`None` without key columns).
