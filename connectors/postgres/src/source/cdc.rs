@@ -84,6 +84,7 @@ impl Connector for PostgresCdcSourceConnector {
     /// Connects and checks `wal_level=logical`.
     async fn validate(&self, config: &Props) -> ConnectResult<()> {
         let config = CdcSourceConfig::parse(config)?;
+        replication_config(&config)?;
         if let Err(error) = server_version(&config.connection).await? {
             return Err(ConnectError::config(
                 connection_field(&error),
@@ -277,6 +278,12 @@ fn replication_config(config: &CdcSourceConfig) -> ConnectResult<ReplicationConf
         Some("disable") => TlsConfig::disabled(),
         Some("require") => TlsConfig::require(),
         Some("verify-ca") => TlsConfig::verify_ca(ca),
+        Some("verify-full") if host.parse::<std::net::IpAddr>().is_ok() => {
+            return Err(ConnectError::config(
+                CONNECTION_URL,
+                "sslmode=verify-full with an IP address: the replication client (pgwire-replication) verifies host names only; use the DNS name of the server's certificate, or sslmode=verify-ca",
+            ));
+        }
         Some("verify-full") => TlsConfig::verify_full(ca),
         None | Some("prefer") | Some("allow") => {
             let mut tls = TlsConfig::disabled();

@@ -81,6 +81,8 @@ pub struct PgServer {
     user: Option<(u32, u32)>,
     /// Stops the server and removes its directory once its stdin closes.
     watchdog: Option<Child>,
+    /// More `-c name=value` options for the server.
+    extra: String,
 }
 
 impl PgServer {
@@ -98,6 +100,12 @@ impl PgServer {
     }
 
     pub fn start() -> Self {
+        Self::start_with(|_| String::new())
+    }
+
+    /// A server with more options: `extra` gets the server's directory (owned by the server's
+    /// user) to put files in, and returns `-c name=value` options.
+    pub fn start_with(extra: impl FnOnce(&Path) -> String) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("medconnect-pg")
             .tempdir()
@@ -115,6 +123,7 @@ impl PgServer {
             bin: pg_bin(),
             user,
             watchdog: None,
+            extra: String::new(),
         };
         let status = server
             .command("initdb")
@@ -135,6 +144,15 @@ impl PgServer {
             .expect("run initdb");
         assert!(status.success(), "initdb failed: {status}");
         let mut server = server;
+        server.extra = extra(server.dir.path());
+        // Files the options name belong to the server's user (a key file must).
+        if let Ok(entries) = std::fs::read_dir(server.dir.path()) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_file()) {
+                    server.own(&entry.path());
+                }
+            }
+        }
         server.run();
         server
     }
@@ -142,9 +160,10 @@ impl PgServer {
     /// Starts the server (again) on its port.
     pub fn run(&mut self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical -c fsync=off -c max_connections=40",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical -c fsync=off -c max_connections=40 {}",
             self.port,
-            self.dir.path().join("socket").display()
+            self.dir.path().join("socket").display(),
+            self.extra
         );
         let status = self
             .command("pg_ctl")
@@ -216,6 +235,13 @@ impl PgServer {
 
     pub fn log_path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Gives a file to the server's user (PostgreSQL refuses a key file it does not own).
+    pub fn own(&self, path: &Path) {
+        if let Some((uid, gid)) = self.user {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
+        }
     }
 }
 
