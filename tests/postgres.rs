@@ -186,6 +186,122 @@ async fn vitals_become_rows_once_each_and_the_offsets_are_committed() -> anyhow:
     Ok(())
 }
 
+/// The sink's dead-letter queue end to end: 200 records of which two break a CHECK
+/// constraint, one a NOT NULL and one is not JSON. Exactly those four land in the
+/// dead-letter topic with `__connect.errors.*` headers naming their position and the SQLSTATE
+/// or the parse error; the 196 others are rows; offsets are committed to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_rows_land_alone_in_the_dead_letter_topic() -> anyhow::Result<()> {
+    let postgres = Postgres::start();
+    let url = postgres.url();
+    {
+        let mut connection = PgConnection::connect(&url).await?;
+        sqlx::raw_sql(
+            "CREATE TABLE readings (id bigint PRIMARY KEY, \
+               hr int NOT NULL CONSTRAINT hr_plausible CHECK (hr BETWEEN 20 AND 300), ward text)",
+        )
+        .execute(&mut connection)
+        .await?;
+        let _ = connection.close().await;
+    }
+    let cluster = TestCluster::start().await?;
+    let bad: [(i64, &str); 4] = [
+        (37, r#"{"id":37,"hr":999,"ward":"icu"}"#),
+        (111, r#"{"id":111,"hr":5,"ward":"icu"}"#),
+        (150, r#"{"id":150,"hr":null,"ward":"icu"}"#),
+        (180, "not json"),
+    ];
+    let values: Vec<String> = (0..200i64)
+        .map(|n| match bad.iter().find(|(id, _)| *id == n) {
+            Some((_, value)) => value.to_string(),
+            None => format!(r#"{{"id":{n},"hr":{},"ward":"icu"}}"#, 60 + n % 40),
+        })
+        .collect();
+    let records: Vec<(Option<&str>, &str)> = values.iter().map(|v| (None, v.as_str())).collect();
+    cluster.produce("readings", &records).await?;
+    let worker = cluster.start_worker().await?;
+    worker
+        .rest
+        .create(
+            "readings-sink",
+            json!({"connector.class": "PostgresSink", "topics": "readings",
+                   "connection.url": url, "insert.mode": "upsert", "pk.mode": "record_value",
+                   "pk.fields": "id", "batch.size": "50", "errors.tolerance": "all",
+                   "errors.deadletterqueue.topic.name": "readings.dlq",
+                   "errors.deadletterqueue.context.headers.enable": "true"}),
+        )
+        .await?;
+    let dead = cluster.read_topic("readings.dlq", 4).await?;
+    let offsets: Vec<i64> = dead
+        .iter()
+        .filter_map(|r| r.header("__connect.errors.offset")?.parse().ok())
+        .collect();
+    assert_eq!(
+        offsets,
+        [37, 111, 150, 180],
+        "exactly the refused records, in order"
+    );
+    for record in &dead[..2] {
+        let message = record
+            .header("__connect.errors.exception.message")
+            .unwrap_or_default();
+        assert!(
+            message.contains("23514") && message.contains("hr_plausible"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("999"),
+            "no row values in the error: {message}"
+        );
+    }
+    let not_null = dead[2]
+        .header("__connect.errors.exception.message")
+        .unwrap_or_default();
+    assert!(not_null.contains("23502"), "{not_null}");
+    let not_json = dead[3]
+        .header("__connect.errors.exception.message")
+        .unwrap_or_default();
+    assert!(not_json.contains("not JSON"), "{not_json}");
+    assert_eq!(
+        dead[3].value.as_deref(),
+        Some("not json"),
+        "the record as it was"
+    );
+
+    let rows = eventually("196 rows", async || {
+        let mut connection = PgConnection::connect(&url).await.ok()?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
+            .fetch_one(&mut connection)
+            .await
+            .ok()?;
+        let _ = connection.close().await;
+        (n >= 196).then_some(n)
+    })
+    .await?;
+    assert_eq!(rows, 196);
+    eventually("offsets committed up to the end", async || {
+        let (_, offsets) = worker
+            .rest
+            .get("/connectors/readings-sink/offsets")
+            .await
+            .ok()?;
+        let committed: i64 = offsets["offsets"]
+            .as_array()?
+            .iter()
+            .filter_map(|o| o["offset"]["kafka_offset"].as_i64())
+            .sum();
+        (committed == 200).then_some(())
+    })
+    .await?;
+    assert_eq!(
+        cluster.count_records("readings.dlq").await?,
+        4,
+        "nothing else dead-lettered"
+    );
+    worker.shutdown().await;
+    Ok(())
+}
+
 mod cdc_crash {
     //! The CDC source's crash test. The worker that is killed runs in a process of its own:
     //! this test binary started again with [`WORKER_ENV`] naming the worker config, so it runs
