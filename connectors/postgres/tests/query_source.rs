@@ -80,7 +80,7 @@ async fn incrementing_mode_does_not_skip_a_row_committed_after_a_larger_one() {
         "INSERT INTO obs (v) SELECT 'later' FROM generate_series(1, 5)",
     )
     .await;
-    let while_open = poll_for(&mut source, Duration::from_millis(1500)).await;
+    let while_open = poll_for(&mut source, Duration::from_millis(600)).await;
     assert!(
         while_open.is_empty(),
         "rows read past an open transaction: {:?}",
@@ -151,7 +151,7 @@ async fn timestamp_modes_read_equal_timestamps_and_late_commits_once_each() {
             "INSERT INTO ev (v) SELECT 'T2' FROM generate_series(1, 7)",
         )
         .await;
-        let while_open = poll_for(&mut source, Duration::from_millis(1500)).await;
+        let while_open = poll_for(&mut source, Duration::from_millis(600)).await;
         assert!(
             while_open.is_empty(),
             "{mode}: rows read past an open transaction: {:?}",
