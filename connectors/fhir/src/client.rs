@@ -39,11 +39,17 @@ pub enum FhirError {
 }
 
 impl FhirError {
-    /// Whether the same request may succeed later: no answer, 408, 429, 5xx.
+    /// Whether the same request may succeed later: no answer, 408, 429, 5xx, or an
+    /// OperationOutcome of the `transient` kind whatever the status.
     pub fn is_retriable(&self) -> bool {
         match self {
             Self::Transport(_) => true,
-            Self::Status { status, .. } => is_retriable_status(*status),
+            Self::Status {
+                status, outcome, ..
+            } => {
+                is_retriable_status(*status)
+                    || outcome.as_ref().is_some_and(|o| is_transient_code(&o.code))
+            }
             _ => false,
         }
     }
@@ -61,6 +67,21 @@ impl FhirError {
             _ => None,
         }
     }
+}
+
+/// OperationOutcome issue types that say the failure is temporary (FHIR's `transient` and
+/// its children): the same request may succeed later.
+pub fn is_transient_code(code: &str) -> bool {
+    matches!(
+        code,
+        "transient"
+            | "lock-error"
+            | "no-store"
+            | "exception"
+            | "timeout"
+            | "incomplete"
+            | "throttled"
+    )
 }
 
 pub fn is_retriable_status(status: u16) -> bool {
@@ -355,6 +376,19 @@ mod tests {
             }),
         };
         assert!(!refused.is_retriable());
+        let locked = FhirError::Status {
+            status: 400,
+            retry_after: None,
+            outcome: Some(Outcome {
+                severity: "error".into(),
+                code: "lock-error".into(),
+                diagnostics: String::new(),
+            }),
+        };
+        assert!(
+            locked.is_retriable(),
+            "a transient OperationOutcome is retried whatever the status"
+        );
         assert_eq!(
             refused.to_string(),
             "the FHIR server answered HTTP 400 (OperationOutcome error/invalid)"

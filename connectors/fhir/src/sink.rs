@@ -240,6 +240,9 @@ impl SinkTask for FhirSinkTask {
     }
 
     async fn close(&mut self, partitions: &[TopicPartition]) -> ConnectResult<()> {
+        if let Some(writer) = &self.writer {
+            writer.forget(partitions)?;
+        }
         self.tracker.forget(partitions);
         for partition in partitions {
             self.next.remove(partition);

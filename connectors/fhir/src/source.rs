@@ -792,6 +792,8 @@ impl SourceTask for FhirSourceTask {
     }
 
     async fn stop(&mut self) -> ConnectResult<()> {
+        // The receiver stops listening: its port is free for the task's next start.
+        self.hook = None;
         self.client = None;
         Ok(())
     }
