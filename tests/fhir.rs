@@ -122,20 +122,26 @@ impl Hfs {
             .as_u64()
     }
 
+    /// A transaction, sent again while hfs 0.2.7 answers "database table is locked" (a write
+    /// meeting a concurrent read; the transaction did nothing).
     async fn transaction(&self, entries: &[Value]) -> anyhow::Result<()> {
         let body = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
-        let answer = reqwest::Client::new()
-            .post(&self.url)
-            .header("Content-Type", "application/fhir+json")
-            .body(body.to_string())
-            .send()
-            .await?;
-        anyhow::ensure!(
-            answer.status().is_success(),
-            "transaction: {}",
-            answer.status()
-        );
-        Ok(())
+        for _ in 0..50 {
+            let answer = reqwest::Client::new()
+                .post(&self.url)
+                .header("Content-Type", "application/fhir+json")
+                .body(body.to_string())
+                .send()
+                .await?;
+            let status = answer.status();
+            let text = answer.text().await.unwrap_or_default();
+            if status.is_success() {
+                return Ok(());
+            }
+            anyhow::ensure!(text.contains("is locked"), "transaction: {status}: {text}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        anyhow::bail!("transaction: hfs stayed locked")
     }
 }
 

@@ -123,19 +123,26 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A PUT, sent again while hfs 0.2.7 answers "database table is locked" (a write meeting the
+/// receiver's concurrent read; nothing was written).
 async fn put(hfs: &Hfs, path: &str, resource: Value) {
-    let answer = reqwest::Client::new()
-        .put(format!("{}/{path}", hfs.url))
-        .header("Content-Type", "application/fhir+json")
-        .body(resource.to_string())
-        .send()
-        .await
-        .expect("hfs answers");
-    assert!(
-        answer.status().is_success(),
-        "PUT {path}: {}",
-        answer.status()
-    );
+    for _ in 0..50 {
+        let answer = reqwest::Client::new()
+            .put(format!("{}/{path}", hfs.url))
+            .header("Content-Type", "application/fhir+json")
+            .body(resource.to_string())
+            .send()
+            .await
+            .expect("hfs answers");
+        let status = answer.status();
+        let text = answer.text().await.unwrap_or_default();
+        if status.is_success() {
+            return;
+        }
+        assert!(text.contains("is locked"), "PUT {path}: {status}: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("PUT {path}: hfs stayed locked");
 }
 
 async fn wait_for(seen: &Seen, key: &str) -> Instant {

@@ -161,21 +161,31 @@ impl Hfs {
         body["total"].as_u64().expect("total")
     }
 
-    /// A transaction Bundle posted directly (setting up what a test reads).
+    /// A transaction Bundle posted directly (setting up what a test reads); sent again while
+    /// hfs 0.2.7 answers "database table is locked" (a write meeting a concurrent read).
     pub async fn transaction(&self, entries: Vec<Value>) -> Value {
         let body =
             serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
-        let response = reqwest::Client::new()
-            .post(&self.url)
-            .header("Content-Type", "application/fhir+json")
-            .body(body.to_string())
-            .send()
-            .await
-            .expect("hfs answers");
-        let status = response.status().as_u16();
-        let body: Value = response.json().await.expect("JSON");
-        assert_eq!(status, 200, "transaction: {body}");
-        body
+        for _ in 0..50 {
+            let response = reqwest::Client::new()
+                .post(&self.url)
+                .header("Content-Type", "application/fhir+json")
+                .body(body.to_string())
+                .send()
+                .await
+                .expect("hfs answers");
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.expect("JSON");
+            if status == 200 {
+                return body;
+            }
+            assert!(
+                body.to_string().contains("is locked"),
+                "transaction: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("transaction: hfs stayed locked")
     }
 }
 
