@@ -403,3 +403,31 @@ async fn a_dropped_slot_fails_the_task_with_the_reason() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validation_names_a_user_without_the_replication_attribute() {
+    use medconnect_api::Connector;
+    let url = shared().database("cdc_validate").await;
+    execute(&url, "DROP ROLE IF EXISTS plain; CREATE ROLE plain LOGIN").await;
+    let config = |user: &str| {
+        support::props(&[
+            ("connection.url", &url),
+            ("connection.user", user),
+            ("slot.name", "cdc_validate"),
+            ("publication.name", "p"),
+            ("topic.prefix", "ehr"),
+        ])
+    };
+    let connector = medconnect_postgres::PostgresCdcSourceConnector;
+    match connector.validate(&config("plain")).await {
+        Err(ConnectError::Config { field, reason }) => {
+            assert_eq!(field, "connection.user");
+            assert!(reason.contains("REPLICATION"), "{reason}");
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    connector
+        .validate(&config("medconnect"))
+        .await
+        .expect("a superuser on a wal_level=logical server");
+}

@@ -98,7 +98,19 @@ impl Connector for PostgresCdcSourceConnector {
             .fetch_one(&mut connection)
             .await
             .map_err(|e| ConnectError::config(CONNECTION_URL, e.to_string()))?;
+        let replication: bool = sqlx::query_scalar(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+        )
+        .fetch_one(&mut connection)
+        .await
+        .map_err(|e| ConnectError::config(CONNECTION_USER, e.to_string()))?;
         let _ = connection.close().await;
+        if !replication {
+            return Err(ConnectError::config(
+                CONNECTION_USER,
+                "the user needs the REPLICATION attribute (ALTER ROLE ... REPLICATION) to read a replication slot",
+            ));
+        }
         if level != "logical" {
             return Err(ConnectError::config(
                 CONNECTION_URL,

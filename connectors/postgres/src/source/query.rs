@@ -36,6 +36,9 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 use tokio::time::Instant;
 
+/// How long an open transaction may hold reads back before a warning.
+const HELD_WARNING: std::time::Duration = std::time::Duration::from_secs(60);
+
 use super::config::{
     QueryMode, QuerySourceConfig, Sources, TABLE_WHITELIST, query_def, quoted_table,
 };
@@ -141,6 +144,8 @@ struct Table {
     timestamp: Option<String>,
     candidate: Option<Horizon>,
     due: Instant,
+    /// When a held-back bound was last warned about.
+    warned: Option<Instant>,
 }
 
 pub struct PostgresSourceTask {
@@ -185,6 +190,7 @@ impl PostgresSourceTask {
                 timestamp: None,
                 candidate: None,
                 due: now,
+                warned: None,
             }],
             Sources::Tables(tables) => tables
                 .iter()
@@ -197,6 +203,7 @@ impl PostgresSourceTask {
                     timestamp: None,
                     candidate: None,
                     due: now,
+                    warned: None,
                 })
                 .collect(),
         };
@@ -219,7 +226,7 @@ impl PostgresSourceTask {
     /// Asks the server for a new candidate and whether the table's previous one is
     /// confirmed. Returns the confirmed bound: the largest incrementing value, or the timestamp
     /// rows must be before, to be read now (`None`: nothing can be read yet).
-    async fn bound(&self, index: usize) -> ConnectResult<(Option<Horizon>, Option<Bound>)> {
+    async fn bound(&mut self, index: usize) -> ConnectResult<(Option<Horizon>, Option<Bound>)> {
         let table = &self.tables[index];
         let high = match self.config.mode.incrementing() {
             Some(column) if self.config.mode.timestamp().is_none() => format!(
@@ -233,7 +240,8 @@ impl PostgresSourceTask {
         // apply workers; not WAL senders or autovacuum. Prepared transactions count as open
         // since their start is unknown.
         let sql = format!(
-            "WITH open AS (SELECT min(xact_start) AS oldest FROM pg_stat_activity \
+            "WITH open AS (SELECT min(xact_start) AS oldest, \
+               (array_agg(pid ORDER BY xact_start))[1] AS oldest_pid FROM pg_stat_activity \
                WHERE pid <> pg_backend_pid() AND xact_start IS NOT NULL \
                AND backend_type NOT IN ('walsender', 'autovacuum worker', 'autovacuum launcher')), \
              prepared AS (SELECT count(*) AS n FROM pg_prepared_xacts) \
@@ -242,7 +250,9 @@ impl PostgresSourceTask {
                  AND (open.oldest IS NULL OR open.oldest > $1::timestamptz)) AS confirmed, \
                CASE WHEN $1::timestamptz IS NULL OR prepared.n > 0 THEN NULL \
                  ELSE least($1::timestamptz, open.oldest, clock_timestamp() - make_interval(secs => $2))::text END AS upper, \
-               {high} AS high \
+               {high} AS high, open.oldest_pid, \
+               extract(epoch FROM clock_timestamp() - open.oldest)::float8 AS open_for, \
+               prepared.n AS prepared \
              FROM open, prepared"
         );
         let delay = self.config.timestamp_delay.as_secs_f64();
@@ -258,11 +268,20 @@ impl PostgresSourceTask {
             .map_err(|e| sql_failure(e, "bound"))?;
         let upper: Option<String> = row.try_get("upper").map_err(|e| sql_failure(e, "bound"))?;
         let high: Option<i64> = row.try_get("high").map_err(|e| sql_failure(e, "bound"))?;
+        let oldest_pid: Option<i32> = row
+            .try_get("oldest_pid")
+            .map_err(|e| sql_failure(e, "bound"))?;
+        let open_for: Option<f64> = row
+            .try_get("open_for")
+            .map_err(|e| sql_failure(e, "bound"))?;
+        let prepared: i64 = row
+            .try_get("prepared")
+            .map_err(|e| sql_failure(e, "bound"))?;
+        self.warn_if_held(index, oldest_pid, open_for, prepared);
         let fresh = Horizon { at: now, high };
         Ok(match &self.config.mode {
             QueryMode::Incrementing { .. } => {
-                let previous = table.candidate.clone();
-                match previous {
+                match self.tables[index].candidate.clone() {
                     // A confirmed candidate: read up to its H, and take a new one.
                     Some(previous) if confirmed => {
                         (Some(fresh), previous.high.map(Bound::Incrementing))
@@ -274,6 +293,31 @@ impl PostgresSourceTask {
             }
             _ => (Some(fresh), upper.map(Bound::Timestamp)),
         })
+    }
+
+    /// A transaction open for long (an idle-in-transaction session) or a prepared one holds
+    /// every table's bound back: said once a minute per table, never silently.
+    fn warn_if_held(
+        &mut self,
+        index: usize,
+        oldest_pid: Option<i32>,
+        open_for: Option<f64>,
+        prepared: i64,
+    ) {
+        let held = prepared > 0 || open_for.is_some_and(|s| s >= HELD_WARNING.as_secs_f64());
+        let table = &mut self.tables[index];
+        if !held || table.warned.is_some_and(|at| at.elapsed() < HELD_WARNING) {
+            return;
+        }
+        table.warned = Some(Instant::now());
+        tracing::warn!(
+            connector = %self.connector,
+            table = %table.name,
+            oldest_open_pid = ?oldest_pid,
+            open_for_s = ?open_for.map(|s| s.round()),
+            prepared_transactions = prepared,
+            "an open or prepared transaction holds this table's reads back (rows it may still commit must not be skipped)"
+        );
     }
 
     /// Reads the next batch of one table: its records, and whether the batch was full.
