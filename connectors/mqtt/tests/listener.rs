@@ -443,3 +443,67 @@ async fn a_publish_outside_the_topic_pattern_is_rejected_for_the_dead_letter_top
     assert!(ok, "a dead-lettered publish is acknowledged: {stderr}");
     task.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn bad_publishes_go_to_the_dead_letter_topic_and_mqtt_5_devices_hear_why() {
+    let (mut task, port) = listener(&[("payload.format", "json")]).await;
+
+    // MQTT 5, a payload that is not JSON: rejected for the dead-letter topic, and once it is
+    // there the device gets PUBACK 0x99 (payload format invalid).
+    let publisher = tokio::spawn(async move {
+        mosquitto_pub(
+            port,
+            &[
+                "-V",
+                "mqttv5",
+                "-q",
+                "1",
+                "-i",
+                "pump-3",
+                "-u",
+                "pump-3",
+                "-P",
+                "s3cret-pump",
+                "-t",
+                "devices/pump-3/vitals",
+                "-m",
+                "{\"rate\":",
+            ],
+        )
+        .await
+    });
+    let mut records = next_records(&mut task, 1).await;
+    let reason = records[0].rejected.as_ref().expect("rejected").to_string();
+    assert!(reason.contains("payload.format=json"), "{reason}");
+    assert!(!reason.contains("rate"), "the payload is quoted: {reason}");
+    records[0].complete(Delivery::DeadLettered { reason });
+    let (_, stderr) = publisher.await.unwrap();
+    assert!(
+        stderr.to_lowercase().contains("payload format invalid"),
+        "mosquitto_pub was not told: {stderr}"
+    );
+
+    // MQTT 3.1.1, a wildcard in the PUBLISH topic (mosquitto_pub and rumqttc refuse to send
+    // one, so the packet is written by hand with rumqttc's encoder): rejected, acknowledged
+    // once it is in the dead-letter topic (3.1.1 has no negative acknowledgement).
+    let mut device = raw_connect(port, 60).await;
+    let mut publish =
+        rumqttc::mqttbytes::v4::Publish::new("devices/+/vitals", QoS::AtLeastOnce, "{}");
+    publish.pkid = 9;
+    let mut bytes = BytesMut::new();
+    rumqttc::mqttbytes::v4::Packet::Publish(publish)
+        .write(&mut bytes, usize::MAX)
+        .unwrap();
+    device.write_all(&bytes).await.unwrap();
+    let mut records = next_records(&mut task, 1).await;
+    let reason = records[0].rejected.as_ref().expect("rejected").to_string();
+    assert!(reason.contains("wildcard"), "{reason}");
+    records[0].complete(Delivery::DeadLettered { reason });
+    let mut puback = [0u8; 4];
+    tokio::time::timeout(DEADLINE, device.read_exact(&mut puback))
+        .await
+        .expect("PUBACK in time")
+        .unwrap();
+    assert_eq!(puback, [0x40, 0x02, 0x00, 0x09]);
+    task.stop().await.expect("stop");
+}

@@ -19,7 +19,7 @@ impl std::fmt::Debug for Users {
 
 /// The outcome of a CONNECT's credentials.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Admission {
     Accepted,
     /// A username and password that do not match an entry.
     BadCredentials,
@@ -65,18 +65,18 @@ impl Users {
         username: Option<&str>,
         password: Option<&[u8]>,
         allow_anonymous: bool,
-    ) -> Verdict {
+    ) -> Admission {
         let Some(username) = username.filter(|u| !u.is_empty()) else {
             return if allow_anonymous {
-                Verdict::Accepted
+                Admission::Accepted
             } else {
-                Verdict::NotAuthorized
+                Admission::NotAuthorized
             };
         };
         let given = password.unwrap_or_default();
         match self.0.get(username) {
-            Some(expected) if constant_time_eq(expected, given) => Verdict::Accepted,
-            _ => Verdict::BadCredentials,
+            Some(expected) if constant_time_eq(expected, given) => Admission::Accepted,
+            _ => Admission::BadCredentials,
         }
     }
 }
@@ -98,22 +98,22 @@ mod tests {
         let users = Users::parse("pump-3:s3cret, # comment\n monitor-7:x").unwrap();
         assert_eq!(
             users.check(Some("pump-3"), Some(b"s3cret"), false),
-            Verdict::Accepted
+            Admission::Accepted
         );
         assert_eq!(
             users.check(Some("pump-3"), Some(b"s3cre"), false),
-            Verdict::BadCredentials
+            Admission::BadCredentials
         );
         assert_eq!(
             users.check(Some("pump-3"), Some(b"s3cretX"), false),
-            Verdict::BadCredentials
+            Admission::BadCredentials
         );
         assert_eq!(
             users.check(Some("nobody"), Some(b"x"), true),
-            Verdict::BadCredentials
+            Admission::BadCredentials
         );
-        assert_eq!(users.check(None, None, false), Verdict::NotAuthorized);
-        assert_eq!(users.check(None, None, true), Verdict::Accepted);
+        assert_eq!(users.check(None, None, false), Admission::NotAuthorized);
+        assert_eq!(users.check(None, None, true), Admission::Accepted);
         assert!(!format!("{users:?}").contains("s3cret"));
         let error = Users::parse("a:b,secret-without-colon").unwrap_err();
         assert!(!error.contains("secret"), "{error}");

@@ -24,6 +24,43 @@ pub const MAX_QOS: &str = "mqtt.max.qos";
 pub const KEEP_ALIVE_MAX_S: &str = "mqtt.keep.alive.max.s";
 pub const CONNECT_TIMEOUT_MS: &str = "mqtt.connect.timeout.ms";
 pub const CONNECT_RATE: &str = "mqtt.connect.rate";
+pub const PAYLOAD_FORMAT: &str = "payload.format";
+
+/// What a payload must be to be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadFormat {
+    /// Anything: kept as bytes.
+    Bytes,
+    /// A JSON document; anything else goes to the dead-letter topic.
+    Json,
+}
+
+impl PayloadFormat {
+    /// Why `payload` is not of this format (never quoting it: it may hold patient data).
+    pub fn problem(self, payload: &[u8]) -> Option<String> {
+        match self {
+            Self::Bytes => None,
+            Self::Json => serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+                .err()
+                .map(|e| {
+                    format!(
+                        "{PAYLOAD_FORMAT}=json: the payload is not JSON ({} at line {} column {})",
+                        json_error_kind(&e),
+                        e.line(),
+                        e.column()
+                    )
+                }),
+        }
+    }
+}
+
+fn json_error_kind(error: &serde_json::Error) -> &'static str {
+    match error.classify() {
+        serde_json::error::Category::Eof => "it ends early",
+        serde_json::error::Category::Syntax => "a syntax error",
+        serde_json::error::Category::Data | serde_json::error::Category::Io => "not readable",
+    }
+}
 
 pub fn listener_def() -> ConfigDef {
     ConfigDef::new()
@@ -53,6 +90,8 @@ pub fn listener_def() -> ConfigDef {
         .with_validator(Validator::NonEmpty)
         .define(KAFKA_KEY, ConfigType::String, "${mqtt.topic}", Importance::Medium, "Record key template (e.g. ${device}); empty: no key.")
         .define(CONTENT_TYPE, ConfigType::String, "application/json", Importance::Low, "content-type header of the records, unless an MQTT 5 publish names its own.")
+        .define(PAYLOAD_FORMAT, ConfigType::String, "bytes", Importance::Medium, "bytes: payloads are kept as they come. json: a payload that is not a JSON document goes to the dead-letter topic (MQTT 5: acknowledged with reason 0x99, payload format invalid).")
+        .with_validator(Validator::OneOf(vec!["bytes", "json"]))
         .define(QUEUE_CAPACITY, ConfigType::Int, "1024", Importance::Low, "Publishes received and not yet polled, over all connections; while it is full, connections are not read.")
         .with_validator(Validator::between(1.0, 1_000_000.0))
         .define(POLL_BATCH_MAX, ConfigType::Int, "500", Importance::Low, "Records returned per poll at most.")
@@ -78,6 +117,7 @@ pub struct ListenerConfig {
     pub kafka_topic: Template,
     pub kafka_key: Option<Template>,
     pub content_type: String,
+    pub payload_format: PayloadFormat,
     pub queue_capacity: usize,
     pub poll_batch_max: usize,
 }
@@ -121,6 +161,10 @@ impl ListenerConfig {
             kafka_topic,
             kafka_key,
             content_type: parsed.string(CONTENT_TYPE)?.trim().to_string(),
+            payload_format: match parsed.string(PAYLOAD_FORMAT)?.as_str() {
+                "json" => PayloadFormat::Json,
+                _ => PayloadFormat::Bytes,
+            },
             queue_capacity: parsed.int_as(QUEUE_CAPACITY)?,
             poll_batch_max: parsed.int_as(POLL_BATCH_MAX)?,
         })

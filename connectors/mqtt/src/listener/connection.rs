@@ -32,9 +32,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::Shared;
-use super::auth::Verdict;
+use super::auth::Admission;
 use super::record::{Device, to_record};
-use super::wire::{self, Connect, Incoming, Outgoing, Refusal, Version, WireError};
+use super::wire::{self, Connect, Incoming, Outgoing, Refusal, Verdict, Version, WireError};
 
 /// How long writing one answer may take before the connection is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,11 +43,19 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 struct Pending {
     pkid: u16,
     qos: QoS,
+    /// What the acknowledgement says once the record is settled (the listener refused the
+    /// topic or payload: it went to the dead-letter topic).
+    verdict: Verdict,
     delivery: oneshot::Receiver<Delivery>,
 }
 
-async fn settled(pending: Pending) -> (u16, QoS, Option<Delivery>) {
-    (pending.pkid, pending.qos, pending.delivery.await.ok())
+async fn settled(pending: Pending) -> (u16, QoS, Verdict, Option<Delivery>) {
+    (
+        pending.pkid,
+        pending.qos,
+        pending.verdict,
+        pending.delivery.await.ok(),
+    )
 }
 
 /// Why a connection ended (logged; never with payloads).
@@ -191,9 +199,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             connect.password.as_deref(),
             config.allow_anonymous,
         ) {
-            Verdict::Accepted => None,
-            Verdict::BadCredentials => Some(Refusal::BadCredentials),
-            Verdict::NotAuthorized => Some(Refusal::NotAuthorized),
+            Admission::Accepted => None,
+            Admission::BadCredentials => Some(Refusal::BadCredentials),
+            Admission::NotAuthorized => Some(Refusal::NotAuthorized),
         }
     };
     let refusal = refusal.or_else(|| {
@@ -296,13 +304,13 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     if publish.qos as u8 > config.max_qos {
                         return End::Protocol("a publish above mqtt.max.qos");
                     }
-                    if publish.topic.is_empty() || publish.topic_alias.is_some() {
-                        return End::Protocol("a topic alias (none is allowed) or an empty topic");
+                    if publish.topic_alias.is_some() {
+                        return End::Protocol("a topic alias (the listener allows none)");
                     }
                     let pkid = publish.pkid;
                     let qos = publish.qos;
                     if qos == QoS::AtMostOnce {
-                        let record = to_record(config, device, publish, None);
+                        let (record, _) = to_record(config, device, publish, None);
                         if shared.enqueue(record).await.is_err() {
                             return End::ShuttingDown;
                         }
@@ -314,13 +322,17 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     if awaiting_release.contains(&pkid) {
                         // QoS 2 resent before our PUBREC arrived: it is stored already.
-                        if let Err(end) = conn.send(Outgoing::PubRec { pkid, ok: true }).await {
+                        let answer = Outgoing::PubRec {
+                            pkid,
+                            verdict: Verdict::Stored,
+                        };
+                        if let Err(end) = conn.send(answer).await {
                             return end;
                         }
                         continue;
                     }
                     let (ack, delivery) = AckHandle::channel();
-                    let record = to_record(config, device, publish, Some(ack));
+                    let (record, verdict) = to_record(config, device, publish, Some(ack));
                     if shared.enqueue(record).await.is_err() {
                         return End::ShuttingDown;
                     }
@@ -328,6 +340,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     pending.push(settled(Pending {
                         pkid,
                         qos,
+                        verdict,
                         delivery,
                     }));
                 }
@@ -363,20 +376,21 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         let deadline = last_heard + silence_limit;
         tokio::select! {
             _ = shared.shutdown.cancelled() => return End::ShuttingDown,
-            Some((pkid, qos, delivery)) = pending.next(), if !pending.is_empty() => {
+            Some((pkid, qos, verdict, delivery)) = pending.next(), if !pending.is_empty() => {
                 in_engine.remove(&pkid);
-                let ok = match delivery {
-                    Some(Delivery::Written { .. } | Delivery::DeadLettered { .. } | Delivery::Filtered) => true,
-                    Some(Delivery::Rejected { .. }) => false,
+                let verdict = match delivery {
+                    Some(Delivery::Written { .. } | Delivery::DeadLettered { .. } | Delivery::Filtered) => verdict,
+                    Some(Delivery::Rejected { .. }) if verdict == Verdict::Stored => Verdict::PayloadInvalid,
+                    Some(Delivery::Rejected { .. }) => verdict,
                     Some(Delivery::Failed { .. }) | None => return End::NotDurable,
                 };
                 let answer = if qos == QoS::ExactlyOnce {
-                    if ok {
+                    if verdict == Verdict::Stored {
                         awaiting_release.insert(pkid);
                     }
-                    Outgoing::PubRec { pkid, ok }
+                    Outgoing::PubRec { pkid, verdict }
                 } else {
-                    Outgoing::PubAck { pkid, ok }
+                    Outgoing::PubAck { pkid, verdict }
                 };
                 if let Err(end) = conn.send(answer).await {
                     return end;

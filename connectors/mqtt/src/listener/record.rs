@@ -5,7 +5,7 @@ use medconnect_api::{AckHandle, ConnectError, Record, SourceRecord, content_type
 use rumqttc::QoS;
 
 use super::config::ListenerConfig;
-use super::wire::Publish;
+use super::wire::{Publish, Verdict};
 use crate::config::{KAFKA_TOPIC, TOPIC_PATTERN};
 use crate::mapping::kafka_topic_name;
 use crate::source::{HEADER_CLIENT_ID, HEADER_DUP, HEADER_QOS, HEADER_RETAIN, HEADER_TOPIC};
@@ -33,14 +33,15 @@ fn qos_number(qos: QoS) -> &'static str {
     }
 }
 
-/// The record for `publish`; rejected (for the dead-letter topic) when its topic fits no
-/// mapping. `ack` is `None` for QoS 0.
+/// The record for `publish` and what its acknowledgement is to say; rejected (for the
+/// dead-letter topic) when its topic holds a wildcard or fits no mapping, or its payload fails
+/// `payload.format`. `ack` is `None` for QoS 0.
 pub fn to_record(
     config: &ListenerConfig,
     device: &Device,
     publish: Publish,
     ack: Option<AckHandle>,
-) -> SourceRecord {
+) -> (SourceRecord, Verdict) {
     let Publish {
         topic: mqtt_topic,
         qos,
@@ -80,30 +81,62 @@ pub fn to_record(
         record.headers.add(name, value);
     }
 
-    let Some(captures) = config.topic_pattern.captures(&mqtt_topic) else {
-        let reason = ConnectError::data(format!(
-            "MQTT topic '{mqtt_topic}' does not match {TOPIC_PATTERN}"
+    match route(config, &mqtt_topic, &mut record) {
+        Ok(()) => {
+            let record = match ack {
+                Some(ack) => SourceRecord::acknowledged(record, ack),
+                None => SourceRecord::new(record, Default::default(), Default::default()),
+            };
+            (record, Verdict::Stored)
+        }
+        Err((reason, verdict)) => (
+            SourceRecord::rejected(record, ConnectError::data(reason), ack),
+            verdict,
+        ),
+    }
+}
+
+/// Sets the record's Kafka topic and key from the MQTT topic; or why it cannot be stored.
+fn route(
+    config: &ListenerConfig,
+    mqtt_topic: &str,
+    record: &mut Record,
+) -> Result<(), (String, Verdict)> {
+    if mqtt_topic.is_empty() || mqtt_topic.contains(['+', '#', '\0']) {
+        return Err((
+            format!(
+                "MQTT topic '{mqtt_topic}' is empty, not UTF-8, or holds a wildcard or NUL: not a topic name a PUBLISH may carry"
+            ),
+            Verdict::TopicInvalid,
         ));
-        return SourceRecord::rejected(record, reason, ack);
+    }
+    if let Some(problem) = config
+        .payload_format
+        .problem(record.value.as_deref().unwrap_or_default())
+    {
+        return Err((problem, Verdict::PayloadInvalid));
+    }
+    let Some(captures) = config.topic_pattern.captures(mqtt_topic) else {
+        return Err((
+            format!("MQTT topic '{mqtt_topic}' does not match {TOPIC_PATTERN}"),
+            Verdict::TopicInvalid,
+        ));
     };
-    let rendered = config.kafka_topic.render(&mqtt_topic, &captures);
+    let rendered = config.kafka_topic.render(mqtt_topic, &captures);
     let Some(topic) = kafka_topic_name(&rendered) else {
-        let reason = ConnectError::data(format!(
-            "{KAFKA_TOPIC} gives no usable Kafka topic for MQTT topic '{mqtt_topic}'"
+        return Err((
+            format!("{KAFKA_TOPIC} gives no usable Kafka topic for MQTT topic '{mqtt_topic}'"),
+            Verdict::TopicInvalid,
         ));
-        return SourceRecord::rejected(record, reason, ack);
     };
     record.topic = topic;
     if let Some(key) = &config.kafka_key {
-        let key = key.render(&mqtt_topic, &captures);
+        let key = key.render(mqtt_topic, &captures);
         if !key.is_empty() {
             record.key = Some(key.into());
         }
     }
-    match ack {
-        Some(ack) => SourceRecord::acknowledged(record, ack),
-        None => SourceRecord::new(record, Default::default(), Default::default()),
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -144,12 +177,13 @@ mod tests {
             username: Some("ward-4".into()),
         };
         let (ack, _) = AckHandle::channel();
-        let record = to_record(
+        let (record, verdict) = to_record(
             &config,
             &device,
             publish("devices/pump-3/vitals"),
             Some(ack),
         );
+        assert_eq!(verdict, Verdict::Stored);
         assert!(record.rejected.is_none());
         let headers = &record.record.headers;
         assert_eq!(record.record.topic, "device.vitals");
@@ -162,13 +196,46 @@ mod tests {
         assert_eq!(headers.last_str("mqtt.user.mqtt.qos"), Some("9"));
 
         let (ack, _) = AckHandle::channel();
-        let record = to_record(
+        let (record, verdict) = to_record(
             &config,
             &device,
             publish("devices/pump-3/alarms"),
             Some(ack),
         );
+        assert_eq!(verdict, Verdict::TopicInvalid);
         assert!(record.rejected.is_some());
         assert!(record.ack.is_some());
+        for topic in ["devices/+/vitals", "devices/#", "", "devices/a\0/vitals"] {
+            let (ack, _) = AckHandle::channel();
+            let (record, verdict) = to_record(&config, &device, publish(topic), Some(ack));
+            assert_eq!(verdict, Verdict::TopicInvalid, "{topic:?}");
+            assert!(record.rejected.is_some());
+        }
+    }
+
+    #[test]
+    fn with_payload_format_json_a_payload_that_is_not_json_is_rejected() {
+        let config = ListenerConfig::parse(&props_from(&[
+            (ALLOW_ANONYMOUS, "true"),
+            (crate::listener::config::PAYLOAD_FORMAT, "json"),
+        ]))
+        .unwrap();
+        let device = Device {
+            client_id: "pump-3".into(),
+            username: None,
+        };
+        let mut bad = publish("devices/pump-3/vitals");
+        bad.payload = "{\"hr\":".into();
+        let (record, verdict) = to_record(&config, &device, bad, None);
+        assert_eq!(verdict, Verdict::PayloadInvalid);
+        let reason = record.rejected.expect("rejected").to_string();
+        assert!(reason.contains("payload.format"), "{reason}");
+        assert!(
+            !reason.contains("hr"),
+            "the payload is not quoted: {reason}"
+        );
+        let (record, verdict) = to_record(&config, &device, publish("devices/pump-3/vitals"), None);
+        assert_eq!(verdict, Verdict::Stored);
+        assert!(record.rejected.is_none());
     }
 }

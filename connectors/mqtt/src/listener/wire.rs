@@ -221,7 +221,9 @@ fn from_v5(packet: v5::Packet) -> Incoming {
                 None => (Vec::new(), None, None),
             };
             Incoming::Publish(Publish {
-                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                // Not UTF-8: an empty topic, which the session refuses as invalid (MQTT 5
+                // requires UTF-8 topic names; 3.1.1's decoder refuses the packet itself).
+                topic: String::from_utf8(p.topic.to_vec()).unwrap_or_default(),
                 qos: match p.qos {
                     rumqttc::v5::mqttbytes::QoS::AtMostOnce => QoS::AtMostOnce,
                     rumqttc::v5::mqttbytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
@@ -260,6 +262,17 @@ pub enum Refusal {
     ConnectionRate,
 }
 
+/// What an acknowledgement says of its publish (MQTT 5 carries it as the reason code; 3.1.1
+/// acknowledges alike, the record is in the dead-letter topic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Stored,
+    /// The topic fits no mapping, or holds a wildcard or NUL (0x90).
+    TopicInvalid,
+    /// The payload failed `payload.format` (0x99), or Kafka refused the record itself.
+    PayloadInvalid,
+}
+
 /// What the listener answers.
 #[derive(Debug)]
 pub enum Outgoing {
@@ -276,11 +289,11 @@ pub enum Outgoing {
     Refused(Refusal),
     PubAck {
         pkid: u16,
-        ok: bool,
+        verdict: Verdict,
     },
     PubRec {
         pkid: u16,
-        ok: bool,
+        verdict: Verdict,
     },
     PubComp {
         pkid: u16,
@@ -383,21 +396,21 @@ fn to_v5(packet: Outgoing) -> v5::Packet {
             },
             properties: None,
         }),
-        Outgoing::PubAck { pkid, ok } => v5::Packet::PubAck(v5::PubAck {
+        Outgoing::PubAck { pkid, verdict } => v5::Packet::PubAck(v5::PubAck {
             pkid,
-            reason: if ok {
-                v5::PubAckReason::Success
-            } else {
-                v5::PubAckReason::PayloadFormatInvalid
+            reason: match verdict {
+                Verdict::Stored => v5::PubAckReason::Success,
+                Verdict::TopicInvalid => v5::PubAckReason::TopicNameInvalid,
+                Verdict::PayloadInvalid => v5::PubAckReason::PayloadFormatInvalid,
             },
             properties: None,
         }),
-        Outgoing::PubRec { pkid, ok } => v5::Packet::PubRec(v5::PubRec {
+        Outgoing::PubRec { pkid, verdict } => v5::Packet::PubRec(v5::PubRec {
             pkid,
-            reason: if ok {
-                v5::PubRecReason::Success
-            } else {
-                v5::PubRecReason::PayloadFormatInvalid
+            reason: match verdict {
+                Verdict::Stored => v5::PubRecReason::Success,
+                Verdict::TopicInvalid => v5::PubRecReason::TopicNameInvalid,
+                Verdict::PayloadInvalid => v5::PubRecReason::PayloadFormatInvalid,
             },
             properties: None,
         }),
