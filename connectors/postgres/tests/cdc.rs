@@ -431,3 +431,54 @@ async fn validation_names_a_user_without_the_replication_attribute() {
         .await
         .expect("a superuser on a wal_level=logical server");
 }
+
+/// A slot the server invalidated (its WAL removed past `max_slot_wal_keep_size`) while the
+/// connector was stopped: the next start is a task error saying so, on a server of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_fails_the_start_with_the_reason() {
+    let server = support::PgServer::start_with(|_| "-c max_slot_wal_keep_size=1MB".into());
+    let url = server.database("cdc_invalidated").await;
+    execute(&url, PATIENTS).await;
+    let offsets = MemoryOffsets::default();
+    let mut first = cdc_task(&url, "cdc_invalidated", &offsets, &[]);
+    first.start().await.expect("start");
+    let heartbeat = poll_until(&mut first, 1, DEADLINE).await;
+    let newly = offsets.store(&heartbeat);
+    first.commit(&newly).await.expect("commit");
+    first.stop().await.expect("stop");
+
+    // WAL past the limit, segments switched and a checkpoint to remove them.
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        execute(
+            &url,
+            "CREATE TABLE IF NOT EXISTS filler (n int, pad text); \
+             INSERT INTO filler SELECT g, repeat('x', 200) FROM generate_series(1, 100000) g; \
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await;
+        let lost = count(
+            &url,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'cdc_invalidated' AND wal_status = 'lost'",
+        )
+        .await;
+        if lost == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the slot was never invalidated"
+        );
+    }
+    let mut second = cdc_task(&url, "cdc_invalidated", &offsets, &[]);
+    match second.start().await {
+        Err(ConnectError::Fatal(detail)) => {
+            assert!(
+                detail.contains("\"cdc_invalidated\" is invalidated"),
+                "{detail}"
+            );
+            assert!(detail.contains("max_slot_wal_keep_size"), "{detail}");
+        }
+        other => panic!("expected a fatal error, got {other:?}"),
+    }
+}
