@@ -37,6 +37,7 @@ impl Server {
     }
 
     /// A program of the server's installation (`pg_recvlogical`, ...).
+    #[allow(dead_code, reason = "the CDC bench uses it, the sink bench does not")]
     pub fn program(&self, name: &str) -> PathBuf {
         self.bin.join(name)
     }
