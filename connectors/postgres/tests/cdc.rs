@@ -482,3 +482,118 @@ async fn an_invalidated_slot_fails_the_start_with_the_reason() {
         other => panic!("expected a fatal error, got {other:?}"),
     }
 }
+
+fn of_table<'a>(records: &'a [SourceRecord], table: &str) -> Vec<&'a SourceRecord> {
+    let topic = format!("ehr.public.{table}");
+    records.iter().filter(|r| r.record.topic == topic).collect()
+}
+
+/// Polls until `want` records of `table` came.
+async fn poll_table(
+    task: &mut PostgresCdcSourceTask,
+    table: &str,
+    want: usize,
+) -> Vec<SourceRecord> {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    let mut got: Vec<SourceRecord> = Vec::new();
+    while of_table(&got, table).len() < want {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "only {} of {want} records of {table}",
+            of_table(&got, table).len()
+        );
+        got.extend(poll_until(task, 1, DEADLINE).await);
+    }
+    got.retain(|r| r.record.topic == format!("ehr.public.{table}"));
+    got
+}
+
+/// Values read by the snapshot and streamed look the same; an unchanged TOASTed value is left
+/// out of `after`; a changed primary key is a delete (and tombstone) of the old key then a
+/// create; `REPLICA IDENTITY FULL` gives updates their whole old row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_toast_key_changes_and_full_replica_identity() {
+    let url = shared().database("cdc_values").await;
+    execute(
+        &url,
+        "CREATE TABLE typed (id int PRIMARY KEY, weight numeric(5,1), big numeric, ratio float8, \
+           flag bool, at timestamptz, doc jsonb, tags text[], note text); \
+         CREATE TABLE notes (id int PRIMARY KEY, title text, body text); \
+         CREATE TABLE full_t (id int PRIMARY KEY, v text); \
+         ALTER TABLE full_t REPLICA IDENTITY FULL; \
+         INSERT INTO typed VALUES (1, 7.5, 12345678901234567890.123, 'NaN', true, \
+           '2024-05-01 10:00:00+00', '{\"ward\": [\"icu\"]}', '{a,b}', NULL);",
+    )
+    .await;
+    let offsets = MemoryOffsets::default();
+    let mut task = cdc_task(
+        &url,
+        "cdc_values",
+        &offsets,
+        &[("table.include", "public.typed,public.notes,public.full_t")],
+    );
+    task.start().await.expect("start");
+    let read = poll_table(&mut task, "typed", 1).await;
+    execute(
+        &url,
+        "INSERT INTO typed VALUES (2, 7.5, 12345678901234567890.123, 'NaN', true, \
+           '2024-05-01 10:00:00+00', '{\"ward\": [\"icu\"]}', '{a,b}', NULL)",
+    )
+    .await;
+    let streamed = poll_table(&mut task, "typed", 1).await;
+    let mut snapshot_row = value_json(&read[0])["after"].clone();
+    let mut stream_row = value_json(&streamed[0])["after"].clone();
+    assert_eq!(snapshot_row["id"], 1);
+    snapshot_row["id"] = json!(0);
+    stream_row["id"] = json!(0);
+    assert_eq!(
+        snapshot_row, stream_row,
+        "a row read and a row streamed look the same"
+    );
+    assert_eq!(
+        stream_row,
+        json!({"id": 0, "weight": 7.5, "big": "12345678901234567890.123", "ratio": "NaN",
+               "flag": true, "at": "2024-05-01 10:00:00+00", "doc": {"ward": ["icu"]},
+               "tags": "{a,b}", "note": null})
+    );
+
+    // A body stored out of line (96 kB of hex digits do not compress below 2 kB).
+    execute(
+        &url,
+        "INSERT INTO notes SELECT 1, 'draft', string_agg(md5(g::text), '') FROM generate_series(1, 3000) g; \
+         UPDATE notes SET title = 'final' WHERE id = 1; \
+         UPDATE notes SET id = 2 WHERE id = 1;",
+    )
+    .await;
+    let notes = poll_table(&mut task, "notes", 5).await;
+    assert_eq!(
+        notes.iter().map(op).collect::<Vec<_>>(),
+        ["c", "u", "d", "tombstone", "c"]
+    );
+    let inserted = value_json(&notes[0]);
+    assert_eq!(
+        inserted["after"]["body"].as_str().map(str::len),
+        Some(96_000)
+    );
+    let retitled = value_json(&notes[1]);
+    assert_eq!(retitled["after"]["title"], "final");
+    assert!(
+        retitled["after"].get("body").is_none(),
+        "an unchanged TOASTed value is left out"
+    );
+    assert_eq!(key(&notes[2]), json!({"id": 1}));
+    assert_eq!(key(&notes[3]), json!({"id": 1}));
+    assert_eq!(key(&notes[4]), json!({"id": 2}));
+    assert_eq!(value_json(&notes[2])["before"], json!({"id": 1}));
+
+    execute(
+        &url,
+        "INSERT INTO full_t VALUES (1, 'old'); UPDATE full_t SET v = 'new'",
+    )
+    .await;
+    let full = poll_table(&mut task, "full_t", 2).await;
+    let update = value_json(&full[1]);
+    assert_eq!(update["before"], json!({"id": 1, "v": "old"}));
+    assert_eq!(update["after"], json!({"id": 1, "v": "new"}));
+    task.stop().await.expect("stop");
+}

@@ -718,7 +718,12 @@ impl PostgresCdcSourceTask {
                     let columns: Vec<String> = next
                         .columns
                         .iter()
-                        .map(|c| format!("{}::text", quote_ident(&c.name)))
+                        // The type's output function, as pgoutput sends it (`::text` differs
+                        // for some types: bool gives true, not t; inet adds /32).
+                        .map(|c| {
+                            let c = quote_ident(&c.name);
+                            format!("CASE WHEN {c} IS NULL THEN NULL ELSE format('%s', {c}) END")
+                        })
                         .collect();
                     let sql = format!(
                         "DECLARE medconnect_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{}",
@@ -884,12 +889,12 @@ impl PostgresCdcSourceTask {
         change: Change,
         out: &mut Vec<SourceRecord>,
     ) -> ConnectResult<()> {
-        let (relation, op, before, after, old_key) = match change {
+        let (relation, op, before, after) = match change {
             // Learned by the caller (it needs the catalog).
             Change::Relation(_) => return Ok(()),
-            Change::Insert { relation, new } => (relation, "c", None, Some(new), None),
-            Change::Update { relation, old, new } => (relation, "u", old, Some(new), None),
-            Change::Delete { relation, old } => (relation, "d", Some(old), None, Some(())),
+            Change::Insert { relation, new } => (relation, "c", None, Some(new)),
+            Change::Update { relation, old, new } => (relation, "u", old, Some(new)),
+            Change::Delete { relation, old } => (relation, "d", Some(old), None),
             Change::Truncate { relations } => {
                 let names: Vec<String> = relations
                     .iter()
@@ -912,15 +917,51 @@ impl PostgresCdcSourceTask {
             OldRow::Full(datums) => pgoutput::row_json(columns, &datums, false),
         });
         let after = after.map(|new| pgoutput::row_json(columns, &new, false));
-        let key = match (&after, &before) {
-            (Some(after), _) if old_key.is_none() => key_of(&table.key, after),
-            (_, Some(before)) => key_of(&table.key, before),
-            _ => None,
-        };
+        let new_key = after.as_ref().and_then(|row| key_of(&table.key, row));
+        let old_key = before
+            .as_ref()
+            .and_then(|row| key_of(&table.key, row))
+            .filter(|key| {
+                key.as_object()
+                    .is_some_and(|k| k.values().all(|v| !v.is_null()))
+            });
+        match op {
+            // A primary key changed: as Debezium, a delete of the old key (and its tombstone,
+            // so compacted topics forget it), then a create under the new one.
+            "u" if old_key.is_some() && old_key != new_key => {
+                self.emit(&table, "d", before.as_ref(), None, old_key, lsn, out);
+                self.emit(&table, "c", None, after.as_ref(), new_key, lsn, out);
+            }
+            "d" => self.emit(&table, op, before.as_ref(), None, old_key, lsn, out),
+            _ => self.emit(
+                &table,
+                op,
+                before.as_ref(),
+                after.as_ref(),
+                new_key,
+                lsn,
+                out,
+            ),
+        }
+        Ok(())
+    }
+
+    /// Holds the record of one change, and after a delete its tombstone.
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        table: &Table,
+        op: &str,
+        before: Option<&Map<String, Value>>,
+        after: Option<&Map<String, Value>>,
+        key: Option<Value>,
+        lsn: u64,
+        out: &mut Vec<SourceRecord>,
+    ) {
         let value = envelope(
             op,
-            before.as_ref(),
-            after.as_ref(),
+            before,
+            after,
             &table.source_prefix,
             lsn,
             self.txn,
@@ -939,7 +980,6 @@ impl PostgresCdcSourceTask {
             tombstone.timestamp = commit_ms;
             self.hold(tombstone, out);
         }
-        Ok(())
     }
 
     /// Handles one event of the stream.
@@ -1066,7 +1106,14 @@ fn execute(connection: &mut PgConnection, sql: String) -> SqlFuture<'_, ()> {
 }
 
 fn fetch(connection: &mut PgConnection, sql: String) -> SqlFuture<'_, Vec<sqlx::postgres::PgRow>> {
-    Box::pin(async move { sqlx::query(&sql).fetch_all(connection).await })
+    // Not cached: `FETCH` from the one cursor name returns each table's own columns, and a
+    // cached statement would keep the first table's row description.
+    Box::pin(async move {
+        sqlx::query(&sql)
+            .persistent(false)
+            .fetch_all(connection)
+            .await
+    })
 }
 
 /// A record's value: the envelope written straight into one string (no intermediate JSON
