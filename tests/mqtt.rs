@@ -287,3 +287,380 @@ async fn devices_publishing_to_the_worker_itself_land_in_kafka_exactly_and_bad_t
     worker.shutdown().await;
     Ok(())
 }
+
+/// The venv's python with paho-mqtt (scripts/mqtt-peers installs it); missing, the test fails.
+fn paho_python() -> anyhow::Result<PathBuf> {
+    let python = medconnect_e2e::crash::python_bin()?.join("python");
+    let ok = Command::new(&python)
+        .args(["-c", "import paho.mqtt"])
+        .status()?
+        .success();
+    anyhow::ensure!(
+        ok,
+        "paho-mqtt missing in {}: run scripts/mqtt-peers",
+        python.display()
+    );
+    Ok(python)
+}
+
+fn device_script() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/peers/mqtt_device.py"))
+}
+
+/// The readings (n) a device's output says were acknowledged.
+fn acked(output: &str) -> BTreeSet<u64> {
+    output
+        .lines()
+        .filter_map(|line| line.strip_prefix("ACK ")?.trim().parse().ok())
+        .collect()
+}
+
+/// A listener connector (the example config) on a free port, RUNNING, for devices
+/// `device-0..` with password `pw`.
+async fn start_listener(
+    rest: &medconnect_e2e::Rest,
+    devices: usize,
+    overrides: &[(&str, &str)],
+) -> anyhow::Result<u16> {
+    let example: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/mqtt-device-source.json"
+    ))?)?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut config = example["config"].clone();
+    config["mqtt.bind"] = "127.0.0.1".into();
+    config["mqtt.port"] = port.to_string().into();
+    config["mqtt.users"] = (0..devices)
+        .map(|d| format!("device-{d}:pw"))
+        .collect::<Vec<_>>()
+        .join(",")
+        .into();
+    for (key, value) in overrides {
+        config[*key] = (*value).into();
+    }
+    let name = example["name"].as_str().expect("a name");
+    rest.create(name, config).await?;
+    medconnect_e2e::eventually("the MQTT listener to accept", async || {
+        let (_, status) = rest.get(&format!("/connectors/{name}/status")).await.ok()?;
+        if status["tasks"][0]["state"] != "RUNNING" {
+            return None;
+        }
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .await?;
+    Ok(port)
+}
+
+/// (device, n) of every reading in the topic, with how often each occurs.
+fn readings(
+    records: &[medconnect_e2e::Received],
+) -> anyhow::Result<std::collections::BTreeMap<(String, u64), usize>> {
+    let mut counts = std::collections::BTreeMap::new();
+    for record in records {
+        let value = record.json();
+        let device = value["device"].as_str().unwrap_or_default().to_string();
+        anyhow::ensure!(
+            record.key.as_deref() == Some(device.as_str()),
+            "keyed by device"
+        );
+        let n = value["n"].as_u64().unwrap_or(u64::MAX);
+        *counts.entry((device, n)).or_default() += 1;
+    }
+    Ok(counts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_paho_devices_publish_a_thousand_readings_and_each_acknowledged_one_is_in_kafka()
+-> anyhow::Result<()> {
+    let python = paho_python()?;
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let port = start_listener(&worker.rest, 10, &[]).await?;
+    let devices: Vec<_> = (0..10)
+        .map(|d| {
+            tokio::process::Command::new(&python)
+                .arg(device_script())
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--client-id",
+                    &format!("device-{d}"),
+                ])
+                .args([
+                    "--username",
+                    &format!("device-{d}"),
+                    "--password",
+                    "pw",
+                    "--count",
+                    "100",
+                ])
+                .stdout(Stdio::piped())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    let mut acknowledged = BTreeSet::new();
+    for (d, device) in devices.into_iter().enumerate() {
+        let output =
+            tokio::time::timeout(Duration::from_secs(120), device.wait_with_output()).await??;
+        anyhow::ensure!(
+            output.status.success(),
+            "device-{d} did not get every acknowledgement"
+        );
+        for n in acked(&String::from_utf8_lossy(&output.stdout)) {
+            acknowledged.insert((format!("device-{d}"), n));
+        }
+    }
+    assert_eq!(acknowledged.len(), 1000);
+    cluster.read_topic("device.vitals", 1000).await?;
+    let counts = readings(&cluster.read_all("device.vitals").await?)?;
+    let missing = acknowledged
+        .iter()
+        .filter(|r| !counts.contains_key(*r))
+        .count();
+    assert_eq!(missing, 0, "acknowledged readings missing from Kafka");
+    assert_eq!(counts.len(), 1000);
+    assert_eq!(
+        counts.values().sum::<usize>(),
+        1000,
+        "no duplicates without a failure"
+    );
+    worker.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_puback_while_kafka_is_unreachable_and_the_readings_arrive_once_it_is_back()
+-> anyhow::Result<()> {
+    let python = paho_python()?;
+    let (cluster, network) = TestCluster::start_behind_proxy().await?;
+    let worker = cluster.start_worker().await?;
+    let port = start_listener(&worker.rest, 1, &[]).await?;
+    let run_device = |first: u64| {
+        tokio::process::Command::new(&python)
+            .arg(device_script())
+            .args(["--port", &port.to_string(), "--client-id", "device-0"])
+            .args([
+                "--username",
+                "device-0",
+                "--password",
+                "pw",
+                "--count",
+                "20",
+            ])
+            .args(["--first", &first.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+    };
+    // Before the cut: acknowledged as usual.
+    let before = run_device(0)?.wait_with_output().await?;
+    anyhow::ensure!(
+        before.status.success(),
+        "no acknowledgements before the cut"
+    );
+
+    network.cut();
+    let mut during = run_device(100)?;
+    let mut stdout = during.stdout.take().expect("piped stdout");
+    let mut seen = Vec::new();
+    // Nothing acknowledged while the broker is cut off: the device waits.
+    let read = tokio::time::timeout(Duration::from_secs(3), async {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = [0u8; 256];
+        loop {
+            let n = stdout.read(&mut buffer).await?;
+            if n == 0 {
+                return anyhow::Ok(());
+            }
+            seen.extend_from_slice(&buffer[..n]);
+        }
+    })
+    .await;
+    assert!(
+        read.is_err() && acked(&String::from_utf8_lossy(&seen)).is_empty(),
+        "acknowledged while Kafka was unreachable: {}",
+        String::from_utf8_lossy(&seen)
+    );
+
+    network.restore();
+    let mut rest = Vec::new();
+    {
+        use tokio::io::AsyncReadExt;
+        tokio::time::timeout(Duration::from_secs(120), stdout.read_to_end(&mut rest)).await??;
+    }
+    seen.extend_from_slice(&rest);
+    let status = during.wait().await?;
+    anyhow::ensure!(
+        status.success(),
+        "not every reading acknowledged after Kafka returned"
+    );
+    assert_eq!(acked(&String::from_utf8_lossy(&seen)).len(), 20);
+
+    cluster.read_topic("device.vitals", 40).await?;
+    let counts = readings(&cluster.read_all("device.vitals").await?)?;
+    let wanted: Vec<(String, u64)> = (0..20)
+        .chain(100..120)
+        .map(|n| ("device-0".to_string(), n))
+        .collect();
+    let missing = wanted.iter().filter(|r| !counts.contains_key(*r)).count();
+    assert_eq!(missing, 0, "readings missing after Kafka returned");
+    eprintln!(
+        "mqtt cut: 40 readings, {} records ({} duplicates from resends)",
+        counts.values().sum::<usize>(),
+        counts.values().sum::<usize>() - counts.len()
+    );
+    worker.shutdown().await;
+    Ok(())
+}
+
+const CRASH_DEVICES: usize = 4;
+const CRASH_READINGS: u64 = 500;
+
+/// Crash honesty for the listener: 4 paho devices (separate processes, persistent sessions)
+/// publish 500 readings each at QoS 1 to a worker *process*, which is SIGKILLed once 30 % are
+/// acknowledged and started again on the same port; the devices reconnect and resend what was
+/// not acknowledged. Every reading acknowledged before the kill is in Kafka; duplicates (a
+/// reading stored whose PUBACK died with the worker) are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reading_acknowledged_before_a_sigkill_is_in_kafka() -> anyhow::Result<()> {
+    let mut processes = medconnect_e2e::crash::Processes::new()?;
+    let outcome = listener_crash(&mut processes).await;
+    processes.report(outcome)
+}
+
+async fn listener_crash(processes: &mut medconnect_e2e::crash::Processes) -> anyhow::Result<()> {
+    use medconnect_e2e::crash::{
+        read_all, report_line, start_broker, start_worker, write_worker_config,
+    };
+    let started = Instant::now();
+    let python = paho_python()?;
+    let bootstrap = start_broker(processes).await?;
+    let worker_toml = write_worker_config(processes, &bootstrap, 200)?;
+    let rest = start_worker(processes, "worker-1", &worker_toml).await?;
+    // Records wait 200 ms in the producer before they are sent: a listener that acknowledged
+    // on receipt would have acknowledged readings that die with the worker (this test then
+    // finds them missing; checked).
+    let port = start_listener(
+        &rest,
+        CRASH_DEVICES,
+        &[("producer.override.linger.ms", "200")],
+    )
+    .await?;
+
+    let script = device_script();
+    let script = script.to_str().unwrap_or_default();
+    let names: Vec<String> = (0..CRASH_DEVICES).map(|d| format!("device-{d}")).collect();
+    for name in &names {
+        processes.spawn(
+            name,
+            &python,
+            &[
+                script,
+                "--port",
+                &port.to_string(),
+                "--client-id",
+                name,
+                "--username",
+                name,
+                "--password",
+                "pw",
+                "--count",
+                &CRASH_READINGS.to_string(),
+                "--deadline",
+                "180",
+            ],
+            &[("PYTHONUNBUFFERED", "1")],
+        )?;
+    }
+    let total = CRASH_DEVICES as u64 * CRASH_READINGS;
+    let kill_at = total * 3 / 10;
+    medconnect_e2e::eventually(&format!("{kill_at} readings acknowledged"), async || {
+        let count: usize = names
+            .iter()
+            .map(|n| acked(&processes.stdout(n)).len())
+            .sum();
+        (count as u64 >= kill_at).then_some(())
+    })
+    .await?;
+    processes.kill("worker-1")?;
+    let killed_after = started.elapsed();
+    let before_kill: BTreeSet<(String, u64)> = names
+        .iter()
+        .flat_map(|name| {
+            acked(&processes.stdout(name))
+                .into_iter()
+                .map(move |n| (name.clone(), n))
+        })
+        .collect();
+    anyhow::ensure!(
+        (before_kill.len() as u64) < total,
+        "every reading was acknowledged before the kill"
+    );
+
+    let _rest = start_worker(processes, "worker-2", &worker_toml).await?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !names.iter().all(|n| processes.exited(n)) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "devices still running after 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let acknowledged: BTreeSet<(String, u64)> = names
+        .iter()
+        .flat_map(|name| {
+            acked(&processes.stdout(name))
+                .into_iter()
+                .map(move |n| (name.clone(), n))
+        })
+        .collect();
+    anyhow::ensure!(
+        acknowledged.len() as u64 == total,
+        "only {} of {total} readings acknowledged in the end",
+        acknowledged.len()
+    );
+
+    let records = read_all(&bootstrap, "device.vitals", move |records| {
+        let distinct: BTreeSet<(String, u64)> = records
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<serde_json::Value>(r.value.as_deref()?).ok())
+            .filter_map(|v| Some((v["device"].as_str()?.to_string(), v["n"].as_u64()?)))
+            .collect();
+        distinct.len() as u64 >= total
+    })
+    .await?;
+    let mut counts: std::collections::BTreeMap<(String, u64), usize> = Default::default();
+    for record in &records {
+        let value: serde_json::Value =
+            serde_json::from_slice(record.value.as_deref().unwrap_or_default())?;
+        let key = (
+            value["device"].as_str().unwrap_or_default().to_string(),
+            value["n"].as_u64().unwrap_or(u64::MAX),
+        );
+        *counts.entry(key).or_default() += 1;
+    }
+    let lost = before_kill
+        .iter()
+        .filter(|r| !counts.contains_key(*r))
+        .count();
+    let missing = acknowledged
+        .iter()
+        .filter(|r| !counts.contains_key(*r))
+        .count();
+    report_line(format!(
+        "crash: mqtt listener {total} readings from {CRASH_DEVICES} paho devices, {} acknowledged before the kill (after {:.1}s); topic {} records, {lost} acknowledged before the kill missing, {missing} missing in all, {} duplicates; {:.1}s in all",
+        before_kill.len(),
+        killed_after.as_secs_f64(),
+        records.len(),
+        records.len() - counts.len(),
+        started.elapsed().as_secs_f64()
+    ));
+    anyhow::ensure!(
+        lost == 0,
+        "{lost} readings acknowledged before the kill are not in Kafka"
+    );
+    anyhow::ensure!(
+        missing == 0,
+        "{missing} acknowledged readings are not in Kafka"
+    );
+    Ok(())
+}
