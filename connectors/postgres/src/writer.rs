@@ -225,8 +225,14 @@ fn statements(
                 };
                 let all: Vec<&str> = key.iter().chain(&others).copied().collect();
                 let mut statement = Statement::new(table, action, text);
+                // COPY first where it does what the statement would: no key, a key whose
+                // conflict refuses the row anyway, or the `kafka` key, which only a record
+                // delivered again can have (a conflict fails the COPY, and the statement, with
+                // its ON CONFLICT, writes the batch instead).
                 if action == "INSERT"
-                    && (key.is_empty() || on_conflict(config) == OnConflict::Refuse)
+                    && (key.is_empty()
+                        || on_conflict(config) == OnConflict::Refuse
+                        || config.pk_mode == crate::config::PkMode::Kafka)
                 {
                     statement.copy = Some(sql::copy(table, &all));
                 }

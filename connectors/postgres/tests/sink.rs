@@ -378,3 +378,84 @@ async fn validate_connects_and_names_the_setting_at_fault() {
         "{error:?}"
     );
 }
+
+/// `pk.mode=kafka` goes by COPY first: a batch delivered again (a new task after a crash, half
+/// of it already written) conflicts, and the statement writes it instead: `upsert` takes the
+/// new values, `insert` keeps the rows; a row breaking a constraint is still errant alone.
+#[tokio::test]
+async fn kafka_keys_go_by_copy_and_a_redelivered_batch_falls_back_to_the_statement() {
+    let url = shared().database("kafka_copy").await;
+    execute(
+        &url,
+        "CREATE TABLE obs (__connect_topic text, __connect_partition integer, __connect_offset bigint, \
+           hr bigint CONSTRAINT hr_plausible CHECK (hr < 1000), \
+           PRIMARY KEY (__connect_topic, __connect_partition, __connect_offset))",
+    )
+    .await;
+    let batch = |from: i64, to: i64, hr: i64| -> Vec<_> {
+        (from..to)
+            .map(|n| {
+                record(
+                    "obs",
+                    n,
+                    None,
+                    Some(&format!(r#"{{"hr":{}}}"#, hr + n % 10)),
+                )
+            })
+            .collect()
+    };
+    for (mode, hr) in [("upsert", 100), ("insert", 200)] {
+        let settings = [("pk.mode", "kafka"), ("insert.mode", mode)];
+        let (mut first, mut errant) = sink_task(&url, &settings);
+        first.start().await.expect("start");
+        put_all(&mut first, &batch(0, 500, hr)).await;
+        first.stop().await.expect("stop");
+        // Delivered again, with what follows: 0..1000 once each.
+        let (mut again, _) = sink_task(&url, &settings);
+        again.start().await.expect("start");
+        put_all(&mut again, &batch(0, 1000, hr + 1)).await;
+        again.stop().await.expect("stop");
+        assert!(drain(&mut errant).is_empty());
+        assert_eq!(
+            count(&url, "SELECT count(*) FROM obs").await,
+            1000,
+            "{mode}"
+        );
+        let (old, new) = match mode {
+            "upsert" => (0, 1000),
+            _ => (500, 500),
+        };
+        assert_eq!(
+            count(
+                &url,
+                &format!("SELECT count(*) FROM obs WHERE hr = {hr} + 1 + __connect_offset % 10")
+            )
+            .await,
+            new,
+            "{mode}: rows with the second delivery's values"
+        );
+        if mode == "insert" {
+            assert_eq!(
+                count(
+                    &url,
+                    &format!("SELECT count(*) FROM obs WHERE hr = {hr} + __connect_offset % 10")
+                )
+                .await,
+                old,
+                "insert keeps the rows already there"
+            );
+        }
+        execute(&url, "TRUNCATE obs").await;
+    }
+    let (mut task, mut errant) =
+        sink_task(&url, &[("pk.mode", "kafka"), ("insert.mode", "upsert")]);
+    task.start().await.expect("start");
+    let mut records = batch(0, 300, 100);
+    records[123] = record("obs", 123, None, Some(r#"{"hr":5000}"#));
+    put_all(&mut task, &records).await;
+    let refused = drain(&mut errant);
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].0.kafka_offset, 123);
+    assert_eq!(count(&url, "SELECT count(*) FROM obs").await, 299);
+    task.stop().await.expect("stop");
+}
