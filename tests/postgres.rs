@@ -304,9 +304,10 @@ async fn refused_rows_land_alone_in_the_dead_letter_topic() -> anyhow::Result<()
 
 mod cdc_crash {
     //! The CDC source's crash test. The worker that is killed runs in a process of its own:
-    //! this test binary started again with [`WORKER_ENV`] naming the worker config, so it runs
-    //! only [`cdc_crash_worker_process`] (the built-in connectors and the PostgreSQL sources;
-    //! once `medconnect::builtin_plugins` registers them, `medconnect worker` would do).
+    //! `medconnect worker` once `medconnect::builtin_plugins` registers the CDC source; until
+    //! then this test binary started again with [`WORKER_ENV`] naming the worker config, so it
+    //! runs only [`cdc_crash_worker_process`] (the built-in connectors and the PostgreSQL
+    //! sources).
 
     use std::collections::{BTreeMap, BTreeSet};
     use std::path::Path;
@@ -365,6 +366,13 @@ mod cdc_crash {
         name: &str,
         toml: &Path,
     ) -> anyhow::Result<Rest> {
+        // Once the medconnect binary registers the CDC source, the worker is that binary.
+        if medconnect::builtin_plugins()
+            .find("PostgresCdcSource")
+            .is_some()
+        {
+            return medconnect_e2e::crash::start_worker(processes, name, toml).await;
+        }
         let text = std::fs::read_to_string(toml)?;
         let listen = text
             .lines()
