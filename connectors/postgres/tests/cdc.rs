@@ -597,3 +597,34 @@ async fn values_toast_key_changes_and_full_replica_identity() {
     assert_eq!(update["after"], json!({"id": 1, "v": "new"}));
     task.stop().await.expect("stop");
 }
+
+/// A table without a primary key or replica identity is never published: its UPDATEs and
+/// DELETEs would fail for every application. The start says which table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_replica_identity_is_not_published() {
+    let url = shared().database("cdc_identity").await;
+    execute(
+        &url,
+        "CREATE TABLE loose (n int, note text); CREATE TABLE patients (id int PRIMARY KEY)",
+    )
+    .await;
+    let offsets = MemoryOffsets::default();
+    let mut task = cdc_task(
+        &url,
+        "cdc_identity",
+        &offsets,
+        &[("table.include", "public.patients,public.loose")],
+    );
+    match task.start().await {
+        Err(ConnectError::Config { field, reason }) => {
+            assert_eq!(field, "table.include");
+            assert!(
+                reason.contains("loose") && !reason.contains("patients"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    assert_eq!(count(&url, "SELECT count(*) FROM pg_publication").await, 0);
+    execute(&url, "UPDATE loose SET note = 'still writable'").await;
+}

@@ -465,10 +465,35 @@ impl PostgresCdcSourceTask {
                 ),
             ));
         }
+        // A published table without a replica identity refuses its UPDATEs and DELETEs to
+        // every application: never create such a publication.
+        let tables: Vec<String> = self.config.tables.iter().map(|t| quoted_table(t)).collect();
+        let unidentified: Vec<String> = sqlx::query_scalar(
+            "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+               AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS \
+                 (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))) \
+               AND (cardinality($1::text[]) = 0 \
+                 OR c.oid = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) t)) \
+             ORDER BY 1",
+        )
+        .bind(&tables)
+        .fetch_all(self.admin()?)
+        .await
+        .map_err(|e| sql_failure(e, "reading the tables' replica identities"))?;
+        if !unidentified.is_empty() {
+            return Err(ConnectError::config(
+                crate::source::config::TABLE_INCLUDE,
+                format!(
+                    "table(s) {} have no primary key nor replica identity: once published, their UPDATEs and DELETEs would fail for every application. Add a primary key or ALTER TABLE ... REPLICA IDENTITY FULL, or leave them out of table.include",
+                    unidentified.join(", ")
+                ),
+            ));
+        }
         let target = if self.config.tables.is_empty() {
             "FOR ALL TABLES".to_string()
         } else {
-            let tables: Vec<String> = self.config.tables.iter().map(|t| quoted_table(t)).collect();
             format!("FOR TABLE {}", tables.join(", "))
         };
         let sql = format!(
