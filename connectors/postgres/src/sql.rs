@@ -23,7 +23,16 @@ pub fn param(value: &Value, sql_type: &str) -> Option<String> {
     }
 }
 
-fn is_json(sql_type: &str) -> bool {
+/// As [`param`], taking the value: a string for a non-JSON column is moved, not copied.
+pub fn param_owned(value: Value, json: bool) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(text) if !json => Some(text),
+        other => Some(other.to_string()),
+    }
+}
+
+pub fn is_json(sql_type: &str) -> bool {
     sql_type == "jsonb" || sql_type == "json"
 }
 
@@ -164,6 +173,14 @@ pub fn copy_rows(columns: &[Vec<Option<String>>], rows: usize) -> Vec<u8> {
             }
             match column.get(row).and_then(Option::as_deref) {
                 None => out.extend_from_slice(b"\\N"),
+                // Most values need no escape: copied whole.
+                Some(text)
+                    if !text
+                        .bytes()
+                        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) =>
+                {
+                    out.extend_from_slice(text.as_bytes())
+                }
                 Some(text) => {
                     for byte in text.bytes() {
                         match byte {

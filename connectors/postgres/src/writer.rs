@@ -124,30 +124,37 @@ fn needed(writes: &[(usize, Row)], deletes: &[(usize, Vec<Cell>)]) -> Vec<Needed
     // Each column with whether its type so far came from a null.
     let mut order: Vec<(Needed, bool)> = Vec::new();
     let mut seen: HashMap<&str, usize> = HashMap::new();
-    let cells = writes
+    let rows = writes
         .iter()
-        .flat_map(|(_, row)| row.key.iter().chain(&row.others))
-        .chain(deletes.iter().flat_map(|(_, key)| key));
-    for cell in cells {
-        match seen.get(cell.column.as_str()) {
-            Some(&at) => {
-                if let Some((column, from_null)) = order.get_mut(at)
-                    && *from_null
-                    && !cell.value.is_null()
-                {
-                    column.ty = cell.ty;
-                    *from_null = false;
+        .map(|(_, row)| (&row.key[..], &row.others[..]))
+        .chain(deletes.iter().map(|(_, key)| (&key[..], &[][..])));
+    for (key, others) in rows {
+        for (position, cell) in key.iter().chain(others).enumerate() {
+            // Rows of one shape have each column at the same position: no hashing for them.
+            let at = match order.get(position) {
+                Some((column, _)) if column.name == cell.column => Some(position),
+                _ => seen.get(cell.column.as_str()).copied(),
+            };
+            match at {
+                Some(at) => {
+                    if let Some((column, from_null)) = order.get_mut(at)
+                        && *from_null
+                        && !cell.value.is_null()
+                    {
+                        column.ty = cell.ty;
+                        *from_null = false;
+                    }
                 }
-            }
-            None => {
-                seen.insert(&cell.column, order.len());
-                order.push((
-                    Needed {
-                        name: cell.column.clone(),
-                        ty: cell.ty,
-                    },
-                    cell.value.is_null(),
-                ));
+                None => {
+                    seen.insert(&cell.column, order.len());
+                    order.push((
+                        Needed {
+                            name: cell.column.clone(),
+                            ty: cell.ty,
+                        },
+                        cell.value.is_null(),
+                    ));
+                }
             }
         }
     }
@@ -162,6 +169,14 @@ fn params<'a>(cells: &'a [Cell], types: &'a Columns) -> impl Iterator<Item = Opt
     cells
         .iter()
         .map(|c| sql::param(&c.value, types.sql_type(&c.column).unwrap_or("text")))
+}
+
+/// Whether each column of a shape is `json`/`jsonb`: looked up once per shape, not per cell.
+fn json_columns(columns: &[&str], types: &Columns) -> Vec<bool> {
+    columns
+        .iter()
+        .map(|c| sql::is_json(types.sql_type(c).unwrap_or("text")))
+        .collect()
 }
 
 fn on_conflict(config: &SinkConfig) -> OnConflict {
@@ -203,11 +218,11 @@ fn statements(
             statement.push(index, params(&key, types));
         }
     }
-    let mut writes: Vec<(Vec<String>, usize, Statement)> = Vec::new();
+    let mut writes: Vec<(Vec<String>, usize, Vec<bool>, Statement)> = Vec::new();
     for (index, row) in settled.writes {
         let key = columns_of(&row.key);
         let others = columns_of(&row.others);
-        let found = writes.iter().position(|(shape, key_len, _)| {
+        let found = writes.iter().position(|(shape, key_len, _, _)| {
             *key_len == key.len() && shape.iter().eq(key.iter().chain(&others))
         });
         let at = match found {
@@ -239,22 +254,27 @@ fn statements(
                 writes.push((
                     all.iter().map(|n| n.to_string()).collect(),
                     key.len(),
+                    json_columns(&all, types),
                     statement,
                 ));
                 writes.len() - 1
             }
         };
-        if let Some((_, _, statement)) = writes.get_mut(at) {
+        if let Some((_, _, json, statement)) = writes.get_mut(at) {
+            // The row's values move into the statement's columns (no copy of strings).
+            let values = row.key.into_iter().chain(row.others).map(|c| c.value);
             statement.push(
                 index,
-                params(&row.key, types).chain(params(&row.others, types)),
+                values
+                    .zip(json.iter())
+                    .map(|(value, json)| sql::param_owned(value, *json)),
             );
         }
     }
     deletes
         .into_iter()
         .map(|(_, statement)| statement)
-        .chain(writes.into_iter().map(|(_, _, statement)| statement))
+        .chain(writes.into_iter().map(|(_, _, _, statement)| statement))
         .collect()
 }
 
