@@ -8,6 +8,8 @@
 //! Two loads for both contenders: a fixed 1,000 messages/s (latency without queueing) and the
 //! maximum rate. Prints messages/s and ACK (or delivery) latency p50/p99/max, and the ratio.
 
+mod paced;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,7 @@ use medconnect_hl7::mllp::client::MllpClient;
 use medconnect_runtime::broker::EmbeddedBroker;
 use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
 use medconnect_runtime::{Worker, WorkerConfig};
+use paced::{Load, Outcome, drive, ms};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 fn adt(sender: usize, seq: u64) -> Vec<u8> {
@@ -23,94 +26,6 @@ fn adt(sender: usize, seq: u64) -> Vec<u8> {
         "MSH|^~\\&|EPIC|GENHOSP|MEDCONNECT|DC|20261122120000||ADT^A08^ADT_A01|S{sender}N{seq}|P|2.5.1\rEVN|A08|20261122120000\rPID|1||PAT{sender:04}^^^GENHOSP^MR||DOE^JANE^Q||19800101|F|||1 MAIN ST^^BOSTON^MA^02110\rPV1|1|I|ICU^101^A|||||||MED\rOBX|1|NM|8867-4^Heart rate^LN||78|/min|||||F\r"
     )
     .into_bytes()
-}
-
-/// `None`: as fast as possible; `Some(rate)`: total messages per second over all senders.
-#[derive(Clone, Copy)]
-enum Load {
-    Max,
-    Fixed(f64),
-}
-
-struct Outcome {
-    messages: usize,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-}
-
-impl Outcome {
-    fn rate(&self) -> f64 {
-        self.messages as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn percentile(&self, p: f64) -> Duration {
-        let index = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies.get(index).copied().unwrap_or_default()
-    }
-
-    fn print(&self, who: &str) {
-        println!(
-            "  {who:<22} {:>8.0} msg/s   latency p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms   ({} messages)",
-            self.rate(),
-            ms(self.percentile(0.5)),
-            ms(self.percentile(0.99)),
-            ms(self.latencies.last().copied().unwrap_or_default()),
-            self.messages
-        );
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Runs `senders` loops of `send` for `seconds`, paced by `load`; gathers every latency.
-async fn drive<F, Fut>(senders: usize, seconds: u64, load: Load, send: F) -> anyhow::Result<Outcome>
-where
-    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
-{
-    let started = Instant::now();
-    let until = started + Duration::from_secs(seconds);
-    let mut handles = Vec::new();
-    for sender in 0..senders {
-        let send = send.clone();
-        handles.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let interval = match load {
-                Load::Max => None,
-                Load::Fixed(rate) => Some(Duration::from_secs_f64(senders as f64 / rate)),
-            };
-            // Spread the senders' schedules over one interval.
-            let mut next = Instant::now()
-                + interval.map_or(Duration::ZERO, |i| {
-                    i.mul_f64(sender as f64 / senders as f64)
-                });
-            let mut seq = 0u64;
-            while Instant::now() < until {
-                if let Some(interval) = interval {
-                    tokio::time::sleep_until(next.into()).await;
-                    next += interval;
-                }
-                let sent = Instant::now();
-                send(sender, seq).await?;
-                latencies.push(sent.elapsed());
-                seq += 1;
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    let mut latencies = Vec::new();
-    for handle in handles {
-        latencies.extend(handle.await??);
-    }
-    let elapsed = started.elapsed();
-    latencies.sort();
-    Ok(Outcome {
-        messages: latencies.len(),
-        elapsed,
-        latencies,
-    })
 }
 
 async fn mllp_run(port: u16, senders: usize, seconds: u64, load: Load) -> anyhow::Result<Outcome> {

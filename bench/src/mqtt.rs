@@ -1,0 +1,220 @@
+//! Devices publishing over MQTT into Kafka through the listener source: N devices (rumqttc
+//! clients), each publishing at QoS 1 and waiting for its PUBACK — which the listener sends only
+//! once Kafka has the reading — against a raw rdkafka producer awaiting each delivery with the
+//! same concurrency, in the same run.
+//!
+//!   cargo run -p medconnect-bench --bin mqtt -- [devices] [seconds] [linger.ms]
+//!
+//! Two loads for both contenders: a fixed 5,000 messages/s (latency without queueing) and the
+//! maximum rate. Prints messages/s and PUBACK (or delivery) latency p50/p99/max, and the ratio.
+
+mod paced;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use medconnect_runtime::broker::EmbeddedBroker;
+use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
+use medconnect_runtime::{Worker, WorkerConfig};
+use paced::{Load, Outcome, drive, ms};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::{Mutex, mpsc};
+
+fn reading(device: usize, seq: u64) -> String {
+    format!(
+        "{{\"device\":\"monitor-{device}\",\"seq\":{seq},\"hr\":72,\"spo2\":97,\"observed_at\":\"2026-11-30T07:00:00Z\"}}"
+    )
+}
+
+/// A connected device: its client, and the PUBACKs its event loop receives.
+struct Device {
+    client: AsyncClient,
+    acks: mpsc::UnboundedReceiver<u16>,
+}
+
+async fn connect(port: u16, device: usize) -> anyhow::Result<Device> {
+    let id = format!("monitor-{device}");
+    let mut options = MqttOptions::new(&id, "127.0.0.1", port);
+    options
+        .set_credentials(&id, "bench")
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let (acks_in, acks) = mpsc::unbounded_channel();
+    let (connected_in, connected) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut connected_in = Some(connected_in);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if let Some(tx) = connected_in.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if acks_in.send(ack.pkid).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), connected)
+        .await
+        .context("CONNACK in time")??;
+    Ok(Device { client, acks })
+}
+
+async fn mqtt_run(port: u16, devices: usize, seconds: u64, load: Load) -> anyhow::Result<Outcome> {
+    let mut connected = Vec::new();
+    for device in 0..devices {
+        connected.push(Arc::new(Mutex::new(connect(port, device).await?)));
+    }
+    let connected = Arc::new(connected);
+    let outcome = drive(devices, seconds, load, {
+        let connected = connected.clone();
+        move |device, seq| {
+            let connected = connected.clone();
+            async move {
+                let mut device_state = connected[device].lock().await;
+                device_state
+                    .client
+                    .publish(
+                        format!("devices/monitor-{device}/vitals"),
+                        QoS::AtLeastOnce,
+                        false,
+                        reading(device, seq),
+                    )
+                    .await?;
+                match tokio::time::timeout(Duration::from_secs(30), device_state.acks.recv()).await
+                {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => bail!("device {device} disconnected"),
+                    Err(_) => bail!("no PUBACK within 30 s"),
+                }
+            }
+        }
+    })
+    .await?;
+    for device in connected.iter() {
+        let _ = device.lock().await.client.disconnect().await;
+    }
+    Ok(outcome)
+}
+
+async fn raw_run(
+    producer: FutureProducer,
+    devices: usize,
+    seconds: u64,
+    load: Load,
+) -> anyhow::Result<Outcome> {
+    drive(devices, seconds, load, move |device, seq| {
+        let producer = producer.clone();
+        async move {
+            let payload = reading(device, seq);
+            let key = format!("monitor-{device}");
+            producer
+                .send(
+                    FutureRecord::to("raw.vitals").key(&key).payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let devices: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(64);
+    let seconds: u64 = std::env::args()
+        .nth(2)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(10);
+    let linger: String = std::env::args().nth(3).unwrap_or_else(|| "1".into());
+    let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
+    let bootstrap = broker.bootstrap_servers();
+    let mut config = WorkerConfig::new(&bootstrap);
+    config.rest.listen = "127.0.0.1:0".parse()?;
+    let worker = Worker::start(config, medconnect::builtin_plugins()).await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let settings = KafkaSettings::new(&bootstrap);
+    ensure_topics(
+        &settings,
+        &[
+            TopicSpec::regular("device.vitals", 1, 1),
+            TopicSpec::regular("raw.vitals", 1, 1),
+        ],
+    )
+    .await?;
+    let users: Vec<String> = (0..devices).map(|d| format!("monitor-{d}:bench")).collect();
+    let source = [
+        ("connector.class", "MqttListenerSource".to_string()),
+        ("mqtt.bind", "127.0.0.1".to_string()),
+        ("mqtt.port", port.to_string()),
+        ("mqtt.users", users.join(",")),
+        ("mqtt.max.connections", (devices + 8).to_string()),
+        ("mqtt.connect.rate", (devices + 8).to_string()),
+        ("mqtt.topic.pattern", "devices/+device/vitals".to_string()),
+        ("kafka.topic", "device.vitals".to_string()),
+        ("kafka.key", "${device}".to_string()),
+        ("producer.override.linger.ms", linger.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    worker.herder().create("bench-mqtt", source, None).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("the MQTT listener did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let overrides = [("linger.ms".to_string(), linger.clone())].into();
+    let producer: FutureProducer = settings
+        .producer_config(&overrides)
+        .create()
+        .context("producer")?;
+    // Warm both paths (connections, metadata, first batch).
+    mqtt_run(port, 1, 1, Load::Fixed(100.0)).await?;
+    raw_run(producer.clone(), 1, 1, Load::Fixed(100.0)).await?;
+
+    println!(
+        "== JSON vitals (~110 bytes) over MQTT (QoS 1, PUBACK after Kafka) vs raw producer: {devices} devices, {seconds} s per run, linger.ms={linger}"
+    );
+    for (label, load) in [
+        ("fixed 5000 msg/s", Load::Fixed(5000.0)),
+        ("maximum rate", Load::Max),
+    ] {
+        println!("{label}:");
+        let mqtt = mqtt_run(port, devices, seconds, load).await?;
+        mqtt.print("MQTT listener (PUBACK)");
+        let raw = raw_run(producer.clone(), devices, seconds, load).await?;
+        raw.print("raw producer (acked)");
+        println!(
+            "  ratio MQTT/raw: throughput {:.2}, p99 latency {:.2}",
+            mqtt.rate() / raw.rate(),
+            ms(mqtt.percentile(0.99)) / ms(raw.percentile(0.99)).max(f64::EPSILON)
+        );
+    }
+    worker.shutdown().await;
+    broker.stop();
+    Ok(())
+}
