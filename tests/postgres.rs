@@ -302,6 +302,91 @@ async fn refused_rows_land_alone_in_the_dead_letter_topic() -> anyhow::Result<()
     Ok(())
 }
 
+/// The query-mode source in a real worker: 701 rows (one of them committed after 200 later
+/// ones), then the worker stopped, 300 more rows, the worker started again from the offsets it
+/// stored in the offset topic: 1,001 records, each row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_source_reads_late_commits_and_resumes_after_a_restart() -> anyhow::Result<()> {
+    let postgres = Postgres::start();
+    let url = postgres.url();
+    let execute = async |sql: &str| -> anyhow::Result<()> {
+        let mut connection = PgConnection::connect(&url).await?;
+        sqlx::Executor::execute(&mut connection, sql).await?;
+        let _ = connection.close().await;
+        Ok(())
+    };
+    execute(
+        "CREATE TABLE lab (id bigserial PRIMARY KEY, result text, at timestamptz NOT NULL DEFAULT now()); \
+         INSERT INTO lab (result) SELECT 'early' FROM generate_series(1, 500)",
+    )
+    .await?;
+    let cluster = TestCluster::start().await?;
+    let plugins = || {
+        let plugins = medconnect::builtin_plugins();
+        match plugins.find("PostgresSource") {
+            Some(_) => plugins,
+            None => plugins.with_source(std::sync::Arc::new(
+                medconnect_postgres::PostgresSourceConnector,
+            )),
+        }
+    };
+    let config = cluster.worker_config();
+    let worker = cluster
+        .start_worker_with_plugins(config.clone(), plugins())
+        .await?;
+    worker
+        .rest
+        .create(
+            "lab-results",
+            json!({"connector.class": "PostgresSource", "connection.url": url,
+                   "mode": "timestamp+incrementing", "table.whitelist": "lab",
+                   "timestamp.column.name": "at", "incrementing.column.name": "id",
+                   "topic.prefix": "pg.", "poll.interval.ms": "100", "batch.max.rows": "100"}),
+        )
+        .await?;
+    // T1 takes id 501 and stays open while 200 later rows commit.
+    let mut t1 = PgConnection::connect(&url).await?;
+    sqlx::Executor::execute(&mut t1, "BEGIN; INSERT INTO lab (result) VALUES ('late')").await?;
+    execute("INSERT INTO lab (result) SELECT 'later' FROM generate_series(1, 200)").await?;
+    sqlx::Executor::execute(&mut t1, "COMMIT").await?;
+    let _ = t1.close().await;
+    let stored = async |worker: &medconnect_e2e::TestWorker| -> Option<i64> {
+        let (_, offsets) = worker
+            .rest
+            .get("/connectors/lab-results/offsets")
+            .await
+            .ok()?;
+        offsets["offsets"]
+            .as_array()?
+            .iter()
+            .find_map(|o| o["offset"]["incrementing"].as_i64())
+    };
+    eventually("the offset of row 701 stored", async || {
+        (stored(&worker).await == Some(701)).then_some(())
+    })
+    .await?;
+    worker.shutdown().await;
+
+    execute("INSERT INTO lab (result) SELECT 'while stopped' FROM generate_series(1, 300)").await?;
+    let worker = cluster.start_worker_with_plugins(config, plugins()).await?;
+    eventually("the offset of row 1001 stored", async || {
+        (stored(&worker).await == Some(1001)).then_some(())
+    })
+    .await?;
+    let records = cluster.read_all("pg.lab").await?;
+    let ids: Vec<i64> = records
+        .iter()
+        .filter_map(|r| r.json()["id"].as_i64())
+        .collect();
+    let distinct: std::collections::BTreeSet<i64> = ids.iter().copied().collect();
+    assert_eq!(distinct.len(), 1001, "every row");
+    assert_eq!(distinct.first().zip(distinct.last()), Some((&1, &1001)));
+    assert!(!distinct.contains(&0));
+    assert_eq!(ids.len(), 1001, "no row twice");
+    worker.shutdown().await;
+    Ok(())
+}
+
 mod cdc_crash {
     //! The CDC source's crash test. The worker that is killed runs in a process of its own:
     //! `medconnect worker` once `medconnect::builtin_plugins` registers the CDC source; until
