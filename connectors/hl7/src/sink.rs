@@ -19,7 +19,8 @@ use tokio_rustls::TlsConnector;
 use crate::ack::{AckCode, parse_reply};
 use crate::config::{SinkConfig, TLS_CA_FILE, sink_def};
 use crate::message::read_header;
-use crate::mllp::{ClientError, MllpClient, tls};
+use crate::mllp::{ClientError, MllpClient};
+use medconnect_api::tls;
 
 #[derive(Debug, Default)]
 pub struct MllpSinkConnector;

@@ -29,7 +29,8 @@ use tokio_util::task::TaskTracker;
 use crate::ack::{self, Ack, AckCode, AckError, ErrorCondition};
 use crate::config::{AckMode, SourceConfig, source_def};
 use crate::message::{self, MshHeader, rejected_record};
-use crate::mllp::{BoxedStream, MllpCodec, MllpError, tls};
+use crate::mllp::{BoxedStream, MllpCodec, MllpError};
+use medconnect_api::tls;
 
 /// How long `stop()` waits for connection tasks to wind down.
 const STOP_GRACE: Duration = Duration::from_secs(5);

@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use medconnect_api::tls;
 use medconnect_api::{
     Delivery, ErrantRecordReporter, OffsetReader, Props, Record, SinkRecord, SinkTask,
     SinkTaskContext, SourceOffset, SourcePartition, SourceTask, SourceTaskContext,
 };
-use medconnect_hl7::mllp::{ClientError, MllpClient, tls};
+use medconnect_hl7::mllp::{ClientError, MllpClient};
 use medconnect_hl7::{MllpSinkTask, MllpSourceTask};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,

@@ -507,3 +507,169 @@ async fn bad_publishes_go_to_the_dead_letter_topic_and_mqtt_5_devices_hear_why()
     assert_eq!(puback, [0x40, 0x02, 0x00, 0x09]);
     task.stop().await.expect("stop");
 }
+
+/// A CA made in the test (rcgen), the listener's certificate for `localhost`, and a device
+/// certificate whose common name is `pump-3`.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write =
+            |name: &str, pem: &str| std::fs::write(dir.path().join(name), pem).expect("write PEM");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "medconnect test CA");
+        let ca =
+            CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+        write("ca.crt", &ca.pem());
+        for (stem, name, usage) in [
+            ("server", "localhost", ExtendedKeyUsagePurpose::ServerAuth),
+            ("device", "pump-3", ExtendedKeyUsagePurpose::ClientAuth),
+        ] {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(vec![name.to_string()]).expect("params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &ca).expect("sign");
+            write(&format!("{stem}.crt"), &cert.pem());
+            write(&format!("{stem}.key"), &key.serialize_pem());
+        }
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+#[tokio::test]
+async fn over_tls_a_device_certificate_is_its_identity_and_a_device_without_one_is_refused() {
+    let pki = Pki::new();
+    let (cert, key, ca) = (
+        pki.path("server.crt"),
+        pki.path("server.key"),
+        pki.path("ca.crt"),
+    );
+    let (mut task, port) = listener(&[
+        ("mqtt.tls.cert.file", &cert),
+        ("mqtt.tls.key.file", &key),
+        ("mqtt.tls.client.ca.file", &ca),
+    ])
+    .await;
+    let tls_args = |with_cert: bool| {
+        let mut args = vec![
+            "-h".to_string(),
+            "localhost".into(),
+            "--cafile".into(),
+            pki.path("ca.crt"),
+        ];
+        if with_cert {
+            args.extend([
+                "--cert".into(),
+                pki.path("device.crt"),
+                "--key".into(),
+                pki.path("device.key"),
+            ]);
+        }
+        args
+    };
+
+    // A device certificate and no password: authenticated by the certificate.
+    let mut args = tls_args(true);
+    args.extend(
+        [
+            "-q",
+            "1",
+            "-i",
+            "pump-3",
+            "-t",
+            "devices/pump-3/vitals",
+            "-m",
+            "{\"rate\":4}",
+        ]
+        .map(String::from),
+    );
+    let publisher = tokio::spawn(async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        mosquitto_pub(port, &args).await
+    });
+    let mut records = next_records(&mut task, 1).await;
+    assert_eq!(
+        records[0]
+            .record
+            .headers
+            .last_str(medconnect_mqtt::listener::HEADER_CERT_CN),
+        Some("pump-3")
+    );
+    written(&mut records[0]);
+    let (ok, stderr) = publisher.await.unwrap();
+    assert!(ok, "mosquitto_pub over TLS failed: {stderr}");
+
+    // No client certificate: the handshake fails, nothing is stored.
+    let mut args = tls_args(false);
+    args.extend(
+        [
+            "-q",
+            "1",
+            "-u",
+            "pump-3",
+            "-P",
+            "s3cret-pump",
+            "-t",
+            "devices/pump-3/vitals",
+            "-m",
+            "x",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, _) = mosquitto_pub(port, &args).await;
+    assert!(!ok, "a device without a certificate connected");
+    // A certificate, but a username with the wrong password: refused.
+    let mut args = tls_args(true);
+    args.extend(
+        [
+            "-q",
+            "1",
+            "-u",
+            "pump-3",
+            "-P",
+            "wrong",
+            "-t",
+            "devices/pump-3/vitals",
+            "-m",
+            "x",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, stderr) = mosquitto_pub(port, &args).await;
+    assert!(
+        !ok && stderr.to_lowercase().contains("bad user name or password"),
+        "{stderr}"
+    );
+    // Plain TCP to a TLS listener: no CONNACK, closed.
+    let mut plain = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    plain
+        .write_all(&[
+            0x10, 0x10, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 4, b'p', b'l', b'a', b'n',
+        ])
+        .await
+        .unwrap();
+    closed_after(&mut plain).await;
+    assert!(
+        tokio::time::timeout(QUIET, task.poll()).await.is_err(),
+        "a refused device's publish was stored"
+    );
+    task.stop().await.expect("stop");
+}

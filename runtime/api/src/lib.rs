@@ -9,6 +9,8 @@ pub mod config;
 pub mod connector;
 pub mod error;
 pub mod record;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transform;
 
 pub use config::{

@@ -2,7 +2,6 @@
 
 pub mod client;
 pub mod codec;
-pub mod tls;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 

@@ -1,6 +1,7 @@
 //! Settings of the listener source (devices connect to medconnect), declared once and read
 //! into a typed struct.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use medconnect_api::{
@@ -25,6 +26,9 @@ pub const KEEP_ALIVE_MAX_S: &str = "mqtt.keep.alive.max.s";
 pub const CONNECT_TIMEOUT_MS: &str = "mqtt.connect.timeout.ms";
 pub const CONNECT_RATE: &str = "mqtt.connect.rate";
 pub const PAYLOAD_FORMAT: &str = "payload.format";
+pub const TLS_CERT_FILE: &str = "mqtt.tls.cert.file";
+pub const TLS_KEY_FILE: &str = "mqtt.tls.key.file";
+pub const TLS_CLIENT_CA_FILE: &str = "mqtt.tls.client.ca.file";
 
 /// What a payload must be to be stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +72,9 @@ pub fn listener_def() -> ConfigDef {
         .with_validator(Validator::NonEmpty)
         .define(PORT, ConfigType::Int, "1883", Importance::High, "TCP port (0: any free port).")
         .with_validator(Validator::between(0.0, 65535.0))
+        .define(TLS_CERT_FILE, ConfigType::String, "", Importance::High, "PEM certificate chain of the listener: set, devices connect over TLS (MQTT over TLS, port 8883 by convention); empty: plain TCP.")
+        .define(TLS_KEY_FILE, ConfigType::String, "", Importance::High, "PEM private key of mqtt.tls.cert.file.")
+        .define(TLS_CLIENT_CA_FILE, ConfigType::String, "", Importance::High, "PEM CA(s) that sign device certificates: set, every device must present one (mTLS), and its subject's common name is the device's identity (header mqtt.cert.cn); a device with a valid certificate needs no password unless mqtt.users names it.")
         .define(USERS, ConfigType::Password, "", Importance::High, "Devices allowed to connect: username:password entries separated by newlines or commas; use a secret reference such as ${file:/etc/medconnect/mqtt-users:users}. A CONNECT with other credentials is refused (bad username or password).")
         .define(ALLOW_ANONYMOUS, ConfigType::Boolean, "false", Importance::High, "Accept a CONNECT without a username. false (default): refused as not authorised.")
         .define(MAX_CONNECTIONS, ConfigType::Int, "1000", Importance::Medium, "Connections at once on this worker; one more is refused (server busy / unavailable) and closed.")
@@ -100,10 +107,20 @@ pub fn listener_def() -> ConfigDef {
 }
 
 /// The listener's settings, typed.
+/// The listener's TLS files.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Set: a client certificate signed by this CA is required.
+    pub client_ca: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     pub bind: String,
     pub port: u16,
+    pub tls: Option<ListenerTls>,
     pub users: Users,
     pub allow_anonymous: bool,
     pub max_connections: usize,
@@ -128,10 +145,40 @@ impl ListenerConfig {
         let users = Users::parse(&parsed.string(USERS)?)
             .map_err(|reason| ConnectError::config(USERS, reason))?;
         let allow_anonymous = parsed.boolean(ALLOW_ANONYMOUS)?;
-        if users.is_empty() && !allow_anonymous {
+        let file = |key: &str| parsed.optional_string(key).map(|p| PathBuf::from(p.trim()));
+        let tls = match (file(TLS_CERT_FILE), file(TLS_KEY_FILE)) {
+            (Some(cert), Some(key)) => Some(ListenerTls {
+                cert,
+                key,
+                client_ca: file(TLS_CLIENT_CA_FILE),
+            }),
+            (None, None) if file(TLS_CLIENT_CA_FILE).is_some() => {
+                return Err(ConnectError::config(
+                    TLS_CLIENT_CA_FILE,
+                    format!("set without {TLS_CERT_FILE} and {TLS_KEY_FILE}"),
+                ));
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConnectError::config(
+                    TLS_KEY_FILE,
+                    format!("needed with {TLS_CERT_FILE}"),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConnectError::config(
+                    TLS_CERT_FILE,
+                    format!("needed with {TLS_KEY_FILE}"),
+                ));
+            }
+        };
+        let certificates_identify = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if users.is_empty() && !allow_anonymous && !certificates_identify {
             return Err(ConnectError::config(
                 USERS,
-                format!("names no device, and {ALLOW_ANONYMOUS} is false: no device could connect"),
+                format!(
+                    "names no device, and neither {ALLOW_ANONYMOUS} nor {TLS_CLIENT_CA_FILE} is set: no device could connect"
+                ),
             ));
         }
         let topic_pattern = TopicPattern::parse(&parsed.string(TOPIC_PATTERN)?)
@@ -148,6 +195,7 @@ impl ListenerConfig {
         Ok(Self {
             bind: parsed.string(BIND)?.trim().to_string(),
             port: parsed.int_as(PORT)?,
+            tls,
             users,
             allow_anonymous,
             max_connections: parsed.int_as(MAX_CONNECTIONS)?,

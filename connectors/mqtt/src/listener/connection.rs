@@ -168,9 +168,12 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// One device connection; `certificate_cn` is the common name of the client certificate it
+/// presented (mTLS), which authenticates it unless `mqtt.users` names its username.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     peer: SocketAddr,
+    certificate_cn: Option<String>,
     shared: Arc<Shared>,
 ) {
     let config = &shared.config;
@@ -194,10 +197,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let refusal = if !shared.connect_rate.try_take() {
         Some(Refusal::ConnectionRate)
     } else {
+        // A verified client certificate authenticates the device as a username would.
         match config.users.check(
             connect.username.as_deref(),
             connect.password.as_deref(),
-            config.allow_anonymous,
+            config.allow_anonymous || certificate_cn.is_some(),
         ) {
             Admission::Accepted => None,
             Admission::BadCredentials => Some(Refusal::BadCredentials),
@@ -220,6 +224,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let device = Device {
         client_id: assigned.clone().unwrap_or(connect.client_id),
         username: connect.username.filter(|u| !u.is_empty()),
+        certificate_cn,
     };
     // Keep-alive: what the client asked, within the maximum (0 — none — gets the maximum).
     let keep_alive = match connect.keep_alive_s {

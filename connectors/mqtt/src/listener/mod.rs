@@ -8,6 +8,7 @@
 mod auth;
 pub mod config;
 mod connection;
+mod identity;
 mod rate;
 mod record;
 mod wire;
@@ -18,17 +19,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use medconnect_api::tls;
 use medconnect_api::{
     ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind, Placement,
     Props, SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig,
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{ListenerConfig, listener_def};
-pub use record::{HEADER_USERNAME, USER_PROPERTY_PREFIX};
+pub use record::{HEADER_CERT_CN, HEADER_USERNAME, USER_PROPERTY_PREFIX};
 
 use rate::ConnectRate;
 
@@ -92,6 +95,7 @@ impl SourceConnector for MqttListenerSourceConnector {
 pub(crate) struct Shared {
     connector: String,
     config: ListenerConfig,
+    tls: Option<TlsAcceptor>,
     queue: mpsc::Sender<SourceRecord>,
     shutdown: CancellationToken,
     connect_rate: ConnectRate,
@@ -153,6 +157,13 @@ impl MqttListenerSourceTask {
 impl SourceTask for MqttListenerSourceTask {
     async fn start(&mut self) -> ConnectResult<()> {
         let config = self.config.clone();
+        let acceptor = match &config.tls {
+            Some(t) => Some(
+                tls::acceptor(&t.cert, &t.key, t.client_ca.as_deref())
+                    .map_err(|e| ConnectError::config(config::TLS_CERT_FILE, e.to_string()))?,
+            ),
+            None => None,
+        };
         let listener = TcpListener::bind((config.bind.as_str(), config.port))
             .await
             .map_err(|e| {
@@ -165,7 +176,7 @@ impl SourceTask for MqttListenerSourceTask {
                 }
             })?;
         let address = listener.local_addr()?;
-        tracing::info!(connector = %self.connector, %address, devices = config.users.len(), anonymous = config.allow_anonymous, "MQTT listener bound");
+        tracing::info!(connector = %self.connector, %address, tls = acceptor.is_some(), client_certificates = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), devices = config.users.len(), anonymous = config.allow_anonymous, "MQTT listener bound");
         let (queue, records) = mpsc::channel(config.queue_capacity);
         self.records = Some(records);
         self.local_addr = Some(address);
@@ -176,6 +187,7 @@ impl SourceTask for MqttListenerSourceTask {
             connector: self.connector.clone(),
             connect_rate: ConnectRate::new(config.connect_rate),
             config,
+            tls: acceptor,
             queue,
             shutdown: self.shutdown.clone(),
             clients: AtomicU64::new(0),
@@ -218,6 +230,33 @@ impl SourceTask for MqttListenerSourceTask {
     }
 }
 
+/// One connection, after its TLS handshake when the listener has TLS; the client
+/// certificate's common name, if any, is the device's identity.
+async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let Some(acceptor) = &shared.tls else {
+        connection::serve(stream, peer, None, shared).await;
+        return;
+    };
+    let handshake = tokio::time::timeout(shared.config.connect_timeout, acceptor.accept(stream));
+    match handshake.await {
+        Ok(Ok(tls)) => {
+            let common_name = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| identity::common_name(cert));
+            connection::serve(tls, peer, common_name, shared).await;
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(connector = %shared.connector, %peer, %error, "MQTT TLS handshake failed");
+        }
+        Err(_) => {
+            tracing::warn!(connector = %shared.connector, %peer, "MQTT TLS handshake timed out");
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -238,7 +277,7 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 tracker.spawn(async move {
-                    connection::serve(stream, peer, shared).await;
+                    serve(stream, peer, shared).await;
                     drop(permit);
                 });
             }

@@ -12,6 +12,8 @@ use crate::source::{HEADER_CLIENT_ID, HEADER_DUP, HEADER_QOS, HEADER_RETAIN, HEA
 
 /// The username the device authenticated with.
 pub const HEADER_USERNAME: &str = "mqtt.username";
+/// The common name of the device's TLS client certificate (mTLS).
+pub const HEADER_CERT_CN: &str = "mqtt.cert.cn";
 /// The prefix of an MQTT 5 user property whose name would shadow one of the listener's
 /// headers (`mqtt.*`, `content-type`).
 pub const USER_PROPERTY_PREFIX: &str = "mqtt.user.";
@@ -23,6 +25,7 @@ const UNMAPPED_TOPIC: &str = "mqtt.unmapped";
 pub struct Device {
     pub client_id: String,
     pub username: Option<String>,
+    pub certificate_cn: Option<String>,
 }
 
 fn qos_number(qos: QoS) -> &'static str {
@@ -60,6 +63,9 @@ pub fn to_record(
         .add(HEADER_CLIENT_ID, device.client_id.clone());
     if let Some(username) = &device.username {
         record.headers.add(HEADER_USERNAME, username.clone());
+    }
+    if let Some(common_name) = &device.certificate_cn {
+        record.headers.add(HEADER_CERT_CN, common_name.clone());
     }
     if retain {
         record.headers.add(HEADER_RETAIN, "true");
@@ -175,6 +181,7 @@ mod tests {
         let device = Device {
             client_id: "pump-3".into(),
             username: Some("ward-4".into()),
+            certificate_cn: None,
         };
         let (ack, _) = AckHandle::channel();
         let (record, verdict) = to_record(
@@ -223,6 +230,7 @@ mod tests {
         let device = Device {
             client_id: "pump-3".into(),
             username: None,
+            certificate_cn: None,
         };
         let mut bad = publish("devices/pump-3/vitals");
         bad.payload = "{\"hr\":".into();

@@ -1,5 +1,7 @@
-//! Optional TLS for MLLP (rustls with the `ring` provider; no process-wide default provider is
-//! installed, so this crate does not interfere with other rustls users in the worker).
+//! TLS for connectors' listeners and clients, from PEM files (feature `tls`): rustls with the
+//! `ring` provider; no process-wide default provider is installed, so connectors do not
+//! interfere with other rustls users in the worker. Used by the MLLP source and sink and the
+//! MQTT listener.
 
 use std::path::Path;
 use std::sync::Arc;
