@@ -664,3 +664,79 @@ async fn listener_crash(processes: &mut medconnect_e2e::crash::Processes) -> any
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_delivers_commands_to_a_subscribed_paho_device_at_qos_1() -> anyhow::Result<()> {
+    let python = paho_python()?;
+    let mosquitto = Mosquitto::start()?;
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+
+    let mut device = tokio::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/peers/mqtt_subscriber.py"
+        ))
+        .args([
+            "--port",
+            &mosquitto.port.to_string(),
+            "--client-id",
+            "pump-3",
+        ])
+        .args(["--topic", "devices/pump-3/commands", "--expect", "10"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(device.stdout.take().expect("piped stdout"));
+    let mut first = String::new();
+    {
+        use tokio::io::AsyncBufReadExt;
+        tokio::time::timeout(Duration::from_secs(30), lines.read_line(&mut first)).await??;
+    }
+    anyhow::ensure!(
+        first.trim() == "SUBSCRIBED",
+        "the device did not subscribe: {first}"
+    );
+
+    let commands: Vec<String> = (0..10)
+        .map(|n| format!("{{\"command\":\"set-rate\",\"rate\":{n}}}"))
+        .collect();
+    let records: Vec<(Option<&str>, &str)> = commands
+        .iter()
+        .map(|c| (Some("pump-3"), c.as_str()))
+        .collect();
+    cluster.produce("device.commands", &records).await?;
+    worker
+        .rest
+        .create(
+            "pump-commands",
+            serde_json::json!({
+                "connector.class": "MqttSink", "topics": "device.commands",
+                "mqtt.server.uri": format!("tcp://127.0.0.1:{}", mosquitto.port),
+                "mqtt.client.id": "medconnect-commands", "mqtt.topic": "devices/${key}/commands",
+                "mqtt.qos": "1",
+            }),
+        )
+        .await?;
+
+    let mut rest = String::new();
+    {
+        use tokio::io::AsyncReadExt;
+        tokio::time::timeout(Duration::from_secs(60), lines.read_to_string(&mut rest)).await??;
+    }
+    let status = device.wait().await?;
+    anyhow::ensure!(
+        status.success(),
+        "the device did not receive 10 commands: {rest}"
+    );
+    let received: Vec<&str> = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("MSG 1 devices/pump-3/commands "))
+        .collect();
+    assert_eq!(
+        received,
+        commands.iter().map(String::as_str).collect::<Vec<_>>(),
+        "every command once, in order, at QoS 1"
+    );
+    worker.shutdown().await;
+    Ok(())
+}
