@@ -199,14 +199,16 @@ impl SinkTask for FhirSinkTask {
             .writer
             .as_ref()
             .ok_or_else(|| ConnectError::fatal("put before start"))?;
+        if let (Some(first), Some(last)) = (records.first(), records.last()) {
+            tracing::debug!(connector = %self.connector, records = records.len(), first_partition = first.kafka_partition, first_offset = first.kafka_offset, last_partition = last.kafka_partition, last_offset = last.kafka_offset, "put");
+        }
         for record in records {
             let partition =
                 TopicPartition::new(record.record.topic.clone(), record.kafka_partition);
-            if self
-                .next
-                .get(&partition)
-                .is_some_and(|next| record.kafka_offset < *next)
+            if let Some(next) = self.next.get(&partition)
+                && record.kafka_offset < *next
             {
+                tracing::debug!(connector = %self.connector, partition = partition.partition, offset = record.kafka_offset, next, "record put again: already queued");
                 continue;
             }
             self.next.insert(partition.clone(), record.kafka_offset + 1);
@@ -236,13 +238,20 @@ impl SinkTask for FhirSinkTask {
         if let Some(writer) = &self.writer {
             writer.flush()?;
         }
-        Ok(self.tracker.lock().committable(offsets))
+        let committable = self.tracker.lock().committable(offsets);
+        tracing::debug!(connector = %self.connector, put = ?offsets, committable = ?committable, "pre_commit");
+        Ok(committable)
+    }
+
+    async fn open(&mut self, partitions: &[TopicPartition]) -> ConnectResult<()> {
+        tracing::debug!(connector = %self.connector, partitions = ?partitions, "partitions opened");
+        Ok(())
     }
 
     async fn close(&mut self, partitions: &[TopicPartition]) -> ConnectResult<()> {
-        if let Some(writer) = &self.writer {
-            writer.forget(partitions)?;
-        }
+        // Queued records of these partitions are still written (their next owner may write
+        // them again: idempotent); only their bookkeeping goes.
+        tracing::debug!(connector = %self.connector, partitions = ?partitions, "partitions closed");
         self.tracker.forget(partitions);
         for partition in partitions {
             self.next.remove(partition);

@@ -9,9 +9,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use medconnect_api::{
-    ConnectError, ConnectResult, ErrantRecordReporter, SinkPartitions, TopicPartition,
-};
+use medconnect_api::{ConnectError, ConnectResult, ErrantRecordReporter, SinkPartitions};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -34,9 +32,6 @@ enum Command {
     Write(Box<Entry>),
     /// Send what is queued now, without waiting for `fhir.linger.ms`.
     Flush,
-    /// Partitions taken from the task: their queued records are dropped (their next owner
-    /// reads them again from the committed offset, so writes to a resource do not interleave).
-    Forget(Vec<TopicPartition>),
 }
 
 /// The task's handle on its writer; dropping it stops the writer and abandons its Bundle in
@@ -85,12 +80,6 @@ impl Writer {
     pub fn write(&self, entry: Box<Entry>) -> ConnectResult<()> {
         self.commands
             .send(Command::Write(entry))
-            .map_err(|_| ConnectError::fatal("the FHIR writer has stopped"))
-    }
-
-    pub fn forget(&self, partitions: &[TopicPartition]) -> ConnectResult<()> {
-        self.commands
-            .send(Command::Forget(partitions.to_vec()))
             .map_err(|_| ConnectError::fatal("the FHIR writer has stopped"))
     }
 
@@ -151,9 +140,6 @@ impl Actor {
         match command {
             Command::Write(entry) => self.queue.push_back(*entry),
             Command::Flush => self.flushing = true,
-            Command::Forget(partitions) => self
-                .queue
-                .retain(|entry| !partitions.contains(&entry.partition)),
         }
     }
 
@@ -259,6 +245,9 @@ impl Actor {
                                     }
                                 }
                             }
+                        }
+                        if let Some(first) = written.first() {
+                            tracing::debug!(connector = %self.wiring.connector, written = written.len(), again = again.len(), first_partition = first.partition.partition, first_offset = first.record.kafka_offset, "Bundle answered");
                         }
                         self.settle(&written);
                     }
@@ -418,53 +407,4 @@ fn bundle_body(bundle_type: BundleType, entries: &[Entry]) -> Vec<u8> {
         "entry": entries.iter().map(|e| &e.entry).collect::<Vec<_>>(),
     });
     body.to_string().into_bytes()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::SinkConfig;
-    use crate::entry::{Prepared, prepare};
-    use medconnect_api::{Record, SinkRecord, props_from};
-
-    #[tokio::test]
-    async fn records_of_partitions_taken_from_the_task_leave_the_queue() {
-        let config =
-            SinkConfig::parse(&props_from(&[("fhir.url", "http://127.0.0.1:9")])).expect("valid");
-        let (errant, _) = tokio::sync::mpsc::unbounded_channel();
-        let mut actor = Actor {
-            bundle_type: config.bundle_type,
-            bundle_size: config.bundle_size,
-            linger: config.linger,
-            backoff: config.retry_backoff,
-            backoff_max: config.retry_backoff_max,
-            conflict_retries: config.conflict_retries,
-            wiring: Wiring {
-                connector: "c".into(),
-                client: Arc::new(FhirClient::new(&config.connection).expect("client")),
-                tracker: Arc::default(),
-                errant: ErrantRecordReporter::collecting(errant),
-                partitions: SinkPartitions::detached(),
-                resume_at: 0,
-            },
-            queue: VecDeque::new(),
-            flushing: false,
-        };
-        for i in 0..6 {
-            let record = SinkRecord {
-                record: Record::new("t")
-                    .with_key(format!("Patient/p{i}"))
-                    .with_value(r#"{"resourceType":"Patient"}"#),
-                kafka_partition: i % 2,
-                kafka_offset: i64::from(i),
-            };
-            let Prepared::Write(entry) = prepare(&record, &config) else {
-                panic!("an entry")
-            };
-            actor.take(Command::Write(entry));
-        }
-        actor.take(Command::Forget(vec![TopicPartition::new("t", 0)]));
-        let left: Vec<i32> = actor.queue.iter().map(|e| e.partition.partition).collect();
-        assert_eq!(left, [1, 1, 1]);
-    }
 }
