@@ -321,19 +321,8 @@ async fn the_query_source_reads_late_commits_and_resumes_after_a_restart() -> an
     )
     .await?;
     let cluster = TestCluster::start().await?;
-    let plugins = || {
-        let plugins = medconnect::builtin_plugins();
-        match plugins.find("PostgresSource") {
-            Some(_) => plugins,
-            None => plugins.with_source(std::sync::Arc::new(
-                medconnect_postgres::PostgresSourceConnector,
-            )),
-        }
-    };
     let config = cluster.worker_config();
-    let worker = cluster
-        .start_worker_with_plugins(config.clone(), plugins())
-        .await?;
+    let worker = cluster.start_worker_with(config.clone()).await?;
     worker
         .rest
         .create(
@@ -368,7 +357,7 @@ async fn the_query_source_reads_late_commits_and_resumes_after_a_restart() -> an
     worker.shutdown().await;
 
     execute("INSERT INTO lab (result) SELECT 'while stopped' FROM generate_series(1, 300)").await?;
-    let worker = cluster.start_worker_with_plugins(config, plugins()).await?;
+    let worker = cluster.start_worker_with(config).await?;
     eventually("the offset of row 1001 stored", async || {
         (stored(&worker).await == Some(1001)).then_some(())
     })
@@ -389,20 +378,17 @@ async fn the_query_source_reads_late_commits_and_resumes_after_a_restart() -> an
 
 mod cdc_crash {
     //! The CDC source's crash test. The worker that is killed runs in a process of its own:
-    //! `medconnect worker` once `medconnect::builtin_plugins` registers the CDC source; until
-    //! then this test binary started again with [`WORKER_ENV`] naming the worker config, so it
-    //! runs only [`cdc_crash_worker_process`] (the built-in connectors and the PostgreSQL
-    //! sources).
+    //! `medconnect worker`.
 
     use std::collections::{BTreeMap, BTreeSet};
-    use std::path::Path;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicI64, Ordering};
     use std::time::{Duration, Instant};
 
-    use anyhow::{Context, bail, ensure};
+    use anyhow::{Context, ensure};
     use medconnect_e2e::crash::{
-        OFFSETS_TOPIC, Processes, Read, read_all, report_line, start_broker, write_worker_config,
+        OFFSETS_TOPIC, Processes, Read, read_all, report_line, start_broker, start_worker,
+        write_worker_config,
     };
     use medconnect_e2e::{Rest, eventually, json};
     use serde_json::Value;
@@ -414,80 +400,11 @@ mod cdc_crash {
     const CONNECTOR: &str = "crash-ehr-cdc";
     const TOPIC: &str = "crash.public.events";
     const SLOT: &str = "crash_cdc";
-    const WORKER_ENV: &str = "MEDCONNECT_PG_CRASH_WORKER";
     /// Transactions committed while the worker streams: each inserts a row, every 4th also
     /// updates the row before it, every 10th also deletes the row five before it.
     const TRANSACTIONS: i64 = 2_000;
     /// Rows in the table before the connector starts: the snapshot reads them.
     const SNAPSHOT_ROWS: i64 = 100;
-
-    /// Not a test of its own: the worker process of the crash test (a no-op without
-    /// [`WORKER_ENV`]). Runs until killed.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn cdc_crash_worker_process() -> anyhow::Result<()> {
-        let Some(config) = std::env::var_os(WORKER_ENV) else {
-            return Ok(());
-        };
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "info,medconnect_postgres=debug",
-            ))
-            .with_ansi(false)
-            .try_init();
-        let config = medconnect_runtime::WorkerConfig::from_file(Path::new(&config))?;
-        let mut plugins = medconnect::builtin_plugins();
-        if plugins.find("PostgresCdcSource").is_none() {
-            plugins =
-                plugins.with_source(Arc::new(medconnect_postgres::PostgresCdcSourceConnector));
-        }
-        let worker = medconnect_runtime::Worker::start(config, plugins).await?;
-        println!("medconnect worker: REST on {}", worker.rest_addr());
-        let reason = worker.failed().await;
-        bail!("the worker failed: {reason}")
-    }
-
-    async fn start_worker(
-        processes: &mut Processes,
-        name: &str,
-        toml: &Path,
-    ) -> anyhow::Result<Rest> {
-        // Once the medconnect binary registers the CDC source, the worker is that binary.
-        if medconnect::builtin_plugins()
-            .find("PostgresCdcSource")
-            .is_some()
-        {
-            return medconnect_e2e::crash::start_worker(processes, name, toml).await;
-        }
-        let text = std::fs::read_to_string(toml)?;
-        let listen = text
-            .lines()
-            .find_map(|l| l.strip_prefix("listen = \""))
-            .and_then(|l| l.strip_suffix('"'))
-            .context("no REST listen address in the worker config")?;
-        let rest = Rest::new(&format!("http://{listen}"));
-        let toml = toml.to_str().context("temp path is not UTF-8")?;
-        processes.spawn(
-            name,
-            &std::env::current_exe()?,
-            &[
-                "cdc_crash::cdc_crash_worker_process",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ],
-            &[(WORKER_ENV, toml)],
-        )?;
-        let up = eventually(&format!("{name}'s REST API"), async || {
-            if matches!(rest.get("/").await, Ok((200, _))) {
-                Some(true)
-            } else {
-                processes.exited(name).then_some(false)
-            }
-        })
-        .await?;
-        ensure!(up, "{name} exited while starting");
-        Ok(rest)
-    }
 
     /// What one transaction changes, as (op, id) pairs; deletes are followed by a tombstone.
     fn plan(k: i64) -> (String, Vec<(&'static str, i64)>) {
@@ -579,9 +496,6 @@ mod cdc_crash {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cdc_loses_no_change_when_its_worker_is_sigkilled_mid_stream() -> anyhow::Result<()> {
-        if std::env::var_os(WORKER_ENV).is_some() {
-            return Ok(());
-        }
         let mut processes = Processes::new()?;
         let postgres = Postgres::start();
         let outcome = crash(&mut processes, &postgres.url()).await;

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use medconnect_runtime::Plugins;
 
 /// The connectors built into the `medconnect` binary: the datagen source, the file source and
-/// sink, the HL7 MLLP source and sink, the Elasticsearch/OpenSearch sink, the PostgreSQL
-/// sink, and the MQTT broker source and sink. Add more with [`Plugins::with_source`] and [`Plugins::with_sink`].
+/// sink, the HL7 MLLP source and sink, the Elasticsearch/OpenSearch sink, the PostgreSQL sink,
+/// query source and CDC source, the MQTT broker source, listener source and sink, and the FHIR
+/// polling source, subscription source and sink. Add more with [`Plugins::with_source`] and
+/// [`Plugins::with_sink`].
 pub fn builtin_plugins() -> Plugins {
     Plugins::default()
         .with_source(Arc::new(medconnect_datagen::DatagenSourceConnector))
@@ -20,6 +22,8 @@ pub fn builtin_plugins() -> Plugins {
             medconnect_elasticsearch::ElasticsearchSinkConnector,
         ))
         .with_sink(Arc::new(medconnect_postgres::PostgresSinkConnector))
+        .with_source(Arc::new(medconnect_postgres::PostgresSourceConnector))
+        .with_source(Arc::new(medconnect_postgres::PostgresCdcSourceConnector))
         .with_source(Arc::new(medconnect_mqtt::MqttBrokerSourceConnector))
         .with_source(Arc::new(medconnect_mqtt::MqttListenerSourceConnector))
         .with_sink(Arc::new(medconnect_mqtt::MqttSinkConnector))
