@@ -11,7 +11,6 @@ pub mod bulk;
 pub mod config;
 pub mod document;
 pub mod index;
-mod progress;
 mod sink;
 mod writer;
 

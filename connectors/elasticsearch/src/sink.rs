@@ -15,8 +15,8 @@ use medconnect_api::{
 use crate::bulk::{BulkError, EsClient};
 use crate::config::{CONNECTION_TLS_CA_FILE, CONNECTION_URL, SinkConfig, TemplateSpec, sink_def};
 use crate::document::{Prepared, prepare};
-use crate::progress::Tracker;
 use crate::writer::{Wiring, Writer};
+use medconnect_api::acknowledgements::Tracker;
 
 /// A client that cannot be built is a configuration error: of the CA file, or of the URLs.
 fn client_error(error: BulkError) -> ConnectError {

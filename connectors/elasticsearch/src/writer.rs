@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::bulk::{BulkError, EsClient, ItemError, ItemOutcome};
 use crate::config::{MalformedDocuments, SinkConfig};
 use crate::document::Document;
-use crate::progress::Tracker;
+use medconnect_api::acknowledgements::Tracker;
 
 /// The longest wait between two rounds of retries, whatever `retry.backoff.ms` and
 /// `max.retries` multiply to.

@@ -17,7 +17,6 @@ pub mod config;
 pub mod entry;
 pub mod hook;
 pub mod outcome;
-mod progress;
 mod sink;
 pub mod smart;
 mod source;

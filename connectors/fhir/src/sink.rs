@@ -16,8 +16,8 @@ use medconnect_api::{
 use crate::client::{FhirClient, FhirError};
 use crate::config::{AUTH_PRIVATE_KEY_FILE, SinkConfig, TLS_CA_FILE, URL, sink_def};
 use crate::entry::{Prepared, prepare};
-use crate::progress::Tracker;
 use crate::writer::{Wiring, Writer};
+use medconnect_api::acknowledgements::Tracker;
 
 /// A client that cannot be built is a configuration error: of the CA file, or of the URL.
 pub(crate) fn client_error(error: FhirError) -> ConnectError {

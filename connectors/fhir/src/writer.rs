@@ -19,7 +19,7 @@ use crate::client::{FhirClient, FhirError, is_retriable_status, is_transient_cod
 use crate::config::{BundleType, SinkConfig};
 use crate::entry::Entry;
 use crate::outcome::Outcome;
-use crate::progress::Tracker;
+use medconnect_api::acknowledgements::Tracker;
 
 /// Headers a refused record carries into the dead-letter topic (beside Connect's
 /// `__connect.errors.*`): the HTTP status and the OperationOutcome's first error issue.

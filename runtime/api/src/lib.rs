@@ -5,6 +5,7 @@
 //! error type that tells retriable from fatal failures. The engine (`medconnect-runtime`)
 //! drives these traits; nothing here knows about Kafka clients or the REST API.
 
+pub mod acknowledgements;
 pub mod config;
 pub mod connector;
 pub mod error;

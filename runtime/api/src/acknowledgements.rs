@@ -1,11 +1,12 @@
-//! Which records the server has not acknowledged yet, per partition: what `pre_commit` may
-//! commit, how full the pipeline is (backpressure), and a failure that ends the task. (The
-//! same bookkeeping as the Elasticsearch sink's; connectors share only medconnect-api.)
+//! For sinks that write asynchronously (`put` queues, a writer sends, the target acknowledges
+//! later): which records the target has not acknowledged yet, per partition — what
+//! `pre_commit` may commit, how full the pipeline is (backpressure), and a failure that ends
+//! the task. Shared by the Elasticsearch and FHIR sinks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use medconnect_api::{ConnectError, SinkOffsets, TopicPartition};
+use crate::{ConnectError, SinkOffsets, TopicPartition};
 use tokio::sync::Notify;
 
 #[derive(Debug, Default)]
