@@ -9,6 +9,7 @@
 //! is retriable.
 
 pub mod config;
+mod direct;
 pub mod error;
 pub mod row;
 pub mod schema;

@@ -3,16 +3,21 @@
 //! savepoint) until the row is found; that row alone is errant, the others are written.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
 use std::ops::Range;
 
-use medconnect_api::{ConnectError, SinkRecord};
+use medconnect_api::{ConnectError, SinkRecord, content_type};
 use sqlx::PgPool;
 use sqlx::postgres::PgConnection;
 
-use crate::config::{InsertMode, SinkConfig};
+use crate::config::{
+    InsertMode, KAFKA_OFFSET_COLUMN, KAFKA_PARTITION_COLUMN, KAFKA_TOPIC_COLUMN, PkMode,
+    SinkConfig, ValueMode,
+};
+use crate::direct;
 use crate::error::{Failure, WriteError, classify};
 use crate::row::{Cell, Change, Row, change_of, check_identifier};
-use crate::schema::{Catalog, Columns, Needed, Prepared};
+use crate::schema::{Catalog, ColumnType, Columns, Needed, Prepared};
 use crate::sql::{self, OnConflict};
 
 /// What became of a batch that was committed.
@@ -39,6 +44,11 @@ struct Statement {
     /// Each row's record, by index in the batch.
     records: Vec<usize>,
     columns: Vec<Vec<Option<String>>>,
+    /// The rows already as COPY text, read straight from the records ([`direct`]); `columns`
+    /// is then empty, and made from the records only if the COPY is refused.
+    text: Option<Vec<u8>>,
+    /// Whether each column is `json`/`jsonb`, for making `columns` from the records.
+    json: Vec<bool>,
 }
 
 impl Statement {
@@ -50,7 +60,42 @@ impl Statement {
             copy: None,
             records: Vec::new(),
             columns: Vec::new(),
+            text: None,
+            json: Vec::new(),
         }
+    }
+
+    /// The rows of a statement read by [`direct`], column by column as the general path has
+    /// them, for the statement that isolates a refused row. A record the general path cannot
+    /// read (never expected: both read the same JSON) is errant.
+    fn columns_again(
+        &self,
+        records: &[SinkRecord],
+        config: &SinkConfig,
+        errant: &mut Vec<(usize, ConnectError)>,
+    ) -> (Vec<usize>, Vec<Vec<Option<String>>>) {
+        let mut again = Statement::new(&self.table, self.action, String::new());
+        for index in &self.records {
+            let Some(record) = records.get(*index) else {
+                continue;
+            };
+            match change_of(record, config) {
+                Ok(Change::Write(row)) => again.push(
+                    *index,
+                    row.key
+                        .into_iter()
+                        .chain(row.others)
+                        .zip(self.json.iter())
+                        .map(|(cell, json)| sql::param_owned(cell.value, *json)),
+                ),
+                Ok(_) => errant.push((
+                    *index,
+                    ConnectError::data("the record changed between two readings"),
+                )),
+                Err(error) => errant.push((*index, error)),
+            }
+        }
+        (again.records, again.columns)
     }
 
     fn push(&mut self, index: usize, values: impl Iterator<Item = Option<String>>) {
@@ -278,6 +323,232 @@ fn statements(
         .collect()
 }
 
+/// The statements of one table by the direct path ([`direct`]) where it applies: columns
+/// mode, `insert` or `upsert` with no key or the `kafka` key (the rows go by COPY first),
+/// records that are JSON objects, no tombstones or HL7 values. `None` leaves the table to the
+/// general path, which reads records into cells; the tables, types and rows are the same.
+async fn plan_direct(
+    pool: &PgPool,
+    catalog: &mut Catalog,
+    config: &SinkConfig,
+    table: &str,
+    records: &[SinkRecord],
+    indices: &[usize],
+    outcome: &mut Outcome,
+) -> Result<Option<Vec<Statement>>, WriteError> {
+    let key: &[&str] = match config.pk_mode {
+        PkMode::None => &[],
+        PkMode::Kafka => &[
+            KAFKA_TOPIC_COLUMN,
+            KAFKA_PARTITION_COLUMN,
+            KAFKA_OFFSET_COLUMN,
+        ],
+        _ => return Ok(None),
+    };
+    if config.value_mode != ValueMode::Columns || config.insert_mode == InsertMode::Update {
+        return Ok(None);
+    }
+    // Every row's fields, one after the other: no allocation per row.
+    let mut fields: Vec<direct::Field> = Vec::new();
+    let mut scratch: Vec<direct::Field> = Vec::new();
+    // Each row: its record, its shape, its fields' range in `fields`.
+    let mut rows: Vec<(usize, usize, Range<usize>)> = Vec::with_capacity(indices.len());
+    let mut shapes: Vec<Vec<String>> = Vec::new();
+    let mut errant: Vec<(usize, ConnectError)> = Vec::new();
+    let mut last_shape = 0;
+    for &index in indices {
+        let Some(record) = records.get(index) else {
+            continue;
+        };
+        let Some(bytes) = &record.record.value else {
+            return Ok(None);
+        };
+        if record.record.content_type() == Some(content_type::HL7_V2) {
+            return Ok(None);
+        }
+        scratch.clear();
+        let mut readable = direct::fields(bytes, &mut scratch).is_ok();
+        // As the general path: filtered, without the key's columns, sorted by name, the last
+        // of a repeated name.
+        scratch.retain(|(name, _)| config.fields.keeps(name) && !key.contains(&name.as_ref()));
+        scratch.sort_by(|a, b| a.0.cmp(&b.0));
+        if scratch
+            .windows(2)
+            .any(|pair| matches!(pair, [a, b] if a.0 == b.0))
+        {
+            scratch.reverse();
+            scratch.dedup_by(|later, earlier| later.0 == earlier.0);
+            scratch.reverse();
+        }
+        readable = readable
+            && (!key.is_empty() || !scratch.is_empty())
+            && scratch
+                .iter()
+                .all(|(name, _)| check_identifier("column", name).is_ok());
+        if !readable {
+            // The general path says what is wrong with the record.
+            match change_of(record, config) {
+                Err(error) => {
+                    errant.push((index, error));
+                    continue;
+                }
+                Ok(_) => return Ok(None),
+            }
+        }
+        let same = |shape: &Vec<String>| {
+            shape.len() == scratch.len() && shape.iter().zip(&scratch).all(|(a, (b, _))| a == b)
+        };
+        let shape = if shapes.get(last_shape).is_some_and(same) {
+            last_shape
+        } else if let Some(at) = shapes.iter().position(same) {
+            at
+        } else {
+            shapes.push(scratch.iter().map(|(name, _)| name.to_string()).collect());
+            shapes.len() - 1
+        };
+        last_shape = shape;
+        let start = fields.len();
+        fields.append(&mut scratch);
+        rows.push((index, shape, start..fields.len()));
+    }
+    if rows.is_empty() {
+        // Nothing to write: no table to prepare.
+        outcome.errant.append(&mut errant);
+        return Ok(Some(Vec::new()));
+    }
+
+    // The columns needed, as the general path finds them: the key's, then each shape's in
+    // order of appearance, typed by their first non-null value.
+    let key_types = [ColumnType::Text, ColumnType::Integer, ColumnType::BigInt];
+    let mut needed: Vec<Needed> = key
+        .iter()
+        .zip(key_types)
+        .map(|(name, ty)| Needed {
+            name: name.to_string(),
+            ty,
+        })
+        .collect();
+    let mut from_null = vec![false; needed.len()];
+    let mut slots: Vec<Vec<usize>> = Vec::with_capacity(shapes.len());
+    for shape in &shapes {
+        let mut slot = Vec::with_capacity(shape.len());
+        for name in shape {
+            match needed.iter().position(|n| &n.name == name) {
+                Some(at) => slot.push(at),
+                None => {
+                    slot.push(needed.len());
+                    needed.push(Needed {
+                        name: name.clone(),
+                        ty: ColumnType::Text,
+                    });
+                    from_null.push(true);
+                }
+            }
+        }
+        slots.push(slot);
+    }
+    for (_, shape, range) in &rows {
+        let (Some(slot), Some(values)) = (slots.get(*shape), fields.get(range.clone())) else {
+            continue;
+        };
+        for (at, (_, raw)) in slot.iter().zip(values) {
+            if from_null.get(*at) == Some(&true) {
+                let Ok(ty) = direct::infer(raw, config.timestamptz) else {
+                    return Ok(None);
+                };
+                if let (Some(ty), Some(column), Some(null)) =
+                    (ty, needed.get_mut(*at), from_null.get_mut(*at))
+                {
+                    column.ty = ty;
+                    *null = false;
+                }
+            }
+        }
+    }
+    let primary_key: Vec<String> = key.iter().map(|k| k.to_string()).collect();
+    let prepared = catalog
+        .prepare(
+            pool,
+            table,
+            &needed,
+            &primary_key,
+            config.auto_create,
+            config.auto_evolve,
+        )
+        .await?;
+    let (types, missing) = match prepared {
+        Prepared::Ready(types) => (types, Vec::new()),
+        Prepared::Missing(types, missing) => (types, missing),
+    };
+
+    // One statement per shape, its rows rendered as COPY text.
+    let mut statements: Vec<Result<Statement, String>> = Vec::with_capacity(shapes.len());
+    for shape in &shapes {
+        let others: Vec<&str> = shape.iter().map(String::as_str).collect();
+        let all: Vec<&str> = key.iter().chain(&others).copied().collect();
+        if let Some(column) = all.iter().find(|c| missing.iter().any(|m| m == *c)) {
+            statements.push(Err(column.to_string()));
+            continue;
+        }
+        let text = sql::insert(table, key, &others, types, on_conflict(config));
+        let mut statement = Statement::new(table, "INSERT", text);
+        statement.copy = Some(sql::copy(table, &all));
+        statement.json = json_columns(&all, types);
+        statement.text = Some(Vec::with_capacity(rows.len() * 16 * all.len()));
+        statements.push(Ok(statement));
+    }
+    for (index, shape, range) in rows {
+        let (Some(record), Some(values)) = (records.get(index), fields.get(range)) else {
+            continue;
+        };
+        match statements.get_mut(shape) {
+            Some(Ok(statement)) => {
+                let Some(out) = statement.text.as_mut() else {
+                    continue;
+                };
+                let mut json = statement.json.iter().copied();
+                if !key.is_empty() {
+                    let topic = &record.record.topic;
+                    if json.next() == Some(true) {
+                        direct::escape(out, &serde_json::Value::from(topic.as_str()).to_string());
+                    } else {
+                        direct::escape(out, topic);
+                    }
+                    json.next();
+                    json.next();
+                    // Writing into a Vec cannot fail.
+                    let _ = write!(out, "\t{}\t{}", record.kafka_partition, record.kafka_offset);
+                }
+                for (n, (_, raw)) in values.iter().enumerate() {
+                    if n > 0 || !key.is_empty() {
+                        out.push(b'\t');
+                    }
+                    if direct::render(out, raw, json.next() == Some(true)).is_err() {
+                        return Ok(None);
+                    }
+                }
+                out.push(b'\n');
+                statement.records.push(index);
+            }
+            Some(Err(column)) => errant.push((
+                index,
+                ConnectError::data(format!(
+                    "table \"{table}\" has no column \"{column}\" and auto.evolve=false"
+                )),
+            )),
+            None => {}
+        }
+    }
+    outcome.errant.append(&mut errant);
+    Ok(Some(
+        statements
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|statement| !statement.records.is_empty())
+            .collect(),
+    ))
+}
+
 fn statement_error(
     statement: &Statement,
     source: sqlx::Error,
@@ -303,10 +574,11 @@ fn statement_error(
 async fn run(
     connection: &mut PgConnection,
     statement: &Statement,
+    columns: &[Vec<Option<String>>],
     range: Range<usize>,
 ) -> Result<u64, sqlx::Error> {
     let mut query = sqlx::query(&statement.sql);
-    for column in &statement.columns {
+    for column in columns {
         query = query.bind(column.get(range.clone()).unwrap_or_default());
     }
     Ok(query.execute(connection).await?.rows_affected())
@@ -318,7 +590,14 @@ async fn copy_all(
     statement: &Statement,
     copy: &str,
 ) -> Result<u64, sqlx::Error> {
-    let text = sql::copy_rows(&statement.columns, statement.records.len());
+    let rendered;
+    let text: &[u8] = match &statement.text {
+        Some(text) => text,
+        None => {
+            rendered = sql::copy_rows(&statement.columns, statement.records.len());
+            &rendered
+        }
+    };
     let mut stream = connection.copy_in_raw(copy).await?;
     if let Err(error) = stream.send(text).await {
         let _ = stream.abort("medconnect: sending the rows failed").await;
@@ -337,6 +616,7 @@ async fn run_isolating(
     connection: &mut PgConnection,
     statement: &Statement,
     catalog: &mut Catalog,
+    (records, config): (&[SinkRecord], &SinkConfig),
     errant: &mut Vec<(usize, ConnectError)>,
 ) -> Result<u64, WriteError> {
     if let Some(copy) = &statement.copy {
@@ -361,9 +641,17 @@ async fn run_isolating(
             }
         }
     }
+    let again;
+    let (indices, columns) = match &statement.text {
+        Some(_) => {
+            again = statement.columns_again(records, config, errant);
+            (&again.0, &again.1)
+        }
+        None => (&statement.records, &statement.columns),
+    };
     let mut affected = 0;
     let mut pending: Vec<Range<usize>> = Vec::new();
-    pending.push(0..statement.records.len());
+    pending.push(0..indices.len());
     while let Some(range) = pending.pop() {
         if range.is_empty() {
             continue;
@@ -371,7 +659,7 @@ async fn run_isolating(
         simple(connection, "SAVEPOINT medconnect_rows")
             .await
             .map_err(|e| statement_error(statement, e, catalog))?;
-        match run(connection, statement, range.clone()).await {
+        match run(connection, statement, columns, range.clone()).await {
             Ok(rows) => {
                 affected += rows;
                 simple(connection, "RELEASE SAVEPOINT medconnect_rows")
@@ -389,11 +677,7 @@ async fn run_isolating(
                     .await
                     .map_err(|e| statement_error(statement, e, catalog))?;
                 if range.len() == 1 {
-                    let index = statement
-                        .records
-                        .get(range.start)
-                        .copied()
-                        .unwrap_or_default();
+                    let index = indices.get(range.start).copied().unwrap_or_default();
                     tracing::debug!(table = %statement.table, sqlstate = %rejection.sqlstate, constraint = ?rejection.constraint, "row refused");
                     errant.push((index, rejection.into_error()));
                 } else {
@@ -417,22 +701,62 @@ pub async fn write(
     records: &[SinkRecord],
 ) -> Result<Outcome, WriteError> {
     let mut outcome = Outcome::default();
-    let mut by_table: BTreeMap<String, Vec<(usize, Change)>> = BTreeMap::new();
+    // The records of each table; a topic's table is resolved once per run of its records.
+    let mut by_table: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut last: Option<(&str, String)> = None;
     for (index, record) in records.iter().enumerate() {
-        let table = config.table.resolve(&record.record.topic);
-        let change = check_identifier("table", &table).and_then(|()| change_of(record, config));
-        match change {
-            Ok(Change::Skip(reason)) => {
-                tracing::debug!(topic = %record.record.topic, partition = record.kafka_partition, offset = record.kafka_offset, reason, "record skipped");
-                outcome.skipped += 1;
+        let topic = record.record.topic.as_str();
+        let table = match &last {
+            Some((seen, table)) if *seen == topic => table,
+            _ => &last.insert((topic, config.table.resolve(topic))).1,
+        };
+        match by_table.get_mut(table.as_str()) {
+            Some(indices) => indices.push(index),
+            None => {
+                by_table.insert(table.clone(), vec![index]);
             }
-            Ok(change) => by_table.entry(table).or_default().push((index, change)),
-            Err(error) => outcome.errant.push((index, error)),
         }
     }
 
     let mut planned: Vec<Statement> = Vec::new();
-    for (table, changes) in by_table {
+    for (table, indices) in by_table {
+        if let Err(error) = check_identifier("table", &table) {
+            for index in indices {
+                outcome.errant.push((index, error.clone()));
+            }
+            continue;
+        }
+        if let Some(statements) = plan_direct(
+            pool,
+            catalog,
+            config,
+            &table,
+            records,
+            &indices,
+            &mut outcome,
+        )
+        .await?
+        {
+            planned.extend(statements);
+            continue;
+        }
+        let mut changes = Vec::with_capacity(indices.len());
+        for index in indices {
+            let Some(record) = records.get(index) else {
+                continue;
+            };
+            match change_of(record, config) {
+                Ok(Change::Skip(reason)) => {
+                    tracing::debug!(topic = %record.record.topic, partition = record.kafka_partition, offset = record.kafka_offset, reason, "record skipped");
+                    outcome.skipped += 1;
+                }
+                Ok(change) => changes.push((index, change)),
+                Err(error) => outcome.errant.push((index, error)),
+            }
+        }
+        if changes.is_empty() {
+            continue;
+        }
         // Kafka positions are unique per record, and a record is never in a batch twice.
         let mut settled = settle(
             changes,
@@ -504,8 +828,14 @@ pub async fn write(
 
     let mut transaction = pool.begin().await.map_err(WriteError::Connection)?;
     for statement in &planned {
-        let affected =
-            run_isolating(&mut transaction, statement, catalog, &mut outcome.errant).await?;
+        let affected = run_isolating(
+            &mut transaction,
+            statement,
+            catalog,
+            (records, config),
+            &mut outcome.errant,
+        )
+        .await?;
         let affected = usize::try_from(affected).unwrap_or(usize::MAX);
         if statement.action == "DELETE" {
             outcome.rows_deleted += affected;

@@ -1,0 +1,280 @@
+//! The common case's row path: a record's top-level JSON object read field by field as
+//! borrowed raw text, and each value written straight into COPY's text format, without a
+//! `serde_json::Value` per cell. The text written is the same as [`crate::sql::param_owned`]
+//! then [`crate::sql::copy_rows`] give (tested below against them), so COPY gets the same rows
+//! as by the general path.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::{Number, Value};
+
+use crate::schema::{ColumnType, is_timestamp};
+
+/// One field of a record's object: its name (borrowed unless it had escapes) and raw value.
+pub type Field<'a> = (Cow<'a, str>, &'a RawValue);
+
+/// Reads `bytes` as one JSON object, appending its fields to `out` in their order. An error
+/// means the general path must say what is wrong (its messages name the JSON kind).
+pub fn fields<'a>(bytes: &'a [u8], out: &mut Vec<Field<'a>>) -> Result<(), serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    Fields(out).deserialize(&mut deserializer)?;
+    deserializer.end()
+}
+
+struct Fields<'a, 'o>(&'o mut Vec<Field<'a>>);
+
+impl<'de> DeserializeSeed<'de> for Fields<'de, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Fields<'de, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(name) = map.next_key_seed(Name)? {
+            let value: &'de RawValue = map.next_value()?;
+            self.0.push((name, value));
+        }
+        Ok(())
+    }
+}
+
+/// A field name, borrowed from the input when it has no escapes.
+struct Name;
+
+impl<'de> DeserializeSeed<'de> for Name {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Name {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(name))
+    }
+
+    fn visit_str<E>(self, name: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(name.to_string()))
+    }
+
+    fn visit_string<E>(self, name: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(name))
+    }
+}
+
+/// A string's text between its quotes when it has no escape (then it is the string itself).
+fn unescaped(raw: &str) -> Option<&str> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    (!inner.contains('\\')).then_some(inner)
+}
+
+/// The type a column would be created with for this value ([`ColumnType::infer_with`]);
+/// `None` for null, which says nothing.
+pub fn infer(raw: &RawValue, timestamps: bool) -> Result<Option<ColumnType>, serde_json::Error> {
+    let text = raw.get();
+    Ok(match text.as_bytes().first() {
+        Some(b'n') => None,
+        Some(b't' | b'f') => Some(ColumnType::Boolean),
+        Some(b'{' | b'[') => Some(ColumnType::Jsonb),
+        Some(b'"') if !timestamps => Some(ColumnType::Text),
+        Some(b'"') => {
+            let string: Cow<str> = match unescaped(text) {
+                Some(inner) => Cow::Borrowed(inner),
+                None => Cow::Owned(serde_json::from_str::<String>(text)?),
+            };
+            Some(if is_timestamp(&string) {
+                ColumnType::Timestamptz
+            } else {
+                ColumnType::Text
+            })
+        }
+        _ => Some(ColumnType::infer(&Value::Number(serde_json::from_str::<
+            Number,
+        >(text)?))),
+    })
+}
+
+/// An integer that serde_json reads as an `i64` and prints back unchanged (`-0` aside, which
+/// it does not).
+fn plain_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty()
+        && digits.len() <= 18
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && text != "-0"
+}
+
+/// Appends `text` with COPY's escapes (backslash, tab, newline, carriage return).
+pub fn escape(out: &mut Vec<u8>, text: &str) {
+    if !text
+        .bytes()
+        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+    {
+        out.extend_from_slice(text.as_bytes());
+        return;
+    }
+    for byte in text.bytes() {
+        match byte {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            other => out.push(other),
+        }
+    }
+}
+
+/// Appends one value as a COPY field for a column that is JSON (`json`) or not: null is
+/// `\N`, a string for a non-JSON column its text, anything else its JSON text as serde_json
+/// prints it.
+pub fn render(out: &mut Vec<u8>, raw: &RawValue, json: bool) -> Result<(), serde_json::Error> {
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'n') => out.extend_from_slice(b"\\N"),
+        // `true`/`false`, as printed.
+        Some(b't' | b'f') => out.extend_from_slice(text.as_bytes()),
+        Some(b'"') => match unescaped(text) {
+            // No escape: nothing COPY reads specially either (JSON has no raw control
+            // characters), and serde_json would print it back as it is.
+            Some(inner) if !json => out.extend_from_slice(inner.as_bytes()),
+            Some(_) => out.extend_from_slice(text.as_bytes()),
+            None => {
+                let string = serde_json::from_str::<String>(text)?;
+                if json {
+                    escape(out, &Value::String(string).to_string());
+                } else {
+                    escape(out, &string);
+                }
+            }
+        },
+        Some(b'{' | b'[') => escape(out, &serde_json::from_str::<Value>(text)?.to_string()),
+        _ if plain_integer(text) => out.extend_from_slice(text.as_bytes()),
+        _ => out.extend_from_slice(serde_json::from_str::<Number>(text)?.to_string().as_bytes()),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::{copy_rows, param_owned};
+
+    /// The general path's COPY field for a value.
+    fn general(raw: &str, json: bool) -> String {
+        let value: Value = serde_json::from_str(raw).expect("JSON");
+        let rows = copy_rows(&[vec![param_owned(value, json)]], 1);
+        String::from_utf8(rows)
+            .expect("UTF-8")
+            .trim_end_matches('\n')
+            .to_string()
+    }
+
+    #[test]
+    fn fields_render_as_the_general_path_renders_them() {
+        let values = [
+            "null",
+            "true",
+            "false",
+            "0",
+            "-0",
+            "42",
+            "-17",
+            "123456789012345678",
+            "9223372036854775807",
+            "18446744073709551615",
+            "123456789012345678901234567890",
+            "36.6",
+            "1.50",
+            "1e2",
+            "-2.5E-3",
+            "0.1000000000000000055",
+            r#""""#,
+            r#""plain text""#,
+            r#""tab\there""#,
+            r#""line\nbreak\r\\ \" \/ \u00e9 \u0000""#,
+            r#""é ünïcode""#,
+            r#"{"b":1,"a":[1,"x\ty",null],"c":{"d":"\n"}}"#,
+            r#"[ 1 , 2.50 , "a" ]"#,
+            "[]",
+            "{}",
+        ];
+        for raw in values {
+            for json in [false, true] {
+                let value: Box<RawValue> = serde_json::from_str(raw).expect("JSON");
+                let mut out = Vec::new();
+                render(&mut out, &value, json).expect("rendered");
+                assert_eq!(
+                    String::from_utf8(out).expect("UTF-8"),
+                    general(raw, json),
+                    "{raw} json={json}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn types_are_inferred_as_from_values() {
+        for raw in [
+            "null",
+            "true",
+            "7",
+            "-0",
+            "18446744073709551615",
+            "1e400",
+            "2.5",
+            r#""x""#,
+            r#""2024-01-01T12:00:00Z""#,
+            r#""2024-01-01T12:00:00\u005a""#,
+            r#""2024-01-01T12:00:00""#,
+            "[1]",
+            r#"{"a":1}"#,
+        ] {
+            for timestamps in [false, true] {
+                let value: Value = serde_json::from_str(raw).unwrap_or(Value::Null);
+                let expected =
+                    (!value.is_null()).then(|| ColumnType::infer_with(&value, timestamps));
+                let parsed: Result<Box<RawValue>, _> = serde_json::from_str(raw);
+                let Ok(parsed) = parsed else {
+                    continue;
+                };
+                match infer(&parsed, timestamps) {
+                    Ok(ty) => assert_eq!(ty, expected, "{raw}"),
+                    // A number serde_json cannot read as a value is refused by both paths.
+                    Err(_) => assert!(serde_json::from_str::<Value>(raw).is_err(), "{raw}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn objects_are_read_field_by_field_and_anything_else_refused() {
+        let mut out = Vec::new();
+        fields(br#" {"a":1, "b\"c":{"x":[1]}, "a":null} "#, &mut out).expect("an object");
+        let read: Vec<(&str, &str)> = out.iter().map(|(n, v)| (n.as_ref(), v.get())).collect();
+        assert_eq!(read, [("a", "1"), ("b\"c", r#"{"x":[1]}"#), ("a", "null")]);
+        assert!(matches!(out.first(), Some((Cow::Borrowed(_), _))));
+        for bad in ["[1]", "1", "\"x\"", "{\"a\":}", "{} {}", "not json", ""] {
+            let mut out = Vec::new();
+            assert!(fields(bad.as_bytes(), &mut out).is_err(), "{bad}");
+        }
+    }
+}
