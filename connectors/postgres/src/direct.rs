@@ -16,12 +16,16 @@ use crate::schema::{ColumnType, is_timestamp};
 /// One field of a record's object: its name (borrowed unless it had escapes) and raw value.
 pub type Field<'a> = (Cow<'a, str>, &'a RawValue);
 
-/// Reads `bytes` as one JSON object, appending its fields to `out` in their order. An error
-/// means the general path must say what is wrong (its messages name the JSON kind).
-pub fn fields<'a>(bytes: &'a [u8], out: &mut Vec<Field<'a>>) -> Result<(), serde_json::Error> {
-    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    Fields(out).deserialize(&mut deserializer)?;
-    deserializer.end()
+/// Reads `bytes` as one JSON object, appending its fields to `out` in their order. `None`
+/// when they are not one (or not UTF-8): the general path then says what is wrong (its
+/// messages name the JSON kind).
+pub fn fields<'a>(bytes: &'a [u8], out: &mut Vec<Field<'a>>) -> Option<()> {
+    // UTF-8 checked once for the whole record: reading from a `str`, serde_json checks
+    // neither each string nor each raw value again.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    Fields(out).deserialize(&mut deserializer).ok()?;
+    deserializer.end().ok()
 }
 
 struct Fields<'a, 'o>(&'o mut Vec<Field<'a>>);
@@ -272,9 +276,10 @@ mod tests {
         let read: Vec<(&str, &str)> = out.iter().map(|(n, v)| (n.as_ref(), v.get())).collect();
         assert_eq!(read, [("a", "1"), ("b\"c", r#"{"x":[1]}"#), ("a", "null")]);
         assert!(matches!(out.first(), Some((Cow::Borrowed(_), _))));
+        assert!(fields(b"{\"a\":\"\xff\"}", &mut out).is_none());
         for bad in ["[1]", "1", "\"x\"", "{\"a\":}", "{} {}", "not json", ""] {
             let mut out = Vec::new();
-            assert!(fields(bad.as_bytes(), &mut out).is_err(), "{bad}");
+            assert!(fields(bad.as_bytes(), &mut out).is_none(), "{bad}");
         }
     }
 }

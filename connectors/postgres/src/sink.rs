@@ -230,18 +230,34 @@ impl SinkTask for PostgresSinkTask {
     }
 
     async fn put(&mut self, records: Vec<SinkRecord>) -> ConnectResult<()> {
+        // The partition's next offset is looked up and stored once per run of its records,
+        // not per record (a topic name copied and hashed per record showed in profiles).
+        let mut run: Option<(TopicPartition, i64)> = None;
         for record in records {
-            let partition =
-                TopicPartition::new(record.record.topic.clone(), record.kafka_partition);
-            if self
-                .next
-                .get(&partition)
-                .is_some_and(|next| record.kafka_offset < *next)
-            {
+            let same = run.as_ref().is_some_and(|(partition, _)| {
+                partition.partition == record.kafka_partition
+                    && partition.topic == record.record.topic
+            });
+            if !same {
+                if let Some((partition, next)) = run.take() {
+                    self.next.insert(partition, next);
+                }
+                let partition =
+                    TopicPartition::new(record.record.topic.clone(), record.kafka_partition);
+                let next = self.next.get(&partition).copied().unwrap_or(i64::MIN);
+                run = Some((partition, next));
+            }
+            let Some((_, next)) = run.as_mut() else {
+                continue;
+            };
+            if record.kafka_offset < *next {
                 continue;
             }
-            self.next.insert(partition, record.kafka_offset + 1);
+            *next = record.kafka_offset + 1;
             self.buffer.push(record);
+        }
+        if let Some((partition, next)) = run {
+            self.next.insert(partition, next);
         }
         while self.buffer.len() >= self.config.batch_size {
             self.write_first(self.config.batch_size).await?;

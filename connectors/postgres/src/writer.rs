@@ -367,7 +367,7 @@ async fn plan_direct(
             return Ok(None);
         }
         scratch.clear();
-        let mut readable = direct::fields(bytes, &mut scratch).is_ok();
+        let mut readable = direct::fields(bytes, &mut scratch).is_some();
         // As the general path: filtered, without the key's columns, sorted by name, the last
         // of a repeated name.
         scratch.retain(|(name, _)| config.fields.keeps(name) && !key.contains(&name.as_ref()));
