@@ -180,7 +180,7 @@ impl Hfs {
                 return body;
             }
             assert!(
-                body.to_string().contains("is locked"),
+                body.to_string().contains("is locked") || status >= 500,
                 "transaction: {status} {body}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
