@@ -11,15 +11,11 @@
 mod paced;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use medconnect_hl7::mllp::client::MllpClient;
-use medconnect_runtime::broker::EmbeddedBroker;
-use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
-use medconnect_runtime::{Worker, WorkerConfig};
-use paced::{Load, Outcome, drive, ms};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use paced::{ListenerBench, Load, Outcome, drive, ms, raw_run};
 
 fn adt(sender: usize, seq: u64) -> Vec<u8> {
     format!(
@@ -52,90 +48,43 @@ async fn mllp_run(port: u16, senders: usize, seconds: u64, load: Load) -> anyhow
     .await
 }
 
-async fn raw_run(
-    producer: FutureProducer,
-    senders: usize,
-    seconds: u64,
-    load: Load,
-) -> anyhow::Result<Outcome> {
-    drive(senders, seconds, load, move |sender, seq| {
-        let producer = producer.clone();
-        async move {
-            let message = adt(sender, seq);
-            let key = format!("PAT{sender:04}");
-            producer
-                .send(
-                    FutureRecord::to("raw.adt").key(&key).payload(&message),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
-            Ok(())
-        }
-    })
-    .await
+/// An ADT message for the raw producer, keyed by patient as the MLLP source keys it.
+fn raw_message(sender: usize, seq: u64) -> (String, Vec<u8>) {
+    (format!("PAT{sender:04}"), adt(sender, seq))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let senders: usize = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(16);
-    let seconds: u64 = std::env::args()
-        .nth(2)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(10);
-    let linger: String = std::env::args().nth(3).unwrap_or_else(|| "1".into());
-    let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
-    let bootstrap = broker.bootstrap_servers();
-    let mut config = WorkerConfig::new(&bootstrap);
-    config.rest.listen = "127.0.0.1:0".parse()?;
-    let worker = Worker::start(config, medconnect::builtin_plugins()).await?;
+    let (senders, seconds, linger) = paced::args(16)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let settings = KafkaSettings::new(&bootstrap);
-    ensure_topics(
-        &settings,
-        &[
-            TopicSpec::regular("hl7.adt", 1, 1),
-            TopicSpec::regular("raw.adt", 1, 1),
+    let bench = ListenerBench::start(
+        &["hl7.adt", "raw.adt"],
+        "bench-mllp",
+        vec![
+            ("connector.class", "MllpSource".to_string()),
+            ("mllp.bind", "127.0.0.1".to_string()),
+            ("mllp.port", port.to_string()),
+            ("topic", "hl7.adt".to_string()),
         ],
+        port,
+        &linger,
     )
     .await?;
-    let source = [
-        ("connector.class", "MllpSource".to_string()),
-        ("mllp.bind", "127.0.0.1".to_string()),
-        ("mllp.port", port.to_string()),
-        ("topic", "hl7.adt".to_string()),
-        ("producer.override.linger.ms", linger.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    worker.herder().create("bench-mllp", source, None).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        if Instant::now() > deadline {
-            bail!("the MLLP source did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The worker's producer settings, for a like-for-like baseline.
-    let overrides = [("linger.ms".to_string(), linger.clone())].into();
-    let producer: FutureProducer = settings
-        .producer_config(&overrides)
-        .create()
-        .context("producer")?;
+    let raw = |senders, seconds, load| {
+        raw_run(
+            bench.producer.clone(),
+            "raw.adt",
+            senders,
+            seconds,
+            load,
+            raw_message,
+        )
+    };
     // Warm both paths (connections, metadata, first batch).
     mllp_run(port, 1, 1, Load::Fixed(100.0)).await?;
-    raw_run(producer.clone(), 1, 1, Load::Fixed(100.0)).await?;
+    raw(1, 1, Load::Fixed(100.0)).await?;
 
     println!(
         "== HL7 ADT (~330 bytes) over MLLP into Kafka vs raw producer: {senders} senders, {seconds} s per run, linger.ms={linger}"
@@ -147,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{label}:");
         let mllp = mllp_run(port, senders, seconds, load).await?;
         mllp.print("MLLP source (AA)");
-        let raw = raw_run(producer.clone(), senders, seconds, load).await?;
+        let raw = raw(senders, seconds, load).await?;
         raw.print("raw producer (acked)");
         println!(
             "  ratio MLLP/raw: throughput {:.2}, p99 latency {:.2}",
@@ -155,7 +104,6 @@ async fn main() -> anyhow::Result<()> {
             ms(mllp.percentile(0.99)) / ms(raw.percentile(0.99)).max(f64::EPSILON)
         );
     }
-    worker.shutdown().await;
-    broker.stop();
+    bench.stop().await;
     Ok(())
 }

@@ -11,14 +11,10 @@
 mod paced;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-use medconnect_runtime::broker::EmbeddedBroker;
-use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
-use medconnect_runtime::{Worker, WorkerConfig};
-use paced::{Load, Outcome, drive, ms};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use paced::{ListenerBench, Load, Outcome, drive, ms, raw_run};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{Mutex, mpsc};
 
@@ -106,95 +102,52 @@ async fn mqtt_run(port: u16, devices: usize, seconds: u64, load: Load) -> anyhow
     Ok(outcome)
 }
 
-async fn raw_run(
-    producer: FutureProducer,
-    devices: usize,
-    seconds: u64,
-    load: Load,
-) -> anyhow::Result<Outcome> {
-    drive(devices, seconds, load, move |device, seq| {
-        let producer = producer.clone();
-        async move {
-            let payload = reading(device, seq);
-            let key = format!("monitor-{device}");
-            producer
-                .send(
-                    FutureRecord::to("raw.vitals").key(&key).payload(&payload),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
-            Ok(())
-        }
-    })
-    .await
+/// A reading for the raw producer: keyed by device, as the listener keys it.
+fn raw_message(device: usize, seq: u64) -> (String, Vec<u8>) {
+    (
+        format!("monitor-{device}"),
+        reading(device, seq).into_bytes(),
+    )
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let devices: usize = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(64);
-    let seconds: u64 = std::env::args()
-        .nth(2)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(10);
-    let linger: String = std::env::args().nth(3).unwrap_or_else(|| "1".into());
-    let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
-    let bootstrap = broker.bootstrap_servers();
-    let mut config = WorkerConfig::new(&bootstrap);
-    config.rest.listen = "127.0.0.1:0".parse()?;
-    let worker = Worker::start(config, medconnect::builtin_plugins()).await?;
+    let (devices, seconds, linger) = paced::args(64)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let settings = KafkaSettings::new(&bootstrap);
-    ensure_topics(
-        &settings,
-        &[
-            TopicSpec::regular("device.vitals", 1, 1),
-            TopicSpec::regular("raw.vitals", 1, 1),
+    let users: Vec<String> = (0..devices).map(|d| format!("monitor-{d}:bench")).collect();
+    let bench = ListenerBench::start(
+        &["device.vitals", "raw.vitals"],
+        "bench-mqtt",
+        vec![
+            ("connector.class", "MqttListenerSource".to_string()),
+            ("mqtt.bind", "127.0.0.1".to_string()),
+            ("mqtt.port", port.to_string()),
+            ("mqtt.users", users.join(",")),
+            ("mqtt.max.connections", (devices + 8).to_string()),
+            ("mqtt.connect.rate", (devices + 8).to_string()),
+            ("mqtt.topic.pattern", "devices/+device/vitals".to_string()),
+            ("kafka.topic", "device.vitals".to_string()),
+            ("kafka.key", "${device}".to_string()),
         ],
+        port,
+        &linger,
     )
     .await?;
-    let users: Vec<String> = (0..devices).map(|d| format!("monitor-{d}:bench")).collect();
-    let source = [
-        ("connector.class", "MqttListenerSource".to_string()),
-        ("mqtt.bind", "127.0.0.1".to_string()),
-        ("mqtt.port", port.to_string()),
-        ("mqtt.users", users.join(",")),
-        ("mqtt.max.connections", (devices + 8).to_string()),
-        ("mqtt.connect.rate", (devices + 8).to_string()),
-        ("mqtt.topic.pattern", "devices/+device/vitals".to_string()),
-        ("kafka.topic", "device.vitals".to_string()),
-        ("kafka.key", "${device}".to_string()),
-        ("producer.override.linger.ms", linger.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    worker.herder().create("bench-mqtt", source, None).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        if Instant::now() > deadline {
-            bail!("the MQTT listener did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let overrides = [("linger.ms".to_string(), linger.clone())].into();
-    let producer: FutureProducer = settings
-        .producer_config(&overrides)
-        .create()
-        .context("producer")?;
+    let raw = |devices, seconds, load| {
+        raw_run(
+            bench.producer.clone(),
+            "raw.vitals",
+            devices,
+            seconds,
+            load,
+            raw_message,
+        )
+    };
     // Warm both paths (connections, metadata, first batch).
     mqtt_run(port, 1, 1, Load::Fixed(100.0)).await?;
-    raw_run(producer.clone(), 1, 1, Load::Fixed(100.0)).await?;
+    raw(1, 1, Load::Fixed(100.0)).await?;
 
     println!(
         "== JSON vitals (~110 bytes) over MQTT (QoS 1, PUBACK after Kafka) vs raw producer: {devices} devices, {seconds} s per run, linger.ms={linger}"
@@ -206,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{label}:");
         let mqtt = mqtt_run(port, devices, seconds, load).await?;
         mqtt.print("MQTT listener (PUBACK)");
-        let raw = raw_run(producer.clone(), devices, seconds, load).await?;
+        let raw = raw(devices, seconds, load).await?;
         raw.print("raw producer (acked)");
         println!(
             "  ratio MQTT/raw: throughput {:.2}, p99 latency {:.2}",
@@ -214,7 +167,6 @@ async fn main() -> anyhow::Result<()> {
             ms(mqtt.percentile(0.99)) / ms(raw.percentile(0.99)).max(f64::EPSILON)
         );
     }
-    worker.shutdown().await;
-    broker.stop();
+    bench.stop().await;
     Ok(())
 }

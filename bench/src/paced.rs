@@ -96,3 +96,115 @@ where
         latencies,
     })
 }
+
+/// `[senders] [seconds] [linger.ms]` from the command line, with defaults.
+pub fn args(default_senders: usize) -> anyhow::Result<(usize, u64, String)> {
+    let senders = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(default_senders);
+    let seconds = std::env::args()
+        .nth(2)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(10);
+    let linger = std::env::args().nth(3).unwrap_or_else(|| "1".into());
+    Ok((senders, seconds, linger))
+}
+
+/// An embedded broker and an in-process worker running one listener source, and a raw producer
+/// with the worker's producer settings (`linger.ms` given to both) for the baseline.
+pub struct ListenerBench {
+    broker: medconnect_runtime::broker::EmbeddedBroker,
+    worker: medconnect_runtime::Worker,
+    pub producer: rdkafka::producer::FutureProducer,
+}
+
+impl ListenerBench {
+    /// Starts the broker and worker, creates `topics` (one partition each) and the connector
+    /// `config` (which makes it listen on `port`), and waits until the listener accepts there.
+    pub async fn start(
+        topics: &[&str],
+        connector: &str,
+        config: Vec<(&str, String)>,
+        port: u16,
+        linger: &str,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
+        let broker =
+            medconnect_runtime::broker::EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
+        let bootstrap = broker.bootstrap_servers();
+        let mut worker_config = medconnect_runtime::WorkerConfig::new(&bootstrap);
+        worker_config.rest.listen = "127.0.0.1:0".parse()?;
+        let worker =
+            medconnect_runtime::Worker::start(worker_config, medconnect::builtin_plugins()).await?;
+        let settings = KafkaSettings::new(&bootstrap);
+        let specs: Vec<TopicSpec> = topics.iter().map(|t| TopicSpec::regular(t, 1, 1)).collect();
+        ensure_topics(&settings, &specs).await?;
+        let mut props: std::collections::BTreeMap<String, String> = config
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        props.insert("producer.override.linger.ms".into(), linger.to_string());
+        worker
+            .herder()
+            .create(connector, props.into_iter().collect(), None)
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                anyhow::bail!("the {connector} listener did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let overrides = [("linger.ms".to_string(), linger.to_string())].into();
+        let producer = settings
+            .producer_config(&overrides)
+            .create()
+            .context("producer")?;
+        Ok(Self {
+            broker,
+            worker,
+            producer,
+        })
+    }
+
+    pub async fn stop(self) {
+        self.worker.shutdown().await;
+        self.broker.stop();
+    }
+}
+
+/// The baseline: `senders` loops each producing `message(sender, seq)` (key, value) to `topic`
+/// and awaiting its delivery, paced by `load`.
+pub async fn raw_run(
+    producer: rdkafka::producer::FutureProducer,
+    topic: &'static str,
+    senders: usize,
+    seconds: u64,
+    load: Load,
+    message: fn(usize, u64) -> (String, Vec<u8>),
+) -> anyhow::Result<Outcome> {
+    drive(senders, seconds, load, move |sender, seq| {
+        let producer = producer.clone();
+        async move {
+            let (key, value) = message(sender, seq);
+            producer
+                .send(
+                    rdkafka::producer::FutureRecord::to(topic)
+                        .key(&key)
+                        .payload(&value),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+            Ok(())
+        }
+    })
+    .await
+}
