@@ -6,7 +6,7 @@ use medconnect_api::{
     ConfigDef, ConfigType, ConnectError, ConnectResult, Importance, ParsedConfig, Props, Validator,
 };
 
-use crate::mapping::{Template, TopicPattern};
+use crate::mapping::{Template, TopicPattern, kafka_topic_name};
 
 pub const SERVER_URI: &str = "mqtt.server.uri";
 pub const HOST: &str = "mqtt.host";
@@ -153,6 +153,59 @@ pub fn source_def() -> ConfigDef {
         .in_group("MQTT")
 }
 
+/// Where a publish goes in Kafka (`mqtt.topic.pattern`, `kafka.topic`, `kafka.key`), read
+/// and checked once for the broker source and the listener alike.
+#[derive(Debug, Clone)]
+pub struct TopicMapping {
+    pub pattern: TopicPattern,
+    pub kafka_topic: Template,
+    pub kafka_key: Option<Template>,
+}
+
+impl TopicMapping {
+    /// The three settings, the templates checked against the pattern's captures.
+    pub fn parse(parsed: &ParsedConfig) -> ConnectResult<Self> {
+        let pattern = TopicPattern::parse(&parsed.string(TOPIC_PATTERN)?)
+            .map_err(|reason| ConnectError::config(TOPIC_PATTERN, reason))?;
+        let kafka_topic = Template::new(parsed.string(KAFKA_TOPIC)?.trim());
+        kafka_topic
+            .check_against(&pattern)
+            .map_err(|e| ConnectError::config(KAFKA_TOPIC, e.to_string()))?;
+        let kafka_key = parsed.optional_string(KAFKA_KEY).map(|k| Template::new(&k));
+        if let Some(key) = &kafka_key {
+            key.check_against(&pattern)
+                .map_err(|e| ConnectError::config(KAFKA_KEY, e.to_string()))?;
+        }
+        Ok(Self {
+            pattern,
+            kafka_topic,
+            kafka_key,
+        })
+    }
+
+    /// The Kafka topic and key (none when it renders empty) for `mqtt_topic`, or why it has
+    /// none (for the dead-letter topic).
+    pub fn route(&self, mqtt_topic: &str) -> Result<(String, Option<String>), String> {
+        let Some(captures) = self.pattern.captures(mqtt_topic) else {
+            return Err(format!(
+                "MQTT topic '{mqtt_topic}' does not match {TOPIC_PATTERN}"
+            ));
+        };
+        let rendered = self.kafka_topic.render(mqtt_topic, &captures);
+        let Some(topic) = kafka_topic_name(&rendered) else {
+            return Err(format!(
+                "{KAFKA_TOPIC} gives no usable Kafka topic for MQTT topic '{mqtt_topic}'"
+            ));
+        };
+        let key = self
+            .kafka_key
+            .as_ref()
+            .map(|key| key.render(mqtt_topic, &captures))
+            .filter(|key| !key.is_empty());
+        Ok((topic, key))
+    }
+}
+
 /// The broker source's settings, typed.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -166,9 +219,7 @@ pub struct SourceConfig {
     pub clean_session: bool,
     pub keep_alive: Duration,
     pub max_packet_bytes: usize,
-    pub topic_pattern: TopicPattern,
-    pub kafka_topic: Template,
-    pub kafka_key: Option<Template>,
+    pub mapping: TopicMapping,
     pub content_type: String,
     pub queue_capacity: usize,
     pub poll_batch_max: usize,
@@ -207,17 +258,6 @@ impl SourceConfig {
         if topics.is_empty() {
             return Err(ConnectError::config(TOPICS, "names no topic filter"));
         }
-        let topic_pattern = TopicPattern::parse(&parsed.string(TOPIC_PATTERN)?)
-            .map_err(|reason| ConnectError::config(TOPIC_PATTERN, reason))?;
-        let kafka_topic = Template::new(parsed.string(KAFKA_TOPIC)?.trim());
-        kafka_topic
-            .check_against(&topic_pattern)
-            .map_err(|e| ConnectError::config(KAFKA_TOPIC, e.to_string()))?;
-        let kafka_key = parsed.optional_string(KAFKA_KEY).map(|k| Template::new(&k));
-        if let Some(key) = &kafka_key {
-            key.check_against(&topic_pattern)
-                .map_err(|e| ConnectError::config(KAFKA_KEY, e.to_string()))?;
-        }
         let reconnect_backoff = parsed.millis(RECONNECT_BACKOFF_MS)?;
         let reconnect_backoff_max = parsed.millis(RECONNECT_BACKOFF_MAX_MS)?;
         if reconnect_backoff_max < reconnect_backoff {
@@ -236,9 +276,7 @@ impl SourceConfig {
             clean_session: parsed.boolean(CLEAN_SESSION)?,
             keep_alive: Duration::from_secs(parsed.int_as(KEEP_ALIVE_S)?),
             max_packet_bytes: parsed.int_as(MAX_PACKET_BYTES)?,
-            topic_pattern,
-            kafka_topic,
-            kafka_key,
+            mapping: TopicMapping::parse(&parsed)?,
             content_type: parsed.string(CONTENT_TYPE)?.trim().to_string(),
             queue_capacity: parsed.int_as(QUEUE_CAPACITY)?,
             poll_batch_max: parsed.int_as(POLL_BATCH_MAX)?,

@@ -11,8 +11,9 @@ use medconnect_api::{
 use super::auth::Users;
 use crate::config::{
     CONTENT_TYPE, KAFKA_KEY, KAFKA_TOPIC, POLL_BATCH_MAX, QUEUE_CAPACITY, TOPIC_PATTERN,
+    TopicMapping,
 };
-use crate::mapping::{Template, TopicPattern};
+use crate::mapping::TopicPattern;
 
 pub const BIND: &str = "mqtt.bind";
 pub const PORT: &str = "mqtt.port";
@@ -130,9 +131,7 @@ pub struct ListenerConfig {
     pub keep_alive_max: u16,
     pub connect_timeout: Duration,
     pub connect_rate: u32,
-    pub topic_pattern: TopicPattern,
-    pub kafka_topic: Template,
-    pub kafka_key: Option<Template>,
+    pub mapping: TopicMapping,
     pub content_type: String,
     pub payload_format: PayloadFormat,
     pub queue_capacity: usize,
@@ -181,17 +180,6 @@ impl ListenerConfig {
                 ),
             ));
         }
-        let topic_pattern = TopicPattern::parse(&parsed.string(TOPIC_PATTERN)?)
-            .map_err(|reason| ConnectError::config(TOPIC_PATTERN, reason))?;
-        let kafka_topic = Template::new(parsed.string(KAFKA_TOPIC)?.trim());
-        kafka_topic
-            .check_against(&topic_pattern)
-            .map_err(|e| ConnectError::config(KAFKA_TOPIC, e.to_string()))?;
-        let kafka_key = parsed.optional_string(KAFKA_KEY).map(|k| Template::new(&k));
-        if let Some(key) = &kafka_key {
-            key.check_against(&topic_pattern)
-                .map_err(|e| ConnectError::config(KAFKA_KEY, e.to_string()))?;
-        }
         Ok(Self {
             bind: parsed.string(BIND)?.trim().to_string(),
             port: parsed.int_as(PORT)?,
@@ -205,9 +193,7 @@ impl ListenerConfig {
             keep_alive_max: parsed.int_as(KEEP_ALIVE_MAX_S)?,
             connect_timeout: parsed.millis(CONNECT_TIMEOUT_MS)?,
             connect_rate: parsed.int_as(CONNECT_RATE)?,
-            topic_pattern,
-            kafka_topic,
-            kafka_key,
+            mapping: TopicMapping::parse(&parsed)?,
             content_type: parsed.string(CONTENT_TYPE)?.trim().to_string(),
             payload_format: match parsed.string(PAYLOAD_FORMAT)?.as_str() {
                 "json" => PayloadFormat::Json,

@@ -6,8 +6,6 @@ use rumqttc::QoS;
 
 use super::config::ListenerConfig;
 use super::wire::{Publish, Verdict};
-use crate::config::{KAFKA_TOPIC, TOPIC_PATTERN};
-use crate::mapping::kafka_topic_name;
 use crate::source::{HEADER_CLIENT_ID, HEADER_DUP, HEADER_QOS, HEADER_RETAIN, HEADER_TOPIC};
 
 /// The username the device authenticated with.
@@ -122,33 +120,19 @@ fn route(
     {
         return Err((problem, Verdict::PayloadInvalid));
     }
-    let Some(captures) = config.topic_pattern.captures(mqtt_topic) else {
-        return Err((
-            format!("MQTT topic '{mqtt_topic}' does not match {TOPIC_PATTERN}"),
-            Verdict::TopicInvalid,
-        ));
-    };
-    let rendered = config.kafka_topic.render(mqtt_topic, &captures);
-    let Some(topic) = kafka_topic_name(&rendered) else {
-        return Err((
-            format!("{KAFKA_TOPIC} gives no usable Kafka topic for MQTT topic '{mqtt_topic}'"),
-            Verdict::TopicInvalid,
-        ));
-    };
+    let (topic, key) = config
+        .mapping
+        .route(mqtt_topic)
+        .map_err(|reason| (reason, Verdict::TopicInvalid))?;
     record.topic = topic;
-    if let Some(key) = &config.kafka_key {
-        let key = key.render(mqtt_topic, &captures);
-        if !key.is_empty() {
-            record.key = Some(key.into());
-        }
-    }
+    record.key = key.map(Into::into);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::KAFKA_KEY;
+    use crate::config::{KAFKA_KEY, KAFKA_TOPIC, TOPIC_PATTERN};
     use crate::listener::config::ALLOW_ANONYMOUS;
     use medconnect_api::props_from;
 

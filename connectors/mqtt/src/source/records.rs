@@ -4,8 +4,7 @@
 use medconnect_api::{AckHandle, ConnectError, Record, SourceRecord, content_type};
 use rumqttc::{Publish, QoS};
 
-use crate::config::{KAFKA_TOPIC, SourceConfig, TOPIC_PATTERN};
-use crate::mapping::kafka_topic_name;
+use crate::config::SourceConfig;
 
 pub const HEADER_TOPIC: &str = "mqtt.topic";
 pub const HEADER_QOS: &str = "mqtt.qos";
@@ -47,26 +46,13 @@ pub fn to_record(config: &SourceConfig, publish: &Publish, ack: AckHandle) -> So
         .headers
         .add(content_type::HEADER, config.content_type.clone());
 
-    let Some(captures) = config.topic_pattern.captures(&publish.topic) else {
-        let reason = ConnectError::data(format!(
-            "MQTT topic '{}' does not match {TOPIC_PATTERN}",
-            publish.topic
-        ));
-        return SourceRecord::rejected(record, reason, Some(ack));
-    };
-    let rendered = config.kafka_topic.render(&publish.topic, &captures);
-    let Some(topic) = kafka_topic_name(&rendered) else {
-        let reason = ConnectError::data(format!(
-            "{KAFKA_TOPIC} gives no usable Kafka topic for MQTT topic '{}'",
-            publish.topic
-        ));
-        return SourceRecord::rejected(record, reason, Some(ack));
-    };
-    record.topic = topic;
-    if let Some(key) = &config.kafka_key {
-        let key = key.render(&publish.topic, &captures);
-        if !key.is_empty() {
-            record.key = Some(key.into());
+    match config.mapping.route(&publish.topic) {
+        Ok((topic, key)) => {
+            record.topic = topic;
+            record.key = key.map(Into::into);
+        }
+        Err(reason) => {
+            return SourceRecord::rejected(record, ConnectError::data(reason), Some(ack));
         }
     }
     SourceRecord::acknowledged(record, ack)
@@ -75,7 +61,7 @@ pub fn to_record(config: &SourceConfig, publish: &Publish, ack: AckHandle) -> So
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CLIENT_ID, KAFKA_KEY, TOPICS};
+    use crate::config::{CLIENT_ID, KAFKA_KEY, KAFKA_TOPIC, TOPIC_PATTERN, TOPICS};
     use medconnect_api::props_from;
 
     fn config(pattern: &str) -> SourceConfig {
