@@ -618,8 +618,9 @@ async fn run_isolating(
     catalog: &mut Catalog,
     (records, config): (&[SinkRecord], &SinkConfig),
     errant: &mut Vec<(usize, ConnectError)>,
+    copy_refused: bool,
 ) -> Result<u64, WriteError> {
-    if let Some(copy) = &statement.copy {
+    if let Some(copy) = statement.copy.as_ref().filter(|_| !copy_refused) {
         simple(connection, "SAVEPOINT medconnect_copy")
             .await
             .map_err(|e| statement_error(statement, e, catalog))?;
@@ -826,6 +827,25 @@ pub async fn write(
         return Ok(outcome);
     }
 
+    // A batch that is one COPY goes alone, outside a transaction block: a COPY is a
+    // transaction by itself, so BEGIN, SAVEPOINT, RELEASE and COMMIT (four round trips per
+    // batch, a third of the no-key path's time in a profile) add nothing. Refused, it
+    // committed nothing, and the transaction below isolates the row without it.
+    let mut copy_refused = false;
+    if let [statement] = planned.as_slice()
+        && let Some(copy) = &statement.copy
+    {
+        let mut connection = pool.acquire().await.map_err(WriteError::Connection)?;
+        match copy_all(&mut connection, statement, copy).await {
+            Ok(rows) => {
+                outcome.rows_written += usize::try_from(rows).unwrap_or(usize::MAX);
+                outcome.errant.sort_by_key(|(index, _)| *index);
+                return Ok(outcome);
+            }
+            Err(error) if matches!(classify(&error), Failure::Row(_)) => copy_refused = true,
+            Err(error) => return Err(statement_error(statement, error, catalog)),
+        }
+    }
     let mut transaction = pool.begin().await.map_err(WriteError::Connection)?;
     for statement in &planned {
         let affected = run_isolating(
@@ -834,6 +854,7 @@ pub async fn write(
             catalog,
             (records, config),
             &mut outcome.errant,
+            copy_refused,
         )
         .await?;
         let affected = usize::try_from(affected).unwrap_or(usize::MAX);
