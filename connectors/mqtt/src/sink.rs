@@ -1,7 +1,7 @@
 //! The sink: publishes each record's value to an MQTT topic built from its key, headers and
 //! Kafka topic. With QoS 1 a record counts as delivered only once the broker's PUBACK for it
-//! arrived: `flush` waits for the PUBACKs of everything put before it, so the engine commits
-//! no offset past a message the broker has not acknowledged.
+//! arrived, with QoS 2 once its PUBCOMP did: `flush` waits for those of everything put before
+//! it, so the engine commits no offset past a message the broker has not acknowledged.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,7 +78,8 @@ impl SinkConnector for MqttSinkConnector {
 /// What the connection loop reports to the task.
 #[derive(Debug, Clone, Default)]
 struct Progress {
-    /// Publishes the broker acknowledged (QoS 1) or that were written (QoS 0).
+    /// Publishes the broker acknowledged (QoS 1: PUBACK, QoS 2: PUBCOMP) or that were written
+    /// (QoS 0).
     settled: u64,
     /// Set when the broker's session was lost with publishes unacknowledged: they will never
     /// be acknowledged, so nothing past them may be committed.
@@ -117,10 +118,10 @@ impl MqttSinkTask {
     }
 
     fn qos(&self) -> QoS {
-        if self.config.qos == 0 {
-            QoS::AtMostOnce
-        } else {
-            QoS::AtLeastOnce
+        match self.config.qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
         }
     }
 
@@ -146,7 +147,7 @@ fn options(config: &SinkConfig) -> MqttOptions {
     options
 }
 
-/// Drives the connection: counts PUBACKs, reconnects with backoff, notices a lost session.
+/// Drives the connection: counts PUBACKs (PUBCOMPs at QoS 2), reconnects with backoff, notices a lost session.
 async fn run_connection(
     mut event_loop: EventLoop,
     config: Arc<SinkConfig>,
@@ -178,6 +179,12 @@ async fn run_connection(
                 connected_before = true;
             }
             Ok(Event::Incoming(Packet::PubAck(_))) if config.qos == 1 => {
+                progress.send_modify(|p| p.settled += 1);
+            }
+            // QoS 2: the PUBREC only says the broker has the message; it is released to
+            // subscribers, and the exchange over, with the PUBCOMP (rumqttc answers the
+            // PUBREC with PUBREL itself, and sends it again after a reconnect).
+            Ok(Event::Incoming(Packet::PubComp(_))) if config.qos == 2 => {
                 progress.send_modify(|p| p.settled += 1);
             }
             Ok(Event::Outgoing(Outgoing::Publish(_))) if config.qos == 0 => {

@@ -18,10 +18,16 @@ use tokio::sync::mpsc;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-#[tokio::test]
-async fn commands_reach_a_subscribed_device_and_flush_waits_for_the_pubacks() {
-    let broker = Mosquitto::start();
-    let port = broker.port.to_string();
+/// `mosquitto_sub` subscribed to `devices/+/commands` at `qos`, once its subscription is in
+/// place (probed until the first message arrives: that probe line is consumed).
+async fn subscriber(
+    port: u16,
+    qos: &str,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) {
+    let port = port.to_string();
     let mut subscriber = Command::new("mosquitto_sub")
         .args([
             "-h",
@@ -29,7 +35,7 @@ async fn commands_reach_a_subscribed_device_and_flush_waits_for_the_pubacks() {
             "-p",
             &port,
             "-q",
-            "1",
+            qos,
             "-v",
             "-t",
             "devices/+/commands",
@@ -67,6 +73,32 @@ async fn commands_reach_a_subscribed_device_and_flush_waits_for_the_pubacks() {
             assert!(line.expect("subscribed in time").expect("read").is_some());
         }
     }
+    (subscriber, lines)
+}
+
+/// Reads `count` command lines (probes left out) and returns them.
+async fn read_commands(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    count: usize,
+) -> Vec<String> {
+    let mut received = Vec::new();
+    while received.len() < count {
+        let line = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {count} commands arrived", received.len()))
+            .expect("read")
+            .expect("mosquitto_sub still running");
+        if !line.starts_with("devices/probe/") {
+            received.push(line);
+        }
+    }
+    received
+}
+
+#[tokio::test]
+async fn commands_reach_a_subscribed_device_and_flush_waits_for_the_pubacks() {
+    let broker = Mosquitto::start();
+    let (mut subscriber, mut lines) = subscriber(broker.port, "1").await;
 
     let (errant_tx, mut errant_rx) = mpsc::unbounded_channel();
     let config = props_from(&[
@@ -108,17 +140,7 @@ async fn commands_reach_a_subscribed_device_and_flush_waits_for_the_pubacks() {
     assert_eq!(errant.kafka_offset, 200);
     assert!(error.to_string().contains("key"), "{error}");
 
-    let mut received = BTreeSet::new();
-    while received.len() < 200 {
-        let line = tokio::time::timeout(DEADLINE, lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of 200 commands arrived", received.len()))
-            .expect("read")
-            .expect("mosquitto_sub still running");
-        if !line.starts_with("devices/probe/") {
-            received.insert(line);
-        }
-    }
+    let received: BTreeSet<String> = read_commands(&mut lines, 200).await.into_iter().collect();
     let expected: BTreeSet<String> = (0..200)
         .map(|n| format!("devices/pump-{}/commands {{\"cmd\":{n}}}", n % 5))
         .collect();
@@ -159,4 +181,91 @@ async fn without_pubacks_flush_fails_retriably_so_no_offset_is_committed() {
     assert!(error.is_retriable(), "{error}");
     assert!(error.to_string().contains("5 of 5"), "{error}");
     task.stop().await.expect("stop");
+}
+
+/// QoS 2 end to end: the sink publishes at QoS 2 (PUBLISH, PUBREC, PUBREL, PUBCOMP) to a
+/// subscriber at QoS 2; `flush` returns once every PUBCOMP is in, and the device receives
+/// each command exactly once, in order per device.
+#[tokio::test]
+async fn at_qos_2_every_command_reaches_a_qos_2_subscriber_exactly_once() {
+    let broker = Mosquitto::start();
+    let (mut subscriber, mut lines) = subscriber(broker.port, "2").await;
+    let (errant_tx, mut errant_rx) = mpsc::unbounded_channel();
+    let config = props_from(&[
+        ("mqtt.server.uri", &broker.uri()),
+        ("mqtt.client.id", "sink-qos2"),
+        ("mqtt.topic", "devices/${key}/commands"),
+        ("mqtt.qos", "2"),
+        // Within Mosquitto's max_inflight_messages (20): with 100 in flight, one run saw
+        // each command once but a few of them out of order (order is what this test checks).
+        ("mqtt.inflight", "20"),
+    ]);
+    let mut task = MqttSinkTask::new(SinkTaskContext {
+        connector_name: "commands".into(),
+        task_id: 0,
+        config,
+        errant_records: ErrantRecordReporter::collecting(errant_tx),
+        partitions: SinkPartitions::detached(),
+    })
+    .expect("mqtt.qos=2 is a valid config");
+    task.start().await.expect("start");
+    for batch in 0..3 {
+        let records: Vec<SinkRecord> = (0..100)
+            .map(|n| batch * 100 + n)
+            .map(|n| SinkRecord {
+                record: Record::new("device.commands")
+                    .with_key(format!("pump-{}", n % 3))
+                    .with_value(format!("{{\"cmd\":{n}}}")),
+                kafka_partition: 0,
+                kafka_offset: n,
+            })
+            .collect();
+        task.put(records).await.expect("put");
+        tokio::time::timeout(DEADLINE, task.flush())
+            .await
+            .expect("flush in time")
+            .expect("every publish completed (PUBCOMP)");
+    }
+    assert!(errant_rx.try_recv().is_err(), "no errant record");
+    // A marker published after every flush returned: the broker queued each command before
+    // it, so what arrives before the marker is all that was delivered (exact counts).
+    let status = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "2"])
+        .args(["-t", "devices/end/commands", "-m", "end"])
+        .status()
+        .await
+        .expect("mosquitto_pub");
+    assert!(status.success());
+    let mut received = Vec::new();
+    loop {
+        let line = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("{} commands, then no marker", received.len()))
+            .expect("read")
+            .expect("mosquitto_sub still running");
+        if line == "devices/end/commands end" {
+            break;
+        }
+        if !line.starts_with("devices/probe/") {
+            received.push(line);
+        }
+    }
+    assert_eq!(received.len(), 300, "each command exactly once");
+    for device in 0..3 {
+        let got: Vec<&String> = received
+            .iter()
+            .filter(|l| l.starts_with(&format!("devices/pump-{device}/")))
+            .collect();
+        let expected: Vec<String> = (0..300)
+            .filter(|n| n % 3 == device)
+            .map(|n| format!("devices/pump-{device}/commands {{\"cmd\":{n}}}"))
+            .collect();
+        assert_eq!(
+            got,
+            expected.iter().collect::<Vec<_>>(),
+            "pump-{device}: each once, in order"
+        );
+    }
+    task.stop().await.expect("stop");
+    let _ = subscriber.kill().await;
 }
