@@ -11,6 +11,15 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Number, Value};
 
+use std::io::Write as _;
+
+use medconnect_api::SinkRecord;
+
+use crate::config::{
+    FieldFilter, InsertMode, KAFKA_OFFSET_COLUMN, KAFKA_PARTITION_COLUMN, KAFKA_TOPIC_COLUMN,
+    PkMode, SinkConfig, ValueMode,
+};
+use crate::row::check_identifier;
 use crate::schema::{ColumnType, is_timestamp};
 
 /// One field of a record's object: its name (borrowed unless it had escapes) and raw value.
@@ -83,6 +92,88 @@ impl<'de> Visitor<'de> for Name {
     fn visit_string<E>(self, name: String) -> Result<Self::Value, E> {
         Ok(Cow::Owned(name))
     }
+}
+
+/// The key columns of the configurations the direct path writes: columns mode, `insert` or
+/// `upsert`, no key or the `kafka` key (the rows go by COPY first). `None` for the others.
+pub fn key_columns(config: &SinkConfig) -> Option<&'static [&'static str]> {
+    if config.value_mode != ValueMode::Columns || config.insert_mode == InsertMode::Update {
+        return None;
+    }
+    match config.pk_mode {
+        PkMode::None => Some(&[]),
+        PkMode::Kafka => Some(&[
+            KAFKA_TOPIC_COLUMN,
+            KAFKA_PARTITION_COLUMN,
+            KAFKA_OFFSET_COLUMN,
+        ]),
+        _ => None,
+    }
+}
+
+/// Reads a record's value as the general path makes its columns: the fields of its object
+/// kept by `filter`, without the `key`'s columns, sorted by name, the last of a repeated
+/// name. `false` when the general path must say what is wrong (not one object, no column at
+/// all, a name PostgreSQL cannot take).
+pub fn read_row<'a>(
+    bytes: &'a [u8],
+    filter: &FieldFilter,
+    key: &[&str],
+    out: &mut Vec<Field<'a>>,
+) -> bool {
+    out.clear();
+    let readable = fields(bytes, out).is_some();
+    columns(out, filter, key) && readable
+}
+
+/// Makes a record's fields, as read, the columns of [`read_row`]; `false` as it says.
+pub fn columns(out: &mut Vec<Field<'_>>, filter: &FieldFilter, key: &[&str]) -> bool {
+    out.retain(|(name, _)| filter.keeps(name) && !key.contains(&name.as_ref()));
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    if out
+        .windows(2)
+        .any(|pair| matches!(pair, [a, b] if a.0 == b.0))
+    {
+        out.reverse();
+        out.dedup_by(|later, earlier| later.0 == earlier.0);
+        out.reverse();
+    }
+    (!key.is_empty() || !out.is_empty())
+        && out
+            .iter()
+            .all(|(name, _)| check_identifier("column", name).is_ok())
+}
+
+/// Appends one row of COPY text: the `kafka` key's columns when `keyed` (topic, partition,
+/// offset), then `values`; `json` says, column by column, which are `json`/`jsonb`.
+pub fn render_row<'v>(
+    out: &mut Vec<u8>,
+    record: &SinkRecord,
+    keyed: bool,
+    values: impl Iterator<Item = &'v RawValue>,
+    json: &[bool],
+) -> Result<(), serde_json::Error> {
+    let mut json = json.iter().copied();
+    if keyed {
+        let topic = &record.record.topic;
+        if json.next() == Some(true) {
+            escape(out, &Value::from(topic.as_str()).to_string());
+        } else {
+            escape(out, topic);
+        }
+        json.next();
+        json.next();
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "\t{}\t{}", record.kafka_partition, record.kafka_offset);
+    }
+    for (n, raw) in values.enumerate() {
+        if n > 0 || keyed {
+            out.push(b'\t');
+        }
+        render(out, raw, json.next() == Some(true))?;
+    }
+    out.push(b'\n');
+    Ok(())
 }
 
 /// A string's text between its quotes when it has no escape (then it is the string itself).

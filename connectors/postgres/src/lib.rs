@@ -16,6 +16,7 @@ pub mod schema;
 mod sink;
 pub mod source;
 pub mod sql;
+mod streamed;
 pub mod table;
 mod writer;
 

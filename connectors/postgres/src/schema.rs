@@ -174,6 +174,11 @@ impl Catalog {
         self.tables.remove(table);
     }
 
+    /// The columns of a table already read, without asking the server.
+    pub fn known(&self, table: &str) -> Option<&Columns> {
+        self.tables.get(table)
+    }
+
     async fn describe(pool: &PgPool, table: &str) -> Result<Option<Columns>, WriteError> {
         let exists: bool = sqlx::query_scalar("SELECT to_regclass(quote_ident($1)) IS NOT NULL")
             .bind(table)

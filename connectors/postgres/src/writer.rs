@@ -3,22 +3,19 @@
 //! savepoint) until the row is found; that row alone is errant, the others are written.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write as _;
 use std::ops::Range;
 
 use medconnect_api::{ConnectError, SinkRecord, content_type};
 use sqlx::PgPool;
 use sqlx::postgres::PgConnection;
 
-use crate::config::{
-    InsertMode, KAFKA_OFFSET_COLUMN, KAFKA_PARTITION_COLUMN, KAFKA_TOPIC_COLUMN, PkMode,
-    SinkConfig, ValueMode,
-};
+use crate::config::{InsertMode, SinkConfig};
 use crate::direct;
 use crate::error::{Failure, WriteError, classify};
 use crate::row::{Cell, Change, Row, change_of, check_identifier};
 use crate::schema::{Catalog, ColumnType, Columns, Needed, Prepared};
 use crate::sql::{self, OnConflict};
+use crate::streamed::{self, Streamed};
 
 /// What became of a batch that was committed.
 #[derive(Debug, Default)]
@@ -336,18 +333,9 @@ async fn plan_direct(
     indices: &[usize],
     outcome: &mut Outcome,
 ) -> Result<Option<Vec<Statement>>, WriteError> {
-    let key: &[&str] = match config.pk_mode {
-        PkMode::None => &[],
-        PkMode::Kafka => &[
-            KAFKA_TOPIC_COLUMN,
-            KAFKA_PARTITION_COLUMN,
-            KAFKA_OFFSET_COLUMN,
-        ],
-        _ => return Ok(None),
-    };
-    if config.value_mode != ValueMode::Columns || config.insert_mode == InsertMode::Update {
+    let Some(key) = direct::key_columns(config) else {
         return Ok(None);
-    }
+    };
     // Every row's fields, one after the other: no allocation per row.
     let mut fields: Vec<direct::Field> = Vec::new();
     let mut scratch: Vec<direct::Field> = Vec::new();
@@ -366,25 +354,7 @@ async fn plan_direct(
         if record.record.content_type() == Some(content_type::HL7_V2) {
             return Ok(None);
         }
-        scratch.clear();
-        let mut readable = direct::fields(bytes, &mut scratch).is_some();
-        // As the general path: filtered, without the key's columns, sorted by name, the last
-        // of a repeated name.
-        scratch.retain(|(name, _)| config.fields.keeps(name) && !key.contains(&name.as_ref()));
-        scratch.sort_by(|a, b| a.0.cmp(&b.0));
-        if scratch
-            .windows(2)
-            .any(|pair| matches!(pair, [a, b] if a.0 == b.0))
-        {
-            scratch.reverse();
-            scratch.dedup_by(|later, earlier| later.0 == earlier.0);
-            scratch.reverse();
-        }
-        readable = readable
-            && (!key.is_empty() || !scratch.is_empty())
-            && scratch
-                .iter()
-                .all(|(name, _)| check_identifier("column", name).is_ok());
+        let readable = direct::read_row(bytes, &config.fields, key, &mut scratch);
         if !readable {
             // The general path says what is wrong with the record.
             match change_of(record, config) {
@@ -506,28 +476,12 @@ async fn plan_direct(
                 let Some(out) = statement.text.as_mut() else {
                     continue;
                 };
-                let mut json = statement.json.iter().copied();
-                if !key.is_empty() {
-                    let topic = &record.record.topic;
-                    if json.next() == Some(true) {
-                        direct::escape(out, &serde_json::Value::from(topic.as_str()).to_string());
-                    } else {
-                        direct::escape(out, topic);
-                    }
-                    json.next();
-                    json.next();
-                    // Writing into a Vec cannot fail.
-                    let _ = write!(out, "\t{}\t{}", record.kafka_partition, record.kafka_offset);
+                let values = values.iter().map(|(_, raw)| *raw);
+                if direct::render_row(out, record, !key.is_empty(), values, &statement.json)
+                    .is_err()
+                {
+                    return Ok(None);
                 }
-                for (n, (_, raw)) in values.iter().enumerate() {
-                    if n > 0 || !key.is_empty() {
-                        out.push(b'\t');
-                    }
-                    if direct::render(out, raw, json.next() == Some(true)).is_err() {
-                        return Ok(None);
-                    }
-                }
-                out.push(b'\n');
                 statement.records.push(index);
             }
             Some(Err(column)) => errant.push((
@@ -701,6 +655,17 @@ pub async fn write(
     config: &SinkConfig,
     records: &[SinkRecord],
 ) -> Result<Outcome, WriteError> {
+    let mut copy_refused = false;
+    match streamed::write(pool, catalog, config, records).await? {
+        Streamed::Written(rows) => {
+            return Ok(Outcome {
+                rows_written: usize::try_from(rows).unwrap_or(usize::MAX),
+                ..Outcome::default()
+            });
+        }
+        Streamed::Refused => copy_refused = true,
+        Streamed::Other => {}
+    }
     let mut outcome = Outcome::default();
     // The records of each table; a topic's table is resolved once per run of its records.
     let mut by_table: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -831,8 +796,8 @@ pub async fn write(
     // transaction by itself, so BEGIN, SAVEPOINT, RELEASE and COMMIT (four round trips per
     // batch, a third of the no-key path's time in a profile) add nothing. Refused, it
     // committed nothing, and the transaction below isolates the row without it.
-    let mut copy_refused = false;
-    if let [statement] = planned.as_slice()
+    if !copy_refused
+        && let [statement] = planned.as_slice()
         && let Some(copy) = &statement.copy
     {
         let mut connection = pool.acquire().await.map_err(WriteError::Connection)?;

@@ -459,3 +459,54 @@ async fn kafka_keys_go_by_copy_and_a_redelivered_batch_falls_back_to_the_stateme
     assert_eq!(count(&url, "SELECT count(*) FROM obs").await, 299);
     task.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn a_streamed_copy_gives_way_to_another_shape_and_to_a_redelivered_record() {
+    let url = shared().database("streamed").await;
+    let settings = [
+        ("table.name.format", "streamed"),
+        ("pk.mode", "kafka"),
+        ("insert.mode", "insert"),
+        ("auto.create", "true"),
+        ("auto.evolve", "true"),
+        ("batch.size", "100"),
+    ];
+    // 150 has a field the others lack; the rest, fields in two orders.
+    let records = |topic: &str, offsets: std::ops::Range<i64>| -> Vec<_> {
+        offsets
+            .map(|n| {
+                let value = match n {
+                    150 => r#"{"hr":150,"spo2":97}"#.to_string(),
+                    n if n % 2 == 0 => format!(r#"{{"hr":{n},"note":"tab\tend"}}"#),
+                    n => format!(r#"{{"note":"tab\tend","hr":{n}}}"#),
+                };
+                record(topic, n, None, Some(&value))
+            })
+            .collect()
+    };
+    // The first batch creates the table; the next go by a streamed COPY: the one with 150
+    // aborts it in its middle and is planned (a column added).
+    let (mut task, mut errant) = sink_task(&url, &settings);
+    task.start().await.expect("start");
+    put_all(&mut task, &records("vitals", 0..300)).await;
+    task.stop().await.expect("stop");
+    // A task started again gets 200..300 again, then 300..400. Its first batch (another
+    // topic, the same table) has it read the table, so that 200..300 is streamed: a conflict
+    // refuses the COPY, and the statement keeps the rows there.
+    let (mut again, _) = sink_task(&url, &settings);
+    again.start().await.expect("start");
+    put_all(&mut again, &records("other", 0..100)).await;
+    put_all(&mut again, &records("vitals", 200..400)).await;
+    again.stop().await.expect("stop");
+    assert!(drain(&mut errant).is_empty());
+    assert_eq!(count(&url, "SELECT count(*) FROM streamed").await, 500);
+    assert_eq!(
+        count(
+            &url,
+            r"SELECT count(*) FROM streamed WHERE hr = __connect_offset AND (note = E'tab\tend' OR spo2 = 97)"
+        )
+        .await,
+        500
+    );
+    assert_eq!(count(&url, "SELECT count(spo2) FROM streamed").await, 1);
+}
