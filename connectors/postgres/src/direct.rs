@@ -178,8 +178,14 @@ pub fn render_row<'v>(
 
 /// A string's text between its quotes when it has no escape (then it is the string itself).
 fn unescaped(raw: &str) -> Option<&str> {
-    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
-    (!inner.contains('\\')).then_some(inner)
+    // Bytes compared one by one: `strip_prefix('"')` and `contains('\\')` were library
+    // calls per value in the dev profile (a sixth of the streamed rows' time in a profile).
+    let bytes = raw.as_bytes();
+    if bytes.len() < 2 || bytes.first() != Some(&b'"') || bytes.last() != Some(&b'"') {
+        return None;
+    }
+    let inner = raw.get(1..raw.len() - 1)?;
+    (!inner.bytes().any(|b| b == b'\\')).then_some(inner)
 }
 
 /// The type a column would be created with for this value ([`ColumnType::infer_with`]);
@@ -211,11 +217,15 @@ pub fn infer(raw: &RawValue, timestamps: bool) -> Result<Option<ColumnType>, ser
 /// An integer that serde_json reads as an `i64` and prints back unchanged (`-0` aside, which
 /// it does not).
 fn plain_integer(text: &str) -> bool {
-    let digits = text.strip_prefix('-').unwrap_or(text);
+    let bytes = text.as_bytes();
+    let digits = match bytes.split_first() {
+        Some((b'-', rest)) => rest,
+        _ => bytes,
+    };
     !digits.is_empty()
         && digits.len() <= 18
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && text != "-0"
+        && digits.iter().all(u8::is_ascii_digit)
+        && bytes != b"-0"
 }
 
 /// Appends `text` with COPY's escapes (backslash, tab, newline, carriage return).
