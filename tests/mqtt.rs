@@ -740,3 +740,267 @@ async fn the_sink_delivers_commands_to_a_subscribed_paho_device_at_qos_1() -> an
     worker.shutdown().await;
     Ok(())
 }
+
+fn subscriber_script() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/peers/mqtt_subscriber.py"
+    ))
+}
+
+/// A paho device `device-<d>` (password `pw`) subscribing through the listener on `port` to
+/// `topic`, expecting `expect` messages; `extra` arguments (e.g. `--mqtt5`) for the script.
+fn subscriber(
+    python: &std::path::Path,
+    port: u16,
+    device: usize,
+    topic: &str,
+    expect: usize,
+    extra: &[&str],
+) -> anyhow::Result<tokio::process::Child> {
+    let device = format!("device-{device}");
+    Ok(tokio::process::Command::new(python)
+        .arg(subscriber_script())
+        .args(["--port", &port.to_string(), "--client-id", &device])
+        .args(["--username", &device, "--password", "pw", "--topic", topic])
+        .args(["--expect", &expect.to_string()])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+/// Reads a subscriber's output lines until one starts with `prefix` (within 30 s).
+async fn line_starting(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    prefix: &str,
+) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .map_err(|_| anyhow::anyhow!("no '{prefix}' line within 30 s"))??
+            .ok_or_else(|| anyhow::anyhow!("the device exited before '{prefix}'"))?;
+        if line.starts_with(prefix) {
+            return Ok(line);
+        }
+    }
+}
+
+/// The commands a subscriber printed ("MSG <qos> <topic> <payload>") once it exited 0.
+async fn received_commands(
+    mut device: tokio::process::Child,
+    mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> anyhow::Result<Vec<String>> {
+    let mut received = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Some(line) = tokio::time::timeout_at(deadline, lines.next_line()).await?? {
+        if let Some(message) = line.strip_prefix("MSG ") {
+            received.push(message.to_string());
+        }
+    }
+    let status = tokio::time::timeout_at(deadline, device.wait()).await??;
+    anyhow::ensure!(
+        status.success(),
+        "the device did not get its commands: {received:?}"
+    );
+    Ok(received)
+}
+
+fn stdout_lines(
+    device: &mut tokio::process::Child,
+) -> tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>> {
+    use tokio::io::AsyncBufReadExt;
+    tokio::io::BufReader::new(device.stdout.take().expect("piped stdout")).lines()
+}
+
+/// The sink from `configs/mqtt-device-commands.json` sends commands straight to devices
+/// connected to the listener (`mqtt.sink.target=listener`), at QoS 1, committing only after
+/// each device's PUBACK: a subscribed device gets its 10 in order; one that connects after
+/// the records were read gets its 5 (they wait for it); one killed after subscribing and one
+/// never connected get nothing, and their 5 records land in the dead-letter topic with
+/// `__connect.errors.*` headers once `mqtt.delivery.timeout.ms` passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_delivers_commands_to_devices_connected_to_the_listener_and_absent_ones_to_the_dlq()
+-> anyhow::Result<()> {
+    let python = paho_python()?;
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let port = start_listener(&worker.rest, 4, &[]).await?;
+    let commands_of = |d: usize| format!("devices/device-{d}/commands");
+
+    let mut present = subscriber(&python, port, 0, &commands_of(0), 10, &[])?;
+    let mut present_lines = stdout_lines(&mut present);
+    line_starting(&mut present_lines, "SUBSCRIBED").await?;
+    // Subscribed, then killed: its subscription goes with its connection.
+    let mut killed = subscriber(&python, port, 2, &commands_of(2), 1, &[])?;
+    let mut killed_lines = stdout_lines(&mut killed);
+    line_starting(&mut killed_lines, "SUBSCRIBED").await?;
+    killed.kill().await?;
+
+    let mut records: Vec<(String, String)> = Vec::new();
+    for n in 0..10 {
+        records.push(("device-0".into(), format!("{{\"set-rate\":{n}}}")));
+        if n < 5 {
+            records.push(("device-1".into(), format!("{{\"alarm-ack\":{n}}}")));
+        }
+        if n < 3 {
+            records.push(("device-2".into(), format!("{{\"stop\":{n}}}")));
+        }
+        if n < 2 {
+            records.push(("device-3".into(), format!("{{\"bolus\":{n}}}")));
+        }
+    }
+    let produced: Vec<(Option<&str>, &str)> = records
+        .iter()
+        .map(|(k, v)| (Some(k.as_str()), v.as_str()))
+        .collect();
+    cluster.produce("device.commands", &produced).await?;
+
+    let example: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/mqtt-device-commands.json"
+    ))?)?;
+    let mut config = example["config"].clone();
+    config["mqtt.delivery.timeout.ms"] = "8000".into();
+    let name = example["name"].as_str().expect("a name");
+    worker.rest.create(name, config).await?;
+    // Connects after the sink started: its commands wait for it.
+    let mut late = subscriber(&python, port, 1, &commands_of(1), 5, &["--mqtt5"])?;
+    let late_lines = stdout_lines(&mut late);
+
+    let expected = |device: usize, count: usize| -> Vec<String> {
+        records
+            .iter()
+            .filter(|(k, _)| *k == format!("device-{device}"))
+            .take(count)
+            .map(|(_, v)| format!("1 devices/device-{device}/commands {v}"))
+            .collect()
+    };
+    assert_eq!(
+        received_commands(present, present_lines).await?,
+        expected(0, 10),
+        "device-0: each command once, in order, at QoS 1"
+    );
+    assert_eq!(
+        received_commands(late, late_lines).await?,
+        expected(1, 5),
+        "device-1 (connected late, MQTT 5): each command once, in order"
+    );
+
+    cluster.read_topic("device.commands.dlq", 5).await?;
+    let dead = cluster.read_all("device.commands.dlq").await?;
+    let mut dead_values: Vec<(String, String)> = dead
+        .iter()
+        .map(|r| {
+            (
+                r.key.clone().unwrap_or_default(),
+                r.value.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    dead_values.sort();
+    let mut absent: Vec<(String, String)> = records
+        .iter()
+        .filter(|(k, _)| k == "device-2" || k == "device-3")
+        .cloned()
+        .collect();
+    absent.sort();
+    assert_eq!(
+        dead_values, absent,
+        "exactly the commands of the absent devices"
+    );
+    for record in &dead {
+        let message = record
+            .header("__connect.errors.exception.message")
+            .unwrap_or_default();
+        assert!(
+            message.contains("acknowledged the message within"),
+            "{message}"
+        );
+        assert_eq!(
+            record.header("__connect.errors.topic"),
+            Some("device.commands")
+        );
+    }
+    worker.shutdown().await;
+    Ok(())
+}
+
+/// A SUBSCRIBE outside `mqtt.subscribe.allowed` (another device's commands) is refused:
+/// SUBACK 0x80 over MQTT 3.1.1, 0x87 (not authorised) over MQTT 5; the device's own is
+/// granted at QoS 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_outside_the_allowed_filters_gets_a_suback_failure() -> anyhow::Result<()> {
+    let python = paho_python()?;
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let port = start_listener(&worker.rest, 1, &[]).await?;
+    for (topic, extra, expected) in [
+        ("devices/device-1/commands", &[][..], "SUBACK 128"),
+        ("devices/device-1/commands", &["--mqtt5"][..], "SUBACK 135"),
+        ("devices/+/commands", &["--mqtt5"][..], "SUBACK 135"),
+        ("devices/device-0/commands", &[][..], "SUBACK 1"),
+        (
+            "devices/device-0/commands",
+            &["--mqtt5", "--qos", "2"][..],
+            "SUBACK 1",
+        ),
+    ] {
+        let mut device = subscriber(&python, port, 0, topic, 0, extra)?;
+        let mut lines = stdout_lines(&mut device);
+        let answer = line_starting(&mut lines, "SUBACK").await?;
+        assert_eq!(answer, expected, "{topic} {extra:?}");
+        let status = tokio::time::timeout(Duration::from_secs(30), device.wait()).await??;
+        assert!(status.success());
+    }
+    worker.shutdown().await;
+    Ok(())
+}
+
+/// A device that crashes after receiving a command and before its PUBACK gets that command
+/// again when it reconnects and subscribes: the record is settled (and its offset committed)
+/// only on the PUBACK, and the commands behind it wait, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_a_device_did_not_acknowledge_is_sent_again_when_it_is_back() -> anyhow::Result<()>
+{
+    let python = paho_python()?;
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let port = start_listener(&worker.rest, 1, &[]).await?;
+    let topic = "devices/device-0/commands";
+    let mut crashing = subscriber(&python, port, 0, topic, 1, &["--crash-before-ack"])?;
+    let crashing_lines = stdout_lines(&mut crashing);
+    let commands: Vec<String> = (0..5).map(|n| format!("{{\"set-rate\":{n}}}")).collect();
+    let produced: Vec<(Option<&str>, &str)> = commands
+        .iter()
+        .map(|c| (Some("device-0"), c.as_str()))
+        .collect();
+    cluster.produce("device.commands", &produced).await?;
+    let example: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/mqtt-device-commands.json"
+    ))?)?;
+    let name = example["name"].as_str().expect("a name");
+    worker.rest.create(name, example["config"].clone()).await?;
+
+    let before_crash = received_commands(crashing, crashing_lines).await?;
+    assert_eq!(before_crash, vec![format!("1 {topic} {}", commands[0])]);
+    let mut back = subscriber(&python, port, 0, topic, 5, &[])?;
+    let back_lines = stdout_lines(&mut back);
+    let after = received_commands(back, back_lines).await?;
+    let expected: Vec<String> = commands.iter().map(|c| format!("1 {topic} {c}")).collect();
+    assert_eq!(
+        after, expected,
+        "the unacknowledged command again, then the rest, in order"
+    );
+    assert_eq!(
+        cluster
+            .count_records("device.commands.dlq")
+            .await
+            .unwrap_or(0),
+        0
+    );
+    worker.shutdown().await;
+    Ok(())
+}

@@ -336,6 +336,10 @@ pub const SINK_TOPIC: &str = "mqtt.topic";
 pub const RETAIN: &str = "mqtt.retain";
 pub const INFLIGHT: &str = "mqtt.inflight";
 pub const ACK_TIMEOUT_MS: &str = "mqtt.ack.timeout.ms";
+pub const SINK_TARGET: &str = "mqtt.sink.target";
+pub const LISTENER_CONNECTOR: &str = "mqtt.listener.connector";
+pub const DELIVERY_TIMEOUT_MS: &str = "mqtt.delivery.timeout.ms";
+pub const DEVICE_MAX_QUEUED: &str = "mqtt.device.max.queued";
 
 /// The sink's settings, declared once.
 pub fn sink_def() -> ConfigDef {
@@ -346,8 +350,14 @@ pub fn sink_def() -> ConfigDef {
         .with_validator(Validator::NonEmpty)
         .define(PORT, ConfigType::Int, "1883", Importance::High, "Broker port, when mqtt.server.uri is not set.")
         .with_validator(Validator::between(1.0, 65535.0))
-        .define_required(CLIENT_ID, ConfigType::String, Importance::High, "MQTT client id; task n uses <id>-<n>.")
-        .with_validator(Validator::NonEmpty)
+        .define(SINK_TARGET, ConfigType::String, "broker", Importance::High, "broker: publish to the MQTT broker at mqtt.server.uri (offsets committed after its PUBACK / PUBCOMP). listener: publish to the devices connected to the listener source mqtt.listener.connector on this worker that subscribed to the topic (offsets committed after each device's PUBACK).")
+        .with_validator(Validator::OneOf(vec!["broker", "listener"]))
+        .define(LISTENER_CONNECTOR, ConfigType::String, "", Importance::High, "With mqtt.sink.target=listener: the name of the MQTT listener source connector whose devices receive the messages.")
+        .define(DELIVERY_TIMEOUT_MS, ConfigType::Long, "60000", Importance::Medium, "With mqtt.sink.target=listener: how long a record may wait for a subscribed device and its PUBACK (sent again when the device reconnects and subscribes) before it is reported as errant (dead-letter topic or task failure per errors.tolerance).")
+        .with_validator(Validator::between(1.0, MAX_TIMEOUT_MS))
+        .define(DEVICE_MAX_QUEUED, ConfigType::Int, "10", Importance::Low, "With mqtt.sink.target=listener: records waiting for one MQTT topic (one device) at most; one more is reported as errant at once, so a device that stays away holds little memory and does not stall the others.")
+        .with_validator(Validator::between(1.0, 65_535.0))
+        .define(CLIENT_ID, ConfigType::String, "", Importance::High, "MQTT client id at the broker (required with mqtt.sink.target=broker); task n uses <id>-<n>.")
         .define(USERNAME, ConfigType::String, "", Importance::Medium, "Username of the CONNECT (none when empty).")
         .define(PASSWORD, ConfigType::Password, "", Importance::Medium, "Password of the CONNECT.")
         .define(SINK_TOPIC, ConfigType::String, "devices/${key}/commands", Importance::High, "MQTT topic template: ${key}, ${topic} (the Kafka topic) and ${header.<name>}. A record missing a value it needs is reported as errant.")
@@ -371,9 +381,21 @@ pub fn sink_def() -> ConfigDef {
         .in_group("MQTT")
 }
 
+/// Where the sink publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkTarget {
+    /// An MQTT broker (Mosquitto, EMQX, HiveMQ).
+    Broker,
+    /// The devices connected to the listener source of this name, on this worker.
+    Listener { connector: String },
+}
+
 /// The sink's settings, typed.
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
+    pub target: SinkTarget,
+    pub delivery_timeout: Duration,
+    pub device_max_queued: usize,
     pub host: String,
     pub port: u16,
     pub client_id: String,
@@ -397,14 +419,55 @@ impl SinkConfig {
         let credentials = credentials(&parsed);
         let topic = crate::sink_topic::SinkTopic::parse(&parsed.string(SINK_TOPIC)?)
             .map_err(|reason| ConnectError::config(SINK_TOPIC, reason))?;
+        let client_id = parsed.string(CLIENT_ID)?.trim().to_string();
+        let qos = parsed.int_as(QOS)?;
+        let retain = parsed.boolean(RETAIN)?;
+        let target = match parsed.string(SINK_TARGET)?.as_str() {
+            "listener" => {
+                let connector = parsed
+                    .optional_string(LISTENER_CONNECTOR)
+                    .map(|c| c.trim().to_string())
+                    .ok_or_else(|| {
+                        ConnectError::config(
+                            LISTENER_CONNECTOR,
+                            "needed with mqtt.sink.target=listener: the listener source's name",
+                        )
+                    })?;
+                if qos > 1 {
+                    return Err(ConnectError::config(
+                        QOS,
+                        "the listener sends to devices at QoS 0 or 1",
+                    ));
+                }
+                if retain {
+                    return Err(ConnectError::config(
+                        RETAIN,
+                        "the listener keeps no retained messages",
+                    ));
+                }
+                SinkTarget::Listener { connector }
+            }
+            _ => {
+                if client_id.is_empty() {
+                    return Err(ConnectError::config(
+                        CLIENT_ID,
+                        "needed with mqtt.sink.target=broker",
+                    ));
+                }
+                SinkTarget::Broker
+            }
+        };
         Ok(Self {
+            target,
+            delivery_timeout: parsed.millis(DELIVERY_TIMEOUT_MS)?,
+            device_max_queued: parsed.int_as(DEVICE_MAX_QUEUED)?,
             host,
             port,
-            client_id: parsed.string(CLIENT_ID)?.trim().to_string(),
+            client_id,
             credentials,
             topic,
-            qos: parsed.int_as(QOS)?,
-            retain: parsed.boolean(RETAIN)?,
+            qos,
+            retain,
             clean_session: parsed.boolean(CLEAN_SESSION)?,
             keep_alive: Duration::from_secs(parsed.int_as(KEEP_ALIVE_S)?),
             max_packet_bytes: parsed.int_as(MAX_PACKET_BYTES)?,

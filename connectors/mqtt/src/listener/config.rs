@@ -9,6 +9,7 @@ use medconnect_api::{
 };
 
 use super::auth::Users;
+use super::subscriptions::AllowedFilters;
 use crate::config::{
     CONTENT_TYPE, KAFKA_KEY, KAFKA_TOPIC, POLL_BATCH_MAX, QUEUE_CAPACITY, TOPIC_PATTERN,
     TopicMapping,
@@ -30,6 +31,8 @@ pub const PAYLOAD_FORMAT: &str = "payload.format";
 pub const TLS_CERT_FILE: &str = "mqtt.tls.cert.file";
 pub const TLS_KEY_FILE: &str = "mqtt.tls.key.file";
 pub const TLS_CLIENT_CA_FILE: &str = "mqtt.tls.client.ca.file";
+pub const SUBSCRIBE_ALLOWED: &str = "mqtt.subscribe.allowed";
+pub const COMMANDS_INFLIGHT: &str = "mqtt.commands.inflight";
 
 /// What a payload must be to be stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +103,10 @@ pub fn listener_def() -> ConfigDef {
         .define(CONTENT_TYPE, ConfigType::String, "application/json", Importance::Low, "content-type header of the records, unless an MQTT 5 publish names its own.")
         .define(PAYLOAD_FORMAT, ConfigType::String, "bytes", Importance::Medium, "bytes: payloads are kept as they come. json: a payload that is not a JSON document goes to the dead-letter topic (MQTT 5: acknowledged with reason 0x99, payload format invalid).")
         .with_validator(Validator::OneOf(vec!["bytes", "json"]))
+        .define(SUBSCRIBE_ALLOWED, ConfigType::List, "", Importance::Medium, "Topic filters devices may subscribe to, for commands from an MQTT sink with mqtt.sink.target=listener; ${client.id}, ${username} and ${cert.cn} stand for the device's identity, e.g. devices/${client.id}/commands. A SUBSCRIBE outside them is refused (SUBACK 0x80, MQTT 5 0x87 not authorised). Empty (default): no subscriptions.")
+        .with_validator(Validator::custom(|v| AllowedFilters::parse(&v.split(',').map(String::from).collect::<Vec<_>>()).map(|_| ())))
+        .define(COMMANDS_INFLIGHT, ConfigType::Int, "10", Importance::Low, "Messages to one device awaiting its PUBACK at once (less when an MQTT 5 device's receive maximum says so); more wait in the sink.")
+        .with_validator(Validator::between(1.0, 65_535.0))
         .define(QUEUE_CAPACITY, ConfigType::Int, "1024", Importance::Low, "Publishes received and not yet polled, over all connections; while it is full, connections are not read.")
         .with_validator(Validator::between(1.0, 1_000_000.0))
         .define(POLL_BATCH_MAX, ConfigType::Int, "500", Importance::Low, "Records returned per poll at most.")
@@ -136,6 +143,8 @@ pub struct ListenerConfig {
     pub payload_format: PayloadFormat,
     pub queue_capacity: usize,
     pub poll_batch_max: usize,
+    pub subscribe_allowed: AllowedFilters,
+    pub commands_inflight: u16,
 }
 
 impl ListenerConfig {
@@ -201,6 +210,9 @@ impl ListenerConfig {
             },
             queue_capacity: parsed.int_as(QUEUE_CAPACITY)?,
             poll_batch_max: parsed.int_as(POLL_BATCH_MAX)?,
+            subscribe_allowed: AllowedFilters::parse(&parsed.list(SUBSCRIBE_ALLOWED)?)
+                .map_err(|reason| ConnectError::config(SUBSCRIBE_ALLOWED, reason))?,
+            commands_inflight: parsed.int_as(COMMANDS_INFLIGHT)?,
         })
     }
 }

@@ -16,14 +16,12 @@
 //! announcing more is refused from its header), pending publishes by `mqtt.max.inflight`
 //! (beyond it the connection is not read).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use medconnect_api::{AckHandle, Delivery};
 use rumqttc::QoS;
 use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
@@ -33,6 +31,7 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::auth::Admission;
+use super::hub::{Attached, Message, Outcome};
 use super::record::{Device, to_record};
 use super::wire::{self, Connect, Incoming, Outgoing, Refusal, Verdict, Version, WireError};
 
@@ -49,13 +48,61 @@ struct Pending {
     delivery: oneshot::Receiver<Delivery>,
 }
 
-async fn settled(pending: Pending) -> (u16, QoS, Verdict, Option<Delivery>) {
-    (
-        pending.pkid,
-        pending.qos,
-        pending.verdict,
-        pending.delivery.await.ok(),
-    )
+/// The front publish's delivery, once the engine settled it (`None`: its handle was dropped
+/// unanswered). Acknowledgements go out in the order the publishes came, as MQTT asks.
+async fn front_settled(pending: &mut VecDeque<Pending>) -> Option<Delivery> {
+    match pending.front_mut() {
+        Some(front) => (&mut front.delivery).await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Messages to the device awaiting its PUBACK, by the packet id the listener gave them.
+struct Outbound {
+    waiting: HashMap<u16, oneshot::Sender<Outcome>>,
+    /// QoS 0 messages queued for the next write: delivered once it succeeds.
+    written: Vec<oneshot::Sender<Outcome>>,
+    last_pkid: u16,
+    max: usize,
+}
+
+impl Outbound {
+    fn new(max: usize) -> Self {
+        Self {
+            waiting: HashMap::new(),
+            written: Vec::new(),
+            last_pkid: 0,
+            max: max.max(1),
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.waiting.len() < self.max
+    }
+
+    /// The next packet id not awaiting a PUBACK (1..=65535; `has_room` keeps one free).
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.wrapping_add(1);
+            if self.last_pkid != 0 && !self.waiting.contains_key(&self.last_pkid) {
+                return self.last_pkid;
+            }
+        }
+    }
+}
+
+/// A connection's side of the hub: what the sink sends the device.
+struct Commands {
+    attached: Attached,
+    messages: tokio::sync::mpsc::Receiver<Message>,
+    outbound: Outbound,
+}
+
+async fn next_message(commands: &mut Option<Commands>) -> Option<Message> {
+    match commands {
+        Some(commands) => commands.messages.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Why a connection ended (logged; never with payloads).
@@ -89,20 +136,33 @@ struct Conn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    async fn send(&mut self, packet: Outgoing) -> Result<(), End> {
-        self.out.clear();
-        if !wire::write(packet, self.version, &mut self.out) {
+    /// Encodes `packet` behind what is already queued; written by the next `write_out`.
+    fn queue(&mut self, packet: Outgoing) {
+        wire::write(packet, self.version, &mut self.out);
+    }
+
+    /// Writes everything queued in one go: the answers to all packets handled in one wake
+    /// share a write (one system call, not one per PUBACK).
+    async fn write_out(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
             return Ok(());
         }
         let write = async {
             self.stream.write_all(&self.out).await?;
             self.stream.flush().await
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        let written = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+        self.out.clear();
+        match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(End::Io(error)),
             Err(_) => Err(End::Io(std::io::ErrorKind::TimedOut.into())),
         }
+    }
+
+    async fn send(&mut self, packet: Outgoing) -> Result<(), End> {
+        self.queue(packet);
+        self.write_out().await
     }
 
     /// Reads more bytes; `Closed` at end of stream.
@@ -241,18 +301,36 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         receive_maximum: config.max_inflight,
         max_packet_size: u32::try_from(max).unwrap_or(u32::MAX),
         server_keep_alive_s: (keep_alive != connect.keep_alive_s).then_some(keep_alive),
+        subscriptions: !config.subscribe_allowed.is_empty(),
     };
     if conn.send(connack).await.is_err() {
         return;
     }
     tracing::debug!(connector = %shared.connector, %peer, client_id = %device.client_id, version = conn.version.name(), keep_alive, "MQTT device connected");
 
-    let end = session(
-        &mut conn,
-        &device,
-        Duration::from_millis(u64::from(keep_alive) * 1500),
-        &shared,
-    )
+    // Devices may subscribe (to commands from the sink): the connection joins the hub.
+    let link = (!config.subscribe_allowed.is_empty()).then(|| {
+        let inflight = connect
+            .receive_maximum
+            .unwrap_or(u16::MAX)
+            .min(config.commands_inflight);
+        let (attached, messages) = shared.hub.attach(&device.client_id, usize::from(inflight));
+        Commands {
+            attached,
+            messages,
+            outbound: Outbound::new(usize::from(inflight)),
+        }
+    });
+    let end = Session {
+        conn: &mut conn,
+        device: &device,
+        shared: &shared,
+        pending: VecDeque::new(),
+        in_engine: HashSet::new(),
+        awaiting_release: HashSet::new(),
+        commands: link,
+    }
+    .run(Duration::from_millis(u64::from(keep_alive) * 1500))
     .await;
     match &end {
         End::KeepAliveTimeout => {
@@ -282,135 +360,285 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = conn.stream.shutdown().await;
 }
 
-/// The connected part: publishes in, acknowledgements out, until the connection ends.
-async fn session<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Conn<S>,
-    device: &Device,
-    silence_limit: Duration,
-    shared: &Shared,
-) -> End {
-    let config = &shared.config;
-    let mut pending = FuturesUnordered::new();
-    // Packet ids with a record in the engine (a resend with DUP is not stored twice) and,
-    // for QoS 2, those PUBREC'd and waiting for their PUBREL.
-    let mut in_engine: HashSet<u16> = HashSet::new();
-    let mut awaiting_release: HashSet<u16> = HashSet::new();
-    let mut last_heard = Instant::now();
-    loop {
-        // Whole packets already buffered are handled before reading more.
-        let packet = match wire::read(&mut conn.buffer, conn.version, config.max_packet_bytes) {
-            Ok(packet) => packet,
-            Err(error) => return End::Wire(error),
-        };
-        if let Some(packet) = packet {
-            last_heard = Instant::now();
-            match packet {
-                Incoming::Publish(publish) => {
-                    if publish.qos as u8 > config.max_qos {
-                        return End::Protocol("a publish above mqtt.max.qos");
-                    }
-                    if publish.topic_alias.is_some() {
-                        return End::Protocol("a topic alias (the listener allows none)");
-                    }
-                    let pkid = publish.pkid;
-                    let qos = publish.qos;
-                    if qos == QoS::AtMostOnce {
-                        let (record, _) = to_record(config, device, publish, None);
-                        if shared.enqueue(record).await.is_err() {
-                            return End::ShuttingDown;
-                        }
-                        continue;
-                    }
-                    if in_engine.contains(&pkid) {
-                        // The same message again (DUP) while its record is on its way.
-                        continue;
-                    }
-                    if awaiting_release.contains(&pkid) {
-                        // QoS 2 resent before our PUBREC arrived: it is stored already.
-                        let answer = Outgoing::PubRec {
-                            pkid,
-                            verdict: Verdict::Stored,
-                        };
-                        if let Err(end) = conn.send(answer).await {
+/// The connected part: publishes in, acknowledgements out, messages to the device out and
+/// their PUBACKs in, until the connection ends.
+struct Session<'a, S> {
+    conn: &'a mut Conn<S>,
+    device: &'a Device,
+    shared: &'a Shared,
+    /// Publishes whose records are with the engine, in the order they came.
+    pending: VecDeque<Pending>,
+    /// Packet ids with a record in the engine (a resend with DUP is not stored twice).
+    in_engine: HashSet<u16>,
+    /// QoS 2 packet ids PUBREC'd and waiting for their PUBREL.
+    awaiting_release: HashSet<u16>,
+    /// Set when devices may subscribe.
+    commands: Option<Commands>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
+    async fn run(mut self, silence_limit: Duration) -> End {
+        let config = &self.shared.config;
+        let mut last_heard = Instant::now();
+        // One timer for the connection, moved on only when it fires (not re-armed per packet).
+        let keep_alive = tokio::time::sleep(silence_limit);
+        tokio::pin!(keep_alive);
+        loop {
+            // Whole packets already buffered are handled before reading more.
+            loop {
+                match wire::read(
+                    &mut self.conn.buffer,
+                    self.conn.version,
+                    config.max_packet_bytes,
+                ) {
+                    Ok(Some(packet)) => {
+                        last_heard = Instant::now();
+                        if let Err(end) = self.handle(packet).await {
                             return end;
                         }
-                        continue;
                     }
-                    let (ack, delivery) = AckHandle::channel();
-                    let (record, verdict) = to_record(config, device, publish, Some(ack));
-                    if shared.enqueue(record).await.is_err() {
-                        return End::ShuttingDown;
-                    }
-                    in_engine.insert(pkid);
-                    pending.push(settled(Pending {
-                        pkid,
-                        qos,
-                        verdict,
-                        delivery,
-                    }));
+                    Ok(None) => break,
+                    Err(error) => return End::Wire(error),
                 }
-                Incoming::PubRel { pkid } => {
-                    awaiting_release.remove(&pkid);
-                    if let Err(end) = conn.send(Outgoing::PubComp { pkid }).await {
-                        return end;
-                    }
-                }
-                Incoming::PingReq => {
-                    if let Err(end) = conn.send(Outgoing::PingResp).await {
-                        return end;
-                    }
-                }
-                Incoming::Subscribe { pkid, filters } => {
-                    if let Err(end) = conn.send(Outgoing::SubAck { pkid, filters }).await {
-                        return end;
-                    }
-                }
-                Incoming::Unsubscribe { pkid, filters } => {
-                    if let Err(end) = conn.send(Outgoing::UnsubAck { pkid, filters }).await {
-                        return end;
-                    }
-                }
-                Incoming::Disconnect => return End::Disconnected,
-                Incoming::Connect(_) => return End::Protocol("a second CONNECT"),
-                Incoming::Ignored => {}
             }
-            continue;
-        }
+            if let Err(end) = self.answer_settled() {
+                return end;
+            }
+            if let Err(end) = self.conn.write_out().await {
+                return end;
+            }
+            if let Some(commands) = &mut self.commands {
+                for done in commands.outbound.written.drain(..) {
+                    let _ = done.send(Outcome::Delivered);
+                }
+            }
 
-        let may_read = pending.len() < usize::from(config.max_inflight);
-        let deadline = last_heard + silence_limit;
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => return End::ShuttingDown,
-            Some((pkid, qos, verdict, delivery)) = pending.next(), if !pending.is_empty() => {
-                in_engine.remove(&pkid);
-                let verdict = match delivery {
-                    Some(Delivery::Written { .. } | Delivery::DeadLettered { .. } | Delivery::Filtered) => verdict,
-                    Some(Delivery::Rejected { .. }) if verdict == Verdict::Stored => Verdict::PayloadInvalid,
-                    Some(Delivery::Rejected { .. }) => verdict,
-                    Some(Delivery::Failed { .. }) | None => return End::NotDurable,
-                };
-                let answer = if qos == QoS::ExactlyOnce {
-                    if verdict == Verdict::Stored {
-                        awaiting_release.insert(pkid);
+            let may_read = self.pending.len() < usize::from(config.max_inflight);
+            let may_send = self
+                .commands
+                .as_ref()
+                .is_some_and(|c| c.outbound.has_room());
+            tokio::select! {
+                _ = self.shared.shutdown.cancelled() => return End::ShuttingDown,
+                delivery = front_settled(&mut self.pending), if !self.pending.is_empty() => {
+                    if let Some(front) = self.pending.pop_front()
+                        && let Err(end) = self.answer(front, delivery)
+                    {
+                        return end;
                     }
-                    Outgoing::PubRec { pkid, verdict }
-                } else {
-                    Outgoing::PubAck { pkid, verdict }
-                };
-                if let Err(end) = conn.send(answer).await {
-                    return end;
                 }
-            }
-            filled = conn.fill(), if may_read => {
-                if let Err(end) = filled {
-                    return end;
+                filled = self.conn.fill(), if may_read => {
+                    if let Err(end) = filled {
+                        return end;
+                    }
                 }
-            }
-            _ = tokio::time::sleep_until(deadline), if may_read => {
-                // Only while the listener reads: a client whose PINGREQs wait unread behind
-                // a full in-flight window is not silent.
-                return End::KeepAliveTimeout;
+                message = next_message(&mut self.commands), if may_send => {
+                    if let Some(message) = message {
+                        self.start(message);
+                    }
+                }
+                _ = &mut keep_alive, if may_read => {
+                    // Only while the listener reads: a client whose PINGREQs wait unread
+                    // behind a full in-flight window is not silent.
+                    let deadline = last_heard + silence_limit;
+                    if Instant::now() >= deadline {
+                        return End::KeepAliveTimeout;
+                    }
+                    keep_alive.as_mut().reset(deadline);
+                }
             }
         }
+    }
+
+    async fn handle(&mut self, packet: Incoming) -> Result<(), End> {
+        let config = &self.shared.config;
+        match packet {
+            Incoming::Publish(publish) => {
+                if publish.qos as u8 > config.max_qos {
+                    return Err(End::Protocol("a publish above mqtt.max.qos"));
+                }
+                if publish.topic_alias.is_some() {
+                    return Err(End::Protocol("a topic alias (the listener allows none)"));
+                }
+                let pkid = publish.pkid;
+                let qos = publish.qos;
+                if qos == QoS::AtMostOnce {
+                    let (record, _) = to_record(config, self.device, publish, None);
+                    return self
+                        .shared
+                        .enqueue(record)
+                        .await
+                        .map_err(|()| End::ShuttingDown);
+                }
+                if self.in_engine.contains(&pkid) {
+                    // The same message again (DUP) while its record is on its way.
+                    return Ok(());
+                }
+                if self.awaiting_release.contains(&pkid) {
+                    // QoS 2 resent before our PUBREC arrived: it is stored already.
+                    self.conn.queue(Outgoing::PubRec {
+                        pkid,
+                        verdict: Verdict::Stored,
+                    });
+                    return Ok(());
+                }
+                let (ack, delivery) = AckHandle::channel();
+                let (record, verdict) = to_record(config, self.device, publish, Some(ack));
+                self.shared
+                    .enqueue(record)
+                    .await
+                    .map_err(|()| End::ShuttingDown)?;
+                self.in_engine.insert(pkid);
+                self.pending.push_back(Pending {
+                    pkid,
+                    qos,
+                    verdict,
+                    delivery,
+                });
+            }
+            Incoming::PubRel { pkid } => {
+                self.awaiting_release.remove(&pkid);
+                self.conn.queue(Outgoing::PubComp { pkid });
+            }
+            Incoming::PingReq => self.conn.queue(Outgoing::PingResp),
+            Incoming::Subscribe { pkid, filters } => {
+                let granted = filters
+                    .iter()
+                    .map(|(filter, qos)| self.subscribe(filter, *qos))
+                    .collect();
+                self.conn.queue(Outgoing::SubAck { pkid, granted });
+            }
+            Incoming::Unsubscribe { pkid, filters } => {
+                let existed = filters
+                    .iter()
+                    .map(|filter| {
+                        self.commands
+                            .as_ref()
+                            .is_some_and(|c| c.attached.unsubscribe(filter))
+                    })
+                    .collect();
+                self.conn.queue(Outgoing::UnsubAck { pkid, existed });
+            }
+            Incoming::PubAck { pkid, refused } => {
+                let done = self
+                    .commands
+                    .as_mut()
+                    .and_then(|c| c.outbound.waiting.remove(&pkid));
+                match (done, refused) {
+                    (Some(done), None) => {
+                        let _ = done.send(Outcome::Delivered);
+                    }
+                    (Some(done), Some(reason)) => {
+                        tracing::warn!(connector = %self.shared.connector, client_id = %self.device.client_id, pkid, %reason, "the device refused a message");
+                        let _ = done.send(Outcome::Refused(reason));
+                    }
+                    (None, _) => {
+                        tracing::debug!(connector = %self.shared.connector, client_id = %self.device.client_id, pkid, "PUBACK for no message in flight");
+                    }
+                }
+            }
+            Incoming::Disconnect => return Err(End::Disconnected),
+            Incoming::Connect(_) => return Err(End::Protocol("a second CONNECT")),
+            Incoming::Ignored => {}
+        }
+        Ok(())
+    }
+
+    /// The QoS granted for `filter`, or `None` when it is outside `mqtt.subscribe.allowed`.
+    /// Messages go to devices at QoS 1 at most (a QoS 2 subscription is granted 1).
+    fn subscribe(&self, filter: &str, asked: QoS) -> Option<QoS> {
+        let commands = self.commands.as_ref()?;
+        let permitted = self
+            .shared
+            .config
+            .subscribe_allowed
+            .permits(filter, self.device);
+        if !permitted {
+            tracing::warn!(connector = %self.shared.connector, client_id = %self.device.client_id, %filter, "MQTT subscription refused: outside mqtt.subscribe.allowed");
+            return None;
+        }
+        let granted = if asked == QoS::AtMostOnce {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        commands.attached.subscribe(filter, granted);
+        tracing::info!(connector = %self.shared.connector, client_id = %self.device.client_id, %filter, qos = granted as u8, "MQTT device subscribed");
+        Some(granted)
+    }
+
+    /// Queues a message for the device: at QoS 1 it awaits the device's PUBACK.
+    fn start(&mut self, message: Message) {
+        let Some(commands) = &mut self.commands else {
+            return;
+        };
+        let Message {
+            topic,
+            payload,
+            qos,
+            done,
+        } = message;
+        if qos == QoS::AtMostOnce {
+            self.conn.queue(Outgoing::Publish {
+                pkid: 0,
+                qos,
+                topic,
+                payload,
+            });
+            commands.outbound.written.push(done);
+            return;
+        }
+        let pkid = commands.outbound.next_pkid();
+        self.conn.queue(Outgoing::Publish {
+            pkid,
+            qos: QoS::AtLeastOnce,
+            topic,
+            payload,
+        });
+        commands.outbound.waiting.insert(pkid, done);
+    }
+
+    /// Answers every publish at the front whose record is already settled, in order.
+    fn answer_settled(&mut self) -> Result<(), End> {
+        while let Some(front) = self.pending.front_mut() {
+            let delivery = match front.delivery.try_recv() {
+                Ok(delivery) => Some(delivery),
+                Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                Err(oneshot::error::TryRecvError::Closed) => None,
+            };
+            if let Some(front) = self.pending.pop_front() {
+                self.answer(front, delivery)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the acknowledgement of a settled publish; a record Kafka did not take ends the
+    /// connection instead (the device resends it).
+    fn answer(&mut self, pending: Pending, delivery: Option<Delivery>) -> Result<(), End> {
+        let Pending {
+            pkid, qos, verdict, ..
+        } = pending;
+        self.in_engine.remove(&pkid);
+        let verdict = match delivery {
+            Some(Delivery::Written { .. } | Delivery::DeadLettered { .. } | Delivery::Filtered) => {
+                verdict
+            }
+            Some(Delivery::Rejected { .. }) if verdict == Verdict::Stored => {
+                Verdict::PayloadInvalid
+            }
+            Some(Delivery::Rejected { .. }) => verdict,
+            Some(Delivery::Failed { .. }) | None => return Err(End::NotDurable),
+        };
+        let answer = if qos == QoS::ExactlyOnce {
+            if verdict == Verdict::Stored {
+                self.awaiting_release.insert(pkid);
+            }
+            Outgoing::PubRec { pkid, verdict }
+        } else {
+            Outgoing::PubAck { pkid, verdict }
+        };
+        self.conn.queue(answer);
+        Ok(())
     }
 }

@@ -8,9 +8,11 @@
 mod auth;
 pub mod config;
 mod connection;
+pub(crate) mod hub;
 mod identity;
 mod rate;
 mod record;
+mod subscriptions;
 mod wire;
 
 use std::net::SocketAddr;
@@ -100,6 +102,8 @@ pub(crate) struct Shared {
     shutdown: CancellationToken,
     connect_rate: ConnectRate,
     clients: AtomicU64,
+    /// Where the sink finds the connected devices that subscribed.
+    hub: Arc<hub::Hub>,
 }
 
 impl Shared {
@@ -124,6 +128,7 @@ pub struct MqttListenerSourceTask {
     local_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    hub: Option<Arc<hub::Hub>>,
 }
 
 impl std::fmt::Debug for MqttListenerSourceTask {
@@ -144,6 +149,7 @@ impl MqttListenerSourceTask {
             local_addr: None,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            hub: None,
         })
     }
 
@@ -183,6 +189,9 @@ impl SourceTask for MqttListenerSourceTask {
         self.shutdown = CancellationToken::new();
         self.tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(config.max_connections));
+        let hub = Arc::new(hub::Hub::default());
+        hub::register(&self.connector, &hub);
+        self.hub = Some(hub.clone());
         let shared = Arc::new(Shared {
             connector: self.connector.clone(),
             connect_rate: ConnectRate::new(config.connect_rate),
@@ -191,6 +200,7 @@ impl SourceTask for MqttListenerSourceTask {
             queue,
             shutdown: self.shutdown.clone(),
             clients: AtomicU64::new(0),
+            hub,
         });
         self.tracker
             .spawn(accept_loop(listener, shared, self.tracker.clone(), limit));
@@ -216,6 +226,9 @@ impl SourceTask for MqttListenerSourceTask {
     }
 
     async fn stop(&mut self) -> ConnectResult<()> {
+        if let Some(hub) = self.hub.take() {
+            hub::unregister(&self.connector, &hub);
+        }
         self.shutdown.cancel();
         self.tracker.close();
         if tokio::time::timeout(STOP_GRACE, self.tracker.wait())

@@ -45,16 +45,23 @@ pub enum Incoming {
         pkid: u16,
     },
     PingReq,
+    /// Topic filters with the QoS asked for each.
     Subscribe {
         pkid: u16,
-        filters: usize,
+        filters: Vec<(String, QoS)>,
     },
     Unsubscribe {
         pkid: u16,
-        filters: usize,
+        filters: Vec<String>,
+    },
+    /// The device acknowledged a publish the listener sent it (a command); MQTT 5 may refuse
+    /// it with a reason code of 0x80 or more.
+    PubAck {
+        pkid: u16,
+        refused: Option<String>,
     },
     Disconnect,
-    /// Packets a client may send that need no answer here (PUBACK, PUBREC, PUBCOMP, AUTH ...).
+    /// Packets a client may send that need no answer here (PUBREC, PUBCOMP, AUTH ...).
     Ignored,
 }
 
@@ -65,6 +72,8 @@ pub struct Connect {
     pub clean_start: bool,
     pub username: Option<String>,
     pub password: Option<Vec<u8>>,
+    /// MQTT 5: how many QoS 1/2 publishes the device takes unacknowledged at once.
+    pub receive_maximum: Option<u16>,
 }
 
 #[derive(Debug)]
@@ -179,6 +188,7 @@ fn from_v4(packet: v4::Packet) -> Incoming {
             clean_start: c.clean_session,
             username: c.login.as_ref().map(|l| l.username.clone()),
             password: c.login.map(|l| l.password.into_bytes()),
+            receive_maximum: None,
         }),
         v4::Packet::Publish(p) => Incoming::Publish(Publish {
             topic: p.topic,
@@ -195,11 +205,15 @@ fn from_v4(packet: v4::Packet) -> Incoming {
         v4::Packet::PingReq => Incoming::PingReq,
         v4::Packet::Subscribe(s) => Incoming::Subscribe {
             pkid: s.pkid,
-            filters: s.filters.len(),
+            filters: s.filters.into_iter().map(|f| (f.path, f.qos)).collect(),
         },
         v4::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
             pkid: u.pkid,
-            filters: u.topics.len(),
+            filters: u.topics,
+        },
+        v4::Packet::PubAck(a) => Incoming::PubAck {
+            pkid: a.pkid,
+            refused: None,
         },
         v4::Packet::Disconnect => Incoming::Disconnect,
         _ => Incoming::Ignored,
@@ -214,6 +228,7 @@ fn from_v5(packet: v5::Packet) -> Incoming {
             clean_start: c.clean_start,
             username: login.as_ref().map(|l| l.username.clone()),
             password: login.map(|l| l.password.into_bytes()),
+            receive_maximum: c.properties.and_then(|p| p.receive_maximum),
         }),
         v5::Packet::Publish(p) => {
             let (user_properties, content_type, topic_alias) = match p.properties {
@@ -224,11 +239,7 @@ fn from_v5(packet: v5::Packet) -> Incoming {
                 // Not UTF-8: an empty topic, which the session refuses as invalid (MQTT 5
                 // requires UTF-8 topic names; 3.1.1's decoder refuses the packet itself).
                 topic: String::from_utf8(p.topic.to_vec()).unwrap_or_default(),
-                qos: match p.qos {
-                    rumqttc::v5::mqttbytes::QoS::AtMostOnce => QoS::AtMostOnce,
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
-                    rumqttc::v5::mqttbytes::QoS::ExactlyOnce => QoS::ExactlyOnce,
-                },
+                qos: from_v5_qos(p.qos),
                 pkid: p.pkid,
                 dup: p.dup,
                 retain: p.retain,
@@ -242,14 +253,41 @@ fn from_v5(packet: v5::Packet) -> Incoming {
         v5::Packet::PingReq(_) => Incoming::PingReq,
         v5::Packet::Subscribe(s) => Incoming::Subscribe {
             pkid: s.pkid,
-            filters: s.filters.len(),
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| (f.path, from_v5_qos(f.qos)))
+                .collect(),
         },
         v5::Packet::Unsubscribe(u) => Incoming::Unsubscribe {
             pkid: u.pkid,
-            filters: u.filters.len(),
+            filters: u.filters,
+        },
+        v5::Packet::PubAck(a) => Incoming::PubAck {
+            pkid: a.pkid,
+            refused: match a.reason {
+                v5::PubAckReason::Success | v5::PubAckReason::NoMatchingSubscribers => None,
+                reason => Some(format!("{reason:?}")),
+            },
         },
         v5::Packet::Disconnect(_) => Incoming::Disconnect,
         _ => Incoming::Ignored,
+    }
+}
+
+fn from_v5_qos(qos: rumqttc::v5::mqttbytes::QoS) -> QoS {
+    match qos {
+        rumqttc::v5::mqttbytes::QoS::AtMostOnce => QoS::AtMostOnce,
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
+        rumqttc::v5::mqttbytes::QoS::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn to_v5_qos(qos: QoS) -> rumqttc::v5::mqttbytes::QoS {
+    match qos {
+        QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        QoS::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
     }
 }
 
@@ -285,6 +323,8 @@ pub enum Outgoing {
         receive_maximum: u16,
         max_packet_size: u32,
         server_keep_alive_s: Option<u16>,
+        /// Whether devices may subscribe (to commands) with wildcards.
+        subscriptions: bool,
     },
     Refused(Refusal),
     PubAck {
@@ -299,14 +339,23 @@ pub enum Outgoing {
         pkid: u16,
     },
     PingResp,
-    /// Subscriptions are refused: the listener only receives.
+    /// Per filter, the QoS granted, or `None`: refused (3.1.1 0x80, MQTT 5 0x87 not
+    /// authorised).
     SubAck {
         pkid: u16,
-        filters: usize,
+        granted: Vec<Option<QoS>>,
     },
+    /// Per filter, whether a subscription existed.
     UnsubAck {
         pkid: u16,
-        filters: usize,
+        existed: Vec<bool>,
+    },
+    /// A message to the device (a command from the sink); `pkid` 0 at QoS 0.
+    Publish {
+        pkid: u16,
+        qos: QoS,
+        topic: String,
+        payload: bytes::Bytes,
     },
     /// MQTT 5 only (3.1.1 has no server DISCONNECT: the connection is just closed).
     Disconnect(v5::DisconnectReasonCode),
@@ -345,10 +394,31 @@ fn to_v4(packet: Outgoing) -> Option<v4::Packet> {
         Outgoing::PubRec { pkid, .. } => v4::Packet::PubRec(v4::PubRec::new(pkid)),
         Outgoing::PubComp { pkid } => v4::Packet::PubComp(v4::PubComp::new(pkid)),
         Outgoing::PingResp => v4::Packet::PingResp,
-        Outgoing::SubAck { pkid, filters } => v4::Packet::SubAck(v4::SubAck::new(
+        Outgoing::SubAck { pkid, granted } => v4::Packet::SubAck(v4::SubAck::new(
             pkid,
-            vec![v4::SubscribeReasonCode::Failure; filters],
+            granted
+                .into_iter()
+                .map(|g| {
+                    g.map_or(
+                        v4::SubscribeReasonCode::Failure,
+                        v4::SubscribeReasonCode::Success,
+                    )
+                })
+                .collect(),
         )),
+        Outgoing::Publish {
+            pkid,
+            qos,
+            topic,
+            payload,
+        } => v4::Packet::Publish(v4::Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic,
+            pkid,
+            payload,
+        }),
         Outgoing::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(pkid)),
         Outgoing::Disconnect(_) => return None,
     })
@@ -363,6 +433,7 @@ fn to_v5(packet: Outgoing) -> v5::Packet {
             receive_maximum,
             max_packet_size,
             server_keep_alive_s,
+            subscriptions,
         } => v5::Packet::ConnAck(v5::ConnAck {
             session_present,
             code: Code::Success,
@@ -372,7 +443,7 @@ fn to_v5(packet: Outgoing) -> v5::Packet {
                 assigned_client_identifier: assigned_client_id,
                 server_keep_alive: server_keep_alive_s,
                 retain_available: Some(0),
-                wildcard_subscription_available: Some(0),
+                wildcard_subscription_available: Some(u8::from(subscriptions)),
                 subscription_identifiers_available: Some(0),
                 shared_subscription_available: Some(0),
                 session_expiry_interval: None,
@@ -416,14 +487,43 @@ fn to_v5(packet: Outgoing) -> v5::Packet {
         }),
         Outgoing::PubComp { pkid } => v5::Packet::PubComp(v5::PubComp::new(pkid, None)),
         Outgoing::PingResp => v5::Packet::PingResp(v5::PingResp),
-        Outgoing::SubAck { pkid, filters } => v5::Packet::SubAck(v5::SubAck {
+        Outgoing::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
             pkid,
-            return_codes: vec![v5::SubscribeReasonCode::NotAuthorized; filters],
+            return_codes: granted
+                .into_iter()
+                .map(|g| match g {
+                    Some(qos) => v5::SubscribeReasonCode::Success(to_v5_qos(qos)),
+                    None => v5::SubscribeReasonCode::NotAuthorized,
+                })
+                .collect(),
             properties: None,
         }),
-        Outgoing::UnsubAck { pkid, filters } => v5::Packet::UnsubAck(v5::UnsubAck {
+        Outgoing::UnsubAck { pkid, existed } => v5::Packet::UnsubAck(v5::UnsubAck {
             pkid,
-            reasons: vec![v5::UnsubAckReason::NoSubscriptionExisted; filters],
+            reasons: existed
+                .into_iter()
+                .map(|e| {
+                    if e {
+                        v5::UnsubAckReason::Success
+                    } else {
+                        v5::UnsubAckReason::NoSubscriptionExisted
+                    }
+                })
+                .collect(),
+            properties: None,
+        }),
+        Outgoing::Publish {
+            pkid,
+            qos,
+            topic,
+            payload,
+        } => v5::Packet::Publish(v5::Publish {
+            dup: false,
+            qos: to_v5_qos(qos),
+            retain: false,
+            topic: topic.into(),
+            pkid,
+            payload,
             properties: None,
         }),
         Outgoing::Disconnect(reason) => v5::Packet::Disconnect(v5::Disconnect::new(reason)),

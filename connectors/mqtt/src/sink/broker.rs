@@ -1,5 +1,5 @@
-//! The sink: publishes each record's value to an MQTT topic built from its key, headers and
-//! Kafka topic. With QoS 1 a record counts as delivered only once the broker's PUBACK for it
+//! The sink towards a broker: publishes each record's value to an MQTT topic built from its
+//! key, headers and Kafka topic. With QoS 1 a record counts as delivered only once the broker's PUBACK for it
 //! arrived, with QoS 2 once its PUBCOMP did: `flush` waits for those of everything put before
 //! it, so the engine commits no offset past a message the broker has not acknowledged.
 
@@ -9,71 +9,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 use medconnect_api::{
-    ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind,
-    ErrantRecordReporter, Props, SinkConnector, SinkRecord, SinkTask, SinkTaskContext, TaskConfig,
+    ConnectError, ConnectResult, ErrantRecordReporter, SinkRecord, SinkTask, SinkTaskContext,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{CLIENT_ID, SinkConfig, sink_def};
+use crate::config::SinkConfig;
 
 /// Room a PUBLISH needs beyond its topic and payload (fixed header, lengths, packet id).
 const PUBLISH_OVERHEAD_BYTES: usize = 16;
-
-#[derive(Debug, Default)]
-pub struct MqttSinkConnector;
-
-#[async_trait]
-impl Connector for MqttSinkConnector {
-    fn class(&self) -> &'static str {
-        "io.medconnect.connectors.mqtt.MqttSinkConnector"
-    }
-
-    fn aliases(&self) -> &'static [&'static str] {
-        &["MqttSink"]
-    }
-
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
-
-    fn kind(&self) -> ConnectorKind {
-        ConnectorKind::Sink
-    }
-
-    fn config_def(&self) -> ConfigDef {
-        sink_def()
-    }
-
-    async fn validate(&self, config: &Props) -> ConnectResult<()> {
-        SinkConfig::parse(config).map(|_| ())
-    }
-
-    /// Each task connects with its own client id, `<mqtt.client.id>-<n>`: a broker closes
-    /// the older of two connections with the same id.
-    async fn task_configs(
-        &self,
-        context: &ConnectorContext,
-        max_tasks: usize,
-    ) -> ConnectResult<Vec<TaskConfig>> {
-        let config = SinkConfig::parse(&context.config)?;
-        Ok((0..max_tasks.max(1))
-            .map(|n| {
-                let mut task = context.config.clone();
-                task.insert(CLIENT_ID.to_string(), format!("{}-{n}", config.client_id));
-                task
-            })
-            .collect())
-    }
-}
-
-impl SinkConnector for MqttSinkConnector {
-    fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {
-        Ok(Box::new(MqttSinkTask::new(context)?))
-    }
-}
 
 /// What the connection loop reports to the task.
 #[derive(Debug, Clone, Default)]
@@ -86,7 +32,7 @@ struct Progress {
     lost: Option<String>,
 }
 
-pub struct MqttSinkTask {
+pub struct BrokerSink {
     config: Arc<SinkConfig>,
     errant: ErrantRecordReporter,
     client: Option<AsyncClient>,
@@ -96,18 +42,18 @@ pub struct MqttSinkTask {
     tracker: TaskTracker,
 }
 
-impl std::fmt::Debug for MqttSinkTask {
+impl std::fmt::Debug for BrokerSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MqttSinkTask")
+        f.debug_struct("BrokerSink")
             .field("client_id", &self.config.client_id)
             .finish()
     }
 }
 
-impl MqttSinkTask {
-    pub fn new(context: SinkTaskContext) -> ConnectResult<Self> {
+impl BrokerSink {
+    pub fn new(config: SinkConfig, context: SinkTaskContext) -> ConnectResult<Self> {
         Ok(Self {
-            config: Arc::new(SinkConfig::parse(&context.config)?),
+            config: Arc::new(config),
             errant: context.errant_records,
             client: None,
             progress: None,
@@ -204,7 +150,7 @@ async fn run_connection(
 }
 
 #[async_trait]
-impl SinkTask for MqttSinkTask {
+impl SinkTask for BrokerSink {
     async fn start(&mut self) -> ConnectResult<()> {
         self.wind_down().await;
         self.shutdown = CancellationToken::new();
