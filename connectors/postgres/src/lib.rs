@@ -11,6 +11,7 @@
 pub mod config;
 mod direct;
 pub mod error;
+mod link;
 pub mod row;
 pub mod schema;
 mod sink;

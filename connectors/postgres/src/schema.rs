@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::postgres::PgConnection;
 
 use crate::error::{Failure, WriteError, classify};
 use crate::sql::quote_ident;
@@ -179,10 +179,13 @@ impl Catalog {
         self.tables.get(table)
     }
 
-    async fn describe(pool: &PgPool, table: &str) -> Result<Option<Columns>, WriteError> {
+    async fn describe(
+        connection: &mut PgConnection,
+        table: &str,
+    ) -> Result<Option<Columns>, WriteError> {
         let exists: bool = sqlx::query_scalar("SELECT to_regclass(quote_ident($1)) IS NOT NULL")
             .bind(table)
-            .fetch_one(pool)
+            .fetch_one(&mut *connection)
             .await
             .map_err(|e| statement_error("reading the catalog", table, e))?;
         if !exists {
@@ -194,7 +197,7 @@ impl Catalog {
              WHERE a.attrelid = to_regclass(quote_ident($1)) AND a.attnum > 0 AND NOT a.attisdropped",
         )
         .bind(table)
-        .fetch_all(pool)
+        .fetch_all(&mut *connection)
         .await
         .map_err(|e| statement_error("reading the catalog", table, e))?;
         Ok(Some(Columns(rows.into_iter().collect())))
@@ -205,7 +208,7 @@ impl Catalog {
     /// rows: a table created for a batch that then fails stays, empty, which is harmless.
     pub async fn prepare(
         &mut self,
-        pool: &PgPool,
+        connection: &mut PgConnection,
         table: &str,
         needed: &[Needed],
         primary_key: &[String],
@@ -213,15 +216,15 @@ impl Catalog {
         auto_evolve: bool,
     ) -> Result<Prepared<'_>, WriteError> {
         if !self.tables.contains_key(table) {
-            let mut described = Self::describe(pool, table).await?;
+            let mut described = Self::describe(connection, table).await?;
             if described.is_none() {
                 if !auto_create {
                     return Err(WriteError::MissingTable {
                         table: table.to_string(),
                     });
                 }
-                create_table(pool, table, needed, primary_key).await?;
-                described = Self::describe(pool, table).await?;
+                create_table(connection, table, needed, primary_key).await?;
+                described = Self::describe(connection, table).await?;
             }
             let columns = described.ok_or_else(|| WriteError::MissingTable {
                 table: table.to_string(),
@@ -237,14 +240,13 @@ impl Catalog {
         };
         if !missing.is_empty() && auto_evolve {
             for column in &missing {
-                add_column(pool, table, column).await?;
+                add_column(connection, table, column).await?;
             }
-            let columns =
-                Self::describe(pool, table)
-                    .await?
-                    .ok_or_else(|| WriteError::MissingTable {
-                        table: table.to_string(),
-                    })?;
+            let columns = Self::describe(connection, table).await?.ok_or_else(|| {
+                WriteError::MissingTable {
+                    table: table.to_string(),
+                }
+            })?;
             self.tables.insert(table.to_string(), columns);
         }
         let columns = self
@@ -267,7 +269,7 @@ impl Catalog {
 }
 
 async fn create_table(
-    pool: &PgPool,
+    connection: &mut PgConnection,
     table: &str,
     needed: &[Needed],
     primary_key: &[String],
@@ -285,7 +287,7 @@ async fn create_table(
         quote_ident(table),
         definitions.join(", ")
     );
-    match sqlx::query(&ddl).execute(pool).await {
+    match sqlx::query(&ddl).execute(&mut *connection).await {
         Ok(_) => {
             tracing::info!(table, columns = needed.len(), "table created");
             Ok(())
@@ -295,14 +297,18 @@ async fn create_table(
     }
 }
 
-async fn add_column(pool: &PgPool, table: &str, column: &Needed) -> Result<(), WriteError> {
+async fn add_column(
+    connection: &mut PgConnection,
+    table: &str,
+    column: &Needed,
+) -> Result<(), WriteError> {
     let ddl = format!(
         "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
         quote_ident(table),
         quote_ident(&column.name),
         column.ty.sql()
     );
-    match sqlx::query(&ddl).execute(pool).await {
+    match sqlx::query(&ddl).execute(&mut *connection).await {
         Ok(_) => {
             tracing::info!(table, column = %column.name, ty = column.ty.sql(), "column added");
             Ok(())

@@ -18,6 +18,7 @@ use crate::config::{
     redacted_url, sink_def,
 };
 use crate::error::{Failure, classify};
+use crate::link::Link;
 use crate::schema::Catalog;
 use crate::writer;
 
@@ -137,7 +138,8 @@ pub struct PostgresSinkTask {
     connector: String,
     config: SinkConfig,
     errant: ErrantRecordReporter,
-    pool: Option<PgPool>,
+    /// The connection, through the pool (see [`Link`]).
+    link: Option<Link>,
     catalog: Catalog,
     /// Records put and not yet written, in the order they were put.
     buffer: Vec<SinkRecord>,
@@ -162,7 +164,7 @@ impl PostgresSinkTask {
             config: SinkConfig::parse(&context.config)?,
             connector: context.connector_name,
             errant: context.errant_records,
-            pool: None,
+            link: None,
             catalog: Catalog::default(),
             buffer: Vec::new(),
             next: HashMap::new(),
@@ -173,15 +175,16 @@ impl PostgresSinkTask {
     /// database refused, then drops them from the buffer. On an error they stay buffered, and
     /// the next `put` or `flush` writes them again.
     async fn write_first(&mut self, count: usize) -> ConnectResult<()> {
-        let pool = self
-            .pool
-            .as_ref()
+        let link = self
+            .link
+            .as_mut()
             .ok_or_else(|| ConnectError::fatal("write before start"))?;
         let count = count.min(self.buffer.len());
         let batch = &self.buffer[..count];
-        let outcome = match writer::write(pool, &mut self.catalog, &self.config, batch).await {
+        let outcome = match writer::write(link, &mut self.catalog, &self.config, batch).await {
             Ok(outcome) => outcome,
             Err(error) => {
+                link.discard();
                 tracing::warn!(connector = %self.connector, records = count, %error, "batch not written");
                 return Err(error.into());
             }
@@ -225,7 +228,7 @@ impl SinkTask for PostgresSinkTask {
                     ),
                 })?;
         tracing::info!(connector = %self.connector, server = %redacted_url(&self.config.connection.url), %version, "PostgreSQL sink started");
-        self.pool = Some(pool(&self.config.connection)?);
+        self.link = Some(Link::new(pool(&self.config.connection)?));
         Ok(())
     }
 
@@ -288,8 +291,8 @@ impl SinkTask for PostgresSinkTask {
     }
 
     async fn stop(&mut self) -> ConnectResult<()> {
-        if let Some(pool) = self.pool.take() {
-            pool.close().await;
+        if let Some(link) = self.link.take() {
+            link.close().await;
         }
         Ok(())
     }

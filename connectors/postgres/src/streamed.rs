@@ -8,11 +8,11 @@
 //! statements; a refused row too, which they then isolate.
 
 use medconnect_api::{SinkRecord, content_type};
-use sqlx::PgPool;
 
 use crate::config::{FieldFilter, SinkConfig};
 use crate::direct::{self, Field};
 use crate::error::{Failure, WriteError, classify};
+use crate::link::Link;
 use crate::row::check_identifier;
 use crate::schema::Catalog;
 use crate::sql;
@@ -171,7 +171,7 @@ fn failed(catalog: &mut Catalog, table: &str, source: sqlx::Error) -> WriteError
 /// Writes `records` as one `COPY` streamed while they are read, when they are this path's
 /// batch (see the module's comment).
 pub async fn write(
-    pool: &PgPool,
+    link: &mut Link,
     catalog: &mut Catalog,
     config: &SinkConfig,
     records: &[SinkRecord],
@@ -208,8 +208,7 @@ pub async fn write(
     let statement = sql::copy(&table, &columns);
     let mut rows = Rows::new(&config.fields, key, shape, json);
 
-    let mut connection = pool.acquire().await.map_err(WriteError::Connection)?;
-    let mut stream = match connection.copy_in_raw(&statement).await {
+    let mut stream = match link.get().await?.copy_in_raw(&statement).await {
         Ok(stream) => stream,
         Err(error) if matches!(classify(&error), Failure::SchemaChanged) => {
             // Altered or dropped since it was read: the planned path reads it again.
@@ -227,7 +226,7 @@ pub async fn write(
             };
             // The server had already failed the COPY; sqlx then leaves its ReadyForQuery
             // unread, so the connection is not used again.
-            let _ = connection.close().await;
+            link.discard();
             return match classify(&error) {
                 Failure::Row(_) => Ok(Streamed::Refused),
                 _ => Err(failed(catalog, &table, error)),

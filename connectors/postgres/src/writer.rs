@@ -6,12 +6,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use medconnect_api::{ConnectError, SinkRecord, content_type};
-use sqlx::PgPool;
+use sqlx::Connection as _;
 use sqlx::postgres::PgConnection;
 
 use crate::config::{InsertMode, SinkConfig};
 use crate::direct;
 use crate::error::{Failure, WriteError, classify};
+use crate::link::Link;
 use crate::row::{Cell, Change, Row, change_of, check_identifier};
 use crate::schema::{Catalog, ColumnType, Columns, Needed, Prepared};
 use crate::sql::{self, OnConflict};
@@ -325,7 +326,7 @@ fn statements(
 /// records that are JSON objects, no tombstones or HL7 values. `None` leaves the table to the
 /// general path, which reads records into cells; the tables, types and rows are the same.
 async fn plan_direct(
-    pool: &PgPool,
+    link: &mut Link,
     catalog: &mut Catalog,
     config: &SinkConfig,
     table: &str,
@@ -438,7 +439,7 @@ async fn plan_direct(
     let primary_key: Vec<String> = key.iter().map(|k| k.to_string()).collect();
     let prepared = catalog
         .prepare(
-            pool,
+            link.get().await?,
             table,
             &needed,
             &primary_key,
@@ -650,13 +651,13 @@ async fn run_isolating(
 /// Writes `records` in one transaction. Errors concern the whole batch (nothing of it is
 /// committed); refused rows are in the outcome.
 pub async fn write(
-    pool: &PgPool,
+    link: &mut Link,
     catalog: &mut Catalog,
     config: &SinkConfig,
     records: &[SinkRecord],
 ) -> Result<Outcome, WriteError> {
     let mut copy_refused = false;
-    match streamed::write(pool, catalog, config, records).await? {
+    match streamed::write(link, catalog, config, records).await? {
         Streamed::Written(rows) => {
             return Ok(Outcome {
                 rows_written: usize::try_from(rows).unwrap_or(usize::MAX),
@@ -693,7 +694,7 @@ pub async fn write(
             continue;
         }
         if let Some(statements) = plan_direct(
-            pool,
+            link,
             catalog,
             config,
             &table,
@@ -741,7 +742,7 @@ pub async fn write(
             .collect();
         let prepared = catalog
             .prepare(
-                pool,
+                link.get().await?,
                 &table,
                 &needed,
                 &primary_key,
@@ -800,8 +801,7 @@ pub async fn write(
         && let [statement] = planned.as_slice()
         && let Some(copy) = &statement.copy
     {
-        let mut connection = pool.acquire().await.map_err(WriteError::Connection)?;
-        match copy_all(&mut connection, statement, copy).await {
+        match copy_all(link.get().await?, statement, copy).await {
             Ok(rows) => {
                 outcome.rows_written += usize::try_from(rows).unwrap_or(usize::MAX);
                 outcome.errant.sort_by_key(|(index, _)| *index);
@@ -811,7 +811,12 @@ pub async fn write(
             Err(error) => return Err(statement_error(statement, error, catalog)),
         }
     }
-    let mut transaction = pool.begin().await.map_err(WriteError::Connection)?;
+    let mut transaction = link
+        .get()
+        .await?
+        .begin()
+        .await
+        .map_err(WriteError::Connection)?;
     for statement in &planned {
         let affected = run_isolating(
             &mut transaction,
