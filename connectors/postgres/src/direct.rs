@@ -20,10 +20,12 @@ use crate::config::{
     PkMode, SinkConfig, ValueMode,
 };
 use crate::row::check_identifier;
+use crate::scan;
 use crate::schema::{ColumnType, is_timestamp};
 
-/// One field of a record's object: its name (borrowed unless it had escapes) and raw value.
-pub type Field<'a> = (Cow<'a, str>, &'a RawValue);
+/// One field of a record's object: its name (borrowed unless it had escapes) and its value's
+/// JSON text, as in the record.
+pub type Field<'a> = (Cow<'a, str>, &'a str);
 
 /// Reads `bytes` as one JSON object, appending its fields to `out` in their order. `None`
 /// when they are not one (or not UTF-8): the general path then says what is wrong (its
@@ -32,6 +34,16 @@ pub fn fields<'a>(bytes: &'a [u8], out: &mut Vec<Field<'a>>) -> Option<()> {
     // UTF-8 checked once for the whole record: reading from a `str`, serde_json checks
     // neither each string nor each raw value again.
     let text = std::str::from_utf8(bytes).ok()?;
+    let start = out.len();
+    if scan::flat_object(text, out).is_some() {
+        return Some(());
+    }
+    out.truncate(start);
+    serde_fields(text, out)
+}
+
+/// [`fields`] by serde_json, for any object.
+pub fn serde_fields<'a>(text: &'a str, out: &mut Vec<Field<'a>>) -> Option<()> {
     let mut deserializer = serde_json::Deserializer::from_str(text);
     Fields(out).deserialize(&mut deserializer).ok()?;
     deserializer.end().ok()
@@ -57,7 +69,7 @@ impl<'de> Visitor<'de> for Fields<'de, '_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(name) = map.next_key_seed(Name)? {
             let value: &'de RawValue = map.next_value()?;
-            self.0.push((name, value));
+            self.0.push((name, value.get()));
         }
         Ok(())
     }
@@ -150,7 +162,7 @@ pub fn render_row<'v>(
     out: &mut Vec<u8>,
     record: &SinkRecord,
     keyed: bool,
-    values: impl Iterator<Item = &'v RawValue>,
+    values: impl Iterator<Item = &'v str>,
     json: &[bool],
 ) -> Result<(), serde_json::Error> {
     let mut json = json.iter().copied();
@@ -190,8 +202,7 @@ fn unescaped(raw: &str) -> Option<&str> {
 
 /// The type a column would be created with for this value ([`ColumnType::infer_with`]);
 /// `None` for null, which says nothing.
-pub fn infer(raw: &RawValue, timestamps: bool) -> Result<Option<ColumnType>, serde_json::Error> {
-    let text = raw.get();
+pub fn infer(text: &str, timestamps: bool) -> Result<Option<ColumnType>, serde_json::Error> {
     Ok(match text.as_bytes().first() {
         Some(b'n') => None,
         Some(b't' | b'f') => Some(ColumnType::Boolean),
@@ -289,8 +300,7 @@ pub fn escape(out: &mut Vec<u8>, text: &str) {
 /// Appends one value as a COPY field for a column that is JSON (`json`) or not: null is
 /// `\N`, a string for a non-JSON column its text, anything else its JSON text as serde_json
 /// prints it.
-pub fn render(out: &mut Vec<u8>, raw: &RawValue, json: bool) -> Result<(), serde_json::Error> {
-    let text = raw.get();
+pub fn render(out: &mut Vec<u8>, text: &str, json: bool) -> Result<(), serde_json::Error> {
     match text.as_bytes().first() {
         Some(b'n') => out.extend_from_slice(b"\\N"),
         // `true`/`false`, as printed.
@@ -364,7 +374,7 @@ mod tests {
             for json in [false, true] {
                 let value: Box<RawValue> = serde_json::from_str(raw).expect("JSON");
                 let mut out = Vec::new();
-                render(&mut out, &value, json).expect("rendered");
+                render(&mut out, value.get(), json).expect("rendered");
                 assert_eq!(
                     String::from_utf8(out).expect("UTF-8"),
                     general(raw, json),
@@ -417,7 +427,7 @@ mod tests {
         for text in &texts {
             let value: Box<RawValue> = serde_json::from_str(text).expect("JSON");
             let mut out = Vec::new();
-            render(&mut out, &value, false).expect("rendered");
+            render(&mut out, value.get(), false).expect("rendered");
             assert_eq!(
                 String::from_utf8(out).expect("UTF-8"),
                 general(text, false),
@@ -453,7 +463,7 @@ mod tests {
                 let Ok(parsed) = parsed else {
                     continue;
                 };
-                match infer(&parsed, timestamps) {
+                match infer(parsed.get(), timestamps) {
                     Ok(ty) => assert_eq!(ty, expected, "{raw}"),
                     // A number serde_json cannot read as a value is refused by both paths.
                     Err(_) => assert!(serde_json::from_str::<Value>(raw).is_err(), "{raw}"),
@@ -466,7 +476,7 @@ mod tests {
     fn objects_are_read_field_by_field_and_anything_else_refused() {
         let mut out = Vec::new();
         fields(br#" {"a":1, "b\"c":{"x":[1]}, "a":null} "#, &mut out).expect("an object");
-        let read: Vec<(&str, &str)> = out.iter().map(|(n, v)| (n.as_ref(), v.get())).collect();
+        let read: Vec<(&str, &str)> = out.iter().map(|(n, v)| (n.as_ref(), *v)).collect();
         assert_eq!(read, [("a", "1"), ("b\"c", r#"{"x":[1]}"#), ("a", "null")]);
         assert!(matches!(out.first(), Some((Cow::Borrowed(_), _))));
         assert!(fields(b"{\"a\":\"\xff\"}", &mut out).is_none());

@@ -13,6 +13,7 @@ mod direct;
 pub mod error;
 mod link;
 pub mod row;
+mod scan;
 pub mod schema;
 mod sink;
 pub mod source;
