@@ -7,6 +7,8 @@
 //! without Kafka: this measures the sink itself, with `insert.mode=upsert` and `pk.mode=kafka`
 //! (the idempotent setting) and with plain `insert` without a key. `COPY ... FROM STDIN` gets
 //! the same rows already rendered as COPY text, in one stream: the fastest way in, the bound.
+//! The same COPY cut into transactions of `batch.size` rows, a commit each as the sink makes,
+//! is printed too: what the server alone does at that transaction size, no client work.
 //! Tables are emptied between runs; each contender runs three times, alternated, and the best
 //! run counts. Prints rows/s and the ratios, and checks every row arrived.
 
@@ -134,29 +136,50 @@ async fn run_sink(
     Ok(records.len() as f64 / elapsed)
 }
 
-/// Rows/s of one COPY of the pre-rendered rows into an empty table.
+/// Rows/s of COPY of the pre-rendered rows into an empty table: one COPY (one transaction)
+/// per element of `transactions`.
 async fn run_copy(
     admin: &mut PgConnection,
     table: &str,
-    text: &[u8],
+    transactions: &[&[u8]],
     expected: usize,
 ) -> anyhow::Result<f64> {
     sqlx::raw_sql(&format!("TRUNCATE \"{table}\""))
         .execute(&mut *admin)
         .await?;
+    let statement = format!("COPY \"{table}\" FROM STDIN");
     let started = Instant::now();
-    let mut copy = admin
-        .copy_in_raw(&format!("COPY \"{table}\" FROM STDIN"))
-        .await?;
-    for chunk in text.chunks(1 << 20) {
-        copy.send(chunk).await?;
+    let mut rows = 0;
+    for text in transactions {
+        let mut copy = admin.copy_in_raw(&statement).await?;
+        for chunk in text.chunks(1 << 20) {
+            copy.send(chunk).await?;
+        }
+        rows += copy.finish().await?;
     }
-    let rows = copy.finish().await?;
     let elapsed = started.elapsed().as_secs_f64();
     if rows != expected as u64 {
         bail!("COPY wrote {rows} rows of {expected}");
     }
     Ok(expected as f64 / elapsed)
+}
+
+/// COPY text cut into transactions of `rows` lines.
+fn transactions(text: &[u8], rows: usize) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let end = rest
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(rows - 1)
+            .map_or(rest.len(), |(at, _)| at + 1);
+        let (head, tail) = rest.split_at(end);
+        out.push(head);
+        rest = tail;
+    }
+    out
 }
 
 fn arg(n: usize, default: usize) -> anyhow::Result<usize> {
@@ -170,13 +193,16 @@ fn arg(n: usize, default: usize) -> anyhow::Result<usize> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let rows = arg(1, 200_000)?;
-    let batch_size = arg(2, 3000)?.to_string();
+    let batch = arg(2, 3000)?.max(1);
+    let batch_size = batch.to_string();
     let server = Server::start()?;
     let url = server.url();
     let mut admin = PgConnection::connect(&url).await?;
     let records = records(rows);
     let keyed_text = copy_text(&records, true)?;
     let plain_text = copy_text(&records, false)?;
+    let keyed_batches = transactions(&keyed_text, batch);
+    let plain_batches = transactions(&plain_text, batch);
 
     let upsert = [
         ("table.name.format", "upsert_${topic}"),
@@ -209,15 +235,20 @@ async fn main() -> anyhow::Result<()> {
 
     let (mut best_upsert, mut best_insert, mut best_copy_keyed, mut best_copy_plain) =
         (0f64, 0f64, 0f64, 0f64);
+    let (mut best_batched_keyed, mut best_batched_plain) = (0f64, 0f64);
     for _ in 0..ROUNDS {
-        best_copy_keyed =
-            best_copy_keyed.max(run_copy(&mut admin, "copy_keyed", &keyed_text, rows).await?);
+        best_copy_keyed = best_copy_keyed
+            .max(run_copy(&mut admin, "copy_keyed", &[&keyed_text[..]], rows).await?);
         best_upsert =
             best_upsert.max(run_sink(&url, &upsert, &records, &mut admin, "upsert_vitals").await?);
-        best_copy_plain =
-            best_copy_plain.max(run_copy(&mut admin, "copy_plain", &plain_text, rows).await?);
+        best_batched_keyed =
+            best_batched_keyed.max(run_copy(&mut admin, "copy_keyed", &keyed_batches, rows).await?);
+        best_copy_plain = best_copy_plain
+            .max(run_copy(&mut admin, "copy_plain", &[&plain_text[..]], rows).await?);
         best_insert =
             best_insert.max(run_sink(&url, &insert, &records, &mut admin, "insert_vitals").await?);
+        best_batched_plain =
+            best_batched_plain.max(run_copy(&mut admin, "copy_plain", &plain_batches, rows).await?);
     }
     let _ = admin.close().await;
     drop(server);
@@ -236,6 +267,15 @@ async fn main() -> anyhow::Result<()> {
         best_insert,
         best_copy_plain,
         best_insert / best_copy_plain
+    );
+    println!(
+        "  COPY in transactions of {batch_size} rows (one commit per batch, as the sink): keyed {:.0} rows/s ({:.2} of COPY, the sink {:.2} of it), no key {:.0} rows/s ({:.2}, the sink {:.2})",
+        best_batched_keyed,
+        best_batched_keyed / best_copy_keyed,
+        best_upsert / best_batched_keyed,
+        best_batched_plain,
+        best_batched_plain / best_copy_plain,
+        best_insert / best_batched_plain
     );
     Ok(())
 }
