@@ -291,10 +291,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         0 => config.keep_alive_max,
         asked => asked.min(config.keep_alive_max),
     };
-    // A publishing device's session holds nothing the listener must keep (no subscriptions,
-    // nothing queued for it; QoS 2 releases are answered whether remembered or not), so a
-    // device asking to resume one is told it is present: then it resends, with DUP, whatever
-    // was not acknowledged before — on this worker or another — instead of discarding it.
+    // A publishing device's session holds nothing the listener must keep (nothing queued for
+    // it — commands wait in the sink —, QoS 2 releases are answered whether remembered or
+    // not), so a device asking to resume one is told it is present: then it resends, with
+    // DUP, whatever was not acknowledged before — on this worker or another — instead of
+    // discarding it. Subscriptions are not kept across connections: a device subscribes after
+    // each CONNECT (documented), and until it does its commands wait in the sink.
     let connack = Outgoing::ConnAck {
         session_present: !connect.clean_start && assigned.is_none(),
         assigned_client_id: assigned,
