@@ -15,7 +15,8 @@ use crate::kafka::{KafkaSetupError, TopicSpec, ensure_topics};
 use crate::metrics::Metrics;
 use crate::rest::{self, LogLevels, RestState};
 use crate::store::{ConfigStore, OffsetStore, StatusStore, StoreError};
-use crate::worker::herder::{self, EveryTaskHere, Herder, HerderError};
+use crate::worker::cluster::{ClusterAssignment, ClusterView, Membership};
+use crate::worker::herder::{self, Assignment, EveryTaskHere, Herder, HerderError};
 use crate::worker::{Plugins, WorkerConfig, cluster_watch};
 
 #[derive(Debug, Error)]
@@ -48,6 +49,7 @@ pub struct Worker {
     background: Vec<JoinHandle<()>>,
     /// Set once the worker cannot go on (its Kafka state is gone, its REST server stopped).
     failure: watch::Receiver<Option<String>>,
+    cluster: watch::Receiver<ClusterView>,
 }
 
 impl Worker {
@@ -129,6 +131,14 @@ impl Worker {
             .unwrap_or_else(|| rest_addr.to_string());
         let configs = Arc::new(configs);
         let metrics = Metrics::default();
+        let cluster_assignment = config
+            .cluster
+            .enabled
+            .then(|| Arc::new(ClusterAssignment::default()));
+        let assignment: Arc<dyn Assignment> = match &cluster_assignment {
+            Some(assignment) => assignment.clone(),
+            None => Arc::new(EveryTaskHere),
+        };
         let herder = Arc::new(Herder::new(herder::HerderParts {
             worker_id,
             plugins,
@@ -138,11 +148,11 @@ impl Worker {
             kafka: kafka.clone(),
             runner: config.runner_settings(),
             metrics,
-            // One worker runs everything until the cluster brings group membership.
-            assignment: Arc::new(EveryTaskHere),
+            assignment,
         })?);
         let shutdown = CancellationToken::new();
         let (failure_tx, failure) = watch::channel(None);
+        let cluster_view = watch::Sender::new(ClusterView::default());
         let rest = tokio::spawn({
             let state = RestState {
                 herder: herder.clone(),
@@ -150,6 +160,7 @@ impl Worker {
                 log_levels,
                 max_config_bytes: rest::max_config_bytes(message_max_bytes(&kafka)),
                 failure: failure.clone(),
+                cluster: cluster_view.subscribe(),
             };
             let (shutdown, failure) = (shutdown.clone(), failure_tx.clone());
             async move {
@@ -162,9 +173,36 @@ impl Worker {
         herder.reconcile().await;
         let watcher = tokio::spawn(follow_config_topic(
             herder.clone(),
-            configs,
+            configs.clone(),
             shutdown.clone(),
         ));
+        let mut background = vec![rest, watcher];
+        if let Some(assignment) = cluster_assignment {
+            let membership = Membership {
+                config: config.cluster.clone(),
+                bootstrap_servers: kafka.bootstrap_servers().to_string(),
+                group_id: config.group_id.clone(),
+                worker_id: herder.worker_id().to_string(),
+                url: config
+                    .rest
+                    .advertised_url
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{rest_addr}")),
+                herder: herder.clone(),
+                configs,
+                assignment,
+                view: cluster_view.clone(),
+            };
+            background.push(tokio::spawn(membership.run(shutdown.clone())));
+        } else {
+            // Alone: everything here is assigned here, at once.
+            cluster_view.send_replace(ClusterView {
+                generation: Some(0),
+                leader_url: None,
+                is_leader: true,
+                members: Vec::new(),
+            });
+        }
         let cluster_watch = tokio::spawn(cluster_watch::watch(
             kafka.clone(),
             internal,
@@ -172,13 +210,15 @@ impl Worker {
             failure_tx,
             shutdown.clone(),
         ));
+        background.push(cluster_watch);
         tracing::info!(rest = %rest_addr, worker = herder.worker_id(), "worker started");
         Ok(Self {
             herder,
             rest_addr,
             shutdown,
-            background: vec![rest, watcher, cluster_watch],
+            background,
             failure,
+            cluster: cluster_view.subscribe(),
         })
     }
 
@@ -188,6 +228,11 @@ impl Worker {
 
     pub fn herder(&self) -> &Arc<Herder> {
         &self.herder
+    }
+
+    /// The cluster as this worker sees it (a worker alone: generation 0, its own leader).
+    pub fn cluster(&self) -> ClusterView {
+        self.cluster.borrow().clone()
     }
 
     /// Resolves with the reason once the worker cannot go on (its Kafka cluster lost the

@@ -223,6 +223,11 @@ status = "crash-status"
 [tasks]
 offset_flush_interval_ms = {flush_ms}
 
+[cluster]
+# One worker, killed and started again, against the embedded broker, whose group coordinator
+# keeps a dead member (see SESSION_TIMEOUT_MS): the worker runs alone, outside any group.
+enabled = false
+
 [consumer]
 # The embedded broker answers a fetch only after half of this wait (configs/worker.toml).
 "fetch.wait.max.ms" = 25

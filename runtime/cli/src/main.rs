@@ -35,7 +35,23 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a worker against a Kafka cluster, configured by a TOML file.
-    Worker { config: PathBuf },
+    Worker {
+        config: PathBuf,
+        /// Overrides the config's `worker_id` (e.g. a Kubernetes pod name).
+        #[arg(long)]
+        worker_id: Option<String>,
+        /// Overrides `[rest] advertised_url`: where the other workers reach this one.
+        #[arg(long)]
+        advertised_url: Option<String>,
+    },
+    /// Run librdkafka's mock Kafka cluster: a test broker whose group coordinator expires
+    /// members that stop heartbeating (the embedded broker's does not), for trying a worker
+    /// cluster's failover on one machine. It has no CreateTopics: create topics with --topic.
+    MockBroker {
+        /// `name:partitions`, repeated: topics to create at start.
+        #[arg(long = "topic")]
+        topics: Vec<String>,
+    },
     /// Run a broker, a worker and the REST API in one process: nothing else to install.
     #[cfg(feature = "embedded-broker")]
     Dev {
@@ -129,8 +145,18 @@ async fn main() -> ExitCode {
 
 async fn run(command: Command, log_levels: LogLevels) -> anyhow::Result<()> {
     match command {
-        Command::Worker { config } => {
-            let config = WorkerConfig::from_file(&config)?;
+        Command::Worker {
+            config,
+            worker_id,
+            advertised_url,
+        } => {
+            let mut config = WorkerConfig::from_file(&config)?;
+            if worker_id.is_some() {
+                config.worker_id = worker_id;
+            }
+            if advertised_url.is_some() {
+                config.rest.advertised_url = advertised_url;
+            }
             let worker =
                 Worker::start_with_log_levels(config, medconnect::builtin_plugins(), log_levels)
                     .await
@@ -175,6 +201,24 @@ async fn run(command: Command, log_levels: LogLevels) -> anyhow::Result<()> {
                     return Err(stop_failed(worker, reason).await);
                 }
             }
+        }
+        Command::MockBroker { topics } => {
+            let cluster = rdkafka::mocking::MockCluster::new(1)
+                .context("librdkafka's mock cluster did not start")?;
+            for topic in &topics {
+                let (name, partitions) = topic
+                    .rsplit_once(':')
+                    .and_then(|(n, p)| Some((n, p.parse::<i32>().ok()?)))
+                    .with_context(|| format!("--topic {topic}: expected name:partitions"))?;
+                cluster
+                    .create_topic(name, partitions, 1)
+                    .with_context(|| format!("cannot create topic {name}"))?;
+            }
+            println!(
+                "medconnect mock-broker: Kafka {}",
+                cluster.bootstrap_servers()
+            );
+            wait_for_signal().await;
         }
         #[cfg(feature = "embedded-broker")]
         Command::Broker { listen } => {

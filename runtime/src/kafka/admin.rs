@@ -1,5 +1,6 @@
 //! Creates topics that are missing: the internal topics (compacted) and connector topics.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -34,6 +35,40 @@ impl TopicSpec {
     }
 }
 
+/// The topics the cluster does not list. Asking first spares a CreateTopics where every topic
+/// exists: a cluster whose ACLs deny this worker CreateTopics, or a broker without the API
+/// (librdkafka's mock cluster), works with topics created beforehand. Every topic is listed
+/// (no topic named), since a metadata request naming a missing topic may create it with the
+/// broker's defaults: the config topic would then be neither compacted nor of one partition.
+/// If the listing fails, every topic is taken as missing and CreateTopics decides.
+async fn missing_topics<'a>(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    topics: &'a [TopicSpec],
+) -> Vec<&'a TopicSpec> {
+    let admin = admin.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map(|metadata| {
+                metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+                    .map(|t| t.name().to_string())
+                    .collect::<std::collections::BTreeSet<_>>()
+            })
+    })
+    .await;
+    match listed {
+        Ok(Ok(listed)) => topics
+            .iter()
+            .filter(|t| !listed.contains(&t.name))
+            .collect(),
+        _ => topics.iter().collect(),
+    }
+}
+
 /// Creates each topic unless it exists already.
 pub async fn ensure_topics(
     settings: &KafkaSettings,
@@ -42,12 +77,18 @@ pub async fn ensure_topics(
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = settings
-        .admin_config()
-        .create()
-        .map_err(|e| KafkaSetupError::client("admin client", e))?;
-    let new_topics: Vec<NewTopic<'_>> = topics
-        .iter()
+    let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(
+        settings
+            .admin_config()
+            .create()
+            .map_err(|e| KafkaSetupError::client("admin client", e))?,
+    );
+    let missing = missing_topics(&admin, topics).await;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let new_topics: Vec<NewTopic<'_>> = missing
+        .into_iter()
         .map(|spec| {
             let topic = NewTopic::new(
                 &spec.name,

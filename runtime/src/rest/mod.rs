@@ -26,6 +26,7 @@ pub use error::{ApiError, ApiResult};
 pub use loggers::{LogLevelError, LogLevels};
 
 use crate::worker::Herder;
+use crate::worker::cluster::ClusterView;
 
 #[derive(Clone)]
 pub struct RestState {
@@ -38,6 +39,8 @@ pub struct RestState {
     pub max_config_bytes: usize,
     /// Why the worker cannot go on, once it cannot: `/health` then answers 500.
     pub failure: watch::Receiver<Option<String>>,
+    /// The cluster as this worker sees it: `/health/ready` answers 200 once it has work to do.
+    pub cluster: watch::Receiver<ClusterView>,
 }
 
 /// The API, answering a path with trailing slashes (`/connectors/`) as the path without them,
@@ -102,6 +105,7 @@ fn routes(state: RestState) -> Router {
     Router::new()
         .route("/", get(root))
         .route("/health", get(health))
+        .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
         .route(
             "/connectors",
@@ -198,6 +202,35 @@ async fn health(State(state): State<RestState>) -> Response {
             axum::Json(json!({
                 "status": "unhealthy",
                 "message": reason,
+                "worker_id": state.herder.worker_id(),
+            })),
+        )
+            .into_response(),
+    }
+}
+
+/// Readiness (for a load balancer or Kubernetes): 200 once the worker joined its cluster and
+/// applied its assignment (read the config topic as far as the leader), 503 before and while
+/// it has lost its membership; 500 once it cannot go on.
+async fn ready(State(state): State<RestState>) -> Response {
+    if state.failure.borrow().is_some() {
+        return health(State(state)).await;
+    }
+    let view = state.cluster.borrow().clone();
+    match view.generation {
+        Some(generation) => axum::Json(json!({
+            "status": "ready",
+            "worker_id": state.herder.worker_id(),
+            "generation": generation,
+            "leader": view.is_leader,
+            "members": view.members.len(),
+        }))
+        .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({
+                "status": "not ready",
+                "message": "the worker has not joined its cluster yet",
                 "worker_id": state.herder.worker_id(),
             })),
         )

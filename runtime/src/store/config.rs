@@ -108,6 +108,17 @@ impl ConfigStore {
         self.changes.clone()
     }
 
+    /// How far this worker read the config topic (its one partition): workers of a cluster
+    /// compare it, so the leader assigns from a snapshot at least as new as every member's.
+    pub fn position(&self) -> i64 {
+        self.log.position(0)
+    }
+
+    /// Waits until the config topic was read up to `offset` (exclusive).
+    pub async fn read_to(&self, offset: i64) -> Result<(), StoreError> {
+        self.log.wait_for(0, offset).await
+    }
+
     pub async fn put_connector(&self, name: &str, config: &Props) -> Result<(), StoreError> {
         let value = json!({ "properties": config }).to_string();
         self.log

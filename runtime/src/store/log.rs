@@ -133,7 +133,17 @@ impl KafkaLog {
         self.wait_for(partition, offset + 1).await
     }
 
-    async fn wait_for(&self, partition: i32, next_offset: i64) -> Result<(), StoreError> {
+    /// The next offset the reader will apply in `partition`.
+    pub fn position(&self, partition: i32) -> i64 {
+        self.positions
+            .borrow()
+            .get(&partition)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits until the reader applied every record of `partition` before `next_offset`.
+    pub async fn wait_for(&self, partition: i32, next_offset: i64) -> Result<(), StoreError> {
         let mut positions = self.positions.clone();
         let reached =
             positions.wait_for(|p| p.get(&partition).copied().unwrap_or(0) >= next_offset);

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::cluster::ClusterConfig;
 use crate::kafka::KafkaSettings;
 use crate::task::RunnerSettings;
 
@@ -43,6 +44,9 @@ pub struct WorkerConfig {
     pub internal_topics: InternalTopics,
     #[serde(default)]
     pub tasks: TaskSettings,
+    /// Group membership with the other workers of `group_id` (on unless `enabled = false`).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// Settings for every Kafka client (security.protocol, sasl.*, ssl.*, ...).
     #[serde(default)]
     pub kafka: BTreeMap<String, toml::Value>,
@@ -59,12 +63,17 @@ pub struct WorkerConfig {
 pub struct RestConfig {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// The URL other workers reach this one's REST API at (forwarded writes); default
+    /// `http://<listen address>`. Needed when `listen` is `0.0.0.0` or behind NAT.
+    #[serde(default)]
+    pub advertised_url: Option<String>,
 }
 
 impl Default for RestConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            advertised_url: None,
         }
     }
 }
@@ -207,6 +216,12 @@ impl WorkerConfig {
             rest: RestConfig::default(),
             internal_topics: InternalTopics::default(),
             tasks: TaskSettings::default(),
+            // A worker built in code (tests, `medconnect dev`) runs alone unless told otherwise;
+            // a worker config file joins its cluster by default.
+            cluster: ClusterConfig {
+                enabled: false,
+                ..ClusterConfig::default()
+            },
             kafka: BTreeMap::new(),
             producer: BTreeMap::new(),
             consumer: BTreeMap::new(),

@@ -2,6 +2,7 @@
 //! read and checked, and the herder that runs their tasks. [`crate::server`] puts them
 //! together with the stores and the REST API into a running process.
 
+pub mod cluster;
 pub mod cluster_watch;
 pub mod config;
 pub mod connector_config;

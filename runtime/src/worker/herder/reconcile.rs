@@ -2,9 +2,10 @@
 //! paused, resumed, stopped), for the tasks the [`Assignment`](super::Assignment) gives this
 //! worker.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::FutureExt;
+use medconnect_api::Placement;
 
 use super::{Herder, settle};
 use crate::store::{ConnectorEntry, ConnectorState, TargetState, TaskStatus};
@@ -24,25 +25,45 @@ impl Herder {
     pub(super) async fn reconcile_locked(&self) -> Vec<Stopping> {
         let snapshot = self.configs.snapshot();
         let mut stops = Vec::new();
-        // Tasks of deleted connectors, or beyond the current task count, stop first.
+        let here: BTreeSet<(String, u32)> = snapshot
+            .connectors
+            .iter()
+            .filter(|(_, e)| e.target_state != TargetState::Stopped)
+            .flat_map(|(name, e)| {
+                self.assignment
+                    .tasks_here(name, self.placement_of(e), e.tasks.len())
+                    .into_iter()
+                    .map(move |id| (name.clone(), id))
+            })
+            .collect();
+        // Tasks of deleted or stopped connectors, beyond the current task count, or no longer
+        // assigned here stop first.
         let obsolete: Vec<(String, u32)> = {
             let tasks = self.tasks.lock().await;
             tasks
                 .keys()
-                .filter(|(name, id)| {
-                    snapshot.connectors.get(name).is_none_or(|e| {
-                        e.target_state == TargetState::Stopped || *id as usize >= e.tasks.len()
-                    })
-                })
+                .filter(|key| !here.contains(*key))
                 .cloned()
                 .collect()
         };
         for (name, id) in obsolete {
-            stops.extend(self.stop_task(&name, id, AfterStop::Nothing).await);
-            if snapshot.connectors.contains_key(&name)
-                && let Err(error) = self.statuses.remove_task(&name, id).await
-            {
-                tracing::warn!(connector = %name, task = id, %error, "cannot remove task status");
+            match snapshot.connectors.get(&name) {
+                None => stops.extend(self.stop_task(&name, id, AfterStop::Nothing).await),
+                // Moved to another worker (or this one lost its membership): UNASSIGNED until
+                // the new owner records it RUNNING.
+                Some(e)
+                    if e.target_state != TargetState::Stopped
+                        && (self.placement_of(e) == Placement::EveryWorker
+                            || (id as usize) < e.tasks.len()) =>
+                {
+                    stops.extend(self.stop_task(&name, id, AfterStop::Unassigned).await)
+                }
+                Some(_) => {
+                    stops.extend(self.stop_task(&name, id, AfterStop::Nothing).await);
+                    if let Err(error) = self.statuses.remove_task(&name, id).await {
+                        tracing::warn!(connector = %name, task = id, %error, "cannot remove task status");
+                    }
+                }
             }
         }
         for (name, entry) in &snapshot.connectors {
@@ -57,12 +78,20 @@ impl Herder {
             TargetState::Paused => ConnectorState::Paused,
             TargetState::Started => ConnectorState::Running,
         };
+        let placement = self.placement_of(entry);
+        let owned = self.assignment.owns_connector(name);
         let current = self.statuses.connector(name);
         let failed_generating = current
             .as_ref()
             .is_some_and(|s| s.state == ConnectorState::Failed)
             && entry.tasks.is_empty();
-        if !failed_generating && current.as_ref().is_none_or(|s| s.state != state) {
+        // A new owner records the connector as its own, even in the same state.
+        if owned
+            && !failed_generating
+            && current
+                .as_ref()
+                .is_none_or(|s| s.state != state || s.worker_id != self.worker_id)
+        {
             self.put_connector_status(name, state, None).await;
         }
         let mut stops = Vec::new();
@@ -74,11 +103,16 @@ impl Herder {
         } else {
             RunState::Running
         };
-        for (id, config) in entry.tasks.iter().enumerate() {
-            let id = id as u32;
-            if !self.assignment.runs_here(name, id) {
-                continue;
-            }
+        for id in self
+            .assignment
+            .tasks_here(name, placement, entry.tasks.len())
+        {
+            // Every worker runs an every-worker connector's one task config.
+            let config = match placement {
+                Placement::EveryWorker => entry.tasks.first(),
+                Placement::Distributed => entry.tasks.get(id as usize),
+            };
+            let Some(config) = config else { continue };
             let tasks = self.tasks.lock().await;
             match tasks.get(&(name.to_string(), id)) {
                 // Same config: keep it (a failed one stays failed until restarted). Only the
@@ -119,6 +153,37 @@ impl Herder {
         if let Err(error) = self.statuses.put_connector(name, &status).await {
             tracing::warn!(connector = %name, %error, "cannot record connector status");
         }
+    }
+
+    /// Reconciles, then waits until the runs it stopped are over: the cluster hands a task to
+    /// another worker only once it stopped here.
+    pub async fn reconcile_and_wait(&self) {
+        let stops = {
+            let _guard = self.operations.lock().await;
+            self.reconcile_locked().await
+        };
+        settle(stops).await;
+    }
+
+    /// Where the connector's tasks run (its plugin's declaration; a connector whose plugin is
+    /// unknown here is distributed, and fails to start wherever it lands).
+    pub(super) fn placement_of(&self, entry: &ConnectorEntry) -> Placement {
+        self.plugin_for(&entry.config)
+            .map(|plugin| plugin.connector().placement())
+            .unwrap_or_default()
+    }
+
+    /// What the config topic asks the cluster to run, for the leader's assignment.
+    pub fn demand(&self) -> crate::worker::cluster::assignor::Demand {
+        let snapshot = self.configs.snapshot();
+        crate::worker::cluster::demand_of(snapshot.connectors.iter().map(|(name, e)| {
+            (
+                name,
+                e.tasks.len(),
+                e.target_state == TargetState::Stopped,
+                self.placement_of(e),
+            )
+        }))
     }
 
     /// Takes a task's run out of the running set, closes its status with `after` (so nothing

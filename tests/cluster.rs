@@ -1,0 +1,268 @@
+//! The worker cluster: separate `medconnect worker` processes sharing a group, against a broker
+//! whose group coordinator expires dead members.
+//!
+//! The broker is librdkafka's mock cluster (`medconnect mock-broker`): the embedded broker
+//! (tansu 0.6) never rebalances a group after a member died (see `crash::SESSION_TIMEOUT_MS`).
+//! The mock waits `session timeout - 1 s` for members to rejoin in every rebalance (Kafka waits
+//! only until every member rejoined), so each rebalance here takes ~5 s with the default
+//! 6 s session timeout; the figures in the `cluster:` lines include that.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use medconnect_e2e::crash::{Processes, free_port, report_line, start_worker};
+use medconnect_e2e::{Rest, eventually, medconnect_bin};
+use serde_json::{Value, json};
+
+const INTERNAL_TOPICS: [&str; 3] = ["cluster-configs:1", "cluster-offsets:5", "cluster-status:3"];
+/// How long a failover or a rebalance may take here before the test gives up (the bench
+/// measures the figures; this only bounds a test that would otherwise wait for ever).
+const MOVE_DEADLINE: Duration = Duration::from_secs(45);
+
+/// `medconnect mock-broker` with the internal topics and `topics` created; its bootstrap.
+async fn start_mock_broker(processes: &mut Processes, topics: &[&str]) -> anyhow::Result<String> {
+    let bin = medconnect_bin()?;
+    let mut args = vec!["mock-broker".to_string()];
+    for topic in INTERNAL_TOPICS.iter().chain(topics) {
+        args.extend(["--topic".to_string(), topic.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    processes.spawn("broker", &bin, &args, &[])?;
+    let bootstrap = eventually("the mock broker to start", async || {
+        let out = processes.stdout("broker");
+        out.lines()
+            .find_map(|l| l.strip_prefix("medconnect mock-broker: Kafka "))
+            .map(|b| Some(b.trim().to_string()))
+            .or_else(|| processes.exited("broker").then_some(None))
+    })
+    .await?;
+    bootstrap.context("the mock broker exited while starting")
+}
+
+fn write_config(processes: &Processes, bootstrap: &str, worker: &str) -> anyhow::Result<PathBuf> {
+    let path = processes.path(&format!("{worker}.toml"));
+    let port = free_port()?;
+    std::fs::write(
+        &path,
+        format!(
+            r#"group_id = "cluster-test"
+bootstrap_servers = "{bootstrap}"
+worker_id = "{worker}"
+
+[rest]
+listen = "127.0.0.1:{port}"
+
+[internal_topics]
+config = "cluster-configs"
+offsets = "cluster-offsets"
+status = "cluster-status"
+
+[cluster]
+# The mock cluster ends a sync once the leader's assignments arrive (see ClusterConfig).
+leader_sync_delay_ms = 200
+
+[tasks]
+offset_flush_interval_ms = 500
+
+[consumer]
+"fetch.wait.max.ms" = 100
+"#
+        ),
+    )?;
+    Ok(path)
+}
+
+struct Cluster {
+    processes: Processes,
+    bootstrap: String,
+    workers: BTreeMap<String, Rest>,
+}
+
+impl Cluster {
+    async fn start(workers: &[&str], topics: &[&str]) -> anyhow::Result<Self> {
+        let mut processes = Processes::new()?;
+        let bootstrap = start_mock_broker(&mut processes, topics).await?;
+        let mut cluster = Self {
+            processes,
+            bootstrap,
+            workers: BTreeMap::new(),
+        };
+        for worker in workers {
+            cluster.add(worker).await?;
+        }
+        cluster.wait_for_members(workers.len()).await?;
+        Ok(cluster)
+    }
+
+    async fn add(&mut self, worker: &str) -> anyhow::Result<()> {
+        let config = write_config(&self.processes, &self.bootstrap, worker)?;
+        let rest = start_worker(&mut self.processes, worker, &config).await?;
+        self.workers.insert(worker.to_string(), rest);
+        Ok(())
+    }
+
+    fn rest(&self, worker: &str) -> anyhow::Result<&Rest> {
+        self.workers
+            .get(worker)
+            .with_context(|| format!("no worker {worker}"))
+    }
+
+    /// Every worker ready, in a generation of `count` members.
+    async fn wait_for_members(&self, count: usize) -> anyhow::Result<()> {
+        for (name, rest) in &self.workers {
+            eventually(
+                &format!("{name} ready in a cluster of {count}"),
+                async || match rest.get("/health/ready").await {
+                    Ok((200, body)) if body["members"] == json!(count) => Some(()),
+                    _ => None,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn create_datagen(&self, via: &str, name: &str, tasks: u32) -> anyhow::Result<()> {
+        let (code, body) = self
+            .rest(via)?
+            .post(
+                "/connectors",
+                &json!({"name": name, "config": {
+                    "connector.class": "DatagenSource",
+                    "topic": "vitals",
+                    "schema": "vitals",
+                    "rate": "5",
+                    "tasks.max": tasks.to_string(),
+                }}),
+            )
+            .await?;
+        ensure!(code == 201, "creating {name} via {via}: {code} {body}");
+        Ok(())
+    }
+
+    /// RUNNING tasks by worker id, as `via` reports them; `None` while a task is not RUNNING.
+    async fn running_tasks(
+        &self,
+        via: &str,
+        connectors: &[&str],
+        tasks_each: usize,
+    ) -> Option<BTreeMap<String, usize>> {
+        let rest = self.rest(via).ok()?;
+        let mut by_worker = BTreeMap::new();
+        for connector in connectors {
+            let (code, status) = rest
+                .get(&format!("/connectors/{connector}/status"))
+                .await
+                .ok()?;
+            let tasks = status["tasks"].as_array()?;
+            if code != 200 || tasks.len() != tasks_each {
+                return None;
+            }
+            for task in tasks {
+                if task["state"] != "RUNNING" {
+                    return None;
+                }
+                *by_worker
+                    .entry(task["worker_id"].as_str()?.to_string())
+                    .or_insert(0) += 1;
+            }
+        }
+        Some(by_worker)
+    }
+
+    /// Waits until every task runs, on the workers named only, spread `expected`; returns when.
+    async fn wait_for_spread(
+        &self,
+        via: &str,
+        connectors: &[&str],
+        tasks_each: usize,
+        expected: &[(&str, usize)],
+    ) -> anyhow::Result<Instant> {
+        let expected: BTreeMap<String, usize> =
+            expected.iter().map(|(w, n)| (w.to_string(), *n)).collect();
+        let deadline = Instant::now() + MOVE_DEADLINE;
+        let mut last = None;
+        while Instant::now() < deadline {
+            let seen = self.running_tasks(via, connectors, tasks_each).await;
+            if seen.as_ref() == Some(&expected) {
+                return Ok(Instant::now());
+            }
+            last = seen;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("tasks never spread {expected:?} within {MOVE_DEADLINE:?}; last seen {last:?}")
+    }
+
+    async fn status(&self, via: &str, connector: &str) -> anyhow::Result<Value> {
+        let (code, body) = self
+            .rest(via)?
+            .get(&format!("/connectors/{connector}/status"))
+            .await?;
+        ensure!(
+            code == 200,
+            "status of {connector} via {via}: {code} {body}"
+        );
+        Ok(body)
+    }
+}
+
+const SIX: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+
+/// Three workers, six connectors of two tasks: 4/4/4, and every worker reports the same.
+async fn spread_six(cluster: &Cluster) -> anyhow::Result<()> {
+    for (i, name) in SIX.iter().enumerate() {
+        // Any worker takes a create.
+        let via = ["w1", "w2", "w3"][i % 3];
+        cluster.create_datagen(via, name, 2).await?;
+    }
+    cluster
+        .wait_for_spread("w1", &SIX, 2, &[("w1", 4), ("w2", 4), ("w3", 4)])
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_spread_twelve_tasks_four_four_four_and_agree_on_status() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start(&["w1", "w2", "w3"], &["vitals:3"]).await?;
+    let outcome = async {
+        spread_six(&cluster).await?;
+        for name in SIX {
+            let reference = cluster.status("w1", name).await?;
+            for worker in ["w2", "w3"] {
+                let seen = cluster.status(worker, name).await?;
+                ensure!(
+                    seen == reference,
+                    "{worker} says {seen}, w1 says {reference}"
+                );
+            }
+            // A connector is owned by one worker, which records it RUNNING.
+            ensure!(reference["connector"]["state"] == "RUNNING", "{reference}");
+        }
+        Ok(())
+    }
+    .await;
+    cluster.processes.report(outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_workers_tasks_run_on_the_others() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(&["w1", "w2", "w3"], &["vitals:3"]).await?;
+    let outcome = async {
+        spread_six(&cluster).await?;
+        let killed = Instant::now();
+        cluster.processes.kill("w3")?;
+        let moved = cluster
+            .wait_for_spread("w1", &SIX, 2, &[("w1", 6), ("w2", 6)])
+            .await?;
+        report_line(format!(
+            "cluster: SIGKILL of 1 of 3 workers -> its 4 tasks RUNNING elsewhere after {:.1} s (session timeout 6 s, mock broker)",
+            (moved - killed).as_secs_f64()
+        ));
+        Ok(())
+    }
+    .await;
+    cluster.processes.report(outcome)
+}
