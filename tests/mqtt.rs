@@ -673,10 +673,7 @@ async fn the_sink_delivers_commands_to_a_subscribed_paho_device_at_qos_1() -> an
     let worker = cluster.start_worker().await?;
 
     let mut device = tokio::process::Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/peers/mqtt_subscriber.py"
-        ))
+        .arg(subscriber_script())
         .args([
             "--port",
             &mosquitto.port.to_string(),
@@ -685,17 +682,10 @@ async fn the_sink_delivers_commands_to_a_subscribed_paho_device_at_qos_1() -> an
         ])
         .args(["--topic", "devices/pump-3/commands", "--expect", "10"])
         .stdout(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()?;
-    let mut lines = tokio::io::BufReader::new(device.stdout.take().expect("piped stdout"));
-    let mut first = String::new();
-    {
-        use tokio::io::AsyncBufReadExt;
-        tokio::time::timeout(Duration::from_secs(30), lines.read_line(&mut first)).await??;
-    }
-    anyhow::ensure!(
-        first.trim() == "SUBSCRIBED",
-        "the device did not subscribe: {first}"
-    );
+    let mut lines = stdout_lines(&mut device);
+    line_starting(&mut lines, "SUBSCRIBED").await?;
 
     let commands: Vec<String> = (0..10)
         .map(|n| format!("{{\"command\":\"set-rate\",\"rate\":{n}}}"))
@@ -718,25 +708,15 @@ async fn the_sink_delivers_commands_to_a_subscribed_paho_device_at_qos_1() -> an
         )
         .await?;
 
-    let mut rest = String::new();
-    {
-        use tokio::io::AsyncReadExt;
-        tokio::time::timeout(Duration::from_secs(60), lines.read_to_string(&mut rest)).await??;
-    }
-    let status = device.wait().await?;
-    anyhow::ensure!(
-        status.success(),
-        "the device did not receive 10 commands: {rest}"
-    );
-    let received: Vec<&str> = rest
-        .lines()
-        .filter_map(|l| l.strip_prefix("MSG 1 devices/pump-3/commands "))
+    let received: Vec<String> = received_commands(device, lines)
+        .await?
+        .into_iter()
+        .filter_map(|l| {
+            l.strip_prefix("1 devices/pump-3/commands ")
+                .map(String::from)
+        })
         .collect();
-    assert_eq!(
-        received,
-        commands.iter().map(String::as_str).collect::<Vec<_>>(),
-        "every command once, in order, at QoS 1"
-    );
+    assert_eq!(received, commands, "every command once, in order, at QoS 1");
     worker.shutdown().await;
     Ok(())
 }
