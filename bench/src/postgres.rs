@@ -1,7 +1,7 @@
 //! The PostgreSQL sink against `COPY` of the same rows into a table of the same shape, in the
 //! same run, on a server of its own (Debian's postgresql-15, `scripts/postgres-peers`).
 //!
-//!   cargo run -p medconnect-bench --bin postgres -- [rows] [batch.size]
+//!   cargo run -p medconnect-bench --bin postgres -- [rows] [batch.size] [rounds]
 //!
 //! The sink task is driven as the engine drives it (`put` in batches of 500, then `flush`),
 //! without Kafka: this measures the sink itself, with `insert.mode=upsert` and `pk.mode=kafka`
@@ -9,8 +9,8 @@
 //! the same rows already rendered as COPY text, in one stream: the fastest way in, the bound.
 //! The same COPY cut into transactions of `batch.size` rows, a commit each as the sink makes,
 //! is printed too: what the server alone does at that transaction size, no client work.
-//! Tables are emptied between runs; each contender runs three times, alternated, and the best
-//! run counts. Prints rows/s and the ratios, and checks every row arrived.
+//! Tables are emptied between runs; each contender runs `rounds` times (3), alternated, and
+//! the best run counts. Prints rows/s and the ratios, and checks every row arrived.
 
 mod postgres_server;
 
@@ -27,7 +27,6 @@ use sqlx::postgres::PgConnection;
 
 /// Records handed to one `put`, as the engine's sink batches.
 const PUT_BATCH: usize = 500;
-const ROUNDS: usize = 3;
 
 fn records(count: usize) -> Vec<SinkRecord> {
     (0..count)
@@ -194,6 +193,7 @@ fn arg(n: usize, default: usize) -> anyhow::Result<usize> {
 async fn main() -> anyhow::Result<()> {
     let rows = arg(1, 200_000)?;
     let batch = arg(2, 3000)?.max(1);
+    let rounds = arg(3, 3)?.max(1);
     let batch_size = batch.to_string();
     let server = Server::start()?;
     let url = server.url();
@@ -236,7 +236,7 @@ async fn main() -> anyhow::Result<()> {
     let (mut best_upsert, mut best_insert, mut best_copy_keyed, mut best_copy_plain) =
         (0f64, 0f64, 0f64, 0f64);
     let (mut best_batched_keyed, mut best_batched_plain) = (0f64, 0f64);
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         best_copy_keyed = best_copy_keyed
             .max(run_copy(&mut admin, "copy_keyed", &[&keyed_text[..]], rows).await?);
         best_upsert =
@@ -254,7 +254,7 @@ async fn main() -> anyhow::Result<()> {
     drop(server);
 
     println!(
-        "{rows} rows of 10 columns (3 key + 7 fields), batch.size {batch_size}, best of {ROUNDS}:"
+        "{rows} rows of 10 columns (3 key + 7 fields), batch.size {batch_size}, best of {rounds}:"
     );
     println!(
         "  keyed (primary key __connect_*):  sink upsert {:>9.0} rows/s   COPY {:>9.0} rows/s   ratio {:.2}",
