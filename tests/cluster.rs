@@ -266,3 +266,178 @@ async fn a_sigkilled_workers_tasks_run_on_the_others() -> anyhow::Result<()> {
     .await;
     cluster.processes.report(outcome)
 }
+
+/// A process's stdout and stderr.
+fn output(processes: &Processes, name: &str) -> String {
+    processes.stdout(name) + processes.stderr(name).as_str()
+}
+
+/// How many times each task started in a worker's log (datagen logs each start).
+fn starts(processes: &Processes, worker: &str) -> BTreeMap<(String, u32), usize> {
+    let mut starts = BTreeMap::new();
+    let log = output(processes, worker);
+    for line in log.lines().filter(|l| l.contains("datagen task started")) {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .map(str::to_string)
+        };
+        if let (Some(connector), Some(Ok(task))) =
+            (field("connector"), field("task").map(|t| t.parse::<u32>()))
+        {
+            *starts.entry((connector, task)).or_insert(0) += 1;
+        }
+    }
+    starts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_worker_takes_a_share_and_nothing_that_stays_restarts() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(&["w1", "w2", "w3"], &["vitals:3"]).await?;
+    let outcome = async {
+        spread_six(&cluster).await?;
+        let before: BTreeMap<&str, _> = ["w1", "w2", "w3"]
+            .into_iter()
+            .map(|w| (w, starts(&cluster.processes, w)))
+            .collect();
+        let joined = Instant::now();
+        cluster.add("w4").await?;
+        let balanced = cluster
+            .wait_for_spread("w1", &SIX, 2, &[("w1", 3), ("w2", 3), ("w3", 3), ("w4", 3)])
+            .await?;
+        for (worker, started) in &before {
+            let after = starts(&cluster.processes, worker);
+            for (task, count) in started {
+                ensure!(
+                    after.get(task) == Some(count),
+                    "{worker} restarted {task:?}: started {count} time(s) before w4 joined, {:?} after",
+                    after.get(task)
+                );
+            }
+        }
+        report_line(format!(
+            "cluster: a 4th worker joined -> 3/3/3/3 after {:.1} s, no task restarted where it stayed (mock broker)",
+            (balanced - joined).as_secs_f64()
+        ));
+        Ok(())
+    }
+    .await;
+    cluster.processes.report(outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gracefully_stopped_worker_hands_its_tasks_over() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(&["w1", "w2", "w3"], &["vitals:3"]).await?;
+    let outcome = async {
+        spread_six(&cluster).await?;
+        let stopped = Instant::now();
+        cluster.processes.signal("w3", "TERM")?;
+        let moved = cluster
+            .wait_for_spread("w1", &SIX, 2, &[("w1", 6), ("w2", 6)])
+            .await?;
+        let log = output(&cluster.processes, "w3");
+        ensure!(log.contains("left the cluster"), "w3 did not leave its group");
+        report_line(format!(
+            "cluster: SIGTERM of 1 of 3 workers -> its 4 tasks RUNNING elsewhere after {:.1} s (it left the group; mock broker)",
+            (moved - stopped).as_secs_f64()
+        ));
+        Ok(())
+    }
+    .await;
+    cluster.processes.report(outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frozen_past_its_session_stops_its_tasks_when_it_wakes() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(&["w1", "w2", "w3"], &["vitals:3"]).await?;
+    let outcome = async {
+        spread_six(&cluster).await?;
+        cluster.processes.signal("w3", "STOP")?;
+        cluster
+            .wait_for_spread("w1", &SIX, 2, &[("w1", 6), ("w2", 6)])
+            .await?;
+        let log_before = output(&cluster.processes, "w3");
+        cluster.processes.signal("w3", "CONT")?;
+        // The first thing it does awake: stop everything, before rejoining.
+        let log = eventually("w3 to report its lost membership", async || {
+            let log = output(&cluster.processes, "w3");
+            log.contains("lost cluster membership").then_some(log)
+        })
+        .await?;
+        let woke = &log[log_before.len().min(log.len())..];
+        let lost = woke.find("lost cluster membership").context("no loss")?;
+        ensure!(
+            !woke[..lost].contains("joined the cluster")
+                && !woke[..lost].contains("datagen task started"),
+            "w3 did something before stopping its tasks:\n{}",
+            &woke[..lost]
+        );
+        // It rejoins, and the work spreads over the three again.
+        cluster
+            .wait_for_spread("w1", &SIX, 2, &[("w1", 4), ("w2", 4), ("w3", 4)])
+            .await?;
+        Ok(())
+    }
+    .await;
+    cluster.processes.report(outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_of_one_name_through_every_worker_at_once_make_one_connector() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start(&["w1", "w2", "w3"], &["vitals:3"]).await?;
+    let outcome = async {
+        let config = json!({"name": "once", "config": {
+            "connector.class": "DatagenSource", "topic": "vitals", "schema": "vitals",
+            "rate": "1", "tasks.max": "1",
+        }});
+        let mut attempts = tokio::task::JoinSet::new();
+        for worker in ["w1", "w2", "w3", "w1", "w2", "w3"] {
+            let rest = cluster.rest(worker)?.clone();
+            let config = config.clone();
+            attempts.spawn(async move { rest.post("/connectors", &config).await });
+        }
+        let mut codes: Vec<u16> = Vec::new();
+        for answer in attempts.join_all().await {
+            codes.push(answer?.0);
+        }
+        codes.sort();
+        ensure!(
+            codes == [201, 409, 409, 409, 409, 409],
+            "six creates of one name through three workers answered {codes:?}"
+        );
+        Ok(())
+    }
+    .await;
+    cluster.processes.report(outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refuses_to_join_over_a_kafka_security_protocol_it_cannot_speak()
+-> anyhow::Result<()> {
+    let mut processes = Processes::new()?;
+    let config = processes.path("secure.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "bootstrap_servers = \"127.0.0.1:{}\"\n[rest]\nlisten = \"127.0.0.1:0\"\n[kafka]\n\"security.protocol\" = \"SASL_SSL\"\n",
+            free_port()?
+        ),
+    )?;
+    let config_path = config.to_str().context("temp path")?.to_string();
+    processes.spawn("worker", &medconnect_bin()?, &["worker", &config_path], &[])?;
+    let outcome = async {
+        eventually("the worker to exit", async || {
+            processes.exited("worker").then_some(())
+        })
+        .await?;
+        let log = output(&processes, "worker");
+        ensure!(
+            log.contains("cluster membership needs security.protocol PLAINTEXT, not SASL_SSL"),
+            "{log}"
+        );
+        Ok(())
+    }
+    .await;
+    processes.report(outcome)
+}

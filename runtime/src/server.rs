@@ -33,6 +33,12 @@ pub enum WorkerError {
     },
     #[error(transparent)]
     Herder(#[from] HerderError),
+    /// The group coordinator connection is a client of our own (see `worker::cluster`), and so
+    /// far speaks neither TLS nor SASL: joining a secured cluster would fail in a loop.
+    #[error(
+        "cluster membership needs security.protocol PLAINTEXT, not {0}: the group coordinator connection speaks neither TLS nor SASL yet; set [cluster] enabled = false to run this worker alone"
+    )]
+    ClusterSecurity(String),
     #[error("Kafka at {servers} did not answer within {timeout:?} while {what}")]
     StartTimeout {
         servers: String,
@@ -85,6 +91,14 @@ impl Worker {
                 source,
             })?;
         let kafka = config.kafka_settings();
+        if config.cluster.enabled
+            && let Some(protocol) = kafka
+                .common
+                .get("security.protocol")
+                .filter(|p| !p.eq_ignore_ascii_case("plaintext"))
+        {
+            return Err(WorkerError::ClusterSecurity(protocol.clone()));
+        }
         let topics = &config.internal_topics;
         let internal = vec![
             topics.config.clone(),
@@ -152,7 +166,17 @@ impl Worker {
         })?);
         let shutdown = CancellationToken::new();
         let (failure_tx, failure) = watch::channel(None);
-        let cluster_view = watch::Sender::new(ClusterView::default());
+        // Alone, a worker is its own leader from the start; in a cluster it waits to join.
+        let cluster_view = watch::Sender::new(if config.cluster.enabled {
+            ClusterView::default()
+        } else {
+            ClusterView {
+                generation: Some(0),
+                leader_url: None,
+                is_leader: true,
+                members: Vec::new(),
+            }
+        });
         let rest = tokio::spawn({
             let state = RestState {
                 herder: herder.clone(),
@@ -161,6 +185,10 @@ impl Worker {
                 max_config_bytes: rest::max_config_bytes(message_max_bytes(&kafka)),
                 failure: failure.clone(),
                 cluster: cluster_view.subscribe(),
+                forwarder: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(60))
+                    .build()
+                    .map_err(|e| HerderError::Internal(format!("HTTP client: {e}")))?,
             };
             let (shutdown, failure) = (shutdown.clone(), failure_tx.clone());
             async move {
@@ -178,6 +206,12 @@ impl Worker {
         ));
         let mut background = vec![rest, watcher];
         if let Some(assignment) = cluster_assignment {
+            if config.rest.advertised_url.is_none() && rest_addr.ip().is_unspecified() {
+                tracing::warn!(
+                    rest = %rest_addr,
+                    "the REST API listens on every address and [rest] advertised_url is not set: other workers cannot forward requests here"
+                );
+            }
             let membership = Membership {
                 config: config.cluster.clone(),
                 bootstrap_servers: kafka.bootstrap_servers().to_string(),
@@ -194,14 +228,6 @@ impl Worker {
                 view: cluster_view.clone(),
             };
             background.push(tokio::spawn(membership.run(shutdown.clone())));
-        } else {
-            // Alone: everything here is assigned here, at once.
-            cluster_view.send_replace(ClusterView {
-                generation: Some(0),
-                leader_url: None,
-                is_leader: true,
-                members: Vec::new(),
-            });
         }
         let cluster_watch = tokio::spawn(cluster_watch::watch(
             kafka.clone(),

@@ -120,6 +120,23 @@ impl Processes {
             .unwrap_or(true)
     }
 
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`) with `kill(1)`.
+    pub fn signal(&mut self, name: &str, signal: &str) -> anyhow::Result<()> {
+        let pid = self.child(name)?.id().to_string();
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid])
+            .status()
+            .context("running kill")?;
+        ensure!(status.success(), "kill -{signal} {name} failed");
+        Ok(())
+    }
+
+    pub fn stderr(&self, name: &str) -> String {
+        std::fs::read(self.path(&format!("{name}.stderr")))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
     pub fn stdout(&self, name: &str) -> String {
         std::fs::read(self.path(&format!("{name}.stdout")))
             .map(|b| String::from_utf8_lossy(&b).into_owned())

@@ -334,6 +334,7 @@ impl TestWorker {
 }
 
 /// A small client for the REST API: every call returns (status code, JSON body or Null).
+#[derive(Clone)]
 pub struct Rest {
     base: String,
     http: reqwest::Client,

@@ -282,10 +282,19 @@ pub async fn restart(
     Path(name): Path<String>,
     Query(query): Query<RestartQuery>,
 ) -> ApiResult<Response> {
-    state
+    let restarted = state
         .herder
         .restart(&name, query.include_tasks, query.only_failed)
         .await?;
+    // The tasks that run on other workers restart there.
+    for task in restarted {
+        if let Err(reason) = super::forward::restart_elsewhere(&state, &name, task).await {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("Cannot restart task {task} of {name}: {reason}"),
+            ));
+        }
+    }
     if !query.include_tasks && !query.only_failed {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }

@@ -4,6 +4,7 @@
 mod body;
 mod connectors;
 mod error;
+pub mod forward;
 mod loggers;
 mod plugins;
 
@@ -39,8 +40,11 @@ pub struct RestState {
     pub max_config_bytes: usize,
     /// Why the worker cannot go on, once it cannot: `/health` then answers 500.
     pub failure: watch::Receiver<Option<String>>,
-    /// The cluster as this worker sees it: `/health/ready` answers 200 once it has work to do.
+    /// The cluster as this worker sees it: `/health/ready` answers 200 once it has work to do;
+    /// writes go to its leader ([`forward`]).
     pub cluster: watch::Receiver<ClusterView>,
+    /// Sends forwarded requests to other workers.
+    pub forwarder: reqwest::Client,
 }
 
 /// The API, answering a path with trailing slashes (`/connectors/`) as the path without them,
@@ -49,7 +53,8 @@ pub fn router(state: RestState) -> Router {
     // Routing happens before a router's own middleware runs, so the rewrite sits in an outer
     // router whose only route is the API as its fallback.
     Router::new()
-        .fallback_service(routes(state))
+        .fallback_service(routes(state.clone()))
+        .layer(middleware::from_fn_with_state(state, forward::to_leader))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(trim_trailing_slashes))
 }

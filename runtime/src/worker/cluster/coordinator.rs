@@ -15,8 +15,8 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{
     ApiKey, FindCoordinatorRequest, FindCoordinatorResponse, GroupId, HeartbeatRequest,
-    HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse,
-    RequestHeader, ResponseHeader, SyncGroupRequest, SyncGroupResponse,
+    HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, RequestHeader,
+    ResponseHeader, SyncGroupRequest, SyncGroupResponse,
     join_group_request::JoinGroupRequestProtocol, leave_group_request::MemberIdentity,
     sync_group_request::SyncGroupRequestAssignment,
 };
@@ -30,6 +30,7 @@ const JOIN_GROUP_VERSION: i16 = 5;
 const SYNC_GROUP_VERSION: i16 = 3;
 const HEARTBEAT_VERSION: i16 = 3;
 const LEAVE_GROUP_VERSION: i16 = 3;
+const LEAVE_GROUP_SINGLE_MEMBER_VERSION: i16 = 1;
 /// Answers larger than this are refused: a group's metadata is a few KiB per worker.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -309,11 +310,8 @@ impl Coordinator {
             .await?;
         // An error answer may carry a null assignment, which the schema does not allow and
         // the codec refuses (librdkafka's mock cluster sends one): read the error code first.
-        let mut head = answer.clone();
-        if head.remaining() >= 6 {
-            let _throttle = head.get_i32();
-            check("SyncGroup", head.get_i16(), None)?;
-        }
+        let (_throttle, error_code) = head(&answer, "SyncGroup")?;
+        check("SyncGroup", error_code, None)?;
         let response = decode::<SyncGroupResponse>(answer, "SyncGroup", SYNC_GROUP_VERSION)?;
         check("SyncGroup", response.error_code, None)?;
         Ok(response.assignment)
@@ -340,23 +338,36 @@ impl Coordinator {
     /// Leaves the group at once, so the others rebalance now instead of after the session
     /// timeout.
     pub async fn leave(&mut self, member_id: &str) -> Result<()> {
-        let request = LeaveGroupRequest::default()
-            .with_group_id(self.group_id.clone())
-            .with_members(vec![
-                MemberIdentity::default()
-                    .with_member_id(StrBytes::from_string(member_id.to_string())),
-            ]);
+        match self.leave_as(member_id, LEAVE_GROUP_VERSION).await {
+            // librdkafka's mock cluster reads every LeaveGroup as v0 (one member id, where v3
+            // has a list), so it does not know the member it reads: ask again in v1's shape.
+            Err(error) if error.code() == Some(code::UNKNOWN_MEMBER_ID) => self
+                .leave_as(member_id, LEAVE_GROUP_SINGLE_MEMBER_VERSION)
+                .await
+                .map_err(|_| error),
+            left => left,
+        }
+    }
+
+    async fn leave_as(&mut self, member_id: &str, version: i16) -> Result<()> {
+        let member_id = StrBytes::from_string(member_id.to_string());
+        let request = if version >= 3 {
+            LeaveGroupRequest::default()
+                .with_group_id(self.group_id.clone())
+                .with_members(vec![MemberIdentity::default().with_member_id(member_id)])
+        } else {
+            LeaveGroupRequest::default()
+                .with_group_id(self.group_id.clone())
+                .with_member_id(member_id)
+        };
         let timeout = self.request_timeout;
-        let response: LeaveGroupResponse = self
-            .call(
-                ApiKey::LeaveGroup,
-                "LeaveGroup",
-                LEAVE_GROUP_VERSION,
-                &request,
-                timeout,
-            )
+        let answer = self
+            .exchange(ApiKey::LeaveGroup, "LeaveGroup", version, &request, timeout)
             .await?;
-        check("LeaveGroup", response.error_code, None)
+        // Only the group-level error matters here; the mock cluster answers v3 with the v0
+        // fields alone (no per-member list), which the codec refuses.
+        let (_throttle, error_code) = head(&answer, "LeaveGroup")?;
+        check("LeaveGroup", error_code, None)
     }
 
     async fn call<Req, Resp>(
@@ -436,6 +447,18 @@ impl Coordinator {
                 timeout,
             })?
     }
+}
+
+/// The throttle time and error code that begin a SyncGroup (v1+) or LeaveGroup (v1+) answer.
+fn head(answer: &Bytes, request: &'static str) -> Result<(i32, i16)> {
+    let mut head = answer.clone();
+    if head.remaining() < 6 {
+        return Err(CoordinatorError::Protocol {
+            request,
+            reason: format!("answer of {} bytes", answer.len()),
+        });
+    }
+    Ok((head.get_i32(), head.get_i16()))
 }
 
 fn decode<Resp: Decodable>(mut answer: Bytes, request: &'static str, version: i16) -> Result<Resp> {

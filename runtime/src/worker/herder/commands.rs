@@ -215,8 +215,12 @@ impl Herder {
             .connector(name)
             .is_some_and(|s| s.state == ConnectorState::Failed);
         if !only_failed || connector_failed {
-            self.put_connector_status(name, ConnectorState::Restarting, None)
-                .await;
+            // Only the connector's owner records its status (and records it RUNNING again
+            // when it reconciles below); another worker only regenerates the task configs.
+            if self.assignment.owns_connector(name) {
+                self.put_connector_status(name, ConnectorState::Restarting, None)
+                    .await;
+            }
             if entry.target_state != TargetState::Stopped {
                 self.generate_tasks(name, &entry.config).await?;
             }

@@ -40,6 +40,11 @@ impl Validation {
 }
 
 impl Herder {
+    /// The worker the status topic says runs the task.
+    pub fn task_owner(&self, name: &str, task: u32) -> Option<String> {
+        self.statuses.task(name, task).map(|s| s.worker_id)
+    }
+
     pub fn connector_names(&self) -> Vec<String> {
         self.configs.snapshot().connectors.into_keys().collect()
     }
