@@ -33,6 +33,9 @@ pub enum Streamed {
 /// no difference measurable in the bench).
 const CHUNK: usize = 32 * 1024;
 
+/// The first chunk is sent sooner: until it arrives the server has nothing to do.
+const FIRST_CHUNK: usize = 4 * 1024;
+
 /// The rows of one shape as COPY text, rendered record by record.
 pub struct Rows<'r> {
     filter: &'r FieldFilter,
@@ -218,6 +221,7 @@ pub async fn write(
         Err(error) => return Err(failed(catalog, &table, error)),
     };
     let mut out = Vec::with_capacity(CHUNK + CHUNK / 4);
+    let mut chunk = FIRST_CHUNK;
     for (n, record) in records.iter().enumerate() {
         if !rows.push(&mut out, record) {
             tracing::debug!(%table, row = n, "batch not of one shape: planned instead");
@@ -232,7 +236,8 @@ pub async fn write(
                 _ => Err(failed(catalog, &table, error)),
             };
         }
-        if out.len() >= CHUNK {
+        if out.len() >= chunk {
+            chunk = CHUNK;
             if let Err(error) = stream.send(out.as_slice()).await {
                 let _ = stream.abort("medconnect: sending the rows failed").await;
                 return Err(failed(catalog, &table, error));
