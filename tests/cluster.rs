@@ -441,3 +441,101 @@ async fn a_worker_refuses_to_join_over_a_kafka_security_protocol_it_cannot_speak
     .await;
     processes.report(outcome)
 }
+
+/// (task, seq) of each datagen record in `values`, with how often each occurs.
+fn datagen_counts<'a>(values: impl Iterator<Item = &'a [u8]>) -> BTreeMap<(u64, u64), usize> {
+    let mut counts = BTreeMap::new();
+    for value in values {
+        if let Ok(value) = serde_json::from_slice::<Value>(value)
+            && let (Some(task), Some(seq)) = (value["task"].as_u64(), value["seq"].as_u64())
+        {
+            *counts.entry((task, seq)).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// The file sink's lines as datagen records (a line torn by the kill is not counted).
+fn file_counts(path: &std::path::Path) -> BTreeMap<(u64, u64), usize> {
+    let text = std::fs::read(path).unwrap_or_default();
+    datagen_counts(text.split(|b| *b == b'\n'))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_loses_nothing_when_the_worker_running_its_sink_is_sigkilled()
+-> anyhow::Result<()> {
+    const TASKS: u64 = 3;
+    const RECORDS: u64 = 6_000;
+    let mut cluster = Cluster::start(&["w1", "w2", "w3"], &["vitals:3"]).await?;
+    let output = cluster.processes.path("vitals.jsonl");
+    let outcome = async {
+        let rest = cluster.rest("w1")?.clone();
+        let (code, body) = rest
+            .post(
+                "/connectors",
+                &json!({"name": "gen", "config": {
+                    "connector.class": "DatagenSource", "topic": "vitals", "schema": "vitals",
+                    "tasks.max": TASKS.to_string(), "max.records": RECORDS.to_string(), "rate": "600",
+                }}),
+            )
+            .await?;
+        ensure!(code == 201, "{code} {body}");
+        let (code, body) = rest
+            .post(
+                "/connectors",
+                &json!({"name": "out", "config": {
+                    "connector.class": "FileStreamSink", "topics": "vitals",
+                    "file": output.to_str().context("temp path")?,
+                }}),
+            )
+            .await?;
+        ensure!(code == 201, "{code} {body}");
+        // Mid-stream: a third of the records in the file.
+        eventually("a third of the records in the file", async || {
+            (file_counts(&output).len() as u64 >= RECORDS / 3).then_some(())
+        })
+        .await?;
+        let sink_worker = cluster.status("w1", "out").await?["tasks"][0]["worker_id"]
+            .as_str()
+            .context("the sink task runs nowhere")?
+            .to_string();
+        let in_file_at_kill = file_counts(&output).len();
+        cluster.processes.kill(&sink_worker)?;
+        let survivor = ["w1", "w2", "w3"]
+            .into_iter()
+            .find(|w| *w != sink_worker)
+            .context("no survivor")?;
+        // Everything datagen makes reaches the topic and then the file, through the other two.
+        let topic = medconnect_e2e::crash::read_all(&cluster.bootstrap, "vitals", |records| {
+            datagen_counts(records.iter().filter_map(|r| r.value.as_deref())).len() as u64
+                >= RECORDS
+        })
+        .await?;
+        let topic = datagen_counts(topic.iter().filter_map(|r| r.value.as_deref()));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (file_counts(&output).len() as u64) < RECORDS && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let file = file_counts(&output);
+        let expected: Vec<(u64, u64)> = (0..TASKS)
+            .flat_map(|t| (0..RECORDS / TASKS).map(move |s| (t, s)))
+            .collect();
+        let topic_missing = expected.iter().filter(|k| !topic.contains_key(k)).count();
+        let file_missing = expected.iter().filter(|k| !file.contains_key(k)).count();
+        let duplicates = |counts: &BTreeMap<(u64, u64), usize>| -> usize {
+            counts.values().map(|n| n - 1).sum()
+        };
+        report_line(format!(
+            "cluster crash: datagen ({TASKS} tasks, {RECORDS} records) -> file sink; SIGKILL of {sink_worker} (ran the sink) with {in_file_at_kill} records in the file; topic: {topic_missing} missing, {} duplicates; file: {file_missing} missing, {} duplicates; status via {survivor}",
+            duplicates(&topic),
+            duplicates(&file)
+        ));
+        ensure!(
+            topic_missing == 0 && file_missing == 0,
+            "records lost: {topic_missing} from the topic, {file_missing} from the file"
+        );
+        Ok(())
+    }
+    .await;
+    cluster.processes.report(outcome)
+}
