@@ -539,3 +539,93 @@ async fn a_pipeline_loses_nothing_when_the_worker_running_its_sink_is_sigkilled(
     .await;
     cluster.processes.report(outcome)
 }
+
+/// What a worker's `/metrics` counts as delivered by the connector's tasks there.
+async fn records_out(rest: &Rest, connector: &str) -> anyhow::Result<u64> {
+    let (code, text) = rest.get_text("/metrics").await?;
+    ensure!(code == 200, "/metrics answered {code}");
+    let label = format!("connector=\"{connector}\"");
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("medconnect_records_out_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_every_worker_mllp_source_listens_and_acknowledges_on_every_worker() -> anyhow::Result<()>
+{
+    const SENDERS: usize = 24;
+    const PER_SENDER: usize = 10;
+    let python = medconnect_e2e::crash::python_bin()?;
+    let mut cluster = Cluster::start(&["w1", "w2", "w3"], &["hl7.adt:1"]).await?;
+    let outcome = async {
+        let port = free_port()?;
+        let (code, body) = cluster
+            .rest("w2")?
+            .post(
+                "/connectors",
+                &json!({"name": "adt-in", "config": {
+                    "connector.class": "MllpSource", "mllp.bind": "127.0.0.1",
+                    "mllp.port": port.to_string(), "mllp.share.port": "true",
+                }}),
+            )
+            .await?;
+        ensure!(code == 201, "{code} {body}");
+        // One task per worker, each bound to the same port.
+        let mut workers = eventually("an MLLP task RUNNING on every worker", async || {
+            let status = cluster.status("w1", "adt-in").await.ok()?;
+            let tasks = status["tasks"].as_array()?;
+            let workers: Vec<String> = tasks
+                .iter()
+                .filter(|t| t["state"] == "RUNNING")
+                .filter_map(|t| t["worker_id"].as_str().map(str::to_string))
+                .collect();
+            (workers.len() == 3).then_some(workers)
+        })
+        .await?;
+        workers.sort();
+        ensure!(workers == ["w1", "w2", "w3"], "MLLP tasks on {workers:?}");
+        let mut senders = Vec::new();
+        for n in 0..SENDERS {
+            let name = format!("mllp_send-{n}");
+            let file = cluster.processes.path(&format!("{name}.hl7"));
+            let messages: Vec<String> = (0..PER_SENDER)
+                .map(|i| format!(
+                    "MSH|^~\\&|EPIC|GENHOSP|MEDCONNECT|DC|20261130120000||ADT^A01^ADT_A01|C{n}-{i}|P|2.5.1\rPID|1||P{i:04}^^^GENHOSP^MR||DOE^JANE\r"
+                ))
+                .collect();
+            std::fs::write(&file, messages.join("\n"))?;
+            let file = file.to_str().context("temp path")?.to_string();
+            cluster.processes.spawn(
+                &name,
+                &python.join("mllp_send"),
+                &["--loose", "--file", &file, "--port", &port.to_string(), "127.0.0.1"],
+                &[("PYTHONUNBUFFERED", "1")],
+            )?;
+            senders.push(name);
+        }
+        eventually("every mllp_send to finish", async || {
+            senders.iter().all(|s| cluster.processes.exited(s)).then_some(())
+        })
+        .await?;
+        let acked: usize = senders
+            .iter()
+            .map(|s| cluster.processes.stdout(s).matches("MSA|AA|").count())
+            .sum();
+        ensure!(acked == SENDERS * PER_SENDER, "{acked} of {} messages got AA", SENDERS * PER_SENDER);
+        let mut per_worker = BTreeMap::new();
+        for (name, rest) in &cluster.workers {
+            per_worker.insert(name.clone(), records_out(rest, "adt-in").await?);
+        }
+        let total: u64 = per_worker.values().sum();
+        report_line(format!(
+            "cluster: every-worker MLLP on one port (SO_REUSEPORT), {SENDERS} mllp_send connections: {acked} AA, records per worker {per_worker:?}"
+        ));
+        ensure!(total == acked as u64, "workers delivered {total} records for {acked} AAs");
+        ensure!(per_worker.values().all(|n| *n > 0), "a worker took no connection: {per_worker:?}");
+        Ok(())
+    }
+    .await;
+    cluster.processes.report(outcome)
+}

@@ -13,6 +13,7 @@ use crate::message::{DEFAULT_VERSIONS, Rules, TopicTemplate};
 pub const MLLP_BIND: &str = "mllp.bind";
 pub const MLLP_HOST: &str = "mllp.host";
 pub const MLLP_PORT: &str = "mllp.port";
+pub const MLLP_SHARE_PORT: &str = "mllp.share.port";
 pub const LISTENER_ADDRESS_FILE: &str = "listener.address.file";
 pub const TOPIC: &str = "topic";
 pub const KEY_FIELD: &str = "key.field";
@@ -101,6 +102,7 @@ pub fn source_def() -> ConfigDef {
         .with_validator(Validator::NonEmpty)
         .define(MLLP_PORT, ConfigType::Int, "2575", Importance::High, "TCP port of the MLLP listener (0 picks a free port; see listener.address.file).")
         .with_validator(Validator::between(0.0, 65535.0))
+        .define(MLLP_SHARE_PORT, ConfigType::Boolean, "false", Importance::Low, "Bind with SO_REUSEPORT, so the listener of this every-worker connector on several workers of one host can share mllp.port (the kernel spreads connections); not needed with one worker per host.")
         .define(LISTENER_ADDRESS_FILE, ConfigType::String, "", Importance::Low, "If set, the bound address (host:port) is written to this file once the listener is up.")
         .define(TOPIC, ConfigType::String, "hl7.${message.type}", Importance::High, "Topic of the records; ${message.type} and ${trigger.event} stand for MSH-9.1 and MSH-9.2 in lower case.")
         .with_validator(Validator::custom(TopicTemplate::check))
@@ -247,6 +249,8 @@ pub struct ClientTls {
 pub struct SourceConfig {
     pub bind: String,
     pub port: u16,
+    /// `SO_REUSEPORT`: several workers of one host share the port.
+    pub share_port: bool,
     pub address_file: Option<PathBuf>,
     pub topic: TopicTemplate,
     pub rules: Rules,
@@ -292,6 +296,7 @@ impl SourceConfig {
         Ok(Self {
             bind: parsed.string(MLLP_BIND)?.trim().to_string(),
             port: parsed.int_as(MLLP_PORT)?,
+            share_port: parsed.boolean(MLLP_SHARE_PORT)?,
             address_file: path(&parsed, LISTENER_ADDRESS_FILE),
             topic: TopicTemplate::new(parsed.string(TOPIC)?),
             rules: Rules {

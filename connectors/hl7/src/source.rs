@@ -161,7 +161,7 @@ impl SourceTask for MllpSourceTask {
             ),
             None => None,
         };
-        let listener = TcpListener::bind((config.bind.as_str(), config.port))
+        let listener = medconnect_api::net::listen(&config.bind, config.port, config.share_port)
             .await
             .map_err(|e| {
                 let message = format!("cannot listen on {}:{}: {e}", config.bind, config.port);

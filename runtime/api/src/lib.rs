@@ -9,6 +9,7 @@ pub mod acknowledgements;
 pub mod config;
 pub mod connector;
 pub mod error;
+pub mod net;
 pub mod record;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -18,6 +18,7 @@ use crate::mapping::TopicPattern;
 
 pub const BIND: &str = "mqtt.bind";
 pub const PORT: &str = "mqtt.port";
+pub const SHARE_PORT: &str = "mqtt.share.port";
 pub const USERS: &str = "mqtt.users";
 pub const ALLOW_ANONYMOUS: &str = "mqtt.allow.anonymous";
 pub const MAX_CONNECTIONS: &str = "mqtt.max.connections";
@@ -72,6 +73,7 @@ fn json_error_kind(error: &serde_json::Error) -> &'static str {
 
 pub fn listener_def() -> ConfigDef {
     ConfigDef::new()
+        .define(SHARE_PORT, ConfigType::Boolean, "false", Importance::Low, "Bind with SO_REUSEPORT, so the listener on several workers of one host can share mqtt.port (the kernel spreads connections); not needed with one worker per host.")
         .define(BIND, ConfigType::String, "127.0.0.1", Importance::High, "Address to listen on; 0.0.0.0 for devices on the network (say so explicitly: the default keeps the port local).")
         .with_validator(Validator::NonEmpty)
         .define(PORT, ConfigType::Int, "1883", Importance::High, "TCP port (0: any free port).")
@@ -128,6 +130,8 @@ pub struct ListenerTls {
 pub struct ListenerConfig {
     pub bind: String,
     pub port: u16,
+    /// `SO_REUSEPORT`: several workers of one host share the port.
+    pub share_port: bool,
     pub tls: Option<ListenerTls>,
     pub users: Users,
     pub allow_anonymous: bool,
@@ -192,6 +196,7 @@ impl ListenerConfig {
         Ok(Self {
             bind: parsed.string(BIND)?.trim().to_string(),
             port: parsed.int_as(PORT)?,
+            share_port: parsed.boolean(SHARE_PORT)?,
             tls,
             users,
             allow_anonymous,

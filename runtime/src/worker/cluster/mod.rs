@@ -367,6 +367,15 @@ impl Membership {
             .map(|(id, m)| (id.clone(), m.running.clone()))
             .collect();
         let shares = assignor::assign(&demand, &running);
+        // Every-worker tasks numbered past the member count belonged to workers now gone.
+        let herder = self.herder.clone();
+        let count = members.len() as u32;
+        let every_worker = demand.every_worker.clone();
+        tokio::spawn(async move {
+            for connector in every_worker {
+                herder.forget_tasks_from(&connector, count).await;
+            }
+        });
         let roster: Vec<(String, String)> = members
             .values()
             .map(|m| (m.worker_id.clone(), m.url.clone()))

@@ -1,6 +1,7 @@
 //! Answers about connectors: their configs, task configs, status, topics, and validation of a
 //! config before it is written.
 
+use medconnect_api::Placement;
 use medconnect_api::{ConfigValue, ConnectorKind, Props};
 use serde_json::Value;
 
@@ -40,6 +41,18 @@ impl Validation {
 }
 
 impl Herder {
+    /// Forgets the statuses of an every-worker connector's tasks numbered `count` and up: the
+    /// leader calls it once a generation has fewer members than task ids were given out.
+    pub async fn forget_tasks_from(&self, name: &str, count: u32) {
+        for (id, _) in self.statuses.tasks(name) {
+            if id >= count
+                && let Err(error) = self.statuses.remove_task(name, id).await
+            {
+                tracing::warn!(connector = %name, task = id, %error, "cannot remove task status");
+            }
+        }
+    }
+
     /// The worker the status topic says runs the task.
     pub fn task_owner(&self, name: &str, task: u32) -> Option<String> {
         self.statuses.task(name, task).map(|s| s.worker_id)
@@ -82,11 +95,13 @@ impl Herder {
             .statuses
             .connector(name)
             .unwrap_or_else(|| self.unassigned());
+        let every_worker = self.placement_of(&entry) == Placement::EveryWorker;
+        // An every-worker connector has a task per worker, whatever its task-config count.
         let tasks = self
             .statuses
             .tasks(name)
             .into_iter()
-            .filter(|(id, _)| (*id as usize) < entry.tasks.len())
+            .filter(|(id, _)| every_worker || (*id as usize) < entry.tasks.len())
             .collect();
         Ok(ConnectorStatus {
             name: name.to_string(),
@@ -98,13 +113,14 @@ impl Herder {
 
     pub fn task_status(&self, name: &str, task: u32) -> Result<TaskStatus> {
         let entry = self.entry(name)?;
+        let status = self.statuses.task(name, task);
+        if self.placement_of(&entry) == Placement::EveryWorker {
+            return status.ok_or_else(|| HerderError::TaskNotFound(name.to_string(), task));
+        }
         if task as usize >= entry.tasks.len() {
             return Err(HerderError::TaskNotFound(name.to_string(), task));
         }
-        Ok(self
-            .statuses
-            .task(name, task)
-            .unwrap_or_else(|| self.unassigned()))
+        Ok(status.unwrap_or_else(|| self.unassigned()))
     }
 
     fn unassigned(&self) -> TaskStatus {
