@@ -464,6 +464,23 @@ fn file_counts(path: &std::path::Path) -> BTreeMap<(u64, u64), usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_loses_nothing_when_the_worker_running_its_sink_is_sigkilled()
 -> anyhow::Result<()> {
+    pipeline_across_a_stop(Stop::Kill).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_hands_a_pipeline_over_without_duplicates() -> anyhow::Result<()> {
+    pipeline_across_a_stop(Stop::Term).await
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Stop {
+    Kill,
+    Term,
+}
+
+/// Datagen -> topic -> file sink on three workers; the worker running the sink is stopped
+/// mid-stream (SIGKILL or SIGTERM), and the two others finish the work.
+async fn pipeline_across_a_stop(stop: Stop) -> anyhow::Result<()> {
     const TASKS: u64 = 3;
     const RECORDS: u64 = 6_000;
     let mut cluster = Cluster::start(&["w1", "w2", "w3"], &["vitals:3"]).await?;
@@ -500,7 +517,10 @@ async fn a_pipeline_loses_nothing_when_the_worker_running_its_sink_is_sigkilled(
             .context("the sink task runs nowhere")?
             .to_string();
         let in_file_at_kill = file_counts(&output).len();
-        cluster.processes.kill(&sink_worker)?;
+        match stop {
+            Stop::Kill => cluster.processes.kill(&sink_worker)?,
+            Stop::Term => cluster.processes.signal(&sink_worker, "TERM")?,
+        }
         let survivor = ["w1", "w2", "w3"]
             .into_iter()
             .find(|w| *w != sink_worker)
@@ -525,15 +545,21 @@ async fn a_pipeline_loses_nothing_when_the_worker_running_its_sink_is_sigkilled(
         let duplicates = |counts: &BTreeMap<(u64, u64), usize>| -> usize {
             counts.values().map(|n| n - 1).sum()
         };
+        let (topic_duplicates, file_duplicates) = (duplicates(&topic), duplicates(&file));
         report_line(format!(
-            "cluster crash: datagen ({TASKS} tasks, {RECORDS} records) -> file sink; SIGKILL of {sink_worker} (ran the sink) with {in_file_at_kill} records in the file; topic: {topic_missing} missing, {} duplicates; file: {file_missing} missing, {} duplicates; status via {survivor}",
-            duplicates(&topic),
-            duplicates(&file)
+            "cluster crash: datagen ({TASKS} tasks, {RECORDS} records) -> file sink; {stop:?} of {sink_worker} (ran the sink) with {in_file_at_kill} records in the file; topic: {topic_missing} missing, {topic_duplicates} duplicates; file: {file_missing} missing, {file_duplicates} duplicates; {survivor} and one more finished"
         ));
         ensure!(
             topic_missing == 0 && file_missing == 0,
             "records lost: {topic_missing} from the topic, {file_missing} from the file"
         );
+        // A graceful stop stores every offset and commits every flushed record first.
+        if stop == Stop::Term {
+            ensure!(
+                topic_duplicates == 0 && file_duplicates == 0,
+                "a graceful handover duplicated {topic_duplicates} record(s) in the topic, {file_duplicates} in the file"
+            );
+        }
         Ok(())
     }
     .await;
