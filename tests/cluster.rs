@@ -655,3 +655,82 @@ async fn an_every_worker_mllp_source_listens_and_acknowledges_on_every_worker() 
     .await;
     cluster.processes.report(outcome)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_mllp_message_acknowledged_before_a_worker_is_sigkilled_is_lost() -> anyhow::Result<()> {
+    use medconnect_e2e::crash::{read_all, read_answers, start_senders, wait_for_senders};
+    const MESSAGES: usize = 1_500;
+    const SENDERS: usize = 12;
+    let python = medconnect_e2e::crash::python_bin()?;
+    let mut cluster = Cluster::start(&["w1", "w2", "w3"], &["hl7.adt:1"]).await?;
+    let outcome = async {
+        let port = free_port()?;
+        let (code, body) = cluster
+            .rest("w1")?
+            .post(
+                "/connectors",
+                &json!({"name": "adt-in", "config": {
+                    "connector.class": "MllpSource", "mllp.bind": "127.0.0.1",
+                    "mllp.port": port.to_string(), "mllp.share.port": "true",
+                }}),
+            )
+            .await?;
+        ensure!(code == 201, "{code} {body}");
+        eventually("an MLLP task RUNNING on every worker", async || {
+            let status = cluster.status("w1", "adt-in").await.ok()?;
+            let running = status["tasks"]
+                .as_array()?
+                .iter()
+                .filter(|t| t["state"] == "RUNNING")
+                .count();
+            (running == 3).then_some(())
+        })
+        .await?;
+        let ids: Vec<String> = (0..MESSAGES).map(|i| format!("CL{i:05}")).collect();
+        let first = start_senders(&mut cluster.processes, &python, port, &ids, 1, SENDERS)?;
+        let kill_at = MESSAGES * 3 / 10;
+        eventually(&format!("{kill_at} messages acknowledged"), async || {
+            (read_answers(&cluster.processes, &first).acked.len() >= kill_at).then_some(())
+        })
+        .await?;
+        cluster.processes.kill("w3")?;
+        // Senders on w3's connections fail and exit; the others finish on w1 and w2.
+        wait_for_senders(&mut cluster.processes, &first).await?;
+        let before_kill = read_answers(&cluster.processes, &first);
+        let mut acked = before_kill.acked.clone();
+        let mut round = 1;
+        while acked.len() < MESSAGES {
+            round += 1;
+            ensure!(round <= 6, "{} message(s) without AA after 5 rounds", MESSAGES - acked.len());
+            let left: Vec<String> = ids.iter().filter(|id| !acked.contains(*id)).cloned().collect();
+            let senders = start_senders(&mut cluster.processes, &python, port, &left, round, 4)?;
+            wait_for_senders(&mut cluster.processes, &senders).await?;
+            acked.extend(read_answers(&cluster.processes, &senders).acked);
+        }
+        let records = read_all(&cluster.bootstrap, "hl7.adt", |records| {
+            let ids: std::collections::HashSet<String> =
+                records.iter().filter_map(|r| r.header("hl7.control.id")).collect();
+            ids.len() >= MESSAGES
+        })
+        .await?;
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for record in &records {
+            *counts
+                .entry(record.header("hl7.control.id").context("no control id")?)
+                .or_insert(0) += 1;
+        }
+        let lost = before_kill.acked.iter().filter(|id| !counts.contains_key(*id)).count();
+        let missing = ids.iter().filter(|id| !counts.contains_key(*id)).count();
+        report_line(format!(
+            "cluster crash: every-worker MLLP, {MESSAGES} messages over {SENDERS} mllp_send connections, SIGKILL of 1 of 3 workers after {} AA; resent in {} round(s); topic {} records, {lost} AA'd before the kill missing, {missing} missing, {} duplicates",
+            before_kill.acked.len(),
+            round - 1,
+            records.len(),
+            records.len() - counts.len()
+        ));
+        ensure!(lost == 0 && missing == 0, "{lost} AA'd before the kill and {missing} in all missing");
+        Ok(())
+    }
+    .await;
+    cluster.processes.report(outcome)
+}

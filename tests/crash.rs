@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use medconnect_e2e::crash::{
-    LONG, OFFSETS_TOPIC, Processes, Read, eventually_blocking, free_port, partitions_of,
-    python_bin, read_all, reader, report_line, start_broker, start_worker, wait_out_session,
-    write_worker_config,
+    OFFSETS_TOPIC, Processes, Read, eventually_blocking, free_port, partitions_of, python_bin,
+    read_all, read_answers, reader, report_line, start_broker, start_senders, start_worker,
+    wait_for_senders, wait_out_session, write_worker_config,
 };
 use medconnect_e2e::{QUIET, Rest, eventually, json};
 use rdkafka::consumer::Consumer;
@@ -284,7 +284,7 @@ async fn mllp_crash(processes: &mut Processes) -> anyhow::Result<()> {
     wait_for_listener(&rest, port).await?;
 
     let ids: Vec<String> = (0..MLLP_MESSAGES).map(|i| format!("CRASH{i:05}")).collect();
-    let first = start_senders(processes, &python, port, &ids, 1)?;
+    let first = start_senders(processes, &python, port, &ids, 1, MLLP_SENDERS)?;
     let kill_at = MLLP_MESSAGES * 3 / 10;
     eventually(&format!("{kill_at} messages acknowledged"), async || {
         let answers = read_answers(processes, &first);
@@ -319,7 +319,7 @@ async fn mllp_crash(processes: &mut Processes) -> anyhow::Result<()> {
             .filter(|id| !acked.contains(*id))
             .cloned()
             .collect();
-        let senders = start_senders(processes, &python, port, &left, round)?;
+        let senders = start_senders(processes, &python, port, &left, round, MLLP_SENDERS)?;
         wait_for_senders(processes, &senders).await?;
         let answers = read_answers(processes, &senders);
         negative += answers.negative;
@@ -514,84 +514,6 @@ fn count_lines(path: &Path) -> u64 {
 }
 
 // ---- MLLP ----
-
-fn adt(control_id: &str, patient: usize) -> String {
-    format!(
-        "MSH|^~\\&|EPIC|GENHOSP|MEDCONNECT|DC|20261129120000||ADT^A01^ADT_A01|{control_id}|P|2.5.1\rEVN|A01|20261129120000\rPID|1||P{patient:04}^^^GENHOSP^MR||DOE^JANE||19800101|F\rPV1|1|I|ICU^101^A\r"
-    )
-}
-
-/// [`MLLP_SENDERS`] `mllp_send` processes, each sending its share of `ids` in order on one
-/// connection and printing every answer (unbuffered, so answers before a crash are kept).
-fn start_senders(
-    processes: &mut Processes,
-    python: &Path,
-    port: u16,
-    ids: &[String],
-    round: usize,
-) -> anyhow::Result<Vec<String>> {
-    let per_sender = ids.len().div_ceil(MLLP_SENDERS).max(1);
-    let mut names = Vec::new();
-    for (n, chunk) in ids.chunks(per_sender).enumerate() {
-        let name = format!("mllp_send-{round}-{n}");
-        let file = processes.path(&format!("{name}.hl7"));
-        let messages: Vec<String> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, id)| adt(id, i % 500))
-            .collect();
-        std::fs::write(&file, messages.join("\n"))?;
-        let file = file.to_str().context("temp path is not UTF-8")?;
-        let port = port.to_string();
-        processes.spawn(
-            &name,
-            &python.join("mllp_send"),
-            &["--loose", "--file", file, "--port", &port, "127.0.0.1"],
-            &[("PYTHONUNBUFFERED", "1")],
-        )?;
-        names.push(name);
-    }
-    Ok(names)
-}
-
-async fn wait_for_senders(processes: &mut Processes, senders: &[String]) -> anyhow::Result<()> {
-    let done = tokio::time::timeout(LONG, async {
-        while !senders.iter().all(|s| processes.exited(s)) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    if done.is_err() {
-        bail!("mllp_send still running after {LONG:?}");
-    }
-    Ok(())
-}
-
-#[derive(Default)]
-struct Answers {
-    acked: HashSet<String>,
-    /// AE and AR answers.
-    negative: usize,
-}
-
-/// The answers the senders printed: `MSA|<code>|<control id>` of every ACK they read.
-fn read_answers(processes: &Processes, senders: &[String]) -> Answers {
-    let mut answers = Answers::default();
-    for sender in senders {
-        let out = processes.stdout(sender);
-        for (at, _) in out.match_indices("MSA|") {
-            let mut fields = out[at + 4..].split(['|', '\r', '\n', '\x1c']);
-            match (fields.next(), fields.next()) {
-                (Some("AA"), Some(id)) => {
-                    answers.acked.insert(id.to_string());
-                }
-                (Some(_), Some(_)) => answers.negative += 1,
-                _ => {}
-            }
-        }
-    }
-    answers
-}
 
 /// The MLLP source task is RUNNING and its port accepts connections.
 async fn wait_for_listener(rest: &Rest, port: u16) -> anyhow::Result<()> {

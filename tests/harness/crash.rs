@@ -4,7 +4,7 @@
 //! share it: each kills a worker mid-stream and counts what it vouched for against what is
 //! stored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -467,4 +467,86 @@ pub async fn committed_offsets(
             .collect())
     })
     .await?
+}
+
+// ---- MLLP senders: python hl7's `mllp_send` ----
+
+/// An ADT^A01 with the control id `control_id`.
+pub fn adt(control_id: &str, patient: usize) -> String {
+    format!(
+        "MSH|^~\\&|EPIC|GENHOSP|MEDCONNECT|DC|20261129120000||ADT^A01^ADT_A01|{control_id}|P|2.5.1\rEVN|A01|20261129120000\rPID|1||P{patient:04}^^^GENHOSP^MR||DOE^JANE||19800101|F\rPV1|1|I|ICU^101^A\r"
+    )
+}
+
+/// `senders` `mllp_send` processes, each sending its share of `ids` in order on one
+/// connection and printing every answer (unbuffered, so answers before a crash are kept).
+pub fn start_senders(
+    processes: &mut Processes,
+    python: &Path,
+    port: u16,
+    ids: &[String],
+    round: usize,
+    senders: usize,
+) -> anyhow::Result<Vec<String>> {
+    let per_sender = ids.len().div_ceil(senders).max(1);
+    let mut names = Vec::new();
+    for (n, chunk) in ids.chunks(per_sender).enumerate() {
+        let name = format!("mllp_send-{round}-{n}");
+        let file = processes.path(&format!("{name}.hl7"));
+        let messages: Vec<String> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, id)| adt(id, i % 500))
+            .collect();
+        std::fs::write(&file, messages.join("\n"))?;
+        let file = file.to_str().context("temp path is not UTF-8")?;
+        let port = port.to_string();
+        processes.spawn(
+            &name,
+            &python.join("mllp_send"),
+            &["--loose", "--file", file, "--port", &port, "127.0.0.1"],
+            &[("PYTHONUNBUFFERED", "1")],
+        )?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
+pub async fn wait_for_senders(processes: &mut Processes, senders: &[String]) -> anyhow::Result<()> {
+    let done = tokio::time::timeout(LONG, async {
+        while !senders.iter().all(|s| processes.exited(s)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if done.is_err() {
+        bail!("mllp_send still running after {LONG:?}");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+pub struct Answers {
+    pub acked: HashSet<String>,
+    /// AE and AR answers.
+    pub negative: usize,
+}
+
+/// The answers the senders printed: `MSA|<code>|<control id>` of every ACK they read.
+pub fn read_answers(processes: &Processes, senders: &[String]) -> Answers {
+    let mut answers = Answers::default();
+    for sender in senders {
+        let out = processes.stdout(sender);
+        for (at, _) in out.match_indices("MSA|") {
+            let mut fields = out[at + 4..].split(['|', '\r', '\n', '\x1c']);
+            match (fields.next(), fields.next()) {
+                (Some("AA"), Some(id)) => {
+                    answers.acked.insert(id.to_string());
+                }
+                (Some(_), Some(_)) => answers.negative += 1,
+                _ => {}
+            }
+        }
+    }
+    answers
 }
