@@ -406,6 +406,32 @@ async fn creates_of_one_name_through_every_worker_at_once_make_one_connector() -
             codes == [201, 409, 409, 409, 409, 409],
             "six creates of one name through three workers answered {codes:?}"
         );
+        // A request claiming to come from another worker, without the session key's signature.
+        let forged = json!({"name": "forged", "config": {
+            "connector.class": "DatagenSource", "topic": "vitals", "schema": "vitals",
+        }});
+        for signature in [None, Some("00ff")] {
+            let mut request = reqwest::Client::new()
+                .post(cluster.rest("w2")?.url("/connectors"))
+                .header("x-medconnect-forwarded-by", "w1")
+                .json(&forged);
+            if let Some(signature) = signature {
+                request = request.header("x-medconnect-signature", signature);
+            }
+            let answer = request.send().await?;
+            let status = answer.status().as_u16();
+            let body: Value = answer.json().await?;
+            ensure!(
+                status == 403,
+                "a forged forwarded request answered {status} {body}"
+            );
+            ensure!(body["error_code"] == 403, "{body}");
+        }
+        let (code, _) = cluster.rest("w1")?.get("/connectors/forged").await?;
+        ensure!(
+            code == 404,
+            "the forged request created a connector ({code})"
+        );
         Ok(())
     }
     .await;

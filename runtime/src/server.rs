@@ -175,6 +175,7 @@ impl Worker {
                 leader_url: None,
                 is_leader: true,
                 members: Vec::new(),
+                session_key: Default::default(),
             }
         });
         let rest = tokio::spawn({

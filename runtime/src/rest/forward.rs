@@ -13,6 +13,7 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::signature::SIGNATURE;
 use super::{ApiError, MAX_BODY_BYTES, RestState};
 
 /// Marks a request one worker forwarded to another (its value: the forwarding worker's id).
@@ -29,6 +30,15 @@ fn is_serialised_write(method: &Method, path: &str) -> bool {
 }
 
 pub async fn to_leader(State(state): State<RestState>, request: Request, next: Next) -> Response {
+    // A request that says another worker forwarded it must prove it with the session key.
+    let request = if request.headers().contains_key(FORWARDED_BY) {
+        match verified(&state, request).await {
+            Ok(request) => request,
+            Err(response) => return response,
+        }
+    } else {
+        request
+    };
     if !is_serialised_write(request.method(), request.uri().path()) {
         return next.run(request).await;
     }
@@ -97,13 +107,18 @@ pub async fn restart_elsewhere(
     let Some(url) = owner_url(state, connector, task) else {
         return Ok(false);
     };
+    let path = format!("/connectors/{connector}/tasks/{task}/restart");
+    let me = state.herder.worker_id();
+    let signature = state
+        .cluster
+        .borrow()
+        .session_key
+        .sign("POST", &path, me, b"");
     let answer = state
         .forwarder
-        .post(format!(
-            "{}/connectors/{connector}/tasks/{task}/restart",
-            url.trim_end_matches('/')
-        ))
-        .header(FORWARDED_BY, state.herder.worker_id())
+        .post(format!("{}{path}", url.trim_end_matches('/')))
+        .header(FORWARDED_BY, me)
+        .header(SIGNATURE, signature)
         .send()
         .await
         .map_err(|e| e.to_string())?;
@@ -112,6 +127,48 @@ pub async fn restart_elsewhere(
     } else {
         Err(format!("{url} answered {}", answer.status()))
     }
+}
+
+/// Checks a forwarded request's signature; the request (its body read and put back) or 403.
+async fn verified(state: &RestState, request: Request) -> Result<Request, Response> {
+    let refused = |why: &str| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("Request signature invalid: {why}"),
+        )
+        .into_response()
+    };
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| refused("unreadable body"))?;
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or(parts.uri.path(), |p| p.as_str());
+    let key = state.cluster.borrow().session_key.clone();
+    let forwarded_by = header(FORWARDED_BY);
+    if !key.verify(
+        parts.method.as_str(),
+        path,
+        &forwarded_by,
+        &body,
+        &header(SIGNATURE),
+    ) {
+        tracing::warn!(path, forwarded_by = %forwarded_by, "refused a forwarded request without a valid signature");
+        return Err(refused(
+            "a request forwarded by another worker must be signed with the cluster's current session key",
+        ));
+    }
+    Ok(Request::from_parts(parts, Body::from(body)))
 }
 
 async fn forward(state: &RestState, leader: &str, request: Request) -> Result<Response, String> {
@@ -126,10 +183,17 @@ async fn forward(state: &RestState, leader: &str, request: Request) -> Result<Re
     let url = format!("{}{path}", leader.trim_end_matches('/'));
     let method =
         reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).map_err(|e| e.to_string())?;
+    let me = state.herder.worker_id();
+    let signature = state
+        .cluster
+        .borrow()
+        .session_key
+        .sign(parts.method.as_str(), path, me, &body);
     let mut outgoing = state
         .forwarder
         .request(method, &url)
-        .header(FORWARDED_BY, state.herder.worker_id())
+        .header(FORWARDED_BY, me)
+        .header(SIGNATURE, signature)
         .body(body);
     // The caller's content type and credentials go with it (the leader checks them as its own).
     for name in [header::CONTENT_TYPE, header::AUTHORIZATION, header::ACCEPT] {

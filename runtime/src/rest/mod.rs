@@ -7,6 +7,7 @@ mod error;
 pub mod forward;
 mod loggers;
 mod plugins;
+pub mod signature;
 
 use std::sync::Arc;
 

@@ -33,6 +33,7 @@ use self::assignor::Demand;
 use self::coordinator::{Coordinator, CoordinatorError, Joined, code};
 use self::protocol::{MemberAssignment, MemberMetadata, PROTOCOL_NAME, PROTOCOL_TYPE, Work};
 use super::herder::{Assignment, Herder};
+use crate::rest::signature::SessionKey;
 use crate::store::ConfigStore;
 
 /// The `[cluster]` table of the worker config.
@@ -104,6 +105,8 @@ pub struct ClusterView {
     pub is_leader: bool,
     /// Live members by worker id, with their REST URLs.
     pub members: Vec<(String, String)>,
+    /// Signs and checks requests between members ([`crate::rest::signature`]).
+    pub session_key: SessionKey,
 }
 
 /// The work this worker was assigned: the herder runs exactly this.
@@ -376,6 +379,7 @@ impl Membership {
                 herder.forget_tasks_from(&connector, count).await;
             }
         });
+        let session_key = SessionKey::random();
         let roster: Vec<(String, String)> = members
             .values()
             .map(|m| (m.worker_id.clone(), m.url.clone()))
@@ -390,6 +394,7 @@ impl Membership {
                     work: share.work,
                     revoked: share.revoked,
                     members: roster.clone(),
+                    session_key: session_key.clone(),
                 };
                 let bytes = serde_json::to_vec(&assignment).unwrap_or_default();
                 (member, Bytes::from(bytes))
@@ -418,6 +423,7 @@ impl Membership {
             leader_url: Some(assignment.leader_url),
             is_leader: joined.is_leader(),
             members: assignment.members,
+            session_key: assignment.session_key,
         });
     }
 

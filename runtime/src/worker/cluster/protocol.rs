@@ -7,6 +7,8 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::rest::signature::SessionKey;
+
 /// The group's protocol type: only medconnect workers join a group of this type.
 pub const PROTOCOL_TYPE: &str = "medconnect";
 /// The one protocol this version speaks: sticky balanced assignment, JSON encoded.
@@ -73,4 +75,6 @@ pub struct MemberAssignment {
     pub revoked: Work,
     /// Every member in this generation, by worker id with its REST URL.
     pub members: Vec<(String, String)>,
+    /// Signs requests forwarded between members in this generation.
+    pub session_key: SessionKey,
 }
