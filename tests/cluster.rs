@@ -41,7 +41,12 @@ async fn start_mock_broker(processes: &mut Processes, topics: &[&str]) -> anyhow
     bootstrap.context("the mock broker exited while starting")
 }
 
-fn write_config(processes: &Processes, bootstrap: &str, worker: &str) -> anyhow::Result<PathBuf> {
+fn write_config(
+    processes: &Processes,
+    bootstrap: &str,
+    worker: &str,
+    cluster_settings: &str,
+) -> anyhow::Result<PathBuf> {
     let path = processes.path(&format!("{worker}.toml"));
     let port = free_port()?;
     std::fs::write(
@@ -62,6 +67,7 @@ status = "cluster-status"
 [cluster]
 # The mock cluster ends a sync once the leader's assignments arrive (see ClusterConfig).
 leader_sync_delay_ms = 200
+{cluster_settings}
 
 [tasks]
 offset_flush_interval_ms = 500
@@ -78,16 +84,27 @@ struct Cluster {
     processes: Processes,
     bootstrap: String,
     workers: BTreeMap<String, Rest>,
+    /// Extra `[cluster]` settings of every worker.
+    cluster_settings: String,
 }
 
 impl Cluster {
     async fn start(workers: &[&str], topics: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(workers, topics, "").await
+    }
+
+    async fn start_with(
+        workers: &[&str],
+        topics: &[&str],
+        cluster_settings: &str,
+    ) -> anyhow::Result<Self> {
         let mut processes = Processes::new()?;
         let bootstrap = start_mock_broker(&mut processes, topics).await?;
         let mut cluster = Self {
             processes,
             bootstrap,
             workers: BTreeMap::new(),
+            cluster_settings: cluster_settings.to_string(),
         };
         for worker in workers {
             cluster.add(worker).await?;
@@ -97,7 +114,12 @@ impl Cluster {
     }
 
     async fn add(&mut self, worker: &str) -> anyhow::Result<()> {
-        let config = write_config(&self.processes, &self.bootstrap, worker)?;
+        let config = write_config(
+            &self.processes,
+            &self.bootstrap,
+            worker,
+            &self.cluster_settings,
+        )?;
         let rest = start_worker(&mut self.processes, worker, &config).await?;
         self.workers.insert(worker.to_string(), rest);
         Ok(())
@@ -759,4 +781,75 @@ async fn no_mllp_message_acknowledged_before_a_worker_is_sigkilled_is_lost() -> 
     }
     .await;
     cluster.processes.report(outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_rebalance_delay_a_restarted_worker_gets_its_own_tasks_back() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start_with(
+        &["w1", "w2", "w3"],
+        &["vitals:3"],
+        "scheduled_rebalance_max_delay_ms = 60000",
+    )
+    .await?;
+    let outcome = async {
+        spread_six(&cluster).await?;
+        let mine_before: Vec<String> = tasks_of(&cluster, "w3").await?;
+        let started_before: BTreeMap<&str, _> = ["w1", "w2"]
+            .into_iter()
+            .map(|w| (w, starts(&cluster.processes, w)))
+            .collect();
+        cluster.processes.kill("w3")?;
+        // The two others form a generation without w3 and hold its work back.
+        for worker in ["w1", "w2"] {
+            eventually(
+                &format!("{worker} in a generation of 2"),
+                async || match cluster.rest(worker).ok()?.get("/health/ready").await {
+                    Ok((200, body)) if body["members"] == json!(2) => Some(()),
+                    _ => None,
+                },
+            )
+            .await?;
+        }
+        let held = output(&cluster.processes, "w1") + output(&cluster.processes, "w2").as_str();
+        ensure!(
+            held.contains("holding the work of workers that left"),
+            "no worker held w3's work"
+        );
+        // w3 comes back (same worker id) within the delay: its own tasks go back to it.
+        let config = cluster.processes.path("w3.toml");
+        let rest = start_worker(&mut cluster.processes, "w3-again", &config).await?;
+        cluster.workers.insert("w3".to_string(), rest);
+        cluster
+            .wait_for_spread("w1", &SIX, 2, &[("w1", 4), ("w2", 4), ("w3", 4)])
+            .await?;
+        let mine_after = tasks_of(&cluster, "w3").await?;
+        ensure!(
+            mine_after == mine_before,
+            "w3 ran {mine_before:?}, now {mine_after:?}"
+        );
+        for (worker, before) in started_before {
+            ensure!(
+                starts(&cluster.processes, worker) == before,
+                "{worker} started a task while w3 was away"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    cluster.processes.report(outcome)
+}
+
+/// The tasks (connector-task) a worker runs, as w1 reports them, sorted.
+async fn tasks_of(cluster: &Cluster, worker: &str) -> anyhow::Result<Vec<String>> {
+    let mut tasks = Vec::new();
+    for name in SIX {
+        let status = cluster.status("w1", name).await?;
+        for task in status["tasks"].as_array().context("no tasks")? {
+            if task["worker_id"] == worker {
+                tasks.push(format!("{name}-{}", task["id"]));
+            }
+        }
+    }
+    tasks.sort();
+    Ok(tasks)
 }

@@ -227,6 +227,8 @@ impl Worker {
                 configs,
                 assignment,
                 view: cluster_view.clone(),
+                assigned: Default::default(),
+                departed: Default::default(),
             };
             background.push(tokio::spawn(membership.run(shutdown.clone())));
         }

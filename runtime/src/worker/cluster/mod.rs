@@ -16,6 +16,7 @@
 
 pub mod assignor;
 pub mod coordinator;
+pub mod departed;
 pub mod protocol;
 
 use std::collections::BTreeMap;
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::assignor::Demand;
 use self::coordinator::{Coordinator, CoordinatorError, Joined, code};
+use self::departed::Departed;
 use self::protocol::{MemberAssignment, MemberMetadata, PROTOCOL_NAME, PROTOCOL_TYPE, Work};
 use super::herder::{Assignment, Herder};
 use crate::rest::signature::SessionKey;
@@ -57,6 +59,10 @@ pub struct ClusterConfig {
     /// SyncGroups that come after (INVALID_REQUEST), so against it give the followers ~200 ms.
     #[serde(default)]
     pub leader_sync_delay_ms: u64,
+    /// Connect's `scheduled.rebalance.max.delay.ms`: how long the work of a worker that left
+    /// waits for it to come back before it moves to the others. 0 (default): it moves at once.
+    #[serde(default)]
+    pub scheduled_rebalance_max_delay_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -67,6 +73,7 @@ impl Default for ClusterConfig {
             heartbeat_interval_ms: default_heartbeat_interval_ms(),
             rebalance_timeout_ms: default_rebalance_timeout_ms(),
             leader_sync_delay_ms: 0,
+            scheduled_rebalance_max_delay_ms: 0,
         }
     }
 }
@@ -160,6 +167,11 @@ pub struct Membership {
     pub configs: Arc<ConfigStore>,
     pub assignment: Arc<ClusterAssignment>,
     pub view: watch::Sender<ClusterView>,
+    /// What the leader assigned from in its last generation: connectors created since (even
+    /// while it was assigning) make it rebalance.
+    pub assigned: Mutex<Demand>,
+    /// The leader's memory of workers that left ([`departed`]).
+    pub departed: Mutex<Departed>,
 }
 
 /// How a stable generation ended.
@@ -365,11 +377,51 @@ impl Membership {
             tracing::warn!(%error, "the leader could not read the config topic as far as a member did");
         }
         let demand = self.herder.demand();
+        *self.assigned.lock().unwrap_or_else(PoisonError::into_inner) = demand.clone();
+        let present = members.values().map(|m| m.worker_id.clone()).collect();
+        let held = self
+            .departed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .before_assign(
+                &present,
+                Instant::now(),
+                Duration::from_millis(self.config.scheduled_rebalance_max_delay_ms),
+            );
+        if !held.work.is_empty() {
+            tracing::info!(
+                held = held.work.len(),
+                "holding the work of workers that left until they come back or the delay is over"
+            );
+        }
+        let mut to_assign = demand.clone();
+        to_assign
+            .connectors
+            .retain(|c| !held.work.connectors.contains(c));
+        to_assign.tasks.retain(|t| !held.work.tasks.contains(t));
         let running: BTreeMap<String, Work> = members
             .iter()
-            .map(|(id, m)| (id.clone(), m.running.clone()))
+            .map(|(id, m)| {
+                let mut running = m.running.clone();
+                // A worker that came back within the delay keeps what it had.
+                if let Some(back) = held.returning.get(&m.worker_id) {
+                    running.connectors.extend(back.connectors.iter().cloned());
+                    running.tasks.extend(back.tasks.iter().cloned());
+                }
+                (id.clone(), running)
+            })
             .collect();
-        let shares = assignor::assign(&demand, &running);
+        let shares = assignor::assign(&to_assign, &running);
+        let given = shares
+            .iter()
+            .filter_map(|(member, share)| {
+                Some((members.get(member)?.worker_id.clone(), share.work.clone()))
+            })
+            .collect();
+        self.departed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .after_assign(given);
         // Every-worker tasks numbered past the member count belonged to workers now gone.
         let herder = self.herder.clone();
         let count = members.len() as u32;
@@ -438,12 +490,29 @@ impl Membership {
         shutdown: &CancellationToken,
     ) -> Stable {
         let mut changes = self.configs.changes();
-        let assigned = self.herder.demand();
+        let assigned = self
+            .assigned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        // Connectors created while this generation was being assigned are in no one's share.
+        if joined.is_leader() && self.herder.demand() != assigned {
+            tracing::info!("connectors changed while assigning: rebalancing");
+            return Stable::Rebalance;
+        }
+        let release = self
+            .departed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next_release()
+            .filter(|_| joined.is_leader());
         loop {
             tokio::select! {
                 biased;
                 _ = self.fence_at(*deadline) => return Stable::Lost,
                 _ = shutdown.cancelled() => return Stable::Shutdown,
+                // Held work of a worker that did not come back in time moves now.
+                _ = self.fence_at(release) => return Stable::Rebalance,
                 _ = tokio::time::sleep(self.config.heartbeat_interval()) => {}
                 changed = changes.changed(), if joined.is_leader() => {
                     if changed.is_ok() {
