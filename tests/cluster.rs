@@ -614,6 +614,38 @@ async fn pipeline_across_a_stop(stop: Stop) -> anyhow::Result<()> {
     cluster.processes.report(outcome)
 }
 
+/// Creates `adt-in`, an MLLP source on a free port shared by every worker, through `via`;
+/// returns the port once a task of it is RUNNING on each of w1, w2 and w3.
+async fn every_worker_mllp(cluster: &Cluster, via: &str) -> anyhow::Result<u16> {
+    let port = free_port()?;
+    let (code, body) = cluster
+        .rest(via)?
+        .post(
+            "/connectors",
+            &json!({"name": "adt-in", "config": {
+                "connector.class": "MllpSource", "mllp.bind": "127.0.0.1",
+                "mllp.port": port.to_string(), "mllp.share.port": "true",
+            }}),
+        )
+        .await?;
+    ensure!(code == 201, "{code} {body}");
+    // One task per worker, each bound to the same port.
+    let mut workers = eventually("an MLLP task RUNNING on every worker", async || {
+        let status = cluster.status("w1", "adt-in").await.ok()?;
+        let workers: Vec<String> = status["tasks"]
+            .as_array()?
+            .iter()
+            .filter(|t| t["state"] == "RUNNING")
+            .filter_map(|t| t["worker_id"].as_str().map(str::to_string))
+            .collect();
+        (workers.len() == 3).then_some(workers)
+    })
+    .await?;
+    workers.sort();
+    ensure!(workers == ["w1", "w2", "w3"], "MLLP tasks on {workers:?}");
+    Ok(port)
+}
+
 /// What a worker's `/metrics` counts as delivered by the connector's tasks there.
 async fn records_out(rest: &Rest, connector: &str) -> anyhow::Result<u64> {
     let (code, text) = rest.get_text("/metrics").await?;
@@ -634,32 +666,7 @@ async fn an_every_worker_mllp_source_listens_and_acknowledges_on_every_worker() 
     let python = medconnect_e2e::crash::python_bin()?;
     let mut cluster = Cluster::start(&["w1", "w2", "w3"], &["hl7.adt:1"]).await?;
     let outcome = async {
-        let port = free_port()?;
-        let (code, body) = cluster
-            .rest("w2")?
-            .post(
-                "/connectors",
-                &json!({"name": "adt-in", "config": {
-                    "connector.class": "MllpSource", "mllp.bind": "127.0.0.1",
-                    "mllp.port": port.to_string(), "mllp.share.port": "true",
-                }}),
-            )
-            .await?;
-        ensure!(code == 201, "{code} {body}");
-        // One task per worker, each bound to the same port.
-        let mut workers = eventually("an MLLP task RUNNING on every worker", async || {
-            let status = cluster.status("w1", "adt-in").await.ok()?;
-            let tasks = status["tasks"].as_array()?;
-            let workers: Vec<String> = tasks
-                .iter()
-                .filter(|t| t["state"] == "RUNNING")
-                .filter_map(|t| t["worker_id"].as_str().map(str::to_string))
-                .collect();
-            (workers.len() == 3).then_some(workers)
-        })
-        .await?;
-        workers.sort();
-        ensure!(workers == ["w1", "w2", "w3"], "MLLP tasks on {workers:?}");
+        let port = every_worker_mllp(&cluster, "w2").await?;
         let mut senders = Vec::new();
         for n in 0..SENDERS {
             let name = format!("mllp_send-{n}");
@@ -712,28 +719,7 @@ async fn no_mllp_message_acknowledged_before_a_worker_is_sigkilled_is_lost() -> 
     let python = medconnect_e2e::crash::python_bin()?;
     let mut cluster = Cluster::start(&["w1", "w2", "w3"], &["hl7.adt:1"]).await?;
     let outcome = async {
-        let port = free_port()?;
-        let (code, body) = cluster
-            .rest("w1")?
-            .post(
-                "/connectors",
-                &json!({"name": "adt-in", "config": {
-                    "connector.class": "MllpSource", "mllp.bind": "127.0.0.1",
-                    "mllp.port": port.to_string(), "mllp.share.port": "true",
-                }}),
-            )
-            .await?;
-        ensure!(code == 201, "{code} {body}");
-        eventually("an MLLP task RUNNING on every worker", async || {
-            let status = cluster.status("w1", "adt-in").await.ok()?;
-            let running = status["tasks"]
-                .as_array()?
-                .iter()
-                .filter(|t| t["state"] == "RUNNING")
-                .count();
-            (running == 3).then_some(())
-        })
-        .await?;
+        let port = every_worker_mllp(&cluster, "w1").await?;
         let ids: Vec<String> = (0..MESSAGES).map(|i| format!("CL{i:05}")).collect();
         let first = start_senders(&mut cluster.processes, &python, port, &ids, 1, SENDERS)?;
         let kill_at = MESSAGES * 3 / 10;
