@@ -398,10 +398,6 @@ impl Coordinator {
     where
         Req: Encodable + HeaderVersion,
     {
-        let protocol = |reason: anyhow_free::Reason| CoordinatorError::Protocol {
-            request: name,
-            reason: reason.0,
-        };
         self.correlation = self.correlation.wrapping_add(1);
         let correlation = self.correlation;
         let header = RequestHeader::default()
@@ -412,12 +408,12 @@ impl Coordinator {
         let mut body = BytesMut::new();
         header
             .encode(&mut body, Req::header_version(version))
-            .map_err(|e| protocol(e.into()))?;
+            .map_err(|e| protocol(name, e))?;
         request
             .encode(&mut body, version)
-            .map_err(|e| protocol(e.into()))?;
+            .map_err(|e| protocol(name, e))?;
         let mut frame = BytesMut::with_capacity(body.len() + 4);
-        frame.put_i32(i32::try_from(body.len()).map_err(|_| protocol("request too large".into()))?);
+        frame.put_i32(i32::try_from(body.len()).map_err(|_| protocol(name, "request too large"))?);
         frame.extend_from_slice(&body);
         let exchange = async {
             self.stream.write_all(&frame).await?;
@@ -426,13 +422,13 @@ impl Coordinator {
                 let size = usize::try_from(size)
                     .ok()
                     .filter(|s| *s >= 4 && *s <= MAX_RESPONSE_BYTES)
-                    .ok_or_else(|| protocol(format!("answer of {size} bytes").into()))?;
+                    .ok_or_else(|| protocol(name, format!("answer of {size} bytes")))?;
                 let mut answer = vec![0; size];
                 self.stream.read_exact(&mut answer).await?;
                 let mut answer = Bytes::from(answer);
                 let header =
                     ResponseHeader::decode(&mut answer, key.response_header_version(version))
-                        .map_err(|e| protocol(e.into()))?;
+                        .map_err(|e| protocol(name, e))?;
                 // An answer to an earlier request that timed out: skip it.
                 if header.correlation_id != correlation {
                     continue;
@@ -453,29 +449,23 @@ impl Coordinator {
 fn head(answer: &Bytes, request: &'static str) -> Result<(i32, i16)> {
     let mut head = answer.clone();
     if head.remaining() < 6 {
-        return Err(CoordinatorError::Protocol {
+        return Err(protocol(
             request,
-            reason: format!("answer of {} bytes", answer.len()),
-        });
+            format!("answer of {} bytes", answer.len()),
+        ));
     }
     Ok((head.get_i32(), head.get_i16()))
 }
 
 fn decode<Resp: Decodable>(mut answer: Bytes, request: &'static str, version: i16) -> Result<Resp> {
-    Resp::decode(&mut answer, version).map_err(|e| CoordinatorError::Protocol {
-        request,
-        reason: e.to_string(),
-    })
+    Resp::decode(&mut answer, version).map_err(|e| protocol(request, e))
 }
 
-/// Turns the codec's errors (anyhow, from the crate) into text without depending on anyhow.
-mod anyhow_free {
-    pub struct Reason(pub String);
-
-    impl<E: std::fmt::Display> From<E> for Reason {
-        fn from(error: E) -> Self {
-            Self(error.to_string())
-        }
+/// An answer or request the codec cannot handle (its errors are anyhow's: kept as text).
+fn protocol(request: &'static str, reason: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Protocol {
+        request,
+        reason: reason.to_string(),
     }
 }
 
