@@ -108,20 +108,16 @@ pub async fn restart_elsewhere(
         return Ok(false);
     };
     let path = format!("/connectors/{connector}/tasks/{task}/restart");
-    let me = state.herder.worker_id();
-    let signature = state
-        .cluster
-        .borrow()
-        .session_key
-        .sign("POST", &path, me, b"");
-    let answer = state
-        .forwarder
-        .post(format!("{}{path}", url.trim_end_matches('/')))
-        .header(FORWARDED_BY, me)
-        .header(SIGNATURE, signature)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+    let answer = signed(
+        state,
+        reqwest::Method::POST,
+        &url,
+        &path,
+        Default::default(),
+    )
+    .send()
+    .await
+    .map_err(|e| e.to_string())?;
     if answer.status().is_success() {
         Ok(true)
     } else {
@@ -171,6 +167,29 @@ async fn verified(state: &RestState, request: Request) -> Result<Request, Respon
     Ok(Request::from_parts(parts, Body::from(body)))
 }
 
+/// A request to another worker at `base` (its REST URL), marked as forwarded by this worker
+/// and signed with the generation's session key.
+fn signed(
+    state: &RestState,
+    method: reqwest::Method,
+    base: &str,
+    path: &str,
+    body: bytes::Bytes,
+) -> reqwest::RequestBuilder {
+    let me = state.herder.worker_id();
+    let signature = state
+        .cluster
+        .borrow()
+        .session_key
+        .sign(method.as_str(), path, me, &body);
+    state
+        .forwarder
+        .request(method, format!("{}{path}", base.trim_end_matches('/')))
+        .header(FORWARDED_BY, me)
+        .header(SIGNATURE, signature)
+        .body(body)
+}
+
 async fn forward(state: &RestState, leader: &str, request: Request) -> Result<Response, String> {
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
@@ -180,21 +199,9 @@ async fn forward(state: &RestState, leader: &str, request: Request) -> Result<Re
         .uri
         .path_and_query()
         .map_or(parts.uri.path(), |p| p.as_str());
-    let url = format!("{}{path}", leader.trim_end_matches('/'));
     let method =
         reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).map_err(|e| e.to_string())?;
-    let me = state.herder.worker_id();
-    let signature = state
-        .cluster
-        .borrow()
-        .session_key
-        .sign(parts.method.as_str(), path, me, &body);
-    let mut outgoing = state
-        .forwarder
-        .request(method, &url)
-        .header(FORWARDED_BY, me)
-        .header(SIGNATURE, signature)
-        .body(body);
+    let mut outgoing = signed(state, method, leader, path, body);
     // The caller's content type and credentials go with it (the leader checks them as its own).
     for name in [header::CONTENT_TYPE, header::AUTHORIZATION, header::ACCEPT] {
         if let Some(value) = parts.headers.get(&name)
