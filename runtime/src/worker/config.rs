@@ -9,6 +9,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use super::cluster::ClusterConfig;
+use super::config_providers::ConfigProviders;
 use crate::kafka::KafkaSettings;
 use crate::task::RunnerSettings;
 
@@ -47,6 +48,9 @@ pub struct WorkerConfig {
     /// Group membership with the other workers of `group_id` (on unless `enabled = false`).
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// Which `${env:...}` / `${file:...}` references connector configs may use (none unless set).
+    #[serde(default)]
+    pub config_providers: ConfigProviders,
     /// Settings for every Kafka client (security.protocol, sasl.*, ssl.*, ...).
     #[serde(default)]
     pub kafka: BTreeMap<String, toml::Value>,
@@ -222,6 +226,7 @@ impl WorkerConfig {
                 enabled: false,
                 ..ClusterConfig::default()
             },
+            config_providers: ConfigProviders::default(),
             kafka: BTreeMap::new(),
             producer: BTreeMap::new(),
             consumer: BTreeMap::new(),

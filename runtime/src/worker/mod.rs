@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod cluster_watch;
 pub mod config;
+pub mod config_providers;
 pub mod connector_config;
 pub mod connector_name;
 pub mod herder;
