@@ -1,17 +1,19 @@
 //! The worker cluster: separate `medconnect worker` processes sharing a group, against a broker
 //! whose group coordinator expires dead members.
 //!
-//! The broker is librdkafka's mock cluster (`medconnect mock-broker`): the embedded broker
-//! (tansu 0.6) never rebalances a group after a member died (see `crash::SESSION_TIMEOUT_MS`).
-//! The mock waits `session timeout - 1 s` for members to rejoin in every rebalance (Kafka waits
-//! only until every member rejoined), so each rebalance here takes ~5 s with the default
-//! 6 s session timeout; the figures in the `cluster:` lines include that.
+//! The broker is librdkafka's mock cluster (`medconnect mock-broker`) unless
+//! `MEDCONNECT_CLUSTER_BROKER=nisshi` (see `cluster_broker`): the embedded broker (tansu 0.6)
+//! never rebalances a group after a member died (see `crash::SESSION_TIMEOUT_MS`). The mock
+//! waits `session timeout - 1 s` for members to rejoin in every rebalance (Kafka waits only
+//! until every member rejoined), so each rebalance here takes ~5 s with the default 6 s session
+//! timeout; the figures in the `cluster:` lines include that.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use medconnect_e2e::cluster_broker::ClusterBroker;
 use medconnect_e2e::crash::{Processes, free_port, report_line, start_worker};
 use medconnect_e2e::{Rest, eventually, medconnect_bin};
 use serde_json::{Value, json};
@@ -20,26 +22,6 @@ const INTERNAL_TOPICS: [&str; 3] = ["cluster-configs:1", "cluster-offsets:5", "c
 /// How long a failover or a rebalance may take here before the test gives up (the bench
 /// measures the figures; this only bounds a test that would otherwise wait for ever).
 const MOVE_DEADLINE: Duration = Duration::from_secs(45);
-
-/// `medconnect mock-broker` with the internal topics and `topics` created; its bootstrap.
-async fn start_mock_broker(processes: &mut Processes, topics: &[&str]) -> anyhow::Result<String> {
-    let bin = medconnect_bin()?;
-    let mut args = vec!["mock-broker".to_string()];
-    for topic in INTERNAL_TOPICS.iter().chain(topics) {
-        args.extend(["--topic".to_string(), topic.to_string()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    processes.spawn("broker", &bin, &args, &[])?;
-    let bootstrap = eventually("the mock broker to start", async || {
-        let out = processes.stdout("broker");
-        out.lines()
-            .find_map(|l| l.strip_prefix("medconnect mock-broker: Kafka "))
-            .map(|b| Some(b.trim().to_string()))
-            .or_else(|| processes.exited("broker").then_some(None))
-    })
-    .await?;
-    bootstrap.context("the mock broker exited while starting")
-}
 
 fn write_config(
     processes: &Processes,
@@ -99,7 +81,9 @@ impl Cluster {
         cluster_settings: &str,
     ) -> anyhow::Result<Self> {
         let mut processes = Processes::new()?;
-        let bootstrap = start_mock_broker(&mut processes, topics).await?;
+        let bootstrap = ClusterBroker::from_env()?
+            .start(&mut processes, &INTERNAL_TOPICS, topics)
+            .await?;
         let mut cluster = Self {
             processes,
             bootstrap,

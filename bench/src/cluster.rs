@@ -1,6 +1,6 @@
 //! Worker cluster: how long work takes to move between `medconnect worker` processes.
 //!
-//!   cargo build -p medconnect --bin medconnect && cargo run -p medconnect-bench --bin cluster -- [runs]
+//!   cargo build -p medconnect --bin medconnect && cargo run -p medconnect-bench --bin cluster -- [runs] [--broker mock|nisshi]
 //!
 //! Each run starts `medconnect mock-broker` (librdkafka's mock cluster: its group coordinator
 //! expires members that stop heartbeating, the embedded broker's does not) and three workers
@@ -14,13 +14,19 @@
 //!       on w2 and w4 (6/6).
 //!
 //! With the default session timeout (6 s, heartbeat 1 s), then (a) alone with 3 s / 500 ms.
+//!
+//! `--broker nisshi` runs the same against the stand-alone nisshi 0.8.1 broker (`scripts/nisshi`
+//! builds it once and prints its path, read from `MEDCONNECT_NISSHI_BIN` or the cache): its group
+//! coordinator ends a rebalance as soon as the live members rejoined, as Kafka's does, where the
+//! mock waits `session timeout - 1 s` in every rebalance.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
 use serde_json::{Value, json};
 
 const INTERNAL_TOPICS: [&str; 3] = ["cluster-configs:1", "cluster-offsets:5", "cluster-status:3"];
@@ -47,11 +53,48 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// The session settings a cluster runs with.
+/// The broker program a run starts.
+#[derive(Clone, Copy, PartialEq)]
+enum Broker {
+    /// `medconnect mock-broker`: librdkafka's mock cluster.
+    Mock,
+    /// The stand-alone nisshi 0.8.1 broker (`scripts/nisshi`).
+    Nisshi,
+}
+
+impl Broker {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Mock => "librdkafka's mock broker",
+            Self::Nisshi => "the nisshi 0.8.1 broker",
+        }
+    }
+}
+
+/// The nisshi binary: `MEDCONNECT_NISSHI_BIN`, else where `scripts/nisshi` puts it.
+fn nisshi_binary() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os("MEDCONNECT_NISSHI_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::var_os("MEDCONNECT_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/medconnect")))
+            .context("neither MEDCONNECT_CACHE nor HOME is set")?
+            .join("nisshi-0.8.1/bin/nisshi-broker"),
+    };
+    ensure!(
+        path.exists(),
+        "{} not found: run scripts/nisshi first",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// The session settings a cluster runs with, and its broker.
 #[derive(Clone, Copy)]
 struct Session {
     timeout_ms: u64,
     heartbeat_ms: u64,
+    broker: Broker,
 }
 
 /// The processes of one run, each logging to a file; all killed when dropped.
@@ -75,8 +118,13 @@ impl Processes {
     }
 
     fn spawn(&mut self, name: &str, args: &[&str]) -> anyhow::Result<()> {
+        let binary = self.binary.clone();
+        self.spawn_program(name, &binary, args)
+    }
+
+    fn spawn_program(&mut self, name: &str, program: &Path, args: &[&str]) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.path(&format!("{name}.log")))?;
-        let child = Command::new(&self.binary)
+        let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -148,26 +196,9 @@ struct Cluster {
 impl Cluster {
     async fn start(session: Session) -> anyhow::Result<Self> {
         let mut processes = Processes::new()?;
-        let mut args = vec!["mock-broker"];
-        for topic in INTERNAL_TOPICS.iter().chain(&["vitals:3"]) {
-            args.extend(["--topic", topic]);
-        }
-        processes.spawn("broker", &args)?;
-        let started = Instant::now();
-        let bootstrap = loop {
-            if let Some(b) = processes
-                .log("broker")
-                .lines()
-                .find_map(|l| l.strip_prefix("medconnect mock-broker: Kafka "))
-            {
-                break b.trim().to_string();
-            }
-            ensure!(!processes.exited("broker"), "the mock broker exited");
-            ensure!(
-                started.elapsed() < DEADLINE,
-                "the mock broker did not start"
-            );
-            tokio::time::sleep(POLL).await;
+        let bootstrap = match session.broker {
+            Broker::Mock => start_mock_broker(&mut processes).await?,
+            Broker::Nisshi => start_nisshi_broker(&mut processes).await?,
         };
         Ok(Self {
             processes,
@@ -179,7 +210,59 @@ impl Cluster {
             workers: BTreeMap::new(),
         })
     }
+}
 
+/// `medconnect mock-broker` with the topics of a run; its bootstrap.
+async fn start_mock_broker(processes: &mut Processes) -> anyhow::Result<String> {
+    let mut args = vec!["mock-broker"];
+    for topic in INTERNAL_TOPICS.iter().chain(&["vitals:3"]) {
+        args.extend(["--topic", topic]);
+    }
+    processes.spawn("broker", &args)?;
+    let started = Instant::now();
+    let bootstrap = loop {
+        if let Some(b) = processes
+            .log("broker")
+            .lines()
+            .find_map(|l| l.strip_prefix("medconnect mock-broker: Kafka "))
+        {
+            break b.trim().to_string();
+        }
+        ensure!(!processes.exited("broker"), "the mock broker exited");
+        ensure!(
+            started.elapsed() < DEADLINE,
+            "the mock broker did not start"
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    Ok(bootstrap)
+}
+
+/// The nisshi broker on a free port with the topics of a run (the internal ones compacted);
+/// its bootstrap.
+async fn start_nisshi_broker(processes: &mut Processes) -> anyhow::Result<String> {
+    let bootstrap = format!("127.0.0.1:{}", free_port()?);
+    processes.spawn_program("broker", &nisshi_binary()?, &["--listen", &bootstrap])?;
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(&bootstrap).await.is_err() {
+        ensure!(!processes.exited("broker"), "the nisshi broker exited");
+        ensure!(
+            started.elapsed() < DEADLINE,
+            "the nisshi broker did not start"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let mut topics = Vec::new();
+    for topic in INTERNAL_TOPICS {
+        let (name, partitions) = topic.split_once(':').context("name:partitions")?;
+        topics.push(TopicSpec::compacted(name, partitions.parse()?, 1));
+    }
+    topics.push(TopicSpec::regular("vitals", 3, 1));
+    ensure_topics(&KafkaSettings::new(&bootstrap), &topics).await?;
+    Ok(bootstrap)
+}
+
+impl Cluster {
     /// Starts worker `id` (a separate process); does not wait for it.
     fn add(&mut self, id: &str) -> anyhow::Result<()> {
         let port = free_port()?;
@@ -202,7 +285,7 @@ status = "cluster-status"
 [cluster]
 session_timeout_ms = {timeout}
 heartbeat_interval_ms = {heartbeat}
-# librdkafka's mock cluster ends a sync once the leader's assignments arrive.
+# librdkafka's mock cluster ends a sync once the leader's assignments arrive (see ClusterConfig).
 leader_sync_delay_ms = 200
 
 [tasks]
@@ -492,19 +575,34 @@ fn print_session(session: Session) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let runs: usize = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(5);
+    let mut runs = 5;
+    let mut broker = Broker::Mock;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--broker" => {
+                broker = match args.next().as_deref() {
+                    Some("mock") => Broker::Mock,
+                    Some("nisshi") => Broker::Nisshi,
+                    other => bail!("--broker {other:?}: expected mock or nisshi"),
+                }
+            }
+            runs_arg => runs = runs_arg.parse()?,
+        }
+    }
     ensure!(runs > 0, "runs must be at least 1");
     medconnect_binary()?;
+    if broker == Broker::Nisshi {
+        nisshi_binary()?;
+    }
     println!(
-        "== worker cluster on librdkafka's mock broker: 3 `medconnect worker` processes, {CONNECTORS} datagen connectors x {TASKS_EACH} tasks running 4/4/4, {runs} runs; times until the status API shows every task RUNNING where expected"
+        "== worker cluster on {}: 3 `medconnect worker` processes, {CONNECTORS} datagen connectors x {TASKS_EACH} tasks running 4/4/4, {runs} runs; times until the status API shows every task RUNNING where expected",
+        broker.describe()
     );
     let default = Session {
         timeout_ms: 6000,
         heartbeat_ms: 1000,
+        broker,
     };
     let results = series(default, runs, true).await?;
     print_session(default);
@@ -528,6 +626,7 @@ async fn main() -> anyhow::Result<()> {
     let short = Session {
         timeout_ms: 3000,
         heartbeat_ms: 500,
+        broker,
     };
     let results = series(short, runs, false).await?;
     print_session(short);
@@ -535,8 +634,10 @@ async fn main() -> anyhow::Result<()> {
         "  (a) SIGKILL of 1 of 3 workers -> its 4 tasks RUNNING on the 2 others: {}",
         summary(results.iter().map(|r| r.kill).collect())
     );
-    println!(
-        "The mock broker checks sessions every 1 s and then waits session timeout - 1 s in every rebalance for the members to rejoin (Kafka waits only until all have rejoined): a SIGKILL costs ~2 x the session timeout here, about session timeout + one heartbeat on Kafka."
-    );
+    if broker == Broker::Mock {
+        println!(
+            "The mock broker checks sessions every 1 s and then waits session timeout - 1 s in every rebalance for the members to rejoin (Kafka waits only until all have rejoined): a SIGKILL costs ~2 x the session timeout here, about session timeout + one heartbeat on Kafka (--broker nisshi shows it)."
+        );
+    }
     Ok(())
 }

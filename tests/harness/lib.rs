@@ -17,6 +17,7 @@ use serde_json::Value;
 
 pub use serde_json::json;
 
+pub mod cluster_broker;
 pub mod crash;
 mod process;
 mod test_connector;
