@@ -25,6 +25,29 @@ pub fn props_from(pairs: &[(&str, &str)]) -> Props {
         .collect()
 }
 
+/// Whether a setting's name says it holds a secret: the one rule for every place a setting may
+/// be shown (REST answers of connector configs, the worker's `[kafka]` sections and connector
+/// configs in `Debug` output). Settings declared [`ConfigType::Password`] are secrets whatever
+/// their name.
+pub fn is_secret_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "credentials",
+        "sasl.jaas.config",
+        "api.key",
+        "apikey",
+        // Key material inline (librdkafka's PEM settings), not a path to it.
+        "ssl.key.pem",
+        "ssl.keystore.key",
+    ]
+    .iter()
+    .any(|marker| lower.contains(marker))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum ConfigType {

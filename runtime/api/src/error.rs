@@ -59,6 +59,38 @@ pub struct Detail {
     retry_after: Option<Duration>,
     /// Shared so that errors stay `Clone`; not part of equality.
     cause: Option<Arc<dyn StdError + Send + Sync>>,
+    /// What the peer said, kept apart from the message: see [`PeerText`]. Boxed: rare, and
+    /// errors travel in `Result`s on the hot path.
+    peer_text: Option<Box<PeerText>>,
+}
+
+/// Free text a peer sent with a refusal (an HL7 ACK's MSA-3 / ERR, a FHIR OperationOutcome's
+/// diagnostics). It may quote the record, so it may hold patient data: it is never part of an
+/// error's `Display` or `Debug` (status traces, logs, REST answers). The engine adds it to the
+/// dead-letter record as the header `header`, and to error logs, only when the connector's
+/// config consents (`errors.log.include.messages=true`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerText {
+    header: &'static str,
+    text: String,
+}
+
+impl PeerText {
+    /// The dead-letter header that carries the text (`hl7.ack.text`, `fhir.outcome.diagnostics`).
+    pub fn header(&self) -> &'static str {
+        self.header
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Says how long the text is, never what it says.
+impl fmt::Debug for PeerText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PeerText({}: {} bytes)", self.header, self.text.len())
+    }
 }
 
 impl Detail {
@@ -67,6 +99,7 @@ impl Detail {
             message: message.into(),
             retry_after: None,
             cause: None,
+            peer_text: None,
         }
     }
 
@@ -98,6 +131,9 @@ impl fmt::Debug for Detail {
         }
         if let Some(cause) = &self.cause {
             debug.field("cause", cause);
+        }
+        if let Some(peer_text) = &self.peer_text {
+            debug.field("peer_text", peer_text);
         }
         debug.finish()
     }
@@ -147,6 +183,39 @@ impl ConnectError {
             detail.retry_after = Some(after);
         }
         self
+    }
+
+    /// Keeps what the peer said apart from the message (see [`PeerText`]); an empty text is
+    /// not kept. Meaningless on a config error, which has no peer.
+    pub fn with_peer_text(mut self, header: &'static str, text: impl Into<String>) -> Self {
+        let text = text.into();
+        if let Some(detail) = self.detail_mut().filter(|_| !text.is_empty()) {
+            detail.peer_text = Some(Box::new(PeerText { header, text }));
+        }
+        self
+    }
+
+    /// The same error with its message (a config error's reason) rewritten, everything else
+    /// kept: how the engine takes values it must not show out of a connector's error.
+    pub fn map_message(mut self, rewrite: impl FnOnce(&str) -> String) -> Self {
+        match &mut self {
+            Self::Config { reason, .. } => *reason = rewrite(reason),
+            Self::Retriable(detail) | Self::Data(detail) | Self::Fatal(detail) => {
+                detail.message = rewrite(&detail.message);
+            }
+        }
+        self
+    }
+
+    /// What the peer said, if the error kept it: only for a dead-letter header or a log line
+    /// the connector's config consents to.
+    pub fn peer_text(&self) -> Option<&PeerText> {
+        match self {
+            Self::Retriable(detail) | Self::Data(detail) | Self::Fatal(detail) => {
+                detail.peer_text.as_deref()
+            }
+            Self::Config { .. } => None,
+        }
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
@@ -221,6 +290,30 @@ mod tests {
         }
         let denied = ConnectError::from(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
         assert!(!denied.is_retriable());
+    }
+
+    #[test]
+    fn peer_text_stays_out_of_display_and_debug() {
+        let error = ConnectError::data("the receiver answered AE")
+            .with_peer_text("hl7.ack.text", "Patient John Doe DOB 19700101 unknown");
+        for shown in [
+            error.to_string(),
+            format!("{error:?}"),
+            format!("{error:#?}"),
+        ] {
+            assert!(!shown.contains("John Doe"), "{shown}");
+        }
+        let peer = error.peer_text().expect("kept");
+        assert_eq!(
+            (peer.header(), peer.text()),
+            ("hl7.ack.text", "Patient John Doe DOB 19700101 unknown")
+        );
+        assert!(
+            ConnectError::data("x")
+                .with_peer_text("h", "")
+                .peer_text()
+                .is_none()
+        );
     }
 
     #[test]

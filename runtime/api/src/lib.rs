@@ -17,7 +17,7 @@ pub mod transform;
 
 pub use config::{
     ConfigDef, ConfigKey, ConfigType, ConfigValue, Importance, ParsedConfig, Props, Validator,
-    props_from,
+    is_secret_name, props_from,
 };
 pub use connector::{
     Connector, ConnectorContext, ConnectorKind, ErrantRecordHandler, ErrantRecordReporter,
@@ -25,7 +25,7 @@ pub use connector::{
     SinkPartitions, SinkTask, SinkTaskContext, SourceConnector, SourceTask, SourceTaskContext,
     TaskConfig, TopicPartition,
 };
-pub use error::{ConnectError, ConnectResult};
+pub use error::{ConnectError, ConnectResult, PeerText};
 pub use record::{
     AckHandle, Delivery, Headers, Record, SinkRecord, SourceOffset, SourcePartition, SourceRecord,
     content_type,

@@ -10,6 +10,8 @@ mod supervisor;
 
 use std::time::Duration;
 
+use crate::worker::config_providers::ConfigProviders;
+
 pub use sink::{SinkRunner, SinkTaskSpec};
 pub use source::{SourceRunner, SourceTaskSpec};
 pub use status::{AfterStop, RunId, StatusReporter};
@@ -40,6 +42,9 @@ pub struct RunnerSettings {
     /// connector_call_timeout_ms`): they may wait on a peer (a FHIR server's
     /// CapabilityStatement), which must fail the call, not hold the REST request forever.
     pub connector_call_timeout: Duration,
+    /// Which `${env:...}` / `${file:...}` references connector configs may use
+    /// (`[config_providers]`); none by default.
+    pub config_providers: ConfigProviders,
 }
 
 /// The default of `[tasks] tasks_max_limit`. Every task holds its own Kafka client (threads,
@@ -63,6 +68,7 @@ impl Default for RunnerSettings {
             sink_batch_max: 500,
             tasks_max_limit: DEFAULT_TASKS_MAX_LIMIT,
             connector_call_timeout: DEFAULT_CONNECTOR_CALL_TIMEOUT,
+            config_providers: ConfigProviders::default(),
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::{Mutex, watch};
 
 use super::RunState;
 use crate::store::{ConnectorState, StatusStore, TaskStatus};
+use crate::worker::secrets::Scrubber;
 
 /// Where a run is in its life, as far as its status goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +54,11 @@ struct Run {
     worker_id: String,
     generation: u64,
     run: u64,
+    assignment_generation: Option<i32>,
     run_state: watch::Receiver<RunState>,
     gate: Mutex<Gate>,
+    /// Takes the values of the task's secret settings out of its traces and logged errors.
+    scrubber: Scrubber,
 }
 
 #[derive(Clone)]
@@ -71,6 +75,8 @@ pub struct RunId<'a> {
     pub generation: u64,
     /// The run's sequence number: larger than any earlier run of the task.
     pub run: u64,
+    /// The cluster generation whose assignment started the run (none for a worker alone).
+    pub assignment_generation: Option<i32>,
 }
 
 impl StatusReporter {
@@ -79,15 +85,18 @@ impl StatusReporter {
         store: Arc<StatusStore>,
         id: RunId<'_>,
         run_state: watch::Receiver<RunState>,
+        scrubber: Scrubber,
     ) -> Self {
         Self {
             run: Arc::new(Run {
+                scrubber,
                 store,
                 connector: id.connector.to_string(),
                 task_id: id.task_id,
                 worker_id: id.worker_id.to_string(),
                 generation: id.generation,
                 run: id.run,
+                assignment_generation: id.assignment_generation,
                 run_state,
                 gate: Mutex::new(Gate {
                     phase: Phase::Starting,
@@ -124,13 +133,14 @@ impl StatusReporter {
             }
             other => other,
         };
+        let trace = trace.map(|t| self.run.scrubber.text(&t));
         self.write(&mut gate, state, trace).await;
     }
 
     pub async fn failed(&self, error: &impl std::fmt::Display) {
+        let error = self.run.scrubber.text(&error.to_string());
         tracing::error!(connector = %self.run.connector, task = self.run.task_id, run = self.run.run, %error, "task failed");
-        self.report(ConnectorState::Failed, Some(error.to_string()))
-            .await;
+        self.report(ConnectorState::Failed, Some(error)).await;
     }
 
     /// The runner ended on its own, without reporting a failure: that is one, unless the run
@@ -220,6 +230,7 @@ impl StatusReporter {
             worker_id: self.run.worker_id.clone(),
             generation: self.run.generation,
             run: self.run.run,
+            assignment_generation: self.run.assignment_generation,
         };
         match self
             .run

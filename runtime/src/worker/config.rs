@@ -284,6 +284,7 @@ impl WorkerConfig {
             connector_call_timeout: Duration::from_millis(
                 self.tasks.connector_call_timeout_ms.max(1),
             ),
+            config_providers: self.config_providers.clone(),
         }
     }
 }

@@ -200,21 +200,26 @@ pub async fn validate(
             ));
         }
     }
-    let resolved = secrets::resolve(props);
-    if let Err(error) = &resolved {
-        extra.push(field_and_reason(error.clone()));
-    }
+    let resolved = secrets::resolve(&settings.config_providers, &def, props);
+    let scrubber = match &resolved {
+        Ok(resolved) => resolved.scrubber.clone(),
+        Err(error) => {
+            extra.push(field_and_reason(error.clone()));
+            secrets::Scrubber::default()
+        }
+    };
     let cross_checks_apply = extra.is_empty() && values.iter().all(|v| v.errors.is_empty());
     if cross_checks_apply
         && let Ok(resolved) = &resolved
         && let Err(error) = within_call_timeout(
             settings.connector_call_timeout,
             "validating",
-            plugin.connector().validate(resolved),
+            plugin.connector().validate(&resolved.props),
         )
         .await
     {
-        extra.push(field_and_reason(error));
+        // The connector saw resolved values and may quote them.
+        extra.push(field_and_reason(scrubber.error(error)));
     }
     for (name, reason) in extra {
         match values.iter_mut().find(|v| v.name == name) {
@@ -226,6 +231,16 @@ pub async fn validate(
                 errors: vec![reason],
                 visible: true,
             }),
+        }
+    }
+    // Validation answers echo what was given: a secret setting's value only as a reference.
+    for value in &mut values {
+        value.errors = value.errors.iter().map(|e| scrubber.text(e)).collect();
+        if is_secret(&def, &value.name)
+            && let Some(given) = value.value.as_mut()
+            && !secrets::is_reference(given)
+        {
+            *given = HIDDEN.to_string();
         }
     }
     values
@@ -247,23 +262,10 @@ pub fn parse_common(
     common_def(kind).parse(props)
 }
 
-/// Whether a setting holds a secret: declared as a password, or named like one.
+/// Whether a setting holds a secret: declared as a password, or named like one
+/// ([`medconnect_api::is_secret_name`], the rule for every place a setting may be shown).
 pub fn is_secret(def: &ConfigDef, name: &str) -> bool {
-    if def.password_names().any(|p| p == name) {
-        return true;
-    }
-    let lower = name.to_ascii_lowercase();
-    [
-        "password",
-        "secret",
-        "token",
-        "sasl.jaas.config",
-        "api.key",
-        "apikey",
-        "credentials",
-    ]
-    .iter()
-    .any(|marker| lower.contains(marker))
+    def.password_names().any(|p| p == name) || medconnect_api::is_secret_name(name)
 }
 
 /// The config as the API shows it: secrets hidden, references (`${env:..}`) shown as written.

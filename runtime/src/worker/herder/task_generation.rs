@@ -19,9 +19,14 @@ impl Herder {
             connector_name: name.to_string(),
             config: config.clone(),
         };
+        let resolved = secrets::resolve(
+            &self.runner.config_providers,
+            &cc::full_def(&plugin),
+            config,
+        )
+        .map_err(|e| HerderError::InvalidConfig(vec![cc::field_and_reason(e)]))?;
         let resolved_context = ConnectorContext {
-            config: secrets::resolve(config)
-                .map_err(|e| HerderError::InvalidConfig(vec![cc::field_and_reason(e)]))?,
+            config: resolved.props.clone(),
             ..context.clone()
         };
         let generated = cc::within_call_timeout(
@@ -31,7 +36,9 @@ impl Herder {
                 .connector()
                 .task_configs(&resolved_context, max_tasks),
         )
-        .await;
+        .await
+        // The connector saw resolved values and may quote them.
+        .map_err(|e| resolved.scrubber.error(e));
         match generated {
             Ok(resolved_tasks) => {
                 // Store the unresolved values of settings the connector copied through.

@@ -21,7 +21,7 @@ use crate::task::{
 };
 use crate::transform::TransformChain;
 use crate::worker::plugins::ConnectorPlugin;
-use crate::worker::secrets;
+use crate::worker::secrets::{self, Resolved};
 
 impl Herder {
     /// A run number above every earlier run of the task: above the last one given here and the
@@ -47,6 +47,12 @@ impl Herder {
     ) {
         let key = (name.to_string(), id);
         let (state_tx, state_rx) = watch::channel(run_state);
+        let resolution = self.resolve(config);
+        // What the task reports (its traces) is built from the resolved config.
+        let scrubber = resolution
+            .as_ref()
+            .map(|resolved| resolved.scrubber.clone())
+            .unwrap_or_default();
         let status = StatusReporter::new(
             self.statuses.clone(),
             RunId {
@@ -55,12 +61,14 @@ impl Herder {
                 worker_id: &self.worker_id,
                 generation: entry.task_generation,
                 run: self.next_run(name, id),
+                assignment_generation: self.assignment.generation(),
             },
             state_rx.clone(),
+            scrubber,
         );
         let stop = CancellationToken::new();
         let runner = match self
-            .spawn_task(name, id, config, status.clone(), state_rx, stop.clone())
+            .spawn_task(name, id, resolution, status.clone(), state_rx, stop.clone())
             .await
         {
             Ok(runner) => runner,
@@ -85,16 +93,29 @@ impl Herder {
         );
     }
 
+    /// A task config with its references resolved through this worker's config providers.
+    pub(super) fn resolve(&self, config: &Props) -> std::result::Result<Resolved, ConnectError> {
+        let plugin = self
+            .plugins
+            .find(config.get(cc::CLASS).map_or("", String::as_str))
+            .ok_or_else(|| ConnectError::config(cc::CLASS, "unknown connector class"))?;
+        secrets::resolve(
+            &self.runner.config_providers,
+            &cc::full_def(&plugin),
+            config,
+        )
+    }
+
     async fn spawn_task(
         &self,
         name: &str,
         id: u32,
-        config: &Props,
+        resolution: std::result::Result<Resolved, ConnectError>,
         status: StatusReporter,
         run_state: watch::Receiver<RunState>,
         stop: CancellationToken,
     ) -> std::result::Result<BoxFuture<'static, ()>, ConnectError> {
-        let resolved = secrets::resolve(config)?;
+        let resolved = resolution?.props;
         let plugin = self
             .plugins
             .find(resolved.get(cc::CLASS).map_or("", String::as_str))
