@@ -48,6 +48,24 @@ pub fn is_secret_name(name: &str) -> bool {
     .any(|marker| lower.contains(marker))
 }
 
+/// Shows a map of settings in `Debug` output with the values of secret-named settings
+/// ([`is_secret_name`]) replaced by `[hidden]`: how every struct holding a config prints it.
+pub struct SecretsHidden<'a, V>(pub &'a BTreeMap<String, V>);
+
+impl<V: fmt::Debug> fmt::Debug for SecretsHidden<'_, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut map = f.debug_map();
+        for (key, value) in self.0 {
+            if is_secret_name(key) {
+                map.entry(key, &"[hidden]");
+            } else {
+                map.entry(key, value);
+            }
+        }
+        map.finish()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum ConfigType {
@@ -448,9 +466,17 @@ fn split_list(value: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Settings that passed validation, with defaults filled in, read by type.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ParsedConfig {
     values: Props,
+}
+
+impl fmt::Debug for ParsedConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ParsedConfig")
+            .field("values", &SecretsHidden(&self.values))
+            .finish()
+    }
 }
 
 impl ParsedConfig {

@@ -50,10 +50,20 @@ pub enum Placement {
 }
 
 /// What a connector gets to compute its task configs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectorContext {
     pub connector_name: String,
     pub config: Props,
+}
+
+/// The config's secrets hidden: a connector may log its context.
+impl std::fmt::Debug for ConnectorContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectorContext")
+            .field("connector_name", &self.connector_name)
+            .field("config", &crate::SecretsHidden(&self.config))
+            .finish()
+    }
 }
 
 /// Behaviour shared by source and sink connectors.

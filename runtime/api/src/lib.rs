@@ -16,8 +16,8 @@ pub mod tls;
 pub mod transform;
 
 pub use config::{
-    ConfigDef, ConfigKey, ConfigType, ConfigValue, Importance, ParsedConfig, Props, Validator,
-    is_secret_name, props_from,
+    ConfigDef, ConfigKey, ConfigType, ConfigValue, Importance, ParsedConfig, Props, SecretsHidden,
+    Validator, is_secret_name, props_from,
 };
 pub use connector::{
     Connector, ConnectorContext, ConnectorKind, ErrantRecordHandler, ErrantRecordReporter,

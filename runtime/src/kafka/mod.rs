@@ -21,14 +21,27 @@ use rdkafka::producer::FutureProducer;
 pub use admin::{TopicSpec, ensure_topics};
 pub use error::KafkaSetupError;
 
-/// Kafka client settings of a worker.
-#[derive(Debug, Clone, Default)]
+use crate::worker::redact::SecretsHidden;
+
+/// Kafka client settings of a worker; `Debug` hides secrets (`sasl.password`, ...).
+#[derive(Clone, Default)]
 pub struct KafkaSettings {
     /// Applied to every client.
     pub common: BTreeMap<String, String>,
     pub producer: BTreeMap<String, String>,
     pub consumer: BTreeMap<String, String>,
     pub admin: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("common", &SecretsHidden(&self.common))
+            .field("producer", &SecretsHidden(&self.producer))
+            .field("consumer", &SecretsHidden(&self.consumer))
+            .field("admin", &SecretsHidden(&self.admin))
+            .finish()
+    }
 }
 
 impl KafkaSettings {

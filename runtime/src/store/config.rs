@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use medconnect_api::Props;
+use medconnect_api::{Props, SecretsHidden};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -41,7 +41,7 @@ impl TargetState {
 }
 
 /// What the config topic says of one connector.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Clone, PartialEq, Default)]
 pub struct ConnectorEntry {
     pub config: Props,
     pub target_state: TargetState,
@@ -49,6 +49,21 @@ pub struct ConnectorEntry {
     pub tasks: Vec<Props>,
     /// Counts task-config commits, so runners know when their config is outdated.
     pub task_generation: u64,
+}
+
+/// Stored configs hold secrets written inline: hidden.
+impl std::fmt::Debug for ConnectorEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectorEntry")
+            .field("config", &SecretsHidden(&self.config))
+            .field("target_state", &self.target_state)
+            .field(
+                "tasks",
+                &self.tasks.iter().map(SecretsHidden).collect::<Vec<_>>(),
+            )
+            .field("task_generation", &self.task_generation)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use super::cluster::ClusterConfig;
 use super::config_providers::ConfigProviders;
+use super::redact::ClientSettings;
 use crate::kafka::KafkaSettings;
 use crate::task::RunnerSettings;
 
@@ -51,15 +52,16 @@ pub struct WorkerConfig {
     /// Which `${env:...}` / `${file:...}` references connector configs may use (none unless set).
     #[serde(default)]
     pub config_providers: ConfigProviders,
-    /// Settings for every Kafka client (security.protocol, sasl.*, ssl.*, ...).
+    /// Settings for every Kafka client (security.protocol, sasl.*, ssl.*, ...); `Debug` hides
+    /// the secret ones, as every client section does.
     #[serde(default)]
-    pub kafka: BTreeMap<String, toml::Value>,
+    pub kafka: ClientSettings,
     #[serde(default)]
-    pub producer: BTreeMap<String, toml::Value>,
+    pub producer: ClientSettings,
     #[serde(default)]
-    pub consumer: BTreeMap<String, toml::Value>,
+    pub consumer: ClientSettings,
     #[serde(default)]
-    pub admin: BTreeMap<String, toml::Value>,
+    pub admin: ClientSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,10 +229,10 @@ impl WorkerConfig {
                 ..ClusterConfig::default()
             },
             config_providers: ConfigProviders::default(),
-            kafka: BTreeMap::new(),
-            producer: BTreeMap::new(),
-            consumer: BTreeMap::new(),
-            admin: BTreeMap::new(),
+            kafka: ClientSettings::default(),
+            producer: ClientSettings::default(),
+            consumer: ClientSettings::default(),
+            admin: ClientSettings::default(),
         }
     }
 

@@ -10,6 +10,7 @@ pub mod connector_config;
 pub mod connector_name;
 pub mod herder;
 pub mod plugins;
+pub mod redact;
 pub mod secrets;
 
 pub use config::WorkerConfig;
