@@ -189,7 +189,7 @@ fn is_version_like(version: &str) -> bool {
 
 /// Escapes the encoding characters in free text (HL7 escape sequences), and replaces
 /// segment separators so text can never start a segment of its own.
-fn escape(text: &str, enc: &Encoding) -> String {
+pub(crate) fn escape(text: &str, enc: &Encoding) -> String {
     let e = enc.escape;
     let mut out = String::with_capacity(text.len());
     for ch in text.chars() {
@@ -221,7 +221,7 @@ fn escape(text: &str, enc: &Encoding) -> String {
 
 /// MSH-10 of our own acknowledgements: unique per process, at most 20 characters (the v2.3
 /// limit of the field).
-fn next_control_id() -> String {
+pub(crate) fn next_control_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -231,7 +231,7 @@ fn next_control_id() -> String {
 }
 
 /// MSH-7 in UTC, `YYYYMMDDHHMMSS+0000`.
-fn timestamp_now() -> String {
+pub(crate) fn timestamp_now() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);

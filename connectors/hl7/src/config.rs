@@ -24,6 +24,9 @@ pub const ACK_MODE: &str = "ack.mode";
 pub const ACK_TIMEOUT_MS: &str = "ack.timeout.ms";
 pub const MAX_MESSAGE_BYTES: &str = "mllp.max.message.bytes";
 pub const MAX_CONNECTIONS: &str = "mllp.max.connections";
+pub const MAX_CONNECTIONS_PER_PEER: &str = "mllp.max.connections.per.peer";
+pub const FRAME_BUDGET_BYTES: &str = "mllp.frame.budget.bytes";
+pub const TOPIC_MAX_DISTINCT: &str = "topic.max.distinct";
 pub const IDLE_TIMEOUT_MS: &str = "mllp.idle.timeout.ms";
 pub const READ_TIMEOUT_MS: &str = "mllp.read.timeout.ms";
 pub const CONNECT_TIMEOUT_MS: &str = "mllp.connect.timeout.ms";
@@ -98,14 +101,15 @@ fn tls_def(def: ConfigDef) -> ConfigDef {
 
 pub fn source_def() -> ConfigDef {
     let def = ConfigDef::new()
-        .define(MLLP_BIND, ConfigType::String, "0.0.0.0", Importance::Medium, "Address the MLLP listener binds to.")
-        .with_validator(Validator::NonEmpty)
+        .define(MLLP_BIND, ConfigType::String, "", Importance::Medium, "Address the MLLP listener binds to. Empty: 0.0.0.0 (every interface) with mllp.tls.enabled, else 127.0.0.1, so a plain-text listener reaches the network only when this says so.")
         .define(MLLP_PORT, ConfigType::Int, "2575", Importance::High, "TCP port of the MLLP listener (0 picks a free port; see listener.address.file).")
         .with_validator(Validator::between(0.0, 65535.0))
         .define(MLLP_SHARE_PORT, ConfigType::Boolean, "false", Importance::Low, "Bind with SO_REUSEPORT, so the listener of this every-worker connector on several workers of one host can share mllp.port (the kernel spreads connections); not needed with one worker per host.")
         .define(LISTENER_ADDRESS_FILE, ConfigType::String, "", Importance::Low, "If set, the bound address (host:port) is written to this file once the listener is up.")
         .define(TOPIC, ConfigType::String, "hl7.${message.type}", Importance::High, "Topic of the records; ${message.type} and ${trigger.event} stand for MSH-9.1 and MSH-9.2 in lower case.")
         .with_validator(Validator::custom(TopicTemplate::check))
+        .define(TOPIC_MAX_DISTINCT, ConfigType::Int, "50", Importance::Medium, "When topic names MSH-9 (${message.type}, ${trigger.event}): at most this many distinct topics per task; a message that would need another is answered AR (and dead-lettered), so senders cannot create topics without bound.")
+        .with_validator(Validator::between(1.0, 100_000.0))
         .define(KEY_FIELD, ConfigType::String, "PID.3.1", Importance::Medium, "HL7 location of the record key (e.g. PID.3.1); MSH-10 when empty or absent from the message.")
         .with_validator(Validator::custom(key_field_check))
         .define(HL7_VERSIONS, ConfigType::List, DEFAULT_VERSIONS, Importance::Low, "Accepted MSH-12 versions; others are answered AR.")
@@ -118,6 +122,10 @@ pub fn source_def() -> ConfigDef {
         .with_validator(Validator::between(1024.0, 268_435_456.0))
         .define(MAX_CONNECTIONS, ConfigType::Int, "256", Importance::Low, "Concurrent sender connections; further ones are closed at once.")
         .with_validator(Validator::between(1.0, 100_000.0))
+        .define(MAX_CONNECTIONS_PER_PEER, ConfigType::Int, "32", Importance::Low, "Concurrent connections from one IP address (0: no limit besides mllp.max.connections); further ones are closed at once. Behind a load balancer that does not keep client addresses every sender shares one: raise it or use 0.")
+        .with_validator(Validator::between(0.0, 100_000.0))
+        .define(FRAME_BUDGET_BYTES, ConfigType::Long, "67108864", Importance::Low, "Bytes of messages being received or awaiting their ACK, shared by all connections of the listener; a connection whose message would exceed it is answered AR (busy) and closed. Must be at least mllp.max.message.bytes.")
+        .with_validator(Validator::between(1024.0, 68_719_476_736.0))
         .define(IDLE_TIMEOUT_MS, ConfigType::Long, "600000", Importance::Low, "Close a connection that sends nothing for this long (0: never).")
         .with_validator(Validator::between(0.0, MAX_TIMEOUT_MS))
         .define(READ_TIMEOUT_MS, ConfigType::Long, "30000", Importance::Low, "A started message must be complete within this time, and an ACK written within it.")
@@ -257,6 +265,10 @@ pub struct SourceConfig {
     pub ack_mode: AckMode,
     pub max_message_bytes: usize,
     pub max_connections: usize,
+    /// 0: no limit per peer address.
+    pub max_connections_per_peer: usize,
+    pub frame_budget_bytes: usize,
+    pub topic_max_distinct: usize,
     pub idle_timeout: Option<Duration>,
     pub read_timeout: Duration,
     pub queue_capacity: usize,
@@ -272,6 +284,15 @@ impl SourceConfig {
     pub fn validate(props: &Props) -> ConnectResult<Self> {
         let config = Self::parse(props)?;
         check_message_size(config.max_message_bytes, props)?;
+        if config.frame_budget_bytes < config.max_message_bytes {
+            return Err(ConnectError::config(
+                FRAME_BUDGET_BYTES,
+                format!(
+                    "{} is less than {MAX_MESSAGE_BYTES} ({}): a message of the largest accepted size could never be received",
+                    config.frame_budget_bytes, config.max_message_bytes
+                ),
+            ));
+        }
         Ok(config)
     }
 
@@ -293,8 +314,15 @@ impl SourceConfig {
         };
         let idle = millis(&parsed, IDLE_TIMEOUT_MS)?;
         let max_message_bytes = parsed.int_as(MAX_MESSAGE_BYTES)?;
+        // Every interface only when asked, or when senders must come over TLS anyway.
+        let bind = match parsed.string(MLLP_BIND)?.trim() {
+            "" if tls.is_some() => "0.0.0.0".to_string(),
+            "" => "127.0.0.1".to_string(),
+            bind => bind.to_string(),
+        };
+        let frame_budget: u64 = parsed.int_as(FRAME_BUDGET_BYTES)?;
         Ok(Self {
-            bind: parsed.string(MLLP_BIND)?.trim().to_string(),
+            bind,
             port: parsed.int_as(MLLP_PORT)?,
             share_port: parsed.boolean(MLLP_SHARE_PORT)?,
             address_file: path(&parsed, LISTENER_ADDRESS_FILE),
@@ -312,6 +340,9 @@ impl SourceConfig {
             },
             max_message_bytes,
             max_connections: parsed.int_as(MAX_CONNECTIONS)?,
+            max_connections_per_peer: parsed.int_as(MAX_CONNECTIONS_PER_PEER)?,
+            frame_budget_bytes: usize::try_from(frame_budget).unwrap_or(usize::MAX),
+            topic_max_distinct: parsed.int_as(TOPIC_MAX_DISTINCT)?,
             idle_timeout: (!idle.is_zero()).then_some(idle),
             read_timeout: millis(&parsed, READ_TIMEOUT_MS)?,
             queue_capacity: parsed.int_as(QUEUE_CAPACITY)?,
@@ -474,6 +505,42 @@ mod tests {
                 "{name}: {error:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_plain_listener_stays_local_unless_told_otherwise() {
+        let bind = |p: &[(&str, &str)]| SourceConfig::parse(&props(p)).expect("valid").bind;
+        assert_eq!(bind(&[]), "127.0.0.1");
+        assert_eq!(bind(&[(MLLP_BIND, "0.0.0.0")]), "0.0.0.0");
+        assert_eq!(
+            bind(&[
+                (TLS_ENABLED, "true"),
+                (TLS_CERT_FILE, "c.pem"),
+                (TLS_KEY_FILE, "k.pem")
+            ]),
+            "0.0.0.0",
+            "with TLS every interface by default"
+        );
+    }
+
+    #[test]
+    fn the_listener_limits_have_small_defaults_and_a_consistent_budget() {
+        let config = SourceConfig::validate(&props(&[])).expect("defaults");
+        assert_eq!(config.topic_max_distinct, 50);
+        assert_eq!(config.max_connections_per_peer, 32);
+        assert_eq!(config.frame_budget_bytes, 64 << 20);
+        let error = SourceConfig::validate(&props(&[(FRAME_BUDGET_BYTES, "100000")]));
+        assert!(
+            matches!(error, Err(ConnectError::Config { ref field, .. }) if field == FRAME_BUDGET_BYTES),
+            "{error:?}"
+        );
+        assert!(
+            SourceConfig::validate(&props(&[
+                (FRAME_BUDGET_BYTES, "100000"),
+                (MAX_MESSAGE_BYTES, "100000")
+            ]))
+            .is_ok()
+        );
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //!   on only when the receiver answered `AA`.
 
 pub mod ack;
+pub mod batch;
 pub mod config;
+pub mod limits;
 pub mod message;
 pub mod mllp;
 mod sink;

@@ -136,8 +136,16 @@ fn is_delimiter(ch: char) -> bool {
 /// Splits the MSH segment into fields numbered as in the standard: `fields[n]` is MSH-n for
 /// n >= 3 (`fields[0]` is "MSH", `fields[1]` MSH-1, `fields[2]` MSH-2).
 pub fn split_msh(text: &str) -> Result<(Vec<&str>, Encoding), MshError> {
+    split_header_segment(text, "MSH")
+}
+
+/// As [`split_msh`], for any segment that declares the delimiters as MSH does (FHS, BHS).
+pub fn split_header_segment<'a>(
+    text: &'a str,
+    name: &str,
+) -> Result<(Vec<&'a str>, Encoding), MshError> {
     let text = text.trim_start_matches(['\r', '\n', ' ', '\t']);
-    let rest = text.strip_prefix("MSH").ok_or(MshError::NotMsh)?;
+    let rest = text.strip_prefix(name).ok_or(MshError::NotMsh)?;
     let mut chars = rest.chars();
     let field = chars
         .next()
@@ -146,7 +154,7 @@ pub fn split_msh(text: &str) -> Result<(Vec<&str>, Encoding), MshError> {
     let line_end = rest.find(['\r', '\n']).unwrap_or(rest.len());
     let line = &rest[field.len_utf8()..line_end];
     let mut fields: Vec<&str> = Vec::with_capacity(24);
-    fields.push("MSH");
+    fields.push(&text[..name.len()]);
     fields.push(&rest[..field.len_utf8()]);
     fields.extend(line.split(field));
     let characters = fields.get(2).copied().unwrap_or("");
@@ -372,6 +380,11 @@ impl TopicTemplate {
 
     pub fn new(template: impl Into<String>) -> Self {
         Self(template.into())
+    }
+
+    /// Whether the topic depends on the message (so senders choose how many topics there are).
+    pub fn is_dynamic(&self) -> bool {
+        self.0.contains(Self::MESSAGE_TYPE) || self.0.contains(Self::TRIGGER_EVENT)
     }
 
     /// Whether the template yields legal Kafka topic names for any message type.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use medconnect_api::{
     AckHandle, ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind,
     Delivery, Placement, Props, SourceConnector, SourceRecord, SourceTask, SourceTaskContext,
@@ -19,16 +19,19 @@ use medconnect_api::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::ack::{self, Ack, AckCode, AckError, ErrorCondition};
-use crate::config::{AckMode, SourceConfig, source_def};
-use crate::message::{self, MshHeader, rejected_record};
+use crate::ack::{self, Ack, AckCode, AckError, ErrorCondition, ErrorLocation};
+use crate::batch::{self, Batch, Frame};
+use crate::config::{AckMode, SourceConfig, TOPIC_MAX_DISTINCT, source_def};
+use crate::limits::{FrameBudget, PeerLimits, Reservation, TopicCap};
+use crate::message::{self, MshHeader, Rejection, read_header, rejected_record};
+use crate::mllp::codec::START_BLOCK;
 use crate::mllp::{BoxedStream, MllpCodec, MllpError};
 use medconnect_api::tls;
 
@@ -36,6 +39,9 @@ use medconnect_api::tls;
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Longest engine reason echoed to a sender in MSA-3.
 const MAX_REASON_CHARS: usize = 120;
+/// Most bytes read from a connection at once: what a connection may hold beyond its share of
+/// the frame budget (the budget is taken for what was read, right after the read).
+const READ_CHUNK: usize = 8 * 1024;
 
 #[derive(Debug, Default)]
 pub struct MllpSourceConnector;
@@ -98,6 +104,10 @@ struct Shared {
     queue: mpsc::Sender<SourceRecord>,
     tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
+    budget: Arc<FrameBudget>,
+    peers: Arc<PeerLimits>,
+    /// Only when the topic template names MSH-9: a fixed topic needs no cap.
+    topics: Option<TopicCap>,
 }
 
 pub struct MllpSourceTask {
@@ -109,6 +119,7 @@ pub struct MllpSourceTask {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     batch_max: usize,
+    budget: Option<Arc<FrameBudget>>,
 }
 
 impl std::fmt::Debug for MllpSourceTask {
@@ -132,7 +143,14 @@ impl MllpSourceTask {
             local_addr: None,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            budget: None,
         })
+    }
+
+    /// The listener's frame budget once started: bytes held for senders now, at most ever,
+    /// and connections refused for want of it.
+    pub fn frame_budget(&self) -> Option<Arc<FrameBudget>> {
+        self.budget.clone()
     }
 
     /// The address the listener is bound to, once started (the port chosen when `mllp.port`
@@ -192,12 +210,21 @@ impl SourceTask for MllpSourceTask {
         self.shutdown = CancellationToken::new();
         self.tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(config.max_connections));
+        let budget = FrameBudget::new(config.frame_budget_bytes);
+        self.budget = Some(budget.clone());
+        let topics = config
+            .topic
+            .is_dynamic()
+            .then(|| TopicCap::new(config.topic_max_distinct));
         let shared = Arc::new(Shared {
             connector: self.connector.clone(),
+            peers: PeerLimits::new(config.max_connections_per_peer),
             config,
             queue,
             tls: acceptor,
             shutdown: self.shutdown.clone(),
+            budget,
+            topics,
         });
         self.tracker
             .spawn(accept_loop(listener, shared, self.tracker.clone(), limit));
@@ -254,10 +281,15 @@ async fn accept_loop(
                     tracing::warn!(connector = %shared.connector, %peer, "too many MLLP connections; closing the new one");
                     continue;
                 };
+                let Some(slot) = shared.peers.enter(peer.ip()) else {
+                    tracing::warn!(connector = %shared.connector, %peer, max = shared.config.max_connections_per_peer, "too many MLLP connections from this address; closing the new one");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 tracker.spawn(async move {
                     serve(stream, peer, shared).await;
+                    drop(slot);
                     drop(permit);
                 });
             }
@@ -280,6 +312,8 @@ enum ReadEnd {
     Closed,
     IdleTimeout,
     ReadTimeout,
+    /// The listener's frame budget cannot hold what this connection sent.
+    Budget,
     Frame(MllpError),
 }
 
@@ -288,6 +322,8 @@ struct Connection {
     codec: MllpCodec,
     buffer: BytesMut,
     peer: SocketAddr,
+    /// Covers the bytes buffered and the message awaiting its answer.
+    reservation: Reservation,
 }
 
 impl Connection {
@@ -310,6 +346,9 @@ impl Connection {
             {
                 return Ok(frame);
             }
+            // Bytes dropped outside frames, and the previous message once answered, no
+            // longer count.
+            self.reservation.shrink_to(self.buffer.len());
             let deadline = if self.codec.in_frame() {
                 if frame_deadline.is_none() {
                     frame_deadline = Instant::now().checked_add(read_timeout);
@@ -318,10 +357,12 @@ impl Connection {
             } else {
                 idle_deadline
             };
-            self.buffer.reserve(8 * 1024);
+            self.buffer.reserve(READ_CHUNK);
+            let before = self.buffer.len();
+            let mut limited = (&mut self.buffer).limit(READ_CHUNK);
             let read = match deadline {
                 Some(deadline) => {
-                    match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buffer))
+                    match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut limited))
                         .await
                     {
                         Ok(read) => read,
@@ -329,12 +370,15 @@ impl Connection {
                         Err(_) => return Err(ReadEnd::IdleTimeout),
                     }
                 }
-                None => self.stream.read_buf(&mut self.buffer).await,
+                None => self.stream.read_buf(&mut limited).await,
             };
             match read {
                 Ok(0) => return Err(ReadEnd::Closed),
                 Ok(_) => {}
                 Err(error) => return Err(ReadEnd::Frame(MllpError::Io(error))),
+            }
+            if !self.reservation.grow(self.buffer.len() - before) {
+                return Err(ReadEnd::Budget);
             }
         }
     }
@@ -383,6 +427,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         codec: MllpCodec::new(config.max_message_bytes),
         buffer: BytesMut::new(),
         peer,
+        reservation: Reservation::new(shared.budget.clone()),
     };
     loop {
         let next = tokio::select! {
@@ -391,9 +436,35 @@ async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         };
         match next {
             Ok(payload) => {
-                if !handle_message(&mut connection, payload, &shared).await {
+                if !handle_frame(&mut connection, payload, &shared).await {
                     break;
                 }
+            }
+            Err(ReadEnd::Budget) => {
+                tracing::warn!(connector = %shared.connector, %peer, budget = shared.budget.capacity(), held = shared.budget.used(), "MLLP frame budget exhausted; rejecting and closing");
+                // The frame's MSH is at its start (the buffer's, or after the start block
+                // when the frame began in the last read): the NACK can name the message.
+                // What was read is dropped at once.
+                let buffer = &connection.buffer;
+                let from = if connection.codec.in_frame() {
+                    Some(0)
+                } else {
+                    buffer.iter().position(|b| *b == START_BLOCK).map(|p| p + 1)
+                };
+                let header = from.and_then(|from| {
+                    let head = &buffer[from..buffer.len().min(from + 1024)];
+                    read_header(&String::from_utf8_lossy(head)).ok()
+                });
+                connection.buffer = BytesMut::new();
+                connection.reservation.shrink_to(0);
+                let reply = nack(
+                    header.as_ref(),
+                    AckCode::Reject,
+                    ErrorCondition::ApplicationInternal,
+                    "system busy (listener memory budget exhausted), retry later",
+                );
+                connection.answer(reply, config.read_timeout).await;
+                break;
             }
             Err(ReadEnd::Frame(MllpError::FrameTooLarge { max })) => {
                 tracing::warn!(connector = %shared.connector, %peer, max, "MLLP message too large; rejecting and closing");
@@ -451,16 +522,51 @@ fn shorten(reason: &str) -> String {
     reason.chars().take(MAX_REASON_CHARS).collect()
 }
 
-/// Processes one message and answers it; `false` ends the connection.
-async fn handle_message(connection: &mut Connection, payload: Bytes, shared: &Shared) -> bool {
+/// A message handed to the engine: what its answer needs once the engine is done with it.
+struct Submitted {
+    header: Option<MshHeader>,
+    rejection: Option<Rejection>,
+    done: oneshot::Receiver<Delivery>,
+}
+
+/// The rejection of a valid message whose topic would pass the topic cap: AR (the sender's
+/// configuration, not the message, has to change), kept in the dead-letter topic if any.
+fn topic_capped(header: &MshHeader, max: usize) -> Rejection {
+    let code: String = header.message_code.chars().take(8).collect();
+    Rejection {
+        header: Some(Box::new(header.clone())),
+        code: AckCode::Reject,
+        condition: ErrorCondition::UnsupportedMessageType,
+        location: Some(ErrorLocation {
+            segment: "MSH",
+            field: 9,
+        }),
+        reason: format!(
+            "message type {code} would need a new topic beyond the {max} allowed ({TOPIC_MAX_DISTINCT})"
+        ),
+    }
+}
+
+/// Validates one message and makes its record (or, rejected, its dead-letter record).
+fn submit(payload: Bytes, shared: &Shared, peer: SocketAddr) -> (SourceRecord, Submitted) {
     let config = &shared.config;
-    let peer = connection.peer;
     let (handle, done) = AckHandle::channel();
-    let (record, header, rejection) = match message::parse(&payload, &config.rules) {
-        Ok(message) => {
-            let record = SourceRecord::acknowledged(message.to_record(&config.topic), handle);
-            (record, Some(message.header), None)
+    let parsed = message::parse(&payload, &config.rules).and_then(|message| {
+        let record = message.to_record(&config.topic);
+        match &shared.topics {
+            Some(cap) if !cap.admit(&record.topic) => Err(topic_capped(&message.header, cap.max())),
+            _ => Ok((record, message.header)),
         }
+    });
+    match parsed {
+        Ok((record, header)) => (
+            SourceRecord::acknowledged(record, handle),
+            Submitted {
+                header: Some(header),
+                rejection: None,
+                done,
+            },
+        ),
         Err(rejection) => {
             tracing::warn!(
                 connector = %shared.connector,
@@ -474,12 +580,95 @@ async fn handle_message(connection: &mut Connection, payload: Bytes, shared: &Sh
             let reason = ConnectError::data(rejection.reason.clone());
             (
                 SourceRecord::rejected(record, reason, Some(handle)),
-                rejection.header.as_deref().cloned(),
-                Some(rejection),
+                Submitted {
+                    header: rejection.header.as_deref().cloned(),
+                    rejection: Some(rejection),
+                    done,
+                },
             )
         }
-    };
-    let control_id = header
+    }
+}
+
+/// Waits for the engine (unless acknowledging at once); `None` when the task stops first.
+async fn settle(
+    submitted: &mut Submitted,
+    shared: &Shared,
+) -> Option<Option<Result<Delivery, oneshot::error::RecvError>>> {
+    match shared.config.ack_mode {
+        AckMode::Immediate => Some(None),
+        AckMode::AfterCommit => tokio::select! {
+            _ = shared.shutdown.cancelled() => None,
+            outcome = &mut submitted.done => Some(Some(outcome)),
+        },
+    }
+}
+
+/// The acknowledgement of one message, from what became of its record: `AA` only for a record
+/// Kafka has (or that a transform dropped on purpose).
+fn answer_for(
+    submitted: &Submitted,
+    outcome: Option<Result<Delivery, oneshot::error::RecvError>>,
+) -> Bytes {
+    let header = submitted.header.as_ref();
+    match (&submitted.rejection, outcome) {
+        (Some(rejection), _) => rejection_reply(rejection),
+        (None, None)
+        | (None, Some(Ok(Delivery::Written { .. })))
+        | (None, Some(Ok(Delivery::Filtered))) => ack::build(
+            header,
+            &Ack {
+                code: AckCode::Accept,
+                text: "",
+                error: None,
+            },
+        ),
+        // Kept in the dead-letter topic, flagged as in error.
+        (None, Some(Ok(Delivery::DeadLettered { reason }))) => nack(
+            header,
+            AckCode::Error,
+            ErrorCondition::ApplicationInternal,
+            &format!("message rejected: {}", shorten(&reason)),
+        ),
+        // Refused as a whole (too large for Kafka, invalid for its topic) and kept nowhere:
+        // AR, as the listener answers a message over its own size limit. Only this record
+        // fails; the connection and the listener go on.
+        (None, Some(Ok(Delivery::Rejected { reason }))) => nack(
+            header,
+            AckCode::Reject,
+            ErrorCondition::ApplicationInternal,
+            &format!("message not stored: {}", shorten(&reason)),
+        ),
+        (None, Some(Ok(Delivery::Failed { reason }))) => nack(
+            header,
+            AckCode::Reject,
+            ErrorCondition::ApplicationInternal,
+            &format!("message not stored, retry later: {}", shorten(&reason)),
+        ),
+        (None, Some(Err(_))) => nack(
+            header,
+            AckCode::Reject,
+            ErrorCondition::ApplicationInternal,
+            "message not stored, retry later",
+        ),
+    }
+}
+
+/// Processes one frame (a message or a batch) and answers it; `false` ends the connection.
+async fn handle_frame(connection: &mut Connection, payload: Bytes, shared: &Shared) -> bool {
+    match batch::split(&payload, shared.config.rules.lenient_newlines) {
+        Frame::Single => handle_message(connection, payload, shared).await,
+        Frame::Batch(batch) => handle_batch(connection, *batch, shared).await,
+    }
+}
+
+/// Processes one message and answers it; `false` ends the connection.
+async fn handle_message(connection: &mut Connection, payload: Bytes, shared: &Shared) -> bool {
+    let config = &shared.config;
+    let peer = connection.peer;
+    let (record, mut submitted) = submit(payload, shared, peer);
+    let control_id = submitted
+        .header
         .as_ref()
         .map_or("", |h| h.control_id.as_str())
         .to_string();
@@ -488,7 +677,7 @@ async fn handle_message(connection: &mut Connection, payload: Bytes, shared: &Sh
         Err(mpsc::error::TrySendError::Full(_)) => {
             tracing::warn!(connector = %shared.connector, %peer, %control_id, "queue full; answering AR (busy)");
             let reply = nack(
-                header.as_ref(),
+                submitted.header.as_ref(),
                 AckCode::Reject,
                 ErrorCondition::ApplicationInternal,
                 "system busy, retry later",
@@ -498,55 +687,82 @@ async fn handle_message(connection: &mut Connection, payload: Bytes, shared: &Sh
         // The task is stopping: no answer, the sender retransmits to a running worker.
         Err(mpsc::error::TrySendError::Closed(_)) => return false,
     }
-    let outcome = match config.ack_mode {
-        AckMode::Immediate => None,
-        AckMode::AfterCommit => tokio::select! {
-            _ = shared.shutdown.cancelled() => return false,
-            outcome = done => Some(outcome),
-        },
+    let Some(outcome) = settle(&mut submitted, shared).await else {
+        return false;
     };
-    let reply = match (rejection, outcome) {
-        (Some(rejection), _) => rejection_reply(&rejection),
-        (None, None)
-        | (None, Some(Ok(Delivery::Written { .. })))
-        | (None, Some(Ok(Delivery::Filtered))) => ack::build(
-            header.as_ref(),
-            &Ack {
-                code: AckCode::Accept,
-                text: "",
-                error: None,
-            },
-        ),
-        // Kept in the dead-letter topic, flagged as in error.
-        (None, Some(Ok(Delivery::DeadLettered { reason }))) => nack(
-            header.as_ref(),
-            AckCode::Error,
-            ErrorCondition::ApplicationInternal,
-            &format!("message rejected: {}", shorten(&reason)),
-        ),
-        // Refused as a whole (too large for Kafka, invalid for its topic) and kept nowhere:
-        // AR, as the listener answers a message over its own size limit. Only this record
-        // fails; the connection and the listener go on.
-        (None, Some(Ok(Delivery::Rejected { reason }))) => nack(
-            header.as_ref(),
-            AckCode::Reject,
-            ErrorCondition::ApplicationInternal,
-            &format!("message not stored: {}", shorten(&reason)),
-        ),
-        (None, Some(Ok(Delivery::Failed { reason }))) => nack(
-            header.as_ref(),
-            AckCode::Reject,
-            ErrorCondition::ApplicationInternal,
-            &format!("message not stored, retry later: {}", shorten(&reason)),
-        ),
-        (None, Some(Err(_))) => nack(
-            header.as_ref(),
-            AckCode::Reject,
-            ErrorCondition::ApplicationInternal,
-            "message not stored, retry later",
-        ),
-    };
+    let reply = answer_for(&submitted, outcome);
     tracing::debug!(connector = %shared.connector, %peer, %control_id, "HL7 message answered");
+    connection.answer(reply, config.read_timeout).await
+}
+
+/// Every message of a batch answered the same way, none handed to the engine.
+fn refuse_batch(batch: &Batch, reason: &str) -> Bytes {
+    let acks: Vec<Bytes> = batch
+        .messages()
+        .map(|m| {
+            let header = read_header(&String::from_utf8_lossy(m)).ok();
+            nack(
+                header.as_ref(),
+                AckCode::Reject,
+                ErrorCondition::ApplicationInternal,
+                reason,
+            )
+        })
+        .collect();
+    batch::reply(batch, batch::first_header(batch).as_ref(), &acks, reason)
+}
+
+/// Processes a batch: every message is its own record, queued together (all or none, so the
+/// batch keeps its order and is never half taken for want of room), and the batch of ACKs is
+/// answered once every record's fate is known; `false` ends the connection.
+async fn handle_batch(connection: &mut Connection, batch: Batch, shared: &Shared) -> bool {
+    let config = &shared.config;
+    let peer = connection.peer;
+    let count = batch.message_count();
+    let refusal = if let Some(reason) = &batch.invalid {
+        Some(format!("batch rejected: {reason}"))
+    } else if count > config.queue_capacity {
+        Some(format!(
+            "batch rejected: {count} messages is more than the listener queues at once"
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        tracing::warn!(connector = %shared.connector, %peer, messages = count, %reason, "HL7 batch rejected");
+        return connection
+            .answer(refuse_batch(&batch, &reason), config.read_timeout)
+            .await;
+    }
+    let permits = match shared.queue.try_reserve_many(count) {
+        Ok(permits) => Some(permits),
+        Err(mpsc::error::TrySendError::Full(())) => None,
+        Err(mpsc::error::TrySendError::Closed(())) => return false,
+    };
+    let Some(permits) = permits else {
+        tracing::warn!(connector = %shared.connector, %peer, messages = count, "queue full; answering the batch AR (busy)");
+        return connection
+            .answer(
+                refuse_batch(&batch, "system busy, retry later"),
+                config.read_timeout,
+            )
+            .await;
+    };
+    let mut submitted = Vec::with_capacity(count);
+    for (permit, message) in permits.zip(batch.messages()) {
+        let (record, pending) = submit(message.clone(), shared, peer);
+        permit.send(record);
+        submitted.push(pending);
+    }
+    let mut acks = Vec::with_capacity(count);
+    for pending in &mut submitted {
+        let Some(outcome) = settle(pending, shared).await else {
+            return false;
+        };
+        acks.push(answer_for(pending, outcome));
+    }
+    let reply = batch::reply(&batch, batch::first_header(&batch).as_ref(), &acks, "");
+    tracing::debug!(connector = %shared.connector, %peer, messages = count, "HL7 batch answered");
     connection.answer(reply, config.read_timeout).await
 }
 

@@ -503,3 +503,364 @@ async fn the_bound_address_is_written_to_the_address_file() {
     assert_eq!(written, task.local_addr().expect("bound").to_string());
     task.stop().await.expect("stop");
 }
+
+/// Polls a condition (a counter the listener updates from another task) until it holds.
+async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not reached within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A message of type `code` (MSH-9.1), valid in every other respect.
+fn typed(code: &str, control_id: &str) -> String {
+    adt(control_id, "P1").replace("ADT^A01^ADT_A01", &format!("{code}^Z01"))
+}
+
+#[tokio::test]
+async fn a_message_that_would_pass_the_topic_cap_is_answered_ar_and_kept_from_its_topic() {
+    let mut task = started(&[("topic.max.distinct", "2")]).await;
+    let mut sender = client(&task).await;
+    for (code, id, topic) in [("ADT", "T1", "hl7.adt"), ("ORU", "T2", "hl7.oru")] {
+        sender
+            .send(typed(code, id).as_bytes(), DEADLINE)
+            .await
+            .expect("send");
+        let mut records = poll_n(&mut task, 1).await;
+        assert_eq!(records[0].record.topic, topic);
+        assert!(records[0].rejected.is_none());
+        records[0].complete(written());
+        assert_eq!(reply(&mut sender).await.code, AckCode::Accept);
+    }
+    // A third distinct type: rejected before any record goes to a new topic.
+    sender
+        .send(typed("ZZ1", "T3").as_bytes(), DEADLINE)
+        .await
+        .expect("send");
+    let mut records = poll_n(&mut task, 1).await;
+    assert!(
+        matches!(&records[0].rejected, Some(ConnectError::Data(reason)) if reason.contains("topic.max.distinct")),
+        "{:?}",
+        records[0].rejected
+    );
+    // Even when the dead-letter write succeeds, the sender learns it was not taken.
+    records[0].complete(Delivery::DeadLettered {
+        reason: "rejected".into(),
+    });
+    let frame = sender.receive(DEADLINE).await.expect("answer");
+    let ack = parse_reply(&frame).expect("ack");
+    assert_eq!((ack.code, ack.control_id.as_str()), (AckCode::Reject, "T3"));
+    assert!(ack.text.contains("topic.max.distinct"), "{}", ack.text);
+    let text = String::from_utf8_lossy(&frame);
+    assert!(text.contains("\rERR|MSH^1^9^200&"), "{text:?}");
+    // Known topics stay open.
+    sender
+        .send(typed("ORU", "T4").as_bytes(), DEADLINE)
+        .await
+        .expect("send");
+    let mut records = poll_n(&mut task, 1).await;
+    assert!(records[0].rejected.is_none());
+    records[0].complete(written());
+    assert_eq!(reply(&mut sender).await.code, AckCode::Accept);
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_fixed_topic_has_no_cap() {
+    let mut task = started(&[("topic", "hl7.inbound"), ("topic.max.distinct", "1")]).await;
+    let mut sender = client(&task).await;
+    for (i, code) in ["ADT", "ORU", "ZZ1"].iter().enumerate() {
+        sender
+            .send(typed(code, &format!("F{i}")).as_bytes(), DEADLINE)
+            .await
+            .expect("send");
+        let mut records = poll_n(&mut task, 1).await;
+        assert!(records[0].rejected.is_none());
+        records[0].complete(written());
+        assert_eq!(reply(&mut sender).await.code, AckCode::Accept);
+    }
+    task.stop().await.expect("stop");
+}
+
+/// A raw socket that sent the start of a frame of `bytes` bytes and never its end.
+async fn partial_frame(task: &MllpSourceTask, bytes: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let address = task.local_addr().expect("bound");
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let mut frame = vec![0x0b];
+    frame.extend_from_slice(ADT_A01.as_bytes());
+    frame.resize(bytes + 1, b'x');
+    stream.write_all(&frame).await.expect("write");
+    stream
+}
+
+#[tokio::test]
+async fn connections_together_cannot_hold_more_than_the_frame_budget() {
+    let mut task = started(&[
+        ("mllp.frame.budget.bytes", "65536"),
+        ("mllp.max.message.bytes", "60000"),
+    ])
+    .await;
+    let budget = task.frame_budget().expect("started");
+    // Three senders each stall 20,000 bytes into a frame: 60,000 of 65,536 held.
+    let mut stalled = Vec::new();
+    for n in 1..=3 {
+        stalled.push(partial_frame(&task, 20_000).await);
+        until("the stalled frames held", || budget.used() == n * 20_000).await;
+    }
+    // A fourth cannot get its 20,000: refused with AR naming the control id, and closed.
+    let address = task.local_addr().expect("bound");
+    let mut fourth = MllpClient::connect("127.0.0.1", address.port(), DEADLINE, None, 1 << 20)
+        .await
+        .expect("connect");
+    let mut frame = vec![0x0b];
+    frame.extend_from_slice(ADT_A01.as_bytes());
+    frame.resize(20_001, b'x');
+    fourth.send_raw(&frame, DEADLINE).await.expect("send");
+    let ack = reply(&mut fourth).await;
+    assert_eq!(
+        (ack.code, ack.control_id.as_str()),
+        (AckCode::Reject, "MSG00001")
+    );
+    assert!(ack.text.contains("budget"), "{}", ack.text);
+    assert!(matches!(
+        fourth.receive(DEADLINE).await,
+        Err(ClientError::Closed | ClientError::Frame(_))
+    ));
+    assert!(budget.refused() >= 1);
+    assert!(budget.peak() <= 65_536, "peak {}", budget.peak());
+    until("the refused frame given back", || budget.used() == 60_000).await;
+
+    // Once the stalled senders go, a normal sender is served.
+    drop(stalled);
+    until("every stalled frame given back", || budget.used() == 0).await;
+    let mut sender = client(&task).await;
+    sender
+        .send(ADT_A01.as_bytes(), DEADLINE)
+        .await
+        .expect("send");
+    let mut records = poll_n(&mut task, 1).await;
+    assert!(budget.used() >= ADT_A01.len(), "held until answered");
+    records[0].complete(written());
+    assert_eq!(reply(&mut sender).await.code, AckCode::Accept);
+    until("the answered message given back", || budget.used() == 0).await;
+    assert!(budget.peak() <= 65_536, "peak {}", budget.peak());
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_more_than_its_connections() {
+    let mut task = started(&[("mllp.max.connections.per.peer", "2")]).await;
+    let mut first = client(&task).await;
+    let mut second = client(&task).await;
+    // Both served (so both were accepted before the third connects).
+    for (sender, id) in [(&mut first, "PEER1"), (&mut second, "PEER2")] {
+        sender
+            .send(adt(id, "P1").as_bytes(), DEADLINE)
+            .await
+            .expect("send");
+        let mut records = poll_n(&mut task, 1).await;
+        records[0].complete(written());
+        assert_eq!(reply(sender).await.code, AckCode::Accept);
+    }
+    let mut third = client(&task).await;
+    assert!(matches!(
+        third.receive(DEADLINE).await,
+        Err(ClientError::Closed | ClientError::Frame(_))
+    ));
+    // A slot comes back when a connection closes.
+    drop(first);
+    let address = task.local_addr().expect("bound");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut again = loop {
+        let mut candidate =
+            MllpClient::connect("127.0.0.1", address.port(), DEADLINE, None, 1 << 20)
+                .await
+                .expect("connect");
+        if candidate
+            .send(adt("PEER3", "P1").as_bytes(), DEADLINE)
+            .await
+            .is_ok()
+        {
+            match tokio::time::timeout(QUIET, task.poll()).await {
+                Ok(Ok(mut records)) => {
+                    records[0].complete(written());
+                    break candidate;
+                }
+                Ok(Err(error)) => panic!("poll: {error}"),
+                Err(_) => {}
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no slot came back");
+    };
+    assert_eq!(reply(&mut again).await.code, AckCode::Accept);
+    task.stop().await.expect("stop");
+}
+
+const FHS: &str = "FHS|^~\\&|EPIC|HOSP|MEDCONNECT|DC|20240101120000||||FILE7\r";
+const BHS: &str = "BHS|^~\\&|EPIC|HOSP|MEDCONNECT|DC|20240101120000||||BATCH7\r";
+
+/// The MSA segments of a batch answer, as (code, control id), and its segment names.
+fn batch_answer(frame: &[u8]) -> (Vec<(String, String)>, Vec<String>) {
+    let text = String::from_utf8_lossy(frame);
+    let segments: Vec<&str> = text.split('\r').filter(|s| !s.is_empty()).collect();
+    let msa = segments
+        .iter()
+        .filter(|s| s.starts_with("MSA|"))
+        .map(|s| {
+            let f: Vec<&str> = s.split('|').collect();
+            (f[1].to_string(), f[2].to_string())
+        })
+        .collect();
+    let names = segments.iter().map(|s| s[..3].to_string()).collect();
+    (msa, names)
+}
+
+fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+    expected
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_is_stored_message_by_message_and_answered_with_a_batch_of_acks() {
+    let mut task = started(&[]).await;
+    let mut sender = client(&task).await;
+    let messages = [adt("B1", "P1"), adt("B2", "P2"), adt("B3", "P3")];
+    let batch = format!("{FHS}{BHS}{}BTS|3\rFTS|1\r", messages.concat());
+    sender.send(batch.as_bytes(), DEADLINE).await.expect("send");
+    let mut records = poll_n(&mut task, 3).await;
+    for (record, message) in records.iter().zip(&messages) {
+        assert!(record.rejected.is_none());
+        assert_eq!(record.record.value.as_deref(), Some(message.as_bytes()));
+    }
+    // Nothing is answered until every message is durable.
+    records[0].complete(written());
+    records[1].complete(written());
+    assert!(matches!(
+        sender.receive(QUIET).await,
+        Err(ClientError::Timeout(_))
+    ));
+    records[2].complete(written());
+    let frame = sender.receive(DEADLINE).await.expect("answer");
+    let (msa, names) = batch_answer(&frame);
+    assert_eq!(msa, pairs(&[("AA", "B1"), ("AA", "B2"), ("AA", "B3")]));
+    assert_eq!(
+        names,
+        [
+            "FHS", "BHS", "MSH", "MSA", "MSH", "MSA", "MSH", "MSA", "BTS", "FTS"
+        ]
+    );
+    let text = String::from_utf8_lossy(&frame);
+    assert!(
+        text.contains("|FILE7\rBHS|"),
+        "FHS-12 names the file: {text:?}"
+    );
+    assert!(
+        text.contains("|BATCH7\rMSH|"),
+        "BHS-12 names the batch: {text:?}"
+    );
+    assert!(text.contains("\rBTS|3|\rFTS|1\r"), "{text:?}");
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn two_messages_in_one_frame_are_two_records_never_one() {
+    let mut task = started(&[]).await;
+    let mut sender = client(&task).await;
+    let frame = format!("{}{}", adt("TWO1", "P1"), ORU_R01);
+    sender.send(frame.as_bytes(), DEADLINE).await.expect("send");
+    let mut records = poll_n(&mut task, 2).await;
+    assert_eq!(
+        records[0].record.headers.last_str(header::CONTROL_ID),
+        Some("TWO1")
+    );
+    assert_eq!(records[1].record.value.as_deref(), Some(ORU_R01.as_bytes()));
+    for record in &mut records {
+        record.complete(written());
+    }
+    let (msa, names) = batch_answer(&sender.receive(DEADLINE).await.expect("answer"));
+    assert_eq!(msa, pairs(&[("AA", "TWO1"), ("AA", "LAB0001")]));
+    assert_eq!(names, ["BHS", "MSH", "MSA", "MSH", "MSA", "BTS"]);
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn in_a_batch_only_the_messages_stored_are_aa() {
+    let mut task = started(&[]).await;
+    let mut sender = client(&task).await;
+    let bad = "MSH|^~\\&|EPIC|HOSP|MC|DC|2024||ADT^A01||P|2.5\rPID|1||P9\r";
+    let batch = format!(
+        "{BHS}{}{bad}{}{}BTS|4\r",
+        adt("G1", "P1"),
+        adt("G3", "P3"),
+        adt("G4", "P4")
+    );
+    sender.send(batch.as_bytes(), DEADLINE).await.expect("send");
+    let mut records = poll_n(&mut task, 4).await;
+    assert!(records[1].rejected.is_some(), "the bad one is rejected");
+    records[0].complete(written());
+    records[1].complete(Delivery::DeadLettered {
+        reason: "bad record".into(),
+    });
+    // Kafka refused one valid message: it is not stored, so it is not AA.
+    records[2].complete(Delivery::Failed {
+        reason: "timed out".into(),
+    });
+    records[3].complete(written());
+    let (msa, _) = batch_answer(&sender.receive(DEADLINE).await.expect("answer"));
+    assert_eq!(
+        msa,
+        pairs(&[("AA", "G1"), ("AE", ""), ("AR", "G3"), ("AA", "G4")])
+    );
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_broken_batch_is_rejected_whole_and_nothing_is_queued() {
+    let mut task = started(&[]).await;
+    let mut sender = client(&task).await;
+    // BTS-1 says 3: a message went missing on the way.
+    let batch = format!("{BHS}{}{}BTS|3\r", adt("X1", "P1"), adt("X2", "P2"));
+    sender.send(batch.as_bytes(), DEADLINE).await.expect("send");
+    let frame = sender.receive(DEADLINE).await.expect("answer");
+    let (msa, names) = batch_answer(&frame);
+    assert_eq!(msa, pairs(&[("AR", "X1"), ("AR", "X2")]));
+    assert_eq!(
+        names,
+        ["BHS", "MSH", "MSA", "ERR", "MSH", "MSA", "ERR", "BTS"]
+    );
+    assert!(String::from_utf8_lossy(&frame).contains("BTS-1"));
+    assert!(
+        tokio::time::timeout(QUIET, task.poll()).await.is_err(),
+        "nothing was queued"
+    );
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_batch_that_does_not_fit_the_queue_is_refused_whole() {
+    let mut task = started(&[("queue.capacity", "2")]).await;
+    let mut sender = client(&task).await;
+    let batch = format!(
+        "{BHS}{}{}{}BTS|3\r",
+        adt("Q1", "P1"),
+        adt("Q2", "P2"),
+        adt("Q3", "P3")
+    );
+    sender.send(batch.as_bytes(), DEADLINE).await.expect("send");
+    let (msa, _) = batch_answer(&sender.receive(DEADLINE).await.expect("answer"));
+    assert_eq!(msa, pairs(&[("AR", "Q1"), ("AR", "Q2"), ("AR", "Q3")]));
+    assert!(
+        tokio::time::timeout(QUIET, task.poll()).await.is_err(),
+        "nothing was queued"
+    );
+    task.stop().await.expect("stop");
+}
