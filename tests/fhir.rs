@@ -206,7 +206,10 @@ async fn observations_from_kafka_land_in_the_server_once_and_a_refused_one_in_th
             json!({"connector.class": "FhirSink", "topics": "obs.in", "fhir.url": hfs.url,
                    "fhir.bundle.size": "100", "fhir.bundle.type": "transaction",
                    "errors.tolerance": "all", "errors.deadletterqueue.topic.name": "fhir.dlq",
-                   "errors.deadletterqueue.context.headers.enable": "true"}),
+                   "errors.deadletterqueue.context.headers.enable": "true",
+                   // Consent to the server's diagnostics (they may quote the resource) in
+                   // the dead-letter record: without it, no fhir.outcome.diagnostics header.
+                   "errors.log.include.messages": "true"}),
         )
         .await?;
     worker.wait_for_state("fhir-out", "RUNNING", 1).await?;

@@ -1,6 +1,6 @@
 //! OperationOutcome: what the server says about a refused request. Its diagnostics may quote
-//! patient data, so they go only into the dead-letter record's headers, never into error
-//! messages (task status traces, logs).
+//! patient data, so they travel only as an error's peer text (a dead-letter header, with the
+//! connector's consent), never in error messages (task status traces, logs).
 
 use serde_json::Value;
 

@@ -373,8 +373,11 @@ impl Actor {
         }
     }
 
-    /// Reports a refused entry: the OperationOutcome in its headers (for the dead-letter
-    /// topic), only the status, severity and code in the error (status traces, logs).
+    /// Reports a refused entry: the OperationOutcome's status, severity and code in its
+    /// headers (for the dead-letter topic) and in the error (status traces, logs); its
+    /// diagnostics, which may quote the resource, only as the error's peer text, which the
+    /// engine puts in the `fhir.outcome.diagnostics` header with the connector's consent
+    /// (`errors.log.include.messages=true`).
     async fn refuse(&self, entry: Entry, status: u16, outcome: Option<Outcome>) {
         let mut record = entry.record.clone();
         let headers = &mut record.record.headers;
@@ -383,16 +386,19 @@ impl Actor {
             Some(outcome) => {
                 headers.set(HEADER_SEVERITY, outcome.severity.clone());
                 headers.set(HEADER_CODE, outcome.code.clone());
-                headers.set(HEADER_DIAGNOSTICS, outcome.diagnostics.clone());
                 format!(", {outcome}")
             }
             None => String::new(),
         };
         tracing::warn!(connector = %self.wiring.connector, topic = %entry.partition.topic, partition = entry.partition.partition, offset = entry.record.kafka_offset, status, outcome = ?outcome.as_ref().map(|o| o.to_string()), "the FHIR server refused an entry");
         let error = ConnectError::data(format!(
-            "the FHIR server refused the {} entry: HTTP {status}{summary} (diagnostics in the {HEADER_DIAGNOSTICS} header)",
+            "the FHIR server refused the {} entry: HTTP {status}{summary}",
             entry.method
-        ));
+        ))
+        .with_peer_text(
+            HEADER_DIAGNOSTICS,
+            outcome.map(|o| o.diagnostics).unwrap_or_default(),
+        );
         match self.wiring.errant.report(record, error).await {
             Ok(()) => self.settle(std::slice::from_ref(&entry)),
             Err(error) => self.wiring.tracker.fail(error),

@@ -206,10 +206,16 @@ async fn refused_entries_go_to_the_dead_letter_topic_with_their_outcome_alone() 
         );
         assert_eq!(headers.last_str("fhir.outcome.severity"), Some("error"));
         assert_eq!(headers.last_str("fhir.outcome.code"), Some("invalid"));
-        let diagnostics = headers
-            .last_str("fhir.outcome.diagnostics")
-            .unwrap_or_default();
-        assert!(diagnostics.contains("does not match URL"), "{diagnostics}");
+        // The diagnostics are the error's peer text: the engine adds them to the dead-letter
+        // record only with the connector's consent (errors.log.include.messages).
+        assert_eq!(headers.last_str("fhir.outcome.diagnostics"), None);
+        let peer = error.peer_text().expect("the diagnostics are kept");
+        assert_eq!(peer.header(), "fhir.outcome.diagnostics");
+        assert!(
+            peer.text().contains("does not match URL"),
+            "{}",
+            peer.text()
+        );
         // The error (status traces, logs) names the status and code, not the diagnostics.
         let message = error.to_string();
         assert!(

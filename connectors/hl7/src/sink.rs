@@ -80,6 +80,11 @@ struct Retrying {
     delay: std::time::Duration,
 }
 
+/// The dead-letter header that carries a refusing ACK's text (MSA-3, else ERR), with the
+/// connector's consent only (`errors.log.include.messages=true`): see
+/// [`ConnectError::with_peer_text`].
+pub const ACK_TEXT_HEADER: &str = "hl7.ack.text";
+
 /// What became of one attempt to deliver a message.
 enum Attempt {
     Accepted,
@@ -87,6 +92,9 @@ enum Attempt {
     Refused {
         code: Option<AckCode>,
         reason: String,
+        /// The receiver's ACK text: it may quote the message (a patient's name, an id), so it
+        /// stays out of `reason`, which becomes status traces and logs.
+        peer_text: String,
     },
 }
 
@@ -165,28 +173,24 @@ impl MllpSinkTask {
                             Attempt::Refused {
                                 code: None,
                                 reason: "the receiver acknowledged another message".into(),
+                                peer_text: String::new(),
                             }
                         }
                         Ok(reply) => {
                             self.connection = Some(connection);
                             match reply.code {
                                 AckCode::Accept => Attempt::Accepted,
-                                code => {
-                                    tracing::debug!(connector = %self.connector, %control_id, text = %reply.text, "receiver's ACK text");
-                                    Attempt::Refused {
-                                        code: Some(code),
-                                        reason: format!(
-                                            "the receiver answered {}: {}",
-                                            code.as_str(),
-                                            reply.text
-                                        ),
-                                    }
-                                }
+                                code => Attempt::Refused {
+                                    code: Some(code),
+                                    reason: format!("the receiver answered {}", code.as_str()),
+                                    peer_text: reply.text,
+                                },
                             }
                         }
                         Err(error) => Attempt::Refused {
                             code: None,
                             reason: format!("unreadable ACK: {error}"),
+                            peer_text: String::new(),
                         },
                     });
                 }
@@ -195,12 +199,14 @@ impl MllpSinkTask {
                     return Ok(Attempt::Refused {
                         code: None,
                         reason: format!("no ACK within {after:?}"),
+                        peer_text: String::new(),
                     });
                 }
                 Err(ClientError::Frame(crate::mllp::MllpError::FrameTooLarge { max })) => {
                     return Ok(Attempt::Refused {
                         code: None,
                         reason: format!("the receiver's answer exceeds {max} bytes"),
+                        peer_text: String::new(),
                     });
                 }
                 // The receiver stopped reading: like one that cannot be reached, and the
@@ -249,12 +255,16 @@ impl MllpSinkTask {
             },
         };
         let attempt = done.attempts.saturating_add(1);
-        let reason = match self.exchange(value, &control_id).await? {
+        let (reason, peer_text) = match self.exchange(value, &control_id).await? {
             Attempt::Accepted => {
                 tracing::debug!(connector = %self.connector, %control_id, attempt, "message acknowledged by the receiver");
                 return Ok(());
             }
-            Attempt::Refused { code, reason } => {
+            Attempt::Refused {
+                code,
+                reason,
+                peer_text,
+            } => {
                 tracing::warn!(
                     connector = %self.connector,
                     %control_id,
@@ -266,7 +276,7 @@ impl MllpSinkTask {
                     code = code.map_or("none", AckCode::as_str),
                     "message not accepted by the receiver"
                 );
-                reason
+                (reason, peer_text)
             }
         };
         if attempt < config.max_attempts {
@@ -280,6 +290,7 @@ impl MllpSinkTask {
                 "message {control_id} not accepted (attempt {attempt} of {}): {reason}",
                 config.max_attempts
             ))
+            .with_peer_text(ACK_TEXT_HEADER, peer_text)
             .with_retry_after(wait));
         }
         self.errant
@@ -288,7 +299,8 @@ impl MllpSinkTask {
                 ConnectError::data(format!(
                     "not accepted after {} attempts: {reason}",
                     config.max_attempts
-                )),
+                ))
+                .with_peer_text(ACK_TEXT_HEADER, peer_text),
             )
             .await
     }

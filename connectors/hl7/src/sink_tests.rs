@@ -229,6 +229,11 @@ async fn refused_messages_are_retried_then_reported_as_errant() {
         matches!(&error, ConnectError::Data(reason) if reason.contains("AE")),
         "{error}"
     );
+    // The receiver's ACK text may quote the message: kept apart, never in the error's text.
+    assert!(!error.to_string().contains("scripted"), "{error}");
+    assert!(!format!("{error:?}").contains("scripted"), "{error:?}");
+    let peer = error.peer_text().expect("the ACK text is kept");
+    assert_eq!((peer.header(), peer.text()), ("hl7.ack.text", "scripted"));
     assert!(errant.try_recv().is_err(), "only BAD is errant");
     receiver.stop().await;
 }

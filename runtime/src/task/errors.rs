@@ -263,7 +263,8 @@ impl ErrorReporter {
         self.metrics.error(stage.as_str());
         if self.policy.log_errors || !tolerated {
             if self.policy.log_include_messages {
-                tracing::error!(connector = %self.connector, task = self.task_id, stage = stage.as_str(), %class, %error, record = ?record, "record failed");
+                let peer_text = error.peer_text().map(|p| p.text());
+                tracing::error!(connector = %self.connector, task = self.task_id, stage = stage.as_str(), %class, %error, ?peer_text, record = ?record, "record failed");
             } else {
                 // Payloads carry patient data: only metadata is logged by default.
                 tracing::error!(connector = %self.connector, task = self.task_id, stage = stage.as_str(), %class, %error, topic = %record.topic, "record failed");
@@ -280,6 +281,16 @@ impl ErrorReporter {
             headers = headers.insert(Header {
                 key: name,
                 value: value.map(|v| v.as_ref()),
+            });
+        }
+        // What the peer said may quote the record's patient data: only with the connector's
+        // consent, the one errors.log.include.messages gives for its logs.
+        if self.policy.log_include_messages
+            && let Some(peer) = error.peer_text()
+        {
+            headers = headers.insert(Header {
+                key: peer.header(),
+                value: Some(peer.text().as_bytes()),
             });
         }
         if self.policy.context_headers {
