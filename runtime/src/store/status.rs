@@ -41,6 +41,10 @@ pub struct TaskStatus {
     /// Which start of the task wrote this (0 for connector statuses and older records).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub run: u64,
+    /// The cluster generation whose assignment put the task (or connector) on `worker_id`;
+    /// absent for a worker alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment_generation: Option<i32>,
 }
 
 fn is_zero(value: &u64) -> bool {
@@ -269,6 +273,7 @@ mod tests {
             worker_id: "w".into(),
             generation: 1,
             run,
+            assignment_generation: None,
         };
         serde_json::to_vec(&status).unwrap_or_default()
     }

@@ -12,6 +12,12 @@ pub trait Assignment: Send + Sync {
     /// configs the config topic holds; every-worker connectors run one task per worker, with
     /// ids the cluster gives out.
     fn tasks_here(&self, connector: &str, placement: Placement, task_count: usize) -> Vec<u32>;
+
+    /// The cluster generation the current assignment came with, recorded in the statuses of
+    /// what starts under it; none for a worker alone.
+    fn generation(&self) -> Option<i32> {
+        None
+    }
 }
 
 /// A worker alone: every connector and every task runs here (an every-worker connector's one

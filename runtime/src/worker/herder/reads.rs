@@ -130,6 +130,7 @@ impl Herder {
             worker_id: self.worker_id.clone(),
             generation: 0,
             run: 0,
+            assignment_generation: None,
         }
     }
 

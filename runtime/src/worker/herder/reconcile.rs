@@ -149,6 +149,7 @@ impl Herder {
                 .connector(name)
                 .map_or(0, |e| e.task_generation),
             run: 0,
+            assignment_generation: self.assignment.generation(),
         };
         if let Err(error) = self.statuses.put_connector(name, &status).await {
             tracing::warn!(connector = %name, %error, "cannot record connector status");
