@@ -16,14 +16,17 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{
     ApiKey, FindCoordinatorRequest, FindCoordinatorResponse, GroupId, HeartbeatRequest,
     HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, RequestHeader,
-    ResponseHeader, SyncGroupRequest, SyncGroupResponse,
+    ResponseHeader, SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest,
+    SaslHandshakeResponse, SyncGroupRequest, SyncGroupResponse,
     join_group_request::JoinGroupRequestProtocol, leave_group_request::MemberIdentity,
     sync_group_request::SyncGroupRequestAssignment,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use super::scram::{ScramClient, ScramError, plain_message};
+use super::security::{BrokerStream, Sasl, SaslMechanism, Security};
 
 const FIND_COORDINATOR_VERSION: i16 = 2;
 const JOIN_GROUP_VERSION: i16 = 5;
@@ -31,6 +34,9 @@ const SYNC_GROUP_VERSION: i16 = 3;
 const HEARTBEAT_VERSION: i16 = 3;
 const LEAVE_GROUP_VERSION: i16 = 3;
 const LEAVE_GROUP_SINGLE_MEMBER_VERSION: i16 = 1;
+/// v1: the SASL tokens travel in SaslAuthenticate requests (KIP-152).
+const SASL_HANDSHAKE_VERSION: i16 = 1;
+const SASL_AUTHENTICATE_VERSION: i16 = 1;
 /// Answers larger than this are refused: a group's metadata is a few KiB per worker.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -78,6 +84,12 @@ pub enum CoordinatorError {
     },
     #[error("no bootstrap server in '{0}'")]
     NoBootstrap(String),
+    #[error("SASL {mechanism} authentication failed: {source}")]
+    Scram {
+        mechanism: &'static str,
+        #[source]
+        source: ScramError,
+    },
 }
 
 impl CoordinatorError {
@@ -131,7 +143,7 @@ impl Joined {
 
 /// A connection to a group's coordinator.
 pub struct Coordinator {
-    stream: TcpStream,
+    stream: Box<dyn BrokerStream>,
     client_id: StrBytes,
     group_id: GroupId,
     correlation: i32,
@@ -145,6 +157,7 @@ impl Coordinator {
         bootstrap_servers: &str,
         group_id: &str,
         client_id: &str,
+        security: &Security,
         request_timeout: Duration,
     ) -> Result<Self> {
         let mut last = None;
@@ -153,7 +166,7 @@ impl Coordinator {
             .map(str::trim)
             .filter(|s| !s.is_empty())
         {
-            match Self::via(address, group_id, client_id, request_timeout).await {
+            match Self::via(address, group_id, client_id, security, request_timeout).await {
                 Ok(coordinator) => return Ok(coordinator),
                 Err(error) => last = Some(error),
             }
@@ -165,9 +178,11 @@ impl Coordinator {
         bootstrap: &str,
         group_id: &str,
         client_id: &str,
+        security: &Security,
         request_timeout: Duration,
     ) -> Result<Self> {
-        let mut bootstrap = Self::open(bootstrap, group_id, client_id, request_timeout).await?;
+        let mut bootstrap =
+            Self::open(bootstrap, group_id, client_id, security, request_timeout).await?;
         let request = FindCoordinatorRequest::default()
             .with_key(StrBytes::from_string(group_id.to_string()))
             .with_key_type(0);
@@ -186,16 +201,18 @@ impl Coordinator {
             response.error_message.as_ref(),
         )?;
         let address = format!("{}:{}", response.host.as_str(), response.port);
-        Self::open(&address, group_id, client_id, request_timeout).await
+        Self::open(&address, group_id, client_id, security, request_timeout).await
     }
 
+    /// Connects (with TLS if configured) and authenticates (with SASL if configured).
     async fn open(
         address: &str,
         group_id: &str,
         client_id: &str,
+        security: &Security,
         request_timeout: Duration,
     ) -> Result<Self> {
-        let stream = tokio::time::timeout(request_timeout, TcpStream::connect(address))
+        let stream = tokio::time::timeout(request_timeout, security.connect(address))
             .await
             .map_err(|_| CoordinatorError::Timeout {
                 request: "connect",
@@ -205,14 +222,77 @@ impl Coordinator {
                 address: address.to_string(),
                 source,
             })?;
-        stream.set_nodelay(true)?;
-        Ok(Self {
+        let mut coordinator = Self {
             stream,
             client_id: StrBytes::from_string(client_id.to_string()),
             group_id: GroupId(StrBytes::from_string(group_id.to_string())),
             correlation: 0,
             request_timeout,
-        })
+        };
+        if let Some(sasl) = &security.sasl {
+            coordinator.authenticate(sasl).await?;
+        }
+        Ok(coordinator)
+    }
+
+    /// SaslHandshake, then the mechanism's exchange in SaslAuthenticate requests. A SCRAM
+    /// server must prove it knows the password too.
+    async fn authenticate(&mut self, sasl: &Sasl) -> Result<()> {
+        let mechanism = sasl.mechanism.name();
+        let request =
+            SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str(mechanism));
+        let response: SaslHandshakeResponse = self
+            .call(
+                ApiKey::SaslHandshake,
+                "SaslHandshake",
+                SASL_HANDSHAKE_VERSION,
+                &request,
+                self.request_timeout,
+            )
+            .await?;
+        if response.error_code != code::NONE {
+            let offered: Vec<&str> = response.mechanisms.iter().map(|m| m.as_str()).collect();
+            let offered = format!("the broker offers {}", offered.join(", "));
+            return check("SaslHandshake", response.error_code, Some(&offered.into()));
+        }
+        let scram_failed = |source| CoordinatorError::Scram { mechanism, source };
+        match sasl.mechanism {
+            SaslMechanism::Plain => {
+                self.sasl_step(plain_message(&sasl.username, &sasl.password))
+                    .await?;
+            }
+            SaslMechanism::Scram(hash) => {
+                let mut client =
+                    ScramClient::new(hash, &sasl.username, ScramClient::random_nonce());
+                let server_first = self.sasl_step(client.first()).await?;
+                let reply = client
+                    .reply(&sasl.password, &server_first)
+                    .map_err(scram_failed)?;
+                let server_final = self.sasl_step(reply).await?;
+                client.verify(&server_final).map_err(scram_failed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One SASL token out, the broker's token back.
+    async fn sasl_step(&mut self, token: Vec<u8>) -> Result<Bytes> {
+        let request = SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from(token));
+        let response: SaslAuthenticateResponse = self
+            .call(
+                ApiKey::SaslAuthenticate,
+                "SaslAuthenticate",
+                SASL_AUTHENTICATE_VERSION,
+                &request,
+                self.request_timeout,
+            )
+            .await?;
+        check(
+            "SaslAuthenticate",
+            response.error_code,
+            response.error_message.as_ref(),
+        )?;
+        Ok(response.auth_bytes)
     }
 
     /// Joins (or rejoins) the group. `member_id` is empty on a first join; Kafka then answers

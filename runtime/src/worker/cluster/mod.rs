@@ -18,6 +18,8 @@ pub mod assignor;
 pub mod coordinator;
 pub mod departed;
 pub mod protocol;
+mod scram;
+pub mod security;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,6 +36,7 @@ use self::assignor::Demand;
 use self::coordinator::{Coordinator, CoordinatorError, Joined, code};
 use self::departed::Departed;
 use self::protocol::{MemberAssignment, MemberMetadata, PROTOCOL_NAME, PROTOCOL_TYPE, Work};
+use self::security::Security;
 use super::herder::{Assignment, Herder};
 use crate::rest::signature::SessionKey;
 use crate::store::ConfigStore;
@@ -116,14 +119,19 @@ pub struct ClusterView {
     pub session_key: SessionKey,
 }
 
-/// The work this worker was assigned: the herder runs exactly this.
+/// The work this worker was assigned, and in which generation: the herder runs exactly this.
 #[derive(Debug, Default)]
 pub struct ClusterAssignment {
     work: Mutex<Work>,
+    generation: Mutex<Option<i32>>,
 }
 
 impl ClusterAssignment {
-    fn set(&self, work: Work) {
+    fn set(&self, work: Work, generation: Option<i32>) {
+        *self
+            .generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = generation;
         *self.work.lock().unwrap_or_else(PoisonError::into_inner) = work;
     }
 
@@ -154,12 +162,21 @@ impl Assignment for ClusterAssignment {
             .map(|t| t.task)
             .collect()
     }
+
+    fn generation(&self) -> Option<i32> {
+        *self
+            .generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Runs this worker's group membership until `shutdown`.
 pub struct Membership {
     pub config: ClusterConfig,
     pub bootstrap_servers: String,
+    /// TLS and SASL for the coordinator connection, from the workers' Kafka settings.
+    pub security: Security,
     pub group_id: String,
     pub worker_id: String,
     pub url: String,
@@ -196,7 +213,7 @@ impl Membership {
         let mut deadline: Option<Instant> = None;
         'connect: loop {
             let connected = tokio::select! {
-                c = Coordinator::connect(&self.bootstrap_servers, &self.group_id, &self.worker_id, self.config.session_timeout()) => c,
+                c = Coordinator::connect(&self.bootstrap_servers, &self.group_id, &self.worker_id, &self.security, self.config.session_timeout()) => c,
                 _ = self.fence_at(deadline) => {
                     self.lose("no heartbeat reached the coordinator within the session timeout").await;
                     deadline = None;
@@ -468,7 +485,8 @@ impl Membership {
         if let Err(error) = self.configs.read_to(assignment.config_offset).await {
             tracing::warn!(%error, "cannot read the config topic as far as the leader did");
         }
-        self.assignment.set(assignment.work);
+        self.assignment
+            .set(assignment.work, Some(joined.generation));
         self.herder.reconcile_and_wait().await;
         self.view.send_replace(ClusterView {
             generation: Some(joined.generation),
@@ -575,13 +593,13 @@ impl Membership {
     async fn lose(&self, reason: &str) {
         tracing::warn!(reason, "lost cluster membership: stopping every task here");
         self.view.send_modify(|view| view.generation = None);
-        self.assignment.set(Work::default());
+        self.assignment.set(Work::default(), None);
         self.herder.reconcile_and_wait().await;
     }
 
     /// Stops the work here, then leaves the group so the others rebalance at once.
     async fn leave(&self, coordinator: &mut Coordinator, member_id: &str) {
-        self.assignment.set(Work::default());
+        self.assignment.set(Work::default(), None);
         self.herder.reconcile_and_wait().await;
         if member_id.is_empty() {
             return;
