@@ -18,7 +18,12 @@ use medconnect_e2e::crash::{Processes, free_port, report_line, start_worker};
 use medconnect_e2e::{Rest, eventually, medconnect_bin};
 use serde_json::{Value, json};
 
-const INTERNAL_TOPICS: [&str; 3] = ["cluster-configs:1", "cluster-offsets:5", "cluster-status:3"];
+const INTERNAL_TOPICS: [&str; 4] = [
+    "cluster-configs:1",
+    "cluster-offsets:5",
+    "cluster-status:3",
+    "cluster-audit:1",
+];
 /// How long a failover or a rebalance may take here before the test gives up (the bench
 /// measures the figures; this only bounds a test that would otherwise wait for ever).
 const MOVE_DEADLINE: Duration = Duration::from_secs(45);
@@ -40,11 +45,14 @@ worker_id = "{worker}"
 
 [rest]
 listen = "127.0.0.1:{port}"
+# Open REST API: tests/rest_security.rs tests authentication, also in a cluster.
+auth = "none"
 
 [internal_topics]
 config = "cluster-configs"
 offsets = "cluster-offsets"
 status = "cluster-status"
+audit = "cluster-audit"
 
 [cluster]
 # The mock cluster ends a sync once the leader's assignments arrive (see ClusterConfig).
@@ -456,7 +464,7 @@ async fn a_worker_refuses_to_join_over_a_kafka_security_protocol_it_cannot_speak
     std::fs::write(
         &config,
         format!(
-            "bootstrap_servers = \"127.0.0.1:{}\"\n[rest]\nlisten = \"127.0.0.1:0\"\n[kafka]\n\"security.protocol\" = \"SASL_SSL\"\n",
+            "bootstrap_servers = \"127.0.0.1:{}\"\n[rest]\nlisten = \"127.0.0.1:0\"\nauth = \"none\"\n[kafka]\n\"security.protocol\" = \"SASL_SSL\"\n",
             free_port()?
         ),
     )?;

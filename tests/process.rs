@@ -138,7 +138,7 @@ fn worker_toml(dir: &tempfile::TempDir, bootstrap: &str, extra: &str) -> anyhow:
         &path,
         format!(
             "bootstrap_servers = \"{bootstrap}\"\n{extra}\n\
-             [rest]\nlisten = \"127.0.0.1:0\"\n\
+             [rest]\nlisten = \"127.0.0.1:0\"\nauth = \"none\"\n\
              [consumer]\n\"fetch.wait.max.ms\" = 25\n"
         ),
     )?;

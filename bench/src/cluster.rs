@@ -29,7 +29,12 @@ use anyhow::{Context, bail, ensure};
 use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
 use serde_json::{Value, json};
 
-const INTERNAL_TOPICS: [&str; 3] = ["cluster-configs:1", "cluster-offsets:5", "cluster-status:3"];
+const INTERNAL_TOPICS: [&str; 4] = [
+    "cluster-configs:1",
+    "cluster-offsets:5",
+    "cluster-status:3",
+    "cluster-audit:1",
+];
 const CONNECTORS: usize = 6;
 const TASKS_EACH: usize = 2;
 /// How long any one step may take before the run fails (a step takes seconds here).
@@ -276,11 +281,14 @@ worker_id = "{id}"
 
 [rest]
 listen = "127.0.0.1:{port}"
+# Open REST API: a benchmark of failover on this machine.
+auth = "none"
 
 [internal_topics]
 config = "cluster-configs"
 offsets = "cluster-offsets"
 status = "cluster-status"
+audit = "cluster-audit"
 
 [cluster]
 session_timeout_ms = {timeout}

@@ -285,7 +285,7 @@ async fn processes() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "bootstrap_servers = \"127.0.0.1:{kafka_port}\"\n[rest]\nlisten = \"127.0.0.1:{rest_port}\"\n[consumer]\n{}\n",
+            "bootstrap_servers = \"127.0.0.1:{kafka_port}\"\n[rest]\nlisten = \"127.0.0.1:{rest_port}\"\nauth = \"none\"\n[consumer]\n{}\n",
             broker::CONSUMER_SETTINGS
                 .iter()
                 .map(|(key, value)| format!("{key:?} = {value:?}"))

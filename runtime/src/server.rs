@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kafka::{KafkaSetupError, TopicSpec, ensure_topics};
 use crate::metrics::Metrics;
+use crate::rest::audit::AuditLog;
+use crate::rest::auth::{AuthError, Authenticator};
+use crate::rest::tls::{RestListener, TlsError};
 use crate::rest::{self, LogLevels, RestState};
 use crate::store::{ConfigStore, OffsetStore, StatusStore, StoreError};
 use crate::worker::cluster::{ClusterAssignment, ClusterView, Membership};
@@ -33,6 +36,10 @@ pub enum WorkerError {
     },
     #[error(transparent)]
     Herder(#[from] HerderError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("[rest.tls]: {0}")]
+    Tls(#[from] TlsError),
     /// The group coordinator connection is a client of our own (see `worker::cluster`), and so
     /// far speaks neither TLS nor SASL: joining a secured cluster would fail in a loop.
     #[error(
@@ -76,7 +83,16 @@ impl Worker {
         plugins: Plugins,
         log_levels: LogLevels,
     ) -> Result<Self, WorkerError> {
-        // The listener first: a port in use is the most common start-up failure and needs
+        // Who may call the REST API first: a worker config that does not say is refused
+        // before anything else starts.
+        let auth = Arc::new(Authenticator::load(config.rest.auth_settings())?);
+        let tls = config
+            .rest
+            .tls
+            .as_ref()
+            .map(|tls| tls.acceptor())
+            .transpose()?;
+        // The listener next: a port in use is the most common start-up failure and needs
         // no broker to find out.
         let listener = TcpListener::bind(config.rest.listen)
             .await
@@ -90,6 +106,28 @@ impl Worker {
                 addr: config.rest.listen,
                 source,
             })?;
+        let listener = match tls {
+            Some(tls) => {
+                RestListener::tls(listener, tls).map_err(|source| WorkerError::Listen {
+                    addr: config.rest.listen,
+                    source,
+                })?
+            }
+            None => RestListener::plain(listener),
+        };
+        // Forwarding to other workers: over https, trusting the cluster's CA, with TLS on.
+        let forwarder = match &config.rest.tls {
+            Some(tls) if config.cluster.enabled => tls.forwarder()?,
+            _ => reqwest::Client::builder(),
+        }
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| HerderError::Internal(format!("HTTP client: {e}")))?;
+        let scheme = if config.rest.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let kafka = config.kafka_settings();
         if config.cluster.enabled
             && let Some(protocol) = kafka
@@ -128,6 +166,12 @@ impl Worker {
                         &topics.status,
                         topics.status_partitions,
                         topics.replication_factor,
+                    ),
+                    TopicSpec::retained(
+                        &topics.audit,
+                        1,
+                        topics.replication_factor,
+                        topics.audit_retention_ms,
                     ),
                 ],
             ),
@@ -186,10 +230,12 @@ impl Worker {
                 max_config_bytes: rest::max_config_bytes(message_max_bytes(&kafka)),
                 failure: failure.clone(),
                 cluster: cluster_view.subscribe(),
-                forwarder: reqwest::Client::builder()
-                    .timeout(Duration::from_secs(60))
-                    .build()
-                    .map_err(|e| HerderError::Internal(format!("HTTP client: {e}")))?,
+                forwarder,
+                auth: auth.clone(),
+                audit: Arc::new(AuditLog::new(
+                    herder.worker_id(),
+                    Some((kafka.producer(&Default::default())?, topics.audit.clone())),
+                )),
             };
             let (shutdown, failure) = (shutdown.clone(), failure_tx.clone());
             async move {
@@ -222,7 +268,7 @@ impl Worker {
                     .rest
                     .advertised_url
                     .clone()
-                    .unwrap_or_else(|| format!("http://{rest_addr}")),
+                    .unwrap_or_else(|| format!("{scheme}://{rest_addr}")),
                 herder: herder.clone(),
                 configs,
                 assignment,
@@ -240,7 +286,10 @@ impl Worker {
             shutdown.clone(),
         ));
         background.push(cluster_watch);
-        tracing::info!(rest = %rest_addr, worker = herder.worker_id(), "worker started");
+        if auth.is_open() {
+            tracing::warn!(rest = %rest_addr, "the REST API is open (rest.auth = \"none\"): anyone who reaches it may change connectors");
+        }
+        tracing::info!(rest = %rest_addr, worker = herder.worker_id(), tls = config.rest.tls.is_some(), auth = if auth.is_open() { "none" } else { "required" }, "worker started");
         Ok(Self {
             herder,
             rest_addr,

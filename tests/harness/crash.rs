@@ -231,6 +231,8 @@ bootstrap_servers = "{bootstrap}"
 
 [rest]
 listen = "127.0.0.1:{rest_port}"
+# Open REST API: these tests are about delivery; tests/rest_security.rs tests authentication.
+auth = "none"
 
 [internal_topics]
 config = "crash-configs"

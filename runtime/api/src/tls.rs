@@ -97,6 +97,12 @@ pub fn acceptor(
 /// A sender's TLS: the CA that signs the receiver's certificate, and optionally a client
 /// certificate for receivers that require one.
 pub fn connector(ca: &Path, client: Option<(&Path, &Path)>) -> Result<TlsConnector, TlsError> {
+    Ok(TlsConnector::from(Arc::new(client_config(ca, client)?)))
+}
+
+/// The client configuration behind [`connector`], for clients that take a rustls config
+/// (an HTTPS client).
+pub fn client_config(ca: &Path, client: Option<(&Path, &Path)>) -> Result<ClientConfig, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Setup(e.to_string()))?
@@ -107,7 +113,7 @@ pub fn connector(ca: &Path, client: Option<(&Path, &Path)>) -> Result<TlsConnect
             .map_err(|e| TlsError::Setup(e.to_string()))?,
         None => builder.with_no_client_auth(),
     };
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 /// The name the receiver's certificate must carry.

@@ -65,6 +65,9 @@ enum Command {
         #[arg(long = "connector")]
         connectors: Vec<PathBuf>,
     },
+    /// Print the Argon2id hash of a password read from standard input (one line), for the
+    /// `password_hash` of a user in `[rest] users_file`.
+    HashPassword,
     /// Run the embedded Kafka-API broker alone (in-memory storage).
     #[cfg(feature = "embedded-broker")]
     Broker {
@@ -175,9 +178,14 @@ async fn run(command: Command, log_levels: LogLevels) -> anyhow::Result<()> {
             let mut broker = medconnect_runtime::broker::EmbeddedBroker::start(kafka)
                 .await
                 .context("the embedded Kafka-API broker did not start")?;
+            // Open REST API (WorkerConfig::new: rest.auth = "none"): a development process on
+            // this machine; the banner and the log say so.
             let mut config = WorkerConfig::new(&broker.bootstrap_servers())
                 .with_consumer_settings(medconnect_runtime::broker::CONSUMER_SETTINGS);
             config.rest.listen = rest;
+            if !rest.ip().is_loopback() {
+                tracing::warn!(rest = %rest, "medconnect dev serves its REST API without authentication on a non-loopback address: anyone who reaches it may change connectors");
+            }
             let worker =
                 Worker::start_with_log_levels(config, medconnect::builtin_plugins(), log_levels)
                     .await
@@ -186,7 +194,7 @@ async fn run(command: Command, log_levels: LogLevels) -> anyhow::Result<()> {
                 create_from_file(&worker, &path).await?;
             }
             println!(
-                "medconnect dev: REST http://{} , Kafka {}",
+                "medconnect dev: REST http://{} (open: no authentication, development only), Kafka {}",
                 worker.rest_addr(),
                 broker.bootstrap_servers()
             );
@@ -201,6 +209,17 @@ async fn run(command: Command, log_levels: LogLevels) -> anyhow::Result<()> {
                     return Err(stop_failed(worker, reason).await);
                 }
             }
+        }
+        Command::HashPassword => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            anyhow::ensure!(!password.is_empty(), "the password is empty");
+            let hash = medconnect_runtime::rest::auth::basic::hash_password(password)
+                .map_err(|e| anyhow::anyhow!("cannot hash the password: {e}"))?;
+            println!("{hash}");
         }
         Command::MockBroker { topics } => {
             let cluster = rdkafka::mocking::MockCluster::new(1)

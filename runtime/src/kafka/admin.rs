@@ -15,6 +15,8 @@ pub struct TopicSpec {
     pub partitions: i32,
     pub replication_factor: i32,
     pub compacted: bool,
+    /// `retention.ms` of a topic that is not compacted (None: the broker's default).
+    pub retention_ms: Option<i64>,
 }
 
 impl TopicSpec {
@@ -24,6 +26,7 @@ impl TopicSpec {
             partitions,
             replication_factor,
             compacted: true,
+            retention_ms: None,
         }
     }
 
@@ -31,6 +34,20 @@ impl TopicSpec {
         Self {
             compacted: false,
             ..Self::compacted(name, partitions, replication_factor)
+        }
+    }
+
+    /// An append-only topic (cleanup.policy=delete) keeping records `retention_ms` (-1:
+    /// forever).
+    pub fn retained(
+        name: &str,
+        partitions: i32,
+        replication_factor: i32,
+        retention_ms: i64,
+    ) -> Self {
+        Self {
+            retention_ms: Some(retention_ms),
+            ..Self::regular(name, partitions, replication_factor)
         }
     }
 }
@@ -87,18 +104,26 @@ pub async fn ensure_topics(
     if missing.is_empty() {
         return Ok(());
     }
+    // NewTopic borrows its settings' text.
+    let retention: Vec<Option<String>> = missing
+        .iter()
+        .map(|spec| spec.retention_ms.map(|ms| ms.to_string()))
+        .collect();
     let new_topics: Vec<NewTopic<'_>> = missing
         .into_iter()
-        .map(|spec| {
+        .zip(&retention)
+        .map(|(spec, retention)| {
             let topic = NewTopic::new(
                 &spec.name,
                 spec.partitions,
                 TopicReplication::Fixed(spec.replication_factor),
             );
-            if spec.compacted {
-                topic.set("cleanup.policy", "compact")
-            } else {
-                topic
+            match retention {
+                _ if spec.compacted => topic.set("cleanup.policy", "compact"),
+                Some(retention) => topic
+                    .set("cleanup.policy", "delete")
+                    .set("retention.ms", retention),
+                None => topic,
             }
         })
         .collect();

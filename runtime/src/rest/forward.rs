@@ -6,6 +6,11 @@
 //! No leader known (the worker has not joined, or a rebalance is under way): 409, as Connect
 //! answers during a rebalance. A request already forwarded is never forwarded again: if its
 //! receiver is no longer the leader, it answers 409 too.
+//!
+//! The forwarding worker authenticates and authorises the caller itself and sends the caller
+//! (its [`Principal`]) in a header the signature covers, not the caller's credentials: the
+//! receiver trusts a principal only from a request whose signature it verified, and ignores
+//! the header on any other request.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -13,11 +18,14 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::auth::{ForwardedBy, Principal};
 use super::signature::SIGNATURE;
 use super::{ApiError, MAX_BODY_BYTES, RestState};
 
 /// Marks a request one worker forwarded to another (its value: the forwarding worker's id).
 pub const FORWARDED_BY: &str = "x-medconnect-forwarded-by";
+/// The caller the forwarding worker authenticated, as JSON (signed with the request).
+pub const PRINCIPAL: &str = "x-medconnect-principal";
 
 const REBALANCING: &str = "Cannot complete request momentarily due to no known leader URL, likely because a rebalance is underway";
 
@@ -29,16 +37,21 @@ fn is_serialised_write(method: &Method, path: &str) -> bool {
     ) && (path == "/connectors" || path.starts_with("/connectors/"))
 }
 
+/// The middleware before authentication: a request that says another worker forwarded it must
+/// prove it with the session key, and then carries its caller; any other request's principal
+/// header is dropped (a caller cannot name itself).
+pub async fn verify(State(state): State<RestState>, mut request: Request, next: Next) -> Response {
+    if !request.headers().contains_key(FORWARDED_BY) {
+        request.headers_mut().remove(PRINCIPAL);
+        return next.run(request).await;
+    }
+    match verified(&state, request).await {
+        Ok(request) => next.run(request).await,
+        Err(response) => response,
+    }
+}
+
 pub async fn to_leader(State(state): State<RestState>, request: Request, next: Next) -> Response {
-    // A request that says another worker forwarded it must prove it with the session key.
-    let request = if request.headers().contains_key(FORWARDED_BY) {
-        match verified(&state, request).await {
-            Ok(request) => request,
-            Err(response) => return response,
-        }
-    } else {
-        request
-    };
     if !is_serialised_write(request.method(), request.uri().path()) {
         return next.run(request).await;
     }
@@ -108,11 +121,13 @@ pub async fn restart_elsewhere(
         return Ok(false);
     };
     let path = format!("/connectors/{connector}/tasks/{task}/restart");
+    let me = Principal::worker(state.herder.worker_id());
     let answer = signed(
         state,
         reqwest::Method::POST,
         &url,
         &path,
+        &me,
         Default::default(),
     )
     .send()
@@ -125,7 +140,8 @@ pub async fn restart_elsewhere(
     }
 }
 
-/// Checks a forwarded request's signature; the request (its body read and put back) or 403.
+/// Checks a forwarded request's signature; the request (its body read and put back, its
+/// forwarding worker and caller in its extensions) or 403.
 async fn verified(state: &RestState, request: Request) -> Result<Request, Response> {
     let refused = |why: &str| {
         ApiError::new(
@@ -152,10 +168,12 @@ async fn verified(state: &RestState, request: Request) -> Result<Request, Respon
         .map_or(parts.uri.path(), |p| p.as_str());
     let key = state.cluster.borrow().session_key.clone();
     let forwarded_by = header(FORWARDED_BY);
+    let principal_header = header(PRINCIPAL);
     if !key.verify(
         parts.method.as_str(),
         path,
         &forwarded_by,
+        &principal_header,
         &body,
         &header(SIGNATURE),
     ) {
@@ -164,28 +182,37 @@ async fn verified(state: &RestState, request: Request) -> Result<Request, Respon
             "a request forwarded by another worker must be signed with the cluster's current session key",
         ));
     }
-    Ok(Request::from_parts(parts, Body::from(body)))
+    let principal: Principal = serde_json::from_str(&principal_header)
+        .map_err(|_| refused("a forwarded request must name its caller"))?;
+    let mut request = Request::from_parts(parts, Body::from(body));
+    request.extensions_mut().insert(principal);
+    request.extensions_mut().insert(ForwardedBy(forwarded_by));
+    Ok(request)
 }
 
 /// A request to another worker at `base` (its REST URL), marked as forwarded by this worker
-/// and signed with the generation's session key.
+/// for `principal` and signed with the generation's session key.
 fn signed(
     state: &RestState,
     method: reqwest::Method,
     base: &str,
     path: &str,
+    principal: &Principal,
     body: bytes::Bytes,
 ) -> reqwest::RequestBuilder {
     let me = state.herder.worker_id();
-    let signature = state
-        .cluster
-        .borrow()
-        .session_key
-        .sign(method.as_str(), path, me, &body);
+    let principal = serde_json::to_string(principal).unwrap_or_default();
+    let signature =
+        state
+            .cluster
+            .borrow()
+            .session_key
+            .sign(method.as_str(), path, me, &principal, &body);
     state
         .forwarder
         .request(method, format!("{}{path}", base.trim_end_matches('/')))
         .header(FORWARDED_BY, me)
+        .header(PRINCIPAL, principal)
         .header(SIGNATURE, signature)
         .body(body)
 }
@@ -201,9 +228,15 @@ async fn forward(state: &RestState, leader: &str, request: Request) -> Result<Re
         .map_or(parts.uri.path(), |p| p.as_str());
     let method =
         reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).map_err(|e| e.to_string())?;
-    let mut outgoing = signed(state, method, leader, path, body);
-    // The caller's content type and credentials go with it (the leader checks them as its own).
-    for name in [header::CONTENT_TYPE, header::AUTHORIZATION, header::ACCEPT] {
+    // Authenticated here (the auth middleware runs before forwarding); the credentials stay
+    // here, the principal goes, signed.
+    let principal = parts
+        .extensions
+        .get::<Principal>()
+        .cloned()
+        .ok_or("the request has no authenticated caller")?;
+    let mut outgoing = signed(state, method, leader, path, &principal, body);
+    for name in [header::CONTENT_TYPE, header::ACCEPT] {
         if let Some(value) = parts.headers.get(&name)
             && let Ok(value) = value.to_str()
         {

@@ -1,6 +1,9 @@
 //! Kafka Connect's REST API, path for path and JSON shape for JSON shape, plus `/health` and
-//! `/metrics`.
+//! `/metrics`; over TLS ([`tls`]), with authentication and roles ([`auth`]) and an audit trail
+//! of every change ([`audit`]).
 
+pub mod audit;
+pub mod auth;
 mod body;
 mod connectors;
 mod error;
@@ -8,6 +11,7 @@ pub mod forward;
 mod loggers;
 mod plugins;
 pub mod signature;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -19,7 +23,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +49,10 @@ pub struct RestState {
     pub cluster: watch::Receiver<ClusterView>,
     /// Sends forwarded requests to other workers.
     pub forwarder: reqwest::Client,
+    /// Who may call what.
+    pub auth: Arc<auth::Authenticator>,
+    /// Where changes are recorded.
+    pub audit: Arc<audit::AuditLog>,
 }
 
 /// The API, answering a path with trailing slashes (`/connectors/`) as the path without them,
@@ -53,9 +60,22 @@ pub struct RestState {
 pub fn router(state: RestState) -> Router {
     // Routing happens before a router's own middleware runs, so the rewrite sits in an outer
     // router whose only route is the API as its fallback.
+    //
+    // Outermost first: paths trimmed, errors in JSON, a forwarded request's signature checked
+    // (and its caller taken from it), the caller authenticated and its role checked, writes
+    // sent to the leader, and, only where the change is executed, the change audited.
     Router::new()
         .fallback_service(routes(state.clone()))
-        .layer(middleware::from_fn_with_state(state, forward::to_leader))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            audit::record_changes,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::to_leader,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), auth::check))
+        .layer(middleware::from_fn_with_state(state, forward::verify))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(trim_trailing_slashes))
 }
@@ -175,8 +195,8 @@ fn routes(state: RestState) -> Router {
 }
 
 /// Serves until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, state: RestState, shutdown: CancellationToken) {
-    let app = router(state);
+pub async fn serve(listener: tls::RestListener, state: RestState, shutdown: CancellationToken) {
+    let app = router(state).into_make_service_with_connect_info::<tls::Peer>();
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -2,7 +2,9 @@
 //! a fresh random session key in each generation's assignment, a worker forwarding a request
 //! signs it with HMAC-SHA256 under that key, and the receiver refuses a request that claims to
 //! be forwarded without a valid signature (403). Only members of the current generation hold
-//! the key; it is never logged or shown.
+//! the key; it is never logged or shown. The signature covers the caller the forwarding worker
+//! authenticated (its principal header), so the receiver can trust who asked without seeing
+//! the caller's credentials.
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -29,10 +31,16 @@ impl SessionKey {
         method: &str,
         path: &str,
         forwarded_by: &str,
+        principal: &str,
         body: &[u8],
     ) -> Option<Hmac<Sha256>> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).ok()?;
-        for part in [method.as_bytes(), path.as_bytes(), forwarded_by.as_bytes()] {
+        for part in [
+            method.as_bytes(),
+            path.as_bytes(),
+            forwarded_by.as_bytes(),
+            principal.as_bytes(),
+        ] {
             mac.update(part);
             mac.update(b"\n");
         }
@@ -41,8 +49,15 @@ impl SessionKey {
     }
 
     /// The hex signature of a request.
-    pub fn sign(&self, method: &str, path: &str, forwarded_by: &str, body: &[u8]) -> String {
-        self.mac(method, path, forwarded_by, body)
+    pub fn sign(
+        &self,
+        method: &str,
+        path: &str,
+        forwarded_by: &str,
+        principal: &str,
+        body: &[u8],
+    ) -> String {
+        self.mac(method, path, forwarded_by, principal, body)
             .map(|mac| hex(&mac.finalize().into_bytes()))
             .unwrap_or_default()
     }
@@ -53,10 +68,14 @@ impl SessionKey {
         method: &str,
         path: &str,
         forwarded_by: &str,
+        principal: &str,
         body: &[u8],
         signature: &str,
     ) -> bool {
-        match (self.mac(method, path, forwarded_by, body), unhex(signature)) {
+        match (
+            self.mac(method, path, forwarded_by, principal, body),
+            unhex(signature),
+        ) {
             (Some(mac), Some(signature)) if !self.is_empty() => {
                 mac.verify_slice(&signature).is_ok()
             }
@@ -107,14 +126,23 @@ mod tests {
     #[test]
     fn a_signature_holds_for_its_request_and_key_only() {
         let key = SessionKey::random();
-        let signature = key.sign("POST", "/connectors", "w2", b"{}");
-        assert!(key.verify("POST", "/connectors", "w2", b"{}", &signature));
-        assert!(!key.verify("POST", "/connectors", "w2", b"{ }", &signature));
-        assert!(!key.verify("PUT", "/connectors", "w2", b"{}", &signature));
-        assert!(!key.verify("POST", "/connectors", "w3", b"{}", &signature));
-        assert!(!SessionKey::random().verify("POST", "/connectors", "w2", b"{}", &signature));
-        assert!(!SessionKey::default().verify("POST", "/connectors", "w2", b"{}", ""));
-        assert!(!key.verify("POST", "/connectors", "w2", b"{}", "zz"));
+        let signature = key.sign("POST", "/connectors", "w2", "alice", b"{}");
+        assert!(key.verify("POST", "/connectors", "w2", "alice", b"{}", &signature));
+        assert!(!key.verify("POST", "/connectors", "w2", "alice", b"{ }", &signature));
+        assert!(!key.verify("PUT", "/connectors", "w2", "alice", b"{}", &signature));
+        assert!(!key.verify("POST", "/connectors", "w3", "alice", b"{}", &signature));
+        // Another caller named in the same request breaks the signature.
+        assert!(!key.verify("POST", "/connectors", "w2", "mallory", b"{}", &signature));
+        assert!(!SessionKey::random().verify(
+            "POST",
+            "/connectors",
+            "w2",
+            "alice",
+            b"{}",
+            &signature
+        ));
+        assert!(!SessionKey::default().verify("POST", "/connectors", "w2", "alice", b"{}", ""));
+        assert!(!key.verify("POST", "/connectors", "w2", "alice", b"{}", "zz"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -12,6 +12,8 @@ use super::cluster::ClusterConfig;
 use super::config_providers::ConfigProviders;
 use super::redact::ClientSettings;
 use crate::kafka::KafkaSettings;
+use crate::rest::auth::{AuthMode, AuthSettings, JwtConfig};
+use crate::rest::tls::RestTls;
 use crate::task::RunnerSettings;
 
 #[derive(Debug, Error)]
@@ -40,7 +42,7 @@ pub struct WorkerConfig {
     /// the worker gives up with an error, instead of retrying an unreachable cluster forever.
     #[serde(default = "default_startup_timeout_ms")]
     pub startup_timeout_ms: u64,
-    #[serde(default)]
+    #[serde(default = "RestConfig::in_file")]
     pub rest: RestConfig,
     #[serde(default)]
     pub internal_topics: InternalTopics,
@@ -70,9 +72,30 @@ pub struct RestConfig {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// The URL other workers reach this one's REST API at (forwarded writes); default
-    /// `http://<listen address>`. Needed when `listen` is `0.0.0.0` or behind NAT.
+    /// `http://<listen address>` (`https://` with `[rest.tls]`). Needed when `listen` is
+    /// `0.0.0.0` or behind NAT.
     #[serde(default)]
     pub advertised_url: Option<String>,
+    /// `"required"` (what a worker config file gets once it names credentials) or `"none"`
+    /// (open: every caller an anonymous admin). Unset and no credentials configured: the
+    /// worker refuses to start.
+    #[serde(default)]
+    pub auth: Option<AuthMode>,
+    /// Static bearer tokens: name, role and SHA-256 of each (TOML, or JSON if `.json`).
+    #[serde(default)]
+    pub tokens_file: Option<PathBuf>,
+    /// Basic-auth users: name, role and Argon2id hash of each (`medconnect hash-password`).
+    #[serde(default)]
+    pub users_file: Option<PathBuf>,
+    /// JWT bearer tokens checked against a JWKS file.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+    /// `/metrics` needs a viewer's credentials (false: open to anyone who reaches it).
+    #[serde(default = "yes")]
+    pub metrics_auth: bool,
+    /// TLS for the REST listener (and https between workers).
+    #[serde(default)]
+    pub tls: Option<RestTls>,
 }
 
 impl Default for RestConfig {
@@ -80,8 +103,42 @@ impl Default for RestConfig {
         Self {
             listen: default_listen(),
             advertised_url: None,
+            // Built in code (tests, `medconnect dev`): open unless told otherwise; a config
+            // file must say so (see `auth`).
+            auth: Some(AuthMode::None),
+            tokens_file: None,
+            users_file: None,
+            jwt: None,
+            metrics_auth: true,
+            tls: None,
         }
     }
+}
+
+impl RestConfig {
+    /// What a worker config file without `[rest]` gets: authentication not chosen (the
+    /// worker refuses to start until it is).
+    fn in_file() -> Self {
+        Self {
+            auth: None,
+            ..Self::default()
+        }
+    }
+
+    /// The credential settings, for [`crate::rest::auth::Authenticator::load`].
+    pub fn auth_settings(&self) -> AuthSettings<'_> {
+        AuthSettings {
+            mode: self.auth,
+            tokens_file: self.tokens_file.as_deref(),
+            users_file: self.users_file.as_deref(),
+            jwt: self.jwt.as_ref(),
+            metrics_auth: self.metrics_auth,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +157,14 @@ pub struct InternalTopics {
     pub offsets_partitions: i32,
     #[serde(default = "default_status_partitions")]
     pub status_partitions: i32,
+    /// The audit trail of REST changes: append-only (cleanup.policy=delete), one partition
+    /// (one order of changes), kept `audit_retention_ms`.
+    #[serde(default = "default_audit_topic")]
+    pub audit: String,
+    /// How long audit records are kept (the topic's retention.ms when medconnect creates it;
+    /// default 6 years, HIPAA's retention of documentation; -1 forever).
+    #[serde(default = "default_audit_retention_ms")]
+    pub audit_retention_ms: i64,
 }
 
 impl Default for InternalTopics {
@@ -111,6 +176,8 @@ impl Default for InternalTopics {
             replication_factor: 1,
             offsets_partitions: default_offset_partitions(),
             status_partitions: default_status_partitions(),
+            audit: default_audit_topic(),
+            audit_retention_ms: default_audit_retention_ms(),
         }
     }
 }
@@ -166,6 +233,12 @@ fn default_offset_topic() -> String {
 }
 fn default_status_topic() -> String {
     "medconnect-status".into()
+}
+fn default_audit_topic() -> String {
+    "medconnect-audit".into()
+}
+fn default_audit_retention_ms() -> i64 {
+    6 * 365 * 24 * 60 * 60 * 1000
 }
 fn one() -> i32 {
     1
@@ -313,6 +386,20 @@ mod tests {
         let producer = settings.producer_config(&Default::default());
         assert_eq!(producer.get("acks"), Some("all"));
         assert_eq!(producer.get("linger.ms"), Some("20"));
+    }
+
+    #[test]
+    fn a_config_file_must_choose_its_rest_authentication() {
+        let bare = WorkerConfig::from_toml("bootstrap_servers = \"k\"").unwrap();
+        assert_eq!(bare.rest.auth, None);
+        let with_rest =
+            WorkerConfig::from_toml("bootstrap_servers = \"k\"\n[rest]\nlisten = \"127.0.0.1:1\"")
+                .unwrap();
+        assert_eq!(with_rest.rest.auth, None);
+        let open =
+            WorkerConfig::from_toml("bootstrap_servers = \"k\"\n[rest]\nauth = \"none\"").unwrap();
+        assert_eq!(open.rest.auth, Some(AuthMode::None));
+        assert_eq!(WorkerConfig::new("k").rest.auth, Some(AuthMode::None));
     }
 
     #[test]
