@@ -684,3 +684,197 @@ async fn a_record_too_large_for_its_topic_and_the_dead_letter_topic_fails_only_i
     worker.shutdown().await;
     Ok(())
 }
+
+/// Every topic the broker has (metadata for all topics: asking for one would create it).
+fn broker_topics(bootstrap: &str) -> anyhow::Result<Vec<String>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("allow.auto.create.topics", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+    let mut topics: Vec<String> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .collect();
+    topics.sort();
+    Ok(topics)
+}
+
+/// A valid message of type `code` (MSH-9.1).
+fn typed(code: &str, control_id: &str) -> String {
+    adt(control_id, "PATT", "A01").replace("ADT^A01^ADT_A01", &format!("{code}^Z01"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_cannot_create_topics_past_the_cap() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let port = mllp_source(&worker, "ehr-in", json!({"topic.max.distinct": "2"})).await?;
+    let mut sender = client(port).await?;
+    for (code, id) in [("ADT", "C1"), ("ORU", "C2"), ("ADT", "C3")] {
+        let ack = sender.request(typed(code, id).as_bytes(), WAIT).await?;
+        assert_eq!(ack_code(&ack), "AA", "{}", String::from_utf8_lossy(&ack));
+    }
+    // Two more types: each answered AR with the reason, kept in the dead-letter topic.
+    for (code, id) in [("ZZ1", "C4"), ("ZZ2", "C5")] {
+        let ack = sender.request(typed(code, id).as_bytes(), WAIT).await?;
+        let text = String::from_utf8_lossy(&ack);
+        assert_eq!(ack_code(&ack), "AR", "{text}");
+        assert!(text.contains("topic.max.distinct"), "{text}");
+        assert!(text.contains(&format!("MSA|AR|{id}|")), "{text}");
+    }
+    let dead = cluster.read_topic("hl7.dlq", 2).await?;
+    let dead_ids: Vec<&str> = dead
+        .iter()
+        .filter_map(|r| r.header("hl7.control.id"))
+        .collect();
+    assert_eq!(dead_ids, vec!["C4", "C5"], "nothing lost");
+    // The cap holds for the types it admitted.
+    let ack = sender.request(typed("ORU", "C6").as_bytes(), WAIT).await?;
+    assert_eq!(ack_code(&ack), "AA");
+    let topics = broker_topics(&cluster.bootstrap())?;
+    let hl7_topics: Vec<&String> = topics.iter().filter(|t| t.starts_with("hl7.")).collect();
+    assert_eq!(
+        hl7_topics,
+        vec!["hl7.adt", "hl7.dlq", "hl7.oru"],
+        "no topic for the refused types: {topics:?}"
+    );
+    assert_eq!(cluster.count_records("hl7.adt").await?, 2);
+    assert_eq!(cluster.count_records("hl7.oru").await?, 2);
+    worker.shutdown().await;
+    Ok(())
+}
+
+/// Sends one frame with python-hl7's MLLPClient and parses the answer with python-hl7's batch
+/// parser: the batches of the answer, each with its envelope and (MSA-1, MSA-2) per ACK.
+async fn python_batch(
+    cluster: &TestCluster,
+    port: u16,
+    name: &str,
+    payload: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let bin = python_bin();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../connectors/hl7/tests/peers/hl7_batch_send.py");
+    let file = cluster.path(name);
+    std::fs::write(&file, payload)?;
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new(bin.join("python"))
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(&file)
+            .output(),
+    )
+    .await??;
+    anyhow::ensure!(
+        output.status.success(),
+        "the python batch sender failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hl7_batches_are_stored_message_by_message_and_answered_with_a_batch_of_acks()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let port = mllp_source(&worker, "ehr-in", json!({})).await?;
+    let fhs = "FHS|^~\\&|EPIC|GENHOSP|MEDCONNECT|DC|20261122120000||||FILE1\r";
+    let bhs = "BHS|^~\\&|EPIC|GENHOSP|MEDCONNECT|DC|20261122120000||||BATCH1\r";
+
+    // A file of one batch of three: three records in order, one AA each in a batch ACK.
+    let three = ["BA1", "BA2", "BA3"].map(|id| adt(id, "PATB", "A01"));
+    let answer = python_batch(
+        &cluster,
+        port,
+        "three.hl7",
+        &format!("{fhs}{bhs}{}BTS|3\rFTS|1\r", three.concat()),
+    )
+    .await?;
+    assert_eq!(
+        answer,
+        json!({"file": true, "batches": [{"header": "BHS", "trailer": "BTS|3|",
+               "acks": [["AA", "BA1"], ["AA", "BA2"], ["AA", "BA3"]]}]})
+    );
+    let records = cluster.read_topic("hl7.adt", 3).await?;
+    let ids: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r.header("hl7.control.id"))
+        .collect();
+    assert_eq!(ids, vec!["BA1", "BA2", "BA3"]);
+    assert_eq!(records[1].value.as_deref(), Some(three[1].as_str()));
+
+    // Two messages without an envelope: two records, not one.
+    let answer = python_batch(
+        &cluster,
+        port,
+        "two.hl7",
+        &format!("{}{}", adt("TW1", "PATB", "A08"), oru("TW2", "PATB")),
+    )
+    .await?;
+    assert_eq!(
+        answer,
+        json!({"file": false, "batches": [{"header": "BHS", "trailer": "BTS|2|",
+               "acks": [["AA", "TW1"], ["AA", "TW2"]]}]})
+    );
+
+    // One bad message: the others are stored and AA, the bad one AE and dead-lettered.
+    let bad =
+        "MSH|^~\\&|EPIC|GENHOSP|MEDCONNECT|DC|20261122120000||ADT^A01||P|2.5.1\rPID|1||PATB\r";
+    let answer = python_batch(
+        &cluster,
+        port,
+        "bad.hl7",
+        &format!(
+            "{bhs}{}{bad}{}BTS|3\r",
+            adt("BD1", "PATB", "A01"),
+            adt("BD3", "PATB", "A01")
+        ),
+    )
+    .await?;
+    assert_eq!(
+        answer["batches"][0]["acks"],
+        json!([["AA", "BD1"], ["AE", ""], ["AA", "BD3"]])
+    );
+    let dead = cluster.read_topic("hl7.dlq", 1).await?;
+    assert_eq!(dead[0].value.as_deref(), Some(bad));
+
+    // A truncated batch (BTS-1 says 3, two arrived): every message AR, nothing stored.
+    let answer = python_batch(
+        &cluster,
+        port,
+        "short.hl7",
+        &format!(
+            "{bhs}{}{}BTS|3\r",
+            adt("SH1", "PATB", "A01"),
+            adt("SH2", "PATB", "A01")
+        ),
+    )
+    .await?;
+    assert_eq!(
+        answer["batches"][0]["acks"],
+        json!([["AR", "SH1"], ["AR", "SH2"]])
+    );
+
+    // A last single message marks the end: everything before it is in the topic.
+    let mut sender = client(port).await?;
+    let ack = sender
+        .request(adt("END1", "PATB", "A01").as_bytes(), WAIT)
+        .await?;
+    assert_eq!(ack_code(&ack), "AA");
+    let records = cluster.read_topic("hl7.adt", 7).await?;
+    let ids: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r.header("hl7.control.id"))
+        .collect();
+    assert_eq!(ids, vec!["BA1", "BA2", "BA3", "TW1", "BD1", "BD3", "END1"]);
+    assert_eq!(cluster.count_records("hl7.adt").await?, 7);
+    assert_eq!(cluster.count_records("hl7.oru").await?, 1);
+    assert_eq!(cluster.count_records("hl7.dlq").await?, 1);
+    worker.shutdown().await;
+    Ok(())
+}
