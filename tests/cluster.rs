@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use medconnect_e2e::cluster_broker::ClusterBroker;
-use medconnect_e2e::crash::{Processes, free_port, report_line, start_worker};
+use medconnect_e2e::crash::{Processes, free_port, read_all, report_line, start_worker};
+use medconnect_e2e::pki::Pki;
 use medconnect_e2e::{Rest, eventually, medconnect_bin};
 use serde_json::{Value, json};
 
@@ -74,7 +75,8 @@ struct Cluster {
     processes: Processes,
     bootstrap: String,
     workers: BTreeMap<String, Rest>,
-    /// Extra `[cluster]` settings of every worker.
+    /// Extra settings of every worker, at the end of its `[cluster]` table (later tables may
+    /// follow).
     cluster_settings: String,
 }
 
@@ -92,6 +94,16 @@ impl Cluster {
         let bootstrap = ClusterBroker::from_env()?
             .start(&mut processes, &INTERNAL_TOPICS, topics)
             .await?;
+        Self::on(processes, bootstrap, workers, cluster_settings).await
+    }
+
+    /// Workers against a broker already started by `processes`.
+    async fn on(
+        processes: Processes,
+        bootstrap: String,
+        workers: &[&str],
+        cluster_settings: &str,
+    ) -> anyhow::Result<Self> {
         let mut cluster = Self {
             processes,
             bootstrap,
@@ -259,10 +271,56 @@ async fn three_workers_spread_twelve_tasks_four_four_four_and_agree_on_status() 
             // A connector is owned by one worker, which records it RUNNING.
             ensure!(reference["connector"]["state"] == "RUNNING", "{reference}");
         }
-        Ok(())
+        assignments_recorded(&cluster).await
     }
     .await;
     cluster.processes.report(outcome)
+}
+
+/// Each of the twelve tasks' last status record names the worker the status API shows it on
+/// and the cluster generation whose assignment put it there (at most the current one).
+async fn assignments_recorded(cluster: &Cluster) -> anyhow::Result<()> {
+    let (_, ready) = cluster.rest("w1")?.get("/health/ready").await?;
+    let current = ready["generation"]
+        .as_i64()
+        .context("no generation in /health/ready")?;
+    let keys: Vec<String> = SIX
+        .iter()
+        .flat_map(|name| (0..2).map(move |id| format!("status-task-{name}-{id}")))
+        .collect();
+    let wanted = keys.clone();
+    let records = read_all(&cluster.bootstrap, "cluster-status", move |records| {
+        wanted.iter().all(|key| {
+            records
+                .iter()
+                .any(|r| r.key.as_deref() == Some(key.as_bytes()))
+        })
+    })
+    .await?;
+    for name in SIX {
+        let status = cluster.status("w1", name).await?;
+        for task in status["tasks"].as_array().context("no tasks")? {
+            let key = format!("status-task-{name}-{}", task["id"]);
+            let last: Value = records
+                .iter()
+                .rev()
+                .find(|r| r.key.as_deref() == Some(key.as_bytes()))
+                .and_then(|r| serde_json::from_slice(r.value.as_deref()?).ok())
+                .with_context(|| format!("no status record {key}"))?;
+            ensure!(
+                last["worker_id"] == task["worker_id"],
+                "{key}: {last} vs {task}"
+            );
+            let generation = last["assignment_generation"]
+                .as_i64()
+                .with_context(|| format!("{key} records no assignment generation: {last}"))?;
+            ensure!(
+                (1..=current).contains(&generation),
+                "{key}: generation {generation}, current {current}"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,8 +334,9 @@ async fn a_sigkilled_workers_tasks_run_on_the_others() -> anyhow::Result<()> {
             .wait_for_spread("w1", &SIX, 2, &[("w1", 6), ("w2", 6)])
             .await?;
         report_line(format!(
-            "cluster: SIGKILL of 1 of 3 workers -> its 4 tasks RUNNING elsewhere after {:.1} s (session timeout 6 s, mock broker)",
-            (moved - killed).as_secs_f64()
+            "cluster: SIGKILL of 1 of 3 workers -> its 4 tasks RUNNING elsewhere after {:.1} s (session timeout 6 s, {})",
+            (moved - killed).as_secs_f64(),
+            ClusterBroker::from_env()?.name()
         ));
         Ok(())
     }
@@ -334,8 +393,9 @@ async fn a_fourth_worker_takes_a_share_and_nothing_that_stays_restarts() -> anyh
             }
         }
         report_line(format!(
-            "cluster: a 4th worker joined -> 3/3/3/3 after {:.1} s, no task restarted where it stayed (mock broker)",
-            (balanced - joined).as_secs_f64()
+            "cluster: a 4th worker joined -> 3/3/3/3 after {:.1} s, no task restarted where it stayed ({})",
+            (balanced - joined).as_secs_f64(),
+            ClusterBroker::from_env()?.name()
         ));
         Ok(())
     }
@@ -356,8 +416,9 @@ async fn a_gracefully_stopped_worker_hands_its_tasks_over() -> anyhow::Result<()
         let log = output(&cluster.processes, "w3");
         ensure!(log.contains("left the cluster"), "w3 did not leave its group");
         report_line(format!(
-            "cluster: SIGTERM of 1 of 3 workers -> its 4 tasks RUNNING elsewhere after {:.1} s (it left the group; mock broker)",
-            (moved - stopped).as_secs_f64()
+            "cluster: SIGTERM of 1 of 3 workers -> its 4 tasks RUNNING elsewhere after {:.1} s (it left the group; {})",
+            (moved - stopped).as_secs_f64(),
+            ClusterBroker::from_env()?.name()
         ));
         Ok(())
     }
@@ -457,14 +518,13 @@ async fn creates_of_one_name_through_every_worker_at_once_make_one_connector() -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_refuses_to_join_over_a_kafka_security_protocol_it_cannot_speak()
--> anyhow::Result<()> {
+async fn a_worker_refuses_to_join_with_kafka_security_it_cannot_honour() -> anyhow::Result<()> {
     let mut processes = Processes::new()?;
     let config = processes.path("secure.toml");
     std::fs::write(
         &config,
         format!(
-            "bootstrap_servers = \"127.0.0.1:{}\"\n[rest]\nlisten = \"127.0.0.1:0\"\nauth = \"none\"\n[kafka]\n\"security.protocol\" = \"SASL_SSL\"\n",
+            "bootstrap_servers = \"127.0.0.1:{}\"\n[rest]\nlisten = \"127.0.0.1:0\"\nauth = \"none\"\n[kafka]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"GSSAPI\"\n",
             free_port()?
         ),
     )?;
@@ -477,13 +537,79 @@ async fn a_worker_refuses_to_join_over_a_kafka_security_protocol_it_cannot_speak
         .await?;
         let log = output(&processes, "worker");
         ensure!(
-            log.contains("cluster membership needs security.protocol PLAINTEXT, not SASL_SSL"),
+            log.contains("[kafka] for cluster membership: sasl.mechanism = \"GSSAPI\" is not supported by the cluster connection"),
             "{log}"
         );
         Ok(())
     }
     .await;
     processes.report(outcome)
+}
+
+/// Workers whose every Kafka connection is TLS (the broker's certificate checked against a CA
+/// of the test's): producers, consumers and admin (librdkafka with OpenSSL) and the group
+/// membership (our coordinator client with rustls) form a cluster and run tasks. Needs the
+/// nisshi broker (the mock cluster has no TLS listener): skipped, saying so, without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_on_a_tls_kafka_forms_and_runs_tasks() -> anyhow::Result<()> {
+    let ClusterBroker::Nisshi(nisshi) = ClusterBroker::from_env()? else {
+        report_line("cluster: TLS test skipped: it needs MEDCONNECT_CLUSTER_BROKER=nisshi".into());
+        return Ok(());
+    };
+    let mut processes = Processes::new()?;
+    let pki = Pki::write(processes.dir(), "medconnect Kafka test CA")?;
+    let bootstrap = ClusterBroker::start_tls(
+        &mut processes,
+        &nisshi,
+        &pki,
+        &INTERNAL_TOPICS,
+        &["vitals:3"],
+    )
+    .await?;
+    let kafka = format!(
+        "\n[kafka]\n\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"{}\"\n",
+        pki.path("ca.crt").display()
+    );
+    let mut cluster = Cluster::on(processes, bootstrap, &["w1", "w2"], &kafka).await?;
+    let outcome = async {
+        for name in ["a", "b"] {
+            cluster.create_datagen("w1", name, 2).await?;
+        }
+        cluster
+            .wait_for_spread("w2", &["a", "b"], 2, &[("w1", 2), ("w2", 2)])
+            .await?;
+        for worker in ["w1", "w2"] {
+            let log = output(&cluster.processes, worker);
+            ensure!(!log.contains("cannot take part"), "{worker}: {log}");
+        }
+        // A worker trusting another CA does not get in: the broker's certificate is checked.
+        let dir = cluster.processes.path("stranger");
+        std::fs::create_dir_all(&dir)?;
+        let stranger = Pki::write(&dir, "another CA")?;
+        let kafka = format!(
+            "\n[kafka]\n\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"{}\"\n",
+            stranger.path("ca.crt").display()
+        );
+        let config = write_config(&cluster.processes, &cluster.bootstrap, "w3", &kafka)?;
+        let config = config.to_str().context("temp path")?.to_string();
+        cluster
+            .processes
+            .spawn("w3", &medconnect_bin()?, &["worker", &config], &[])?;
+        // It gives up after its start-up timeout (30 s), within the wait's deadline.
+        eventually("w3 to give up", async || {
+            cluster.processes.exited("w3").then_some(())
+        })
+        .await?;
+        // It differs from w1 and w2 in its CA only: the handshake is what failed.
+        let log = output(&cluster.processes, "w3");
+        ensure!(
+            log.contains("the worker did not start: Kafka at") && log.contains("did not answer"),
+            "{log}"
+        );
+        Ok(())
+    }
+    .await;
+    cluster.processes.report(outcome)
 }
 
 /// (task, seq) of each datagen record in `values`, with how often each occurs.

@@ -18,6 +18,7 @@ use crate::rest::auth::{AuthError, Authenticator};
 use crate::rest::tls::{RestListener, TlsError};
 use crate::rest::{self, LogLevels, RestState};
 use crate::store::{ConfigStore, OffsetStore, StatusStore, StoreError};
+use crate::worker::cluster::security::{Security, SecurityError};
 use crate::worker::cluster::{ClusterAssignment, ClusterView, Membership};
 use crate::worker::herder::{self, Assignment, EveryTaskHere, Herder, HerderError};
 use crate::worker::{Plugins, WorkerConfig, cluster_watch};
@@ -40,12 +41,10 @@ pub enum WorkerError {
     Auth(#[from] AuthError),
     #[error("[rest.tls]: {0}")]
     Tls(#[from] TlsError),
-    /// The group coordinator connection is a client of our own (see `worker::cluster`), and so
-    /// far speaks neither TLS nor SASL: joining a secured cluster would fail in a loop.
-    #[error(
-        "cluster membership needs security.protocol PLAINTEXT, not {0}: the group coordinator connection speaks neither TLS nor SASL yet; set [cluster] enabled = false to run this worker alone"
-    )]
-    ClusterSecurity(String),
+    /// The group coordinator connection is a client of our own (see `worker::cluster`): what
+    /// it cannot secure as the Kafka settings ask is refused before anything starts.
+    #[error("[kafka] for cluster membership: {0}")]
+    ClusterSecurity(#[from] SecurityError),
     #[error("Kafka at {servers} did not answer within {timeout:?} while {what}")]
     StartTimeout {
         servers: String,
@@ -129,14 +128,11 @@ impl Worker {
             "http"
         };
         let kafka = config.kafka_settings();
-        if config.cluster.enabled
-            && let Some(protocol) = kafka
-                .common
-                .get("security.protocol")
-                .filter(|p| !p.eq_ignore_ascii_case("plaintext"))
-        {
-            return Err(WorkerError::ClusterSecurity(protocol.clone()));
-        }
+        let coordinator_security = if config.cluster.enabled {
+            Security::from_settings(&kafka.common)?
+        } else {
+            Security::default()
+        };
         let topics = &config.internal_topics;
         let internal = vec![
             topics.config.clone(),
@@ -262,6 +258,7 @@ impl Worker {
             let membership = Membership {
                 config: config.cluster.clone(),
                 bootstrap_servers: kafka.bootstrap_servers().to_string(),
+                security: coordinator_security,
                 group_id: config.group_id.clone(),
                 worker_id: herder.worker_id().to_string(),
                 url: config

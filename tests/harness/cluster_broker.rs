@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
 
 use crate::crash::{Processes, free_port};
+use crate::pki::Pki;
 use crate::{eventually, medconnect_bin};
 
 /// Which broker program the cluster tests start.
@@ -54,7 +55,17 @@ impl ClusterBroker {
                 let all: Vec<&str> = internal.iter().chain(topics).copied().collect();
                 start_mock(processes, &all).await
             }
-            Self::Nisshi(bin) => start_nisshi(processes, bin, internal, topics).await,
+            Self::Nisshi(bin) => {
+                start_nisshi(
+                    processes,
+                    bin,
+                    &[],
+                    KafkaSettings::new(""),
+                    internal,
+                    topics,
+                )
+                .await
+            }
         }
     }
 }
@@ -78,6 +89,35 @@ fn nisshi_bin() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+impl ClusterBroker {
+    /// The nisshi broker serving TLS with `pki`'s server certificate (the mock cluster has no
+    /// TLS listener), with the topics created over TLS; its bootstrap address.
+    pub async fn start_tls(
+        processes: &mut Processes,
+        nisshi: &std::path::Path,
+        pki: &Pki,
+        internal: &[&str],
+        topics: &[&str],
+    ) -> anyhow::Result<String> {
+        let (cert, key) = (pki.path("server.crt"), pki.path("server.key"));
+        let tls = [
+            "--tls-cert",
+            cert.to_str().context("temp path")?,
+            "--tls-key",
+            key.to_str().context("temp path")?,
+        ];
+        let mut settings = KafkaSettings::new("");
+        settings
+            .common
+            .insert("security.protocol".into(), "SSL".into());
+        settings.common.insert(
+            "ssl.ca.location".into(),
+            pki.path("ca.crt").display().to_string(),
+        );
+        start_nisshi(processes, nisshi, &tls, settings, internal, topics).await
+    }
+}
+
 async fn start_mock(processes: &mut Processes, topics: &[&str]) -> anyhow::Result<String> {
     let bin = medconnect_bin()?;
     let mut args = vec!["mock-broker"];
@@ -99,11 +139,15 @@ async fn start_mock(processes: &mut Processes, topics: &[&str]) -> anyhow::Resul
 async fn start_nisshi(
     processes: &mut Processes,
     bin: &std::path::Path,
+    extra_args: &[&str],
+    mut settings: KafkaSettings,
     internal: &[&str],
     topics: &[&str],
 ) -> anyhow::Result<String> {
     let bootstrap = format!("127.0.0.1:{}", free_port()?);
-    processes.spawn("broker", bin, &["--listen", &bootstrap], &[])?;
+    let mut args = vec!["--listen", &bootstrap];
+    args.extend(extra_args);
+    processes.spawn("broker", bin, &args, &[])?;
     let listening = eventually("the nisshi broker to listen", async || {
         if tokio::net::TcpStream::connect(&bootstrap).await.is_ok() {
             Some(true)
@@ -127,7 +171,10 @@ async fn start_nisshi(
         .map(|t| spec(t, true))
         .chain(topics.iter().map(|t| spec(t, false)))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    ensure_topics(&KafkaSettings::new(&bootstrap), &specs)
+    settings
+        .common
+        .insert("bootstrap.servers".into(), bootstrap.clone());
+    ensure_topics(&settings, &specs)
         .await
         .context("creating the test topics on the nisshi broker")?;
     Ok(bootstrap)
