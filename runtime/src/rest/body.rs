@@ -58,6 +58,10 @@ fn is_json(content_type: &str) -> bool {
 }
 
 #[cfg(test)]
+#[path = "body_fuzz.rs"]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::is_json;
 

@@ -531,6 +531,10 @@ fn to_v5(packet: Outgoing) -> v5::Packet {
 }
 
 #[cfg(test)]
+#[path = "wire_fuzz.rs"]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -214,6 +214,10 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
+#[path = "abi_fuzz.rs"]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
