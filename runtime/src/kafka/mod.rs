@@ -19,7 +19,7 @@ use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 
 pub use admin::{TopicSpec, ensure_topics};
-pub use error::KafkaSetupError;
+pub use error::{KafkaSetupError, secret_hidden};
 
 use crate::worker::redact::SecretsHidden;
 

@@ -35,7 +35,7 @@ impl StoreError {
     pub fn kafka(topic: &str, source: KafkaError) -> Self {
         Self::Kafka {
             topic: topic.to_string(),
-            source,
+            source: crate::kafka::secret_hidden(source),
         }
     }
 }

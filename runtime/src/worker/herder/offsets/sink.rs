@@ -25,7 +25,7 @@ fn consumer(settings: &KafkaSettings, connector: &str) -> Result<BaseConsumer, S
     settings
         .consumer_config(Some(&group_id(connector)), &Default::default())
         .create()
-        .map_err(|e| format!("cannot create consumer: {e}"))
+        .map_err(|e| format!("cannot create consumer: {}", crate::kafka::secret_hidden(e)))
 }
 
 /// The partitions of the topics a sink reads.
