@@ -1083,3 +1083,40 @@ leader_sync_delay_ms = 200
     assert_eq!(deletes[0]["principal"], "night-shift");
     Ok(())
 }
+
+/// `medconnect hash-password` prints an Argon2id hash a users file takes, for that password
+/// only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_password_makes_a_users_file_entry() -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(medconnect_bin()?)
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(b"night shift 42\n")?;
+    let output = child.wait_with_output()?;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let hash = String::from_utf8(output.stdout)?.trim().to_string();
+    assert!(hash.starts_with("$argon2id$v=19$"), "{hash}");
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("users.json");
+    std::fs::write(
+        &path,
+        json!({"users": [{"name": "bob", "role": "viewer", "password_hash": hash}]}).to_string(),
+    )?;
+    let users = medconnect_runtime::rest::auth::basic::Users::load(&path)?;
+    use medconnect_runtime::rest::auth::Role;
+    assert_eq!(
+        users.check("bob", "night shift 42").await,
+        Some(Role::Viewer)
+    );
+    assert_eq!(users.check("bob", "night shift 42\n").await, None);
+    assert_eq!(users.check("bob", "night shift").await, None);
+    Ok(())
+}

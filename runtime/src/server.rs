@@ -285,6 +285,9 @@ impl Worker {
         background.push(cluster_watch);
         if auth.is_open() {
             tracing::warn!(rest = %rest_addr, "the REST API is open (rest.auth = \"none\"): anyone who reaches it may change connectors");
+        } else if config.rest.tls.is_none() && !rest_addr.ip().is_loopback() {
+            // Tokens and passwords would cross the network readable by anyone on the path.
+            tracing::warn!(rest = %rest_addr, "the REST API takes credentials over plain HTTP on a non-loopback address: set [rest.tls] unless a TLS proxy or an encrypted network is in front of it");
         }
         tracing::info!(rest = %rest_addr, worker = herder.worker_id(), tls = config.rest.tls.is_some(), auth = if auth.is_open() { "none" } else { "required" }, "worker started");
         Ok(Self {

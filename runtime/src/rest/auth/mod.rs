@@ -12,7 +12,7 @@ pub mod jwt;
 pub mod roles;
 pub mod tokens;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -317,19 +317,4 @@ pub async fn check(State(state): State<RestState>, mut request: Request, next: N
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
-}
-
-/// The paths of `[rest]` credentials settings, for start-up messages.
-pub fn describe(tokens: Option<&PathBuf>, users: Option<&PathBuf>, jwt: bool) -> String {
-    let mut parts = Vec::new();
-    if let Some(path) = tokens {
-        parts.push(format!("tokens from {}", path.display()));
-    }
-    if let Some(path) = users {
-        parts.push(format!("users from {}", path.display()));
-    }
-    if jwt {
-        parts.push("JWT".to_string());
-    }
-    parts.join(", ")
 }
