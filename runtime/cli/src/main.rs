@@ -183,6 +183,9 @@ async fn run(command: Command, log_levels: LogLevels) -> anyhow::Result<()> {
             let mut config = WorkerConfig::new(&broker.bootstrap_servers())
                 .with_consumer_settings(medconnect_runtime::broker::CONSUMER_SETTINGS);
             config.rest.listen = rest;
+            // References may read MEDCONNECT_SECRET_* variables, nothing else (configs/worker.toml).
+            config.config_providers =
+                medconnect_runtime::worker::config_providers::ConfigProviders::dev();
             if !rest.ip().is_loopback() {
                 tracing::warn!(rest = %rest, "medconnect dev serves its REST API without authentication on a non-loopback address: anyone who reaches it may change connectors");
             }

@@ -37,7 +37,23 @@ pub struct FileProvider {
     pub allowed_dirs: Vec<PathBuf>,
 }
 
+/// The variables `medconnect dev` lets references read: a prefix nothing else uses, so a
+/// connector config on a developer's machine can keep its password out of the JSON without
+/// exposing the rest of the environment (HOME, cloud credentials, tokens of other tools).
+pub const DEV_ENV_PREFIX: &str = "MEDCONNECT_SECRET_*";
+
 impl ConfigProviders {
+    /// What `medconnect dev` enables: `${env:MEDCONNECT_SECRET_*}`, and no files (a dev
+    /// worker has no directory of secrets to name; a worker config file can allow one).
+    pub fn dev() -> Self {
+        Self {
+            env: Some(EnvProvider {
+                allowed: vec![DEV_ENV_PREFIX.to_string()],
+            }),
+            file: None,
+        }
+    }
+
     /// `${env:name}`: the variable's value, if this worker allows it.
     pub fn env(&self, name: &str) -> Result<String, String> {
         let Some(provider) = &self.env else {
@@ -223,6 +239,22 @@ mod tests {
         };
         assert!(file.check(&link.join("token")).is_ok());
         assert!(file.check(&real.join("token")).is_ok());
+    }
+
+    #[test]
+    fn dev_allows_medconnect_secret_variables_and_no_files() {
+        let dev = ConfigProviders::dev();
+        assert!(dev.env("HOME").unwrap_err().contains("not allowed"));
+        assert!(
+            dev.env("MEDCONNECT_SECRET_SURELY_UNSET")
+                .unwrap_err()
+                .contains("is not set")
+        );
+        assert!(
+            dev.file("/etc/hostname")
+                .unwrap_err()
+                .contains("not enabled")
+        );
     }
 
     #[test]
