@@ -66,6 +66,8 @@ async fn main() -> anyhow::Result<()> {
             ("connector.class", "MllpSource".to_string()),
             ("mllp.bind", "127.0.0.1".to_string()),
             ("mllp.port", port.to_string()),
+            // Every sender is on this host: the per-address limit (32) would cap [senders].
+            ("mllp.max.connections.per.peer", "0".to_string()),
             ("topic", "hl7.adt".to_string()),
         ],
         port,

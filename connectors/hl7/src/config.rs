@@ -133,7 +133,7 @@ pub fn source_def() -> ConfigDef {
         .with_validator(Validator::OneOf(vec![ACK_AFTER_COMMIT, ACK_IMMEDIATE]))
         .define(MAX_MESSAGE_BYTES, ConfigType::Int, DEFAULT_MAX_MESSAGE_BYTES, Importance::Medium, "Largest accepted message; a larger one is answered AR and the connection closed. Must leave 65536 bytes for key and headers within the producer's message.max.bytes (1000000 unless producer.override.message.max.bytes raises it; the topic's max.message.bytes must allow as much).")
         .with_validator(Validator::between(1024.0, 268_435_456.0))
-        .define(MAX_CONNECTIONS, ConfigType::Int, "256", Importance::Low, "Concurrent sender connections; further ones are closed at once.")
+        .define(MAX_CONNECTIONS, ConfigType::Int, "256", Importance::Low, "Concurrent sender connections; when all are taken, the connection idle the longest is closed to admit a new one (none idle: the new one is closed at once).")
         .with_validator(Validator::between(1.0, 100_000.0))
         .define(MAX_CONNECTIONS_PER_PEER, ConfigType::Int, "32", Importance::Low, "Concurrent connections from one IP address (0: no limit besides mllp.max.connections); further ones are closed at once. Behind a load balancer that does not keep client addresses every sender shares one: raise it or use 0.")
         .with_validator(Validator::between(0.0, 100_000.0))

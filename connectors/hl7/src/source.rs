@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::ack::{self, Ack, AckCode, AckError, ErrorCondition, ErrorLocation};
 use crate::batch::{self, Batch, Frame};
 use crate::config::{AckMode, SourceConfig, TOPIC_MAX_DISTINCT, source_def};
-use crate::limits::{FrameBudget, PeerLimits, Reservation, TopicCap};
+use crate::limits::{FrameBudget, IdleConnections, PeerLimits, Reservation, TopicCap};
 use crate::message::{self, MshHeader, Rejection, read_header, rejected_record};
 use crate::mllp::codec::START_BLOCK;
 use crate::mllp::{BoxedStream, MllpCodec, MllpError};
@@ -42,6 +42,8 @@ const MAX_REASON_CHARS: usize = 120;
 /// Most bytes read from a connection at once: what a connection may hold beyond its share of
 /// the frame budget (the budget is taken for what was read, right after the read).
 const READ_CHUNK: usize = 8 * 1024;
+/// How long a new connection waits for the idle one it evicted to close.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 pub struct MllpSourceConnector;
@@ -106,6 +108,7 @@ struct Shared {
     shutdown: CancellationToken,
     budget: Arc<FrameBudget>,
     peers: Arc<PeerLimits>,
+    idle: Arc<IdleConnections>,
     /// Only when the topic template names MSH-9: a fixed topic needs no cap.
     topics: Option<TopicCap>,
 }
@@ -120,6 +123,7 @@ pub struct MllpSourceTask {
     tracker: TaskTracker,
     batch_max: usize,
     budget: Option<Arc<FrameBudget>>,
+    idle: Option<Arc<IdleConnections>>,
 }
 
 impl std::fmt::Debug for MllpSourceTask {
@@ -144,6 +148,7 @@ impl MllpSourceTask {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             budget: None,
+            idle: None,
         })
     }
 
@@ -151,6 +156,12 @@ impl MllpSourceTask {
     /// and connections refused for want of it.
     pub fn frame_budget(&self) -> Option<Arc<FrameBudget>> {
         self.budget.clone()
+    }
+
+    /// Connections waiting for their sender's next message (the ones evicted first when
+    /// every connection slot is taken).
+    pub fn idle_connections(&self) -> usize {
+        self.idle.as_ref().map_or(0, |idle| idle.len())
     }
 
     /// The address the listener is bound to, once started (the port chosen when `mllp.port`
@@ -216,9 +227,12 @@ impl SourceTask for MllpSourceTask {
             .topic
             .is_dynamic()
             .then(|| TopicCap::new(config.topic_max_distinct));
+        let idle = IdleConnections::new();
+        self.idle = Some(idle.clone());
         let shared = Arc::new(Shared {
             connector: self.connector.clone(),
             peers: PeerLimits::new(config.max_connections_per_peer),
+            idle,
             config,
             queue,
             tls: acceptor,
@@ -277,12 +291,12 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    tracing::warn!(connector = %shared.connector, %peer, "too many MLLP connections; closing the new one");
-                    continue;
-                };
                 let Some(slot) = shared.peers.enter(peer.ip()) else {
                     tracing::warn!(connector = %shared.connector, %peer, max = shared.config.max_connections_per_peer, "too many MLLP connections from this address; closing the new one");
+                    continue;
+                };
+                let Some(permit) = connection_slot(&limit, &shared).await else {
+                    tracing::warn!(connector = %shared.connector, %peer, "too many MLLP connections and none idle; closing the new one");
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
@@ -306,6 +320,24 @@ async fn accept_loop(
     tracing::info!(connector = %shared.connector, "MLLP listener closed");
 }
 
+/// A connection slot: a free one, else the one of the connection idle the longest.
+async fn connection_slot(
+    limit: &Arc<Semaphore>,
+    shared: &Shared,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(permit) = limit.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    if !shared.idle.evict_oldest() {
+        return None;
+    }
+    tracing::info!(connector = %shared.connector, "every MLLP connection slot taken; closed the connection idle the longest");
+    tokio::time::timeout(EVICTION_WAIT, limit.clone().acquire_owned())
+        .await
+        .ok()
+        .and_then(Result::ok)
+}
+
 /// Why reading the next message ended without one.
 #[derive(Debug)]
 enum ReadEnd {
@@ -324,6 +356,9 @@ struct Connection {
     peer: SocketAddr,
     /// Covers the bytes buffered and the message awaiting its answer.
     reservation: Reservation,
+    idle: Arc<IdleConnections>,
+    /// Cancelled when the connection is evicted while idle.
+    evicted: CancellationToken,
 }
 
 impl Connection {
@@ -357,6 +392,9 @@ impl Connection {
             } else {
                 idle_deadline
             };
+            // Waiting for a new message with nothing buffered: evictable until bytes arrive.
+            let _idle = (!self.codec.in_frame() && self.buffer.is_empty())
+                .then(|| self.idle.enter(&self.evicted));
             self.buffer.reserve(READ_CHUNK);
             let before = self.buffer.len();
             let mut limited = (&mut self.buffer).limit(READ_CHUNK);
@@ -428,10 +466,17 @@ async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         buffer: BytesMut::new(),
         peer,
         reservation: Reservation::new(shared.budget.clone()),
+        idle: shared.idle.clone(),
+        evicted: CancellationToken::new(),
     };
+    let evicted = connection.evicted.clone();
     loop {
         let next = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
+            _ = evicted.cancelled() => {
+                tracing::debug!(connector = %shared.connector, %peer, "idle MLLP connection closed for a new one");
+                break;
+            }
             next = connection.next_frame(config.idle_timeout, config.read_timeout) => next,
         };
         match next {

@@ -864,3 +864,42 @@ async fn a_batch_that_does_not_fit_the_queue_is_refused_whole() {
     );
     task.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn idle_senders_cannot_lock_out_a_sender_with_a_message() {
+    let mut task = started(&[("mllp.max.connections", "2")]).await;
+    let mut first = client(&task).await;
+    let mut second = client(&task).await;
+    for (sender, id) in [(&mut first, "IDLE1"), (&mut second, "IDLE2")] {
+        sender
+            .send(adt(id, "P1").as_bytes(), DEADLINE)
+            .await
+            .expect("send");
+        let mut records = poll_n(&mut task, 1).await;
+        records[0].complete(written());
+        assert_eq!(reply(sender).await.code, AckCode::Accept);
+    }
+    until("both connections idle", || task.idle_connections() == 2).await;
+    // Every slot is taken by a silent sender: the new one is served, the oldest idle closed.
+    let mut third = client(&task).await;
+    third
+        .send(adt("NEW1", "P3").as_bytes(), DEADLINE)
+        .await
+        .expect("send");
+    let mut records = poll_n(&mut task, 1).await;
+    records[0].complete(written());
+    assert_eq!(reply(&mut third).await.code, AckCode::Accept);
+    assert!(matches!(
+        first.receive(DEADLINE).await,
+        Err(ClientError::Closed | ClientError::Frame(_))
+    ));
+    // The other idle sender keeps its connection.
+    second
+        .send(adt("IDLE2B", "P2").as_bytes(), DEADLINE)
+        .await
+        .expect("send");
+    let mut records = poll_n(&mut task, 1).await;
+    records[0].complete(written());
+    assert_eq!(reply(&mut second).await.code, AckCode::Accept);
+    task.stop().await.expect("stop");
+}
