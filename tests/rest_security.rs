@@ -709,6 +709,7 @@ impl Pki {
                 ],
             ),
             ("client", vec![ExtendedKeyUsagePurpose::ClientAuth]),
+            ("other", vec![ExtendedKeyUsagePurpose::ClientAuth]),
         ] {
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
@@ -719,6 +720,15 @@ impl Pki {
             params.extended_key_usages = usages;
             let cert = params.signed_by(&key, &ca)?;
             std::fs::write(dir.path().join(format!("{stem}.crt")), cert.pem())?;
+            // As `openssl x509 -noout -fingerprint -sha256` prints it.
+            let fingerprint: Vec<String> = Sha256::digest(cert.der())
+                .iter()
+                .map(|b| format!("{b:02X}"))
+                .collect();
+            std::fs::write(
+                dir.path().join(format!("{stem}.sha256")),
+                fingerprint.join(":"),
+            )?;
             std::fs::write(dir.path().join(format!("{stem}.key")), key.serialize_pem())?;
         }
         Ok(Self { dir })
@@ -730,10 +740,21 @@ impl Pki {
 
     /// A client trusting the CA, with the client certificate or without.
     fn client(&self, with_certificate: bool) -> anyhow::Result<reqwest::Client> {
-        let (cert, key) = (self.path("client.crt"), self.path("client.key"));
+        self.client_as(with_certificate.then_some("client"))
+    }
+
+    /// A client trusting the CA, presenting the certificate `stem` if given.
+    fn client_as(&self, stem: Option<&str>) -> anyhow::Result<reqwest::Client> {
+        let pair = stem.map(|stem| {
+            (
+                self.path(&format!("{stem}.crt")),
+                self.path(&format!("{stem}.key")),
+            )
+        });
         let config = medconnect_api::tls::client_config(
             &self.path("ca.crt"),
-            with_certificate.then_some((cert.as_path(), key.as_path())),
+            pair.as_ref()
+                .map(|(cert, key)| (cert.as_path(), key.as_path())),
         )?;
         Ok(reqwest::Client::builder()
             .use_preconfigured_tls(config)
@@ -744,14 +765,30 @@ impl Pki {
 
 /// TLS with client certificates: a client that trusts the CA and presents a certificate gets
 /// answers; one that does not trust the CA, one without a certificate and plain HTTP get none.
+/// A listed client certificate is a credential of its own (its role); an unlisted one is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_needs_the_ca_and_a_client_certificate() -> anyhow::Result<()> {
     let cluster = TestCluster::start().await?;
     let pki = Pki::new()?;
     let dir = tempfile::tempdir()?;
+    let certificates = dir.path().join("certificates.toml");
+    std::fs::write(
+        &certificates,
+        format!(
+            "[[certificates]]\nname = \"pump-gateway\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+            std::fs::read_to_string(pki.path("client.sha256"))?
+        ),
+    )?;
     let mut config = cluster.worker_config();
     config.rest.auth = Some(AuthMode::Required);
     config.rest.tokens_file = Some(write_tokens(dir.path())?);
+    config.rest.certificates_file = Some(certificates);
+    // Certificates as credentials without client certificates asked for: refused.
+    let error = Worker::start(config.clone(), medconnect::builtin_plugins())
+        .await
+        .err()
+        .context("certificates_file without client_ca")?;
+    assert!(error.to_string().contains("client_ca"), "{error}");
     config.rest.tls = Some(RestTls {
         cert: pki.path("worker.crt"),
         key: pki.path("worker.key"),
@@ -771,9 +808,43 @@ async fn tls_needs_the_ca_and_a_client_certificate() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(code, 200, "{body}");
-    // TLS does not replace credentials.
-    let (code, _, _) = call(&pki.client(true)?, Method::GET, &https, None, None).await?;
+    // A verified but unlisted certificate is no credential.
+    let (code, _, _) = call(
+        &pki.client_as(Some("other"))?,
+        Method::GET,
+        &https,
+        None,
+        None,
+    )
+    .await?;
     assert_eq!(code, 401);
+    let (code, _, body) = call(
+        &pki.client_as(Some("other"))?,
+        Method::GET,
+        &https,
+        Some(&bearer(VIEWER)),
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200, "{body}");
+    // The listed one is the operator pump-gateway.
+    let (code, _, body) = call(&pki.client(true)?, Method::GET, &https, None, None).await?;
+    assert_eq!(code, 200, "{body}");
+    let (code, _, body) = call(
+        &pki.client(true)?,
+        Method::POST,
+        &https,
+        None,
+        Some(&json!({"name": "by-certificate", "config": datagen("5")})),
+    )
+    .await?;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("certificate 'pump-gateway'") && m.contains("admin")),
+        "{body}"
+    );
     let (code, _, _) = call(
         &pki.client(true)?,
         Method::GET,
@@ -892,7 +963,8 @@ async fn a_worker_refuses_to_start_without_authentication() -> anyhow::Result<()
         .output()?;
     assert_eq!(status.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&status.stderr).contains("tokens_file, users_file or [rest.jwt]")
+        String::from_utf8_lossy(&status.stderr)
+            .contains("tokens_file, users_file, certificates_file or [rest.jwt]")
     );
     Ok(())
 }

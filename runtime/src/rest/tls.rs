@@ -14,6 +14,7 @@ use std::time::Duration;
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
@@ -159,12 +160,29 @@ impl Listener for RestListener {
     }
 }
 
-/// The TCP peer of a REST connection (`ConnectInfo<Peer>` in a request's extensions).
+/// The peer of a REST connection (`ConnectInfo<Peer>` in a request's extensions): its address,
+/// and over TLS with client certificates the SHA-256 of the certificate it presented (verified
+/// by the handshake against `client_ca`).
 #[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub certificate: Option<[u8; 32]>,
+}
 
 impl Connected<IncomingStream<'_, RestListener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, RestListener>) -> Self {
-        Peer(*stream.remote_addr())
+        let certificate = match stream.io() {
+            Either::Right(tls) => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| Sha256::digest(leaf.as_ref()).into()),
+            Either::Left(_) => None,
+        };
+        Peer {
+            addr: *stream.remote_addr(),
+            certificate,
+        }
     }
 }

@@ -90,6 +90,10 @@ pub struct RestConfig {
     /// JWT bearer tokens checked against a JWKS file.
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
+    /// Client certificates (mTLS, `[rest.tls] client_ca`) as credentials: name, role and
+    /// SHA-256 fingerprint of each.
+    #[serde(default)]
+    pub certificates_file: Option<PathBuf>,
     /// `/metrics` needs a viewer's credentials (false: open to anyone who reaches it).
     #[serde(default = "yes")]
     pub metrics_auth: bool,
@@ -109,6 +113,7 @@ impl Default for RestConfig {
             tokens_file: None,
             users_file: None,
             jwt: None,
+            certificates_file: None,
             metrics_auth: true,
             tls: None,
         }
@@ -132,6 +137,8 @@ impl RestConfig {
             tokens_file: self.tokens_file.as_deref(),
             users_file: self.users_file.as_deref(),
             jwt: self.jwt.as_ref(),
+            certificates_file: self.certificates_file.as_deref(),
+            client_certificates: self.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
             metrics_auth: self.metrics_auth,
         }
     }

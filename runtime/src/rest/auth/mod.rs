@@ -8,6 +8,7 @@
 //! the session-key signature covers it, and audits the change under the original caller.
 
 pub mod basic;
+pub mod certificates;
 pub mod jwt;
 pub mod roles;
 pub mod tokens;
@@ -42,7 +43,7 @@ pub enum AuthMode {
 #[derive(Debug, Error)]
 pub enum AuthError {
     #[error(
-        "the REST API has no authentication configured: set [rest] tokens_file, users_file or [rest.jwt], or set rest.auth = \"none\" to run it open (anyone who reaches it may change connectors)"
+        "the REST API has no authentication configured: set [rest] tokens_file, users_file, certificates_file or [rest.jwt], or set rest.auth = \"none\" to run it open (anyone who reaches it may change connectors)"
     )]
     NotConfigured,
     #[error(
@@ -53,6 +54,10 @@ pub enum AuthError {
     File { path: String, reason: String },
     #[error("REST authentication: {0}")]
     Setup(String),
+    #[error(
+        "[rest] certificates_file needs [rest.tls] client_ca: without it no client presents a verified certificate"
+    )]
+    CertificatesWithoutClientCa,
 }
 
 /// Who made a call, as the audit trail names them.
@@ -60,7 +65,7 @@ pub enum AuthError {
 pub struct Principal {
     pub name: String,
     pub role: Role,
-    /// How the caller proved it: `token`, `basic`, `jwt`, `none` (authentication off), or
+    /// How the caller proved it: `token`, `basic`, `jwt`, `certificate`, `none` (authentication off), or
     /// `worker` (a worker acting for the cluster, e.g. the leader restarting a task elsewhere).
     pub via: String,
     /// Where the call came from, as the worker that took it saw it.
@@ -89,6 +94,7 @@ pub struct Authenticator {
     tokens: Option<tokens::Tokens>,
     users: Option<basic::Users>,
     jwt: Option<jwt::Jwt>,
+    certificates: Option<certificates::Certificates>,
     /// `/metrics` needs a viewer's credentials (a Prometheus scrape can send a bearer token).
     pub metrics_auth: bool,
 }
@@ -99,6 +105,9 @@ pub struct AuthSettings<'a> {
     pub tokens_file: Option<&'a Path>,
     pub users_file: Option<&'a Path>,
     pub jwt: Option<&'a JwtConfig>,
+    pub certificates_file: Option<&'a Path>,
+    /// Whether the listener asks clients for certificates (`[rest.tls] client_ca`).
+    pub client_certificates: bool,
     pub metrics_auth: bool,
 }
 
@@ -110,6 +119,7 @@ impl Authenticator {
             tokens: None,
             users: None,
             jwt: None,
+            certificates: None,
             metrics_auth: false,
         }
     }
@@ -125,6 +135,7 @@ impl Authenticator {
             ("tokens_file", settings.tokens_file.is_some()),
             ("users_file", settings.users_file.is_some()),
             ("[rest.jwt]", settings.jwt.is_some()),
+            ("certificates_file", settings.certificates_file.is_some()),
         ];
         match settings.mode {
             Some(AuthMode::None) => {
@@ -136,21 +147,30 @@ impl Authenticator {
             _ if !configured.iter().any(|(_, set)| *set) => return Err(AuthError::NotConfigured),
             _ => {}
         }
+        if settings.certificates_file.is_some() && !settings.client_certificates {
+            return Err(AuthError::CertificatesWithoutClientCa);
+        }
         Ok(Self {
             mode: AuthMode::Required,
             tokens: settings.tokens_file.map(tokens::Tokens::load).transpose()?,
             users: settings.users_file.map(basic::Users::load).transpose()?,
             jwt: settings.jwt.map(jwt::Jwt::load).transpose()?,
+            certificates: settings
+                .certificates_file
+                .map(certificates::Certificates::load)
+                .transpose()?,
             metrics_auth: settings.metrics_auth,
         })
     }
 
-    /// The caller, from the `Authorization` header; `Err` says why not (for the log only).
+    /// The caller, from the `Authorization` header, or without one from a listed client
+    /// certificate; `Err` says why not (for the log only).
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
-        peer: Option<String>,
+        connection: Option<Peer>,
     ) -> Result<Principal, String> {
+        let peer = connection.map(|c| c.addr.to_string());
         let principal = |name: String, role: Role, via: &str| Principal {
             name,
             role,
@@ -161,7 +181,16 @@ impl Authenticator {
             return Ok(principal("anonymous".into(), Role::Admin, "none"));
         }
         let Some(value) = headers.get(header::AUTHORIZATION) else {
-            return Err("no credentials".into());
+            // Explicit credentials win; without them, the certificate of the connection.
+            let listed = self
+                .certificates
+                .as_ref()
+                .zip(connection.and_then(|c| c.certificate))
+                .and_then(|(certificates, fingerprint)| certificates.check(&fingerprint));
+            return match listed {
+                Some((name, role)) => Ok(principal(name, role, "certificate")),
+                None => Err("no credentials".into()),
+            };
         };
         let value = value
             .to_str()
@@ -236,12 +265,17 @@ pub(crate) fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, AuthError
     }
 }
 
-/// Where a request came from (the TCP peer), as text.
-pub fn peer_of(request: &Request) -> Option<String> {
+/// The connection a request came on.
+pub fn connection_of(request: &Request) -> Option<Peer> {
     request
         .extensions()
         .get::<ConnectInfo<Peer>>()
-        .map(|ConnectInfo(Peer(addr))| addr.to_string())
+        .map(|ConnectInfo(peer)| *peer)
+}
+
+/// Where a request came from (the TCP peer), as text.
+pub fn peer_of(request: &Request) -> Option<String> {
+    connection_of(request).map(|peer| peer.addr.to_string())
 }
 
 /// The middleware: authenticates the caller (or takes the principal a verified forwarded
@@ -260,7 +294,7 @@ pub async fn check(State(state): State<RestState>, mut request: Request, next: N
             let peer = peer_of(&request);
             match state
                 .auth
-                .authenticate(request.headers(), peer.clone())
+                .authenticate(request.headers(), connection_of(&request))
                 .await
             {
                 Ok(principal) => principal,
