@@ -1119,10 +1119,51 @@ leader_sync_delay_ms = 200
     )
     .await?;
     assert_eq!(code, 200, "still there: {info}");
+    // A task restarts where it runs: sent to the other worker, it is forwarded to the owner
+    // (not the leader), which records it.
+    let owner = eventually("task 0 placed on a worker", async || {
+        let (_, _, status) = call(
+            &http,
+            Method::GET,
+            &format!("{leader_url}/connectors/relayed/status"),
+            Some(&bearer(VIEWER)),
+            None,
+        )
+        .await
+        .ok()?;
+        status["tasks"][0]["worker_id"].as_str().map(str::to_string)
+    })
+    .await?;
+    let (elsewhere, elsewhere_url) = urls
+        .iter()
+        .find(|(w, _)| **w != owner)
+        .map(|(w, u)| (w.to_string(), u.clone()))
+        .context("a worker not running task 0")?;
+    let (code, _, body) = call(
+        &http,
+        Method::POST,
+        &format!("{elsewhere_url}/connectors/relayed/tasks/0/restart"),
+        Some(&bearer(OPERATOR)),
+        None,
+    )
+    .await?;
+    assert_eq!(code, 204, "{body}");
+    // A connector restart with its tasks, through the follower: the leader records it; the task
+    // restart the leader then asks of the task's worker is part of it, not a second record.
+    let (code, _, body) = call(
+        &http,
+        Method::POST,
+        &format!("{follower_url}/connectors/relayed/restart?includeTasks=true"),
+        Some(&bearer(OPERATOR)),
+        None,
+    )
+    .await?;
+    assert_eq!(code, 202, "{body}");
 
     let (records, raw) = audit_records(&bootstrap, "secure-audit", |records| {
-        records.iter().any(|r| r["action"] == "pause")
-            && records.iter().any(|r| r["action"] == "delete")
+        ["pause", "delete", "restart-task", "restart"]
+            .iter()
+            .all(|action| records.iter().any(|r| r["action"] == *action))
     })
     .await?;
     assert!(!raw.contains(PLANTED), "{raw}");
@@ -1153,6 +1194,21 @@ leader_sync_delay_ms = 200
     assert_eq!(deletes[0]["outcome"], "denied");
     assert_eq!(deletes[0]["worker"], follower.as_str());
     assert_eq!(deletes[0]["principal"], "night-shift");
+    let task_restarts = with_action(&records, "restart-task");
+    assert_eq!(task_restarts.len(), 1, "{raw}");
+    assert_eq!(task_restarts[0]["worker"], owner.as_str());
+    assert_eq!(task_restarts[0]["forwarded_by"], elsewhere.as_str());
+    assert_eq!(task_restarts[0]["principal"], "night-shift");
+    assert_eq!(task_restarts[0]["status"], 204);
+    let restarts = with_action(&records, "restart");
+    assert_eq!(restarts.len(), 1, "{raw}");
+    assert_eq!(restarts[0]["worker"], leader.as_str());
+    assert_eq!(restarts[0]["forwarded_by"], follower.as_str());
+    assert_eq!(
+        restarts[0]["path"],
+        "/connectors/relayed/restart?includeTasks=true"
+    );
+    assert_eq!(restarts[0]["status"], 202);
     Ok(())
 }
 
