@@ -8,7 +8,7 @@ mod engine;
 
 use bytes::{Bytes, BytesMut};
 use engine::{Counting, Target, peak_allocation};
-use medconnect_api::Props;
+use medconnect_api::{ConfigDef, ConfigType, Importance, Props, Validator};
 use medconnect_hl7::ack::{self, Ack, AckCode, AckError, ErrorCondition, parse_reply};
 use medconnect_hl7::batch::{self, Frame};
 use medconnect_hl7::config::{SinkConfig, SourceConfig, sink_def, source_def};
@@ -315,7 +315,54 @@ fn hl7_config(input: &[u8]) -> Result<(), TestCaseError> {
         }
     }
     let _ = SourceConfig::validate(&props);
+    // Every ConfigType and validator kind, read through ParsedConfig's typed getters.
+    let def = every_type();
+    let clean = def.validate(&props).iter().all(|v| v.errors.is_empty());
+    match def.parse(&props) {
+        Ok(parsed) => {
+            prop_assert!(clean, "validate and parse disagree on {:?}", props);
+            let _ = (
+                parsed.int("t.int"),
+                parsed.int("t.long"),
+                parsed.double("t.double"),
+            );
+            let _ = (
+                parsed.boolean("t.boolean"),
+                parsed.list("t.list"),
+                parsed.string("t.class"),
+            );
+            let _ = (
+                parsed.millis("t.long"),
+                parsed.int_as::<u16>("t.int"),
+                parsed.string("t.password"),
+            );
+        }
+        Err(_) => prop_assert!(!clean, "validate and parse disagree on {:?}", props),
+    }
     Ok(())
+}
+
+fn every_type() -> ConfigDef {
+    ConfigDef::new()
+        .define("t.int", ConfigType::Int, "1", Importance::Low, "")
+        .with_validator(Validator::between(-5.0, 5.0))
+        .define("t.long", ConfigType::Long, "0", Importance::Low, "")
+        .define("t.double", ConfigType::Double, "0.5", Importance::Low, "")
+        .with_validator(Validator::between(0.0, 1.0))
+        .define(
+            "t.boolean",
+            ConfigType::Boolean,
+            "false",
+            Importance::Low,
+            "",
+        )
+        .define("t.list", ConfigType::List, "a,b", Importance::Low, "")
+        .with_validator(Validator::NonEmpty)
+        .define("t.password", ConfigType::Password, "", Importance::Low, "")
+        .define("t.class", ConfigType::Class, "x.Y", Importance::Low, "")
+        .define("t.mode", ConfigType::String, "a", Importance::Low, "")
+        .with_validator(Validator::OneOf(vec!["a", "b"]))
+        .define_required("t.required", ConfigType::String, Importance::Low, "")
 }
 
 #[test]
@@ -324,6 +371,7 @@ fn fuzz_hl7_config() {
         .keys()
         .iter()
         .chain(sink_def().keys())
+        .chain(every_type().keys())
         .map(|k| format!("\n{}=", k.name).into_bytes())
         .collect();
     for value in [
@@ -355,6 +403,7 @@ fn fuzz_hl7_config() {
     let target = Target::new("hl7_config", MANIFEST)
         .seed("mllp.port=0\nmllp.bind=127.0.0.1\n")
         .seed("mllp.host=h\nmllp.port=2575\nmllp.tls.enabled=true\n")
+        .seed("t.required=x\nt.int=-5\nt.double=1\nt.list=,\nt.mode=b\nt.boolean=TRUE\n")
         .tokens(tokens)
         .max_len(4096);
     engine::run(target, hl7_config);
