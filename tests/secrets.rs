@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use medconnect_api::{
-    ConfigDef, ConfigType, ConnectError, ConnectResult, Importance, SourceConnector, SourceRecord,
+    ConfigDef, ConfigType, ConnectError, ConnectResult, ErrantRecordReporter, Importance,
+    SinkConnector, SinkRecord, SinkTask, SinkTaskContext, SourceConnector, SourceRecord,
     SourceTask, SourceTaskContext,
 };
 use medconnect_e2e::crash::{Processes, free_port, start_broker, write_worker_config};
@@ -69,7 +70,9 @@ fn providers(allowed_dir: &Path) -> ConfigProviders {
 async fn worker(cluster: &TestCluster, providers: ConfigProviders) -> anyhow::Result<TestWorker> {
     let mut config: WorkerConfig = cluster.worker_config();
     config.config_providers = providers;
-    let plugins = medconnect::builtin_plugins().with_source(std::sync::Arc::new(PeerLogin));
+    let plugins = medconnect::builtin_plugins()
+        .with_source(std::sync::Arc::new(PeerLogin))
+        .with_sink(std::sync::Arc::new(RefusingSink));
     cluster.start_worker_with_plugins(config, plugins).await
 }
 
@@ -144,6 +147,65 @@ impl SourceTask for PeerLoginTask {
 
     async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>> {
         std::future::pending().await
+    }
+
+    async fn stop(&mut self) -> ConnectResult<()> {
+        Ok(())
+    }
+}
+
+/// Reports every record as errant with an error that quotes its password, as a careless
+/// connector might: the engine must take it out of the dead-letter headers and logs.
+struct RefusingSink;
+
+test_connector!(
+    RefusingSink,
+    "test.RefusingSink",
+    Sink,
+    ConfigDef::new().define(
+        "peer.password",
+        ConfigType::Password,
+        "",
+        Importance::High,
+        ""
+    )
+);
+
+impl SinkConnector for RefusingSink {
+    fn create_task(&self, context: SinkTaskContext) -> ConnectResult<Box<dyn SinkTask>> {
+        Ok(Box::new(RefusingSinkTask {
+            password: context
+                .config
+                .get("peer.password")
+                .cloned()
+                .unwrap_or_default(),
+            reporter: context.errant_records,
+        }))
+    }
+}
+
+struct RefusingSinkTask {
+    password: String,
+    reporter: ErrantRecordReporter,
+}
+
+#[async_trait]
+impl SinkTask for RefusingSinkTask {
+    async fn start(&mut self) -> ConnectResult<()> {
+        Ok(())
+    }
+
+    async fn put(&mut self, records: Vec<SinkRecord>) -> ConnectResult<()> {
+        for record in records {
+            let error =
+                ConnectError::data(format!("the target refused password {}", self.password));
+            self.reporter.report(record, error).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> ConnectResult<()> {
+        Ok(())
     }
 
     async fn stop(&mut self) -> ConnectResult<()> {
@@ -373,6 +435,30 @@ async fn allowed_references_in_password_settings_reach_the_peer_and_no_answer() 
         trace.contains("cannot log in to") && trace.contains("with password [hidden]"),
         "{trace}"
     );
+
+    // A sink whose errors quote its password: the dead-letter headers do not.
+    cluster.produce("refused.in", &[(None, "r1")]).await?;
+    rest.create(
+        "refusing",
+        json!({"connector.class": "test.RefusingSink", "topics": "refused.in",
+               "peer.password": from_env, "errors.tolerance": "all",
+               "errors.deadletterqueue.topic.name": "refused.dlq",
+               "errors.deadletterqueue.context.headers.enable": "true",
+               "errors.log.enable": "true"}),
+    )
+    .await?;
+    let dead = cluster.read_topic("refused.dlq", 1).await?;
+    let exception = dead[0]
+        .header("__connect.errors.exception.message")
+        .unwrap_or_default();
+    assert!(
+        exception.contains("the target refused password [hidden]"),
+        "{exception}"
+    );
+    let stacktrace = dead[0]
+        .header("__connect.errors.exception.stacktrace")
+        .unwrap_or_default();
+    assert!(!stacktrace.contains(ENV_PASSWORD_VALUE), "{stacktrace}");
 
     let answers = every_answer(rest, &["login-env", "login-file", "login-unreachable"]).await?;
     assert!(

@@ -90,9 +90,12 @@ fn init_logs(json: bool) -> LogLevels {
         .env_filter()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     let (filter, handle) = reload::Layer::new(filter);
-    // Colours only for a person at a terminal, not in files and log shippers.
+    // Colours only for a person at a terminal, not in files and log shippers. Every line is
+    // scrubbed of the secret values the worker knows (resolved references, Kafka passwords).
     let format = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(medconnect_runtime::worker::redact::ScrubbedLogs(
+            std::io::stderr,
+        ))
         .with_ansi(std::io::stderr().is_terminal());
     let format = if json {
         format.json().boxed()

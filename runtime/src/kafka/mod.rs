@@ -60,6 +60,7 @@ impl KafkaSettings {
     }
 
     fn base(&self, section: &BTreeMap<String, String>) -> ClientConfig {
+        remember_secrets(self.common.iter().chain(section));
         let mut config = ClientConfig::new();
         for (key, value) in self.common.iter().chain(section) {
             config.set(key, value);
@@ -70,6 +71,7 @@ impl KafkaSettings {
     /// The producer for records and internal topics: durable before acknowledged.
     pub fn producer_config(&self, overrides: &BTreeMap<String, String>) -> ClientConfig {
         let mut config = ClientConfig::new();
+        remember_secrets(self.common.iter().chain(&self.producer).chain(overrides));
         // Safe defaults first: every one can be overridden except what durability needs.
         config.set("linger.ms", "5");
         config.set("compression.type", "lz4");
@@ -137,6 +139,15 @@ impl KafkaSettings {
     pub fn admin_config(&self) -> ClientConfig {
         self.base(&self.admin)
     }
+}
+
+/// Log lines are scrubbed of the clients' secret settings (a client library may quote them).
+fn remember_secrets<'a>(settings: impl Iterator<Item = (&'a String, &'a String)>) {
+    crate::worker::redact::remember(
+        settings
+            .filter(|(key, _)| medconnect_api::is_secret_name(key))
+            .map(|(_, value)| value.as_str()),
+    );
 }
 
 /// Keys of a connector config with `prefix` (`producer.override.`), prefix removed.

@@ -18,6 +18,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::TaskMetrics;
+use crate::worker::secrets::Scrubber;
 
 pub const TOLERANCE: &str = "errors.tolerance";
 pub const RETRY_TIMEOUT: &str = "errors.retry.timeout";
@@ -205,6 +206,9 @@ pub struct ErrorReporter {
     task_id: u32,
     producer: FutureProducer,
     metrics: TaskMetrics,
+    /// Takes the task's secret values out of errors before they are logged or written to the
+    /// dead-letter topic's headers (a connector's error may quote its resolved config).
+    scrubber: Scrubber,
 }
 
 impl ErrorReporter {
@@ -214,6 +218,7 @@ impl ErrorReporter {
         task_id: u32,
         producer: FutureProducer,
         metrics: TaskMetrics,
+        scrubber: Scrubber,
     ) -> Self {
         Self {
             policy,
@@ -221,6 +226,7 @@ impl ErrorReporter {
             task_id,
             producer,
             metrics,
+            scrubber,
         }
     }
 
@@ -260,6 +266,7 @@ impl ErrorReporter {
         error: ConnectError,
         tolerated: bool,
     ) -> Verdict {
+        let error = self.scrubber.error(error);
         self.metrics.error(stage.as_str());
         if self.policy.log_errors || !tolerated {
             if self.policy.log_include_messages {

@@ -4,10 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Write;
 use std::ops::{Deref, DerefMut};
+use std::sync::{PoisonError, RwLock};
 
 pub use medconnect_api::SecretsHidden;
 use serde::Deserialize;
+use tracing_subscriber::fmt::MakeWriter;
 
 /// A Kafka client section of the worker config (`[kafka]`, `[producer]`, `[consumer]`,
 /// `[admin]`): a map of librdkafka settings, which include `sasl.password` and
@@ -99,5 +102,119 @@ mod tests {
                 .get("ssl.key.password"),
             Some("planted-key-password")
         );
+    }
+}
+
+/// Secret values this process knows (the resolved secret settings of every connector config
+/// it resolved, the secret settings of its Kafka clients): log lines are written through
+/// [`ScrubbedLogs`], which replaces them. The last line of defence: errors are scrubbed where
+/// they are made, but a log line may quote an error no one scrubbed (a client library's).
+static KNOWN: RwLock<Vec<String>> = RwLock::new(Vec::new());
+
+/// Values shorter than this are not replaced (see `secrets::Scrubber`).
+const SHORTEST_KNOWN: usize = 3;
+
+/// Adds values to the ones every log line is scrubbed of.
+pub fn remember<'a>(values: impl IntoIterator<Item = &'a str>) {
+    let new: Vec<&str> = {
+        let known = KNOWN.read().unwrap_or_else(PoisonError::into_inner);
+        values
+            .into_iter()
+            .filter(|v| v.len() >= SHORTEST_KNOWN && !known.iter().any(|k| k == v))
+            .collect()
+    };
+    if new.is_empty() {
+        return;
+    }
+    let mut known = KNOWN.write().unwrap_or_else(PoisonError::into_inner);
+    for value in new {
+        if !known.iter().any(|k| k == value) {
+            known.push(value.to_string());
+        }
+    }
+    // Longest first, so that a value containing another is replaced whole.
+    known.sort_by_key(|v| std::cmp::Reverse(v.len()));
+}
+
+/// `text` with every remembered secret replaced by `[hidden]`; `None` if it holds none.
+fn scrubbed(text: &str) -> Option<String> {
+    let known = KNOWN.read().unwrap_or_else(PoisonError::into_inner);
+    if !known.iter().any(|v| text.contains(v.as_str())) {
+        return None;
+    }
+    Some(known.iter().fold(text.to_string(), |text, v| {
+        text.replace(v.as_str(), "[hidden]")
+    }))
+}
+
+/// A log writer (`tracing_subscriber::fmt().with_writer(ScrubbedLogs(std::io::stderr))`) that
+/// replaces remembered secrets in every line. The fmt layer writes each event with one
+/// `write_all` of the whole formatted line, so a value is never split between two writes.
+#[derive(Clone, Copy)]
+pub struct ScrubbedLogs<M>(pub M);
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for ScrubbedLogs<M> {
+    type Writer = ScrubbedWriter<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        ScrubbedWriter(self.0.make_writer())
+    }
+}
+
+pub struct ScrubbedWriter<W>(W);
+
+impl<W: Write> Write for ScrubbedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match std::str::from_utf8(buf).ok().and_then(scrubbed) {
+            Some(text) => self.0.write_all(text.as_bytes())?,
+            None => self.0.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_lines_are_scrubbed_of_remembered_secrets() {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(ScrubbedLogs(move || sink.clone()))
+            .with_ansi(false)
+            .finish();
+        remember(["planted-log-secret-1", "pl"]);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(
+                error = "login with planted-log-secret-1 refused",
+                "task failed"
+            );
+            tracing::info!("nothing secret: pl stays");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("planted-log-secret-1"), "{text}");
+        assert!(text.contains("login with [hidden] refused"), "{text}");
+        assert!(text.contains("pl stays"), "{text}");
     }
 }

@@ -142,6 +142,8 @@ const SHORTEST_SCRUBBED: usize = 3;
 impl Scrubber {
     fn new(mut values: Vec<String>) -> Self {
         values.retain(|v| v.len() >= SHORTEST_SCRUBBED && v != HIDDEN);
+        // Log lines are scrubbed of them too, whoever writes them.
+        super::redact::remember(values.iter().map(String::as_str));
         values.sort_by_key(|v| std::cmp::Reverse(v.len()));
         values.dedup();
         Self {

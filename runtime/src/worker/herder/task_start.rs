@@ -115,7 +115,10 @@ impl Herder {
         run_state: watch::Receiver<RunState>,
         stop: CancellationToken,
     ) -> std::result::Result<BoxFuture<'static, ()>, ConnectError> {
-        let resolved = resolution?.props;
+        let Resolved {
+            props: resolved,
+            scrubber,
+        } = resolution?;
         let plugin = self
             .plugins
             .find(resolved.get(cc::CLASS).map_or("", String::as_str))
@@ -132,8 +135,14 @@ impl Herder {
         }
         let transforms = TransformChain::from_config(&resolved)?;
         let metrics = TaskMetrics::new(&self.metrics, name, id);
-        let errors =
-            ErrorReporter::new(policy, name, id, self.dlq_producer.clone(), metrics.clone());
+        let errors = ErrorReporter::new(
+            policy,
+            name,
+            id,
+            self.dlq_producer.clone(),
+            metrics.clone(),
+            scrubber,
+        );
         let runner = self.runner.clone();
         let join = match plugin {
             ConnectorPlugin::Source(connector) => {
