@@ -878,3 +878,34 @@ async fn hl7_batches_are_stored_message_by_message_and_answered_with_a_batch_of_
     worker.shutdown().await;
     Ok(())
 }
+
+// Found by the hl7_config fuzz target: an index past usize in key.field panicked inside
+// hl7-parser while the REST API validated the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_field_index_past_usize_is_a_400_naming_the_setting() -> anyhow::Result<()> {
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let config = json!({"name": "bad-key", "connector.class": "MllpSource", "mllp.bind": "127.0.0.1",
+                        "mllp.port": "0", "key.field": "PID.3.19223372036854775807"});
+    let (code, body) = worker
+        .rest
+        .put("/connector-plugins/MllpSource/config/validate", &config)
+        .await?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["error_count"], 1, "{body}");
+    let (code, body) = worker
+        .rest
+        .post("/connectors", &json!({"name": "bad-key", "config": config}))
+        .await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("key.field")),
+        "{body}"
+    );
+    let (code, _) = worker.rest.get("/connectors").await?;
+    assert_eq!(code, 200, "the worker answers after it");
+    worker.shutdown().await;
+    Ok(())
+}
