@@ -7,6 +7,7 @@
 
 mod admin;
 mod error;
+mod producers;
 
 use std::collections::BTreeMap;
 
@@ -20,6 +21,7 @@ use rdkafka::producer::FutureProducer;
 
 pub use admin::{TopicSpec, ensure_topics};
 pub use error::{KafkaSetupError, secret_hidden};
+pub use producers::ProducerPool;
 
 use crate::worker::redact::SecretsHidden;
 

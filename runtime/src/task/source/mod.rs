@@ -43,7 +43,8 @@ pub struct SourceTaskSpec {
     pub context: SourceTaskContext,
     pub transforms: TransformChain,
     pub errors: ErrorReporter,
-    pub producer: FutureProducer,
+    /// Shared with other tasks of the same client settings ([`crate::kafka::ProducerPool`]).
+    pub producer: Arc<FutureProducer>,
     pub offsets: Arc<OffsetStore>,
     pub kafka: KafkaSettings,
     /// Partitions and replication factor of topics the task creates.

@@ -53,7 +53,7 @@ pub(super) struct Pipeline {
     pub(super) connector_class: String,
     pub(super) transforms: TransformChain,
     pub(super) errors: ErrorReporter,
-    pub(super) producer: FutureProducer,
+    pub(super) producer: Arc<FutureProducer>,
     pub(super) offsets: Arc<OffsetStore>,
     pub(super) kafka: KafkaSettings,
     pub(super) new_topic: (i32, i32),

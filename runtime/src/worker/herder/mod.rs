@@ -34,7 +34,7 @@ pub use reads::{ConnectorInfo, ConnectorStatus, Validation};
 
 use super::connector_config as cc;
 use super::plugins::{ConnectorPlugin, Plugins};
-use crate::kafka::KafkaSettings;
+use crate::kafka::{KafkaSettings, ProducerPool};
 use crate::metrics::Metrics;
 use crate::store::{ConfigStore, ConnectorEntry, OffsetStore, StatusStore, StoreError};
 use crate::task::{RunnerSettings, Stopping, TaskHandle};
@@ -85,6 +85,8 @@ pub struct Herder {
     assignment: Arc<dyn Assignment>,
     /// Shared by dead-letter writes of every task.
     dlq_producer: FutureProducer,
+    /// Source tasks' producers, shared among tasks with the same client settings.
+    producers: ProducerPool,
     tasks: Mutex<BTreeMap<(String, u32), TaskHandle>>,
     /// Runs being stopped, by task: a task's next run starts only once its last one is over.
     stopping: std::sync::Mutex<BTreeMap<(String, u32), Stopping>>,
@@ -112,6 +114,7 @@ impl Herder {
             metrics: parts.metrics,
             assignment: parts.assignment,
             dlq_producer,
+            producers: ProducerPool::default(),
             tasks: Mutex::new(BTreeMap::new()),
             stopping: Default::default(),
             runs: Default::default(),

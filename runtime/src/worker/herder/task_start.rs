@@ -148,8 +148,8 @@ impl Herder {
             ConnectorPlugin::Source(connector) => {
                 let overrides = overrides_with_prefix(&resolved, cc::PRODUCER_OVERRIDE);
                 let producer = self
-                    .kafka
-                    .producer(&overrides)
+                    .producers
+                    .get(&self.kafka, &overrides)
                     .map_err(|e| ConnectError::fatal(e.to_string()))?;
                 let spec = SourceTaskSpec {
                     connector: name.to_string(),

@@ -1,0 +1,221 @@
+//! What slow tasks cost a worker as their number grows.
+//!
+//!   cargo build -p medconnect --bin medconnect && cargo run -p medconnect-bench --bin tasks -- [counts...]
+//!
+//! `medconnect broker` and `medconnect worker` as separate processes. First the worker with no
+//! connectors (the baseline), then, for each count N (default 100), N DatagenSource connectors
+//! of one task at 1 record/s each: every `POST /connectors` is timed, and once all N tasks are
+//! RUNNING and settled the worker's CPU (over 30 s, from /proc), threads and RSS are read.
+//! Counts accumulate: `100 1000` measures 100, then adds 900 more.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use serde_json::{Value, json};
+
+const SAMPLE: Duration = Duration::from_secs(30);
+const SETTLE: Duration = Duration::from_secs(10);
+const DEADLINE: Duration = Duration::from_secs(600);
+
+fn medconnect_binary() -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name("medconnect");
+    ensure!(
+        path.exists(),
+        "{} not found: build it first (cargo build -p medconnect --bin medconnect)",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Kills its processes when dropped.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// CPU time (user + system) of a process in clock ticks.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+/// A `/proc/<pid>/status` line's number (`Threads`, `VmRSS` in kB).
+fn status_field(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no such field")?
+        .parse()
+        .map_err(Into::into)
+}
+
+/// CPU of `pid` over `SAMPLE`, in % of one core, with its threads and RSS (MB) at the end.
+async fn sample(pid: u32) -> anyhow::Result<(f64, u64, f64)> {
+    // Linux's USER_HZ is 100 on every platform Rust targets here.
+    let ticks_per_second = 100.0;
+    let before = cpu_ticks(pid)?;
+    tokio::time::sleep(SAMPLE).await;
+    let used = (cpu_ticks(pid)? - before) as f64 / ticks_per_second;
+    Ok((
+        100.0 * used / SAMPLE.as_secs_f64(),
+        status_field(pid, "Threads")?,
+        status_field(pid, "VmRSS")? as f64 / 1024.0,
+    ))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut counts: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    if counts.is_empty() {
+        counts.push(100);
+    }
+    let binary = medconnect_binary()?;
+    let dir = tempfile::tempdir()?;
+    let kafka = format!("127.0.0.1:{}", free_port()?);
+    let rest_port = free_port()?;
+    let base = format!("http://127.0.0.1:{rest_port}");
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"bootstrap_servers = "{kafka}"
+[rest]
+listen = "127.0.0.1:{rest_port}"
+auth = "none"
+[cluster]
+enabled = false
+[tasks]
+tasks_max_limit = 10000
+"#
+        ),
+    )?;
+    let log = |name: &str| -> anyhow::Result<Stdio> {
+        Ok(std::fs::File::create(dir.path().join(name))?.into())
+    };
+    let mut children = Children(Vec::new());
+    children.0.push(
+        Command::new(&binary)
+            .args(["broker", "--listen", &kafka])
+            .stdout(log("broker.log")?)
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    children.0.push(
+        Command::new(&binary)
+            .arg("worker")
+            .arg(&config)
+            .stdout(log("worker.log")?)
+            .stderr(log("worker.err")?)
+            .spawn()?,
+    );
+    let worker = children.0[1].id();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let started = Instant::now();
+    while client.get(format!("{base}/")).send().await.is_err() {
+        ensure!(started.elapsed() < DEADLINE, "the worker did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "== slow tasks on one worker: DatagenSource connectors of 1 task at 1 record/s each; worker and broker as separate processes; worker CPU over {} s",
+        SAMPLE.as_secs()
+    );
+    tokio::time::sleep(SETTLE).await;
+    let (cpu, threads, rss) = sample(worker).await?;
+    println!("baseline, 0 tasks: CPU {cpu:.2} % of a core, {threads} threads, RSS {rss:.1} MB");
+    let mut created = 0;
+    for count in counts {
+        let mut latencies = Vec::new();
+        while created < count {
+            let body = json!({
+                "name": format!("slow-{created}"),
+                "config": {
+                    "connector.class": "DatagenSource",
+                    "tasks.max": "1",
+                    "topic": "slow",
+                    "rate": "1",
+                }
+            });
+            let sent = Instant::now();
+            let response = client
+                .post(format!("{base}/connectors"))
+                .json(&body)
+                .send()
+                .await?;
+            latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+            if response.status().as_u16() != 201 {
+                bail!(
+                    "create {created}: {} {}",
+                    response.status(),
+                    response.text().await?
+                );
+            }
+            created += 1;
+        }
+        let waited = Instant::now();
+        loop {
+            let all: Value = client
+                .get(format!("{base}/connectors?expand=status"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let running = all
+                .as_object()
+                .map(|m| {
+                    m.values()
+                        .filter(|c| c["status"]["tasks"][0]["state"] == "RUNNING")
+                        .count()
+                })
+                .unwrap_or(0);
+            if running == count {
+                break;
+            }
+            ensure!(
+                waited.elapsed() < DEADLINE,
+                "{running} of {count} tasks RUNNING"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tokio::time::sleep(SETTLE).await;
+        let (cpu, threads, rss) = sample(worker).await?;
+        let max = latencies.iter().copied().fold(0.0, f64::max);
+        println!(
+            "{count} tasks: CPU {cpu:.2} % of a core ({:.3} % per task), {threads} threads, RSS {rss:.1} MB; POST /connectors median {:.1} ms, max {max:.1} ms",
+            cpu / count as f64,
+            median(latencies),
+        );
+    }
+    Ok(())
+}
