@@ -137,7 +137,7 @@ pub fn remember<'a>(values: impl IntoIterator<Item = &'a str>) {
 }
 
 /// `text` with every remembered secret replaced by `[hidden]`; `None` if it holds none.
-fn scrubbed(text: &str) -> Option<String> {
+pub(crate) fn scrubbed(text: &str) -> Option<String> {
     let known = KNOWN.read().unwrap_or_else(PoisonError::into_inner);
     if !known.iter().any(|v| text.contains(v.as_str())) {
         return None;

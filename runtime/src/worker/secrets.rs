@@ -59,6 +59,7 @@ pub fn resolve(
 ) -> Result<Resolved, ConnectError> {
     let mut resolved = Props::new();
     let mut hidden = Vec::new();
+    let mut from_providers = Vec::new();
     for (key, value) in props {
         let secret = is_secret(def, key);
         if !secret && is_reference(value) {
@@ -69,13 +70,21 @@ pub fn resolve(
                  names and records",
             ));
         }
+        let referenced = is_reference(value);
         let value =
             resolve_value(providers, value).map_err(|reason| ConnectError::config(key, reason))?;
         if secret {
             hidden.push(value.clone());
         }
+        if referenced {
+            from_providers.push(value.clone());
+        }
         resolved.insert(key.clone(), value);
     }
+    // Every log line is scrubbed of what the providers gave (values of the worker's own
+    // environment and files); not of values written inline, which anyone who may write a
+    // config chooses: registering "INFO" or a peer's address would garble or hide log lines.
+    super::redact::remember(from_providers.iter().map(String::as_str));
     Ok(Resolved {
         props: resolved,
         scrubber: Scrubber::new(hidden),
@@ -142,8 +151,6 @@ const SHORTEST_SCRUBBED: usize = 3;
 impl Scrubber {
     fn new(mut values: Vec<String>) -> Self {
         values.retain(|v| v.len() >= SHORTEST_SCRUBBED && v != HIDDEN);
-        // Log lines are scrubbed of them too, whoever writes them.
-        super::redact::remember(values.iter().map(String::as_str));
         values.sort_by_key(|v| std::cmp::Reverse(v.len()));
         values.dedup();
         Self {
@@ -279,6 +286,33 @@ mod tests {
             assert!(reason.contains(says), "{reason}");
             assert!(!reason.contains(&home), "{reason}");
         }
+    }
+
+    #[test]
+    fn only_values_from_providers_are_scrubbed_from_every_log_line() {
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: tests in this module are the only readers of this variable.
+        unsafe { std::env::set_var("MEDCONNECT_TEST_SECRET_LOG", "from-env-for-logs") };
+        let config = props(&[
+            ("db.password", "inline-chosen-by-a-caller"),
+            ("users", "${env:MEDCONNECT_TEST_SECRET_LOG}"),
+        ]);
+        let resolved = resolve(&providers(dir.path()), &def(), &config).unwrap();
+        // The task's own errors are scrubbed of both...
+        assert_eq!(
+            resolved
+                .scrubber
+                .text("inline-chosen-by-a-caller from-env-for-logs"),
+            "[hidden] [hidden]"
+        );
+        // ...every log line only of what the worker's environment gave: a caller choosing a
+        // "password" such as INFO must not garble or hide the worker's log.
+        use crate::worker::redact::scrubbed;
+        assert_eq!(scrubbed("inline-chosen-by-a-caller"), None);
+        assert_eq!(
+            scrubbed("x from-env-for-logs").as_deref(),
+            Some("x [hidden]")
+        );
     }
 
     #[test]
