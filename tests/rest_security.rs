@@ -16,10 +16,7 @@ use medconnect_runtime::Worker;
 use medconnect_runtime::rest::auth::basic::hash_password;
 use medconnect_runtime::rest::auth::{AuthMode, JwtConfig};
 use medconnect_runtime::rest::tls::RestTls;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::KeyPair;
 use reqwest::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -683,59 +680,22 @@ async fn jwt_bearer_tokens_are_checked_against_the_jwks() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A CA, a certificate for the workers (127.0.0.1 and localhost, server and client use) and
-/// one for a client.
+/// The test certificates (`medconnect_e2e::pki`: the workers' is `server`) in a directory of
+/// their own.
 struct Pki {
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+    files: medconnect_e2e::pki::Pki,
 }
 
 impl Pki {
     fn new() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "medconnect REST test CA");
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
-        std::fs::write(dir.path().join("ca.crt"), ca.pem())?;
-        for (stem, usages) in [
-            (
-                "worker",
-                vec![
-                    ExtendedKeyUsagePurpose::ServerAuth,
-                    ExtendedKeyUsagePurpose::ClientAuth,
-                ],
-            ),
-            ("client", vec![ExtendedKeyUsagePurpose::ClientAuth]),
-            ("other", vec![ExtendedKeyUsagePurpose::ClientAuth]),
-        ] {
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
-            params
-                .subject_alt_names
-                .push(SanType::IpAddress([127, 0, 0, 1].into()));
-            params.distinguished_name.push(DnType::CommonName, stem);
-            params.extended_key_usages = usages;
-            let cert = params.signed_by(&key, &ca)?;
-            std::fs::write(dir.path().join(format!("{stem}.crt")), cert.pem())?;
-            // As `openssl x509 -noout -fingerprint -sha256` prints it.
-            let fingerprint: Vec<String> = Sha256::digest(cert.der())
-                .iter()
-                .map(|b| format!("{b:02X}"))
-                .collect();
-            std::fs::write(
-                dir.path().join(format!("{stem}.sha256")),
-                fingerprint.join(":"),
-            )?;
-            std::fs::write(dir.path().join(format!("{stem}.key")), key.serialize_pem())?;
-        }
-        Ok(Self { dir })
+        let files = medconnect_e2e::pki::Pki::write(dir.path(), "medconnect REST test CA")?;
+        Ok(Self { _dir: dir, files })
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.files.path(name)
     }
 
     /// A client trusting the CA, with the client certificate or without.
@@ -790,8 +750,8 @@ async fn tls_needs_the_ca_and_a_client_certificate() -> anyhow::Result<()> {
         .context("certificates_file without client_ca")?;
     assert!(error.to_string().contains("client_ca"), "{error}");
     config.rest.tls = Some(RestTls {
-        cert: pki.path("worker.crt"),
-        key: pki.path("worker.key"),
+        cert: pki.path("server.crt"),
+        key: pki.path("server.key"),
         client_ca: Some(pki.path("ca.crt")),
         ca: None,
     });
@@ -1028,8 +988,8 @@ leader_sync_delay_ms = 200
 "fetch.wait.max.ms" = 100
 "#,
                 tokens = tokens.display(),
-                cert = pki.path("worker.crt").display(),
-                key = pki.path("worker.key").display(),
+                cert = pki.path("server.crt").display(),
+                key = pki.path("server.key").display(),
                 ca = pki.path("ca.crt").display(),
             ),
         )?;

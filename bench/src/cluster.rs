@@ -20,6 +20,9 @@
 //! coordinator ends a rebalance as soon as the live members rejoined, as Kafka's does, where the
 //! mock waits `session timeout - 1 s` in every rebalance.
 
+mod process;
+use process::{free_port, medconnect_binary};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,23 +43,6 @@ const TASKS_EACH: usize = 2;
 /// How long any one step may take before the run fails (a step takes seconds here).
 const DEADLINE: Duration = Duration::from_secs(90);
 const POLL: Duration = Duration::from_millis(50);
-
-fn medconnect_binary() -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name("medconnect");
-    if !path.exists() {
-        bail!(
-            "{} not found: build it first (cargo build -p medconnect --bin medconnect)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 /// The broker program a run starts.
 #[derive(Clone, Copy, PartialEq)]

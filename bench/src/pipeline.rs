@@ -11,6 +11,9 @@
 //!    start-to-REST-ready time, worker RSS idle and under load (datagen at full speed into a
 //!    file sink), beside the broker process's RSS.
 
+mod process;
+use process::{free_port, medconnect_binary};
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -223,24 +226,6 @@ impl Drop for Process {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn medconnect_binary() -> anyhow::Result<std::path::PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name("medconnect");
-    if !path.exists() {
-        bail!(
-            "{} not found: build it first (cargo build -p medconnect --bin medconnect)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 async fn wait_ready(url: &str, deadline: Duration) -> anyhow::Result<Duration> {

@@ -8,7 +8,9 @@
 //! RUNNING and settled the worker's CPU (over 30 s, from /proc), threads and RSS are read.
 //! Counts accumulate: `100 1000` measures 100, then adds 900 more.
 
-use std::path::PathBuf;
+mod process;
+use process::{free_port, medconnect_binary};
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,22 +20,6 @@ use serde_json::{Value, json};
 const SAMPLE: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(10);
 const DEADLINE: Duration = Duration::from_secs(600);
-
-fn medconnect_binary() -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name("medconnect");
-    ensure!(
-        path.exists(),
-        "{} not found: build it first (cargo build -p medconnect --bin medconnect)",
-        path.display()
-    );
-    Ok(path)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 /// Kills its processes when dropped.
 struct Children(Vec<Child>);
