@@ -73,7 +73,9 @@ impl KafkaSettings {
     /// The producer for records and internal topics: durable before acknowledged.
     pub fn producer_config(&self, overrides: &BTreeMap<String, String>) -> ClientConfig {
         let mut config = ClientConfig::new();
-        remember_secrets(self.common.iter().chain(&self.producer).chain(overrides));
+        // The worker's own settings only: overrides come from connector configs, whose
+        // inline values a caller chooses (see `secrets::resolve`).
+        remember_secrets(self.common.iter().chain(&self.producer));
         // Safe defaults first: every one can be overridden except what durability needs.
         config.set("linger.ms", "5");
         config.set("compression.type", "lz4");
