@@ -1,12 +1,15 @@
 //! What slow tasks cost a worker as their number grows.
 //!
-//!   cargo build -p medconnect --bin medconnect && cargo run -p medconnect-bench --bin tasks -- [counts...]
+//!   cargo build -p medconnect --bin medconnect && cargo run -p medconnect-bench --bin tasks -- [--fetch-wait-ms N] [counts...]
 //!
 //! `medconnect broker` and `medconnect worker` as separate processes. First the worker with no
 //! connectors (the baseline), then, for each count N (default 100), N DatagenSource connectors
 //! of one task at 1 record/s each: every `POST /connectors` is timed, and once all N tasks are
 //! RUNNING and settled the worker's CPU (over 30 s, from /proc), threads and RSS are read.
-//! Counts accumulate: `100 1000` measures 100, then adds 900 more.
+//! Counts accumulate: `100 1000` measures 100, then adds 900 more. A create waits for the
+//! worker to read its config back from the config topic, which the embedded broker answers
+//! only after half of the consumer's `fetch.wait.max.ms` (500 ms by default; Kafka answers as
+//! soon as records are there): `--fetch-wait-ms 25` sets it as `medconnect dev` does.
 
 mod process;
 use process::{free_port, medconnect_binary};
@@ -77,10 +80,20 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut counts: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse())
-        .collect::<Result<_, _>>()?;
+    let mut counts: Vec<usize> = Vec::new();
+    let mut consumer = String::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--fetch-wait-ms" {
+            let wait: u64 = args
+                .next()
+                .context("--fetch-wait-ms needs a value")?
+                .parse()?;
+            consumer = format!("[consumer]\n\"fetch.wait.max.ms\" = {wait}\n");
+        } else {
+            counts.push(arg.parse()?);
+        }
+    }
     if counts.is_empty() {
         counts.push(100);
     }
@@ -101,7 +114,7 @@ auth = "none"
 enabled = false
 [tasks]
 tasks_max_limit = 10000
-"#
+{consumer}"#
         ),
     )?;
     let log = |name: &str| -> anyhow::Result<Stdio> {
@@ -138,8 +151,10 @@ tasks_max_limit = 10000
         SAMPLE.as_secs()
     );
     tokio::time::sleep(SETTLE).await;
-    let (cpu, threads, rss) = sample(worker).await?;
-    println!("baseline, 0 tasks: CPU {cpu:.2} % of a core, {threads} threads, RSS {rss:.1} MB");
+    let (idle_cpu, idle_threads, idle_rss) = sample(worker).await?;
+    println!(
+        "baseline, 0 tasks: CPU {idle_cpu:.2} % of a core, {idle_threads} threads, RSS {idle_rss:.1} MB"
+    );
     let mut created = 0;
     for count in counts {
         let mut latencies = Vec::new();
@@ -198,8 +213,10 @@ tasks_max_limit = 10000
         let (cpu, threads, rss) = sample(worker).await?;
         let max = latencies.iter().copied().fold(0.0, f64::max);
         println!(
-            "{count} tasks: CPU {cpu:.2} % of a core ({:.3} % per task), {threads} threads, RSS {rss:.1} MB; POST /connectors median {:.1} ms, max {max:.1} ms",
-            cpu / count as f64,
+            "{count} tasks: CPU {cpu:.2} % of a core ({:.3} % per task over the baseline), {threads} threads (+{}), RSS {rss:.1} MB (+{:.1}); POST /connectors median {:.1} ms, max {max:.1} ms",
+            (cpu - idle_cpu) / count as f64,
+            threads.saturating_sub(idle_threads),
+            rss - idle_rss,
             median(latencies),
         );
     }
