@@ -3,6 +3,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use medconnect_api::time::civil_from_days;
+/// `@timestamp`'s form: RFC 3339 in UTC with milliseconds.
+pub use medconnect_api::time::rfc3339_millis;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum DatePart {
     Year,
@@ -137,16 +141,6 @@ impl IndexTemplate {
     }
 }
 
-/// A time in ms since the epoch as RFC 3339 in UTC with milliseconds
-/// (`2024-01-02T03:04:05.000Z`): the form `@timestamp` takes.
-pub fn rfc3339_millis(timestamp_ms: i64) -> String {
-    let (year, month, day, hour) = civil(timestamp_ms);
-    let minute = timestamp_ms.div_euclid(60_000).rem_euclid(60);
-    let second = timestamp_ms.div_euclid(1000).rem_euclid(60);
-    let millis = timestamp_ms.rem_euclid(1000);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
-}
-
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -154,21 +148,11 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Year, month, day and hour (UTC) of a time in ms since the epoch: Howard Hinnant's
-/// days-to-civil algorithm, so no date crate is needed for four numbers.
+/// Year, month, day and hour (UTC) of a time in ms since the epoch.
 fn civil(timestamp_ms: i64) -> (i64, u32, u32, u32) {
     let seconds = timestamp_ms.div_euclid(1000);
-    let days = seconds.div_euclid(86_400);
+    let (year, month, day) = civil_from_days(seconds.div_euclid(86_400));
     let hour = (seconds.rem_euclid(86_400) / 3600) as u32;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
     (year, month, day, hour)
 }
 

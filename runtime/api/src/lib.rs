@@ -11,6 +11,7 @@ pub mod connector;
 pub mod error;
 pub mod net;
 pub mod record;
+pub mod time;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod transform;

@@ -17,6 +17,7 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use medconnect_api::time::rfc3339_millis;
 use medconnect_api::{ConfigDef, Props};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
@@ -80,7 +81,7 @@ impl Entry {
             "failure"
         };
         Self {
-            time: rfc3339(timestamp_ms),
+            time: rfc3339_millis(timestamp_ms),
             timestamp_ms,
             worker: String::new(),
             principal: principal.name.clone(),
@@ -294,36 +295,9 @@ fn looks_like_key(name: &str) -> bool {
         || lower.contains("passphrase")
 }
 
-/// `2026-11-30T12:34:56.789Z` from milliseconds since the epoch (civil-from-days, UTC).
-fn rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (hour, minute, second) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    // Howard Hinnant's days_from_civil, inverted.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_are_rfc3339_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(rfc3339(1_796_042_096_789), "2026-11-30T12:34:56.789Z");
-    }
 
     #[test]
     fn key_material_is_named_like_it() {
