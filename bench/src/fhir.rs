@@ -218,6 +218,7 @@ async fn run_source(url: &str, expected: usize) -> anyhow::Result<f64> {
             ("fhir.page.size", &PAGE.to_string()),
         ]),
         offsets: Arc::new(NoOffsets),
+        listener_budget: medconnect_api::limits::ByteBudget::unlimited(),
     })?;
     task.start().await?;
     let started = Instant::now();

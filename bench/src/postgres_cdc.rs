@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         task_id: 0,
         config: medconnect_api::props_from(&config),
         offsets: Arc::new(NoOffsets),
+        listener_budget: medconnect_api::limits::ByteBudget::unlimited(),
     })?;
     let written = Instant::now();
     for first in (0..inserts).step_by(100) {

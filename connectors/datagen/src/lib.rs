@@ -245,6 +245,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             offsets: Arc::new(Stored(stored)),
+            listener_budget: medconnect_api::limits::ByteBudget::unlimited(),
         }
     }
 

@@ -366,6 +366,7 @@ async fn the_source_reads_with_rs384_assertions() {
             ("fhir.auth.scope", "system/Practitioner.read"),
         ]),
         offsets: Arc::new(NoOffsets),
+        listener_budget: medconnect_api::limits::ByteBudget::unlimited(),
     })
     .expect("valid");
     task.start().await.expect("start");

@@ -49,6 +49,7 @@ async fn source(hfs: &Hfs, types: &str, offsets: Arc<Stored>) -> FhirSourceTask 
             ("fhir.page.size", "200"),
         ]),
         offsets,
+        listener_budget: medconnect_api::limits::ByteBudget::unlimited(),
     })
     .expect("a valid task config");
     task.start().await.expect("start");

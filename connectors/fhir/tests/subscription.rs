@@ -103,6 +103,7 @@ async fn start(
             task_id: 0,
             config: config.clone(),
             offsets: stored.clone(),
+            listener_budget: medconnect_api::limits::ByteBudget::unlimited(),
         })
         .expect("a valid config");
         match task.start().await {

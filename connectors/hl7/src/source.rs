@@ -29,10 +29,11 @@ use tokio_util::task::TaskTracker;
 use crate::ack::{self, Ack, AckCode, AckError, ErrorCondition, ErrorLocation};
 use crate::batch::{self, Batch, Frame};
 use crate::config::{AckMode, SourceConfig, TOPIC_MAX_DISTINCT, source_def};
-use crate::limits::{FrameBudget, IdleConnections, PeerLimits, Reservation, TopicCap};
+use crate::limits::IdleConnections;
 use crate::message::{self, MshHeader, Rejection, read_header, rejected_record};
 use crate::mllp::codec::START_BLOCK;
 use crate::mllp::{BoxedStream, MllpCodec, MllpError};
+use medconnect_api::limits::{ByteBudget, PeerLimits, Reservation, TopicCap};
 use medconnect_api::tls;
 
 /// How long `stop()` waits for connection tasks to wind down.
@@ -106,7 +107,7 @@ struct Shared {
     queue: mpsc::Sender<SourceRecord>,
     tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
-    budget: Arc<FrameBudget>,
+    budget: Arc<ByteBudget>,
     peers: Arc<PeerLimits>,
     idle: Arc<IdleConnections>,
     /// Only when the topic template names MSH-9: a fixed topic needs no cap.
@@ -122,8 +123,10 @@ pub struct MllpSourceTask {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     batch_max: usize,
-    budget: Option<Arc<FrameBudget>>,
+    budget: Option<Arc<ByteBudget>>,
     idle: Option<Arc<IdleConnections>>,
+    /// The worker's budget for every listener; this listener's lies within it.
+    worker_budget: Arc<ByteBudget>,
 }
 
 impl std::fmt::Debug for MllpSourceTask {
@@ -149,12 +152,14 @@ impl MllpSourceTask {
             tracker: TaskTracker::new(),
             budget: None,
             idle: None,
+            worker_budget: context.listener_budget,
         })
     }
 
     /// The listener's frame budget once started: bytes held for senders now, at most ever,
-    /// and connections refused for want of it.
-    pub fn frame_budget(&self) -> Option<Arc<FrameBudget>> {
+    /// and connections refused for want of it (its own; the worker's refusals are counted on
+    /// the worker's budget).
+    pub fn frame_budget(&self) -> Option<Arc<ByteBudget>> {
         self.budget.clone()
     }
 
@@ -221,7 +226,7 @@ impl SourceTask for MllpSourceTask {
         self.shutdown = CancellationToken::new();
         self.tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(config.max_connections));
-        let budget = FrameBudget::new(config.frame_budget_bytes);
+        let budget = self.worker_budget.within(config.frame_budget_bytes);
         self.budget = Some(budget.clone());
         let topics = config
             .topic
@@ -344,7 +349,7 @@ enum ReadEnd {
     Closed,
     IdleTimeout,
     ReadTimeout,
-    /// The listener's frame budget cannot hold what this connection sent.
+    /// The listener's frame budget, or the worker's, cannot hold what this connection sent.
     Budget,
     Frame(MllpError),
 }
@@ -486,7 +491,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 }
             }
             Err(ReadEnd::Budget) => {
-                tracing::warn!(connector = %shared.connector, %peer, budget = shared.budget.capacity(), held = shared.budget.used(), "MLLP frame budget exhausted; rejecting and closing");
+                tracing::warn!(connector = %shared.connector, %peer, budget = shared.budget.capacity(), held = shared.budget.used(), worker_held = shared.budget.parent().map(|w| w.used()), "MLLP frame budget (the listener's or the worker's) exhausted; rejecting and closing");
                 // The frame's MSH is at its start (the buffer's, or after the start block
                 // when the frame began in the last read): the NACK can name the message.
                 // What was read is dropped at once.

@@ -42,6 +42,7 @@ pub(crate) fn context(settings: &[(&str, &str)]) -> SourceTaskContext {
         task_id: 0,
         config,
         offsets: Arc::new(NoOffsets),
+        listener_budget: medconnect_api::limits::ByteBudget::unlimited(),
     }
 }
 
@@ -598,6 +599,83 @@ async fn partial_frame(task: &MllpSourceTask, bytes: usize) -> tokio::net::TcpSt
     frame.resize(bytes + 1, b'x');
     stream.write_all(&frame).await.expect("write");
     stream
+}
+
+#[tokio::test]
+async fn two_listeners_together_cannot_hold_more_than_the_worker_budget() {
+    // Each listener may hold 65,536 bytes, the worker only 65,536 over both.
+    let worker = medconnect_api::limits::ByteBudget::new(65_536);
+    let settings = [
+        ("mllp.frame.budget.bytes", "65536"),
+        ("mllp.max.message.bytes", "60000"),
+    ];
+    let mut listeners = Vec::new();
+    for _ in 0..2 {
+        let mut context = context(&settings);
+        context.listener_budget = worker.clone();
+        let mut task = MllpSourceTask::new(context).expect("a valid task config");
+        task.start().await.expect("source starts");
+        listeners.push(task);
+    }
+    let (first, second) = (&listeners[0], &listeners[1]);
+    let first_budget = first.frame_budget().expect("started");
+    let second_budget = second.frame_budget().expect("started");
+    // Two senders stall 20,000 bytes each on the first listener, one on the second.
+    let mut stalled = Vec::new();
+    for n in 1..=2 {
+        stalled.push(partial_frame(first, 20_000).await);
+        until("the first listener's frames held", || {
+            first_budget.used() == n * 20_000
+        })
+        .await;
+    }
+    stalled.push(partial_frame(second, 20_000).await);
+    until("the second listener's frame held", || {
+        second_budget.used() == 20_000
+    })
+    .await;
+    assert_eq!(worker.used(), 60_000);
+
+    // The second listener has 45,536 bytes of its own left, the worker 5,536: refused.
+    let address = second.local_addr().expect("bound");
+    let mut fourth = MllpClient::connect("127.0.0.1", address.port(), DEADLINE, None, 1 << 20)
+        .await
+        .expect("connect");
+    let mut frame = vec![0x0b];
+    frame.extend_from_slice(ADT_A01.as_bytes());
+    frame.resize(20_001, b'x');
+    fourth.send_raw(&frame, DEADLINE).await.expect("send");
+    let ack = reply(&mut fourth).await;
+    assert_eq!(
+        (ack.code, ack.control_id.as_str()),
+        (AckCode::Reject, "MSG00001")
+    );
+    assert!(ack.text.contains("budget"), "{}", ack.text);
+    assert_eq!(second_budget.refused(), 0, "the listener itself had room");
+    assert!(worker.refused() >= 1);
+    assert!(worker.peak() <= 65_536, "peak {}", worker.peak());
+    until("the refused frame given back", || worker.used() == 60_000).await;
+
+    // Once the first listener's senders go, the second listener serves a sender again.
+    stalled.drain(..2);
+    until("the first listener's frames given back", || {
+        worker.used() == 20_000
+    })
+    .await;
+    let second = &mut listeners[1];
+    let mut sender = client(second).await;
+    sender
+        .send(ADT_A01.as_bytes(), DEADLINE)
+        .await
+        .expect("send");
+    let mut records = poll_n(second, 1).await;
+    records[0].complete(written());
+    assert_eq!(reply(&mut sender).await.code, AckCode::Accept);
+    drop(stalled);
+    until("everything given back", || worker.used() == 0).await;
+    for mut task in listeners {
+        task.stop().await.expect("stop");
+    }
 }
 
 #[tokio::test]

@@ -66,6 +66,7 @@ async fn mllp_send_gets_aa_for_records_written_with_the_right_headers() {
         task_id: 0,
         config: props(&[("mllp.bind", "127.0.0.1".into()), ("mllp.port", "0".into())]),
         offsets: Arc::new(NoOffsets),
+        listener_budget: medconnect_api::limits::ByteBudget::unlimited(),
     })
     .expect("a valid task config");
     task.start().await.expect("source starts");

@@ -105,6 +105,7 @@ async fn the_sink_delivers_over_tls_to_a_listener_that_requires_client_certifica
             ("mllp.tls.client.ca.file", path(&pki.ca)),
         ]),
         offsets: Arc::new(NoOffsets),
+        listener_budget: medconnect_api::limits::ByteBudget::unlimited(),
     })
     .expect("a valid task config");
     source.start().await.expect("TLS source starts");

@@ -145,6 +145,10 @@ pub struct SourceTaskContext {
     pub task_id: u32,
     pub config: TaskConfig,
     pub offsets: Arc<dyn OffsetReader>,
+    /// The worker's budget for bytes remote senders make it hold (frames being received,
+    /// messages awaiting their acknowledgement): listener sources take theirs within it, so
+    /// every listener of the worker together stays under one bound.
+    pub listener_budget: Arc<crate::limits::ByteBudget>,
 }
 
 #[async_trait]

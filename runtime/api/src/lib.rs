@@ -9,6 +9,7 @@ pub mod acknowledgements;
 pub mod config;
 pub mod connector;
 pub mod error;
+pub mod limits;
 pub mod net;
 pub mod record;
 pub mod time;

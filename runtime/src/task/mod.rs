@@ -45,6 +45,9 @@ pub struct RunnerSettings {
     /// Which `${env:...}` / `${file:...}` references connector configs may use
     /// (`[config_providers]`); none by default.
     pub config_providers: ConfigProviders,
+    /// Bytes remote senders may make this worker hold, over all its listener sources
+    /// (`[tasks] listener_budget_bytes`); each listener's own budget lies within it.
+    pub listener_budget_bytes: usize,
 }
 
 /// The default of `[tasks] tasks_max_limit`. Every task holds its own Kafka client (threads,
@@ -59,6 +62,11 @@ pub const DEFAULT_TASKS_MAX_LIMIT: u32 = 1000;
 /// REST clients give up, so the answer still reaches them.
 pub const DEFAULT_CONNECTOR_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The default of `[tasks] listener_budget_bytes`: four MLLP listeners at their default
+/// 64 MiB each. Without a worker-wide bound, k listener connectors could hold k times their
+/// own budget.
+pub const DEFAULT_LISTENER_BUDGET_BYTES: usize = 256 << 20;
+
 impl Default for RunnerSettings {
     fn default() -> Self {
         Self {
@@ -69,6 +77,7 @@ impl Default for RunnerSettings {
             tasks_max_limit: DEFAULT_TASKS_MAX_LIMIT,
             connector_call_timeout: DEFAULT_CONNECTOR_CALL_TIMEOUT,
             config_providers: ConfigProviders::default(),
+            listener_budget_bytes: DEFAULT_LISTENER_BUDGET_BYTES,
         }
     }
 }

@@ -208,6 +208,10 @@ pub struct TaskSettings {
     /// wait on the connector's peer); past it, the REST call answers with the timeout.
     #[serde(default = "default_connector_call_timeout_ms")]
     pub connector_call_timeout_ms: u64,
+    /// Bytes remote senders may make the worker hold at once, over all its listener sources
+    /// (MLLP frames being received or awaiting their ACK, MQTT publishes awaiting Kafka).
+    #[serde(default = "default_listener_budget_bytes")]
+    pub listener_budget_bytes: usize,
 }
 
 impl Default for TaskSettings {
@@ -219,6 +223,7 @@ impl Default for TaskSettings {
             sink_batch_max: default_sink_batch(),
             tasks_max_limit: default_tasks_max_limit(),
             connector_call_timeout_ms: default_connector_call_timeout_ms(),
+            listener_budget_bytes: default_listener_budget_bytes(),
         }
     }
 }
@@ -267,6 +272,9 @@ fn default_shutdown_ms() -> u64 {
 }
 fn default_sink_batch() -> usize {
     500
+}
+fn default_listener_budget_bytes() -> usize {
+    crate::task::DEFAULT_LISTENER_BUDGET_BYTES
 }
 fn default_connector_call_timeout_ms() -> u64 {
     crate::task::DEFAULT_CONNECTOR_CALL_TIMEOUT
@@ -367,6 +375,7 @@ impl WorkerConfig {
                 self.tasks.connector_call_timeout_ms.max(1),
             ),
             config_providers: self.config_providers.clone(),
+            listener_budget_bytes: self.tasks.listener_budget_bytes.max(1),
         }
     }
 }

@@ -158,6 +158,7 @@ pub fn source_context(config: Props) -> SourceTaskContext {
         task_id: 0,
         config,
         offsets: Arc::new(NoOffsets),
+        listener_budget: medconnect_api::limits::ByteBudget::unlimited(),
     }
 }
 

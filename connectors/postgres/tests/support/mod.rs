@@ -397,6 +397,7 @@ pub fn source_context(
         task_id: 0,
         config,
         offsets: Arc::new(offsets.clone()),
+        listener_budget: medconnect_api::limits::ByteBudget::unlimited(),
     }
 }
 

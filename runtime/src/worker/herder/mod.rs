@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use futures::future::join_all;
 use medconnect_api::Props;
+use medconnect_api::limits::ByteBudget;
 use rdkafka::producer::FutureProducer;
 use thiserror::Error;
 use tokio::sync::Mutex;
@@ -87,6 +88,8 @@ pub struct Herder {
     dlq_producer: FutureProducer,
     /// Source tasks' producers, shared among tasks with the same client settings.
     producers: ProducerPool,
+    /// Bytes remote senders may make the worker hold, shared by every listener source.
+    listener_budget: Arc<ByteBudget>,
     tasks: Mutex<BTreeMap<(String, u32), TaskHandle>>,
     /// Runs being stopped, by task: a task's next run starts only once its last one is over.
     stopping: std::sync::Mutex<BTreeMap<(String, u32), Stopping>>,
@@ -103,6 +106,7 @@ impl Herder {
             .kafka
             .producer(&Default::default())
             .map_err(|e| HerderError::Internal(e.to_string()))?;
+        let listener_budget = ByteBudget::new(parts.runner.listener_budget_bytes);
         Ok(Self {
             worker_id: parts.worker_id,
             plugins: parts.plugins,
@@ -115,6 +119,7 @@ impl Herder {
             assignment: parts.assignment,
             dlq_producer,
             producers: ProducerPool::default(),
+            listener_budget,
             tasks: Mutex::new(BTreeMap::new()),
             stopping: Default::default(),
             runs: Default::default(),

@@ -161,6 +161,7 @@ impl Herder {
                         task_id: id,
                         config: resolved.clone(),
                         offsets: self.offsets.reader(name),
+                        listener_budget: self.listener_budget.clone(),
                     },
                     transforms,
                     errors,
