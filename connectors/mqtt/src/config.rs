@@ -6,6 +6,10 @@ use medconnect_api::{
     ConfigDef, ConfigType, ConnectError, ConnectResult, Importance, ParsedConfig, Props, Validator,
 };
 
+use std::sync::Arc;
+
+use medconnect_api::limits::TopicCap;
+
 use crate::mapping::{Template, TopicPattern, kafka_topic_name};
 
 pub const SERVER_URI: &str = "mqtt.server.uri";
@@ -22,6 +26,7 @@ pub const MAX_PACKET_BYTES: &str = "mqtt.max.packet.bytes";
 pub const TOPIC_PATTERN: &str = "mqtt.topic.pattern";
 pub const KAFKA_TOPIC: &str = "kafka.topic";
 pub const KAFKA_KEY: &str = "kafka.key";
+pub const KAFKA_TOPIC_MAX_DISTINCT: &str = "kafka.topic.max.distinct";
 pub const CONTENT_TYPE: &str = "payload.content.type";
 pub const QUEUE_CAPACITY: &str = "queue.capacity";
 pub const POLL_BATCH_MAX: &str = "poll.batch.max";
@@ -139,6 +144,8 @@ pub fn source_def() -> ConfigDef {
         .define(KAFKA_TOPIC, ConfigType::String, "${mqtt.topic}", Importance::High, "Kafka topic template: ${mqtt.topic} and captures of mqtt.topic.pattern; '/' becomes '.', other characters Kafka refuses become '_'.")
         .with_validator(Validator::NonEmpty)
         .define(KAFKA_KEY, ConfigType::String, "${mqtt.topic}", Importance::Medium, "Record key template (e.g. ${device}); empty: no key.")
+        .define(KAFKA_TOPIC_MAX_DISTINCT, ConfigType::Int, "50", Importance::Medium, TOPIC_CAP_DOC)
+        .with_validator(Validator::between(1.0, 100_000.0))
         .define(CONTENT_TYPE, ConfigType::String, "application/json", Importance::Low, "content-type header of the records (the payload is kept as bytes).")
         .define(QUEUE_CAPACITY, ConfigType::Int, "256", Importance::Low, "Messages received and not yet polled; beyond it the task stops reading from the broker (which then holds further messages).")
         .with_validator(Validator::between(1.0, 65_535.0))
@@ -153,6 +160,19 @@ pub fn source_def() -> ConfigDef {
         .in_group("MQTT")
 }
 
+pub const TOPIC_CAP_DOC: &str = "Distinct Kafka topics kafka.topic may yield when it uses ${mqtt.topic} or a capture: whoever publishes chooses them, and each new one is a topic created in Kafka. A publish that would need one more goes to the dead-letter topic (MQTT 5: acknowledged with reason 0x97, quota exceeded). Not applied to a fixed kafka.topic.";
+
+/// Why a publish has no Kafka topic (it goes to the dead-letter topic).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The MQTT topic fits no mapping, or the template gives no usable Kafka topic.
+    #[error("{0}")]
+    Unmapped(String),
+    /// A new Kafka topic beyond `kafka.topic.max.distinct`.
+    #[error("{0}")]
+    TopicCap(String),
+}
+
 /// Where a publish goes in Kafka (`mqtt.topic.pattern`, `kafka.topic`, `kafka.key`), read
 /// and checked once for the broker source and the listener alike.
 #[derive(Debug, Clone)]
@@ -160,6 +180,10 @@ pub struct TopicMapping {
     pub pattern: TopicPattern,
     pub kafka_topic: Template,
     pub kafka_key: Option<Template>,
+    /// The topics a `kafka.topic` filled from the MQTT topic has yielded, within
+    /// `kafka.topic.max.distinct` (none for a fixed topic). Shared by the clones of one task's
+    /// config, so it lasts as long as the task.
+    pub topics: Option<Arc<TopicCap>>,
 }
 
 impl TopicMapping {
@@ -176,27 +200,41 @@ impl TopicMapping {
             key.check_against(&pattern)
                 .map_err(|e| ConnectError::config(KAFKA_KEY, e.to_string()))?;
         }
+        let topics = kafka_topic
+            .has_variables()
+            .then(|| parsed.int_as(KAFKA_TOPIC_MAX_DISTINCT))
+            .transpose()?
+            .map(|max| Arc::new(TopicCap::new(max)));
         Ok(Self {
             pattern,
             kafka_topic,
             kafka_key,
+            topics,
         })
     }
 
     /// The Kafka topic and key (none when it renders empty) for `mqtt_topic`, or why it has
     /// none (for the dead-letter topic).
-    pub fn route(&self, mqtt_topic: &str) -> Result<(String, Option<String>), String> {
+    pub fn route(&self, mqtt_topic: &str) -> Result<(String, Option<String>), RouteError> {
         let Some(captures) = self.pattern.captures(mqtt_topic) else {
-            return Err(format!(
+            return Err(RouteError::Unmapped(format!(
                 "MQTT topic '{mqtt_topic}' does not match {TOPIC_PATTERN}"
-            ));
+            )));
         };
         let rendered = self.kafka_topic.render(mqtt_topic, &captures);
         let Some(topic) = kafka_topic_name(&rendered) else {
-            return Err(format!(
+            return Err(RouteError::Unmapped(format!(
                 "{KAFKA_TOPIC} gives no usable Kafka topic for MQTT topic '{mqtt_topic}'"
-            ));
+            )));
         };
+        if let Some(cap) = &self.topics
+            && !cap.admit(&topic)
+        {
+            return Err(RouteError::TopicCap(format!(
+                "MQTT topic '{mqtt_topic}' would create Kafka topic '{topic}', beyond the {} distinct topics {KAFKA_TOPIC_MAX_DISTINCT} allows",
+                cap.max()
+            )));
+        }
         let key = self
             .kafka_key
             .as_ref()

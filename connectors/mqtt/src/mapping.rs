@@ -105,6 +105,11 @@ impl Template {
         Self(template.to_string())
     }
 
+    /// Whether the template has variables: its output then depends on what is published.
+    pub fn has_variables(&self) -> bool {
+        self.0.contains("${")
+    }
+
     /// Checks every variable is known (captures of `pattern`, or `mqtt.topic`).
     pub fn check_against(&self, pattern: &TopicPattern) -> Result<(), TemplateError> {
         for name in self.variables()? {

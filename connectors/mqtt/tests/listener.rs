@@ -673,3 +673,204 @@ async fn over_tls_a_device_certificate_is_its_identity_and_a_device_without_one_
     );
     task.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn a_topic_chosen_by_publishers_beyond_the_cap_is_dead_lettered_and_mqtt_5_hears_quota_exceeded()
+ {
+    // kafka.topic is the MQTT topic itself: whoever publishes picks the Kafka topic.
+    let (mut task, port) = listener(&[
+        ("mqtt.topic.pattern", ""),
+        ("kafka.topic", "${mqtt.topic}"),
+        ("kafka.key", ""),
+        ("kafka.topic.max.distinct", "2"),
+    ])
+    .await;
+    let publish = |topic: &'static str| {
+        tokio::spawn(async move {
+            mosquitto_pub(
+                port,
+                &[
+                    "-V",
+                    "mqttv5",
+                    "-q",
+                    "1",
+                    "-i",
+                    "pump-3",
+                    "-u",
+                    "pump-3",
+                    "-P",
+                    "s3cret-pump",
+                    "-t",
+                    topic,
+                    "-m",
+                    "{\"hr\":72}",
+                ],
+            )
+            .await
+        })
+    };
+    for (topic, kafka_topic) in [("wards/icu", "wards.icu"), ("wards/er", "wards.er")] {
+        let publisher = publish(topic);
+        let mut records = next_records(&mut task, 1).await;
+        assert!(records[0].rejected.is_none(), "{topic} within the cap");
+        assert_eq!(records[0].record.topic, kafka_topic);
+        written(&mut records[0]);
+        let (succeeded, stderr) = publisher.await.unwrap();
+        assert!(succeeded, "{stderr}");
+    }
+
+    // A third distinct topic: no topic is created, the reading goes to the dead-letter topic
+    // and the device is told 0x97 once it is there.
+    let publisher = publish("wards/anything-a-device-likes");
+    let mut records = next_records(&mut task, 1).await;
+    let reason = records[0].rejected.as_ref().expect("rejected").to_string();
+    assert!(reason.contains("kafka.topic.max.distinct"), "{reason}");
+    records[0].complete(Delivery::DeadLettered { reason });
+    let (_, stderr) = publisher.await.unwrap();
+    assert!(
+        stderr.to_lowercase().contains("quota exceeded"),
+        "mosquitto_pub was not told: {stderr}"
+    );
+
+    // A topic already admitted still is.
+    let publisher = publish("wards/icu");
+    let mut records = next_records(&mut task, 1).await;
+    assert!(records[0].rejected.is_none());
+    written(&mut records[0]);
+    assert!(publisher.await.unwrap().0);
+    task.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn devices_together_cannot_hold_more_than_the_worker_budget_and_read_again_as_kafka_settles()
+{
+    // The listener's own budget is the default 64 MiB; the worker's, shared by every
+    // listener, is 64 KiB: it is the bound here.
+    let worker = medconnect_api::limits::ByteBudget::new(65_536);
+    let mut context = source_context(props_from(&[
+        ("mqtt.port", "0"),
+        ("mqtt.allow.anonymous", "true"),
+        ("mqtt.max.packet.bytes", "16384"),
+        ("kafka.topic", "device.vitals"),
+    ]));
+    context.listener_budget = worker.clone();
+    let mut task = MqttListenerSourceTask::new(context).expect("a valid config");
+    task.start().await.expect("start");
+    let port = task.local_addr().expect("bound").port();
+
+    // Three devices publish 10 readings of 10,000 bytes each at QoS 1: 300,000 bytes.
+    const DEVICES: usize = 3;
+    const READINGS: usize = 10;
+    let mut fleet = Vec::new();
+    for d in 0..DEVICES {
+        let mut options = MqttOptions::new(format!("bed-{d}"), "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        for r in 0..READINGS {
+            let mut payload = format!("bed-{d}/{r}/").into_bytes();
+            payload.resize(10_000, b'x');
+            client
+                .publish("beds/vitals", QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        let acked = tokio::spawn(async move {
+            let mut pubacks = 0;
+            while pubacks < READINGS {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => pubacks += 1,
+                    Ok(_) => {}
+                    Err(error) => panic!("device connection: {error}"),
+                }
+            }
+            pubacks
+        });
+        fleet.push((client, acked));
+    }
+
+    // Nothing settled: at most what fits in 64 KiB reaches the engine, never all 30.
+    let mut held = Vec::new();
+    while let Ok(batch) = tokio::time::timeout(QUIET, task.poll()).await {
+        held.extend(batch.expect("poll"));
+    }
+    assert!(
+        !held.is_empty() && held.len() <= 6,
+        "{} readings of 10,000 bytes held within a 65,536-byte budget",
+        held.len()
+    );
+    assert!(worker.peak() <= 65_536, "peak {}", worker.peak());
+    assert!(worker.used() >= held.len() * 10_000);
+
+    // As Kafka settles, the budget comes back and the rest is read: every reading once.
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        for mut record in held.drain(..) {
+            let value = record.record.value.clone().expect("a payload");
+            let id =
+                String::from_utf8_lossy(&value[..value.iter().position(|b| *b == b'x').unwrap()])
+                    .into_owned();
+            assert!(seen.insert(id.clone()), "{id} twice");
+            written(&mut record);
+        }
+        if seen.len() == DEVICES * READINGS {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let batch = tokio::time::timeout(left, task.poll())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of 30 readings arrived", seen.len()))
+            .expect("poll");
+        held.extend(batch);
+    }
+    for (client, acked) in fleet {
+        let pubacks = tokio::time::timeout(DEADLINE, acked)
+            .await
+            .expect("every PUBACK in time")
+            .unwrap();
+        assert_eq!(pubacks, READINGS);
+        client.disconnect().await.ok();
+    }
+    assert!(worker.peak() <= 65_536, "peak {}", worker.peak());
+    task.stop().await.expect("stop");
+    assert_eq!(worker.used(), 0, "everything given back");
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_more_than_its_connections() {
+    // A connection that sends nothing would be closed after the CONNECT timeout anyway: a
+    // long one shows the third is closed for the cap.
+    let (mut task, port) = listener(&[
+        ("mqtt.max.connections.per.peer", "2"),
+        ("mqtt.connect.timeout.ms", "120000"),
+    ])
+    .await;
+    let _first = raw_connect(port, 60).await;
+    let _second = raw_connect(port, 60).await;
+    let mut third = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    closed_after(&mut third).await;
+    drop(_first);
+    // Its slot comes back once the listener has seen it close.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut connect = rumqttc::mqttbytes::v4::Connect::new("raw-device-2");
+        connect.keep_alive = 60;
+        connect.set_login("pump-3", "s3cret-pump");
+        let mut bytes = BytesMut::new();
+        rumqttc::mqttbytes::v4::Packet::Connect(connect)
+            .write(&mut bytes, usize::MAX)
+            .unwrap();
+        stream.write_all(&bytes).await.unwrap();
+        let mut connack = [0u8; 4];
+        match tokio::time::timeout(DEADLINE, stream.read_exact(&mut connack)).await {
+            Ok(Ok(_)) => {
+                assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+                break;
+            }
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ => panic!("the first connection's slot never came back"),
+        }
+    }
+    task.stop().await.expect("stop");
+}

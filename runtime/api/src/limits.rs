@@ -95,6 +95,33 @@ impl ByteBudget {
         }
     }
 
+    /// Whether `bytes` more would fit in this budget and every one it lies within.
+    fn has_room(&self, bytes: usize) -> bool {
+        self.used()
+            .checked_add(bytes)
+            .is_some_and(|total| total <= self.capacity)
+            && self
+                .parent
+                .as_ref()
+                .is_none_or(|parent| parent.has_room(bytes))
+    }
+
+    /// Waits until `bytes` more would fit. Takes nothing: another sender may take the room
+    /// first, so callers try again. Cancel-safe; callers bound the wait (a deadline,
+    /// shutdown).
+    pub async fn wait_for_room(&self, bytes: usize) {
+        loop {
+            // Registered before the check, so a give-back between the two is not missed.
+            let freed = self.root().freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.has_room(bytes) {
+                return;
+            }
+            freed.await;
+        }
+    }
+
     fn try_take(&self, bytes: usize) -> bool {
         let taken = self
             .used
@@ -164,15 +191,8 @@ impl Reservation {
     /// waiting, it has taken nothing. Callers bound the wait (a deadline, shutdown).
     pub async fn grow_when_room(&mut self, bytes: usize) {
         let budget = self.budget.clone();
-        loop {
-            // Registered before trying, so a give-back between the try and the wait is seen.
-            let freed = budget.root().freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            if self.grow(bytes) {
-                return;
-            }
-            freed.await;
+        while !self.grow(bytes) {
+            budget.wait_for_room(bytes).await;
         }
     }
 

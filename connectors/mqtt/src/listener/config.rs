@@ -11,8 +11,8 @@ use medconnect_api::{
 use super::auth::Users;
 use super::subscriptions::AllowedFilters;
 use crate::config::{
-    CONTENT_TYPE, KAFKA_KEY, KAFKA_TOPIC, POLL_BATCH_MAX, QUEUE_CAPACITY, TOPIC_PATTERN,
-    TopicMapping,
+    CONTENT_TYPE, KAFKA_KEY, KAFKA_TOPIC, KAFKA_TOPIC_MAX_DISTINCT, POLL_BATCH_MAX, QUEUE_CAPACITY,
+    TOPIC_CAP_DOC, TOPIC_PATTERN, TopicMapping,
 };
 use crate::mapping::TopicPattern;
 
@@ -34,6 +34,11 @@ pub const TLS_KEY_FILE: &str = "mqtt.tls.key.file";
 pub const TLS_CLIENT_CA_FILE: &str = "mqtt.tls.client.ca.file";
 pub const SUBSCRIBE_ALLOWED: &str = "mqtt.subscribe.allowed";
 pub const COMMANDS_INFLIGHT: &str = "mqtt.commands.inflight";
+pub const BUDGET_BYTES: &str = "mqtt.budget.bytes";
+pub const MAX_CONNECTIONS_PER_PEER: &str = "mqtt.max.connections.per.peer";
+
+/// Bytes a connection reads at once: the budget is taken for them before the read.
+pub const READ_CHUNK: usize = 4 * 1024;
 
 /// What a payload must be to be stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +92,10 @@ pub fn listener_def() -> ConfigDef {
         .with_validator(Validator::between(1.0, 1_000_000.0))
         .define(MAX_PACKET_BYTES, ConfigType::Int, "262144", Importance::Medium, "Largest packet accepted; a larger one is refused from its header alone (MQTT 5: DISCONNECT packet too large) and the connection closed. Bounds memory per connection.")
         .with_validator(Validator::between(128.0, 268_435_455.0))
+        .define(BUDGET_BYTES, ConfigType::Int, "67108864", Importance::Medium, "Bytes all devices together may make the listener hold: packets being read and publishes waiting for Kafka, over every connection (and within the worker's [tasks] listener_budget_bytes over all listeners). A connection that needs more is not read until others' publishes are settled; one that waits past 1.5 times its keep-alive is closed (MQTT 5: DISCONNECT quota exceeded). At least mqtt.max.packet.bytes + 4 KiB (each connection keeps 4 KiB for its next read).")
+        .with_validator(Validator::between(65_536.0, 68_719_476_736.0))
+        .define(MAX_CONNECTIONS_PER_PEER, ConfigType::Int, "0", Importance::Low, "Connections at once from one IP address; one more is closed before its CONNECT is read. 0 (default): no limit, since devices behind one gateway or NAT share an address; set it when devices connect directly.")
+        .with_validator(Validator::between(0.0, 1_000_000.0))
         .define(MAX_INFLIGHT, ConfigType::Int, "32", Importance::Medium, "QoS 1/2 publishes per connection waiting for Kafka at once (MQTT 5: the receive maximum in CONNACK); beyond it the listener stops reading that connection.")
         .with_validator(Validator::between(1.0, 65_535.0))
         .define(MAX_QOS, ConfigType::Int, "2", Importance::Low, "Highest QoS accepted; a publish above it closes the connection (MQTT 5: QoS not supported).")
@@ -102,6 +111,8 @@ pub fn listener_def() -> ConfigDef {
         .define(KAFKA_TOPIC, ConfigType::String, "${mqtt.topic}", Importance::High, "Kafka topic template: ${mqtt.topic} and captures of mqtt.topic.pattern; '/' becomes '.', other characters Kafka refuses become '_'.")
         .with_validator(Validator::NonEmpty)
         .define(KAFKA_KEY, ConfigType::String, "${mqtt.topic}", Importance::Medium, "Record key template (e.g. ${device}); empty: no key.")
+        .define(KAFKA_TOPIC_MAX_DISTINCT, ConfigType::Int, "50", Importance::Medium, TOPIC_CAP_DOC)
+        .with_validator(Validator::between(1.0, 100_000.0))
         .define(CONTENT_TYPE, ConfigType::String, "application/json", Importance::Low, "content-type header of the records, unless an MQTT 5 publish names its own.")
         .define(PAYLOAD_FORMAT, ConfigType::String, "bytes", Importance::Medium, "bytes: payloads are kept as they come. json: a payload that is not a JSON document goes to the dead-letter topic (MQTT 5: acknowledged with reason 0x99, payload format invalid).")
         .with_validator(Validator::OneOf(vec!["bytes", "json"]))
@@ -149,6 +160,9 @@ pub struct ListenerConfig {
     pub poll_batch_max: usize,
     pub subscribe_allowed: AllowedFilters,
     pub commands_inflight: u16,
+    pub budget_bytes: usize,
+    /// 0: no limit.
+    pub max_connections_per_peer: usize,
 }
 
 impl ListenerConfig {
@@ -184,6 +198,16 @@ impl ListenerConfig {
                 ));
             }
         };
+        let max_packet_bytes: usize = parsed.int_as(MAX_PACKET_BYTES)?;
+        let budget_bytes: usize = parsed.int_as(BUDGET_BYTES)?;
+        if budget_bytes < max_packet_bytes.saturating_add(READ_CHUNK) {
+            return Err(ConnectError::config(
+                BUDGET_BYTES,
+                format!(
+                    "{budget_bytes} cannot hold one packet of {MAX_PACKET_BYTES} ({max_packet_bytes}) and a read of {READ_CHUNK} bytes"
+                ),
+            ));
+        }
         let certificates_identify = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         if users.is_empty() && !allow_anonymous && !certificates_identify {
             return Err(ConnectError::config(
@@ -201,7 +225,9 @@ impl ListenerConfig {
             users,
             allow_anonymous,
             max_connections: parsed.int_as(MAX_CONNECTIONS)?,
-            max_packet_bytes: parsed.int_as(MAX_PACKET_BYTES)?,
+            max_packet_bytes,
+            budget_bytes,
+            max_connections_per_peer: parsed.int_as(MAX_CONNECTIONS_PER_PEER)?,
             max_inflight: parsed.int_as(MAX_INFLIGHT)?,
             max_qos: parsed.int_as(MAX_QOS)?,
             keep_alive_max: parsed.int_as(KEEP_ALIVE_MAX_S)?,

@@ -14,14 +14,18 @@
 //!
 //! Memory per connection is bounded: the read buffer by `mqtt.max.packet.bytes` (a packet
 //! announcing more is refused from its header), pending publishes by `mqtt.max.inflight`
-//! (beyond it the connection is not read).
+//! (beyond it the connection is not read). Over all connections, what they hold (read buffers
+//! and publishes waiting for Kafka) is taken from the listener's byte budget, within the
+//! worker's, before each read: when it has no room the connection is not read until some
+//! comes back, and one left waiting past its keep-alive limit is closed.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
+use medconnect_api::limits::Reservation;
 use medconnect_api::{AckHandle, Delivery};
 use rumqttc::QoS;
 use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
@@ -31,6 +35,7 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::auth::Admission;
+use super::config::READ_CHUNK;
 use super::hub::{Attached, Message, Outcome};
 use super::record::{Device, to_record};
 use super::wire::{self, Connect, Incoming, Outgoing, Refusal, Verdict, Version, WireError};
@@ -41,6 +46,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A publish waiting for the engine to settle its record.
 struct Pending {
     pkid: u16,
+    /// What the publish holds of the budget (its topic and payload).
+    bytes: usize,
     qos: QoS,
     /// What the acknowledgement says once the record is settled (the listener refused the
     /// topic or payload: it went to the dead-letter topic).
@@ -53,6 +60,14 @@ struct Pending {
 async fn front_settled(pending: &mut VecDeque<Pending>) -> Option<Delivery> {
     match pending.front_mut() {
         Some(front) => (&mut front.delivery).await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
 }
@@ -125,6 +140,9 @@ enum End {
     Protocol(&'static str),
     #[error("the listener is stopping")]
     ShuttingDown,
+    /// The byte budget had no room for this connection's next read for too long.
+    #[error("no room in the listener's byte budget")]
+    BudgetExhausted,
 }
 
 struct Conn<S> {
@@ -133,6 +151,9 @@ struct Conn<S> {
     out: BytesMut,
     version: Version,
     peer: SocketAddr,
+    /// What this connection holds of the byte budget: its buffer, its publishes waiting for
+    /// Kafka, and room for the next read.
+    reservation: Reservation,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -165,10 +186,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.write_out().await
     }
 
-    /// Reads more bytes; `Closed` at end of stream.
+    /// Reads at most [`READ_CHUNK`] more bytes (room the caller took from the budget);
+    /// `Closed` at end of stream.
     async fn fill(&mut self) -> Result<(), End> {
-        self.buffer.reserve(4096);
-        match self.stream.read_buf(&mut self.buffer).await {
+        self.buffer.reserve(READ_CHUNK);
+        match self
+            .stream
+            .read_buf(&mut (&mut self.buffer).limit(READ_CHUNK))
+            .await
+        {
             Ok(0) => Err(End::Closed),
             Ok(_) => Ok(()),
             Err(error) => Err(End::Io(error)),
@@ -186,6 +212,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     peer: SocketAddr,
     max: usize,
+    reservation: Reservation,
 ) -> Result<(Conn<S>, Connect), (Option<Conn<S>>, End)> {
     let mut conn = Conn {
         stream,
@@ -193,6 +220,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
         out: BytesMut::with_capacity(64),
         version: Version::V311,
         peer,
+        reservation,
     };
     loop {
         match wire::connect_version(&conn.buffer, max) {
@@ -201,6 +229,11 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
                 break;
             }
             Ok(None) => {
+                // A device not yet connected does not wait for room: it is turned away.
+                let room = conn.buffer.len() + READ_CHUNK;
+                if !conn.reservation.resize_to(room) {
+                    return Err((Some(conn), End::BudgetExhausted));
+                }
                 if let Err(end) = conn.fill().await {
                     return Err((None, end));
                 }
@@ -238,11 +271,19 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let config = &shared.config;
     let max = config.max_packet_bytes;
-    let connecting = tokio::time::timeout(config.connect_timeout, read_connect(stream, peer, max));
+    let reservation = Reservation::new(shared.budget.clone());
+    let connecting = tokio::time::timeout(
+        config.connect_timeout,
+        read_connect(stream, peer, max, reservation),
+    );
     let (mut conn, connect) = match connecting.await {
         Ok(Ok(connected)) => connected,
         Ok(Err((conn, end))) => {
-            tracing::debug!(connector = %shared.connector, %peer, reason = %end, "MQTT connection closed before CONNECT");
+            if matches!(end, End::BudgetExhausted) {
+                tracing::warn!(connector = %shared.connector, %peer, budget = shared.budget.capacity(), held = shared.budget.used(), worker_held = shared.budget.parent().map(|w| w.used()), "MQTT byte budget (the listener's or the worker's) exhausted; closing a new connection");
+            } else {
+                tracing::debug!(connector = %shared.connector, %peer, reason = %end, "MQTT connection closed before CONNECT");
+            }
             if let Some(mut conn) = conn {
                 conn.disconnect(DisconnectReasonCode::ProtocolError).await;
             }
@@ -328,6 +369,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         device: &device,
         shared: &shared,
         pending: VecDeque::new(),
+        pending_bytes: 0,
         in_engine: HashSet::new(),
         awaiting_release: HashSet::new(),
         commands: link,
@@ -352,9 +394,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             conn.disconnect(DisconnectReasonCode::UnspecifiedError)
                 .await
         }
+        End::BudgetExhausted => conn.disconnect(DisconnectReasonCode::QuotaExceeded).await,
         End::Closed | End::Disconnected | End::Io(_) => {}
     }
-    if matches!(end, End::Wire(_) | End::Protocol(_) | End::NotDurable) {
+    if matches!(
+        end,
+        End::Wire(_) | End::Protocol(_) | End::NotDurable | End::BudgetExhausted
+    ) {
         tracing::warn!(connector = %shared.connector, peer = %conn.peer, client_id = %device.client_id, reason = %end, "MQTT connection closed");
     } else {
         tracing::debug!(connector = %shared.connector, peer = %conn.peer, client_id = %device.client_id, reason = %end, "MQTT connection closed");
@@ -370,6 +416,8 @@ struct Session<'a, S> {
     shared: &'a Shared,
     /// Publishes whose records are with the engine, in the order they came.
     pending: VecDeque<Pending>,
+    /// The bytes of `pending`'s publishes, held in the budget until each is answered.
+    pending_bytes: usize,
     /// Packet ids with a record in the engine (a resend with DUP is not stored twice).
     in_engine: HashSet<u16>,
     /// QoS 2 packet ids PUBREC'd and waiting for their PUBREL.
@@ -382,6 +430,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     async fn run(mut self, silence_limit: Duration) -> End {
         let config = &self.shared.config;
         let mut last_heard = Instant::now();
+        let budget = self.shared.budget.clone();
+        // Since when the connection has been waiting for room in the budget to read.
+        let mut room_wait_since: Option<Instant> = None;
         // One timer for the connection, moved on only when it fires (not re-armed per packet).
         let keep_alive = tokio::time::sleep(silence_limit);
         tokio::pin!(keep_alive);
@@ -415,7 +466,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 }
             }
 
-            let may_read = self.pending.len() < usize::from(config.max_inflight);
+            // Room for the next read is taken from the budget first; what the buffer and the
+            // pending publishes hold stays taken, the rest goes back.
+            let wants_read = self.pending.len() < usize::from(config.max_inflight);
+            let holds = self.conn.buffer.len() + self.pending_bytes;
+            let may_read = wants_read && self.conn.reservation.resize_to(holds + READ_CHUNK);
+            if !may_read {
+                self.conn.reservation.shrink_to(holds);
+            }
+            let waits_for_room = wants_read && !may_read;
+            let room_deadline = match (waits_for_room, room_wait_since) {
+                (false, _) => {
+                    room_wait_since = None;
+                    None
+                }
+                (true, Some(since)) => Some(since + silence_limit),
+                (true, None) => {
+                    let now = Instant::now();
+                    room_wait_since = Some(now);
+                    tracing::debug!(connector = %self.shared.connector, client_id = %self.device.client_id, held = budget.used(), "MQTT connection waits for room in the byte budget");
+                    Some(now + silence_limit)
+                }
+            };
             let may_send = self
                 .commands
                 .as_ref()
@@ -438,6 +510,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     if let Some(message) = message {
                         self.start(message);
                     }
+                }
+                _ = budget.wait_for_room(READ_CHUNK), if waits_for_room => {}
+                _ = sleep_until_some(room_deadline), if waits_for_room => {
+                    return End::BudgetExhausted;
                 }
                 _ = &mut keep_alive, if may_read => {
                     // Only while the listener reads: a client whose PINGREQs wait unread
@@ -484,6 +560,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     });
                     return Ok(());
                 }
+                let bytes = publish.topic.len() + publish.payload.len();
                 let (ack, delivery) = AckHandle::channel();
                 let (record, verdict) = to_record(config, self.device, publish, Some(ack));
                 self.shared
@@ -491,8 +568,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                     .await
                     .map_err(|()| End::ShuttingDown)?;
                 self.in_engine.insert(pkid);
+                self.pending_bytes += bytes;
                 self.pending.push_back(Pending {
                     pkid,
+                    bytes,
                     qos,
                     verdict,
                     delivery,
@@ -619,9 +698,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     /// connection instead (the device resends it).
     fn answer(&mut self, pending: Pending, delivery: Option<Delivery>) -> Result<(), End> {
         let Pending {
-            pkid, qos, verdict, ..
+            pkid,
+            bytes,
+            qos,
+            verdict,
+            ..
         } = pending;
         self.in_engine.remove(&pkid);
+        self.pending_bytes -= bytes;
         let verdict = match delivery {
             Some(Delivery::Written { .. } | Delivery::DeadLettered { .. } | Delivery::Filtered) => {
                 verdict

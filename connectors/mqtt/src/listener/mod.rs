@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use medconnect_api::limits::{ByteBudget, PeerLimits};
 use medconnect_api::tls;
 use medconnect_api::{
     ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind, Placement,
@@ -104,6 +105,10 @@ pub(crate) struct Shared {
     clients: AtomicU64,
     /// Where the sink finds the connected devices that subscribed.
     hub: Arc<hub::Hub>,
+    /// Bytes every connection holds (packets being read, publishes waiting for Kafka),
+    /// within the worker's budget for all listeners.
+    budget: Arc<ByteBudget>,
+    peers: Arc<PeerLimits>,
 }
 
 impl Shared {
@@ -129,6 +134,9 @@ pub struct MqttListenerSourceTask {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     hub: Option<Arc<hub::Hub>>,
+    /// The worker's budget for every listener; this listener's lies within it.
+    worker_budget: Arc<ByteBudget>,
+    budget: Option<Arc<ByteBudget>>,
 }
 
 impl std::fmt::Debug for MqttListenerSourceTask {
@@ -150,7 +158,15 @@ impl MqttListenerSourceTask {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             hub: None,
+            worker_budget: context.listener_budget,
+            budget: None,
         })
+    }
+
+    /// The listener's byte budget once started: bytes held for devices now, at most ever, and
+    /// reads refused for want of it.
+    pub fn budget(&self) -> Option<Arc<ByteBudget>> {
+        self.budget.clone()
     }
 
     /// The address the listener is bound to, once started.
@@ -192,7 +208,11 @@ impl SourceTask for MqttListenerSourceTask {
         let hub = Arc::new(hub::Hub::default());
         hub::register(&self.connector, &hub);
         self.hub = Some(hub.clone());
+        let budget = self.worker_budget.within(config.budget_bytes);
+        self.budget = Some(budget.clone());
         let shared = Arc::new(Shared {
+            budget,
+            peers: PeerLimits::new(config.max_connections_per_peer),
             connector: self.connector.clone(),
             connect_rate: ConnectRate::new(config.connect_rate),
             config,
@@ -287,11 +307,15 @@ async fn accept_loop(
                     tracing::warn!(connector = %shared.connector, %peer, max = shared.config.max_connections, "too many MQTT connections; closing the new one");
                     continue;
                 };
+                let Some(slot) = shared.peers.enter(peer.ip()) else {
+                    tracing::warn!(connector = %shared.connector, %peer, max = shared.peers.max(), "too many MQTT connections from one address; closing the new one");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 tracker.spawn(async move {
                     serve(stream, peer, shared).await;
-                    drop(permit);
+                    drop((permit, slot));
                 });
             }
             Err(error) => {

@@ -6,6 +6,7 @@ use rumqttc::QoS;
 
 use super::config::ListenerConfig;
 use super::wire::{Publish, Verdict};
+use crate::config::RouteError;
 use crate::source::{HEADER_CLIENT_ID, HEADER_DUP, HEADER_QOS, HEADER_RETAIN, HEADER_TOPIC};
 
 /// The username the device authenticated with.
@@ -123,7 +124,10 @@ fn route(
     let (topic, key) = config
         .mapping
         .route(mqtt_topic)
-        .map_err(|reason| (reason, Verdict::TopicInvalid))?;
+        .map_err(|error| match error {
+            RouteError::Unmapped(reason) => (reason, Verdict::TopicInvalid),
+            RouteError::TopicCap(reason) => (reason, Verdict::QuotaExceeded),
+        })?;
     record.topic = topic;
     record.key = key.map(Into::into);
     Ok(())

@@ -309,6 +309,8 @@ pub enum Verdict {
     TopicInvalid,
     /// The payload failed `payload.format` (0x99), or Kafka refused the record itself.
     PayloadInvalid,
+    /// Its Kafka topic would be one more than `kafka.topic.max.distinct` allows (0x97).
+    QuotaExceeded,
 }
 
 /// What the listener answers.
@@ -473,6 +475,7 @@ fn to_v5(packet: Outgoing) -> v5::Packet {
                 Verdict::Stored => v5::PubAckReason::Success,
                 Verdict::TopicInvalid => v5::PubAckReason::TopicNameInvalid,
                 Verdict::PayloadInvalid => v5::PubAckReason::PayloadFormatInvalid,
+                Verdict::QuotaExceeded => v5::PubAckReason::QuotaExceeded,
             },
             properties: None,
         }),
@@ -482,6 +485,7 @@ fn to_v5(packet: Outgoing) -> v5::Packet {
                 Verdict::Stored => v5::PubRecReason::Success,
                 Verdict::TopicInvalid => v5::PubRecReason::TopicNameInvalid,
                 Verdict::PayloadInvalid => v5::PubRecReason::PayloadFormatInvalid,
+                Verdict::QuotaExceeded => v5::PubRecReason::QuotaExceeded,
             },
             properties: None,
         }),

@@ -52,7 +52,11 @@ pub fn to_record(config: &SourceConfig, publish: &Publish, ack: AckHandle) -> So
             record.key = key.map(Into::into);
         }
         Err(reason) => {
-            return SourceRecord::rejected(record, ConnectError::data(reason), Some(ack));
+            return SourceRecord::rejected(
+                record,
+                ConnectError::data(reason.to_string()),
+                Some(ack),
+            );
         }
     }
     SourceRecord::acknowledged(record, ack)
