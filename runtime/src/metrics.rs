@@ -1,5 +1,8 @@
 //! The worker's one metrics registry, served at `/metrics` in Prometheus' text format.
 
+use std::sync::{Arc, OnceLock};
+
+use medconnect_api::limits::ByteBudget;
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -23,6 +26,12 @@ pub struct Metrics {
     /// Records handed to Kafka and not yet acknowledged.
     pub in_flight: IntGaugeVec,
     pub offset_commits: IntCounterVec,
+    /// The worker's budget for bytes senders make listeners hold, read at each scrape.
+    listener_budget: Arc<OnceLock<Arc<ByteBudget>>>,
+    /// `used`, `peak` and `capacity` of that budget.
+    listener_budget_bytes: IntGaugeVec,
+    /// Takings that budget refused (a sender turned away or made to wait).
+    listener_budget_refusals: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -91,13 +100,54 @@ impl Default for Metrics {
                 "Offset commits.",
                 TASK_LABELS,
             ),
+            listener_budget: Arc::default(),
+            listener_budget_bytes: {
+                let gauge = IntGaugeVec::new(
+                    Opts::new(
+                        "listener_budget_bytes",
+                        "The worker's budget for bytes senders make listener sources hold (MLLP, MQTT): used, peak and capacity.",
+                    ),
+                    &["measure"],
+                )
+                .unwrap_or_else(|e| unreachable!("metric listener_budget_bytes is well-formed: {e}"));
+                let _ = registry.register(Box::new(gauge.clone()));
+                gauge
+            },
+            listener_budget_refusals: {
+                let gauge = IntGauge::new(
+                    "listener_budget_refusals",
+                    "Takings the worker's listener budget refused since start (a sender turned away or made to wait).",
+                )
+                .unwrap_or_else(|e| unreachable!("metric listener_budget_refusals is well-formed: {e}"));
+                let _ = registry.register(Box::new(gauge.clone()));
+                gauge
+            },
             registry,
         }
     }
 }
 
 impl Metrics {
+    /// Exports `budget` at every scrape (the herder's, set once).
+    pub fn watch_listener_budget(&self, budget: Arc<ByteBudget>) {
+        let _ = self.listener_budget.set(budget);
+    }
+
     pub fn render(&self) -> String {
+        if let Some(budget) = self.listener_budget.get() {
+            let as_gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            for (measure, value) in [
+                ("used", budget.used()),
+                ("peak", budget.peak()),
+                ("capacity", budget.capacity()),
+            ] {
+                self.listener_budget_bytes
+                    .with_label_values(&[measure])
+                    .set(as_gauge(value));
+            }
+            self.listener_budget_refusals
+                .set(i64::try_from(budget.refused()).unwrap_or(i64::MAX));
+        }
         let mut buffer = Vec::new();
         if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
             tracing::warn!(%error, "cannot encode metrics");
@@ -193,5 +243,35 @@ impl TaskMetrics {
 
     pub fn remove(&self) {
         self.metrics.remove_task(&self.connector, &self.task);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medconnect_api::limits::Reservation;
+
+    #[test]
+    fn the_listener_budget_is_read_at_each_scrape() {
+        let metrics = Metrics::default();
+        let budget = ByteBudget::new(1000);
+        metrics.watch_listener_budget(budget.clone());
+        let mut held = Reservation::new(budget.within(800));
+        assert!(held.grow(600));
+        assert!(!held.grow(300));
+        let text = metrics.render();
+        for line in [
+            "medconnect_listener_budget_bytes{measure=\"used\"} 600",
+            "medconnect_listener_budget_bytes{measure=\"peak\"} 600",
+            "medconnect_listener_budget_bytes{measure=\"capacity\"} 1000",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        drop(held);
+        assert!(
+            metrics
+                .render()
+                .contains("medconnect_listener_budget_bytes{measure=\"used\"} 0")
+        );
     }
 }

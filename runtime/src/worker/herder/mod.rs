@@ -107,6 +107,7 @@ impl Herder {
             .producer(&Default::default())
             .map_err(|e| HerderError::Internal(e.to_string()))?;
         let listener_budget = ByteBudget::new(parts.runner.listener_budget_bytes);
+        parts.metrics.watch_listener_budget(listener_budget.clone());
         Ok(Self {
             worker_id: parts.worker_id,
             plugins: parts.plugins,
