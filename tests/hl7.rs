@@ -909,3 +909,72 @@ async fn a_key_field_index_past_usize_is_a_400_naming_the_setting() -> anyhow::R
     worker.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_mllp_listeners_share_the_workers_listener_budget() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let cluster = TestCluster::start().await?;
+    // Each listener may hold its default 64 MiB; the worker only 100,000 bytes over both.
+    let mut config = cluster.worker_config();
+    config.tasks.listener_budget_bytes = 100_000;
+    let worker = cluster.start_worker_with(config).await?;
+    let first = mllp_source(&worker, "ward-a", json!({})).await?;
+    let second = mllp_source(
+        &worker,
+        "ward-b",
+        json!({"mllp.max.message.bytes": "200000"}),
+    )
+    .await?;
+
+    // A sender on the first listener stalls 60,000 bytes into a frame.
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", first)).await?;
+    let mut partial = vec![0x0b];
+    partial.extend_from_slice(adt_of_size("STALL1", "PAT1", 60_000).as_bytes());
+    stalled.write_all(&partial).await?;
+    let metrics = eventually("the stalled frame held", async || {
+        let (_, text) = worker.rest.get_text("/metrics").await.ok()?;
+        (budget_measure(&text, "used")? >= 60_000).then_some(text)
+    })
+    .await?;
+    assert_eq!(budget_measure(&metrics, "capacity"), Some(100_000));
+
+    // A 50,000-byte message on the second listener does not fit what the worker has left.
+    let mut sender = client(second).await?;
+    let ack = sender
+        .request(adt_of_size("BIG1", "PAT2", 50_000).as_bytes(), WAIT)
+        .await?;
+    assert_eq!(ack_code(&ack), "AR", "{}", String::from_utf8_lossy(&ack));
+    assert!(String::from_utf8_lossy(&ack).contains("budget"));
+
+    // Once the stalled sender goes, the same message is stored.
+    drop(stalled);
+    let ack = eventually("the budget given back", async || {
+        let mut sender = client(second).await.ok()?;
+        let ack = sender
+            .request(adt_of_size("BIG1", "PAT2", 50_000).as_bytes(), WAIT)
+            .await
+            .ok()?;
+        (ack_code(&ack) == "AA").then_some(ack)
+    })
+    .await?;
+    assert_eq!(ack_code(&ack), "AA");
+    let (_, metrics) = worker.rest.get_text("/metrics").await?;
+    assert!(
+        !metrics.contains("medconnect_listener_budget_refusals 0"),
+        "{metrics}"
+    );
+    let stored = cluster.read_topic("hl7.adt", 1).await?;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].header("hl7.control.id"), Some("BIG1"));
+    worker.shutdown().await;
+    Ok(())
+}
+
+/// A measure of `medconnect_listener_budget_bytes` in a `/metrics` text.
+fn budget_measure(metrics: &str, measure: &str) -> Option<u64> {
+    let prefix = format!("medconnect_listener_budget_bytes{{measure=\"{measure}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
+}
