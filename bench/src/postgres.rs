@@ -3,6 +3,9 @@
 //!
 //!   cargo run -p medconnect-bench --bin postgres -- [rows] [batch.size] [rounds]
 //!
+//! Without `batch.size` the sink runs with its default (`batch.size` and `batch.max.bytes`
+//! unset), and the COPY in transactions uses that default's rows.
+//!
 //! The sink task is driven as the engine drives it (`put` in batches of 500, then `flush`),
 //! without Kafka: this measures the sink itself, with `insert.mode=upsert` and `pk.mode=kafka`
 //! (the idempotent setting) and with plain `insert` without a key. `COPY ... FROM STDIN` gets
@@ -21,6 +24,7 @@ use medconnect_api::{
     ErrantRecordReporter, Props, Record, SinkPartitions, SinkRecord, SinkTask, SinkTaskContext,
 };
 use medconnect_postgres::PostgresSinkTask;
+use medconnect_postgres::config::DEFAULT_BATCH_SIZE;
 use postgres_server::Server;
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
@@ -198,7 +202,9 @@ fn arg(n: usize, default: usize) -> anyhow::Result<usize> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let rows = arg(1, 200_000)?;
-    let batch = arg(2, 3000)?.max(1);
+    // Given, the sink is configured with it; not given, the sink's default is measured.
+    let given = std::env::args().nth(2).is_some();
+    let batch = arg(2, DEFAULT_BATCH_SIZE)?.max(1);
     let rounds = arg(3, 3)?.max(1);
     let batch_size = batch.to_string();
     let server = Server::start()?;
@@ -210,20 +216,22 @@ async fn main() -> anyhow::Result<()> {
     let keyed_batches = transactions(&keyed_text, batch);
     let plain_batches = transactions(&plain_text, batch);
 
-    let upsert = [
+    let mut upsert = vec![
         ("table.name.format", "upsert_${topic}"),
         ("insert.mode", "upsert"),
         ("pk.mode", "kafka"),
         ("auto.create", "true"),
-        ("batch.size", batch_size.as_str()),
     ];
-    let insert = [
+    let mut insert = vec![
         ("table.name.format", "insert_${topic}"),
         ("insert.mode", "insert"),
         ("pk.mode", "none"),
         ("auto.create", "true"),
-        ("batch.size", batch_size.as_str()),
     ];
+    if given {
+        upsert.push(("batch.size", batch_size.as_str()));
+        insert.push(("batch.size", batch_size.as_str()));
+    }
     // The tables, created by the sink from a first record; COPY targets of the same shapes.
     for settings in [&upsert[..], &insert[..]] {
         let mut task = sink(&url, settings)?;
@@ -259,8 +267,9 @@ async fn main() -> anyhow::Result<()> {
     let _ = admin.close().await;
     drop(server);
 
+    let which = if given { "" } else { " (the default)" };
     println!(
-        "{rows} rows of 10 columns (3 key + 7 fields), batch.size {batch_size}, best of {rounds}:"
+        "{rows} rows of 10 columns (3 key + 7 fields), batch.size {batch_size}{which}, best of {rounds}:"
     );
     println!(
         "  keyed (primary key __connect_*):  sink upsert {:>9.0} rows/s   COPY {:>9.0} rows/s   ratio {:.2}",

@@ -1,5 +1,6 @@
-//! The connector and its task: records are buffered up to `batch.size` and written by
-//! [`writer::write`], each batch in one transaction; `flush` writes the rest.
+//! The connector and its task: records are buffered up to `batch.size` rows or
+//! `batch.max.bytes` and written by [`writer::write`], each batch in one transaction; `flush`
+//! writes the rest.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -77,6 +78,19 @@ pub(crate) fn connection_field(error: &sqlx::Error) -> &'static str {
     }
 }
 
+/// What a buffered record counts for against `batch.max.bytes`: its key, value and headers,
+/// the parts whose size the producer chose (the rest is a fixed ~200 bytes per record).
+fn weight(record: &SinkRecord) -> usize {
+    let record = &record.record;
+    record.key.as_ref().map_or(0, |k| k.len())
+        + record.value.as_ref().map_or(0, |v| v.len())
+        + record
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + value.map_or(0, |v| v.len()))
+            .sum::<usize>()
+}
+
 #[derive(Debug, Default)]
 pub struct PostgresSinkConnector;
 
@@ -143,6 +157,8 @@ pub struct PostgresSinkTask {
     catalog: Catalog,
     /// Records put and not yet written, in the order they were put.
     buffer: Vec<SinkRecord>,
+    /// Their [`weight`]s, summed: with `batch.max.bytes` it bounds the buffer's memory.
+    buffered_bytes: usize,
     /// Per partition, the offset after the last record taken into the buffer: a batch put
     /// again after a retriable error is not taken twice.
     next: HashMap<TopicPartition, i64>,
@@ -167,8 +183,31 @@ impl PostgresSinkTask {
             link: None,
             catalog: Catalog::default(),
             buffer: Vec::new(),
+            buffered_bytes: 0,
             next: HashMap::new(),
         })
+    }
+
+    /// How many of the first buffered records make the next batch: as many as fit both
+    /// `batch.size` and `batch.max.bytes`, at least one (a record larger than
+    /// `batch.max.bytes` goes alone). `None` while the buffer holds less than a full batch
+    /// and `all` is false (`flush` writes what is there).
+    fn next_batch(&self, all: bool) -> Option<usize> {
+        let full = self.buffer.len() >= self.config.batch_size
+            || self.buffered_bytes >= self.config.batch_max_bytes;
+        if self.buffer.is_empty() || !(full || all) {
+            return None;
+        }
+        let mut bytes = 0usize;
+        let mut count = 0;
+        for record in self.buffer.iter().take(self.config.batch_size) {
+            bytes = bytes.saturating_add(weight(record));
+            if count > 0 && bytes > self.config.batch_max_bytes {
+                break;
+            }
+            count += 1;
+        }
+        Some(count)
     }
 
     /// Writes the first `count` buffered records in one transaction, reports the rows the
@@ -204,7 +243,8 @@ impl PostgresSinkTask {
                 self.errant.report(record.clone(), error).await?;
             }
         }
-        self.buffer.drain(..count);
+        let written: usize = self.buffer.drain(..count).map(|r| weight(&r)).sum();
+        self.buffered_bytes = self.buffered_bytes.saturating_sub(written);
         Ok(())
     }
 }
@@ -257,13 +297,14 @@ impl SinkTask for PostgresSinkTask {
                 continue;
             }
             *next = record.kafka_offset + 1;
+            self.buffered_bytes += weight(&record);
             self.buffer.push(record);
         }
         if let Some((partition, next)) = run {
             self.next.insert(partition, next);
         }
-        while self.buffer.len() >= self.config.batch_size {
-            self.write_first(self.config.batch_size).await?;
+        while let Some(count) = self.next_batch(false) {
+            self.write_first(count).await?;
         }
         Ok(())
     }
@@ -271,8 +312,8 @@ impl SinkTask for PostgresSinkTask {
     /// Writes what is buffered: once this returns, every record put is committed in the
     /// database or reported errant.
     async fn flush(&mut self) -> ConnectResult<()> {
-        while !self.buffer.is_empty() {
-            self.write_first(self.config.batch_size).await?;
+        while let Some(count) = self.next_batch(true) {
+            self.write_first(count).await?;
         }
         Ok(())
     }
@@ -284,6 +325,7 @@ impl SinkTask for PostgresSinkTask {
                 .iter()
                 .any(|p| p.topic == record.record.topic && p.partition == record.kafka_partition)
         });
+        self.buffered_bytes = self.buffer.iter().map(weight).sum();
         for partition in partitions {
             self.next.remove(partition);
         }

@@ -510,3 +510,49 @@ async fn a_streamed_copy_gives_way_to_another_shape_and_to_a_redelivered_record(
     );
     assert_eq!(count(&url, "SELECT count(spo2) FROM streamed").await, 1);
 }
+
+#[tokio::test]
+async fn a_batch_ends_at_batch_max_bytes_before_batch_size() {
+    let url = shared().database("max_bytes").await;
+    // Values of one length; a record counts for its value's bytes (no key, no headers).
+    let value = |n: i64| format!(r#"{{"id":{},"note":"0123456789"}}"#, 10_000 + n);
+    let length = value(0).len();
+    let max_bytes = (10 * length + length / 2).to_string();
+    let settings = [
+        ("table.name.format", "bounded"),
+        ("auto.create", "true"),
+        ("batch.size", "1000000"),
+        ("batch.max.bytes", max_bytes.as_str()),
+    ];
+    let (mut task, mut errant) = sink_task(&url, &settings);
+    task.start().await.expect("start");
+    let batches = "SELECT count(DISTINCT xmin::text) FROM bounded";
+
+    // Far below batch.size, 100 records reach batch.max.bytes every ten: `put` itself writes
+    // nine batches of ten, each committed in a transaction of its own; the last ten fit
+    // under the bound and wait.
+    let records: Vec<_> = (0..100)
+        .map(|n| record("vitals", n, None, Some(&value(n))))
+        .collect();
+    task.put(records).await.expect("put");
+    assert_eq!(count(&url, "SELECT count(*) FROM bounded").await, 90);
+    assert_eq!(count(&url, batches).await, 9);
+
+    // A record larger than batch.max.bytes: the ten before it are a batch, it is a batch
+    // alone, and the four small ones after it wait for flush.
+    let large = format!(r#"{{"id":10100,"note":"{}"}}"#, "x".repeat(20 * length));
+    let mut records = vec![record("vitals", 100, None, Some(&large))];
+    records.extend((101..105).map(|n| record("vitals", n, None, Some(&value(n)))));
+    task.put(records).await.expect("put");
+    assert_eq!(count(&url, "SELECT count(*) FROM bounded").await, 101);
+    assert_eq!(count(&url, batches).await, 11);
+    task.flush().await.expect("flush");
+    assert_eq!(count(&url, "SELECT count(*) FROM bounded").await, 105);
+    assert_eq!(count(&url, batches).await, 12);
+    assert_eq!(
+        count(&url, "SELECT count(DISTINCT id) FROM bounded").await,
+        105
+    );
+    task.stop().await.expect("stop");
+    assert!(drain(&mut errant).is_empty());
+}
