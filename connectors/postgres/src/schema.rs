@@ -179,6 +179,22 @@ impl Catalog {
         self.tables.get(table)
     }
 
+    /// The columns of a table, read from the server if not known yet; `None` when it does
+    /// not exist (nothing is created: [`Catalog::prepare`] does that).
+    pub async fn read(
+        &mut self,
+        connection: &mut PgConnection,
+        table: &str,
+    ) -> Result<Option<&Columns>, WriteError> {
+        if !self.tables.contains_key(table) {
+            let Some(columns) = Self::describe(connection, table).await? else {
+                return Ok(None);
+            };
+            self.tables.insert(table.to_string(), columns);
+        }
+        Ok(self.tables.get(table))
+    }
+
     async fn describe(
         connection: &mut PgConnection,
         table: &str,

@@ -1,10 +1,10 @@
-//! The steady state of the direct path, streamed: a batch whose records all go to one table
-//! the sink has already read, as objects of one shape whose columns the table has, is one
+//! The steady state of the direct path, streamed: a batch whose records all go to one
+//! existing table, as objects of one shape whose columns the table has, is one
 //! `COPY` sent in chunks while its records are read, so the server inserts the first rows
 //! while the client reads the next. Planned first (as [`crate::writer`] does), the client's
 //! reading and the server's `COPY` took turns, each idle while the other worked. Anything
-//! else (another shape, a record the direct path does not read, a column to add, a table not
-//! read yet) aborts the `COPY` before anything is written and leaves the batch to the planned
+//! else (another shape, a record the direct path does not read, a column to add, a table to
+//! create) aborts the `COPY` before anything is written and leaves the batch to the planned
 //! statements; a refused row too, which they then isolate.
 
 use medconnect_api::{SinkRecord, content_type};
@@ -190,10 +190,15 @@ pub async fn write(
     if !one_table || check_identifier("table", &table).is_err() {
         return Ok(Streamed::Other);
     }
-    let (Some(types), Some(shape)) = (
-        catalog.known(&table),
-        Rows::shape_of(first, &config.fields, key),
-    ) else {
+    let Some(shape) = Rows::shape_of(first, &config.fields, key) else {
+        return Ok(Streamed::Other);
+    };
+    // A table not read yet (a task's first batch) is read here rather than by the planned
+    // path, so that the first batch into an existing table is streamed too: planned, its
+    // reading and its COPY took turns (the no-key sink alone, 20,000-row batches, best of
+    // six: 1.31-1.34 M rows/s planned, 1.39-1.41 M streamed, three alternated pairs at load
+    // 2). A missing table is left to the planned path, which creates it.
+    let Some(types) = catalog.read(link.get().await?, &table).await? else {
         return Ok(Streamed::Other);
     };
     let columns: Vec<&str> = key
