@@ -1,6 +1,8 @@
 //! Sink runner throughput against a raw rdkafka consumer writing to the same sink.
 //!
-//!   cargo run -p medconnect-bench --bin sink -- [records] [--sink file|null] [--rounds N]
+//!   cargo run -p medconnect-bench --bin sink -- [records] [--sink file|null] [--rounds N] [--only raw|runner]
+//!
+//! `--only` runs one contender (to profile it: `perf record -g`); no ratio then.
 //!
 //! One process, embedded broker. The records (datagen vital signs: a key and a ~250-byte JSON
 //! value with a content-type header) are produced once to a one-partition topic. Then, alternating
@@ -421,6 +423,8 @@ struct Args {
     count: usize,
     kind: SinkKind,
     rounds: usize,
+    raw: bool,
+    runner: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -428,6 +432,8 @@ fn args() -> anyhow::Result<Args> {
         count: 300_000,
         kind: SinkKind::File,
         rounds: 3,
+        raw: true,
+        runner: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -442,6 +448,11 @@ fn args() -> anyhow::Result<Args> {
             "--rounds" => {
                 parsed.rounds = args.next().context("--rounds needs a value")?.parse()?;
             }
+            "--only" => match args.next().as_deref() {
+                Some("raw") => parsed.runner = false,
+                Some("runner") => parsed.raw = false,
+                other => bail!("--only raw|runner, not {other:?}"),
+            },
             count => parsed.count = count.parse().context("records: a number")?,
         }
     }
@@ -454,6 +465,8 @@ async fn main() -> anyhow::Result<()> {
         count,
         kind,
         rounds,
+        raw: run_raw,
+        runner: run_runner,
     } = args()?;
     let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
     let mut kafka = KafkaSettings::new(&broker.bootstrap_servers());
@@ -483,45 +496,61 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (mut best_raw, mut best_runner) = (0.0f64, 0.0f64);
     for n in 1..=rounds {
-        let file = dir.path().join(format!("raw-{n}.jsonl"));
-        let group = format!("raw-{n}");
-        let before = NULL_RECORDS.load(Ordering::Relaxed);
-        let task = sink_task(&plugins, sink_config(kind, &file)?)?;
-        let raw = raw_consumer(&kafka, &group, count, task).await?;
-        check(&kafka, &group, kind, &file, count, before)?;
-
-        let file = dir.path().join(format!("runner-{n}.jsonl"));
-        let name = format!("sink-{n}");
-        let before = NULL_RECORDS.load(Ordering::Relaxed);
-        let runner = sink_runner(&worker, &name, count, sink_config(kind, &file)?).await?;
-        check(
-            &kafka,
-            &format!("connect-{name}"),
-            kind,
-            &file,
-            count,
-            before,
-        )?;
-        worker.herder().delete(&name).await?;
-        println!(
-            "round {n}: raw consumer {:>7.0} records/s, {:>5.2} µs CPU/record, committed +{:>3} ms | sink runner {:>7.0} records/s, {:>5.2} µs CPU/record, committed +{:>3} ms | ratio {:.2}",
-            raw.rate,
-            micros(raw.cpu_per_record),
-            raw.commit_after.as_millis(),
-            runner.rate,
-            micros(runner.cpu_per_record),
-            runner.commit_after.as_millis(),
-            runner.rate / raw.rate
-        );
-        best_raw = best_raw.max(raw.rate);
-        best_runner = best_runner.max(runner.rate);
+        let raw = if run_raw {
+            let file = dir.path().join(format!("raw-{n}.jsonl"));
+            let group = format!("raw-{n}");
+            let before = NULL_RECORDS.load(Ordering::Relaxed);
+            let task = sink_task(&plugins, sink_config(kind, &file)?)?;
+            let raw = raw_consumer(&kafka, &group, count, task).await?;
+            check(&kafka, &group, kind, &file, count, before)?;
+            println!(
+                "round {n}: raw consumer {:>7.0} records/s, {:>5.2} µs CPU/record, all committed {:>3} ms after the last put",
+                raw.rate,
+                micros(raw.cpu_per_record),
+                raw.commit_after.as_millis(),
+            );
+            Some(raw)
+        } else {
+            None
+        };
+        let runner = if run_runner {
+            let file = dir.path().join(format!("runner-{n}.jsonl"));
+            let name = format!("sink-{n}");
+            let before = NULL_RECORDS.load(Ordering::Relaxed);
+            let runner = sink_runner(&worker, &name, count, sink_config(kind, &file)?).await?;
+            check(
+                &kafka,
+                &format!("connect-{name}"),
+                kind,
+                &file,
+                count,
+                before,
+            )?;
+            worker.herder().delete(&name).await?;
+            println!(
+                "round {n}: sink runner  {:>7.0} records/s, {:>5.2} µs CPU/record, all committed {:>3} ms after the last put",
+                runner.rate,
+                micros(runner.cpu_per_record),
+                runner.commit_after.as_millis(),
+            );
+            Some(runner)
+        } else {
+            None
+        };
+        if let (Some(raw), Some(runner)) = (&raw, &runner) {
+            println!("round {n}: ratio {:.2}", runner.rate / raw.rate);
+        }
+        best_raw = best_raw.max(raw.map_or(0.0, |r| r.rate));
+        best_runner = best_runner.max(runner.map_or(0.0, |r| r.rate));
         // The deleted task stops in the background; let it go before the next raw run.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    println!(
-        "best: raw consumer {best_raw:.0} records/s, sink runner {best_runner:.0} records/s, ratio {:.2}",
-        best_runner / best_raw
-    );
+    if run_raw && run_runner {
+        println!(
+            "best: raw consumer {best_raw:.0} records/s, sink runner {best_runner:.0} records/s, ratio {:.2}",
+            best_runner / best_raw
+        );
+    }
     worker.shutdown().await;
     broker.stop();
     Ok(())
