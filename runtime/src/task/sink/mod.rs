@@ -14,7 +14,7 @@ mod consumer;
 mod lent;
 mod pipeline;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -36,7 +36,7 @@ use crate::transform::TransformChain;
 
 use consumer::{Detach, Rebalance, assign};
 use lent::{ConsumerPartitions, ErrantRecords};
-use pipeline::Sink;
+use pipeline::{Positions, Sink};
 
 pub use consumer::{RebalanceContext, SinkConsumer};
 
@@ -148,7 +148,7 @@ impl SinkRunner {
             errors,
             errant,
             metrics,
-            positions: HashMap::new(),
+            positions: Positions::default(),
             uncommitted: 0,
             stop: stop.clone(),
             shutdown_timeout: settings.shutdown_timeout,

@@ -5,17 +5,17 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use medconnect_api::{
-    ConnectError, ConnectResult, SinkOffsets, SinkRecord, SinkTask, TopicPartition,
+    ConnectError, ConnectResult, Headers, Record, SinkOffsets, SinkRecord, SinkTask, TopicPartition,
 };
 use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::kafka::record_of;
 use crate::metrics::TaskMetrics;
 use crate::task::errors::{ErrorReporter, Stage};
 use crate::task::{RunState, RunnerSettings};
@@ -37,7 +37,7 @@ pub(super) struct Sink {
     pub(super) errant: Arc<ErrantRecords>,
     pub(super) metrics: TaskMetrics,
     /// Next offset to commit per (topic, partition): past every record put, filtered or dead-lettered.
-    pub(super) positions: HashMap<(String, i32), i64>,
+    pub(super) positions: Positions,
     pub(super) uncommitted: i64,
     pub(super) stop: CancellationToken,
     pub(super) shutdown_timeout: Duration,
@@ -114,17 +114,39 @@ impl Sink {
     /// Transforms a batch and puts it, retrying retriable failures while the task runs.
     async fn deliver(&mut self, batch: Vec<SinkRecord>) -> ConnectResult<()> {
         self.metrics.records_in(batch.len() as u64);
+        let transformed = if self.transforms.is_empty() {
+            // Nothing to apply, nothing to keep for a dead letter: the batch goes as read.
+            for record in &batch {
+                self.positions.advance(
+                    &record.record.topic,
+                    record.kafka_partition,
+                    record.kafka_offset,
+                );
+            }
+            self.uncommitted += batch.len() as i64;
+            batch
+        } else {
+            self.transform(batch)?
+        };
+        self.metrics.set_commit_lag(self.uncommitted);
+        if transformed.is_empty() {
+            return Ok(());
+        }
+        self.put(transformed).await
+    }
+
+    /// Applies the transforms to a batch: the records they keep, in order; every record's
+    /// position advances, kept, filtered or dead-lettered.
+    fn transform(&mut self, batch: Vec<SinkRecord>) -> ConnectResult<Vec<SinkRecord>> {
         let mut transformed = Vec::with_capacity(batch.len());
         for record in batch {
-            let position = (
-                record.record.topic.clone(),
-                record.kafka_partition,
-                record.kafka_offset,
-            );
+            // A copy in: a failing record is dead-lettered as it was read.
             match self.transforms.apply(record.record.clone()) {
+                // The original stays for the position (and would for a dead letter).
                 Ok(Some(out)) => transformed.push(SinkRecord {
                     record: out,
-                    ..record
+                    kafka_partition: record.kafka_partition,
+                    kafka_offset: record.kafka_offset,
                 }),
                 Ok(None) => self.metrics.filtered(),
                 Err(failure) => {
@@ -138,11 +160,18 @@ impl Sink {
                     self.errant.check()?;
                 }
             }
-            self.advance(&position.0, position.1, position.2);
+            self.positions.advance(
+                &record.record.topic,
+                record.kafka_partition,
+                record.kafka_offset,
+            );
+            self.uncommitted += 1;
         }
-        if transformed.is_empty() {
-            return Ok(());
-        }
+        Ok(transformed)
+    }
+
+    /// Puts a batch, retrying retriable failures while the task runs.
+    async fn put(&mut self, transformed: Vec<SinkRecord>) -> ConnectResult<()> {
         let count = transformed.len() as u64;
         let mut backoff = self.errors.policy.backoff(true);
         // A retried `put` gets the same batch again (cheap clones: payloads are shared), so a
@@ -222,8 +251,7 @@ impl Sink {
                 let closed = self.close(&closing).await;
                 // What was not committed is read again by the next owner, from the last commit.
                 for partition in &partitions {
-                    self.positions
-                        .remove(&(partition.topic.clone(), partition.partition));
+                    self.positions.remove(&partition.topic, partition.partition);
                 }
                 if self.positions.is_empty() {
                     self.uncommitted = 0;
@@ -250,16 +278,6 @@ impl Sink {
         bounded("close", close, &self.stop, self.shutdown_timeout).await
     }
 
-    fn advance(&mut self, topic: &str, partition: i32, offset: i64) {
-        let next = self
-            .positions
-            .entry((topic.to_string(), partition))
-            .or_insert(0);
-        *next = (*next).max(offset + 1);
-        self.uncommitted += 1;
-        self.metrics.set_commit_lag(self.uncommitted);
-    }
-
     /// Asks the sink what is safe to commit (`pre_commit`, which flushes by default), waits
     /// until every errant record reported so far (from `put`, `flush` or transforms) is in
     /// the dead-letter topic, then commits those positions, never past what was put.
@@ -270,9 +288,7 @@ impl Sink {
         let consumed: SinkOffsets = self
             .positions
             .iter()
-            .map(|((topic, partition), next)| {
-                (TopicPartition::new(topic.clone(), *partition), *next)
-            })
+            .map(|(topic, partition, next)| (TopicPartition::new(topic, partition), next))
             .collect();
         let mut backoff = self.errors.policy.backoff(false);
         let unstoppable = CancellationToken::new();
@@ -313,8 +329,7 @@ impl Sink {
                 // A partition stays pending until the sink accepted everything put from it.
                 for (partition, offset, next) in committing {
                     if offset >= next {
-                        self.positions
-                            .remove(&(partition.topic, partition.partition));
+                        self.positions.remove(&partition.topic, partition.partition);
                     }
                 }
                 self.uncommitted = if self.positions.is_empty() {
@@ -370,10 +385,179 @@ impl Sink {
     }
 }
 
-pub(super) fn to_sink_record(message: &BorrowedMessage<'_>) -> SinkRecord {
+/// Next offset to commit per topic and partition, looked up by `&str`: advancing a partition
+/// the task already has allocates nothing (this runs for every record).
+#[derive(Debug, Default)]
+pub(super) struct Positions(HashMap<String, HashMap<i32, i64>>);
+
+impl Positions {
+    /// Past `offset`; never back.
+    pub(super) fn advance(&mut self, topic: &str, partition: i32, offset: i64) {
+        let partitions = match self.0.get_mut(topic) {
+            Some(partitions) => partitions,
+            None => self.0.entry(topic.to_string()).or_default(),
+        };
+        let next = partitions.entry(partition).or_insert(0);
+        *next = (*next).max(offset + 1);
+    }
+
+    pub(super) fn remove(&mut self, topic: &str, partition: i32) {
+        if let Some(partitions) = self.0.get_mut(topic) {
+            partitions.remove(&partition);
+            if partitions.is_empty() {
+                self.0.remove(topic);
+            }
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&str, i32, i64)> {
+        self.0.iter().flat_map(|(topic, partitions)| {
+            partitions
+                .iter()
+                .map(move |(&partition, &next)| (topic.as_str(), partition, next))
+        })
+    }
+}
+
+/// A consumed message as the sink gets it. The key, the value and the header values are
+/// copied out of the client's buffer into one allocation and shared from there: a batch's
+/// copy for a retried `put` (see `put`) then costs reference counts, not allocations (a
+/// `Bytes` copied on its own allocates again when first cloned).
+pub(super) fn to_sink_record(message: &impl Message) -> SinkRecord {
+    let headers = message.headers();
+    let length = message.key().map_or(0, <[u8]>::len)
+        + message.payload().map_or(0, <[u8]>::len)
+        + headers.map_or(0, |h| {
+            h.iter()
+                .map(|header| header.value.map_or(0, <[u8]>::len))
+                .sum()
+        });
+    let mut buffer = BytesMut::with_capacity(length);
+    let mut share = |bytes: &[u8]| -> Bytes {
+        buffer.extend_from_slice(bytes);
+        buffer.split().freeze()
+    };
+    let key = message.key().map(&mut share);
+    let value = message.payload().map(&mut share);
+    let headers: Headers = headers
+        .map(|h| {
+            h.iter()
+                .map(|header| (header.key.to_string(), header.value.map(&mut share)))
+                .collect()
+        })
+        .unwrap_or_default();
     SinkRecord {
-        record: record_of(message),
+        record: Record {
+            topic: message.topic().to_string(),
+            partition: (message.partition() >= 0).then_some(message.partition()),
+            key,
+            value,
+            headers,
+            timestamp: message.timestamp().to_millis(),
+        },
         kafka_partition: message.partition(),
         kafka_offset: message.offset(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::Timestamp;
+    use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+
+    use super::*;
+
+    fn message(
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+    ) -> OwnedMessage {
+        OwnedMessage::new(
+            value.map(<[u8]>::to_vec),
+            key.map(<[u8]>::to_vec),
+            "vitals".into(),
+            Timestamp::CreateTime(1_700_000_000_000),
+            3,
+            41,
+            headers,
+        )
+    }
+
+    #[test]
+    fn a_consumed_message_reads_as_the_shared_conversion_does() {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "content-type",
+                value: Some("application/json"),
+            })
+            .insert(Header::<&[u8]> {
+                key: "trace",
+                value: None,
+            })
+            .insert(Header {
+                key: "empty",
+                value: Some(""),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("text/plain"),
+            });
+        let cases = [
+            message(Some(b"patient-7"), Some(b"{\"hr\":71}"), Some(headers)),
+            // A tombstone, an empty key, no headers.
+            message(Some(b""), None, None),
+            message(None, Some(b""), Some(OwnedHeaders::new())),
+        ];
+        for message in &cases {
+            let record = to_sink_record(message);
+            assert_eq!(record.record, crate::kafka::record_of(message));
+            assert_eq!((record.kafka_partition, record.kafka_offset), (3, 41));
+        }
+        let record = to_sink_record(&cases[0]);
+        assert_eq!(
+            record.record.headers.last_str("content-type"),
+            Some("text/plain")
+        );
+        assert_eq!(record.record.headers.len(), 4);
+    }
+
+    #[test]
+    fn a_record_and_its_copy_share_their_bytes() {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some("application/json"),
+        });
+        let record = to_sink_record(&message(Some(b"k"), Some(b"value"), Some(headers)));
+        let copy = record.clone();
+        let (Some(value), Some(copied)) = (&record.record.value, &copy.record.value) else {
+            panic!("no value");
+        };
+        assert_eq!(value.as_ptr(), copied.as_ptr());
+        // The parts are cut from one buffer, in order.
+        let key = record.record.key.as_ref().map(|k| k.as_ptr());
+        assert_eq!(key.map(|k| k.wrapping_add(1)), Some(value.as_ptr()));
+    }
+
+    #[test]
+    fn positions_move_forward_per_topic_and_partition() {
+        let mut positions = Positions::default();
+        assert!(positions.is_empty());
+        positions.advance("a", 0, 9);
+        positions.advance("a", 0, 4);
+        positions.advance("a", 1, 0);
+        positions.advance("b", 0, 100);
+        let mut all: Vec<_> = positions.iter().collect();
+        all.sort();
+        assert_eq!(all, [("a", 0, 10), ("a", 1, 1), ("b", 0, 101)]);
+        positions.remove("a", 0);
+        positions.remove("b", 0);
+        positions.remove("c", 0);
+        assert_eq!(positions.iter().collect::<Vec<_>>(), [("a", 1, 1)]);
+        positions.remove("a", 1);
+        assert!(positions.is_empty());
     }
 }
