@@ -36,7 +36,7 @@ pub const DEFAULT_BATCH_SIZE: usize = 20_000;
 
 /// Bytes of keys, values and headers per batch by default: with large records a batch ends
 /// here long before `batch.size` rows, so a task's buffer stays bounded whatever the record
-/// size (at 16 MiB the per-batch cost is far below a percent of the batch's own work).
+/// size (16 MiB of COPY text is ~100 ms of the server's work, against ~1 ms per batch).
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 /// The columns of `pk.mode=kafka`: where the record was read, which makes each row's key

@@ -79,7 +79,7 @@ pub(crate) fn connection_field(error: &sqlx::Error) -> &'static str {
 }
 
 /// What a buffered record counts for against `batch.max.bytes`: its key, value and headers,
-/// the parts whose size the producer chose (the rest is a fixed ~200 bytes per record).
+/// the parts whose size the producer chose (the rest is a fixed ~250 bytes per record).
 fn weight(record: &SinkRecord) -> usize {
     let record = &record.record;
     record.key.as_ref().map_or(0, |k| k.len())
