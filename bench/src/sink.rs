@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use medconnect_api::{
     ConfigDef, ConnectResult, Connector, ConnectorContext, ConnectorKind, ErrantRecordReporter,
     Props, Record, SinkConnector, SinkPartitions, SinkRecord, SinkTask, SinkTaskContext,
@@ -221,18 +221,28 @@ fn sink_task(plugins: &Plugins, config: Props) -> anyhow::Result<Box<dyn SinkTas
 }
 
 /// What a raw client hands the sink: the message copied out of the client's buffer, as the
-/// sink takes owned records.
+/// sink takes owned records; key, value and header values in one allocation, as the runner
+/// does (`task/sink/pipeline.rs`, `to_sink_record`), so both pay the same for the copy.
 fn sink_record(message: &BorrowedMessage<'_>) -> SinkRecord {
-    let headers = message
-        .headers()
+    let headers = message.headers();
+    let length = message.key().map_or(0, <[u8]>::len)
+        + message.payload().map_or(0, <[u8]>::len)
+        + headers.map_or(0, |h| {
+            h.iter()
+                .map(|header| header.value.map_or(0, <[u8]>::len))
+                .sum()
+        });
+    let mut buffer = BytesMut::with_capacity(length);
+    let mut share = |bytes: &[u8]| -> Bytes {
+        buffer.extend_from_slice(bytes);
+        buffer.split().freeze()
+    };
+    let key = message.key().map(&mut share);
+    let value = message.payload().map(&mut share);
+    let headers = headers
         .map(|h| {
             h.iter()
-                .map(|header| {
-                    (
-                        header.key.to_string(),
-                        header.value.map(Bytes::copy_from_slice),
-                    )
-                })
+                .map(|header| (header.key.to_string(), header.value.map(&mut share)))
                 .collect()
         })
         .unwrap_or_default();
@@ -240,8 +250,8 @@ fn sink_record(message: &BorrowedMessage<'_>) -> SinkRecord {
         record: Record {
             topic: message.topic().to_string(),
             partition: Some(message.partition()),
-            key: message.key().map(Bytes::copy_from_slice),
-            value: message.payload().map(Bytes::copy_from_slice),
+            key,
+            value,
             headers,
             timestamp: message.timestamp().to_millis(),
         },

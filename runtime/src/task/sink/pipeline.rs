@@ -116,13 +116,7 @@ impl Sink {
         self.metrics.records_in(batch.len() as u64);
         let transformed = if self.transforms.is_empty() {
             // Nothing to apply, nothing to keep for a dead letter: the batch goes as read.
-            for record in &batch {
-                self.positions.advance(
-                    &record.record.topic,
-                    record.kafka_partition,
-                    record.kafka_offset,
-                );
-            }
+            self.positions.advance_past(&batch);
             self.uncommitted += batch.len() as i64;
             batch
         } else {
@@ -401,6 +395,29 @@ impl Positions {
         *next = (*next).max(offset + 1);
     }
 
+    /// Past every record of a batch: one lookup per run of records from one partition (a
+    /// batch is mostly one run), not one per record.
+    pub(super) fn advance_past(&mut self, batch: &[SinkRecord]) {
+        let mut run: Option<(&str, i32, i64)> = None;
+        for record in batch {
+            let (topic, partition) = (record.record.topic.as_str(), record.kafka_partition);
+            match &mut run {
+                Some((t, p, last)) if *p == partition && *t == topic => {
+                    *last = (*last).max(record.kafka_offset);
+                }
+                _ => {
+                    if let Some((t, p, last)) = run {
+                        self.advance(t, p, last);
+                    }
+                    run = Some((topic, partition, record.kafka_offset));
+                }
+            }
+        }
+        if let Some((topic, partition, last)) = run {
+            self.advance(topic, partition, last);
+        }
+    }
+
     pub(super) fn remove(&mut self, topic: &str, partition: i32) {
         if let Some(partitions) = self.0.get_mut(topic) {
             partitions.remove(&partition);
@@ -559,5 +576,26 @@ mod tests {
         assert_eq!(positions.iter().collect::<Vec<_>>(), [("a", 1, 1)]);
         positions.remove("a", 1);
         assert!(positions.is_empty());
+
+        // A batch: runs of partitions, offsets in order within each, as a consumer reads.
+        let record = |topic: &str, partition, offset| SinkRecord {
+            record: Record::new(topic),
+            kafka_partition: partition,
+            kafka_offset: offset,
+        };
+        positions.advance("a", 0, 50);
+        positions.advance_past(&[
+            record("a", 0, 7),
+            record("a", 0, 8),
+            record("a", 1, 3),
+            record("b", 1, 5),
+            record("b", 1, 6),
+            record("a", 1, 4),
+        ]);
+        let mut all: Vec<_> = positions.iter().collect();
+        all.sort();
+        assert_eq!(all, [("a", 0, 51), ("a", 1, 5), ("b", 1, 7)]);
+        positions.advance_past(&[]);
+        assert_eq!(positions.iter().count(), 3);
     }
 }
