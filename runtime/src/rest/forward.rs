@@ -57,7 +57,7 @@ pub async fn to_leader(State(state): State<RestState>, request: Request, next: N
     }
     // A task restarts where it runs.
     if let Some((name, task)) = task_restart(request.uri().path()) {
-        return match owner_url(&state, &name, task) {
+        return match owner_url(&state, &name, task).await {
             Some(url) if !request.headers().contains_key(FORWARDED_BY) => {
                 forward(&state, &url, request)
                     .await
@@ -97,9 +97,11 @@ fn task_restart(path: &str) -> Option<(String, u32)> {
     Some((name.to_string(), task.parse().ok()?))
 }
 
-/// The REST URL of the other worker that runs the task, if another one does.
-fn owner_url(state: &RestState, connector: &str, task: u32) -> Option<String> {
-    let owner = state.herder.task_owner(connector, task)?;
+/// The REST URL of the other worker that runs the task, if another one does. Read from the
+/// statuses as they are now: one written just before (the task started elsewhere a moment
+/// ago) would otherwise make this worker restart a task it does not run, a silent no-op.
+async fn owner_url(state: &RestState, connector: &str, task: u32) -> Option<String> {
+    let owner = state.herder.current_task_owner(connector, task).await?;
     if owner == state.herder.worker_id() {
         return None;
     }
@@ -117,7 +119,7 @@ pub async fn restart_elsewhere(
     connector: &str,
     task: u32,
 ) -> Result<bool, String> {
-    let Some(url) = owner_url(state, connector, task) else {
+    let Some(url) = owner_url(state, connector, task).await else {
         return Ok(false);
     };
     let path = format!("/connectors/{connector}/tasks/{task}/restart");

@@ -148,6 +148,11 @@ impl StatusStore {
             .await
     }
 
+    /// Waits until every status written before this call (by any worker) is read.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        self.log.read_to_end().await
+    }
+
     pub fn connector(&self, name: &str) -> Option<TaskStatus> {
         self.lock().connectors.get(name).cloned()
     }

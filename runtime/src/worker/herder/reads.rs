@@ -58,6 +58,15 @@ impl Herder {
         self.statuses.task(name, task).map(|s| s.worker_id)
     }
 
+    /// The worker running a task by its latest status, once every status written before the
+    /// call is read: a worker that just started a task may have recorded it moments ago.
+    pub async fn current_task_owner(&self, name: &str, task: u32) -> Option<String> {
+        if let Err(error) = self.statuses.refresh().await {
+            tracing::warn!(connector = %name, task, %error, "cannot read the status topic to its end; using what was read");
+        }
+        self.task_owner(name, task)
+    }
+
     pub fn connector_names(&self) -> Vec<String> {
         self.configs.snapshot().connectors.into_keys().collect()
     }
