@@ -135,49 +135,35 @@ impl ConfigStore {
     }
 
     pub async fn put_connector(&self, name: &str, config: &Props) -> Result<(), StoreError> {
-        let value = json!({ "properties": config }).to_string();
-        self.log
-            .write(
-                format!("connector-{name}").as_bytes(),
-                Some(value.as_bytes()),
-            )
+        self.write(ConfigChange::default().connector(name, config))
             .await
     }
 
     pub async fn remove_connector(&self, name: &str) -> Result<(), StoreError> {
-        self.log
-            .write(format!("connector-{name}").as_bytes(), None)
-            .await?;
-        self.log
-            .write(format!("target-state-{name}").as_bytes(), None)
-            .await
+        let change = ConfigChange {
+            records: vec![
+                (format!("connector-{name}").into_bytes(), None),
+                (format!("target-state-{name}").into_bytes(), None),
+            ],
+        };
+        self.write(change).await
     }
 
     pub async fn put_target_state(&self, name: &str, state: TargetState) -> Result<(), StoreError> {
-        let value = json!({ "state": state.as_str(), "state.v2": state.as_str() }).to_string();
-        self.log
-            .write(
-                format!("target-state-{name}").as_bytes(),
-                Some(value.as_bytes()),
-            )
+        self.write(ConfigChange::default().target_state(name, state))
             .await
     }
 
     /// Writes every task config, then the commit record that makes them current.
     pub async fn put_task_configs(&self, name: &str, tasks: &[Props]) -> Result<(), StoreError> {
-        for (index, config) in tasks.iter().enumerate() {
-            let value = json!({ "properties": config }).to_string();
-            self.log
-                .write(
-                    format!("task-{name}-{index}").as_bytes(),
-                    Some(value.as_bytes()),
-                )
-                .await?;
-        }
-        let commit = json!({ "tasks": tasks.len() }).to_string();
-        self.log
-            .write(format!("commit-{name}").as_bytes(), Some(commit.as_bytes()))
+        self.write(ConfigChange::default().task_configs(name, tasks))
             .await
+    }
+
+    /// Writes the records of `change` in order and returns once this worker has read them
+    /// all back (one read-back for the whole change).
+    pub async fn write(&self, change: ConfigChange) -> Result<(), StoreError> {
+        self.log.write_all(&change.records).await
     }
 
     pub async fn refresh(&self) -> Result<(), StoreError> {
@@ -322,5 +308,46 @@ mod tests {
         );
         apply(&mut state, "connector-x", None);
         assert!(!state.snapshot.connectors.contains_key("x"));
+    }
+}
+
+/// Records for the config topic, written together by [`ConfigStore::write`]: a create writes
+/// the target state, the connector and its task configs with one read-back instead of one each.
+#[derive(Debug, Default)]
+#[must_use]
+pub struct ConfigChange {
+    records: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl ConfigChange {
+    fn record(mut self, key: String, value: serde_json::Value) -> Self {
+        self.records
+            .push((key.into_bytes(), Some(value.to_string().into_bytes())));
+        self
+    }
+
+    pub fn connector(self, name: &str, config: &Props) -> Self {
+        self.record(format!("connector-{name}"), json!({ "properties": config }))
+    }
+
+    pub fn target_state(self, name: &str, state: TargetState) -> Self {
+        self.record(
+            format!("target-state-{name}"),
+            json!({ "state": state.as_str(), "state.v2": state.as_str() }),
+        )
+    }
+
+    /// Every task config, then the commit record that makes them current.
+    pub fn task_configs(self, name: &str, tasks: &[Props]) -> Self {
+        let change = tasks
+            .iter()
+            .enumerate()
+            .fold(self, |change, (index, config)| {
+                change.record(
+                    format!("task-{name}-{index}"),
+                    json!({ "properties": config }),
+                )
+            });
+        change.record(format!("commit-{name}"), json!({ "tasks": tasks.len() }))
     }
 }

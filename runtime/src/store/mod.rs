@@ -8,7 +8,7 @@ mod status;
 use rdkafka::error::KafkaError;
 use thiserror::Error;
 
-pub use config::{ConfigSnapshot, ConfigStore, ConnectorEntry, TargetState};
+pub use config::{ConfigChange, ConfigSnapshot, ConfigStore, ConnectorEntry, TargetState};
 pub use log::KafkaLog;
 pub use offset::OffsetStore;
 pub use status::{ConnectorState, StatusStore, TaskStatus};

@@ -8,7 +8,7 @@ use tokio::sync::MutexGuard;
 
 use super::reads::ConnectorInfo;
 use super::{ConnectorPlugin, Herder, HerderError, Result, cc, settle};
-use crate::store::{ConnectorState, TargetState};
+use crate::store::{ConfigChange, ConnectorState, TargetState};
 use crate::task::{AfterStop, Stopping};
 use crate::worker::connector_config::restore_hidden;
 use crate::worker::connector_name;
@@ -161,12 +161,24 @@ impl Herder {
         config: &Props,
         initial: TargetState,
     ) -> Result<()> {
-        self.configs.put_target_state(name, initial).await?;
-        self.configs.put_connector(name, config).await?;
-        if initial != TargetState::Stopped {
-            self.generate_tasks(name, config).await?;
+        // One read-back for the whole create: the records go out together, in order.
+        let change = ConfigChange::default()
+            .target_state(name, initial)
+            .connector(name, config);
+        if initial == TargetState::Stopped {
+            return Ok(self.configs.write(change).await?);
         }
-        Ok(())
+        match self.task_configs_for(name, config).await {
+            Ok(tasks) => Ok(self
+                .configs
+                .write(change.task_configs(name, &tasks))
+                .await?),
+            Err(error) => {
+                // The connector exists, FAILED, as when its tasks were generated apart.
+                self.configs.write(change).await?;
+                Err(error)
+            }
+        }
     }
 
     pub async fn delete(&self, name: &str) -> Result<()> {

@@ -11,6 +11,14 @@ use crate::worker::secrets;
 impl Herder {
     /// Asks the connector for its task configs and commits them to the config topic.
     pub(super) async fn generate_tasks(&self, name: &str, config: &Props) -> Result<()> {
+        let tasks = self.task_configs_for(name, config).await?;
+        self.configs.put_task_configs(name, &tasks).await?;
+        Ok(())
+    }
+
+    /// The connector's task configs for `config`, not yet written. A connector that cannot
+    /// make them is marked FAILED and the call is a 400.
+    pub(super) async fn task_configs_for(&self, name: &str, config: &Props) -> Result<Vec<Props>> {
         let plugin = self.plugin_for(config)?;
         // Bounded even for a config stored before the worker's limit existed.
         let max_tasks = cc::task_count(&plugin, config, self.runner.tasks_max_limit);
@@ -55,8 +63,7 @@ impl Herder {
                             .collect()
                     })
                     .collect();
-                self.configs.put_task_configs(name, &tasks).await?;
-                Ok(())
+                Ok(tasks)
             }
             Err(error) => {
                 self.put_connector_status(name, ConnectorState::Failed, Some(error.to_string()))
