@@ -32,19 +32,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
 use medconnect_api::{
     ConfigDef, ConnectResult, Connector, ConnectorContext, ConnectorKind, ErrantRecordReporter,
-    Props, Record, SinkConnector, SinkPartitions, SinkRecord, SinkTask, SinkTaskContext,
-    TaskConfig, content_type,
+    Props, SinkConnector, SinkPartitions, SinkRecord, SinkTask, SinkTaskContext, TaskConfig,
+    content_type,
 };
 use medconnect_datagen::{Schema, generate};
 use medconnect_runtime::broker::{self, EmbeddedBroker};
-use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
+use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics, record_of};
 use medconnect_runtime::worker::plugins::ConnectorPlugin;
 use medconnect_runtime::{Plugins, Worker, WorkerConfig};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers as _, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -221,40 +220,10 @@ fn sink_task(plugins: &Plugins, config: Props) -> anyhow::Result<Box<dyn SinkTas
 }
 
 /// What a raw client hands the sink: the message copied out of the client's buffer, as the
-/// sink takes owned records; key, value and header values in one allocation, as the runner
-/// does (`task/sink/pipeline.rs`, `to_sink_record`), so both pay the same for the copy.
+/// sink takes owned records, with the conversion the runner uses, so both pay the same copy.
 fn sink_record(message: &BorrowedMessage<'_>) -> SinkRecord {
-    let headers = message.headers();
-    let length = message.key().map_or(0, <[u8]>::len)
-        + message.payload().map_or(0, <[u8]>::len)
-        + headers.map_or(0, |h| {
-            h.iter()
-                .map(|header| header.value.map_or(0, <[u8]>::len))
-                .sum()
-        });
-    let mut buffer = BytesMut::with_capacity(length);
-    let mut share = |bytes: &[u8]| -> Bytes {
-        buffer.extend_from_slice(bytes);
-        buffer.split().freeze()
-    };
-    let key = message.key().map(&mut share);
-    let value = message.payload().map(&mut share);
-    let headers = headers
-        .map(|h| {
-            h.iter()
-                .map(|header| (header.key.to_string(), header.value.map(&mut share)))
-                .collect()
-        })
-        .unwrap_or_default();
     SinkRecord {
-        record: Record {
-            topic: message.topic().to_string(),
-            partition: Some(message.partition()),
-            key,
-            value,
-            headers,
-            timestamp: message.timestamp().to_millis(),
-        },
+        record: record_of(message),
         kafka_partition: message.partition(),
         kafka_offset: message.offset(),
     }

@@ -11,7 +11,7 @@ mod producers;
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use medconnect_api::Record;
 use rdkafka::message::{Headers as _, Message};
 
@@ -166,27 +166,38 @@ pub fn overrides_with_prefix(
 }
 
 /// A Kafka message as a [`Record`]: a record a sink consumed, or one the producer handed back
-/// with its refusal (to dead-letter or send again). Payloads are copied out of the client's
-/// buffer once.
-pub(crate) fn record_of(message: &impl Message) -> Record {
-    let headers = message
-        .headers()
+/// with its refusal (to dead-letter or send again). The key, the value and the header values
+/// are copied out of the client's buffer into one allocation and shared from there: a copy of
+/// the record (a sink's batch kept for a retried `put`) then costs reference counts, not
+/// allocations (a `Bytes` copied on its own allocates again when first cloned).
+pub fn record_of(message: &impl Message) -> Record {
+    let headers = message.headers();
+    let length = message.key().map_or(0, <[u8]>::len)
+        + message.payload().map_or(0, <[u8]>::len)
+        + headers.map_or(0, |h| {
+            h.iter()
+                .map(|header| header.value.map_or(0, <[u8]>::len))
+                .sum()
+        });
+    let mut buffer = BytesMut::with_capacity(length);
+    let mut share = |bytes: &[u8]| -> Bytes {
+        buffer.extend_from_slice(bytes);
+        buffer.split().freeze()
+    };
+    let key = message.key().map(&mut share);
+    let value = message.payload().map(&mut share);
+    let headers = headers
         .map(|h| {
             h.iter()
-                .map(|header| {
-                    (
-                        header.key.to_string(),
-                        header.value.map(Bytes::copy_from_slice),
-                    )
-                })
+                .map(|header| (header.key.to_string(), header.value.map(&mut share)))
                 .collect()
         })
         .unwrap_or_default();
     Record {
         topic: message.topic().to_string(),
         partition: (message.partition() >= 0).then_some(message.partition()),
-        key: message.key().map(Bytes::copy_from_slice),
-        value: message.payload().map(Bytes::copy_from_slice),
+        key,
+        value,
         headers,
         timestamp: message.timestamp().to_millis(),
     }

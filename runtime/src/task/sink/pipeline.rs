@@ -5,17 +5,17 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use medconnect_api::{
-    ConnectError, ConnectResult, Headers, Record, SinkOffsets, SinkRecord, SinkTask, TopicPartition,
+    ConnectError, ConnectResult, SinkOffsets, SinkRecord, SinkTask, TopicPartition,
 };
 use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::message::{BorrowedMessage, Headers as _, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::kafka::record_of;
 use crate::metrics::TaskMetrics;
 use crate::task::errors::{ErrorReporter, Stage};
 use crate::task::{RunState, RunnerSettings};
@@ -440,42 +440,11 @@ impl Positions {
     }
 }
 
-/// A consumed message as the sink gets it. The key, the value and the header values are
-/// copied out of the client's buffer into one allocation and shared from there: a batch's
-/// copy for a retried `put` (see `put`) then costs reference counts, not allocations (a
-/// `Bytes` copied on its own allocates again when first cloned).
+/// A consumed message as the sink gets it: [`record_of`] shares one copy of its bytes, so the
+/// copy of a batch kept for a retried `put` costs reference counts, not allocations.
 pub(super) fn to_sink_record(message: &impl Message) -> SinkRecord {
-    let headers = message.headers();
-    let length = message.key().map_or(0, <[u8]>::len)
-        + message.payload().map_or(0, <[u8]>::len)
-        + headers.map_or(0, |h| {
-            h.iter()
-                .map(|header| header.value.map_or(0, <[u8]>::len))
-                .sum()
-        });
-    let mut buffer = BytesMut::with_capacity(length);
-    let mut share = |bytes: &[u8]| -> Bytes {
-        buffer.extend_from_slice(bytes);
-        buffer.split().freeze()
-    };
-    let key = message.key().map(&mut share);
-    let value = message.payload().map(&mut share);
-    let headers: Headers = headers
-        .map(|h| {
-            h.iter()
-                .map(|header| (header.key.to_string(), header.value.map(&mut share)))
-                .collect()
-        })
-        .unwrap_or_default();
     SinkRecord {
-        record: Record {
-            topic: message.topic().to_string(),
-            partition: (message.partition() >= 0).then_some(message.partition()),
-            key,
-            value,
-            headers,
-            timestamp: message.timestamp().to_millis(),
-        },
+        record: record_of(message),
         kafka_partition: message.partition(),
         kafka_offset: message.offset(),
     }
@@ -483,6 +452,7 @@ pub(super) fn to_sink_record(message: &impl Message) -> SinkRecord {
 
 #[cfg(test)]
 mod tests {
+    use medconnect_api::Record;
     use rdkafka::Timestamp;
     use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 
@@ -505,7 +475,7 @@ mod tests {
     }
 
     #[test]
-    fn a_consumed_message_reads_as_the_shared_conversion_does() {
+    fn a_consumed_message_keeps_its_key_value_headers_and_place() {
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "content-type",
@@ -523,23 +493,38 @@ mod tests {
                 key: "content-type",
                 value: Some("text/plain"),
             });
-        let cases = [
-            message(Some(b"patient-7"), Some(b"{\"hr\":71}"), Some(headers)),
-            // A tombstone, an empty key, no headers.
-            message(Some(b""), None, None),
-            message(None, Some(b""), Some(OwnedHeaders::new())),
-        ];
-        for message in &cases {
-            let record = to_sink_record(message);
-            assert_eq!(record.record, crate::kafka::record_of(message));
-            assert_eq!((record.kafka_partition, record.kafka_offset), (3, 41));
-        }
-        let record = to_sink_record(&cases[0]);
+        let record = to_sink_record(&message(
+            Some(b"patient-7"),
+            Some(b"{\"hr\":71}"),
+            Some(headers),
+        ));
+        assert_eq!((record.kafka_partition, record.kafka_offset), (3, 41));
+        let record = record.record;
         assert_eq!(
-            record.record.headers.last_str("content-type"),
-            Some("text/plain")
+            (record.topic.as_str(), record.partition, record.timestamp),
+            ("vitals", Some(3), Some(1_700_000_000_000))
         );
-        assert_eq!(record.record.headers.len(), 4);
+        assert_eq!(record.key.as_deref(), Some(&b"patient-7"[..]));
+        assert_eq!(record.value.as_deref(), Some(&b"{\"hr\":71}"[..]));
+        assert_eq!(record.headers.len(), 4);
+        assert_eq!(record.headers.last_str("content-type"), Some("text/plain"));
+        assert_eq!(record.headers.last_str("empty"), Some(""));
+        assert!(
+            record
+                .headers
+                .iter()
+                .any(|(name, value)| name == "trace" && value.is_none())
+        );
+
+        // A tombstone with an empty key and no headers; an empty value.
+        let tombstone = to_sink_record(&message(Some(b""), None, None)).record;
+        assert_eq!(
+            (tombstone.key.as_deref(), tombstone.value),
+            (Some(&b""[..]), None)
+        );
+        assert!(tombstone.headers.is_empty());
+        let empty = to_sink_record(&message(None, Some(b""), Some(OwnedHeaders::new()))).record;
+        assert_eq!((empty.key, empty.value.as_deref()), (None, Some(&b""[..])));
     }
 
     #[test]
