@@ -601,6 +601,28 @@ async fn partial_frame(task: &MllpSourceTask, bytes: usize) -> tokio::net::TcpSt
     stream
 }
 
+/// Sends a 20,001-byte frame and expects AR "busy" naming its control id, then the close.
+async fn refused_for_the_budget(task: &MllpSourceTask) {
+    let address = task.local_addr().expect("bound");
+    let mut sender = MllpClient::connect("127.0.0.1", address.port(), DEADLINE, None, 1 << 20)
+        .await
+        .expect("connect");
+    let mut frame = vec![0x0b];
+    frame.extend_from_slice(ADT_A01.as_bytes());
+    frame.resize(20_001, b'x');
+    sender.send_raw(&frame, DEADLINE).await.expect("send");
+    let ack = reply(&mut sender).await;
+    assert_eq!(
+        (ack.code, ack.control_id.as_str()),
+        (AckCode::Reject, "MSG00001")
+    );
+    assert!(ack.text.contains("budget"), "{}", ack.text);
+    assert!(matches!(
+        sender.receive(DEADLINE).await,
+        Err(ClientError::Closed | ClientError::Frame(_))
+    ));
+}
+
 #[tokio::test]
 async fn two_listeners_together_cannot_hold_more_than_the_worker_budget() {
     // Each listener may hold 65,536 bytes, the worker only 65,536 over both.
@@ -637,20 +659,7 @@ async fn two_listeners_together_cannot_hold_more_than_the_worker_budget() {
     assert_eq!(worker.used(), 60_000);
 
     // The second listener has 45,536 bytes of its own left, the worker 5,536: refused.
-    let address = second.local_addr().expect("bound");
-    let mut fourth = MllpClient::connect("127.0.0.1", address.port(), DEADLINE, None, 1 << 20)
-        .await
-        .expect("connect");
-    let mut frame = vec![0x0b];
-    frame.extend_from_slice(ADT_A01.as_bytes());
-    frame.resize(20_001, b'x');
-    fourth.send_raw(&frame, DEADLINE).await.expect("send");
-    let ack = reply(&mut fourth).await;
-    assert_eq!(
-        (ack.code, ack.control_id.as_str()),
-        (AckCode::Reject, "MSG00001")
-    );
-    assert!(ack.text.contains("budget"), "{}", ack.text);
+    refused_for_the_budget(second).await;
     assert_eq!(second_budget.refused(), 0, "the listener itself had room");
     assert!(worker.refused() >= 1);
     assert!(worker.peak() <= 65_536, "peak {}", worker.peak());
@@ -693,24 +702,7 @@ async fn connections_together_cannot_hold_more_than_the_frame_budget() {
         until("the stalled frames held", || budget.used() == n * 20_000).await;
     }
     // A fourth cannot get its 20,000: refused with AR naming the control id, and closed.
-    let address = task.local_addr().expect("bound");
-    let mut fourth = MllpClient::connect("127.0.0.1", address.port(), DEADLINE, None, 1 << 20)
-        .await
-        .expect("connect");
-    let mut frame = vec![0x0b];
-    frame.extend_from_slice(ADT_A01.as_bytes());
-    frame.resize(20_001, b'x');
-    fourth.send_raw(&frame, DEADLINE).await.expect("send");
-    let ack = reply(&mut fourth).await;
-    assert_eq!(
-        (ack.code, ack.control_id.as_str()),
-        (AckCode::Reject, "MSG00001")
-    );
-    assert!(ack.text.contains("budget"), "{}", ack.text);
-    assert!(matches!(
-        fourth.receive(DEADLINE).await,
-        Err(ClientError::Closed | ClientError::Frame(_))
-    ));
+    refused_for_the_budget(&task).await;
     assert!(budget.refused() >= 1);
     assert!(budget.peak() <= 65_536, "peak {}", budget.peak());
     until("the refused frame given back", || budget.used() == 60_000).await;
