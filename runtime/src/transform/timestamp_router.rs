@@ -9,6 +9,7 @@
 //! literal (`''` is a quote), and so is every character that is not a letter. Any other letter
 //! is refused when the transform is built, never at the first record.
 
+use medconnect_api::time::civil_from_days;
 use medconnect_api::{
     ConfigDef, ConfigType, ConnectError, ConnectResult, Importance, Props, Record, Transform,
     Validator,
@@ -134,22 +135,6 @@ impl DateFormat {
         }
         out
     }
-}
-
-/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm),
-/// so no date library is needed for a topic suffix.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * mp + 2) / 5 + 1) as u32;
-    let month = (if mp < 10 { mp + 3 } else { mp - 9 }) as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[derive(Debug)]
