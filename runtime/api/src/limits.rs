@@ -187,15 +187,6 @@ impl Reservation {
         }
     }
 
-    /// Takes `bytes` more, waiting until the budgets have room. Cancel-safe: dropped while
-    /// waiting, it has taken nothing. Callers bound the wait (a deadline, shutdown).
-    pub async fn grow_when_room(&mut self, bytes: usize) {
-        let budget = self.budget.clone();
-        while !self.grow(bytes) {
-            budget.wait_for_room(bytes).await;
-        }
-    }
-
     /// Gives back what is held beyond `bytes` (what the connection still buffers).
     pub fn shrink_to(&mut self, bytes: usize) {
         if self.held > bytes {
@@ -206,10 +197,6 @@ impl Reservation {
 
     pub fn held(&self) -> usize {
         self.held
-    }
-
-    pub fn budget(&self) -> &Arc<ByteBudget> {
-        &self.budget
     }
 }
 
@@ -389,8 +376,10 @@ mod tests {
         let mut held = Reservation::new(first);
         assert!(held.grow(10));
         let waiting = tokio::spawn(async move {
-            let mut mine = Reservation::new(second);
-            mine.grow_when_room(5).await;
+            let mut mine = Reservation::new(second.clone());
+            while !mine.grow(5) {
+                second.wait_for_room(5).await;
+            }
             mine.held()
         });
         tokio::task::yield_now().await;
