@@ -101,7 +101,7 @@ fn task_restart(path: &str) -> Option<(String, u32)> {
 /// statuses as they are now: one written just before (the task started elsewhere a moment
 /// ago) would otherwise make this worker restart a task it does not run, a silent no-op.
 async fn owner_url(state: &RestState, connector: &str, task: u32) -> Option<String> {
-    let owner = state.herder.current_task_owner(connector, task).await?;
+    let owner = state.herder.task_owner(connector, task).await?;
     if owner == state.herder.worker_id() {
         return None;
     }

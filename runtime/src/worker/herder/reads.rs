@@ -53,18 +53,13 @@ impl Herder {
         }
     }
 
-    /// The worker the status topic says runs the task.
-    pub fn task_owner(&self, name: &str, task: u32) -> Option<String> {
-        self.statuses.task(name, task).map(|s| s.worker_id)
-    }
-
     /// The worker running a task by its latest status, once every status written before the
     /// call is read: a worker that just started a task may have recorded it moments ago.
-    pub async fn current_task_owner(&self, name: &str, task: u32) -> Option<String> {
+    pub async fn task_owner(&self, name: &str, task: u32) -> Option<String> {
         if let Err(error) = self.statuses.refresh().await {
             tracing::warn!(connector = %name, task, %error, "cannot read the status topic to its end; using what was read");
         }
-        self.task_owner(name, task)
+        self.statuses.task(name, task).map(|s| s.worker_id)
     }
 
     pub fn connector_names(&self) -> Vec<String> {
