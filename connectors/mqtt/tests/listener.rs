@@ -187,6 +187,30 @@ async fn mosquitto_pub(port: u16, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// `mosquitto_pub` as pump-3 with its password: one message at QoS 1 over MQTT 5.
+async fn pump_publishes_over_mqtt_5(port: u16, topic: &str, message: &str) -> (bool, String) {
+    mosquitto_pub(
+        port,
+        &[
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-i",
+            "pump-3",
+            "-u",
+            "pump-3",
+            "-P",
+            "s3cret-pump",
+            "-t",
+            topic,
+            "-m",
+            message,
+        ],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn mosquitto_pub_qos_2_over_mqtt_5_with_user_properties_completes_once_stored() {
     let (mut task, port) = listener(&[]).await;
@@ -451,26 +475,7 @@ async fn bad_publishes_go_to_the_dead_letter_topic_and_mqtt_5_devices_hear_why()
     // MQTT 5, a payload that is not JSON: rejected for the dead-letter topic, and once it is
     // there the device gets PUBACK 0x99 (payload format invalid).
     let publisher = tokio::spawn(async move {
-        mosquitto_pub(
-            port,
-            &[
-                "-V",
-                "mqttv5",
-                "-q",
-                "1",
-                "-i",
-                "pump-3",
-                "-u",
-                "pump-3",
-                "-P",
-                "s3cret-pump",
-                "-t",
-                "devices/pump-3/vitals",
-                "-m",
-                "{\"rate\":",
-            ],
-        )
-        .await
+        pump_publishes_over_mqtt_5(port, "devices/pump-3/vitals", "{\"rate\":").await
     });
     let mut records = next_records(&mut task, 1).await;
     let reason = records[0].rejected.as_ref().expect("rejected").to_string();
@@ -685,30 +690,8 @@ async fn a_topic_chosen_by_publishers_beyond_the_cap_is_dead_lettered_and_mqtt_5
         ("kafka.topic.max.distinct", "2"),
     ])
     .await;
-    let publish = |topic: &'static str| {
-        tokio::spawn(async move {
-            mosquitto_pub(
-                port,
-                &[
-                    "-V",
-                    "mqttv5",
-                    "-q",
-                    "1",
-                    "-i",
-                    "pump-3",
-                    "-u",
-                    "pump-3",
-                    "-P",
-                    "s3cret-pump",
-                    "-t",
-                    topic,
-                    "-m",
-                    "{\"hr\":72}",
-                ],
-            )
-            .await
-        })
-    };
+    let publish =
+        |topic: &'static str| tokio::spawn(pump_publishes_over_mqtt_5(port, topic, "{\"hr\":72}"));
     for (topic, kafka_topic) in [("wards/icu", "wards.icu"), ("wards/er", "wards.er")] {
         let publisher = publish(topic);
         let mut records = next_records(&mut task, 1).await;
