@@ -36,6 +36,8 @@ pub const SUBSCRIBE_ALLOWED: &str = "mqtt.subscribe.allowed";
 pub const COMMANDS_INFLIGHT: &str = "mqtt.commands.inflight";
 pub const BUDGET_BYTES: &str = "mqtt.budget.bytes";
 pub const MAX_CONNECTIONS_PER_PEER: &str = "mqtt.max.connections.per.peer";
+pub const TRANSPORT: &str = "mqtt.transport";
+pub const WEBSOCKET_PATH: &str = "mqtt.websocket.path";
 
 /// Bytes a connection reads at once: the budget is taken for them before the read.
 pub const READ_CHUNK: usize = 4 * 1024;
@@ -68,6 +70,36 @@ impl PayloadFormat {
     }
 }
 
+/// What carries the MQTT byte stream, inside TLS when the listener has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// MQTT straight on the TCP (or TLS) connection.
+    Tcp,
+    /// MQTT in WebSocket binary frames (subprotocol `mqtt`), upgraded from an HTTP request
+    /// for `path`.
+    WebSocket { path: String },
+}
+
+/// Why `path` cannot be the WebSocket endpoint: it is compared with the request's path as
+/// is, so it must look like one.
+fn check_websocket_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} does not start with '/'"));
+    }
+    if path.len() > 256 {
+        return Err("longer than 256 characters".into());
+    }
+    if let Some(bad) = path
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, '?' | '#'))
+    {
+        return Err(format!(
+            "{bad:?} is not allowed (a path only: no query, fragment, space or non-ASCII)"
+        ));
+    }
+    Ok(())
+}
+
 fn json_error_kind(error: &serde_json::Error) -> &'static str {
     match error.classify() {
         serde_json::error::Category::Eof => "it ends early",
@@ -83,6 +115,10 @@ pub fn listener_def() -> ConfigDef {
         .with_validator(Validator::NonEmpty)
         .define(PORT, ConfigType::Int, "1883", Importance::High, "TCP port (0: any free port).")
         .with_validator(Validator::between(0.0, 65535.0))
+        .define(TRANSPORT, ConfigType::String, "tcp", Importance::High, "tcp: MQTT straight over TCP (or TLS with mqtt.tls.cert.file). websocket: MQTT over WebSocket (binary frames, subprotocol mqtt) at mqtt.websocket.path, ws:// — or wss:// with mqtt.tls.cert.file —, for browser and firewall-bound devices; every limit, check and acknowledgement rule is the same.")
+        .with_validator(Validator::OneOf(vec!["tcp", "websocket"]))
+        .define(WEBSOCKET_PATH, ConfigType::String, "/mqtt", Importance::Medium, "With mqtt.transport=websocket: the HTTP path devices upgrade at (ws://host:port/mqtt); any other path is answered 404.")
+        .with_validator(Validator::custom(check_websocket_path))
         .define(TLS_CERT_FILE, ConfigType::String, "", Importance::High, "PEM certificate chain of the listener: set, devices connect over TLS (MQTT over TLS, port 8883 by convention); empty: plain TCP.")
         .define(TLS_KEY_FILE, ConfigType::String, "", Importance::High, "PEM private key of mqtt.tls.cert.file.")
         .define(TLS_CLIENT_CA_FILE, ConfigType::String, "", Importance::High, "PEM CA(s) that sign device certificates: set, every device must present one (mTLS), and its subject's common name is the device's identity (header mqtt.cert.cn); a device with a valid certificate needs no password unless mqtt.users names it.")
@@ -144,6 +180,7 @@ pub struct ListenerConfig {
     /// `SO_REUSEPORT`: several workers of one host share the port.
     pub share_port: bool,
     pub tls: Option<ListenerTls>,
+    pub transport: Transport,
     pub users: Users,
     pub allow_anonymous: bool,
     pub max_connections: usize,
@@ -198,6 +235,19 @@ impl ListenerConfig {
                 ));
             }
         };
+        let transport = match parsed.string(TRANSPORT)?.as_str() {
+            "websocket" => Transport::WebSocket {
+                path: parsed.string(WEBSOCKET_PATH)?,
+            },
+            _ if props.contains_key(WEBSOCKET_PATH) => {
+                // Said on purpose, so a forgotten transport does not silently mean plain MQTT.
+                return Err(ConnectError::config(
+                    WEBSOCKET_PATH,
+                    format!("set, but {TRANSPORT} is not websocket"),
+                ));
+            }
+            _ => Transport::Tcp,
+        };
         let max_packet_bytes: usize = parsed.int_as(MAX_PACKET_BYTES)?;
         let budget_bytes: usize = parsed.int_as(BUDGET_BYTES)?;
         if budget_bytes < max_packet_bytes.saturating_add(READ_CHUNK) {
@@ -222,6 +272,7 @@ impl ListenerConfig {
             port: parsed.int_as(PORT)?,
             share_port: parsed.boolean(SHARE_PORT)?,
             tls,
+            transport,
             users,
             allow_anonymous,
             max_connections: parsed.int_as(MAX_CONNECTIONS)?,
@@ -267,5 +318,45 @@ mod tests {
         assert_eq!(config.users.len(), 2);
         assert!(!format!("{config:?}").contains("s3cret"));
         assert!(ListenerConfig::parse(&props_from(&[(USERS, "no-colon")])).is_err());
+    }
+
+    #[test]
+    fn the_transport_is_tcp_or_websocket_with_a_path() {
+        let anonymous = (ALLOW_ANONYMOUS, "true");
+        let parse = |pairs: &[(&str, &str)]| {
+            let mut all = vec![anonymous];
+            all.extend_from_slice(pairs);
+            ListenerConfig::parse(&props_from(&all))
+        };
+        assert_eq!(parse(&[]).unwrap().transport, Transport::Tcp);
+        assert_eq!(
+            parse(&[(TRANSPORT, "websocket")]).unwrap().transport,
+            Transport::WebSocket {
+                path: "/mqtt".into()
+            }
+        );
+        assert_eq!(
+            parse(&[(TRANSPORT, "websocket"), (WEBSOCKET_PATH, "/devices/ws")])
+                .unwrap()
+                .transport,
+            Transport::WebSocket {
+                path: "/devices/ws".into()
+            }
+        );
+        for (pairs, field) in [
+            (&[(TRANSPORT, "ws")][..], TRANSPORT),
+            (
+                &[(TRANSPORT, "websocket"), (WEBSOCKET_PATH, "mqtt")][..],
+                WEBSOCKET_PATH,
+            ),
+            (
+                &[(TRANSPORT, "websocket"), (WEBSOCKET_PATH, "/mqtt?x=1")][..],
+                WEBSOCKET_PATH,
+            ),
+            (&[(WEBSOCKET_PATH, "/mqtt")][..], WEBSOCKET_PATH),
+        ] {
+            let error = parse(pairs).unwrap_err().to_string();
+            assert!(error.contains(field), "{pairs:?}: {error}");
+        }
     }
 }

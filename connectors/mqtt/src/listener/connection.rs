@@ -38,6 +38,7 @@ use super::auth::Admission;
 use super::config::READ_CHUNK;
 use super::hub::{Attached, Message, Outcome};
 use super::record::{Device, to_record};
+use super::websocket::FrameError;
 use super::wire::{self, Connect, Incoming, Outgoing, Refusal, Verdict, Version, WireError};
 
 /// How long writing one answer may take before the connection is given up.
@@ -145,6 +146,20 @@ enum End {
     BudgetExhausted,
 }
 
+impl End {
+    /// A WebSocket frame too large for any packet is a packet too large (MQTT 5 devices are
+    /// told so, as on TCP); any other read error ends the connection as is.
+    fn read_failed(error: std::io::Error) -> Self {
+        match error.get_ref().and_then(|e| e.downcast_ref::<FrameError>()) {
+            Some(FrameError::TooLarge { size, max }) => End::Wire(WireError::TooLarge {
+                size: *size,
+                max: *max,
+            }),
+            _ => End::Io(error),
+        }
+    }
+}
+
 struct Conn<S> {
     stream: S,
     buffer: BytesMut,
@@ -197,7 +212,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         {
             Ok(0) => Err(End::Closed),
             Ok(_) => Ok(()),
-            Err(error) => Err(End::Io(error)),
+            Err(error) => Err(End::read_failed(error)),
         }
     }
 

@@ -1,6 +1,6 @@
-//! The listener source: devices connect to medconnect over MQTT 3.1.1 or 5 and get their
-//! PUBACK (QoS 1) or PUBREC (QoS 2) only once the engine reports the record durable in Kafka —
-//! unlike a broker that acknowledges on receipt (rumqttd 0.20 appends to its in-memory log and
+//! The listener source: devices connect to medconnect over MQTT 3.1.1 or 5 (on TCP, TLS, or
+//! WebSocket over either) and get their PUBACK (QoS 1) or PUBREC (QoS 2) only once the engine
+//! reports the record durable in Kafka — unlike a broker that acknowledges on receipt (rumqttd 0.20 appends to its in-memory log and
 //! acknowledges at once, with no hook to wait for Kafka; so this listener speaks the protocol
 //! itself, with rumqttc's codecs). One listener per worker (placement every worker), so a TCP
 //! load balancer spreads devices over the cluster.
@@ -13,6 +13,7 @@ mod identity;
 mod rate;
 mod record;
 mod subscriptions;
+mod websocket;
 mod wire;
 
 use std::net::SocketAddr;
@@ -27,13 +28,14 @@ use medconnect_api::{
     ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind, Placement,
     Props, SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig,
 };
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{ListenerConfig, listener_def};
+pub use config::{ListenerConfig, Transport, listener_def};
 pub use record::{HEADER_CERT_CN, HEADER_USERNAME, USER_PROPERTY_PREFIX};
 
 use rate::ConnectRate;
@@ -198,7 +200,7 @@ impl SourceTask for MqttListenerSourceTask {
                 }
             })?;
         let address = listener.local_addr()?;
-        tracing::info!(connector = %self.connector, %address, tls = acceptor.is_some(), client_certificates = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), devices = config.users.len(), anonymous = config.allow_anonymous, "MQTT listener bound");
+        tracing::info!(connector = %self.connector, %address, tls = acceptor.is_some(), transport = ?config.transport, client_certificates = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), devices = config.users.len(), anonymous = config.allow_anonymous, "MQTT listener bound");
         let (queue, records) = mpsc::channel(config.queue_capacity);
         self.records = Some(records);
         self.local_addr = Some(address);
@@ -267,7 +269,7 @@ impl SourceTask for MqttListenerSourceTask {
 /// certificate's common name, if any, is the device's identity.
 async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let Some(acceptor) = &shared.tls else {
-        connection::serve(stream, peer, None, shared).await;
+        carry(stream, peer, None, shared).await;
         return;
     };
     let handshake = tokio::time::timeout(shared.config.connect_timeout, acceptor.accept(stream));
@@ -279,13 +281,28 @@ async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .and_then(|cert| identity::common_name(cert));
-            connection::serve(tls, peer, common_name, shared).await;
+            carry(tls, peer, common_name, shared).await;
         }
         Ok(Err(error)) => {
             tracing::warn!(connector = %shared.connector, %peer, %error, "MQTT TLS handshake failed");
         }
         Err(_) => {
             tracing::warn!(connector = %shared.connector, %peer, "MQTT TLS handshake timed out");
+        }
+    }
+}
+
+/// MQTT on the connection: straight, or in WebSocket frames after an HTTP upgrade.
+async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    peer: SocketAddr,
+    certificate_cn: Option<String>,
+    shared: Arc<Shared>,
+) {
+    match shared.config.transport.clone() {
+        Transport::Tcp => connection::serve(stream, peer, certificate_cn, shared).await,
+        Transport::WebSocket { path } => {
+            websocket::serve(stream, peer, certificate_cn, shared, &path).await
         }
     }
 }
