@@ -1,9 +1,10 @@
 //! The listener source: devices connect to medconnect over MQTT 3.1.1 or 5 (on TCP, TLS, or
 //! WebSocket over either) and get their PUBACK (QoS 1) or PUBREC (QoS 2) only once the engine
-//! reports the record durable in Kafka — unlike a broker that acknowledges on receipt (rumqttd 0.20 appends to its in-memory log and
-//! acknowledges at once, with no hook to wait for Kafka; so this listener speaks the protocol
-//! itself, with rumqttc's codecs). One listener per worker (placement every worker), so a TCP
-//! load balancer spreads devices over the cluster.
+//! reports the record durable in Kafka — unlike a broker that acknowledges on receipt
+//! (rumqttd 0.20 appends to its in-memory log and acknowledges at once, with no hook to wait
+//! for Kafka; so this listener speaks the protocol itself, with rumqttc's codecs). One
+//! listener per worker (placement every worker), so a TCP load balancer spreads devices over
+//! the cluster.
 
 mod auth;
 pub mod config;
