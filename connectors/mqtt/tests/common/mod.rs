@@ -230,3 +230,47 @@ impl Drop for CuttableProxy {
         self.stop.cancel();
     }
 }
+
+/// A CA made in the test (rcgen), the listener's certificate for `localhost`, and a device
+/// certificate whose common name is `pump-3`.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write =
+            |name: &str, pem: &str| std::fs::write(dir.path().join(name), pem).expect("write PEM");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "medconnect test CA");
+        let ca =
+            CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+        write("ca.crt", &ca.pem());
+        for (stem, name, usage) in [
+            ("server", "localhost", ExtendedKeyUsagePurpose::ServerAuth),
+            ("device", "pump-3", ExtendedKeyUsagePurpose::ClientAuth),
+        ] {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(vec![name.to_string()]).expect("params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &ca).expect("sign");
+            write(&format!("{stem}.crt"), &cert.pem());
+            write(&format!("{stem}.key"), &key.serialize_pem());
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
