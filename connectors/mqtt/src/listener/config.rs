@@ -38,6 +38,7 @@ pub const BUDGET_BYTES: &str = "mqtt.budget.bytes";
 pub const MAX_CONNECTIONS_PER_PEER: &str = "mqtt.max.connections.per.peer";
 pub const TRANSPORT: &str = "mqtt.transport";
 pub const WEBSOCKET_PATH: &str = "mqtt.websocket.path";
+const DEFAULT_WEBSOCKET_PATH: &str = "/mqtt";
 
 /// Bytes a connection reads at once: the budget is taken for them before the read.
 pub const READ_CHUNK: usize = 4 * 1024;
@@ -117,7 +118,7 @@ pub fn listener_def() -> ConfigDef {
         .with_validator(Validator::between(0.0, 65535.0))
         .define(TRANSPORT, ConfigType::String, "tcp", Importance::High, "tcp: MQTT straight over TCP (or TLS with mqtt.tls.cert.file). websocket: MQTT over WebSocket (binary frames, subprotocol mqtt) at mqtt.websocket.path, ws:// — or wss:// with mqtt.tls.cert.file —, for browser and firewall-bound devices; every limit, check and acknowledgement rule is the same.")
         .with_validator(Validator::OneOf(vec!["tcp", "websocket"]))
-        .define(WEBSOCKET_PATH, ConfigType::String, "/mqtt", Importance::Medium, "With mqtt.transport=websocket: the HTTP path devices upgrade at (ws://host:port/mqtt); any other path is answered 404.")
+        .define(WEBSOCKET_PATH, ConfigType::String, DEFAULT_WEBSOCKET_PATH, Importance::Medium, "With mqtt.transport=websocket: the HTTP path devices upgrade at (ws://host:port/mqtt); any other path is answered 404.")
         .with_validator(Validator::custom(check_websocket_path))
         .define(TLS_CERT_FILE, ConfigType::String, "", Importance::High, "PEM certificate chain of the listener: set, devices connect over TLS (MQTT over TLS, port 8883 by convention); empty: plain TCP.")
         .define(TLS_KEY_FILE, ConfigType::String, "", Importance::High, "PEM private key of mqtt.tls.cert.file.")
@@ -239,8 +240,13 @@ impl ListenerConfig {
             "websocket" => Transport::WebSocket {
                 path: parsed.string(WEBSOCKET_PATH)?,
             },
-            _ if props.contains_key(WEBSOCKET_PATH) => {
-                // Said on purpose, so a forgotten transport does not silently mean plain MQTT.
+            // A path of its own says WebSocket was meant: a forgotten transport must not
+            // silently mean plain MQTT (the default path, as tools that send every default
+            // do, is no such sign).
+            _ if props
+                .get(WEBSOCKET_PATH)
+                .is_some_and(|path| path != DEFAULT_WEBSOCKET_PATH) =>
+            {
                 return Err(ConnectError::config(
                     WEBSOCKET_PATH,
                     format!("set, but {TRANSPORT} is not websocket"),
@@ -353,10 +359,12 @@ mod tests {
                 &[(TRANSPORT, "websocket"), (WEBSOCKET_PATH, "/mqtt?x=1")][..],
                 WEBSOCKET_PATH,
             ),
-            (&[(WEBSOCKET_PATH, "/mqtt")][..], WEBSOCKET_PATH),
+            (&[(WEBSOCKET_PATH, "/devices/ws")][..], WEBSOCKET_PATH),
         ] {
             let error = parse(pairs).unwrap_err().to_string();
             assert!(error.contains(field), "{pairs:?}: {error}");
         }
+        let defaults_spelled_out = parse(&[(TRANSPORT, "tcp"), (WEBSOCKET_PATH, "/mqtt")]);
+        assert_eq!(defaults_spelled_out.unwrap().transport, Transport::Tcp);
     }
 }
