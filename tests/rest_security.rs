@@ -291,6 +291,37 @@ async fn roles_decide_each_class_of_call_and_every_change_is_audited() -> anyhow
         .send()
         .await?;
     assert_eq!(forged.status().as_u16(), 403);
+    // Workers' calls to each other's connectors (an MQTT sink handing a command to the devices
+    // on another worker's listener) take no REST caller, an admin neither, nor a request that
+    // claims to be a worker's without the session key's signature.
+    let relay = url("/internal/relay/mqtt-listener%2Fbedside-devices");
+    let (code, _, body) = call(
+        &http,
+        Method::POST,
+        &relay,
+        Some(&bearer(ADMIN)),
+        Some(&json!({"topic": "devices/pump-3/commands"})),
+    )
+    .await?;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Only another worker")),
+        "{body}"
+    );
+    let forged = http
+        .post(&relay)
+        .header("x-medconnect-forwarded-by", "w2")
+        .header(
+            "x-medconnect-principal",
+            r#"{"name":"w2","role":"admin","via":"worker","peer":null}"#,
+        )
+        .header("x-medconnect-signature", "00".repeat(32))
+        .body("{}\n")
+        .send()
+        .await?;
+    assert_eq!(forged.status().as_u16(), 403);
     for (method, path) in [
         (Method::PUT, "/connectors/guarded/pause"),
         (Method::PUT, "/connectors/guarded/stop"),

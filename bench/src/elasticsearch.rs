@@ -142,6 +142,7 @@ async fn run_sink(
         config,
         errant_records: ErrantRecordReporter::collecting(errant_tx),
         partitions: SinkPartitions::detached(),
+        peers: medconnect_api::relay::alone(),
     })?;
     task.start().await?;
     let started = Instant::now();

@@ -145,6 +145,7 @@ async fn run_sink(url: &str, prefix: &str, count_of: usize, bundle: usize) -> an
         ]),
         errant_records: ErrantRecordReporter::collecting(errant_tx),
         partitions: SinkPartitions::detached(),
+        peers: medconnect_api::relay::alone(),
     })?;
     task.start().await?;
     let started = Instant::now();

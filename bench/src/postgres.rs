@@ -99,6 +99,7 @@ fn sink(url: &str, settings: &[(&str, &str)]) -> anyhow::Result<PostgresSinkTask
         config,
         errant_records: ErrantRecordReporter::collecting(tx),
         partitions: SinkPartitions::detached(),
+        peers: medconnect_api::relay::alone(),
     })?)
 }
 

@@ -216,6 +216,7 @@ fn sink_task(plugins: &Plugins, config: Props) -> anyhow::Result<Box<dyn SinkTas
         config,
         errant_records: ErrantRecordReporter::collecting(errant),
         partitions: SinkPartitions::detached(),
+        peers: medconnect_api::relay::alone(),
     })?)
 }
 

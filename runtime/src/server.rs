@@ -193,19 +193,6 @@ impl Worker {
             Some(assignment) => assignment.clone(),
             None => Arc::new(EveryTaskHere),
         };
-        let herder = Arc::new(Herder::new(herder::HerderParts {
-            worker_id,
-            plugins,
-            configs: configs.clone(),
-            offsets: Arc::new(offsets),
-            statuses: Arc::new(statuses),
-            kafka: kafka.clone(),
-            runner: config.runner_settings(),
-            metrics,
-            assignment,
-        })?);
-        let shutdown = CancellationToken::new();
-        let (failure_tx, failure) = watch::channel(None);
         // Alone, a worker is its own leader from the start; in a cluster it waits to join.
         let cluster_view = watch::Sender::new(if config.cluster.enabled {
             ClusterView::default()
@@ -218,6 +205,25 @@ impl Worker {
                 session_key: Default::default(),
             }
         });
+        let peers = Arc::new(rest::relay::ClusterPeers::new(
+            worker_id.clone(),
+            cluster_view.subscribe(),
+            forwarder.clone(),
+        ));
+        let herder = Arc::new(Herder::new(herder::HerderParts {
+            worker_id,
+            plugins,
+            configs: configs.clone(),
+            offsets: Arc::new(offsets),
+            statuses: Arc::new(statuses),
+            kafka: kafka.clone(),
+            runner: config.runner_settings(),
+            metrics,
+            assignment,
+            peers,
+        })?);
+        let shutdown = CancellationToken::new();
+        let (failure_tx, failure) = watch::channel(None);
         let rest = tokio::spawn({
             let state = RestState {
                 herder: herder.clone(),

@@ -161,6 +161,7 @@ async fn started(
         config,
         errant_records: ErrantRecordReporter::collecting(errant),
         partitions: medconnect_api::SinkPartitions::detached(),
+        peers: medconnect_api::relay::alone(),
     })
     .expect("a valid task config");
     task.start().await.expect("sink starts");

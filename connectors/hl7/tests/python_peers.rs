@@ -203,6 +203,7 @@ async fn the_sink_delivers_to_hl7apy_s_mllp_server() {
         ]),
         errant_records: ErrantRecordReporter::collecting(errant_tx),
         partitions: medconnect_api::SinkPartitions::detached(),
+        peers: medconnect_api::relay::alone(),
     })
     .expect("a valid task config");
     sink.start().await.expect("sink starts");

@@ -149,6 +149,7 @@ async fn the_sink_delivers_over_tls_to_a_listener_that_requires_client_certifica
         ]),
         errant_records: ErrantRecordReporter::collecting(errant_tx),
         partitions: medconnect_api::SinkPartitions::detached(),
+        peers: medconnect_api::relay::alone(),
     })
     .expect("a valid task config");
     sink.start().await.expect("TLS sink starts");

@@ -315,6 +315,9 @@ pub struct SinkTaskContext {
     pub config: TaskConfig,
     pub errant_records: ErrantRecordReporter,
     pub partitions: SinkPartitions,
+    /// The other workers of the cluster, to call a handler a task registered there
+    /// ([`crate::relay`]); [`crate::relay::alone`] outside a cluster.
+    pub peers: Arc<dyn crate::relay::Peers>,
 }
 
 #[async_trait]

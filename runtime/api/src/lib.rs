@@ -12,6 +12,7 @@ pub mod error;
 pub mod limits;
 pub mod net;
 pub mod record;
+pub mod relay;
 pub mod time;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -19,7 +19,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::auth::{ForwardedBy, Principal};
-use super::signature::SIGNATURE;
+use super::signature::{SIGNATURE, SessionKey};
 use super::{ApiError, MAX_BODY_BYTES, RestState};
 
 /// Marks a request one worker forwarded to another (its value: the forwarding worker's id).
@@ -202,16 +202,34 @@ fn signed(
     principal: &Principal,
     body: bytes::Bytes,
 ) -> reqwest::RequestBuilder {
-    let me = state.herder.worker_id();
+    let key = state.cluster.borrow().session_key.clone();
+    signed_request(
+        &state.forwarder,
+        &key,
+        state.herder.worker_id(),
+        method,
+        base,
+        path,
+        principal,
+        body,
+    )
+}
+
+/// A request from worker `me` to the worker at `base`, for `principal`, signed with `key`.
+#[allow(clippy::too_many_arguments)] // the parts of one signed request, all needed
+pub fn signed_request(
+    client: &reqwest::Client,
+    key: &SessionKey,
+    me: &str,
+    method: reqwest::Method,
+    base: &str,
+    path: &str,
+    principal: &Principal,
+    body: bytes::Bytes,
+) -> reqwest::RequestBuilder {
     let principal = serde_json::to_string(principal).unwrap_or_default();
-    let signature =
-        state
-            .cluster
-            .borrow()
-            .session_key
-            .sign(method.as_str(), path, me, &principal, &body);
-    state
-        .forwarder
+    let signature = key.sign(method.as_str(), path, me, &principal, &body);
+    client
         .request(method, format!("{}{path}", base.trim_end_matches('/')))
         .header(FORWARDED_BY, me)
         .header(PRINCIPAL, principal)

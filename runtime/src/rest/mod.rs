@@ -10,6 +10,7 @@ mod error;
 pub mod forward;
 mod loggers;
 mod plugins;
+pub mod relay;
 pub mod signature;
 pub mod tls;
 
@@ -133,6 +134,7 @@ fn routes(state: RestState) -> Router {
         .route("/health", get(health))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/internal/relay/{channel}", post(relay::answer))
         .route(
             "/connectors",
             get(connectors::list).post(connectors::create),

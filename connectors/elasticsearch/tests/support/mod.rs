@@ -143,6 +143,7 @@ pub async fn task(
         config,
         errant_records: ErrantRecordReporter::collecting(errant_tx),
         partitions,
+        peers: medconnect_api::relay::alone(),
     })
     .expect("a valid task config");
     task.start().await.expect("start");

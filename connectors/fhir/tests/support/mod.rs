@@ -227,6 +227,7 @@ pub async fn sink_task(
         config: sink_props(url, pairs),
         errant_records: ErrantRecordReporter::collecting(errant_tx),
         partitions,
+        peers: medconnect_api::relay::alone(),
     })
     .expect("a valid task config");
     task.start().await.expect("start");

@@ -287,6 +287,7 @@ pub fn sink_task(
         config,
         errant_records: ErrantRecordReporter::collecting(tx),
         partitions: SinkPartitions::detached(),
+        peers: medconnect_api::relay::alone(),
     })
     .expect("a valid task config");
     (task, rx)

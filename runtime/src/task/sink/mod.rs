@@ -61,6 +61,8 @@ pub struct SinkTaskSpec {
     pub status: StatusReporter,
     pub metrics: TaskMetrics,
     pub settings: RunnerSettings,
+    /// The other workers, for the task's context.
+    pub peers: Arc<dyn medconnect_api::relay::Peers>,
 }
 
 pub struct SinkRunner;
@@ -83,6 +85,7 @@ impl SinkRunner {
             status,
             metrics,
             settings,
+            peers,
         } = spec;
         let errors = Arc::new(errors);
         let errant = Arc::new(ErrantRecords::new(errors.clone()));
@@ -104,6 +107,7 @@ impl SinkRunner {
             config,
             errant_records: ErrantRecordReporter::new(errant.clone()),
             partitions: SinkPartitions::new(partitions.clone()),
+            peers,
         };
         let started = created_and_started(plugin.create_task(context), &errors.policy, &stop).await;
         let mut task = match started {

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use futures::future::join_all;
 use medconnect_api::Props;
 use medconnect_api::limits::ByteBudget;
+use medconnect_api::relay::Peers;
 use rdkafka::producer::FutureProducer;
 use thiserror::Error;
 use tokio::sync::Mutex;
@@ -72,6 +73,8 @@ pub struct HerderParts {
     pub metrics: Metrics,
     /// Which of the connectors' tasks run on this worker.
     pub assignment: Arc<dyn Assignment>,
+    /// The other workers of the cluster, for sink tasks' contexts.
+    pub peers: Arc<dyn Peers>,
 }
 
 pub struct Herder {
@@ -90,6 +93,8 @@ pub struct Herder {
     producers: ProducerPool,
     /// Bytes remote senders may make the worker hold, shared by every listener source.
     listener_budget: Arc<ByteBudget>,
+    /// The other workers of the cluster, for sink tasks' contexts.
+    peers: Arc<dyn Peers>,
     tasks: Mutex<BTreeMap<(String, u32), TaskHandle>>,
     /// Runs being stopped, by task: a task's next run starts only once its last one is over.
     stopping: std::sync::Mutex<BTreeMap<(String, u32), Stopping>>,
@@ -121,6 +126,7 @@ impl Herder {
             dlq_producer,
             producers: ProducerPool::default(),
             listener_budget,
+            peers: parts.peers,
             tasks: Mutex::new(BTreeMap::new()),
             stopping: Default::default(),
             runs: Default::default(),

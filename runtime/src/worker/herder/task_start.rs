@@ -202,6 +202,7 @@ impl Herder {
                     status,
                     metrics,
                     settings: runner,
+                    peers: self.peers.clone(),
                 };
                 SinkRunner::run(spec, run_state, stop).boxed()
             }
