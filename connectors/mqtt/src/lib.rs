@@ -15,6 +15,7 @@
 pub mod config;
 pub mod listener;
 pub mod mapping;
+mod relay;
 mod sink;
 pub mod sink_topic;
 mod source;

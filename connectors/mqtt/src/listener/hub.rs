@@ -4,27 +4,45 @@
 //! connections whose subscriptions match its topic. Both live in this crate, so the engine
 //! knows nothing of it; a hub only reaches devices connected to this worker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak};
 
 use bytes::Bytes;
+use medconnect_api::relay;
 use rumqttc::QoS;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::subscriptions;
 
+/// A running listener's hub, and its answer to other workers' sinks.
+struct Registered {
+    hub: Weak<Hub>,
+    /// Withdrawn with the hub: another worker's sink then finds no listener here.
+    _relay: relay::Serving,
+}
+
 /// Listener hubs by connector name.
-static HUBS: LazyLock<Mutex<HashMap<String, Weak<Hub>>>> = LazyLock::new(Default::default);
+static HUBS: LazyLock<Mutex<HashMap<String, Registered>>> = LazyLock::new(Default::default);
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // The maps stay consistent whatever panicked while holding them (single inserts/removes).
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Makes `hub` the one of listener `connector` (a restarted task replaces its predecessor's).
+/// Makes `hub` the one of listener `connector` (a restarted task replaces its predecessor's),
+/// here and for sinks on other workers of the cluster.
 pub fn register(connector: &str, hub: &Arc<Hub>) {
-    lock(&HUBS).insert(connector.to_string(), Arc::downgrade(hub));
+    let relay = crate::relay::serve(connector, hub);
+    lock(&HUBS).insert(
+        connector.to_string(),
+        Registered {
+            hub: Arc::downgrade(hub),
+            _relay: relay,
+        },
+    );
     hub.changed.notify_waiters();
 }
 
@@ -33,7 +51,7 @@ pub fn unregister(connector: &str, hub: &Arc<Hub>) {
     let mut hubs = lock(&HUBS);
     if hubs
         .get(connector)
-        .is_some_and(|h| std::ptr::eq(h.as_ptr(), Arc::as_ptr(hub)))
+        .is_some_and(|h| std::ptr::eq(h.hub.as_ptr(), Arc::as_ptr(hub)))
     {
         hubs.remove(connector);
     }
@@ -41,7 +59,7 @@ pub fn unregister(connector: &str, hub: &Arc<Hub>) {
 
 /// The hub of listener `connector`, when that listener runs in this process.
 pub fn find(connector: &str) -> Option<Arc<Hub>> {
-    lock(&HUBS).get(connector).and_then(Weak::upgrade)
+    lock(&HUBS).get(connector).and_then(|h| h.hub.upgrade())
 }
 
 /// What became of a message handed to a connection.
@@ -136,6 +154,85 @@ impl Hub {
     pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.changed.notified()
     }
+
+    /// One round of delivering a message: hands it to every connection subscribed to
+    /// `topic` whose device is not in `skip` (they acknowledged it already), then waits for
+    /// their outcomes until `deadline`. With no such connection, first waits for one to
+    /// subscribe until `wait_for_subscriber`. A device subscribed at QoS 0 gets it at QoS 0.
+    pub async fn deliver_round(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        skip: &HashSet<String>,
+        wait_for_subscriber: Instant,
+        deadline: Instant,
+    ) -> Round {
+        let targets = loop {
+            let changed = self.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let targets: Vec<_> = self
+                .subscribers(topic)
+                .into_iter()
+                .filter(|(link, _)| !skip.contains(&link.client_id))
+                .collect();
+            if !targets.is_empty() {
+                break targets;
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = tokio::time::sleep_until(wait_for_subscriber) => return Round::default(),
+            }
+        };
+        let mut round = Round::default();
+        let mut waiting = Vec::with_capacity(targets.len());
+        for (link, granted) in targets {
+            let qos = if granted == QoS::AtMostOnce {
+                QoS::AtMostOnce
+            } else {
+                qos
+            };
+            let (done, outcome) = oneshot::channel();
+            let message = Message {
+                topic: topic.to_string(),
+                payload: payload.clone(),
+                qos,
+                done,
+            };
+            match tokio::time::timeout_at(deadline, link.send(message)).await {
+                Ok(Ok(())) => waiting.push((link.client_id.clone(), outcome)),
+                // Its connection ended, or its queue stayed full up to the deadline.
+                Ok(Err(_)) | Err(_) => round.owed.push(link.client_id.clone()),
+            }
+        }
+        for (client_id, outcome) in waiting {
+            match tokio::time::timeout_at(deadline, outcome).await {
+                Ok(Ok(Outcome::Delivered)) => round.acknowledged.push(client_id),
+                Ok(Ok(Outcome::Refused(reason))) => {
+                    round.refused = Some((client_id, reason));
+                    return round;
+                }
+                // The connection ended before the PUBACK, or the deadline came first.
+                Ok(Err(_)) | Err(_) => round.owed.push(client_id),
+            }
+        }
+        round
+    }
+}
+
+/// What one round of delivering a message to one hub's devices came to (also the answer a
+/// worker sends back for its hub, see [`crate::relay`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Round {
+    /// Devices that acknowledged the message (QoS 1: PUBACK; QoS 0: written).
+    pub acknowledged: Vec<String>,
+    /// Devices that had it and did not acknowledge it: their connection ended, or the
+    /// deadline came first. They get it again when they are back.
+    pub owed: Vec<String>,
+    /// A device that refused it (MQTT 5 PUBACK reason >= 0x80), and why.
+    pub refused: Option<(String, String)>,
 }
 
 /// A connection's place in the hub.

@@ -1,7 +1,7 @@
-//! The sink towards the devices connected to a listener source on this worker
-//! (`mqtt.sink.target=listener`): each record goes to every connected device whose
-//! subscription matches its topic, at QoS 1 (or 0), and counts as delivered once each of them
-//! PUBACKed it. A record with no such device waits — through the device's reconnections —
+//! The sink towards the devices connected to a listener source (`mqtt.sink.target=listener`),
+//! on this worker and, through [`crate::relay`], on every other worker of the cluster: each
+//! record goes to every connected device whose subscription matches its topic, at QoS 1 (or
+//! 0), and counts as delivered once each of them PUBACKed it. A record with no such device waits — through the device's reconnections —
 //! up to `mqtt.delivery.timeout.ms`, then is reported as errant (dead-letter topic with
 //! `__connect.errors.*` headers, or task failure, per `errors.tolerance`). `pre_commit`
 //! commits only up to the first record not yet settled that way.
@@ -16,24 +16,32 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::join_all;
 use futures::stream::FuturesUnordered;
 use medconnect_api::acknowledgements::Tracker;
+use medconnect_api::relay::Peers;
 use medconnect_api::{
     ConnectError, ConnectResult, ErrantRecordReporter, SinkOffsets, SinkRecord, SinkTask,
     SinkTaskContext, TopicPartition,
 };
 use rumqttc::QoS;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::SinkConfig;
-use crate::listener::hub::{self, Message, Outcome};
+use crate::listener::hub::{self, Round};
+use crate::relay;
 
-/// How often a record waiting for its device looks again without a wake-up (a listener that
-/// registers later, a device whose subscription another worker's hub holds).
+/// How often a record waiting for its device looks for a listener that is not running on this
+/// worker yet.
 const LOOK_AGAIN: Duration = Duration::from_millis(250);
+
+/// How long one round waits for a device to (re)subscribe when none took the message yet.
+/// Another worker's listener answers a round at its end, so this bounds how late a device
+/// that subscribed there gets a waiting message.
+const WAIT_FOR_SUBSCRIBER: Duration = Duration::from_secs(1);
 
 /// One record on its way to its devices.
 struct Job {
@@ -53,6 +61,8 @@ struct Context {
     max_queued: usize,
     errant: ErrantRecordReporter,
     tracker: Arc<Tracker>,
+    /// The other workers, whose listeners hold the devices connected there.
+    peers: Arc<dyn Peers>,
 }
 
 impl Context {
@@ -109,6 +119,7 @@ impl DeviceSink {
                 max_queued: config.device_max_queued,
                 errant: context.errant_records,
                 tracker: Arc::new(Tracker::default()),
+                peers: context.peers,
             }),
             config,
             jobs: None,
@@ -275,9 +286,9 @@ fn deliver(
     }
 }
 
-/// Sends the message to every device subscribed to `topic` that has not acknowledged it yet,
-/// again after a device's connection ended before its PUBACK, until all of them did or the
-/// deadline passed.
+/// Sends the message to every device subscribed to `topic` — on this worker's listener and on
+/// every other worker's — that has not acknowledged it yet, again after a device's connection
+/// ended before its PUBACK, until all of them did or the deadline passed.
 async fn deliver_until(
     context: &Context,
     topic: &str,
@@ -291,7 +302,7 @@ async fn deliver_until(
     let gave_up = |owed: &HashSet<String>| {
         if owed.is_empty() {
             format!(
-                "no device subscribed to '{topic}' on listener '{}' (on this worker) acknowledged the message within {timeout:?}",
+                "no device subscribed to '{topic}' on listener '{}' (on any worker) acknowledged the message within {timeout:?}",
                 context.listener
             )
         } else {
@@ -302,76 +313,90 @@ async fn deliver_until(
             )
         }
     };
+    // The first round goes to the devices there are; later ones wait for one to (re)subscribe.
+    let mut first = true;
     loop {
-        let Some(hub) = hub::find(&context.listener) else {
-            tokio::select! {
-                _ = tokio::time::sleep(LOOK_AGAIN) => continue,
-                _ = tokio::time::sleep_until(deadline) => return Err(gave_up(&owed)),
-            }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(gave_up(&owed));
+        }
+        let wait_for_subscriber = if first {
+            now
+        } else {
+            (now + WAIT_FOR_SUBSCRIBER).min(deadline)
         };
-        let changed = hub.changed();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let targets: Vec<_> = hub
-            .subscribers(topic)
-            .into_iter()
-            .filter(|(link, _)| !acknowledged.contains(&link.client_id))
-            .collect();
-        if targets.is_empty() {
-            if !acknowledged.is_empty() && owed.is_empty() {
-                return Ok(());
+        first = false;
+        let local = local_round(
+            context,
+            topic,
+            payload.clone(),
+            &acknowledged,
+            wait_for_subscriber,
+            deadline,
+        );
+        let others = context.peers.others();
+        let remote = join_all(others.iter().map(|peer| {
+            relay::remote_round(
+                context.peers.as_ref(),
+                peer,
+                &context.listener,
+                topic,
+                &payload,
+                context.qos,
+                &acknowledged,
+                wait_for_subscriber,
+                deadline,
+            )
+        }));
+        let (local, remote) = tokio::join!(local, remote);
+        for round in std::iter::once(local).chain(remote) {
+            if let Some((client_id, reason)) = round.refused {
+                return Err(format!(
+                    "device '{client_id}' refused the message on '{topic}': {reason}"
+                ));
             }
-            tokio::select! {
-                _ = &mut changed => continue,
-                _ = tokio::time::sleep(LOOK_AGAIN) => continue,
-                _ = tokio::time::sleep_until(deadline) => return Err(gave_up(&owed)),
-            }
-        }
-        let mut waiting = Vec::with_capacity(targets.len());
-        for (link, granted) in targets {
-            let qos = if granted == QoS::AtMostOnce {
-                QoS::AtMostOnce
-            } else {
-                context.qos
-            };
-            let (done, outcome) = oneshot::channel();
-            let message = Message {
-                topic: topic.to_string(),
-                payload: payload.clone(),
-                qos,
-                done,
-            };
-            match tokio::time::timeout_at(deadline, link.send(message)).await {
-                Ok(Ok(())) => waiting.push((link.client_id.clone(), outcome)),
-                Ok(Err(_)) => {
-                    owed.insert(link.client_id.clone());
-                }
-                Err(_) => return Err(gave_up(&owed)),
-            }
-        }
-        for (client_id, outcome) in waiting {
-            match tokio::time::timeout_at(deadline, outcome).await {
-                Ok(Ok(Outcome::Delivered)) => {
-                    owed.remove(&client_id);
-                    acknowledged.insert(client_id);
-                }
-                Ok(Ok(Outcome::Refused(reason))) => {
-                    return Err(format!(
-                        "device '{client_id}' refused the message on '{topic}': {reason}"
-                    ));
-                }
-                // The connection ended before the PUBACK: sent again once it is back.
-                Ok(Err(_)) => {
+            for client_id in round.owed {
+                if !acknowledged.contains(&client_id) {
                     owed.insert(client_id);
                 }
-                Err(_) => {
-                    owed.insert(client_id);
-                    return Err(gave_up(&owed));
-                }
+            }
+            for client_id in round.acknowledged {
+                owed.remove(&client_id);
+                acknowledged.insert(client_id);
             }
         }
         if owed.is_empty() && !acknowledged.is_empty() {
             return Ok(());
         }
+    }
+}
+
+/// One round on this worker's listener; with none running here (yet), waits for it until
+/// `wait_for_subscriber`.
+async fn local_round(
+    context: &Context,
+    topic: &str,
+    payload: Bytes,
+    skip: &HashSet<String>,
+    wait_for_subscriber: Instant,
+    deadline: Instant,
+) -> Round {
+    loop {
+        if let Some(hub) = hub::find(&context.listener) {
+            return hub
+                .deliver_round(
+                    topic,
+                    payload,
+                    context.qos,
+                    skip,
+                    wait_for_subscriber,
+                    deadline,
+                )
+                .await;
+        }
+        if Instant::now() >= wait_for_subscriber {
+            return Round::default();
+        }
+        tokio::time::sleep_until((Instant::now() + LOOK_AGAIN).min(wait_for_subscriber)).await;
     }
 }
