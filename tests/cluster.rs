@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use medconnect_e2e::cluster_broker::ClusterBroker;
-use medconnect_e2e::crash::{Processes, free_port, read_all, report_line, start_worker};
+use medconnect_e2e::crash::{
+    Processes, free_port, read_all, report_line, start_worker, start_worker_with_env,
+};
 use medconnect_e2e::pki::Pki;
 use medconnect_e2e::{Rest, eventually, medconnect_bin};
 use serde_json::{Value, json};
@@ -28,6 +30,8 @@ const INTERNAL_TOPICS: [&str; 4] = [
 /// How long a failover or a rebalance may take here before the test gives up (the bench
 /// measures the figures; this only bounds a test that would otherwise wait for ever).
 const MOVE_DEADLINE: Duration = Duration::from_secs(45);
+/// The environment variable holding a worker's own address (see `Cluster::addresses`).
+const WORKER_ADDRESS: &str = "CLUSTER_TEST_ADDRESS";
 
 fn write_config(
     processes: &Processes,
@@ -75,6 +79,10 @@ struct Cluster {
     processes: Processes,
     bootstrap: String,
     workers: BTreeMap<String, Rest>,
+    /// Each worker's own loopback address (127.0.0.1, .2, ...), in its environment as
+    /// [`WORKER_ADDRESS`]: a listener bound to `${env:CLUSTER_TEST_ADDRESS}` is reachable on
+    /// one worker, where one on a shared port (SO_REUSEPORT) lets the kernel pick.
+    addresses: BTreeMap<String, String>,
     /// Extra settings of every worker, at the end of its `[cluster]` table (later tables may
     /// follow).
     cluster_settings: String,
@@ -108,6 +116,7 @@ impl Cluster {
             processes,
             bootstrap,
             workers: BTreeMap::new(),
+            addresses: BTreeMap::new(),
             cluster_settings: cluster_settings.to_string(),
         };
         for worker in workers {
@@ -124,8 +133,16 @@ impl Cluster {
             worker,
             &self.cluster_settings,
         )?;
-        let rest = start_worker(&mut self.processes, worker, &config).await?;
+        let address = format!("127.0.0.{}", self.addresses.len() + 1);
+        let rest = start_worker_with_env(
+            &mut self.processes,
+            worker,
+            &config,
+            &[(WORKER_ADDRESS, &address)],
+        )
+        .await?;
         self.workers.insert(worker.to_string(), rest);
+        self.addresses.insert(worker.to_string(), address);
         Ok(())
     }
 
@@ -960,4 +977,155 @@ async fn tasks_of(cluster: &Cluster, worker: &str) -> anyhow::Result<Vec<String>
     }
     tasks.sort();
     Ok(tasks)
+}
+
+/// The listener runs on every worker and a load balancer spreads the devices over them (here
+/// the kernel, with one port shared by SO_REUSEPORT), while the device-commands sink runs one
+/// task on one worker: a device connected to another worker's listener still gets its
+/// commands, in order and once each (the sink asks every worker's listener through signed
+/// worker-to-worker calls), and the sink commits only once every device acknowledged
+/// everything. Devices connect one after another until both workers hold one; each worker's
+/// log says which devices subscribed there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_reach_a_device_connected_to_another_workers_listener() -> anyhow::Result<()> {
+    use medconnect_e2e::mqtt_devices::{
+        line_starting, paho_python, received_commands, spawn_subscriber,
+    };
+    const COMMANDS: usize = 5;
+    const MAX_DEVICES: usize = 16;
+    let python = paho_python()?;
+    // Every topic the two example configs name (the mock broker creates none on first use).
+    let topics = [
+        "device.commands:1",
+        "device.commands.dlq:1",
+        "device.vitals:1",
+        "device.dlq:1",
+    ];
+    let cluster = Cluster::start(&["w1", "w2"], &topics).await?;
+    let outcome = async {
+        let example = |file: &str| -> anyhow::Result<Value> {
+            let path = format!("{}/../configs/{file}", env!("CARGO_MANIFEST_DIR"));
+            Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+        };
+        let port = free_port()?;
+        let listener = example("mqtt-device-source.json")?;
+        let listener_name = listener["name"].as_str().context("a name")?.to_string();
+        let mut config = listener["config"].clone();
+        config["mqtt.bind"] = "127.0.0.1".into();
+        config["mqtt.port"] = port.to_string().into();
+        config["mqtt.share.port"] = "true".into();
+        config["mqtt.users"] = (0..MAX_DEVICES)
+            .map(|d| format!("device-{d}:pw"))
+            .collect::<Vec<_>>()
+            .join(",")
+            .into();
+        let (code, body) = cluster
+            .rest("w1")?
+            .post("/connectors", &json!({"name": listener_name, "config": config}))
+            .await?;
+        ensure!(code == 201, "creating the listener: {code} {body}");
+        eventually("the listener RUNNING on both workers", async || {
+            let status = cluster.status("w1", &listener_name).await.ok()?;
+            let running = status["tasks"]
+                .as_array()?
+                .iter()
+                .filter(|t| t["state"] == "RUNNING")
+                .count();
+            (running == 2).then_some(())
+        })
+        .await?;
+
+        let sink = example("mqtt-device-commands.json")?;
+        let sink_name = sink["name"].as_str().context("a name")?.to_string();
+        let (code, body) = cluster
+            .rest("w1")?
+            .post("/connectors", &json!({"name": sink_name, "config": sink["config"]}))
+            .await?;
+        ensure!(code == 201, "creating the sink: {code} {body}");
+        let sink_worker = eventually("the sink's task RUNNING", async || {
+            let status = cluster.status("w1", &sink_name).await.ok()?;
+            let task = &status["tasks"][0];
+            (task["state"] == "RUNNING").then(|| task["worker_id"].as_str().map(str::to_string))?
+        })
+        .await?;
+
+        // Devices until one is on each worker.
+        let mut devices = Vec::new();
+        let mut on_worker: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        while on_worker.len() < 2 {
+            ensure!(
+                devices.len() < MAX_DEVICES,
+                "{MAX_DEVICES} devices all landed on one worker: {on_worker:?}"
+            );
+            let client_id = format!("device-{}", devices.len());
+            let (process, mut lines) = spawn_subscriber(
+                &python,
+                &[
+                    "--port", &port.to_string(), "--client-id", &client_id,
+                    "--username", &client_id, "--password", "pw",
+                    "--topic", &format!("devices/{client_id}/commands"),
+                    "--expect", &COMMANDS.to_string(),
+                ],
+            )?;
+            line_starting(&mut lines, "SUBSCRIBED").await?;
+            let field = format!("client_id={client_id} ");
+            let worker = eventually(&format!("a worker's log to name {client_id}"), async || {
+                cluster.workers.keys().find(|worker| {
+                    cluster.processes.stderr(worker).lines().any(|line| {
+                        line.contains("MQTT device subscribed") && line.contains(&field)
+                    })
+                }).cloned()
+            })
+            .await?;
+            on_worker.entry(worker).or_default().push(client_id.clone());
+            devices.push((client_id, process, lines));
+        }
+
+        let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &cluster.bootstrap)
+            .create()?;
+        for n in 0..COMMANDS {
+            for (client_id, _, _) in &devices {
+                producer
+                    .send(
+                        rdkafka::producer::FutureRecord::to("device.commands")
+                            .key(client_id)
+                            .payload(&format!("{{\"set-rate\":{n}}}")),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map_err(|(e, _)| anyhow::anyhow!("produce failed: {e}"))?;
+            }
+        }
+
+        let started = Instant::now();
+        let count = devices.len();
+        for (client_id, process, lines) in devices {
+            let expected: Vec<String> = (0..COMMANDS)
+                .map(|n| format!("1 devices/{client_id}/commands {{\"set-rate\":{n}}}"))
+                .collect();
+            let received = received_commands(process, lines).await?;
+            ensure!(received == expected, "{client_id} got {received:?}, not {expected:?}");
+        }
+        let delivered_in = started.elapsed();
+        let group = format!("connect-{sink_name}");
+        let all = (count * COMMANDS) as i64;
+        eventually("the sink to commit past every command", async || {
+            let committed = medconnect_e2e::crash::committed_offsets(
+                &cluster.bootstrap,
+                &group,
+                "device.commands",
+            )
+            .await
+            .ok()?;
+            (committed.get(&0) == Some(&all)).then_some(())
+        })
+        .await?;
+        report_line(format!(
+            "cluster: MQTT sink task on {sink_worker}; devices by worker {on_worker:?}; each got {COMMANDS} of {COMMANDS} commands in order within {delivered_in:.1?}; {all} committed"
+        ));
+        Ok(())
+    }
+    .await;
+    cluster.processes.report(outcome)
 }

@@ -265,6 +265,16 @@ pub async fn start_worker(
     name: &str,
     config: &Path,
 ) -> anyhow::Result<Rest> {
+    start_worker_with_env(processes, name, config, &[]).await
+}
+
+/// As [`start_worker`], with extra environment variables for the worker process.
+pub async fn start_worker_with_env(
+    processes: &mut Processes,
+    name: &str,
+    config: &Path,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Rest> {
     let text = std::fs::read_to_string(config)?;
     let listen = text
         .lines()
@@ -273,7 +283,7 @@ pub async fn start_worker(
         .context("no REST listen address in the worker config")?;
     let rest = Rest::new(&format!("http://{listen}"));
     let config = config.to_str().context("temp path is not UTF-8")?;
-    processes.spawn(name, &medconnect_bin()?, &["worker", config], &[])?;
+    processes.spawn(name, &medconnect_bin()?, &["worker", config], env)?;
     let up = eventually(&format!("{name}'s REST API"), async || {
         if matches!(rest.get("/").await, Ok((200, _))) {
             Some(true)

@@ -19,6 +19,7 @@ pub use serde_json::json;
 
 pub mod cluster_broker;
 pub mod crash;
+pub mod mqtt_devices;
 pub mod pki;
 mod process;
 mod test_connector;

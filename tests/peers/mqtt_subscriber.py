@@ -3,8 +3,9 @@
 --topic at --qos (1 by default), prints "SUBACK <reason code values>" for the answer and
 "SUBSCRIBED" once every filter was granted, then "MSG <qos> <topic> <payload>" (unbuffered)
 for each message, and exits 0 after --expect messages (at once after the SUBACK with
---expect 0), 1 at --deadline. Optional --username/--password, --mqtt5; --crash-before-ack:
-the process ends abruptly on the first message, before acknowledging it (a device crash)."""
+--expect 0), 1 at --deadline. Optional --host (127.0.0.1), --username/--password, --mqtt5;
+--crash-before-ack: the process ends abruptly on the first message, before acknowledging it
+(a device crash)."""
 
 import argparse
 import os
@@ -16,6 +17,7 @@ import paho.mqtt.client as mqtt
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--client-id", required=True)
     parser.add_argument("--topic", required=True)
@@ -68,7 +70,7 @@ def main():
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     client.on_message = on_message
-    client.connect("127.0.0.1", args.port, keepalive=10)
+    client.connect(args.host, args.port, keepalive=10)
     client.loop_start()
     finished = done.wait(args.deadline)
     client.disconnect()
