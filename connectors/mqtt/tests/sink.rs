@@ -112,6 +112,7 @@ async fn commands_reach_a_subscribed_device_and_flush_waits_for_the_pubacks() {
         config,
         errant_records: ErrantRecordReporter::collecting(errant_tx),
         partitions: SinkPartitions::detached(),
+        peers: medconnect_api::relay::alone(),
     })
     .expect("a valid config");
     task.start().await.expect("start");
@@ -164,6 +165,7 @@ async fn without_pubacks_flush_fails_retriably_so_no_offset_is_committed() {
         config,
         errant_records: ErrantRecordReporter::collecting(errant_tx),
         partitions: SinkPartitions::detached(),
+        peers: medconnect_api::relay::alone(),
     })
     .expect("a valid config");
     task.start().await.expect("start");
@@ -206,6 +208,7 @@ async fn at_qos_2_every_command_reaches_a_qos_2_subscriber_exactly_once() {
         config,
         errant_records: ErrantRecordReporter::collecting(errant_tx),
         partitions: SinkPartitions::detached(),
+        peers: medconnect_api::relay::alone(),
     })
     .expect("mqtt.qos=2 is a valid config");
     task.start().await.expect("start");
