@@ -264,6 +264,19 @@ impl ListenerConfig {
                 ),
             ));
         }
+        // Over WebSocket a connection may hold a frame being received besides the packet being
+        // read, and reads room for each.
+        let websocket_needs = max_packet_bytes
+            .saturating_add(READ_CHUNK)
+            .saturating_mul(2);
+        if matches!(transport, Transport::WebSocket { .. }) && budget_bytes < websocket_needs {
+            return Err(ConnectError::config(
+                BUDGET_BYTES,
+                format!(
+                    "{budget_bytes} cannot hold, with {TRANSPORT}=websocket, a frame and a packet of {MAX_PACKET_BYTES} ({max_packet_bytes}) and two reads of {READ_CHUNK} bytes ({websocket_needs})"
+                ),
+            ));
+        }
         let certificates_identify = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         if users.is_empty() && !allow_anonymous && !certificates_identify {
             return Err(ConnectError::config(
@@ -364,6 +377,14 @@ mod tests {
             let error = parse(pairs).unwrap_err().to_string();
             assert!(error.contains(field), "{pairs:?}: {error}");
         }
+        let error = parse(&[
+            (TRANSPORT, "websocket"),
+            (MAX_PACKET_BYTES, "65536"),
+            (BUDGET_BYTES, "100000"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains(BUDGET_BYTES), "{error}");
         let defaults_spelled_out = parse(&[(TRANSPORT, "tcp"), (WEBSOCKET_PATH, "/mqtt")]);
         assert_eq!(defaults_spelled_out.unwrap().transport, Transport::Tcp);
     }
