@@ -11,6 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use medconnect_e2e::TestCluster;
+use medconnect_e2e::mqtt_devices::{
+    DeviceLines, line_starting, paho_python, received_commands, spawn_subscriber,
+};
 use tokio::io::AsyncWriteExt;
 
 /// Mosquitto on a free port with its config in a temporary directory; killed on drop.
@@ -286,21 +289,6 @@ async fn devices_publishing_to_the_worker_itself_land_in_kafka_exactly_and_bad_t
     );
     worker.shutdown().await;
     Ok(())
-}
-
-/// The venv's python with paho-mqtt (scripts/mqtt-peers installs it); missing, the test fails.
-fn paho_python() -> anyhow::Result<PathBuf> {
-    let python = medconnect_e2e::crash::python_bin()?.join("python");
-    let ok = Command::new(&python)
-        .args(["-c", "import paho.mqtt"])
-        .status()?
-        .success();
-    anyhow::ensure!(
-        ok,
-        "paho-mqtt missing in {}: run scripts/mqtt-peers",
-        python.display()
-    );
-    Ok(python)
 }
 
 fn device_script() -> PathBuf {
@@ -672,19 +660,20 @@ async fn the_sink_delivers_commands_to_a_subscribed_paho_device_at_qos_1() -> an
     let cluster = TestCluster::start().await?;
     let worker = cluster.start_worker().await?;
 
-    let mut device = tokio::process::Command::new(&python)
-        .arg(subscriber_script())
-        .args([
+    let port = mosquitto.port.to_string();
+    let (device, mut lines) = spawn_subscriber(
+        &python,
+        &[
             "--port",
-            &mosquitto.port.to_string(),
+            &port,
             "--client-id",
             "pump-3",
-        ])
-        .args(["--topic", "devices/pump-3/commands", "--expect", "10"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = stdout_lines(&mut device);
+            "--topic",
+            "devices/pump-3/commands",
+            "--expect",
+            "10",
+        ],
+    )?;
     line_starting(&mut lines, "SUBSCRIBED").await?;
 
     let commands: Vec<String> = (0..10)
@@ -721,13 +710,6 @@ async fn the_sink_delivers_commands_to_a_subscribed_paho_device_at_qos_1() -> an
     Ok(())
 }
 
-fn subscriber_script() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/peers/mqtt_subscriber.py"
-    ))
-}
-
 /// A paho device `device-<d>` (password `pw`) subscribing through the listener on `port` to
 /// `topic`, expecting `expect` messages; `extra` arguments (e.g. `--mqtt5`) for the script.
 fn subscriber(
@@ -737,61 +719,14 @@ fn subscriber(
     topic: &str,
     expect: usize,
     extra: &[&str],
-) -> anyhow::Result<tokio::process::Child> {
+) -> anyhow::Result<(tokio::process::Child, DeviceLines)> {
     let device = format!("device-{device}");
-    Ok(tokio::process::Command::new(python)
-        .arg(subscriber_script())
-        .args(["--port", &port.to_string(), "--client-id", &device])
-        .args(["--username", &device, "--password", "pw", "--topic", topic])
-        .args(["--expect", &expect.to_string()])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?)
-}
-
-/// Reads a subscriber's output lines until one starts with `prefix` (within 30 s).
-async fn line_starting(
-    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-    prefix: &str,
-) -> anyhow::Result<String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = tokio::time::timeout_at(deadline, lines.next_line())
-            .await
-            .map_err(|_| anyhow::anyhow!("no '{prefix}' line within 30 s"))??
-            .ok_or_else(|| anyhow::anyhow!("the device exited before '{prefix}'"))?;
-        if line.starts_with(prefix) {
-            return Ok(line);
-        }
-    }
-}
-
-/// The commands a subscriber printed ("MSG <qos> <topic> <payload>") once it exited 0.
-async fn received_commands(
-    mut device: tokio::process::Child,
-    mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-) -> anyhow::Result<Vec<String>> {
-    let mut received = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while let Some(line) = tokio::time::timeout_at(deadline, lines.next_line()).await?? {
-        if let Some(message) = line.strip_prefix("MSG ") {
-            received.push(message.to_string());
-        }
-    }
-    let status = tokio::time::timeout_at(deadline, device.wait()).await??;
-    anyhow::ensure!(
-        status.success(),
-        "the device did not get its commands: {received:?}"
-    );
-    Ok(received)
-}
-
-fn stdout_lines(
-    device: &mut tokio::process::Child,
-) -> tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>> {
-    use tokio::io::AsyncBufReadExt;
-    tokio::io::BufReader::new(device.stdout.take().expect("piped stdout")).lines()
+    let (port, expect) = (port.to_string(), expect.to_string());
+    let mut args = vec!["--port", &port, "--client-id", &device];
+    args.extend(["--username", &device, "--password", "pw", "--topic", topic]);
+    args.extend(["--expect", &expect]);
+    args.extend(extra);
+    spawn_subscriber(python, &args)
 }
 
 /// The sink from `configs/mqtt-device-commands.json` sends commands straight to devices
@@ -809,12 +744,10 @@ async fn the_sink_delivers_commands_to_devices_connected_to_the_listener_and_abs
     let port = start_listener(&worker.rest, 4, &[]).await?;
     let commands_of = |d: usize| format!("devices/device-{d}/commands");
 
-    let mut present = subscriber(&python, port, 0, &commands_of(0), 10, &[])?;
-    let mut present_lines = stdout_lines(&mut present);
+    let (present, mut present_lines) = subscriber(&python, port, 0, &commands_of(0), 10, &[])?;
     line_starting(&mut present_lines, "SUBSCRIBED").await?;
     // Subscribed, then killed: its subscription goes with its connection.
-    let mut killed = subscriber(&python, port, 2, &commands_of(2), 1, &[])?;
-    let mut killed_lines = stdout_lines(&mut killed);
+    let (mut killed, mut killed_lines) = subscriber(&python, port, 2, &commands_of(2), 1, &[])?;
     line_starting(&mut killed_lines, "SUBSCRIBED").await?;
     killed.kill().await?;
 
@@ -846,8 +779,7 @@ async fn the_sink_delivers_commands_to_devices_connected_to_the_listener_and_abs
     let name = example["name"].as_str().expect("a name");
     worker.rest.create(name, config).await?;
     // Connects after the sink started: its commands wait for it.
-    let mut late = subscriber(&python, port, 1, &commands_of(1), 5, &["--mqtt5"])?;
-    let late_lines = stdout_lines(&mut late);
+    let (late, late_lines) = subscriber(&python, port, 1, &commands_of(1), 5, &["--mqtt5"])?;
 
     let expected = |device: usize, count: usize| -> Vec<String> {
         records
@@ -927,8 +859,7 @@ async fn a_subscription_outside_the_allowed_filters_gets_a_suback_failure() -> a
             "SUBACK 1",
         ),
     ] {
-        let mut device = subscriber(&python, port, 0, topic, 0, extra)?;
-        let mut lines = stdout_lines(&mut device);
+        let (mut device, mut lines) = subscriber(&python, port, 0, topic, 0, extra)?;
         let answer = line_starting(&mut lines, "SUBACK").await?;
         assert_eq!(answer, expected, "{topic} {extra:?}");
         let status = tokio::time::timeout(Duration::from_secs(30), device.wait()).await??;
@@ -949,8 +880,8 @@ async fn a_command_a_device_did_not_acknowledge_is_sent_again_when_it_is_back() 
     let worker = cluster.start_worker().await?;
     let port = start_listener(&worker.rest, 1, &[]).await?;
     let topic = "devices/device-0/commands";
-    let mut crashing = subscriber(&python, port, 0, topic, 1, &["--crash-before-ack"])?;
-    let crashing_lines = stdout_lines(&mut crashing);
+    let (crashing, crashing_lines) =
+        subscriber(&python, port, 0, topic, 1, &["--crash-before-ack"])?;
     let commands: Vec<String> = (0..5).map(|n| format!("{{\"set-rate\":{n}}}")).collect();
     let produced: Vec<(Option<&str>, &str)> = commands
         .iter()
@@ -966,8 +897,7 @@ async fn a_command_a_device_did_not_acknowledge_is_sent_again_when_it_is_back() 
 
     let before_crash = received_commands(crashing, crashing_lines).await?;
     assert_eq!(before_crash, vec![format!("1 {topic} {}", commands[0])]);
-    let mut back = subscriber(&python, port, 0, topic, 5, &[])?;
-    let back_lines = stdout_lines(&mut back);
+    let (back, back_lines) = subscriber(&python, port, 0, topic, 5, &[])?;
     let after = received_commands(back, back_lines).await?;
     let expected: Vec<String> = commands.iter().map(|c| format!("1 {topic} {c}")).collect();
     assert_eq!(
