@@ -6,8 +6,8 @@
 //!
 //! - [`MqttSinkConnector`]: publishes each record to a topic built from its key, headers and
 //!   Kafka topic — to a broker (offsets committed only after its PUBACK, or PUBCOMP at QoS 2)
-//!   or to the devices connected to a listener source on this worker that subscribed to it
-//!   (committed only after each device's PUBACK).
+//!   or to the devices connected to a listener source, on any worker of the cluster, that
+//!   subscribed to it (committed only after each device's PUBACK).
 //!
 //! - [`MqttListenerSourceConnector`]: devices connect to medconnect (MQTT 3.1.1 and 5) and get
 //!   their PUBACK / PUBREC only once the record is durable in Kafka.
