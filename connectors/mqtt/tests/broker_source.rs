@@ -10,6 +10,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use common::listener::written;
 use common::{CuttableProxy, Mosquitto, source_context};
 use medconnect_api::{Delivery, SourceRecord, SourceTask, props_from};
 use medconnect_mqtt::{
@@ -69,14 +70,6 @@ async fn rest(task: &mut MqttBrokerSourceTask) -> Vec<SourceRecord> {
         records.extend(batch.expect("poll"));
     }
     records
-}
-
-fn written(record: &mut SourceRecord) {
-    record.complete(Delivery::Written {
-        topic: record.record.topic.clone(),
-        partition: 0,
-        offset: 0,
-    });
 }
 
 fn value(record: &SourceRecord) -> String {

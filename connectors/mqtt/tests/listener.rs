@@ -9,56 +9,14 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use common::listener::{DEADLINE, QUIET, listener, next_records, written};
 use common::{Pki, source_context};
-use medconnect_api::{Delivery, SourceRecord, SourceTask, props_from};
+use medconnect_api::{Delivery, SourceTask, props_from};
 use medconnect_mqtt::listener::HEADER_USERNAME;
 use medconnect_mqtt::{HEADER_CLIENT_ID, HEADER_QOS, HEADER_TOPIC, MqttListenerSourceTask};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const DEADLINE: Duration = Duration::from_secs(30);
-/// How long the test waits to believe something does not happen.
-const QUIET: Duration = Duration::from_millis(1500);
-const USERS: &str = "pump-3:s3cret-pump\nmonitor-7:s3cret-monitor";
-
-async fn listener(extra: &[(&str, &str)]) -> (MqttListenerSourceTask, u16) {
-    let mut pairs = vec![
-        ("mqtt.port", "0"),
-        ("mqtt.users", USERS),
-        ("mqtt.topic.pattern", "devices/+device/vitals"),
-        ("kafka.topic", "device.vitals"),
-        ("kafka.key", "${device}"),
-    ];
-    pairs.extend_from_slice(extra);
-    let mut task =
-        MqttListenerSourceTask::new(source_context(props_from(&pairs))).expect("a valid config");
-    task.start().await.expect("start");
-    let port = task.local_addr().expect("bound").port();
-    (task, port)
-}
-
-async fn next_records(task: &mut MqttListenerSourceTask, count: usize) -> Vec<SourceRecord> {
-    let deadline = Instant::now() + DEADLINE;
-    let mut records = Vec::new();
-    while records.len() < count {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let batch = tokio::time::timeout(left, task.poll())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {count} records arrived", records.len()))
-            .expect("poll");
-        records.extend(batch);
-    }
-    records
-}
-
-fn written(record: &mut SourceRecord) {
-    record.complete(Delivery::Written {
-        topic: record.record.topic.clone(),
-        partition: 0,
-        offset: 0,
-    });
-}
 
 /// A device on rumqttc: its events go to a channel the test reads.
 fn device(

@@ -13,9 +13,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use common::listener::{DEADLINE, QUIET, next_records, written};
 use common::{Pki, source_context};
 use futures::{SinkExt, StreamExt};
-use medconnect_api::{Delivery, SourceRecord, SourceTask, props_from};
+use medconnect_api::{SourceRecord, SourceTask, props_from};
 use medconnect_mqtt::listener::{HEADER_CERT_CN, HEADER_USERNAME};
 use medconnect_mqtt::{HEADER_CLIENT_ID, HEADER_QOS, MqttListenerSourceTask};
 use rumqttc::QoS;
@@ -25,11 +26,6 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-const DEADLINE: Duration = Duration::from_secs(30);
-/// How long the test waits to believe something does not happen.
-const QUIET: Duration = Duration::from_millis(1500);
-const USERS: &str = "pump-3:s3cret-pump\nmonitor-7:s3cret-monitor";
 
 /// The venv's python with paho-mqtt; fails (never skips) when it is missing.
 fn python() -> PathBuf {
@@ -134,36 +130,11 @@ fn acked(lines: &[String]) -> Vec<u64> {
         .collect()
 }
 
+/// The shared test listener, over WebSocket.
 async fn listener(extra: &[(&str, &str)]) -> (MqttListenerSourceTask, u16) {
-    let mut pairs = vec![
-        ("mqtt.port", "0"),
-        ("mqtt.transport", "websocket"),
-        ("mqtt.users", USERS),
-        ("mqtt.topic.pattern", "devices/+device/vitals"),
-        ("kafka.topic", "device.vitals"),
-        ("kafka.key", "${device}"),
-    ];
+    let mut pairs = vec![("mqtt.transport", "websocket")];
     pairs.extend_from_slice(extra);
-    let mut task =
-        MqttListenerSourceTask::new(source_context(props_from(&pairs))).expect("a valid config");
-    task.start().await.expect("start");
-    let port = task.local_addr().expect("bound").port();
-    (task, port)
-}
-
-async fn next_records(task: &mut MqttListenerSourceTask, count: usize) -> Vec<SourceRecord> {
-    let deadline = Instant::now() + DEADLINE;
-    let mut records = Vec::new();
-    while records.len() < count {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let batch = tokio::time::timeout(left, task.poll())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {count} records arrived", records.len()))
-            .expect("poll");
-        records.extend(batch);
-    }
-    assert_eq!(records.len(), count, "more records than published");
-    records
+    common::listener::listener(&pairs).await
 }
 
 async fn nothing_more(task: &mut MqttListenerSourceTask) {
@@ -171,14 +142,6 @@ async fn nothing_more(task: &mut MqttListenerSourceTask) {
         tokio::time::timeout(QUIET, task.poll()).await.is_err(),
         "a record beyond those published"
     );
-}
-
-fn written(record: &mut SourceRecord) {
-    record.complete(Delivery::Written {
-        topic: record.record.topic.clone(),
-        partition: 0,
-        offset: 0,
-    });
 }
 
 /// The reading number in a device's payload.
