@@ -22,8 +22,10 @@ use super::ApiError;
 use super::auth::{ForwardedBy, Principal};
 use super::forward::signed_request;
 use crate::worker::cluster::ClusterView;
+use crate::worker::connector_name::path_segment;
 
-/// The route's path, before the channel.
+/// The route's path, before the channel (one path segment: a channel may hold '/', as a
+/// connector name may).
 const PREFIX: &str = "/internal/relay/";
 
 /// `POST /internal/relay/{channel}`: the channel's handler answers the calling worker.
@@ -108,7 +110,7 @@ impl Peers for ClusterPeers {
                 _ => return Err(RelayError::NotAMember(peer.to_string())),
             }
         };
-        let path = format!("{PREFIX}{}", encode_segment(channel));
+        let path = format!("{PREFIX}{}", path_segment(channel));
         let unreachable = |reason: String| RelayError::Unreachable {
             peer: peer.to_string(),
             reason,
@@ -149,34 +151,5 @@ impl Peers for ClusterPeers {
             peer: peer.to_string(),
             reason: message,
         })
-    }
-}
-
-/// `text` as one path segment: every byte but RFC 3986's unreserved ones percent-encoded
-/// (a channel may hold '/', as a connector name may).
-fn encode_segment(text: &str) -> String {
-    let mut encoded = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            encoded.push(char::from(byte));
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    encoded
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_channel_is_one_path_segment() {
-        assert_eq!(
-            encode_segment("mqtt-listener/icu east"),
-            "mqtt-listener%2Ficu%20east"
-        );
-        assert_eq!(encode_segment("a.b_c~d-e"), "a.b_c~d-e");
-        assert_eq!(encode_segment("é"), "%C3%A9");
     }
 }
