@@ -2,7 +2,7 @@
 //! `rumqttc::mqttbytes::v4`, 5 in `rumqttc::v5::mqttbytes::v5`): which version a client
 //! speaks, its packets in one shape for both, and the answers encoded in its version.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::{QoS, mqttbytes};
@@ -166,15 +166,21 @@ pub fn read(
     // An MQTT 5 DISCONNECT without a reason code (remaining length 0) is valid, but
     // rumqttc 0.25 refuses it as a packet that needs a payload.
     if version == Version::V5 && first >> 4 == 14 && size == 2 {
-        let _ = buffer.split_to(2);
+        buffer.advance(2);
         return Ok(Some(Incoming::Disconnect));
     }
+    // The packet is decoded from its own copy, not split off the read buffer: a publish's
+    // payload (kept until Kafka has its record) would share, and pin, the whole buffer, and
+    // the next read would allocate a new one — per message. The copy holds just the packet,
+    // which is what the byte budget counts for it.
+    let mut packet = BytesMut::from(&buffer[..size]);
+    buffer.advance(size);
     let max = usize::MAX;
     match version {
-        Version::V311 => v4::Packet::read(buffer, max)
+        Version::V311 => v4::Packet::read(&mut packet, max)
             .map(|p| Some(from_v4(p)))
             .map_err(|e| WireError::Malformed(e.to_string())),
-        Version::V5 => v5::Packet::read(buffer, None)
+        Version::V5 => v5::Packet::read(&mut packet, None)
             .map(|p| Some(from_v5(p)))
             .map_err(|e| WireError::Malformed(e.to_string())),
     }
