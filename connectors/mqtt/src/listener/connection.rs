@@ -37,7 +37,7 @@ use super::Shared;
 use super::auth::Admission;
 use super::config::READ_CHUNK;
 use super::hub::{Attached, Message, Outcome};
-use super::record::{Device, to_record};
+use super::record::{Device, Stamp, to_record};
 use super::websocket::FrameError;
 use super::wire::{self, Connect, Incoming, Outgoing, Refusal, Verdict, Version, WireError};
 
@@ -382,6 +382,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let end = Session {
         conn: &mut conn,
         device: &device,
+        stamp: Stamp::new(config, &device),
         shared: &shared,
         pending: VecDeque::new(),
         pending_bytes: 0,
@@ -428,6 +429,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 struct Session<'a, S> {
     conn: &'a mut Conn<S>,
     device: &'a Device,
+    /// What each of its records shares (header values, the last topic's route).
+    stamp: Stamp,
     shared: &'a Shared,
     /// Publishes whose records are with the engine, in the order they came.
     pending: VecDeque<Pending>,
@@ -451,6 +454,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         // One timer for the connection, moved on only when it fires (not re-armed per packet).
         let keep_alive = tokio::time::sleep(silence_limit);
         tokio::pin!(keep_alive);
+        // One wait for the shutdown for the connection's life: registered once with the
+        // listener's token, not again (under its lock, shared by every connection) per wake.
+        let shared = self.shared;
+        let shutdown = shared.shutdown.cancelled();
+        tokio::pin!(shutdown);
         loop {
             // Whole packets already buffered are handled before reading more.
             loop {
@@ -507,8 +515,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 .commands
                 .as_ref()
                 .is_some_and(|c| c.outbound.has_room());
+            // In this order (no random draw per wake): the shutdown, then acknowledgements
+            // owed, messages to the device, and reads.
             tokio::select! {
-                _ = self.shared.shutdown.cancelled() => return End::ShuttingDown,
+                biased;
+                _ = &mut shutdown => return End::ShuttingDown,
                 delivery = front_settled(&mut self.pending), if !self.pending.is_empty() => {
                     if let Some(front) = self.pending.pop_front()
                         && let Err(end) = self.answer(front, delivery)
@@ -516,14 +527,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                         return end;
                     }
                 }
-                filled = self.conn.fill(), if may_read => {
-                    if let Err(end) = filled {
-                        return end;
-                    }
-                }
                 message = next_message(&mut self.commands), if may_send => {
                     if let Some(message) = message {
                         self.start(message);
+                    }
+                }
+                filled = self.conn.fill(), if may_read => {
+                    if let Err(end) = filled {
+                        return end;
                     }
                 }
                 _ = budget.wait_for_room(READ_CHUNK), if waits_for_room => {}
@@ -556,12 +567,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 let pkid = publish.pkid;
                 let qos = publish.qos;
                 if qos == QoS::AtMostOnce {
-                    let (record, _) = to_record(config, self.device, publish, None);
-                    return self
-                        .shared
-                        .enqueue(record)
-                        .await
-                        .map_err(|()| End::ShuttingDown);
+                    let (record, _) = to_record(config, &mut self.stamp, publish, None);
+                    return self.enqueue(record).await;
                 }
                 if self.in_engine.contains(&pkid) {
                     // The same message again (DUP) while its record is on its way.
@@ -577,11 +584,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
                 }
                 let bytes = publish.topic.len() + publish.payload.len();
                 let (ack, delivery) = AckHandle::channel();
-                let (record, verdict) = to_record(config, self.device, publish, Some(ack));
-                self.shared
-                    .enqueue(record)
-                    .await
-                    .map_err(|()| End::ShuttingDown)?;
+                let (record, verdict) = to_record(config, &mut self.stamp, publish, Some(ack));
+                self.enqueue(record).await?;
                 self.in_engine.insert(pkid);
                 self.pending_bytes += bytes;
                 self.pending.push_back(Pending {
@@ -638,6 +642,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             Incoming::Ignored => {}
         }
         Ok(())
+    }
+
+    /// Hands a record to the task's `poll`: at once when the queue has room (no wait set up
+    /// for it, nor for the shutdown), else waiting for room as `Shared::enqueue` does.
+    async fn enqueue(&mut self, record: medconnect_api::SourceRecord) -> Result<(), End> {
+        use tokio::sync::mpsc::error::TrySendError;
+        match self.shared.queue.try_send(record) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(record)) => self
+                .shared
+                .enqueue(record)
+                .await
+                .map_err(|()| End::ShuttingDown),
+            Err(TrySendError::Closed(_)) => Err(End::ShuttingDown),
+        }
     }
 
     /// The QoS granted for `filter`, or `None` when it is outside `mqtt.subscribe.allowed`.

@@ -1,6 +1,7 @@
 //! One device PUBLISH as one record: the payload as is (never parsed, never logged), the key
 //! and topic from the mapping, headers saying who sent it and how.
 
+use bytes::Bytes;
 use medconnect_api::{AckHandle, ConnectError, Record, SourceRecord, content_type};
 use rumqttc::QoS;
 
@@ -35,12 +36,39 @@ fn qos_number(qos: QoS) -> &'static str {
     }
 }
 
+/// What every record from one connection shares, built once for it rather than per record:
+/// the header values its identity and the configuration give, and the route of the MQTT topic
+/// it last published to (a device publishes to the same few topics again and again).
+pub struct Stamp {
+    client_id: Bytes,
+    username: Option<Bytes>,
+    certificate_cn: Option<Bytes>,
+    content_type: Bytes,
+    /// The last MQTT topic routed, its `mqtt.topic` header value, Kafka topic and key. Only a
+    /// route that succeeded is kept: the same topic routes the same way again (the mapping is
+    /// fixed for the task, and a Kafka topic admitted under the distinct-topic cap stays so).
+    last_route: Option<(String, Bytes, String, Option<Bytes>)>,
+}
+
+impl Stamp {
+    pub fn new(config: &ListenerConfig, device: &Device) -> Self {
+        let bytes = |value: &String| Bytes::copy_from_slice(value.as_bytes());
+        Self {
+            client_id: bytes(&device.client_id),
+            username: device.username.as_ref().map(bytes),
+            certificate_cn: device.certificate_cn.as_ref().map(bytes),
+            content_type: bytes(&config.content_type),
+            last_route: None,
+        }
+    }
+}
+
 /// The record for `publish` and what its acknowledgement is to say; rejected (for the
 /// dead-letter topic) when its topic holds a wildcard or fits no mapping, or its payload fails
 /// `payload.format`. `ack` is `None` for QoS 0.
 pub fn to_record(
     config: &ListenerConfig,
-    device: &Device,
+    stamp: &mut Stamp,
     publish: Publish,
     ack: Option<AckHandle>,
 ) -> (SourceRecord, Verdict) {
@@ -54,27 +82,36 @@ pub fn to_record(
         content_type: publish_content_type,
         ..
     } = publish;
-    let mut record = Record::new(UNMAPPED_TOPIC).with_value(payload);
-    record.headers.add(HEADER_TOPIC, mqtt_topic.clone());
-    record.headers.add(HEADER_QOS, qos_number(qos));
-    record
-        .headers
-        .add(HEADER_CLIENT_ID, device.client_id.clone());
-    if let Some(username) = &device.username {
-        record.headers.add(HEADER_USERNAME, username.clone());
+    let routed = route(config, stamp, &mqtt_topic, &payload);
+    // Routed: the route kept for this very topic.
+    let (topic_header, topic, key) = match (&routed, &stamp.last_route) {
+        (Ok(()), Some((_, header, topic, key))) => (header.clone(), topic.clone(), key.clone()),
+        _ => (Bytes::from(mqtt_topic), UNMAPPED_TOPIC.to_string(), None),
+    };
+    let mut headers = Vec::with_capacity(
+        5 + usize::from(stamp.username.is_some())
+            + usize::from(stamp.certificate_cn.is_some())
+            + user_properties.len(),
+    );
+    let mut add = |name: &str, value: Bytes| headers.push((name.to_string(), Some(value)));
+    add(HEADER_TOPIC, topic_header);
+    add(HEADER_QOS, Bytes::from_static(qos_number(qos).as_bytes()));
+    add(HEADER_CLIENT_ID, stamp.client_id.clone());
+    if let Some(username) = &stamp.username {
+        add(HEADER_USERNAME, username.clone());
     }
-    if let Some(common_name) = &device.certificate_cn {
-        record.headers.add(HEADER_CERT_CN, common_name.clone());
+    if let Some(common_name) = &stamp.certificate_cn {
+        add(HEADER_CERT_CN, common_name.clone());
     }
     if retain {
-        record.headers.add(HEADER_RETAIN, "true");
+        add(HEADER_RETAIN, Bytes::from_static(b"true"));
     }
     if dup {
-        record.headers.add(HEADER_DUP, "true");
+        add(HEADER_DUP, Bytes::from_static(b"true"));
     }
-    record.headers.add(
+    add(
         content_type::HEADER,
-        publish_content_type.unwrap_or_else(|| config.content_type.clone()),
+        publish_content_type.map_or_else(|| stamp.content_type.clone(), Bytes::from),
     );
     for (name, value) in user_properties {
         let reserved = name.starts_with("mqtt.") || name == content_type::HEADER;
@@ -83,10 +120,14 @@ pub fn to_record(
         } else {
             name
         };
-        record.headers.add(name, value);
+        headers.push((name, Some(Bytes::from(value))));
     }
+    let mut record = Record::new(topic);
+    record.key = key;
+    record.value = Some(payload);
+    record.headers = headers.into_iter().collect();
 
-    match route(config, &mqtt_topic, &mut record) {
+    match routed {
         Ok(()) => {
             let record = match ack {
                 Some(ack) => SourceRecord::acknowledged(record, ack),
@@ -101,11 +142,13 @@ pub fn to_record(
     }
 }
 
-/// Sets the record's Kafka topic and key from the MQTT topic; or why it cannot be stored.
+/// Routes the MQTT topic (the last one's route again when it is the same), keeping its route
+/// in `stamp.last_route`; or why the record cannot be stored.
 fn route(
     config: &ListenerConfig,
+    stamp: &mut Stamp,
     mqtt_topic: &str,
-    record: &mut Record,
+    payload: &[u8],
 ) -> Result<(), (String, Verdict)> {
     if mqtt_topic.is_empty() || mqtt_topic.contains(['+', '#', '\0']) {
         return Err((
@@ -115,11 +158,11 @@ fn route(
             Verdict::TopicInvalid,
         ));
     }
-    if let Some(problem) = config
-        .payload_format
-        .problem(record.value.as_deref().unwrap_or_default())
-    {
+    if let Some(problem) = config.payload_format.problem(payload) {
         return Err((problem, Verdict::PayloadInvalid));
+    }
+    if matches!(&stamp.last_route, Some((last, ..)) if last == mqtt_topic) {
+        return Ok(());
     }
     let (topic, key) = config
         .mapping
@@ -128,8 +171,12 @@ fn route(
             RouteError::Unmapped(reason) => (reason, Verdict::TopicInvalid),
             RouteError::TopicCap(reason) => (reason, Verdict::QuotaExceeded),
         })?;
-    record.topic = topic;
-    record.key = key.map(Into::into);
+    stamp.last_route = Some((
+        mqtt_topic.to_string(),
+        Bytes::copy_from_slice(mqtt_topic.as_bytes()),
+        topic,
+        key.map(Bytes::from),
+    ));
     Ok(())
 }
 
@@ -171,13 +218,10 @@ mod tests {
             username: Some("ward-4".into()),
             certificate_cn: None,
         };
+        let stamp = &mut Stamp::new(&config, &device);
         let (ack, _) = AckHandle::channel();
-        let (record, verdict) = to_record(
-            &config,
-            &device,
-            publish("devices/pump-3/vitals"),
-            Some(ack),
-        );
+        let (record, verdict) =
+            to_record(&config, stamp, publish("devices/pump-3/vitals"), Some(ack));
         assert_eq!(verdict, Verdict::Stored);
         assert!(record.rejected.is_none());
         let headers = &record.record.headers;
@@ -191,20 +235,33 @@ mod tests {
         assert_eq!(headers.last_str("mqtt.user.mqtt.qos"), Some("9"));
 
         let (ack, _) = AckHandle::channel();
-        let (record, verdict) = to_record(
-            &config,
-            &device,
-            publish("devices/pump-3/alarms"),
-            Some(ack),
-        );
+        let (record, verdict) =
+            to_record(&config, stamp, publish("devices/pump-3/alarms"), Some(ack));
         assert_eq!(verdict, Verdict::TopicInvalid);
         assert!(record.rejected.is_some());
         assert!(record.ack.is_some());
         for topic in ["devices/+/vitals", "devices/#", "", "devices/a\0/vitals"] {
             let (ack, _) = AckHandle::channel();
-            let (record, verdict) = to_record(&config, &device, publish(topic), Some(ack));
+            let (record, verdict) = to_record(&config, stamp, publish(topic), Some(ack));
             assert_eq!(verdict, Verdict::TopicInvalid, "{topic:?}");
             assert!(record.rejected.is_some());
+        }
+        // A topic routed before (its route kept), then another: each its own topic and key.
+        for device in ["pump-3", "pump-4", "pump-3"] {
+            let topic = format!("devices/{device}/vitals");
+            let (ack, _) = AckHandle::channel();
+            let (record, verdict) = to_record(&config, stamp, publish(&topic), Some(ack));
+            assert_eq!(verdict, Verdict::Stored);
+            assert_eq!(record.record.topic, "device.vitals");
+            assert_eq!(record.record.key.as_deref(), Some(device.as_bytes()));
+            assert_eq!(
+                record.record.headers.last_str(HEADER_TOPIC),
+                Some(&topic[..])
+            );
+            assert_eq!(
+                record.record.headers.last_str(HEADER_CLIENT_ID),
+                Some("pump-3")
+            );
         }
     }
 
@@ -220,9 +277,10 @@ mod tests {
             username: None,
             certificate_cn: None,
         };
+        let stamp = &mut Stamp::new(&config, &device);
         let mut bad = publish("devices/pump-3/vitals");
         bad.payload = "{\"hr\":".into();
-        let (record, verdict) = to_record(&config, &device, bad, None);
+        let (record, verdict) = to_record(&config, stamp, bad, None);
         assert_eq!(verdict, Verdict::PayloadInvalid);
         let reason = record.rejected.expect("rejected").to_string();
         assert!(reason.contains("payload.format"), "{reason}");
@@ -230,7 +288,7 @@ mod tests {
             !reason.contains("hr"),
             "the payload is not quoted: {reason}"
         );
-        let (record, verdict) = to_record(&config, &device, publish("devices/pump-3/vitals"), None);
+        let (record, verdict) = to_record(&config, stamp, publish("devices/pump-3/vitals"), None);
         assert_eq!(verdict, Verdict::Stored);
         assert!(record.rejected.is_none());
     }
