@@ -9,11 +9,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::listener::{DEADLINE, QUIET, listener, next_records, written};
-use common::{Pki, source_context};
-use medconnect_api::{Delivery, SourceTask, props_from};
+use common::listener::{DEADLINE, QUIET, listener, next_records, within_worker_budget, written};
+use common::Pki;
+use medconnect_api::{Delivery, SourceTask};
 use medconnect_mqtt::listener::HEADER_USERNAME;
-use medconnect_mqtt::{HEADER_CLIENT_ID, HEADER_QOS, HEADER_TOPIC, MqttListenerSourceTask};
+use medconnect_mqtt::{HEADER_CLIENT_ID, HEADER_QOS, HEADER_TOPIC};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -651,17 +651,7 @@ async fn devices_together_cannot_hold_more_than_the_worker_budget_and_read_again
 {
     // The listener's own budget is the default 64 MiB; the worker's, shared by every
     // listener, is 64 KiB: it is the bound here.
-    let worker = medconnect_api::limits::ByteBudget::new(65_536);
-    let mut context = source_context(props_from(&[
-        ("mqtt.port", "0"),
-        ("mqtt.allow.anonymous", "true"),
-        ("mqtt.max.packet.bytes", "16384"),
-        ("kafka.topic", "device.vitals"),
-    ]));
-    context.listener_budget = worker.clone();
-    let mut task = MqttListenerSourceTask::new(context).expect("a valid config");
-    task.start().await.expect("start");
-    let port = task.local_addr().expect("bound").port();
+    let (mut task, port, worker) = within_worker_budget(65_536, &[]).await;
 
     // Three devices publish 10 readings of 10,000 bytes each at QoS 1: 300,000 bytes.
     const DEVICES: usize = 3;

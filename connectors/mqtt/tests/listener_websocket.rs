@@ -13,10 +13,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::listener::{DEADLINE, QUIET, next_records, written};
-use common::{Pki, source_context};
+use common::listener::{DEADLINE, QUIET, next_records, within_worker_budget, written};
+use common::Pki;
 use futures::{SinkExt, StreamExt};
-use medconnect_api::{SourceRecord, SourceTask, props_from};
+use medconnect_api::{SourceRecord, SourceTask};
 use medconnect_mqtt::listener::{HEADER_CERT_CN, HEADER_USERNAME};
 use medconnect_mqtt::{HEADER_CLIENT_ID, HEADER_QOS, MqttListenerSourceTask};
 use rumqttc::QoS;
@@ -619,18 +619,8 @@ async fn packets_are_read_across_frames_and_several_from_one_frame_and_limits_st
 async fn websocket_devices_together_stay_within_the_worker_budget_and_read_again_as_kafka_settles()
 {
     // The worker's budget, shared by every listener, is 64 KiB: the bound here.
-    let worker = medconnect_api::limits::ByteBudget::new(65_536);
-    let mut context = source_context(props_from(&[
-        ("mqtt.port", "0"),
-        ("mqtt.transport", "websocket"),
-        ("mqtt.allow.anonymous", "true"),
-        ("mqtt.max.packet.bytes", "16384"),
-        ("kafka.topic", "device.vitals"),
-    ]));
-    context.listener_budget = worker.clone();
-    let mut task = MqttListenerSourceTask::new(context).expect("a valid config");
-    task.start().await.expect("start");
-    let port = task.local_addr().expect("bound").port();
+    let (mut task, port, worker) =
+        within_worker_budget(65_536, &[("mqtt.transport", "websocket")]).await;
 
     // Three devices publish 10 readings of 10,000 bytes each at QoS 1: 300,000 bytes.
     const DEVICES: usize = 3;

@@ -1,8 +1,10 @@
 //! The listener task as the tests drive it: they play the engine, polling records and settling
 //! each one's `AckHandle` themselves.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use medconnect_api::limits::ByteBudget;
 use medconnect_api::{Delivery, SourceRecord, SourceTask, props_from};
 use medconnect_mqtt::MqttListenerSourceTask;
 
@@ -29,6 +31,28 @@ pub async fn listener(extra: &[(&str, &str)]) -> (MqttListenerSourceTask, u16) {
     task.start().await.expect("start");
     let port = task.local_addr().expect("bound").port();
     (task, port)
+}
+
+/// A started listener for anonymous devices (packets up to 16 KiB, into `device.vitals`)
+/// inside a worker budget of `worker_bytes`, which it returns; `extra` settings on top.
+pub async fn within_worker_budget(
+    worker_bytes: usize,
+    extra: &[(&str, &str)],
+) -> (MqttListenerSourceTask, u16, Arc<ByteBudget>) {
+    let worker = ByteBudget::new(worker_bytes);
+    let mut pairs = vec![
+        ("mqtt.port", "0"),
+        ("mqtt.allow.anonymous", "true"),
+        ("mqtt.max.packet.bytes", "16384"),
+        ("kafka.topic", "device.vitals"),
+    ];
+    pairs.extend_from_slice(extra);
+    let mut context = source_context(props_from(&pairs));
+    context.listener_budget = worker.clone();
+    let mut task = MqttListenerSourceTask::new(context).expect("a valid config");
+    task.start().await.expect("start");
+    let port = task.local_addr().expect("bound").port();
+    (task, port, worker)
 }
 
 /// The next `count` records, within `DEADLINE`; more than `count` fails.
