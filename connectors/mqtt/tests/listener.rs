@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::listener::{DEADLINE, QUIET, listener, next_records, within_worker_budget, written};
 use common::Pki;
+use common::listener::{DEADLINE, QUIET, listener, next_records, within_worker_budget, written};
 use medconnect_api::{Delivery, SourceTask};
 use medconnect_mqtt::listener::HEADER_USERNAME;
 use medconnect_mqtt::{HEADER_CLIENT_ID, HEADER_QOS, HEADER_TOPIC};

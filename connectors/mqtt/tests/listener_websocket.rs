@@ -13,8 +13,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::listener::{DEADLINE, QUIET, next_records, within_worker_budget, written};
 use common::Pki;
+use common::listener::{DEADLINE, QUIET, next_records, within_worker_budget, written};
 use futures::{SinkExt, StreamExt};
 use medconnect_api::{SourceRecord, SourceTask};
 use medconnect_mqtt::listener::{HEADER_CERT_CN, HEADER_USERNAME};
