@@ -291,6 +291,86 @@ async fn devices_publishing_to_the_worker_itself_land_in_kafka_exactly_and_bad_t
     Ok(())
 }
 
+/// The listener from `configs/mqtt-device-source.json` with `mqtt.transport=websocket`,
+/// created through the worker's REST API: two paho devices over WebSocket publish 100 QoS 1
+/// readings each; every one is acknowledged and exactly those 200 are in Kafka, keyed by
+/// device. A bad transport is refused at create with a 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_over_websocket_land_in_kafka_exactly() -> anyhow::Result<()> {
+    const READINGS: usize = 100;
+    let python = paho_python()?;
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let example: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/mqtt-device-source.json"
+    ))?)?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut config = example["config"].clone();
+    config["mqtt.bind"] = "127.0.0.1".into();
+    config["mqtt.port"] = port.to_string().into();
+    config["mqtt.users"] = "monitor-7:pw-monitor,pump-3:pw-pump".into();
+    let name = example["name"].as_str().expect("a name");
+
+    let mut wrong = config.clone();
+    wrong["mqtt.transport"] = "websockets".into();
+    let (code, body) = worker
+        .rest
+        .post(
+            "/connectors",
+            &serde_json::json!({"name": name, "config": wrong}),
+        )
+        .await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("mqtt.transport"), "{body}");
+
+    config["mqtt.transport"] = "websocket".into();
+    worker.rest.create(name, config).await?;
+    worker.wait_for_state(name, "RUNNING", 1).await?;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../connectors/mqtt/tests/peers/ws_device.py"
+    );
+    let mut devices = Vec::new();
+    for (device, password) in [("monitor-7", "pw-monitor"), ("pump-3", "pw-pump")] {
+        let child = tokio::process::Command::new(&python)
+            .arg(script)
+            .args(["--port", &port.to_string(), "--client-id", device])
+            .args(["--username", device, "--password", password])
+            .args(["--count", &READINGS.to_string()])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        devices.push((device, child));
+    }
+    for (device, child) in devices {
+        let output =
+            tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await??;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{device}: {stdout}");
+        assert_eq!(acked(&stdout).len(), READINGS, "{device}: {stdout}");
+    }
+
+    cluster.read_topic("device.vitals", 2 * READINGS).await?;
+    let records = cluster.read_all("device.vitals").await?;
+    assert_eq!(
+        records.len(),
+        2 * READINGS,
+        "exactly the readings published"
+    );
+    let mut seen = BTreeSet::new();
+    for record in &records {
+        let value = record.json();
+        let device = value["device"].as_str().expect("a device").to_string();
+        assert_eq!(record.key.as_deref(), Some(device.as_str()));
+        assert_eq!(record.header("mqtt.client.id"), Some(device.as_str()));
+        seen.insert((device, value["n"].as_u64().expect("n")));
+    }
+    assert_eq!(seen.len(), 2 * READINGS, "no reading twice, none missing");
+    worker.shutdown().await;
+    Ok(())
+}
+
 fn device_script() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/peers/mqtt_device.py"))
 }
