@@ -362,3 +362,40 @@ async fn sink_offsets_are_the_consumer_group_offsets() -> anyhow::Result<()> {
     worker.shutdown().await;
     Ok(())
 }
+
+/// A sink created before its topic exists — a source and its sink created together, the
+/// source's topic made by its first record — reads the topic once it appears, within seconds:
+/// librdkafka would look for it again only at its 5-minute metadata refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_created_before_its_topic_reads_it_once_it_appears() -> anyhow::Result<()> {
+    const RECORDS: usize = 100;
+    let cluster = TestCluster::start().await?;
+    let worker = cluster.start_worker().await?;
+    let output = cluster.path("late.jsonl");
+    worker
+        .rest
+        .create(
+            "late-out",
+            json!({"connector.class": "FileSink", "topics": "late.vitals", "file": output.to_str().unwrap()}),
+        )
+        .await?;
+    // Its consumer has subscribed and found no such topic.
+    eventually("the sink to report its topic missing", async || {
+        let (_, text) = worker.rest.get_text("/metrics").await.ok()?;
+        text.lines()
+            .any(|l| {
+                l.starts_with("medconnect_errors_total{")
+                    && l.contains("connector=\"late-out\"")
+                    && l.contains("KAFKA_CONSUME")
+            })
+            .then_some(())
+    })
+    .await?;
+    let values: Vec<String> = (0..RECORDS).map(|n| format!("{{\"n\":{n}}}")).collect();
+    let records: Vec<(Option<&str>, &str)> = values.iter().map(|v| (None, v.as_str())).collect();
+    cluster.produce("late.vitals", &records).await?;
+    let written = wait_for_lines(&output, RECORDS).await?;
+    assert_eq!(written, values, "every record once, in order");
+    worker.shutdown().await;
+    Ok(())
+}

@@ -126,6 +126,15 @@ pub(super) fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
 
 pub(super) type GroupConsumer = StreamConsumer<RebalanceContext>;
 
+/// How often a sink's consumer refreshes its topic metadata. librdkafka looks for a
+/// subscribed topic that does not exist yet only at this refresh (5 minutes by default; the
+/// Java consumer Kafka Connect uses asks again at once), so a sink created before its topic
+/// exists (a source and its sink created together, the source's topic made by its first
+/// record) would read nothing for up to 5 minutes. One small metadata request per sink task
+/// every 5 s; `consumer.override.topic.metadata.refresh.interval.ms` or the worker's
+/// `[consumer]` settings change it.
+pub const TOPIC_DISCOVERY: (&str, &str) = ("topic.metadata.refresh.interval.ms", "5000");
+
 /// A sink task's group consumer, with the rebalances it hands to the runner.
 pub struct SinkConsumer {
     pub(super) consumer: GroupConsumer,
@@ -133,6 +142,8 @@ pub struct SinkConsumer {
 }
 
 impl SinkConsumer {
+    /// A consumer in group `group_id`. Unless the worker's or the connector's settings say
+    /// otherwise, it looks for its topics every [`TOPIC_DISCOVERY`] interval.
     pub fn create(
         kafka: &KafkaSettings,
         group_id: Option<&str>,
@@ -142,7 +153,14 @@ impl SinkConsumer {
         let context = RebalanceContext {
             runner: Mutex::new(Some(runner)),
         };
-        let consumer = kafka.stream_consumer_with(group_id, overrides, context)?;
+        let (key, value) = TOPIC_DISCOVERY;
+        let mut settings = overrides.clone();
+        if !kafka.common.contains_key(key) && !kafka.consumer.contains_key(key) {
+            settings
+                .entry(key.to_string())
+                .or_insert_with(|| value.to_string());
+        }
+        let consumer = kafka.stream_consumer_with(group_id, &settings, context)?;
         Ok(Self {
             consumer,
             rebalances,
