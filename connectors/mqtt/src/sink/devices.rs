@@ -1,10 +1,11 @@
 //! The sink towards the devices connected to a listener source (`mqtt.sink.target=listener`),
 //! on this worker and, through [`crate::relay`], on every other worker of the cluster: each
 //! record goes to every connected device whose subscription matches its topic, at QoS 1 (or
-//! 0), and counts as delivered once each of them PUBACKed it. A record with no such device waits — through the device's reconnections —
-//! up to `mqtt.delivery.timeout.ms`, then is reported as errant (dead-letter topic with
-//! `__connect.errors.*` headers, or task failure, per `errors.tolerance`). `pre_commit`
-//! commits only up to the first record not yet settled that way.
+//! 0), and counts as delivered once each of them PUBACKed it. A record with no such device
+//! waits — through the device's reconnections — up to `mqtt.delivery.timeout.ms`, then is
+//! reported as errant (dead-letter topic with `__connect.errors.*` headers, or task failure,
+//! per `errors.tolerance`). `pre_commit` commits only up to the first record not yet settled
+//! that way.
 //!
 //! Records for one MQTT topic go one at a time, in offset order (a device gets its commands
 //! in order, also after a reconnect); different topics go in parallel.
