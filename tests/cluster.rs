@@ -989,7 +989,8 @@ async fn tasks_of(cluster: &Cluster, worker: &str) -> anyhow::Result<Vec<String>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_reach_a_device_connected_to_another_workers_listener() -> anyhow::Result<()> {
     use medconnect_e2e::mqtt_devices::{
-        line_starting, paho_python, received_commands, spawn_subscriber,
+        device_users, example_listener, line_starting, paho_python, received_commands,
+        spawn_subscriber,
     };
     const COMMANDS: usize = 5;
     const MAX_DEVICES: usize = 16;
@@ -1003,22 +1004,9 @@ async fn commands_reach_a_device_connected_to_another_workers_listener() -> anyh
     ];
     let cluster = Cluster::start(&["w1", "w2"], &topics).await?;
     let outcome = async {
-        let example = |file: &str| -> anyhow::Result<Value> {
-            let path = format!("{}/../configs/{file}", env!("CARGO_MANIFEST_DIR"));
-            Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
-        };
         let port = free_port()?;
-        let listener = example("mqtt-device-source.json")?;
-        let listener_name = listener["name"].as_str().context("a name")?.to_string();
-        let mut config = listener["config"].clone();
-        config["mqtt.bind"] = "127.0.0.1".into();
-        config["mqtt.port"] = port.to_string().into();
+        let (listener_name, mut config) = example_listener(port, &device_users(MAX_DEVICES))?;
         config["mqtt.share.port"] = "true".into();
-        config["mqtt.users"] = (0..MAX_DEVICES)
-            .map(|d| format!("device-{d}:pw"))
-            .collect::<Vec<_>>()
-            .join(",")
-            .into();
         let (code, body) = cluster
             .rest("w1")?
             .post("/connectors", &json!({"name": listener_name, "config": config}))
@@ -1035,11 +1023,10 @@ async fn commands_reach_a_device_connected_to_another_workers_listener() -> anyh
         })
         .await?;
 
-        let sink = example("mqtt-device-commands.json")?;
-        let sink_name = sink["name"].as_str().context("a name")?.to_string();
+        let (sink_name, sink_config) = medconnect_e2e::example_connector("mqtt-device-commands.json")?;
         let (code, body) = cluster
             .rest("w1")?
-            .post("/connectors", &json!({"name": sink_name, "config": sink["config"]}))
+            .post("/connectors", &json!({"name": sink_name, "config": sink_config}))
             .await?;
         ensure!(code == 201, "creating the sink: {code} {body}");
         let sink_worker = eventually("the sink's task RUNNING", async || {

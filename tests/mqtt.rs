@@ -10,10 +10,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use medconnect_e2e::TestCluster;
 use medconnect_e2e::mqtt_devices::{
-    DeviceLines, line_starting, paho_python, received_commands, spawn_subscriber,
+    DeviceLines, device_users, example_listener, line_starting, paho_python, received_commands,
+    spawn_subscriber,
 };
+use medconnect_e2e::{TestCluster, example_connector};
 use tokio::io::AsyncWriteExt;
 
 /// Mosquitto on a free port with its config in a temporary directory; killed on drop.
@@ -116,15 +117,10 @@ async fn device_readings_published_to_mosquitto_land_in_kafka_exactly() -> anyho
     let cluster = TestCluster::start().await?;
     let worker = cluster.start_worker().await?;
 
-    let example: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../configs/mqtt-broker-source.json"
-    ))?)?;
-    let mut config = example["config"].clone();
+    let (name, mut config) = example_connector("mqtt-broker-source.json")?;
     config["mqtt.server.uri"] = format!("tcp://127.0.0.1:{}", mosquitto.port).into();
-    let name = example["name"].as_str().expect("a name");
-    worker.rest.create(name, config).await?;
-    worker.wait_for_state(name, "RUNNING", 1).await?;
+    worker.rest.create(&name, config).await?;
+    worker.wait_for_state(&name, "RUNNING", 1).await?;
 
     let devices = ["monitor-7", "pump-3"];
     let mut published = BTreeSet::new();
@@ -221,18 +217,10 @@ async fn devices_publishing_to_the_worker_itself_land_in_kafka_exactly_and_bad_t
 -> anyhow::Result<()> {
     let cluster = TestCluster::start().await?;
     let worker = cluster.start_worker().await?;
-    let example: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../configs/mqtt-device-source.json"
-    ))?)?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut config = example["config"].clone();
-    config["mqtt.bind"] = "127.0.0.1".into();
-    config["mqtt.port"] = port.to_string().into();
-    config["mqtt.users"] = "monitor-7:pw-monitor,pump-3:pw-pump".into();
-    let name = example["name"].as_str().expect("a name");
-    worker.rest.create(name, config).await?;
-    worker.wait_for_state(name, "RUNNING", 1).await?;
+    let (name, config) = example_listener(port, "monitor-7:pw-monitor,pump-3:pw-pump")?;
+    worker.rest.create(&name, config).await?;
+    worker.wait_for_state(&name, "RUNNING", 1).await?;
 
     // The password is hidden in every answer about the connector.
     let (_, shown) = worker.rest.get(&format!("/connectors/{name}")).await?;
@@ -301,16 +289,8 @@ async fn devices_over_websocket_land_in_kafka_exactly() -> anyhow::Result<()> {
     let python = paho_python()?;
     let cluster = TestCluster::start().await?;
     let worker = cluster.start_worker().await?;
-    let example: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../configs/mqtt-device-source.json"
-    ))?)?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut config = example["config"].clone();
-    config["mqtt.bind"] = "127.0.0.1".into();
-    config["mqtt.port"] = port.to_string().into();
-    config["mqtt.users"] = "monitor-7:pw-monitor,pump-3:pw-pump".into();
-    let name = example["name"].as_str().expect("a name");
+    let (name, mut config) = example_listener(port, "monitor-7:pw-monitor,pump-3:pw-pump")?;
 
     let mut wrong = config.clone();
     wrong["mqtt.transport"] = "websockets".into();
@@ -325,8 +305,8 @@ async fn devices_over_websocket_land_in_kafka_exactly() -> anyhow::Result<()> {
     assert!(body.to_string().contains("mqtt.transport"), "{body}");
 
     config["mqtt.transport"] = "websocket".into();
-    worker.rest.create(name, config).await?;
-    worker.wait_for_state(name, "RUNNING", 1).await?;
+    worker.rest.create(&name, config).await?;
+    worker.wait_for_state(&name, "RUNNING", 1).await?;
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../connectors/mqtt/tests/peers/ws_device.py"
@@ -390,24 +370,12 @@ async fn start_listener(
     devices: usize,
     overrides: &[(&str, &str)],
 ) -> anyhow::Result<u16> {
-    let example: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../configs/mqtt-device-source.json"
-    ))?)?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut config = example["config"].clone();
-    config["mqtt.bind"] = "127.0.0.1".into();
-    config["mqtt.port"] = port.to_string().into();
-    config["mqtt.users"] = (0..devices)
-        .map(|d| format!("device-{d}:pw"))
-        .collect::<Vec<_>>()
-        .join(",")
-        .into();
+    let (name, mut config) = example_listener(port, &device_users(devices))?;
     for (key, value) in overrides {
         config[*key] = (*value).into();
     }
-    let name = example["name"].as_str().expect("a name");
-    rest.create(name, config).await?;
+    rest.create(&name, config).await?;
     medconnect_e2e::eventually("the MQTT listener to accept", async || {
         let (_, status) = rest.get(&format!("/connectors/{name}/status")).await.ok()?;
         if status["tasks"][0]["state"] != "RUNNING" {
@@ -850,14 +818,9 @@ async fn the_sink_delivers_commands_to_devices_connected_to_the_listener_and_abs
         .collect();
     cluster.produce("device.commands", &produced).await?;
 
-    let example: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../configs/mqtt-device-commands.json"
-    ))?)?;
-    let mut config = example["config"].clone();
+    let (name, mut config) = example_connector("mqtt-device-commands.json")?;
     config["mqtt.delivery.timeout.ms"] = "8000".into();
-    let name = example["name"].as_str().expect("a name");
-    worker.rest.create(name, config).await?;
+    worker.rest.create(&name, config).await?;
     // Connects after the sink started: its commands wait for it.
     let (late, late_lines) = subscriber(&python, port, 1, &commands_of(1), 5, &["--mqtt5"])?;
 
@@ -968,12 +931,8 @@ async fn a_command_a_device_did_not_acknowledge_is_sent_again_when_it_is_back() 
         .map(|c| (Some("device-0"), c.as_str()))
         .collect();
     cluster.produce("device.commands", &produced).await?;
-    let example: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../configs/mqtt-device-commands.json"
-    ))?)?;
-    let name = example["name"].as_str().expect("a name");
-    worker.rest.create(name, example["config"].clone()).await?;
+    let (name, config) = example_connector("mqtt-device-commands.json")?;
+    worker.rest.create(&name, config).await?;
 
     let before_crash = received_commands(crashing, crashing_lines).await?;
     assert_eq!(before_crash, vec![format!("1 {topic} {}", commands[0])]);

@@ -505,3 +505,14 @@ impl TcpProxy {
         self.open.send_replace(true);
     }
 }
+
+/// An example connector from `configs/<file>`: its name and its config.
+pub fn example_connector(file: &str) -> anyhow::Result<(String, Value)> {
+    let path = format!("{}/../configs/{file}", env!("CARGO_MANIFEST_DIR"));
+    let example: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("{path} is not JSON"))?;
+    let name = example["name"]
+        .as_str()
+        .with_context(|| format!("{path} names no connector"))?;
+    Ok((name.to_string(), example["config"].clone()))
+}

@@ -8,6 +8,24 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
 
+/// The listener from `configs/mqtt-device-source.json` on 127.0.0.1:`port` for `users`
+/// (`name:password,...`): its name and config.
+pub fn example_listener(port: u16, users: &str) -> anyhow::Result<(String, serde_json::Value)> {
+    let (name, mut config) = crate::example_connector("mqtt-device-source.json")?;
+    config["mqtt.bind"] = "127.0.0.1".into();
+    config["mqtt.port"] = port.to_string().into();
+    config["mqtt.users"] = users.into();
+    Ok((name, config))
+}
+
+/// `device-0:pw,...` for `count` devices.
+pub fn device_users(count: usize) -> String {
+    (0..count)
+        .map(|d| format!("device-{d}:pw"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A device's output, line by line.
 pub type DeviceLines = Lines<BufReader<ChildStdout>>;
 
