@@ -174,7 +174,7 @@ pub async fn record_changes(
     let principal = request.extensions().get::<Principal>().cloned();
     // The leader restarting a task on the worker that runs it: part of a connector restart
     // the leader recorded.
-    if principal.as_ref().is_some_and(|p| p.via == "worker") {
+    if principal.as_ref().is_some_and(Principal::is_worker) {
         return next.run(request).await;
     }
     let principal = principal.unwrap_or_else(|| Principal {

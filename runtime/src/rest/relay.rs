@@ -36,7 +36,7 @@ pub async fn answer(
     body: Bytes,
 ) -> Response {
     let from_a_worker = forwarded_by.is_some()
-        && principal.is_some_and(|Extension(principal)| principal.via == "worker");
+        && principal.is_some_and(|Extension(principal)| principal.is_worker());
     if !from_a_worker {
         return ApiError::new(
             StatusCode::FORBIDDEN,

@@ -72,15 +72,23 @@ pub struct Principal {
     pub peer: Option<String>,
 }
 
+/// How a worker acting for the cluster authenticates: with the session key's signature.
+const VIA_WORKER: &str = "worker";
+
 impl Principal {
     /// The leader acting on its own behalf (restarting tasks that run on other workers).
     pub fn worker(worker_id: &str) -> Self {
         Self {
             name: worker_id.to_string(),
             role: Role::Admin,
-            via: "worker".into(),
+            via: VIA_WORKER.into(),
             peer: None,
         }
+    }
+
+    /// Whether this is a worker acting for the cluster, not a caller it forwarded.
+    pub fn is_worker(&self) -> bool {
+        self.via == VIA_WORKER
     }
 }
 
