@@ -7,6 +7,7 @@
 
 mod admin;
 mod error;
+mod producer;
 mod producers;
 
 use std::collections::BTreeMap;
@@ -17,10 +18,10 @@ use rdkafka::message::{Headers as _, Message};
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};
-use rdkafka::producer::FutureProducer;
 
 pub use admin::{TopicSpec, ensure_topics};
 pub use error::{KafkaSetupError, secret_hidden};
+pub use producer::{Delivery, DeliveryFuture, OwnedDeliveryResult, Producer};
 pub use producers::ProducerPool;
 
 use crate::worker::redact::SecretsHidden;
@@ -91,7 +92,7 @@ impl KafkaSettings {
     pub fn producer(
         &self,
         overrides: &BTreeMap<String, String>,
-    ) -> Result<FutureProducer, KafkaSetupError> {
+    ) -> Result<Producer, KafkaSetupError> {
         self.producer_config(overrides)
             .create()
             .map_err(|e| KafkaSetupError::client("producer", e))

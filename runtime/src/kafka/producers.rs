@@ -1,7 +1,7 @@
 //! Producers shared among source tasks whose client settings are the same.
 //!
-//! librdkafka gives every producer its own threads (its main thread, one per broker, and the
-//! poll thread of rdkafka's `FutureProducer`), which wake on their timers whether records flow
+//! librdkafka gives every producer its own threads (its main thread, one per broker, and our
+//! delivery polling thread), which wake on their timers whether records flow
 //! or not: a worker with a producer per task spent ~90 % of its CPU in them with 100 idle
 //! tasks. Sharing keeps every guarantee a task relies on: each send has its own delivery
 //! future, which the task awaits before it settles the record (a task never flushes the
@@ -13,14 +13,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use rdkafka::producer::FutureProducer;
-
-use super::{KafkaSettings, KafkaSetupError};
+use super::{KafkaSettings, KafkaSetupError, Producer};
 
 #[derive(Default)]
 pub struct ProducerPool {
     /// By the producer's complete client settings; dropped when no task holds it any more.
-    producers: Mutex<HashMap<BTreeMap<String, String>, Weak<FutureProducer>>>,
+    producers: Mutex<HashMap<BTreeMap<String, String>, Weak<Producer>>>,
 }
 
 impl ProducerPool {
@@ -30,7 +28,7 @@ impl ProducerPool {
         &self,
         settings: &KafkaSettings,
         overrides: &BTreeMap<String, String>,
-    ) -> Result<Arc<FutureProducer>, KafkaSetupError> {
+    ) -> Result<Arc<Producer>, KafkaSetupError> {
         let config = settings.producer_config(overrides);
         let key: BTreeMap<String, String> = config
             .config_map()
@@ -47,7 +45,7 @@ impl ProducerPool {
         }
         let producer = Arc::new(
             config
-                .create::<FutureProducer>()
+                .create::<Producer>()
                 .map_err(|e| KafkaSetupError::client("producer", e))?,
         );
         producers.insert(key, Arc::downgrade(&producer));

@@ -19,12 +19,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use medconnect_api::time::rfc3339_millis;
 use medconnect_api::{ConfigDef, Props};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::auth::{ForwardedBy, Principal, roles};
 use super::{ApiError, MAX_BODY_BYTES, RestState};
+use crate::kafka::Producer;
 use crate::worker::Herder;
 use crate::worker::connector_config::{self as cc, HIDDEN};
 
@@ -106,11 +107,11 @@ impl Entry {
 /// Where the trail goes: the log always, the audit topic when the worker has one.
 pub struct AuditLog {
     worker_id: String,
-    topic: Option<(FutureProducer, String)>,
+    topic: Option<(Producer, String)>,
 }
 
 impl AuditLog {
-    pub fn new(worker_id: &str, topic: Option<(FutureProducer, String)>) -> Self {
+    pub fn new(worker_id: &str, topic: Option<(Producer, String)>) -> Self {
         Self {
             worker_id: worker_id.to_string(),
             topic,
@@ -154,7 +155,7 @@ impl AuditLog {
             .key(&key)
             .payload(&value)
             .timestamp(entry.timestamp_ms);
-        if let Err((error, _)) = producer.send(record, DELIVERY_TIMEOUT).await {
+        if let Err(error) = producer.send(record, DELIVERY_TIMEOUT).await {
             tracing::error!(%error, topic, action = entry.action, path = %entry.path, "the audit record of a change was not written to the audit topic");
         }
     }

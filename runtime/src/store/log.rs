@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
@@ -75,7 +75,7 @@ impl Applier {
 
 pub struct KafkaLog {
     topic: String,
-    producer: FutureProducer,
+    producer: crate::kafka::Producer,
     applier: Arc<Applier>,
     /// Next offset to apply, per partition; moves forward as records are applied.
     positions: watch::Receiver<HashMap<i32, i64>>,

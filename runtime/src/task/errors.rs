@@ -11,12 +11,12 @@ use medconnect_api::{
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::future_producer::OwnedDeliveryResult;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::kafka::{DeliveryFuture, OwnedDeliveryResult, Producer};
 use crate::metrics::TaskMetrics;
 use crate::worker::secrets::Scrubber;
 
@@ -204,7 +204,7 @@ pub struct ErrorReporter {
     pub policy: ErrorPolicy,
     connector: String,
     task_id: u32,
-    producer: FutureProducer,
+    producer: Producer,
     metrics: TaskMetrics,
     /// Takes the task's secret values out of errors before they are logged or written to the
     /// dead-letter topic's headers (a connector's error may quote its resolved config).
@@ -216,7 +216,7 @@ impl ErrorReporter {
         policy: ErrorPolicy,
         connector: &str,
         task_id: u32,
-        producer: FutureProducer,
+        producer: Producer,
         metrics: TaskMetrics,
         scrubber: Scrubber,
     ) -> Self {

@@ -5,12 +5,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::kafka::DeliveryFuture;
 use medconnect_api::{
     AckHandle, ConnectError, ConnectResult, Delivery, SourceOffset, SourcePartition,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::DeliveryFuture;
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 
 use crate::task::errors::{DeadLetterResult, Verdict, dead_letter_result, refuses_the_record};

@@ -19,14 +19,13 @@ use medconnect_api::{
     ConnectError, ConnectResult, SourceConnector, SourceOffset, SourcePartition, SourceRecord,
     SourceTask, SourceTaskContext,
 };
-use rdkafka::producer::FutureProducer;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::errors::ErrorReporter;
 use super::lifecycle::{created_and_started, panic_message, stop_in_time};
 use super::{RunState, RunnerSettings, StatusReporter};
-use crate::kafka::KafkaSettings;
+use crate::kafka::{KafkaSettings, Producer};
 use crate::metrics::TaskMetrics;
 use crate::store::{ConnectorState, OffsetStore};
 use crate::transform::TransformChain;
@@ -44,7 +43,7 @@ pub struct SourceTaskSpec {
     pub transforms: TransformChain,
     pub errors: ErrorReporter,
     /// Shared with other tasks of the same client settings ([`crate::kafka::ProducerPool`]).
-    pub producer: Arc<FutureProducer>,
+    pub producer: Arc<Producer>,
     pub offsets: Arc<OffsetStore>,
     pub kafka: KafkaSettings,
     /// Partitions and replication factor of topics the task creates.

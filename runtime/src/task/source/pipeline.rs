@@ -15,12 +15,12 @@ use medconnect_api::{
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::kafka::{KafkaSettings, TopicSpec, ensure_topics, record_of};
+use crate::kafka::{DeliveryFuture, KafkaSettings, Producer, TopicSpec, ensure_topics, record_of};
 use crate::metrics::TaskMetrics;
 use crate::store::OffsetStore;
 use crate::task::errors::{ErrorReporter, Origin, Stage, Verdict};
@@ -53,7 +53,7 @@ pub(super) struct Pipeline {
     pub(super) connector_class: String,
     pub(super) transforms: TransformChain,
     pub(super) errors: ErrorReporter,
-    pub(super) producer: Arc<FutureProducer>,
+    pub(super) producer: Arc<Producer>,
     pub(super) offsets: Arc<OffsetStore>,
     pub(super) kafka: KafkaSettings,
     pub(super) new_topic: (i32, i32),

@@ -26,7 +26,6 @@ use futures::future::join_all;
 use medconnect_api::Props;
 use medconnect_api::limits::ByteBudget;
 use medconnect_api::relay::Peers;
-use rdkafka::producer::FutureProducer;
 use thiserror::Error;
 use tokio::sync::Mutex;
 
@@ -36,7 +35,7 @@ pub use reads::{ConnectorInfo, ConnectorStatus, Validation};
 
 use super::connector_config as cc;
 use super::plugins::{ConnectorPlugin, Plugins};
-use crate::kafka::{KafkaSettings, ProducerPool};
+use crate::kafka::{KafkaSettings, Producer, ProducerPool};
 use crate::metrics::Metrics;
 use crate::store::{ConfigStore, ConnectorEntry, OffsetStore, StatusStore, StoreError};
 use crate::task::{RunnerSettings, Stopping, TaskHandle};
@@ -88,7 +87,7 @@ pub struct Herder {
     metrics: Metrics,
     assignment: Arc<dyn Assignment>,
     /// Shared by dead-letter writes of every task.
-    dlq_producer: FutureProducer,
+    dlq_producer: Producer,
     /// Source tasks' producers, shared among tasks with the same client settings.
     producers: ProducerPool,
     /// Bytes remote senders may make the worker hold, shared by every listener source.
