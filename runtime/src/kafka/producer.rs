@@ -24,9 +24,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, FromClientConfig, FromClientConfigAndContext};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Message, ToBytes};
-use rdkafka::producer::{
-    BaseProducer, BaseRecord, DeliveryResult, FutureRecord, Producer as _, ProducerContext,
-};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, FutureRecord, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 
 pub use rdkafka::producer::future_producer::{Delivery, OwnedDeliveryResult};
@@ -90,8 +88,8 @@ impl FromClientConfig for Producer {
                 while !stopping.load(Ordering::Relaxed) {
                     polled.poll(POLL_CALL);
                 }
-                // Reports still queued (records purged by the drop) reach their futures.
-                polled.poll(Duration::ZERO);
+                // Dropping the last handle here purges what is unsent and flushes, which
+                // answers every record's future.
             })
             .map_err(|e| KafkaError::ClientCreation(format!("producer polling thread: {e}")))?;
         Ok(Self(Arc::new(Handle { inner, stop })))
@@ -181,11 +179,6 @@ impl Producer {
                 Err((error, _)) => return Err(error),
             }
         }
-    }
-
-    /// Records queued or in flight, not yet answered.
-    pub fn in_flight_count(&self) -> i32 {
-        self.0.inner.in_flight_count()
     }
 }
 
