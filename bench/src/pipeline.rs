@@ -16,7 +16,7 @@
 //!    broker process's RSS.
 
 mod process;
-use process::{free_port, medconnect_binary};
+use process::{create_connector, free_port, medconnect_binary};
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -355,27 +355,7 @@ async fn processes() -> anyhow::Result<()> {
         json!({"name": "load-in", "config": {"connector.class": "DatagenSource", "topic": "load", "rate": "0"}}),
         json!({"name": "load-out", "config": {"connector.class": "FileSink", "topics": "load", "file": output.to_str().context("path")?}}),
     ] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let started = Instant::now();
-            let response = client
-                .post(format!("{base}/connectors"))
-                .json(&body)
-                .send()
-                .await?;
-            match response.status().as_u16() {
-                201 => {
-                    created.push(ready_ms(started.elapsed()));
-                    break;
-                }
-                // A worker that has not joined its group yet answers 409, as Connect does;
-                // clients try again.
-                409 if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                _ => bail!("creating a connector failed: {}", response.text().await?),
-            }
-        }
+        created.push(ready_ms(create_connector(&client, &base, &body).await?));
     }
     // Peak RSS per 10 s window over 30 s of load: bounded memory shows as windows that stop
     // growing while the records keep flowing.

@@ -22,3 +22,33 @@ pub fn free_port() -> anyhow::Result<u16> {
         .local_addr()?
         .port())
 }
+
+/// Creates a connector through the REST API of the worker at `base` and returns how long the
+/// request that created it took. A worker that has not joined its group yet answers 409, as
+/// Connect does; like a client, this tries again (for up to 30 s).
+#[allow(dead_code)] // `cluster` creates through a chosen worker and reports a 409 as it comes
+pub async fn create_connector(
+    client: &reqwest::Client,
+    base: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<std::time::Duration> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let started = std::time::Instant::now();
+        let response = client
+            .post(format!("{base}/connectors"))
+            .json(body)
+            .send()
+            .await?;
+        match response.status().as_u16() {
+            201 => return Ok(started.elapsed()),
+            409 if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            code => bail!(
+                "creating a connector failed: {code} {}",
+                response.text().await?
+            ),
+        }
+    }
+}

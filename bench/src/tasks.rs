@@ -12,12 +12,12 @@
 //! soon as records are there): `--fetch-wait-ms 25` sets it as `medconnect dev` does.
 
 mod process;
-use process::{free_port, medconnect_binary};
+use process::{create_connector, free_port, medconnect_binary};
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use serde_json::{Value, json};
 
 const SAMPLE: Duration = Duration::from_secs(30);
@@ -168,20 +168,10 @@ tasks_max_limit = 10000
                     "rate": "1",
                 }
             });
-            let sent = Instant::now();
-            let response = client
-                .post(format!("{base}/connectors"))
-                .json(&body)
-                .send()
-                .await?;
-            latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
-            if response.status().as_u16() != 201 {
-                bail!(
-                    "create {created}: {} {}",
-                    response.status(),
-                    response.text().await?
-                );
-            }
+            let took = create_connector(&client, &base, &body)
+                .await
+                .with_context(|| format!("create {created}"))?;
+            latencies.push(took.as_secs_f64() * 1000.0);
             created += 1;
         }
         let waited = Instant::now();
