@@ -206,6 +206,12 @@ mod tests {
         Ok(settings.producer(&overrides)?)
     }
 
+    /// Sends one text record and waits for Kafka's answer.
+    async fn send_one(producer: &Producer, topic: &str, value: &str) -> KafkaResult<Delivery> {
+        let record: FutureRecord<'_, str, str> = FutureRecord::to(topic).payload(value);
+        producer.send(record, Duration::from_secs(10)).await
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_send_is_answered_with_its_offset_in_send_order() -> TestResult {
         let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
@@ -223,12 +229,7 @@ mod tests {
             offsets.push(delivery.offset);
         }
         assert_eq!(offsets, (0..200).collect::<Vec<i64>>());
-        let sent = producer
-            .send(
-                FutureRecord::<str, str>::to("answers").payload("one more"),
-                Duration::from_secs(10),
-            )
-            .await?;
+        let sent = send_one(&producer, "answers", "one more").await?;
         assert_eq!(sent.offset, 200);
         broker.stop();
         Ok(())
@@ -254,12 +255,7 @@ mod tests {
     async fn a_record_kafka_never_took_is_answered_with_the_failure() -> TestResult {
         let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
         let producer = producer(&broker, "gone", &[("message.timeout.ms", "1500")]).await?;
-        producer
-            .send(
-                FutureRecord::<str, str>::to("gone").payload("first"),
-                Duration::from_secs(10),
-            )
-            .await?;
+        send_one(&producer, "gone", "first").await?;
         broker.stop();
         let record: FutureRecord<'_, str, str> = FutureRecord::to("gone").payload("lost?");
         let delivery = producer.send_result(record).map_err(|(e, _)| e)?;
@@ -303,12 +299,7 @@ mod tests {
         let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
         let before: Vec<String> = polling_threads().into_iter().map(|(id, _)| id).collect();
         let producer = producer(&broker, "idle", &[]).await?;
-        producer
-            .send(
-                FutureRecord::<str, str>::to("idle").payload("warm"),
-                Duration::from_secs(10),
-            )
-            .await?;
+        send_one(&producer, "idle", "warm").await?;
         let ours = || {
             polling_threads()
                 .into_iter()
