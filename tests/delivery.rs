@@ -426,16 +426,7 @@ async fn an_outage_fails_a_tolerant_source_instead_of_skipping_records() -> anyh
     network.cut();
     eventually(
         "Kafka to refuse records while it is unreachable",
-        async || {
-            let text = worker.rest.get_text("/metrics").await.ok()?.1;
-            text.lines()
-                .any(|l| {
-                    l.starts_with("medconnect_errors_total")
-                        && l.contains("connector=\"vitals\"")
-                        && l.contains("KAFKA_PRODUCE")
-                })
-                .then_some(())
-        },
+        async || worker.rest.error_counted("vitals", "KAFKA_PRODUCE").await,
     )
     .await?;
     network.restore();

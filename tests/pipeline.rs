@@ -381,14 +381,7 @@ async fn a_sink_created_before_its_topic_reads_it_once_it_appears() -> anyhow::R
         .await?;
     // Its consumer has subscribed and found no such topic.
     eventually("the sink to report its topic missing", async || {
-        let (_, text) = worker.rest.get_text("/metrics").await.ok()?;
-        text.lines()
-            .any(|l| {
-                l.starts_with("medconnect_errors_total{")
-                    && l.contains("connector=\"late-out\"")
-                    && l.contains("KAFKA_CONSUME")
-            })
-            .then_some(())
+        worker.rest.error_counted("late-out", "KAFKA_CONSUME").await
     })
     .await?;
     let values: Vec<String> = (0..RECORDS).map(|n| format!("{{\"n\":{n}}}")).collect();

@@ -376,6 +376,20 @@ impl Rest {
         Ok((response.status().as_u16(), response.text().await?))
     }
 
+    /// Whether `/metrics` shows an error counted for `connector` at `stage` (`KAFKA_PRODUCE`,
+    /// `KAFKA_CONSUME`, ...); `None` while not, for [`eventually`].
+    pub async fn error_counted(&self, connector: &str, stage: &str) -> Option<()> {
+        let (_, text) = self.get_text("/metrics").await.ok()?;
+        let connector = format!("connector=\"{connector}\"");
+        text.lines()
+            .any(|l| {
+                l.starts_with("medconnect_errors_total{")
+                    && l.contains(&connector)
+                    && l.contains(stage)
+            })
+            .then_some(())
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
