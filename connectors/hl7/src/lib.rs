@@ -14,6 +14,7 @@ pub mod message;
 pub mod mllp;
 mod sink;
 mod source;
+mod structure;
 
 pub use sink::{MllpSinkConnector, MllpSinkTask};
 pub use source::{MllpSourceConnector, MllpSourceTask};

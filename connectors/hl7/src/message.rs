@@ -2,15 +2,17 @@
 //!
 //! The MSH is read by hand first, because the acknowledgement needs its fields (sender,
 //! receiver, control id, encoding characters) even when the rest of the message is broken;
-//! the whole message is then parsed with `hl7-parser` to check its structure and read the key.
+//! the segment structure is then checked as `hl7-parser` reads it ([`crate::structure`]),
+//! and only the key's segment is parsed with `hl7-parser`.
 //! The record's value is always the raw bytes as received: nothing is re-encoded.
 
 use bytes::Bytes;
-use hl7_parser::Message;
+use hl7_parser::message::Separators;
 use hl7_parser::query::LocationQuery;
 use medconnect_api::{Record, content_type};
 
 use crate::ack::{AckCode, ErrorCondition, ErrorLocation};
+use crate::structure::{self, Segments};
 
 /// Record header names.
 pub mod header {
@@ -229,6 +231,18 @@ fn reject(
     }
 }
 
+/// The message's delimiters as hl7-parser takes them.
+fn separators(encoding: &Encoding, rules: &Rules) -> Separators {
+    Separators {
+        field: encoding.field,
+        component: encoding.component,
+        subcomponent: encoding.subcomponent,
+        repetition: encoding.repetition,
+        escape: encoding.escape,
+        lenient_newlines: rules.lenient_newlines,
+    }
+}
+
 fn is_code(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= 8
@@ -237,7 +251,12 @@ fn is_code(value: &str) -> bool {
 
 /// Validates a message and extracts what its record needs.
 pub fn parse(raw: &[u8], rules: &Rules) -> Result<Hl7Message, Rejection> {
-    let text = String::from_utf8_lossy(raw);
+    parse_bytes(Bytes::copy_from_slice(raw), rules)
+}
+
+/// As [`parse`], keeping `raw` (shared, not copied) as the message's value.
+pub fn parse_bytes(raw: Bytes, rules: &Rules) -> Result<Hl7Message, Rejection> {
+    let text = String::from_utf8_lossy(&raw);
     let header = read_header(&text).map_err(|error| Rejection {
         header: None,
         code: match error {
@@ -321,24 +340,26 @@ pub fn parse(raw: &[u8], rules: &Rules) -> Result<Hl7Message, Rejection> {
         ));
     }
     let body = text.trim_start_matches(['\r', '\n', ' ', '\t']);
-    let message =
-        Message::parse_with_lenient_newlines(body, rules.lenient_newlines).map_err(|e| {
-            // hl7-parser's error quotes the input; only its position is kept.
-            let position = match e {
-                hl7_parser::parser::ParseError::FailedToParse { position, .. } => {
-                    position.to_string()
-                }
-                hl7_parser::parser::ParseError::IncompleteInput(_) => "end".to_string(),
-            };
-            Rejection {
-                header: Some(Box::new(header.clone())),
-                code: AckCode::Error,
-                condition: ErrorCondition::SegmentSequence,
-                location: None,
-                reason: format!("the message structure is invalid (at character {position})"),
+    let wanted = rules.key_field.as_ref().map(|query| {
+        // Segment numbers are 1-based: 0 points at no segment.
+        let index = query.segment_index.unwrap_or(1).checked_sub(1);
+        (query, index)
+    });
+    let mut key_segment = None;
+    let mut named = 0;
+    let mut segments = Segments::new(body, header.encoding.field, rules.lenient_newlines);
+    for (position, segment) in (&mut segments).enumerate() {
+        if let Some((query, Some(index))) = wanted
+            && key_segment.is_none()
+            && structure::name(segment, header.encoding.field) == query.segment
+        {
+            if named == index {
+                key_segment = Some((segment, position == 0));
             }
-        })?;
-    let parsed_len = message.raw_value().len();
+            named += 1;
+        }
+    }
+    let parsed_len = segments.end();
     if !body
         .get(parsed_len..)
         .unwrap_or("")
@@ -355,18 +376,15 @@ pub fn parse(raw: &[u8], rules: &Rules) -> Result<Hl7Message, Rejection> {
             ),
         });
     }
-    let key = rules
-        .key_field
-        .as_ref()
-        .and_then(|query| message.query(query.clone()))
-        .map(|value| value.raw_value().to_string())
-        .filter(|value| !value.is_empty())
-        .unwrap_or_else(|| header.control_id.clone());
-    Ok(Hl7Message {
-        raw: Bytes::copy_from_slice(raw),
-        header,
-        key,
-    })
+    let key = match (wanted, key_segment) {
+        (Some((query, _)), Some((segment, first))) => {
+            structure::key(segment, first, separators(&header.encoding, rules), query)
+        }
+        _ => None,
+    }
+    .filter(|value| !value.is_empty())
+    .map_or_else(|| header.control_id.clone(), str::to_string);
+    Ok(Hl7Message { raw, header, key })
 }
 
 /// The topic of a message: a template where `${message.type}` and `${trigger.event}` stand

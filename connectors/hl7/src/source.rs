@@ -601,7 +601,7 @@ fn topic_capped(header: &MshHeader, max: usize) -> Rejection {
 fn submit(payload: Bytes, shared: &Shared, peer: SocketAddr) -> (SourceRecord, Submitted) {
     let config = &shared.config;
     let (handle, done) = AckHandle::channel();
-    let parsed = message::parse(&payload, &config.rules).and_then(|message| {
+    let parsed = message::parse_bytes(payload.clone(), &config.rules).and_then(|message| {
         let record = message.to_record(&config.topic);
         match &shared.topics {
             Some(cap) if !cap.admit(&record.topic) => Err(topic_capped(&message.header, cap.max())),
