@@ -2,8 +2,8 @@
 //!
 //! The MSH is read by hand first, because the acknowledgement needs its fields (sender,
 //! receiver, control id, encoding characters) even when the rest of the message is broken;
-//! the segment structure is then checked as `hl7-parser` reads it ([`crate::structure`]),
-//! and only the key's segment is parsed with `hl7-parser`.
+//! the segment structure is then checked, and the key read, as `hl7-parser` reads them
+//! ([`crate::structure`]).
 //! The record's value is always the raw bytes as received: nothing is re-encoded.
 
 use bytes::Bytes;
@@ -249,6 +249,31 @@ fn is_code(value: &str) -> bool {
         && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Reads the segments of `body`: where reading stopped, and the segment the key query names
+/// (with whether it is the message's MSH), if there is one.
+fn walk<'a>(body: &'a str, field: char, rules: &Rules) -> (usize, Option<(&'a str, bool)>) {
+    // Segment numbers are 1-based: 0 points at no segment.
+    let wanted = rules
+        .key_field
+        .as_ref()
+        .and_then(|query| Some((query, query.segment_index.unwrap_or(1).checked_sub(1)?)));
+    let mut key_segment = None;
+    let mut named = 0;
+    let mut segments = Segments::new(body, field, rules.lenient_newlines);
+    for (position, segment) in (&mut segments).enumerate() {
+        if let Some((query, index)) = wanted
+            && key_segment.is_none()
+            && structure::name(segment, field) == query.segment
+        {
+            if named == index {
+                key_segment = Some((segment, position == 0));
+            }
+            named += 1;
+        }
+    }
+    (segments.end(), key_segment)
+}
+
 /// Validates a message and extracts what its record needs.
 pub fn parse(raw: &[u8], rules: &Rules) -> Result<Hl7Message, Rejection> {
     parse_bytes(Bytes::copy_from_slice(raw), rules)
@@ -340,26 +365,7 @@ pub fn parse_bytes(raw: Bytes, rules: &Rules) -> Result<Hl7Message, Rejection> {
         ));
     }
     let body = text.trim_start_matches(['\r', '\n', ' ', '\t']);
-    let wanted = rules.key_field.as_ref().map(|query| {
-        // Segment numbers are 1-based: 0 points at no segment.
-        let index = query.segment_index.unwrap_or(1).checked_sub(1);
-        (query, index)
-    });
-    let mut key_segment = None;
-    let mut named = 0;
-    let mut segments = Segments::new(body, header.encoding.field, rules.lenient_newlines);
-    for (position, segment) in (&mut segments).enumerate() {
-        if let Some((query, Some(index))) = wanted
-            && key_segment.is_none()
-            && structure::name(segment, header.encoding.field) == query.segment
-        {
-            if named == index {
-                key_segment = Some((segment, position == 0));
-            }
-            named += 1;
-        }
-    }
-    let parsed_len = segments.end();
+    let (parsed_len, key_segment) = walk(body, header.encoding.field, rules);
     if !body
         .get(parsed_len..)
         .unwrap_or("")
@@ -376,8 +382,8 @@ pub fn parse_bytes(raw: Bytes, rules: &Rules) -> Result<Hl7Message, Rejection> {
             ),
         });
     }
-    let key = match (wanted, key_segment) {
-        (Some((query, _)), Some((segment, first))) => {
+    let key = match (&rules.key_field, key_segment) {
+        (Some(query), Some((segment, first))) => {
             structure::key(segment, first, separators(&header.encoding, rules), query)
         }
         _ => None,
