@@ -389,7 +389,7 @@ pub fn parse_bytes(raw: Bytes, rules: &Rules) -> Result<Hl7Message, Rejection> {
         _ => None,
     }
     .filter(|value| !value.is_empty())
-    .map_or_else(|| header.control_id.clone(), str::to_string);
+    .unwrap_or_else(|| header.control_id.clone());
     Ok(Hl7Message { raw, header, key })
 }
 

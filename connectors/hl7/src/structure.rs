@@ -12,7 +12,7 @@
 //! is three alphanumeric characters, where hl7-parser (a nom quirk: the name measured in
 //! bytes, taken in characters) also took `aé|` for one.
 
-use hl7_parser::message::{Segment, Separators};
+use hl7_parser::message::Separators;
 use hl7_parser::query::LocationQuery;
 
 /// The segments of a message in order, MSH first, as hl7-parser reads them. Once the
@@ -138,24 +138,36 @@ pub fn name(segment: &str, field: char) -> &str {
 /// The raw value `query` points at within `segment` (a line [`Segments`] returned, named as
 /// the query's segment; `first` when it is the message's header), as hl7-parser's
 /// `Message::query` reads it.
-pub fn key<'a>(
-    segment: &'a str,
+pub fn key(
+    segment: &str,
     first: bool,
     separators: Separators,
     query: &LocationQuery,
-) -> Option<&'a str> {
+) -> Option<String> {
     if first {
         // MSH-1 and MSH-2 are the delimiters, numbered so only by hl7-parser's MSH reader (a
         // later MSH segment is read as any other); a key in the MSH is rare, so it is parsed.
-        let (_, msh) = hl7_parser::parser::parse_msh(segment).ok()?;
-        return msh_value(&msh, query);
+        let msh =
+            hl7_parser::Message::parse_with_lenient_newlines(segment, separators.lenient_newlines)
+                .ok()?;
+        return msh
+            .query(query.clone())
+            .map(|value| value.raw_value().to_string());
     }
+    split_value(segment, separators, query).map(str::to_string)
+}
+
+/// The queried value in a segment other than the header. hl7-parser's nesting (a field is
+/// repeats split by `~`, a repeat components split by `^`, a component subcomponents split
+/// by `&`, each level ending at any higher separator) is splitting at each level in turn.
+fn split_value<'a>(
+    segment: &'a str,
+    separators: Separators,
+    query: &LocationQuery,
+) -> Option<&'a str> {
     let Some(field) = query.field else {
         return Some(segment);
     };
-    // hl7-parser's nesting (a field is repeats split by `~`, a repeat components split by
-    // `^`, a component subcomponents split by `&`, each level ending at any higher
-    // separator) is splitting at each level in turn.
     let (_name, fields) = segment.split_once(separators.field)?;
     let field = nth(fields, separators.field, field)?;
     if query.component.is_none() && query.repeat.is_none() {
@@ -175,29 +187,6 @@ pub fn key<'a>(
 /// The `number`th (1-based; 0 is none) piece of `text` split at `separator`.
 fn nth(text: &str, separator: char, number: usize) -> Option<&str> {
     text.split(separator).nth(number.checked_sub(1)?)
-}
-
-/// `Message::query`'s walk from the parsed MSH down to the queried level.
-fn msh_value<'a>(segment: &Segment<'a>, query: &LocationQuery) -> Option<&'a str> {
-    let Some(field) = query.field else {
-        return Some(segment.raw_value());
-    };
-    let field = segment.fields.get(field.checked_sub(1)?)?;
-    if query.component.is_none() && query.repeat.is_none() {
-        return Some(field.raw_value());
-    }
-    let repeat = field
-        .repeats
-        .get(query.repeat.unwrap_or(1).checked_sub(1)?)?;
-    let Some(component) = query.component else {
-        return Some(repeat.raw_value());
-    };
-    let component = repeat.components.get(component.checked_sub(1)?)?;
-    let Some(subcomponent) = query.subcomponent else {
-        return Some(component.raw_value());
-    };
-    let subcomponent = component.subcomponents.get(subcomponent.checked_sub(1)?)?;
-    Some(subcomponent.raw_value())
 }
 
 #[cfg(test)]
