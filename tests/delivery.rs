@@ -2,7 +2,8 @@
 //! purpose: a source offset never passes a record Kafka did not take; errant sink records reach
 //! the dead-letter topic before the offsets past them are committed; a stuck sink cannot hold
 //! a stopping task; retriable start failures are retried per `errors.retry.timeout`; a panic
-//! in a task's poll fails the task.
+//! in a task's poll fails the task; a listener's first answer goes out before the runner
+//! settles the rest of a batch.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,8 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 use medconnect_api::{
-    ConnectError, ConnectResult, ErrantRecordReporter, Record, SinkConnector, SinkRecord, SinkTask,
-    SinkTaskContext, SourceConnector, SourceRecord, SourceTask, SourceTaskContext,
+    AckHandle, ConnectError, ConnectResult, ErrantRecordReporter, Record, SinkConnector,
+    SinkRecord, SinkTask, SinkTaskContext, SourceConnector, SourceRecord, SourceTask,
+    SourceTaskContext,
 };
 use medconnect_e2e::{TestCluster, TestWorker, eventually, json, test_connector};
 use medconnect_runtime::WorkerConfig;
@@ -84,6 +86,7 @@ fn map(key: &str, value: Value) -> Map<String, Value> {
 async fn worker_with(cluster: &TestCluster, config: WorkerConfig) -> anyhow::Result<TestWorker> {
     let plugins = medconnect::builtin_plugins()
         .with_source(Arc::new(ScriptedSource))
+        .with_source(Arc::new(AnsweringSource))
         .with_source(Arc::new(FlakySource::default()))
         .with_sink(Arc::new(ReportingSink));
     cluster.start_worker_with_plugins(config, plugins).await
@@ -624,6 +627,116 @@ async fn a_sink_task_can_pause_and_resume_its_partitions() -> anyhow::Result<()>
         "a record was put while the task had its partition paused"
     );
     assert!(pace.resumed.load(Ordering::SeqCst));
+    worker.shutdown().await;
+    Ok(())
+}
+
+// ---- a listener whose senders wait for their answers --------------------------------------
+
+/// Messages the answering source takes in at once, as a listener does from its connections.
+const WAITING: usize = 8;
+
+/// How many of the other messages were already answered when the first message's connection
+/// got its answer; set once.
+static ANSWERED_BEFORE_FIRST: std::sync::Mutex<Option<usize>> = std::sync::Mutex::new(None);
+
+/// A listener-like source: its one poll returns `WAITING` records with acknowledgements, and
+/// a "connection" task awaits the first one's answer, as the MLLP and MQTT listeners do.
+struct AnsweringSource;
+
+test_connector!(AnsweringSource, "test.AnsweringSource", Source);
+
+impl SourceConnector for AnsweringSource {
+    fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
+        Ok(Box::new(AnsweringSourceTask {
+            topic: context.config.get("topic").cloned().unwrap_or_default(),
+            polled: false,
+        }))
+    }
+}
+
+struct AnsweringSourceTask {
+    topic: String,
+    polled: bool,
+}
+
+#[async_trait]
+impl SourceTask for AnsweringSourceTask {
+    async fn start(&mut self) -> ConnectResult<()> {
+        Ok(())
+    }
+
+    async fn poll(&mut self) -> ConnectResult<Vec<SourceRecord>> {
+        if self.polled {
+            std::future::pending::<()>().await;
+        }
+        self.polled = true;
+        let mut records = Vec::new();
+        let mut answers = Vec::new();
+        for seq in 0..WAITING {
+            let mut record = Record::new(self.topic.clone());
+            record.value = Some(Bytes::from(seq.to_string()));
+            let (ack, answer) = AckHandle::channel();
+            records.push(SourceRecord::acknowledged(record, ack));
+            answers.push(answer);
+        }
+        let mut others = answers.split_off(1);
+        let first = answers.remove(0);
+        tokio::spawn(async move {
+            if first.await.is_ok() {
+                let mut answered = 0;
+                for answer in &mut others {
+                    if answer.try_recv().is_ok() {
+                        answered += 1;
+                    }
+                }
+                *ANSWERED_BEFORE_FIRST
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(answered);
+            }
+        });
+        Ok(records)
+    }
+
+    async fn stop(&mut self) -> ConnectResult<()> {
+        Ok(())
+    }
+}
+
+/// The runner lets a listener's connection answer its sender as soon as its record is settled:
+/// the sender's next message can then join the producer's open batch, instead of every answer
+/// of a delivered batch waiting until the runner has settled all of it. On a one-thread
+/// runtime the order is exact: the first connection runs before the second record is settled.
+/// The records are filtered by a transform, so all of them are settled at once, without Kafka.
+#[tokio::test]
+async fn a_listeners_first_answer_goes_out_before_the_runner_settles_the_rest() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::start().await?;
+    let worker = worker_with(&cluster, cluster.worker_config()).await?;
+    worker
+        .rest
+        .create(
+            "answering",
+            json!({
+                "connector.class": "test.AnsweringSource",
+                "topic": "answered",
+                "transforms": "drop",
+                "transforms.drop.type": "Filter",
+            }),
+        )
+        .await?;
+    let answered = eventually("the first connection's answer", async || {
+        *ANSWERED_BEFORE_FIRST
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    })
+    .await?;
+    assert_eq!(
+        answered,
+        0,
+        "the first sender was answered only after {answered} of the other {} records were settled",
+        WAITING - 1
+    );
     worker.shutdown().await;
     Ok(())
 }

@@ -7,6 +7,9 @@
 //! the producer's batching delay is paid on every message.
 //! Two loads for both contenders: a fixed 1,000 messages/s (latency without queueing) and the
 //! maximum rate. Prints messages/s and ACK (or delivery) latency p50/p99/max, and the ratio.
+//! The senders run twice: in this process (on the runtime threads the worker uses, as the issue
+//! measured it), and in a process of their own (this program again), as real senders are apart
+//! from the worker: the same two cores, but not the worker's runtime threads.
 
 mod paced;
 
@@ -15,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use medconnect_hl7::mllp::client::MllpClient;
-use paced::{ListenerBench, Load, Outcome, drive, ms, raw_run};
+use paced::{ListenerBench, Load, Outcome, Senders, drive, in_child, ms, raw_run};
 
 fn adt(sender: usize, seq: u64) -> Vec<u8> {
     format!(
@@ -55,6 +58,11 @@ fn raw_message(sender: usize, seq: u64) -> (String, Vec<u8>) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if let Some(child) = Senders::from_env()? {
+        let outcome = mllp_run(child.port, child.senders, child.seconds, child.load).await?;
+        Senders::report(&outcome);
+        return Ok(());
+    }
     let (senders, seconds, linger) = paced::args(16)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -97,14 +105,18 @@ async fn main() -> anyhow::Result<()> {
     ] {
         println!("{label}:");
         let mllp = mllp_run(port, senders, seconds, load).await?;
-        mllp.print("MLLP source (AA)");
+        mllp.print("MLLP, senders in-proc");
+        let apart = in_child(port, senders, seconds, load).await?;
+        apart.print("MLLP, senders apart");
         let raw = raw(senders, seconds, load).await?;
         raw.print("raw producer (acked)");
-        println!(
-            "  ratio MLLP/raw: throughput {:.2}, p99 latency {:.2}",
-            mllp.rate() / raw.rate(),
-            ms(mllp.percentile(0.99)) / ms(raw.percentile(0.99)).max(f64::EPSILON)
-        );
+        for (senders, outcome) in [("in this process", &mllp), ("in their own", &apart)] {
+            println!(
+                "  ratio MLLP (senders {senders})/raw: throughput {:.2}, p99 latency {:.2}",
+                outcome.rate() / raw.rate(),
+                ms(outcome.percentile(0.99)) / ms(raw.percentile(0.99)).max(f64::EPSILON)
+            );
+        }
     }
     bench.stop().await;
     Ok(())

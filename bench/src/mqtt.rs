@@ -8,11 +8,13 @@
 //! Two loads for both contenders: a fixed 5,000 messages/s (latency without queueing) and the
 //! maximum rate. Prints messages/s and PUBACK (or delivery) latency p50/p99/max, and the ratio.
 //!
-//! Two device fleets, both in this process (on the cores the worker and broker use): rumqttc
-//! clients (a client task, its event loop task and a channel between them per device) and
-//! lean devices (one task and one socket each: a PUBLISH written, its PUBACK read — what a
-//! device does — with packets encoded and decoded by rumqttc's codec). The lean fleet takes
-//! less of the shared CPU, so its figure is nearer what the listener itself costs.
+//! Two device fleets in this process (on the cores and runtime threads the worker and broker
+//! use): rumqttc clients (a client task, its event loop task and a channel between them per
+//! device) and lean devices (one task and one socket each: a PUBLISH written, its PUBACK read —
+//! what a device does — with packets encoded and decoded by rumqttc's codec). The lean fleet
+//! takes less of the shared CPU, so its figure is nearer what the listener itself costs. The
+//! lean fleet runs once more in a process of its own (this program again), as real devices
+//! are apart from the worker: same two cores, but not the worker's runtime threads.
 
 mod paced;
 
@@ -20,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use paced::{ListenerBench, Load, Outcome, drive, ms, raw_run};
+use paced::{ListenerBench, Load, Outcome, Senders, drive, in_child, ms, raw_run};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{Mutex, mpsc};
 
@@ -204,6 +206,11 @@ fn raw_message(device: usize, seq: u64) -> (String, Vec<u8>) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if let Some(child) = Senders::from_env()? {
+        let outcome = lean_run(child.port, child.senders, child.seconds, child.load).await?;
+        Senders::report(&outcome);
+        return Ok(());
+    }
     let (devices, seconds, linger) = paced::args(64)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -254,9 +261,15 @@ async fn main() -> anyhow::Result<()> {
         mqtt.print("MQTT, rumqttc devices");
         let lean = lean_run(port, devices, seconds, load).await?;
         lean.print("MQTT, lean devices");
+        let apart = in_child(port, devices, seconds, load).await?;
+        apart.print("MQTT, lean apart");
         let raw = raw(devices, seconds, load).await?;
         raw.print("raw producer (acked)");
-        for (fleet, outcome) in [("rumqttc", &mqtt), ("lean", &lean)] {
+        for (fleet, outcome) in [
+            ("rumqttc", &mqtt),
+            ("lean", &lean),
+            ("lean, own process,", &apart),
+        ] {
             println!(
                 "  ratio MQTT ({fleet} devices)/raw: throughput {:.2}, p99 latency {:.2}",
                 outcome.rate() / raw.rate(),

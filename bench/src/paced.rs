@@ -208,3 +208,86 @@ pub async fn raw_run(
     })
     .await
 }
+
+/// Set in a child process of a listener bench: `port senders seconds load` of its senders.
+const SENDERS_ENV: &str = "MEDCONNECT_BENCH_SENDERS";
+
+/// The senders a child process of a listener bench runs, against the listener at `port`.
+pub struct Senders {
+    pub port: u16,
+    pub senders: usize,
+    pub seconds: u64,
+    pub load: Load,
+}
+
+impl Senders {
+    /// `Some` in a child started by [`in_child`].
+    pub fn from_env() -> anyhow::Result<Option<Self>> {
+        let Ok(spec) = std::env::var(SENDERS_ENV) else {
+            return Ok(None);
+        };
+        let parts: Vec<&str> = spec.split_whitespace().collect();
+        let [port, senders, seconds, load] = parts[..] else {
+            anyhow::bail!("{SENDERS_ENV}={spec}: expected `port senders seconds load`");
+        };
+        let load = match load {
+            "max" => Load::Max,
+            rate => Load::Fixed(rate.parse()?),
+        };
+        Ok(Some(Self {
+            port: port.parse()?,
+            senders: senders.parse()?,
+            seconds: seconds.parse()?,
+            load,
+        }))
+    }
+
+    /// Hands the outcome to the parent on stdout: the elapsed time, then every latency (ns).
+    pub fn report(outcome: &Outcome) {
+        use std::fmt::Write;
+        let mut out = format!("{}\n", outcome.elapsed.as_nanos());
+        for latency in &outcome.latencies {
+            let _ = writeln!(out, "{}", latency.as_nanos());
+        }
+        print!("{out}");
+    }
+}
+
+/// Runs the senders in a child process (this program again, told so by [`SENDERS_ENV`]), with
+/// its own runtime and threads, as real senders are programs of their own; the worker then
+/// shares the machine's cores with them but not its runtime's threads.
+pub async fn in_child(
+    port: u16,
+    senders: usize,
+    seconds: u64,
+    load: Load,
+) -> anyhow::Result<Outcome> {
+    let load = match load {
+        Load::Max => "max".to_string(),
+        Load::Fixed(rate) => rate.to_string(),
+    };
+    let output = tokio::process::Command::new(std::env::current_exe()?)
+        .env(SENDERS_ENV, format!("{port} {senders} {seconds} {load}"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await?;
+    if !output.status.success() {
+        anyhow::bail!("the senders' process failed: {}", output.status);
+    }
+    let text = String::from_utf8(output.stdout)?;
+    let mut lines = text.lines();
+    let elapsed = Duration::from_nanos(
+        lines
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("the senders' process reported nothing"))?
+            .parse()?,
+    );
+    let latencies = lines
+        .map(|line| Ok(Duration::from_nanos(line.parse()?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Outcome {
+        messages: latencies.len(),
+        elapsed,
+        latencies,
+    })
+}

@@ -88,26 +88,38 @@ impl Pipeline {
         let mut flush = tokio::time::interval(settings.offset_flush_interval);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if stop.is_cancelled() {
+                return None;
+            }
+            // Records polled already go to the producer before older ones are settled: a
+            // listener's sender sends its next message once it has its answer, and that
+            // message should join the batch the producer is filling (`linger.ms` runs from
+            // its first record) instead of waiting for the whole last batch to be settled.
+            if let Ok(batch) = batches.try_recv() {
+                if let Err(end) = self.take(Some(batch)).await {
+                    return end;
+                }
+                continue;
+            }
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return None,
                 Some(done) = next_settled(&mut self.in_flight), if !self.in_flight.is_empty() => {
+                    let answers_a_sender = done.ack.is_some();
                     if let Err(error) = self.complete(done).await {
                         return Some(error);
                     }
+                    if answers_a_sender {
+                        // Its listener's connection now answers the sender, who sends the
+                        // next message: let that run (the worker polls for I/O before this
+                        // task resumes) before settling the next record. Otherwise the answers
+                        // of a whole delivered batch queue behind its settlement, and the
+                        // senders' next messages reach the producer only after all of them.
+                        tokio::task::yield_now().await;
+                    }
                 }
-                batch = batches.recv() => match batch {
-                    Some(Ok(records)) => {
-                        if let Err(error) = self.process(records).await {
-                            return Some(error);
-                        }
-                    }
-                    Some(Err(error)) => {
-                        self.metrics.error(Stage::TaskPoll.as_str());
-                        return Some(error);
-                    }
-                    // The poller stopped without an error: the worker is stopping.
-                    None => return None,
+                batch = batches.recv() => if let Err(end) = self.take(batch).await {
+                    return end;
                 },
                 _ = flush.tick() => self.start_offset_write(),
                 written = offset_write(&mut self.committing), if self.committing.is_some() => {
@@ -115,6 +127,19 @@ impl Pipeline {
                     self.finish_offset_write(written, stored);
                 }
             }
+        }
+    }
+
+    /// Processes what the poller sent; `Err` ends the main loop, with the task's failure if any.
+    async fn take(&mut self, batch: Option<Batch>) -> Result<(), Option<ConnectError>> {
+        match batch {
+            Some(Ok(records)) => self.process(records).await.map_err(Some),
+            Some(Err(error)) => {
+                self.metrics.error(Stage::TaskPoll.as_str());
+                Err(Some(error))
+            }
+            // The poller stopped without an error: the worker is stopping.
+            None => Err(None),
         }
     }
 
