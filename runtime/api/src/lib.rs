@@ -30,7 +30,7 @@ pub use connector::{
 };
 pub use error::{ConnectError, ConnectResult, PeerText};
 pub use record::{
-    AckHandle, Delivery, Headers, Record, SinkRecord, SourceOffset, SourcePartition, SourceRecord,
-    content_type,
+    AckHandle, Delivery, HeaderName, Headers, Record, SinkRecord, SourceOffset, SourcePartition,
+    SourceRecord, content_type,
 };
 pub use transform::Transform;

@@ -1,5 +1,7 @@
 //! The record model: bytes plus metadata, as in Kafka.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
@@ -13,9 +15,13 @@ pub mod content_type {
     pub const TEXT: &str = "text/plain";
 }
 
+/// A header's name. Sources name their headers with constants: a `&'static str` is kept as
+/// is, so stamping a record's headers allocates nothing per name (an HL7 record has eleven).
+pub type HeaderName = Cow<'static, str>;
+
 /// Kafka record headers: ordered, a name may repeat, a value may be null.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers(Vec<(String, Option<Bytes>)>);
+pub struct Headers(Vec<(HeaderName, Option<Bytes>)>);
 
 impl Headers {
     pub fn new() -> Self {
@@ -23,23 +29,23 @@ impl Headers {
     }
 
     /// Appends a header, keeping any earlier one of the same name (Kafka semantics).
-    pub fn add(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
+    pub fn add(&mut self, name: impl Into<HeaderName>, value: impl Into<Bytes>) {
         self.0.push((name.into(), Some(value.into())));
     }
 
-    pub fn add_null(&mut self, name: impl Into<String>) {
+    pub fn add_null(&mut self, name: impl Into<HeaderName>) {
         self.0.push((name.into(), None));
     }
 
     /// Replaces every header of this name with one value.
-    pub fn set(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
+    pub fn set(&mut self, name: impl Into<HeaderName>, value: impl Into<Bytes>) {
         let name = name.into();
         self.remove(&name);
         self.0.push((name, Some(value.into())));
     }
 
     pub fn remove(&mut self, name: &str) {
-        self.0.retain(|(n, _)| n != name);
+        self.0.retain(|(n, _)| n.as_ref() != name);
     }
 
     /// The last value of this name, as Kafka clients read it.
@@ -47,7 +53,7 @@ impl Headers {
         self.0
             .iter()
             .rev()
-            .find(|(n, _)| n == name)
+            .find(|(n, _)| n.as_ref() == name)
             .and_then(|(_, v)| v.as_ref())
     }
 
@@ -56,11 +62,11 @@ impl Headers {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.0.iter().any(|(n, _)| n == name)
+        self.0.iter().any(|(n, _)| n.as_ref() == name)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&Bytes>)> {
-        self.0.iter().map(|(n, v)| (n.as_str(), v.as_ref()))
+        self.0.iter().map(|(n, v)| (n.as_ref(), v.as_ref()))
     }
 
     pub fn len(&self) -> usize {
@@ -74,6 +80,12 @@ impl Headers {
 
 impl FromIterator<(String, Option<Bytes>)> for Headers {
     fn from_iter<T: IntoIterator<Item = (String, Option<Bytes>)>>(iter: T) -> Self {
+        Self(iter.into_iter().map(|(n, v)| (n.into(), v)).collect())
+    }
+}
+
+impl FromIterator<(HeaderName, Option<Bytes>)> for Headers {
+    fn from_iter<T: IntoIterator<Item = (HeaderName, Option<Bytes>)>>(iter: T) -> Self {
         Self(iter.into_iter().collect())
     }
 }
@@ -108,7 +120,7 @@ impl Record {
         self
     }
 
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+    pub fn with_header(mut self, name: impl Into<HeaderName>, value: impl Into<Bytes>) -> Self {
         self.headers.add(name, value);
         self
     }

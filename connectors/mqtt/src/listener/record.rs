@@ -2,7 +2,7 @@
 //! and topic from the mapping, headers saying who sent it and how.
 
 use bytes::Bytes;
-use medconnect_api::{AckHandle, ConnectError, Record, SourceRecord, content_type};
+use medconnect_api::{AckHandle, ConnectError, HeaderName, Record, SourceRecord, content_type};
 use rumqttc::QoS;
 
 use super::config::ListenerConfig;
@@ -88,12 +88,12 @@ pub fn to_record(
         (Ok(()), Some((_, header, topic, key))) => (header.clone(), topic.clone(), key.clone()),
         _ => (Bytes::from(mqtt_topic), UNMAPPED_TOPIC.to_string(), None),
     };
-    let mut headers = Vec::with_capacity(
+    let mut headers: Vec<(HeaderName, Option<Bytes>)> = Vec::with_capacity(
         5 + usize::from(stamp.username.is_some())
             + usize::from(stamp.certificate_cn.is_some())
             + user_properties.len(),
     );
-    let mut add = |name: &str, value: Bytes| headers.push((name.to_string(), Some(value)));
+    let mut add = |name: &'static str, value: Bytes| headers.push((name.into(), Some(value)));
     add(HEADER_TOPIC, topic_header);
     add(HEADER_QOS, Bytes::from_static(qos_number(qos).as_bytes()));
     add(HEADER_CLIENT_ID, stamp.client_id.clone());
@@ -120,7 +120,7 @@ pub fn to_record(
         } else {
             name
         };
-        headers.push((name, Some(Bytes::from(value))));
+        headers.push((name.into(), Some(Bytes::from(value))));
     }
     let mut record = Record::new(topic);
     record.key = key;
