@@ -26,17 +26,23 @@ const BAD: u64 = 7;
 
 // ---- a source with one record Kafka refuses ----------------------------------------------
 
-/// Emits `RECORDS` records in one batch; record `BAD` names partition 99 of a one-partition
-/// topic, which Kafka refuses when it delivers it (the producer has no metadata for the new
-/// topic yet), while the records after it are written.
+/// Emits `RECORDS` records in one batch (or `records`); record `BAD` (none with `bad=none`)
+/// names partition 99 of a one-partition topic, which Kafka refuses when it delivers it (the
+/// producer has no metadata for the new topic yet), while the records after it are written.
 struct ScriptedSource;
 
 test_connector!(ScriptedSource, "test.ScriptedSource", Source);
 
 impl SourceConnector for ScriptedSource {
     fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
+        let number = |key: &str| context.config.get(key).and_then(|v| v.parse().ok());
         Ok(Box::new(ScriptedSourceTask {
             topic: context.config.get("topic").cloned().unwrap_or_default(),
+            records: number("records").unwrap_or(RECORDS),
+            bad: match context.config.get("bad").map(String::as_str) {
+                Some("none") => None,
+                _ => Some(BAD),
+            },
             emitted: false,
         }))
     }
@@ -44,6 +50,8 @@ impl SourceConnector for ScriptedSource {
 
 struct ScriptedSourceTask {
     topic: String,
+    records: u64,
+    bad: Option<u64>,
     emitted: bool,
 }
 
@@ -58,11 +66,11 @@ impl SourceTask for ScriptedSourceTask {
             std::future::pending::<()>().await;
         }
         self.emitted = true;
-        Ok((0..RECORDS)
+        Ok((0..self.records)
             .map(|seq| {
                 let mut record = Record::new(self.topic.clone());
                 record.value = Some(Bytes::from(seq.to_string()));
-                record.partition = Some(if seq == BAD { 99 } else { 0 });
+                record.partition = Some(if Some(seq) == self.bad { 99 } else { 0 });
                 SourceRecord::new(
                     record,
                     map("source", json!("script")),
@@ -130,6 +138,50 @@ async fn a_failed_delivery_holds_the_source_offset_before_it() -> anyhow::Result
         "every other record is in Kafka"
     );
     assert_eq!(stored_seq(&worker, "script").await?, Some(BAD - 1));
+    worker.shutdown().await;
+    Ok(())
+}
+
+/// The value of a task's metric as `/metrics` shows it, if it is there.
+async fn task_metric(worker: &TestWorker, name: &str, connector: &str) -> Option<u64> {
+    let (_, text) = worker.rest.get_text("/metrics").await.ok()?;
+    let line = text.lines().find(|line| {
+        line.starts_with(name) && line.contains(&format!("connector=\"{connector}\""))
+    })?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_kafka_acknowledged_at_once_is_settled_whole() -> anyhow::Result<()> {
+    // The runner settles records Kafka acknowledged together in runs of its own: every one of
+    // 1,000 is counted, its offset stored, and none is left in flight.
+    const BULK: u64 = 1_000;
+    let cluster = TestCluster::start().await?;
+    let worker = worker_with(&cluster, cluster.worker_config()).await?;
+    worker
+        .rest
+        .create(
+            "bulk",
+            json!({"connector.class": "test.ScriptedSource", "topic": "bulk",
+                   "records": BULK.to_string(), "bad": "none"}),
+        )
+        .await?;
+    let written = cluster.read_topic("bulk", BULK as usize).await?;
+    assert_eq!(written.len() as u64, BULK, "every record is in Kafka");
+    eventually("the last offset is stored", async || {
+        (stored_seq(&worker, "bulk").await.ok().flatten() == Some(BULK - 1)).then_some(())
+    })
+    .await?;
+    eventually("every record is counted as delivered", async || {
+        (task_metric(&worker, "medconnect_records_out_total", "bulk").await == Some(BULK))
+            .then_some(())
+    })
+    .await?;
+    assert_eq!(
+        task_metric(&worker, "medconnect_records_in_flight", "bulk").await,
+        Some(0),
+        "nothing is left in flight"
+    );
     worker.shutdown().await;
     Ok(())
 }

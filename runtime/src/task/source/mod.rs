@@ -10,7 +10,7 @@ mod in_flight;
 mod offset_writes;
 mod pipeline;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -152,7 +152,7 @@ impl SourceRunner {
             pending_offsets: Vec::new(),
             uncommitted: 0,
             committing: None,
-            known_topics: HashSet::new(),
+            known_topics: Default::default(),
             held: false,
         };
         let mut failure = pipeline.run(batches, &stop, &stored, &settings).await;

@@ -9,6 +9,8 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
 
+use futures::FutureExt;
+
 use medconnect_api::{
     AckHandle, ConnectError, ConnectResult, Delivery, Record, SourceOffset, SourcePartition,
     SourceRecord,
@@ -47,6 +49,37 @@ pub(super) fn next_settled(
     })
 }
 
+/// The topics this task has made sure exist, and the last one a record went to: a source
+/// sends most records to the topic of the one before, and comparing two short strings costs
+/// less than hashing one for every record.
+#[derive(Default)]
+pub(super) struct KnownTopics {
+    all: HashSet<String>,
+    last: String,
+}
+
+impl KnownTopics {
+    fn is_last(&self, topic: &str) -> bool {
+        !self.last.is_empty() && self.last == topic
+    }
+
+    fn set_last(&mut self, topic: &str) {
+        topic.clone_into(&mut self.last);
+    }
+
+    fn contains(&self, topic: &str) -> bool {
+        self.all.contains(topic)
+    }
+
+    fn insert(&mut self, topic: &str) {
+        self.all.insert(topic.to_string());
+    }
+}
+
+/// At most this many records are settled before the main loop looks at its other work again
+/// (newly polled records, the offset flush, stopping).
+const SETTLED_IN_A_ROW: usize = 256;
+
 pub(super) struct Pipeline {
     pub(super) connector: String,
     /// Named in dead-letter headers for input the source itself rejected.
@@ -70,7 +103,7 @@ pub(super) struct Pipeline {
     /// being slow or unreachable must not stop records from being settled (a listener's
     /// sender waits for its answer meanwhile).
     pub(super) committing: Option<tokio::task::JoinHandle<OffsetWrite>>,
-    pub(super) known_topics: HashSet<String>,
+    pub(super) known_topics: KnownTopics,
     /// Set once a record with a source position failed without being tolerated: no offset
     /// is stored past it, even for later records Kafka did take, so a restart polls it again.
     pub(super) held: bool,
@@ -105,17 +138,8 @@ impl Pipeline {
                 biased;
                 _ = stop.cancelled() => return None,
                 Some(done) = next_settled(&mut self.in_flight), if !self.in_flight.is_empty() => {
-                    let answers_a_sender = done.ack.is_some();
-                    if let Err(error) = self.complete(done).await {
+                    if let Err(error) = self.settle_ready(done).await {
                         return Some(error);
-                    }
-                    if answers_a_sender {
-                        // Its listener's connection now answers the sender, who sends the
-                        // next message: let that run (the worker polls for I/O before this
-                        // task resumes) before settling the next record. Otherwise the answers
-                        // of a whole delivered batch queue behind its settlement, and the
-                        // senders' next messages reach the producer only after all of them.
-                        tokio::task::yield_now().await;
                     }
                 }
                 batch = batches.recv() => if let Err(end) = self.take(batch).await {
@@ -126,6 +150,36 @@ impl Pipeline {
                     self.committing = None;
                     self.finish_offset_write(written, stored);
                 }
+            }
+        }
+    }
+
+    /// Settles `done` and, while no sender waits for an answer, the records behind it that
+    /// Kafka has acknowledged already: Kafka acknowledges a whole batch at once, and settling
+    /// it in one go spares a turn of the main loop's `select!` per record.
+    async fn settle_ready(&mut self, mut done: Completed) -> ConnectResult<()> {
+        let mut settled = 0;
+        loop {
+            let answers_a_sender = done.ack.is_some();
+            self.complete(done).await?;
+            settled += 1;
+            if answers_a_sender {
+                // Its listener's connection now answers the sender, who sends the next
+                // message: let that run (the worker polls for I/O before this task resumes)
+                // before settling the next record. Otherwise the answers of a whole delivered
+                // batch queue behind its settlement, and the senders' next messages reach the
+                // producer only after all of them.
+                tokio::task::yield_now().await;
+                return Ok(());
+            }
+            if settled == SETTLED_IN_A_ROW {
+                return Ok(());
+            }
+            // A record not yet acknowledged is polled again, with this task's waker, by the
+            // main loop's `select!`.
+            match next_settled(&mut self.in_flight).now_or_never() {
+                Some(Some(next)) => done = next,
+                _ => return Ok(()),
             }
         }
     }
@@ -188,8 +242,11 @@ impl Pipeline {
                 return self.dead_letter(verdict, position, ack, failure.error);
             }
         };
-        if !self.known_topics.contains(&record.topic) {
-            self.discover_topic(&record.topic).await?;
+        if !self.known_topics.is_last(&record.topic) {
+            if !self.known_topics.contains(&record.topic) {
+                self.discover_topic(&record.topic).await?;
+            }
+            self.known_topics.set_last(&record.topic);
         }
         match self.produce(&record).await? {
             Ok(delivery) => {
@@ -374,7 +431,7 @@ impl Pipeline {
         .await
         .map_err(|e| ConnectError::retriable(e.to_string()))?;
         self.status.topic(topic).await;
-        self.known_topics.insert(topic.to_string());
+        self.known_topics.insert(topic);
         Ok(())
     }
 
