@@ -142,15 +142,6 @@ async fn a_failed_delivery_holds_the_source_offset_before_it() -> anyhow::Result
     Ok(())
 }
 
-/// The value of a task's metric as `/metrics` shows it, if it is there.
-async fn task_metric(worker: &TestWorker, name: &str, connector: &str) -> Option<u64> {
-    let (_, text) = worker.rest.get_text("/metrics").await.ok()?;
-    let line = text.lines().find(|line| {
-        line.starts_with(name) && line.contains(&format!("connector=\"{connector}\""))
-    })?;
-    line.rsplit(' ').next()?.parse().ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_kafka_acknowledged_at_once_is_settled_whole() -> anyhow::Result<()> {
     // The runner settles records Kafka acknowledged together in runs of its own: every one of
@@ -173,12 +164,19 @@ async fn a_batch_kafka_acknowledged_at_once_is_settled_whole() -> anyhow::Result
     })
     .await?;
     eventually("every record is counted as delivered", async || {
-        (task_metric(&worker, "medconnect_records_out_total", "bulk").await == Some(BULK))
-            .then_some(())
+        (worker
+            .rest
+            .task_metric("medconnect_records_out_total", "bulk")
+            .await
+            == Some(BULK))
+        .then_some(())
     })
     .await?;
     assert_eq!(
-        task_metric(&worker, "medconnect_records_in_flight", "bulk").await,
+        worker
+            .rest
+            .task_metric("medconnect_records_in_flight", "bulk")
+            .await,
         Some(0),
         "nothing is left in flight"
     );
@@ -323,14 +321,11 @@ async fn records_reported_from_the_last_flush_reach_the_dead_letter_topic() -> a
 /// Whether the running task's `put` has taken the five records (read through metrics, the
 /// way an operator would see it).
 async fn worker_put_count(worker: &TestWorker) -> bool {
-    let Ok((_, text)) = worker.rest.get_text("/metrics").await else {
-        return false;
-    };
-    text.lines().any(|line| {
-        line.starts_with("medconnect_records_out_total")
-            && line.contains("connector=\"reporting\"")
-            && line.ends_with(" 5")
-    })
+    worker
+        .rest
+        .task_metric("medconnect_records_out_total", "reporting")
+        .await
+        == Some(5)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -390,6 +390,17 @@ impl Rest {
             .then_some(())
     }
 
+    /// The value `/metrics` shows for a metric of `connector`'s task (the first such line), if
+    /// it is there.
+    pub async fn task_metric(&self, name: &str, connector: &str) -> Option<u64> {
+        let (_, text) = self.get_text("/metrics").await.ok()?;
+        let connector = format!("connector=\"{connector}\"");
+        let line = text
+            .lines()
+            .find(|line| line.starts_with(name) && line.contains(&connector))?;
+        line.rsplit(' ').next()?.parse().ok()
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
