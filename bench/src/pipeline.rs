@@ -1,6 +1,8 @@
 //! Source pipeline throughput against a raw rdkafka producer, worker memory and start time.
 //!
-//!   cargo run -p medconnect-bench --bin pipeline -- [records]
+//!   cargo run -p medconnect-bench --bin pipeline -- [records] [rounds]
+//!
+//! With `PIPELINE_ONLY=1` set, only the pipeline's rounds run (for a profiler).
 //!
 //! 1. Throughput (one process, embedded broker): the same pre-generated datagen records
 //!    (~250-byte JSON vital signs) are sent (a) by a raw rdkafka producer with the worker's
@@ -8,15 +10,19 @@
 //!    producer (`medconnect_runtime::kafka::Producer`, which polls without rdkafka's spinning
 //!    thread), and (c) through a medconnect source task (poll -> transforms -> produce ->
 //!    acknowledgement -> offsets). Prints records/s of each and the pipeline's ratio to both
-//!    (to (b): what the runner costs beyond its client); runs are alternated and repeated,
-//!    the best of each is kept.
+//!    (to (b): what the runner costs beyond its client), and the CPU time the process spent
+//!    per record. The three run back to back in each round, in turns (a b c, then c b a), for
+//!    `rounds` rounds (default 5). The headline is the median of the rounds' ratios: the
+//!    machine's own speed drifts between rounds (the raw loop alone has varied 2x in one
+//!    run), and a ratio within a round compares the contenders at one speed. The best of each
+//!    contender over all rounds is printed too.
 //! 2. The `medconnect` binary as separate processes (`medconnect broker`, `medconnect worker`):
 //!    start-to-REST-ready time, worker RSS idle and under load (datagen at full speed into a
 //!    file sink, 30 s: the peak of each 10 s window shows whether it stays bounded), beside the
 //!    broker process's RSS.
 
 mod process;
-use process::{create_connector, free_port, medconnect_binary};
+use process::{cpu_time, create_connector, free_port, medconnect_binary};
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -39,7 +45,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Map, json};
 
 const BATCH: usize = 1000;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// The records both contenders send: key and value.
 type Dataset = Arc<Vec<(Bytes, Bytes)>>;
@@ -177,7 +183,7 @@ async fn raw_producer<C: RawClient>(
     producer: C,
     topic: &str,
     data: &Dataset,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Run> {
     // One partition, as the pipeline's topic gets by default.
     ensure_topics(settings, &[TopicSpec::regular(topic, 1, 1)]).await?;
     let settled = |answer: Result<OwnedDeliveryResult, _>| -> anyhow::Result<()> {
@@ -187,7 +193,7 @@ async fn raw_producer<C: RawClient>(
     // Warm the connection and metadata, as the worker's producer is warm when its task starts.
     let warm = FutureRecord::<[u8], [u8]>::to(topic).payload(b"warm-up");
     settled(producer.send_record(warm).map_err(|(e, _)| e)?.await)?;
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), cpu_now()?);
     let mut pending = std::collections::VecDeque::with_capacity(10_000);
     for (key, value) in data.iter() {
         loop {
@@ -221,10 +227,10 @@ async fn raw_producer<C: RawClient>(
     for delivery in pending {
         settled(delivery.await)?;
     }
-    Ok(data.len() as f64 / started.elapsed().as_secs_f64())
+    Run::of(data.len(), started, cpu)
 }
 
-async fn pipeline(worker: &Worker, name: &str, topic: &str, count: usize) -> anyhow::Result<f64> {
+async fn pipeline(worker: &Worker, name: &str, topic: &str, count: usize) -> anyhow::Result<Run> {
     let config = [("connector.class", "bench.ReplaySource"), ("topic", topic)]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -240,14 +246,46 @@ async fn pipeline(worker: &Worker, name: &str, topic: &str, count: usize) -> any
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let (started, first) = (Instant::now(), delivered());
+    let (started, cpu, first) = (Instant::now(), cpu_now()?, delivered());
     while delivered() < count {
         if Instant::now() > deadline {
             bail!("the pipeline delivered {} of {count}", delivered());
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    Ok((count - first) as f64 / started.elapsed().as_secs_f64())
+    Run::of(count - first, started, cpu)
+}
+
+/// One contender's run.
+#[derive(Clone, Copy)]
+struct Run {
+    /// Records per second.
+    rate: f64,
+    /// CPU time of the whole process per record: the broker's work is in it too, the same for
+    /// every contender, so differences are the contenders' own.
+    cpu_per_record: Duration,
+}
+
+impl Run {
+    fn of(records: usize, started: Instant, cpu: Duration) -> anyhow::Result<Self> {
+        Ok(Self {
+            rate: records as f64 / started.elapsed().as_secs_f64(),
+            cpu_per_record: (cpu_now()? - cpu) / records.max(1) as u32,
+        })
+    }
+}
+
+fn cpu_now() -> anyhow::Result<Duration> {
+    cpu_time(std::process::id())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
 
 fn rss_mb(pid: u32) -> anyhow::Result<f64> {
@@ -418,6 +456,12 @@ async fn main() -> anyhow::Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(200_000);
+    let rounds: usize = std::env::args()
+        .nth(2)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(ROUNDS)
+        .max(1);
     let data = dataset(count);
     let bytes: usize = data.iter().map(|(k, v)| k.len() + v.len()).sum();
     println!(
@@ -432,28 +476,75 @@ async fn main() -> anyhow::Result<()> {
         medconnect::builtin_plugins().with_source(Arc::new(ReplayConnector { data: data.clone() }));
     let worker = Worker::start(config, plugins).await?;
     let settings = KafkaSettings::new(&broker.bootstrap_servers());
-    let (mut best_raw, mut best_engine, mut best_pipeline) = (0.0f64, 0.0f64, 0.0f64);
-    for n in 0..ROUNDS {
-        // Both raw clients with the worker's producer settings.
-        let rdkafka: FutureProducer = settings.producer_config(&Default::default()).create()?;
-        let raw = raw_producer(&settings, rdkafka, &format!("raw-{n}"), &data).await?;
-        let engine = settings.producer(&Default::default())?;
-        let direct = raw_producer(&settings, engine, &format!("direct-{n}"), &data).await?;
-        let piped = pipeline(&worker, &format!("pipe-{n}"), &format!("pipe-{n}"), count).await?;
-        println!(
-            "round {}: raw FutureProducer {raw:>9.0} records/s, engine producer alone {direct:>9.0}, pipeline {piped:>9.0}; ratio to raw {:.2}, to the engine producer {:.2}",
-            n + 1,
-            piped / raw,
-            piped / direct
-        );
-        best_raw = best_raw.max(raw);
-        best_engine = best_engine.max(direct);
-        best_pipeline = best_pipeline.max(piped);
+    if std::env::var_os("PIPELINE_ONLY").is_some() {
+        // For a profiler: only the pipeline's rounds, so that every sample is of the pipeline.
+        for n in 0..rounds {
+            let piped =
+                pipeline(&worker, &format!("pipe-{n}"), &format!("pipe-{n}"), count).await?;
+            println!("round {}: pipeline {:>9.0} records/s", n + 1, piped.rate);
+        }
+        worker.shutdown().await;
+        broker.stop();
+        return Ok(());
     }
+    let mut runs: Vec<[Run; 3]> = Vec::new();
+    for n in 0..rounds {
+        // Both raw clients with the worker's producer settings. The order turns every round,
+        // so that no contender always runs first (or last) in a round.
+        let mut round = [None; 3];
+        let order: [usize; 3] = if n % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        for contender in order {
+            round[contender] = Some(match contender {
+                0 => {
+                    let rdkafka: FutureProducer =
+                        settings.producer_config(&Default::default()).create()?;
+                    raw_producer(&settings, rdkafka, &format!("raw-{n}"), &data).await?
+                }
+                1 => {
+                    let engine = settings.producer(&Default::default())?;
+                    raw_producer(&settings, engine, &format!("direct-{n}"), &data).await?
+                }
+                _ => pipeline(&worker, &format!("pipe-{n}"), &format!("pipe-{n}"), count).await?,
+            });
+        }
+        let [Some(raw), Some(direct), Some(piped)] = round else {
+            bail!("a contender did not run");
+        };
+        println!(
+            "round {}: raw FutureProducer {:>9.0} records/s, engine producer alone {:>9.0}, pipeline {:>9.0}; ratio to raw {:.2}, to the engine producer {:.2}; CPU per record {:.2} / {:.2} / {:.2} µs",
+            n + 1,
+            raw.rate,
+            direct.rate,
+            piped.rate,
+            piped.rate / raw.rate,
+            piped.rate / direct.rate,
+            micros(raw.cpu_per_record),
+            micros(direct.cpu_per_record),
+            micros(piped.cpu_per_record),
+        );
+        runs.push([raw, direct, piped]);
+    }
+    let column =
+        |i: usize, f: &dyn Fn(&Run) -> f64| runs.iter().map(|r| f(&r[i])).collect::<Vec<_>>();
+    let best = |i: usize| column(i, &|r| r.rate).into_iter().fold(0.0, f64::max);
+    let (best_raw, best_engine, best_pipeline) = (best(0), best(1), best(2));
     println!(
-        "best: raw FutureProducer {best_raw:.0} records/s, engine producer alone {best_engine:.0}, pipeline {best_pipeline:.0}; ratio to raw {:.2}, to the engine producer {:.2}",
+        "median of the {rounds} rounds' ratios (each round's contenders back to back): pipeline to raw {:.2}, to the engine producer {:.2}",
+        median(runs.iter().map(|r| r[2].rate / r[0].rate).collect()),
+        median(runs.iter().map(|r| r[2].rate / r[1].rate).collect()),
+    );
+    println!(
+        "best of each: raw FutureProducer {best_raw:.0} records/s, engine producer alone {best_engine:.0}, pipeline {best_pipeline:.0}; ratio to raw {:.2}, to the engine producer {:.2}",
         best_pipeline / best_raw,
         best_pipeline / best_engine
+    );
+    let cpu = |i: usize| median(column(i, &|r| micros(r.cpu_per_record)));
+    println!(
+        "CPU per record, whole process (median of the rounds): raw FutureProducer {:.2} µs, engine producer alone {:.2} µs, pipeline {:.2} µs; pipeline/raw {:.2}",
+        cpu(0),
+        cpu(1),
+        cpu(2),
+        cpu(2) / cpu(0)
     );
     worker.shutdown().await;
     broker.stop();

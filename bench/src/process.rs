@@ -1,8 +1,9 @@
 //! What the benches that run `medconnect` as separate processes share.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 /// The `medconnect` binary built beside this bench.
 pub fn medconnect_binary() -> anyhow::Result<PathBuf> {
@@ -51,4 +52,24 @@ pub async fn create_connector(
             ),
         }
     }
+}
+
+/// CPU time (user + system) process `pid` has used so far, threads that ended included:
+/// `/proc/<pid>/stat`, in the kernel's USER_HZ of 100 ticks a second (on every platform Rust
+/// targets here).
+#[allow(dead_code)] // `cluster` reads no CPU time
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("malformed stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields.get(i).context("short stat line")?.parse()?)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
 }

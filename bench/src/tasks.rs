@@ -12,7 +12,7 @@
 //! soon as records are there): `--fetch-wait-ms 25` sets it as `medconnect dev` does.
 
 mod process;
-use process::{create_connector, free_port, medconnect_binary};
+use process::{cpu_time, create_connector, free_port, medconnect_binary};
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,17 +36,6 @@ impl Drop for Children {
     }
 }
 
-/// CPU time (user + system) of a process in clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
-    Ok(utime + stime)
-}
-
 /// A `/proc/<pid>/status` line's number (`Threads`, `VmRSS` in kB).
 fn status_field(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -61,13 +50,11 @@ fn status_field(pid: u32, field: &str) -> anyhow::Result<u64> {
 
 /// CPU of `pid` over `SAMPLE`, in % of one core, with its threads and RSS (MB) at the end.
 async fn sample(pid: u32) -> anyhow::Result<(f64, u64, f64)> {
-    // Linux's USER_HZ is 100 on every platform Rust targets here.
-    let ticks_per_second = 100.0;
-    let before = cpu_ticks(pid)?;
+    let before = cpu_time(pid)?;
     tokio::time::sleep(SAMPLE).await;
-    let used = (cpu_ticks(pid)? - before) as f64 / ticks_per_second;
+    let used = cpu_time(pid)? - before;
     Ok((
-        100.0 * used / SAMPLE.as_secs_f64(),
+        100.0 * used.as_secs_f64() / SAMPLE.as_secs_f64(),
         status_field(pid, "Threads")?,
         status_field(pid, "VmRSS")? as f64 / 1024.0,
     ))
