@@ -33,7 +33,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use medconnect_api::{
     ConfigDef, ConnectResult, Connector, ConnectorContext, ConnectorKind, Record, SourceConnector,
-    SourceRecord, SourceTask, SourceTaskContext, TaskConfig, content_type,
+    SourcePartition, SourceRecord, SourceTask, SourceTaskContext, TaskConfig, content_type,
 };
 use medconnect_datagen::{Schema, generate};
 use medconnect_runtime::broker::{self, EmbeddedBroker};
@@ -95,6 +95,7 @@ impl SourceConnector for ReplayConnector {
             data: self.data.clone(),
             next: 0,
             topic: context.config.get("topic").cloned().unwrap_or_default(),
+            partition: SourcePartition::from_iter([("replay".to_string(), json!(0))]),
         }))
     }
 }
@@ -103,6 +104,8 @@ struct ReplayTask {
     data: Dataset,
     next: usize,
     topic: String,
+    /// Built once, as a source with a fixed partition does; every record gets a clone.
+    partition: SourcePartition,
 }
 
 #[async_trait]
@@ -117,7 +120,6 @@ impl SourceTask for ReplayTask {
             return Ok(Vec::new());
         }
         let end = (self.next + BATCH).min(self.data.len());
-        let partition = Map::from_iter([("replay".to_string(), json!(0))]);
         let records = self.data[self.next..end]
             .iter()
             .enumerate()
@@ -128,7 +130,7 @@ impl SourceTask for ReplayTask {
                     .with_header(content_type::HEADER, content_type::JSON);
                 SourceRecord::new(
                     record,
-                    partition.clone(),
+                    self.partition.clone(),
                     Map::from_iter([("i".to_string(), json!(self.next + i))]),
                 )
             })

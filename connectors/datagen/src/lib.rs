@@ -10,7 +10,8 @@ mod generator;
 use async_trait::async_trait;
 use medconnect_api::{
     ConfigDef, ConnectResult, Connector, ConnectorContext, ConnectorKind, Props, Record,
-    SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig, content_type,
+    SourceConnector, SourcePartition, SourceRecord, SourceTask, SourceTaskContext, TaskConfig,
+    content_type,
 };
 use serde_json::{Map, Value, json};
 use tokio::time::{Duration, Instant};
@@ -85,7 +86,7 @@ impl Connector for DatagenSourceConnector {
 impl SourceConnector for DatagenSourceConnector {
     fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
         let config = DatagenTaskConfig::parse(&context.config)?;
-        let partition = Map::from_iter([
+        let partition = SourcePartition::from_iter([
             (
                 "generator".to_string(),
                 json!(config.connector.schema.as_str()),
@@ -110,7 +111,7 @@ pub struct DatagenSourceTask {
     pace: Pace,
     /// When the next record is due (throttled tasks; set on the first poll).
     next_due: Option<Instant>,
-    partition: Map<String, Value>,
+    partition: SourcePartition,
 }
 
 impl DatagenSourceTask {
@@ -222,7 +223,7 @@ impl SourceTask for DatagenSourceTask {
 mod tests {
     use std::sync::Arc;
 
-    use medconnect_api::{ConnectError, OffsetReader, SourceOffset, SourcePartition};
+    use medconnect_api::{ConnectError, OffsetReader, SourceOffset};
 
     use super::*;
 

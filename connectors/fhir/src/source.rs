@@ -402,12 +402,10 @@ impl std::fmt::Debug for FhirSourceTask {
 }
 
 fn source_partition(resource_type: &str) -> SourcePartition {
-    let mut partition = Map::new();
-    partition.insert(
-        PARTITION_TYPE.into(),
+    SourcePartition::from_iter([(
+        PARTITION_TYPE.to_string(),
         Value::String(resource_type.to_string()),
-    );
-    partition
+    )])
 }
 
 impl FhirSourceTask {

@@ -25,7 +25,7 @@ impl Stored {
     fn keep(&self, records: &[SourceRecord]) {
         let mut stored = self.0.lock().expect("lock");
         for record in records {
-            let key = Value::Object(record.source_partition.clone()).to_string();
+            let key = Value::Object(record.source_partition.clone().into_map()).to_string();
             stored.insert(key, record.source_offset.clone());
         }
     }
@@ -33,7 +33,7 @@ impl Stored {
 
 impl OffsetReader for Stored {
     fn offset(&self, partition: &SourcePartition) -> Option<SourceOffset> {
-        let key = Value::Object(partition.clone()).to_string();
+        let key = Value::Object((**partition).clone()).to_string();
         self.0.lock().expect("lock").get(&key).cloned()
     }
 }

@@ -27,7 +27,7 @@ struct Stored(Mutex<HashMap<String, SourceOffset>>);
 
 impl OffsetReader for Stored {
     fn offset(&self, partition: &SourcePartition) -> Option<SourceOffset> {
-        let key = Value::Object(partition.clone()).to_string();
+        let key = Value::Object((**partition).clone()).to_string();
         self.0.lock().expect("lock").get(&key).cloned()
     }
 }
@@ -60,7 +60,8 @@ fn engine(
                 seen.lock().expect("lock").push((key, Instant::now()));
                 match settle {
                     Settle::Written => {
-                        let partition = Value::Object(record.source_partition.clone()).to_string();
+                        let partition =
+                            Value::Object(record.source_partition.clone().into_map()).to_string();
                         stored
                             .0
                             .lock()

@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use medconnect_api::{
     ConfigDef, ConnectError, ConnectResult, Connector, ConnectorContext, ConnectorKind, Props,
-    Record, SourceConnector, SourceRecord, SourceTask, SourceTaskContext, TaskConfig, content_type,
+    Record, SourceConnector, SourcePartition, SourceRecord, SourceTask, SourceTaskContext,
+    TaskConfig, content_type,
 };
 use serde_json::{Map, Value, json};
 use tokio::fs::File;
@@ -61,7 +62,7 @@ impl Connector for FileSourceConnector {
 impl SourceConnector for FileSourceConnector {
     fn create_task(&self, context: SourceTaskContext) -> ConnectResult<Box<dyn SourceTask>> {
         let config = FileSourceConfig::parse(&context.config)?;
-        let partition = Map::from_iter([("filename".to_string(), json!(config.file))]);
+        let partition = SourcePartition::from_iter([("filename".to_string(), json!(config.file))]);
         Ok(Box::new(FileSourceTask {
             config,
             context,
@@ -78,7 +79,7 @@ pub struct FileSourceTask {
     reader: Option<BufReader<File>>,
     /// Byte position after the last complete line returned.
     position: u64,
-    partition: Map<String, Value>,
+    partition: SourcePartition,
 }
 
 impl FileSourceTask {

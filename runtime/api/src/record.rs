@@ -1,6 +1,7 @@
 //! The record model: bytes plus metadata, as in Kafka.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
@@ -136,7 +137,77 @@ impl Record {
 }
 
 /// Where a source record came from (a file name, a table, a device): a JSON map, as in Connect.
-pub type SourcePartition = Map<String, Value>;
+///
+/// Shared: a source builds its partition once and gives every record of it a clone, which
+/// counts a reference instead of copying the map; the engine compares a record's partition
+/// with the last one by address before it compares the maps. Reads go through `Deref` to the
+/// map; build one from a map with `From`/`into()` or from pairs with `collect()`.
+#[derive(Clone, Default)]
+pub struct SourcePartition(Option<Arc<Map<String, Value>>>);
+
+/// What an empty partition reads as: listener records have none, and need no allocation.
+static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+
+impl SourcePartition {
+    /// The empty partition (a listener's records have none).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The map itself, to change or keep (copied only if it is shared).
+    pub fn into_map(self) -> Map<String, Value> {
+        self.0.map(Arc::unwrap_or_clone).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for SourcePartition {
+    type Target = Map<String, Value>;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_deref().unwrap_or(&EMPTY)
+    }
+}
+
+impl From<Map<String, Value>> for SourcePartition {
+    fn from(map: Map<String, Value>) -> Self {
+        Self((!map.is_empty()).then(|| Arc::new(map)))
+    }
+}
+
+impl FromIterator<(String, Value)> for SourcePartition {
+    fn from_iter<I: IntoIterator<Item = (String, Value)>>(pairs: I) -> Self {
+        Map::from_iter(pairs).into()
+    }
+}
+
+impl PartialEq for SourcePartition {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            (a, b) => a.is_none() && b.is_none(),
+        }
+    }
+}
+
+impl Eq for SourcePartition {}
+
+impl std::fmt::Debug for SourcePartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl serde::Serialize for SourcePartition {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SourcePartition {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Map::deserialize(deserializer).map(Self::from)
+    }
+}
+
 /// How far the source has read within its partition: a JSON map, as in Connect.
 pub type SourceOffset = Map<String, Value>;
 
@@ -203,14 +274,16 @@ pub struct SourceRecord {
 }
 
 impl SourceRecord {
+    /// `source_partition`: give every record of a partition a clone of one `SourcePartition`
+    /// (a map given here is wrapped for this record alone).
     pub fn new(
         record: Record,
-        source_partition: SourcePartition,
+        source_partition: impl Into<SourcePartition>,
         source_offset: SourceOffset,
     ) -> Self {
         Self {
             record,
-            source_partition,
+            source_partition: source_partition.into(),
             source_offset,
             ack: None,
             rejected: None,
@@ -221,7 +294,7 @@ impl SourceRecord {
     pub fn acknowledged(record: Record, ack: AckHandle) -> Self {
         Self {
             record,
-            source_partition: Map::new(),
+            source_partition: SourcePartition::new(),
             source_offset: Map::new(),
             ack: Some(ack),
             rejected: None,
@@ -232,7 +305,7 @@ impl SourceRecord {
     pub fn rejected(record: Record, reason: crate::ConnectError, ack: Option<AckHandle>) -> Self {
         Self {
             record,
-            source_partition: Map::new(),
+            source_partition: SourcePartition::new(),
             source_offset: Map::new(),
             ack,
             rejected: Some(reason),
@@ -271,6 +344,36 @@ mod tests {
         headers.set("a", "3");
         assert_eq!(headers.iter().filter(|(n, _)| *n == "a").count(), 1);
         assert_eq!(headers.last_str("a"), Some("3"));
+    }
+
+    #[test]
+    fn partitions_are_shared_and_compared_by_content() {
+        let partition = SourcePartition::from_iter([("table".to_string(), "vitals".into())]);
+        let shared = partition.clone();
+        // A clone is the same map, not a copy.
+        assert!(std::ptr::eq(&*partition, &*shared));
+        assert_eq!(partition, shared);
+        // Built apart, equal by content; different content, different partitions.
+        let apart = SourcePartition::from_iter([("table".to_string(), "vitals".into())]);
+        assert!(!std::ptr::eq(&*partition, &*apart));
+        assert_eq!(partition, apart);
+        let other = SourcePartition::from_iter([("table".to_string(), "orders".into())]);
+        assert_ne!(partition, other);
+        // An empty map is the empty partition.
+        assert_eq!(SourcePartition::from(Map::new()), SourcePartition::new());
+        assert_ne!(SourcePartition::new(), partition);
+        assert!(SourcePartition::new().is_empty());
+    }
+
+    #[test]
+    fn partitions_are_stored_as_plain_json_maps() -> Result<(), serde_json::Error> {
+        // The offsets topic (and Connect's offsets API) keep a partition as a JSON object.
+        let partition = SourcePartition::from_iter([("filename".to_string(), "a.jsonl".into())]);
+        let text = serde_json::to_string(&partition)?;
+        assert_eq!(text, r#"{"filename":"a.jsonl"}"#);
+        assert_eq!(serde_json::from_str::<SourcePartition>(&text)?, partition);
+        assert_eq!(serde_json::to_string(&SourcePartition::new())?, "{}");
+        Ok(())
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@ pub struct OffsetStore {
 
 /// The canonical text of a partition map (serde_json sorts map keys).
 fn partition_id(partition: &SourcePartition) -> String {
-    Value::Object(partition.clone()).to_string()
+    Value::Object((**partition).clone()).to_string()
 }
 
 impl OffsetStore {
@@ -38,15 +38,16 @@ impl OffsetStore {
                 else {
                     return;
                 };
+                let partition = SourcePartition::from(partition.clone());
                 let offset = value.and_then(|v| serde_json::from_slice::<Value>(v).ok());
                 let mut offsets = apply_offsets.lock().unwrap_or_else(PoisonError::into_inner);
                 let of_connector = offsets.entry(connector.clone()).or_default();
                 match offset {
                     Some(Value::Object(offset)) => {
-                        of_connector.insert(partition_id(partition), (partition.clone(), offset));
+                        of_connector.insert(partition_id(&partition), (partition, offset));
                     }
                     _ => {
-                        of_connector.remove(&partition_id(partition));
+                        of_connector.remove(&partition_id(&partition));
                     }
                 }
             }),

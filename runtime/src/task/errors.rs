@@ -359,7 +359,7 @@ impl ErrorReporter {
                     Value::Object(map.cloned().unwrap_or_default()).to_string()
                 };
                 headers.push(("topic", record.topic.clone()));
-                headers.push(("source.partition", json(position.map(|(p, _)| p))));
+                headers.push(("source.partition", json(position.map(|(p, _)| &**p))));
                 headers.push(("source.offset", json(position.map(|(_, o)| o))));
             }
         }

@@ -2,7 +2,9 @@
 //! and topic from the mapping, headers saying who sent it and how.
 
 use bytes::Bytes;
-use medconnect_api::{AckHandle, ConnectError, HeaderName, Record, SourceRecord, content_type};
+use medconnect_api::{
+    AckHandle, ConnectError, HeaderName, Record, SourcePartition, SourceRecord, content_type,
+};
 use rumqttc::QoS;
 
 use super::config::ListenerConfig;
@@ -131,7 +133,7 @@ pub fn to_record(
         Ok(()) => {
             let record = match ack {
                 Some(ack) => SourceRecord::acknowledged(record, ack),
-                None => SourceRecord::new(record, Default::default(), Default::default()),
+                None => SourceRecord::new(record, SourcePartition::new(), Default::default()),
             };
             (record, Verdict::Stored)
         }

@@ -343,7 +343,7 @@ impl PostgresCdcSourceTask {
         let config = CdcSourceConfig::parse(&context.config)?;
         let replication = replication_config(&config)?;
         Ok(Self {
-            partition: Map::from_iter([("slot".to_string(), json!(config.slot))]),
+            partition: SourcePartition::from_iter([("slot".to_string(), json!(config.slot))]),
             connector: context.connector_name,
             offsets: context.offsets,
             replication,

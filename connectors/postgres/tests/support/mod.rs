@@ -358,7 +358,8 @@ impl MemoryOffsets {
         let mut stored = self.0.lock().expect("offsets lock");
         let mut latest: HashMap<String, (SourcePartition, SourceOffset)> = HashMap::new();
         for record in records.iter().filter(|r| !r.source_partition.is_empty()) {
-            let key = serde_json::Value::Object(record.source_partition.clone()).to_string();
+            let key =
+                serde_json::Value::Object(record.source_partition.clone().into_map()).to_string();
             let entry = (
                 record.source_partition.clone(),
                 record.source_offset.clone(),
@@ -372,7 +373,7 @@ impl MemoryOffsets {
 
 impl OffsetReader for MemoryOffsets {
     fn offset(&self, partition: &SourcePartition) -> Option<SourceOffset> {
-        let key = serde_json::Value::Object(partition.clone()).to_string();
+        let key = serde_json::Value::Object((**partition).clone()).to_string();
         let stored = self.0.lock().ok()?;
         stored.get(&key).map(|(_, offset)| offset.clone())
     }

@@ -32,7 +32,7 @@ impl Herder {
                     .offsets
                     .offsets(name)
                     .into_iter()
-                    .map(|(p, o)| (Value::Object(p), Value::Object(o)))
+                    .map(|(p, o)| (Value::Object(p.into_map()), Value::Object(o)))
                     .collect())
             }
             ConnectorKind::Sink => sink::read(&self.kafka, name, &entry.config)
@@ -46,7 +46,10 @@ impl Herder {
         let _guard = self.operations.lock().await;
         let entry = self.require_stopped(name)?;
         match self.plugin_for(&entry.config)?.kind() {
-            ConnectorKind::Source => Ok(self.offsets.write(name, offsets).await?),
+            ConnectorKind::Source => Ok(self
+                .offsets
+                .write(name, offsets.into_iter().map(|(p, o)| (p.into(), o)))
+                .await?),
             ConnectorKind::Sink => sink::alter(&self.kafka, name, &offsets)
                 .await
                 .map_err(HerderError::BadRequest),
