@@ -144,29 +144,54 @@ async fn a_failed_delivery_holds_the_source_offset_before_it() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_kafka_acknowledged_at_once_is_settled_whole() -> anyhow::Result<()> {
-    // The runner settles records Kafka acknowledged together in runs of its own: every one of
-    // 1,000 is counted, its offset stored, and none is left in flight.
+    // The runner settles records Kafka acknowledged together in runs of its own.
+    bulk_is_delivered_whole("bulk", json!({})).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_queue_waits_for_room_and_loses_nothing() -> anyhow::Result<()> {
+    // A producer queue of 10 messages refuses most of a 1,000-record poll at first: the runner
+    // settles older records to make room and sends each refused one again, in its place.
+    bulk_is_delivered_whole(
+        "full",
+        json!({"producer.override.queue.buffering.max.messages": "10"}),
+    )
+    .await
+}
+
+/// Creates a source that emits 1,000 records in one poll (with `config` added to its
+/// config) and checks that every one is in Kafka in poll order, counted as delivered, its
+/// offset stored, and none left in flight.
+async fn bulk_is_delivered_whole(name: &str, config: Value) -> anyhow::Result<()> {
     const BULK: u64 = 1_000;
     let cluster = TestCluster::start().await?;
     let worker = worker_with(&cluster, cluster.worker_config()).await?;
-    worker
-        .rest
-        .create(
-            "bulk",
-            json!({"connector.class": "test.ScriptedSource", "topic": "bulk",
-                   "records": BULK.to_string(), "bad": "none"}),
-        )
-        .await?;
-    let written = cluster.read_topic("bulk", BULK as usize).await?;
-    assert_eq!(written.len() as u64, BULK, "every record is in Kafka");
+    let mut body = json!({"connector.class": "test.ScriptedSource", "topic": name,
+                          "records": BULK.to_string(), "bad": "none"});
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), config.as_object()) {
+        body.extend(extra.clone());
+    }
+    worker.rest.create(name, body).await?;
+    let written = cluster.read_topic(name, BULK as usize).await?;
+    let values: Vec<String> = written
+        .iter()
+        .map(|r| r.value.clone().unwrap_or_default())
+        .collect();
+    let expected: Vec<String> = (0..BULK).map(|seq| seq.to_string()).collect();
+    assert_eq!(values, expected, "every record is in Kafka in poll order");
+    assert_eq!(
+        cluster.count_records(name).await?,
+        BULK as usize,
+        "and only once"
+    );
     eventually("the last offset is stored", async || {
-        (stored_seq(&worker, "bulk").await.ok().flatten() == Some(BULK - 1)).then_some(())
+        (stored_seq(&worker, name).await.ok().flatten() == Some(BULK - 1)).then_some(())
     })
     .await?;
     eventually("every record is counted as delivered", async || {
         (worker
             .rest
-            .task_metric("medconnect_records_out_total", "bulk")
+            .task_metric("medconnect_records_out_total", name)
             .await
             == Some(BULK))
         .then_some(())
@@ -175,7 +200,7 @@ async fn a_batch_kafka_acknowledged_at_once_is_settled_whole() -> anyhow::Result
     assert_eq!(
         worker
             .rest
-            .task_metric("medconnect_records_in_flight", "bulk")
+            .task_metric("medconnect_records_in_flight", name)
             .await,
         Some(0),
         "nothing is left in flight"

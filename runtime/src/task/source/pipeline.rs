@@ -76,6 +76,13 @@ impl KnownTopics {
     }
 }
 
+/// A record that may have to wait before it is sent (see [`Pipeline::process_now`]).
+struct Waiting {
+    record: Record,
+    position: Option<(SourcePartition, SourceOffset)>,
+    ack: Option<AckHandle>,
+}
+
 /// At most this many records are settled before the main loop looks at its other work again
 /// (newly polled records, the offset flush, stopping).
 const SETTLED_IN_A_ROW: usize = 256;
@@ -200,13 +207,21 @@ impl Pipeline {
     async fn process(&mut self, records: Vec<SourceRecord>) -> ConnectResult<()> {
         self.metrics.records_in(records.len() as u64);
         for source in records {
-            self.process_one(source).await?;
+            // Most records are sent without waiting, and a record's work is then a plain call:
+            // the waiting path's future (creating a topic, settling for room) is large, and
+            // building it for every record cost a copy of it per record.
+            if let Some(waiting) = self.process_now(source)? {
+                Box::pin(self.send_when_ready(waiting)).await?;
+            }
         }
         self.metrics.set_in_flight(self.in_flight.len() as i64);
         Ok(())
     }
 
-    async fn process_one(&mut self, source: SourceRecord) -> ConnectResult<()> {
+    /// Transforms `source` and sends it, or settles it at once (filtered, dead-lettered,
+    /// rejected). Returns the record if it must wait first: its topic is new, or the
+    /// producer refused it (its queue is full, or the record itself is at fault).
+    fn process_now(&mut self, source: SourceRecord) -> ConnectResult<Option<Waiting>> {
         let SourceRecord {
             record,
             source_partition,
@@ -217,7 +232,9 @@ impl Pipeline {
         if let Some(reason) = rejected {
             let position =
                 (!source_partition.is_empty()).then_some((source_partition, source_offset));
-            return self.reject_input(record, reason, position, ack);
+            return self
+                .reject_input(record, reason, position, ack)
+                .map(|()| None);
         }
         let original = (!self.transforms.is_empty() && self.errors.policy.dlq_topic.is_some())
             .then(|| record.clone());
@@ -228,7 +245,7 @@ impl Pipeline {
             Ok(None) => {
                 self.metrics.filtered();
                 self.enqueue(position, ack, Outcome::Ready(Some(Ok(Delivery::Filtered))));
-                return Ok(());
+                return Ok(None);
             }
             Err(failure) => {
                 let record = original.unwrap_or_else(|| Record::new(""));
@@ -239,20 +256,49 @@ impl Pipeline {
                     Origin::Source(position.as_ref()),
                     failure.error.clone(),
                 );
-                return self.dead_letter(verdict, position, ack, failure.error);
+                return self
+                    .dead_letter(verdict, position, ack, failure.error)
+                    .map(|()| None);
             }
         };
         if !self.known_topics.is_last(&record.topic) {
             if !self.known_topics.contains(&record.topic) {
-                self.discover_topic(&record.topic).await?;
+                return Ok(Some(Waiting {
+                    record,
+                    position,
+                    ack,
+                }));
             }
             self.known_topics.set_last(&record.topic);
         }
-        match self.produce(&record).await? {
+        match self.send(&record) {
             Ok(delivery) => {
-                let topic = ack.is_some().then_some(record.topic);
-                self.enqueue(position, ack, Outcome::Produced { delivery, topic });
+                self.enqueue_produced(record, position, ack, delivery);
+                Ok(None)
             }
+            // Sent again on the waiting path, which waits for room or applies the error
+            // policy (a refused record is handed back untouched, so sending it twice is safe).
+            Err(_) => Ok(Some(Waiting {
+                record,
+                position,
+                ack,
+            })),
+        }
+    }
+
+    /// The rest of [`Self::process_now`] for a record that may have to wait.
+    async fn send_when_ready(&mut self, waiting: Waiting) -> ConnectResult<()> {
+        let Waiting {
+            record,
+            position,
+            ack,
+        } = waiting;
+        if !self.known_topics.contains(&record.topic) {
+            self.discover_topic(&record.topic).await?;
+        }
+        self.known_topics.set_last(&record.topic);
+        match self.produce(&record).await? {
+            Ok(delivery) => self.enqueue_produced(record, position, ack, delivery),
             // Refused before it was sent (too large for the producer): settled in poll order
             // like any other refusal.
             Err(error) => {
@@ -262,6 +308,18 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    fn enqueue_produced(
+        &mut self,
+        record: Record,
+        position: Option<(SourcePartition, SourceOffset)>,
+        ack: Option<AckHandle>,
+        delivery: DeliveryFuture,
+    ) {
+        // A listener's acknowledgement names the topic; other records need not keep it.
+        let topic = ack.is_some().then_some(record.topic);
+        self.enqueue(position, ack, Outcome::Produced { delivery, topic });
     }
 
     /// Input the source rejected: to the dead-letter topic when there is one, never a task failure.
