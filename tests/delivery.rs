@@ -368,10 +368,11 @@ async fn a_stuck_put_cannot_hold_a_stopping_task() -> anyhow::Result<()> {
         )
         .await?;
     eventually("the put to be stuck", async || {
-        let text = worker.rest.get_text("/metrics").await.ok()?.1;
-        text.lines()
-            .any(|l| l.starts_with("medconnect_records_in_total") && l.contains("jammed"))
-            .then_some(())
+        worker
+            .rest
+            .task_metric("medconnect_records_in_total", "jammed")
+            .await
+            .map(|_| ())
     })
     .await?;
     // Stopping answers (the runner gives up on the put after the shutdown timeout) and the

@@ -22,7 +22,7 @@
 //!    broker process's RSS.
 
 mod process;
-use process::{cpu_time, create_connector, free_port, medconnect_binary};
+use process::{create_connector, free_port, medconnect_binary, own_cpu_time};
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -195,7 +195,7 @@ async fn raw_producer<C: RawClient>(
     // Warm the connection and metadata, as the worker's producer is warm when its task starts.
     let warm = FutureRecord::<[u8], [u8]>::to(topic).payload(b"warm-up");
     settled(producer.send_record(warm).map_err(|(e, _)| e)?.await)?;
-    let (started, cpu) = (Instant::now(), cpu_now()?);
+    let (started, cpu) = (Instant::now(), own_cpu_time()?);
     let mut pending = std::collections::VecDeque::with_capacity(10_000);
     for (key, value) in data.iter() {
         loop {
@@ -248,7 +248,7 @@ async fn pipeline(worker: &Worker, name: &str, topic: &str, count: usize) -> any
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let (started, cpu, first) = (Instant::now(), cpu_now()?, delivered());
+    let (started, cpu, first) = (Instant::now(), own_cpu_time()?, delivered());
     while delivered() < count {
         if Instant::now() > deadline {
             bail!("the pipeline delivered {} of {count}", delivered());
@@ -272,13 +272,9 @@ impl Run {
     fn of(records: usize, started: Instant, cpu: Duration) -> anyhow::Result<Self> {
         Ok(Self {
             rate: records as f64 / started.elapsed().as_secs_f64(),
-            cpu_per_record: (cpu_now()? - cpu) / records.max(1) as u32,
+            cpu_per_record: (own_cpu_time()? - cpu) / records.max(1) as u32,
         })
     }
-}
-
-fn cpu_now() -> anyhow::Result<Duration> {
-    cpu_time(std::process::id())
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -73,3 +73,9 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
 }
+
+/// CPU time this process has used so far, threads that ended included (see [`cpu_time`]).
+#[allow(dead_code)] // `cluster` and `tasks` read none of their own
+pub fn own_cpu_time() -> anyhow::Result<Duration> {
+    cpu_time(std::process::id())
+}

@@ -129,11 +129,6 @@ struct Run {
     cpu_per_record: Duration,
 }
 
-/// CPU time this process used so far, threads that ended included.
-fn process_cpu() -> anyhow::Result<Duration> {
-    process::cpu_time(std::process::id())
-}
-
 async fn produce(settings: &KafkaSettings, count: usize) -> anyhow::Result<usize> {
     ensure_topics(settings, &[TopicSpec::regular(TOPIC, 1, 1)]).await?;
     let producer = settings.producer(&Default::default())?;
@@ -263,7 +258,7 @@ async fn raw_consumer(
     count: usize,
     mut task: Box<dyn SinkTask>,
 ) -> anyhow::Result<Run> {
-    let cpu = process_cpu()?;
+    let cpu = process::own_cpu_time()?;
     let consumer = Arc::new(kafka.stream_consumer(Some(group), &BTreeMap::new())?);
     consumer.subscribe(&[TOPIC])?;
     task.start().await?;
@@ -300,7 +295,7 @@ async fn raw_consumer(
     let put_all = Instant::now();
     flush_and_commit(&mut task, &consumer, &positions, CommitMode::Sync).await?;
     let committed = Instant::now();
-    let cpu = process_cpu()? - cpu;
+    let cpu = process::own_cpu_time()? - cpu;
     task.stop().await?;
     let started = started.context("nothing read")?;
     Ok(Run {
@@ -316,7 +311,7 @@ async fn sink_runner(
     count: usize,
     config: Props,
 ) -> anyhow::Result<Run> {
-    let cpu = process_cpu()?;
+    let cpu = process::own_cpu_time()?;
     worker.herder().create(name, config, None).await?;
     let metrics = worker.herder().metrics();
     let labels = [name, "0"];
@@ -330,7 +325,7 @@ async fn sink_runner(
     // `put` counts after the batch's positions were recorded, so the lag is 0 only once a
     // commit covered them.
     let committed = wait("committed every record", deadline, || lag() == 0).await?;
-    let cpu = process_cpu()? - cpu;
+    let cpu = process::own_cpu_time()? - cpu;
     Ok(Run {
         rate: put() as f64 / (put_all - started).as_secs_f64(),
         commit_after: committed - put_all,
