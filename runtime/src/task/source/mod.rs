@@ -154,6 +154,7 @@ impl SourceRunner {
             committing: None,
             known_topics: Default::default(),
             held: false,
+            unpublished: Default::default(),
         };
         let mut failure = pipeline.run(batches, &stop, &stored, &settings).await;
 

@@ -114,6 +114,19 @@ pub(super) struct Pipeline {
     /// Set once a record with a source position failed without being tolerated: no offset
     /// is stored past it, even for later records Kafka did take, so a restart polls it again.
     pub(super) held: bool,
+    /// What changed since [`Self::publish_counts`] last told the poller and the metrics.
+    pub(super) unpublished: Unpublished,
+}
+
+/// Counts kept by the runner alone and published once per batch polled or run of records
+/// settled, not per record: each publication is an atomic operation on memory another
+/// thread reads (the poller's capacity, the metrics registry).
+#[derive(Default)]
+pub(super) struct Unpublished {
+    /// Records enqueued minus records settled.
+    in_flight: isize,
+    /// Records settled as durable (written to Kafka, or to the dead-letter topic).
+    durable: u64,
 }
 
 impl Pipeline {
@@ -166,11 +179,14 @@ impl Pipeline {
     /// it in one go spares a turn of the main loop's `select!` per record.
     async fn settle_ready(&mut self, mut done: Completed) -> ConnectResult<()> {
         let mut settled = 0;
-        loop {
+        let result = loop {
             let answers_a_sender = done.ack.is_some();
-            self.complete(done).await?;
+            if let Err(error) = self.complete(done).await {
+                break Err(error);
+            }
             settled += 1;
             if answers_a_sender {
+                self.publish_counts();
                 // Its listener's connection now answers the sender, who sends the next
                 // message: let that run (the worker polls for I/O before this task resumes)
                 // before settling the next record. Otherwise the answers of a whole delivered
@@ -180,15 +196,38 @@ impl Pipeline {
                 return Ok(());
             }
             if settled == SETTLED_IN_A_ROW {
-                return Ok(());
+                break Ok(());
             }
             // A record not yet acknowledged is polled again, with this task's waker, by the
             // main loop's `select!`.
             match next_settled(&mut self.in_flight).now_or_never() {
                 Some(Some(next)) => done = next,
-                _ => return Ok(()),
+                _ => break Ok(()),
             }
+        };
+        self.publish_counts();
+        result
+    }
+
+    /// Publishes [`Unpublished`]: the poller's count of records in flight (waking it if
+    /// records were settled) and the task's metrics.
+    fn publish_counts(&mut self) {
+        let Unpublished { in_flight, durable } = std::mem::take(&mut self.unpublished);
+        if in_flight > 0 {
+            self.capacity
+                .in_flight
+                .fetch_add(in_flight.unsigned_abs(), Ordering::AcqRel);
+        } else if in_flight < 0 {
+            self.capacity
+                .in_flight
+                .fetch_sub(in_flight.unsigned_abs(), Ordering::AcqRel);
+            self.capacity.freed.notify_one();
         }
+        if durable > 0 {
+            self.metrics.records_out(durable);
+        }
+        self.metrics.set_in_flight(self.in_flight.len() as i64);
+        self.metrics.set_commit_lag(self.uncommitted);
     }
 
     /// Processes what the poller sent; `Err` ends the main loop, with the task's failure if any.
@@ -206,6 +245,12 @@ impl Pipeline {
 
     async fn process(&mut self, records: Vec<SourceRecord>) -> ConnectResult<()> {
         self.metrics.records_in(records.len() as u64);
+        let processed = self.process_each(records).await;
+        self.publish_counts();
+        processed
+    }
+
+    async fn process_each(&mut self, records: Vec<SourceRecord>) -> ConnectResult<()> {
         for source in records {
             // Most records are sent without waiting, and a record's work is then a plain call:
             // the waiting path's future (creating a topic, settling for room) is large, and
@@ -214,7 +259,6 @@ impl Pipeline {
                 Box::pin(self.send_when_ready(waiting)).await?;
             }
         }
-        self.metrics.set_in_flight(self.in_flight.len() as i64);
         Ok(())
     }
 
@@ -379,7 +423,7 @@ impl Pipeline {
         ack: Option<AckHandle>,
         outcome: Outcome,
     ) {
-        self.capacity.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.unpublished.in_flight += 1;
         self.in_flight.push_back(InFlight {
             position,
             ack,
@@ -401,7 +445,11 @@ impl Pipeline {
                 Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
                     // Make room by settling the oldest record in flight.
                     match next_settled(&mut self.in_flight).await {
-                        Some(done) => Box::pin(self.complete(done)).await?,
+                        Some(done) => {
+                            let settled = Box::pin(self.complete(done)).await;
+                            self.publish_counts();
+                            settled?
+                        }
                         None => tokio::time::sleep(Duration::from_millis(10)).await,
                     }
                 }
@@ -495,9 +543,9 @@ impl Pipeline {
 
     /// Settles one record in poll order: completes its acknowledgement and, unless an
     /// earlier record failed (`held`), advances its source offset.
+    /// Its counts are published by the caller ([`Self::publish_counts`]).
     async fn complete(&mut self, done: Completed) -> ConnectResult<()> {
-        self.capacity.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.capacity.freed.notify_one();
+        self.unpublished.in_flight -= 1;
         let Completed {
             position,
             ack,
@@ -520,7 +568,7 @@ impl Pipeline {
                 {
                     AfterFailure::Retry(outcome, first_failure) => {
                         // Back in front: nothing behind it settles before it does.
-                        self.capacity.in_flight.fetch_add(1, Ordering::AcqRel);
+                        self.unpublished.in_flight += 1;
                         self.in_flight.push_front(InFlight {
                             position,
                             ack,
@@ -543,9 +591,8 @@ impl Pipeline {
             }
         };
         if delivery.is_durable() {
-            self.metrics.records_out(1);
+            self.unpublished.durable += 1;
         }
-        self.metrics.set_in_flight(self.in_flight.len() as i64);
         if let Some(ack) = ack {
             ack.complete(delivery);
         }
@@ -561,7 +608,6 @@ impl Pipeline {
                 None => self.pending_offsets.push((partition, offset)),
             }
             self.uncommitted += 1;
-            self.metrics.set_commit_lag(self.uncommitted);
         }
         Ok(())
     }
@@ -628,7 +674,9 @@ impl Pipeline {
         while !self.in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, next_settled(&mut self.in_flight)).await {
                 Ok(Some(done)) => {
-                    if let Err(error) = self.complete(done).await {
+                    let settled = self.complete(done).await;
+                    self.publish_counts();
+                    if let Err(error) = settled {
                         tracing::warn!(connector = %self.connector, %error, "record not delivered while stopping");
                         failure.get_or_insert(error);
                     }
