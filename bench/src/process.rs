@@ -1,7 +1,8 @@
 //! What the benches that run `medconnect` as separate processes share.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
@@ -78,4 +79,56 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
 #[allow(dead_code)] // `cluster` and `tasks` read none of their own
 pub fn own_cpu_time() -> anyhow::Result<Duration> {
     cpu_time(std::process::id())
+}
+
+/// The embedded Kafka-API broker as a process of its own (`medconnect broker`), as Kafka is
+/// to a worker in production: its threads do not share a runtime, or the bench's CPU time,
+/// with what is measured. Killed when dropped.
+#[allow(dead_code)] // only some benches run their broker apart
+pub struct BrokerProcess {
+    child: Child,
+    bootstrap: String,
+}
+
+#[allow(dead_code)]
+impl BrokerProcess {
+    /// Starts the broker on a free port and returns once it accepts connections.
+    pub fn start() -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let bootstrap = format!("127.0.0.1:{port}");
+        let mut broker = Self {
+            child: Command::new(medconnect_binary()?)
+                .args(["broker", "--listen", &bootstrap])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+            bootstrap,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = broker.child.try_wait()? {
+                bail!("the broker exited: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("the broker did not start");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(broker)
+    }
+
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
