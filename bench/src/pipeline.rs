@@ -430,6 +430,14 @@ async fn processes() -> anyhow::Result<()> {
     let lines = std::fs::read_to_string(&output)
         .map(|t| t.lines().count())
         .unwrap_or(0);
+    // Seen once in five runs (2026-12-01): the connectors were created and nothing reached
+    // the file. An RSS "under load" that was not is no figure.
+    if lines == 0 {
+        bail!(
+            "no record reached the file sink in {} s: no load to measure",
+            LOAD_WINDOWS * 10
+        );
+    }
     let cold = ready[0];
     let mut warm = ready[1..].to_vec();
     warm.sort();
