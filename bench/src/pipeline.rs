@@ -4,20 +4,20 @@
 //!
 //! With `PIPELINE_ONLY=1` set, only the pipeline's rounds run (for a profiler).
 //!
-//! 1. Throughput (the broker in a process of its own, as Kafka is to a worker): the same pre-generated datagen records
-//!    (~250-byte JSON vital signs) are sent (a) by a raw rdkafka producer with the worker's
-//!    producer settings, awaiting every delivery, (b) by the same loop on the engine's own
-//!    producer (`medconnect_runtime::kafka::Producer`, which polls without rdkafka's spinning
-//!    thread), and (c) through a medconnect source task (poll -> transforms -> produce ->
-//!    acknowledgement -> offsets). Prints records/s of each and the pipeline's ratio to both
-//!    (to (b): what the runner costs beyond its client), and the CPU time this process and
-//!    the broker spent per record. With the broker in this process its tasks shared the
-//!    worker's runtime with the pipeline's, but not the main thread the raw loops run on,
-//!    which penalised the pipeline alone. The three run back to back in each round, in turns (a b c, then c b a), for
-//!    `rounds` rounds (default 11). The headline is the median of the rounds' ratios: the
-//!    machine's own speed drifts between rounds (the raw loop alone has varied 2x in one
-//!    run), and a ratio within a round compares the contenders at one speed. The best of each
-//!    contender over all rounds is printed too.
+//! 1. Throughput, the broker in a process of its own as Kafka is to a worker: the same
+//!    pre-generated datagen records (~250-byte JSON vital signs) are sent (a) by a raw rdkafka
+//!    producer with the worker's producer settings, awaiting every delivery, (b) by the same
+//!    loop on the engine's own producer (`medconnect_runtime::kafka::Producer`, which polls
+//!    without rdkafka's spinning thread), and (c) through a medconnect source task (poll ->
+//!    transforms -> produce -> acknowledgement -> offsets). Prints records/s of each and the
+//!    pipeline's ratio to both (to (b): what the runner costs beyond its client), and the CPU
+//!    time this process and the broker spent per record. (When the broker ran in this process,
+//!    its tasks shared the worker's runtime threads with the pipeline's, but not the main
+//!    thread the raw loops run on.) The three run back to back in each round, in turns (a b c, then
+//!    c b a), for `rounds` rounds (default 11). The headline is the median of the rounds'
+//!    ratios, printed with their middle half: the machine's own speed drifts between rounds
+//!    (the raw loop alone has varied 4x in one run), and a ratio within a round compares the
+//!    contenders at one speed. The best of each contender over all rounds is printed too.
 //! 2. The `medconnect` binary as separate processes (`medconnect broker`, `medconnect worker`):
 //!    start-to-REST-ready time, worker RSS idle and under load (datagen at full speed into a
 //!    file sink, 30 s: the peak of each 10 s window shows whether it stays bounded), beside the
