@@ -140,8 +140,9 @@ impl Record {
 ///
 /// Shared: a source builds its partition once and gives every record of it a clone, which
 /// counts a reference instead of copying the map; the engine compares a record's partition
-/// with those of the offsets it holds by address before it compares the maps. Reads go through `Deref` to the
-/// map; build one from a map with `From`/`into()` or from pairs with `collect()`.
+/// with those of the offsets it holds by address before it compares the maps. Reads go
+/// through `Deref` to the map; build one from a map with `From`/`into()` or from pairs with
+/// `collect()`.
 #[derive(Clone, Default)]
 pub struct SourcePartition(Option<Arc<Map<String, Value>>>);
 

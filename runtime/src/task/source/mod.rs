@@ -154,7 +154,7 @@ impl SourceRunner {
             committing: None,
             known_topics: Default::default(),
             held: false,
-            unpublished: Default::default(),
+            durable_unpublished: 0,
         };
         let mut failure = pipeline.run(batches, &stop, &stored, &settings).await;
 

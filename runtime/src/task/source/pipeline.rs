@@ -114,19 +114,9 @@ pub(super) struct Pipeline {
     /// Set once a record with a source position failed without being tolerated: no offset
     /// is stored past it, even for later records Kafka did take, so a restart polls it again.
     pub(super) held: bool,
-    /// What changed since [`Self::publish_counts`] last told the poller and the metrics.
-    pub(super) unpublished: Unpublished,
-}
-
-/// Counts kept by the runner alone and published once per batch polled or run of records
-/// settled, not per record: each publication is an atomic operation on memory another
-/// thread reads (the poller's capacity, the metrics registry).
-#[derive(Default)]
-pub(super) struct Unpublished {
-    /// Records enqueued minus records settled.
-    in_flight: isize,
-    /// Records settled as durable (written to Kafka, or to the dead-letter topic).
-    durable: u64,
+    /// Records settled as durable (written to Kafka, or to the dead-letter topic) since
+    /// [`Self::publish_counts`] last added them to the metrics.
+    pub(super) durable_unpublished: u64,
 }
 
 impl Pipeline {
@@ -209,24 +199,20 @@ impl Pipeline {
         result
     }
 
-    /// Publishes [`Unpublished`]: the poller's count of records in flight (waking it if
-    /// records were settled) and the task's metrics.
+    /// Tells the poller how many records are in flight (waking it if records were settled)
+    /// and updates the task's metrics. Called once per batch polled or run of records
+    /// settled, not per record: each is an atomic operation on memory another thread reads
+    /// (the poller's capacity, the metrics registry).
     fn publish_counts(&mut self) {
-        let Unpublished { in_flight, durable } = std::mem::take(&mut self.unpublished);
-        if in_flight > 0 {
-            self.capacity
-                .in_flight
-                .fetch_add(in_flight.unsigned_abs(), Ordering::AcqRel);
-        } else if in_flight < 0 {
-            self.capacity
-                .in_flight
-                .fetch_sub(in_flight.unsigned_abs(), Ordering::AcqRel);
+        let in_flight = self.in_flight.len();
+        if self.capacity.in_flight.swap(in_flight, Ordering::AcqRel) > in_flight {
             self.capacity.freed.notify_one();
         }
+        let durable = std::mem::take(&mut self.durable_unpublished);
         if durable > 0 {
             self.metrics.records_out(durable);
         }
-        self.metrics.set_in_flight(self.in_flight.len() as i64);
+        self.metrics.set_in_flight(in_flight as i64);
         self.metrics.set_commit_lag(self.uncommitted);
     }
 
@@ -423,7 +409,6 @@ impl Pipeline {
         ack: Option<AckHandle>,
         outcome: Outcome,
     ) {
-        self.unpublished.in_flight += 1;
         self.in_flight.push_back(InFlight {
             position,
             ack,
@@ -545,7 +530,6 @@ impl Pipeline {
     /// earlier record failed (`held`), advances its source offset.
     /// Its counts are published by the caller ([`Self::publish_counts`]).
     async fn complete(&mut self, done: Completed) -> ConnectResult<()> {
-        self.unpublished.in_flight -= 1;
         let Completed {
             position,
             ack,
@@ -568,7 +552,6 @@ impl Pipeline {
                 {
                     AfterFailure::Retry(outcome, first_failure) => {
                         // Back in front: nothing behind it settles before it does.
-                        self.unpublished.in_flight += 1;
                         self.in_flight.push_front(InFlight {
                             position,
                             ack,
@@ -591,7 +574,7 @@ impl Pipeline {
             }
         };
         if delivery.is_durable() {
-            self.unpublished.durable += 1;
+            self.durable_unpublished += 1;
         }
         if let Some(ack) = ack {
             ack.complete(delivery);
