@@ -25,10 +25,11 @@
 
 mod process;
 use process::{
-    BrokerProcess, cpu_time, create_connector, free_port, medconnect_binary, own_cpu_time,
+    BrokerProcess, ChildProcess, cpu_time, create_connector, free_port, medconnect_binary,
+    own_cpu_time,
 };
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -334,15 +335,6 @@ fn rss_mb(pid: u32) -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn wait_ready(url: &str, deadline: Duration) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let client = reqwest::Client::new();
@@ -384,8 +376,8 @@ async fn processes() -> anyhow::Result<()> {
         ),
     )?;
     let base = format!("http://127.0.0.1:{rest_port}");
-    let start_worker = || -> anyhow::Result<Process> {
-        Ok(Process(
+    let start_worker = || -> anyhow::Result<ChildProcess> {
+        Ok(ChildProcess(
             Command::new(&binary)
                 .arg("worker")
                 .arg(&config)

@@ -81,12 +81,23 @@ pub fn own_cpu_time() -> anyhow::Result<Duration> {
     cpu_time(std::process::id())
 }
 
+/// A child process, killed (and reaped) when dropped.
+#[allow(dead_code)] // `cluster` and `sink` start none this way
+pub struct ChildProcess(pub Child);
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The embedded Kafka-API broker as a process of its own (`medconnect broker`), as Kafka is
 /// to a worker in production: its threads do not share a runtime, or the bench's CPU time,
 /// with what is measured. Killed when dropped.
 #[allow(dead_code)] // only some benches run their broker apart
 pub struct BrokerProcess {
-    child: Child,
+    child: ChildProcess,
     bootstrap: String,
 }
 
@@ -97,16 +108,18 @@ impl BrokerProcess {
         let port = free_port()?;
         let bootstrap = format!("127.0.0.1:{port}");
         let mut broker = Self {
-            child: Command::new(medconnect_binary()?)
-                .args(["broker", "--listen", &bootstrap])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
+            child: ChildProcess(
+                Command::new(medconnect_binary()?)
+                    .args(["broker", "--listen", &bootstrap])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?,
+            ),
             bootstrap,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = broker.child.try_wait()? {
+            if let Some(status) = broker.child.0.try_wait()? {
                 bail!("the broker exited: {status}");
             }
             if Instant::now() > deadline {
@@ -122,13 +135,6 @@ impl BrokerProcess {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.0.id()
     }
 }

@@ -12,9 +12,11 @@
 //! soon as records are there): `--fetch-wait-ms 25` sets it as `medconnect dev` does.
 
 mod process;
-use process::{cpu_time, create_connector, free_port, medconnect_binary};
+use process::{
+    BrokerProcess, ChildProcess, cpu_time, create_connector, free_port, medconnect_binary,
+};
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -23,18 +25,6 @@ use serde_json::{Value, json};
 const SAMPLE: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(10);
 const DEADLINE: Duration = Duration::from_secs(600);
-
-/// Kills its processes when dropped.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// A `/proc/<pid>/status` line's number (`Threads`, `VmRSS` in kB).
 fn status_field(pid: u32, field: &str) -> anyhow::Result<u64> {
@@ -86,7 +76,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let binary = medconnect_binary()?;
     let dir = tempfile::tempdir()?;
-    let kafka = format!("127.0.0.1:{}", free_port()?);
+    let broker = BrokerProcess::start()?;
+    let kafka = broker.bootstrap_servers();
     let rest_port = free_port()?;
     let base = format!("http://127.0.0.1:{rest_port}");
     let config = dir.path().join("worker.toml");
@@ -107,16 +98,7 @@ tasks_max_limit = 10000
     let log = |name: &str| -> anyhow::Result<Stdio> {
         Ok(std::fs::File::create(dir.path().join(name))?.into())
     };
-    let mut children = Children(Vec::new());
-    children.0.push(
-        Command::new(&binary)
-            .args(["broker", "--listen", &kafka])
-            .stdout(log("broker.log")?)
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    children.0.push(
+    let worker_process = ChildProcess(
         Command::new(&binary)
             .arg("worker")
             .arg(&config)
@@ -124,7 +106,7 @@ tasks_max_limit = 10000
             .stderr(log("worker.err")?)
             .spawn()?,
     );
-    let worker = children.0[1].id();
+    let worker = worker_process.0.id();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
