@@ -1,7 +1,7 @@
 //! HL7 over MLLP into Kafka: N concurrent senders, each waiting for its ACK as real senders
 //! do, against a raw rdkafka producer awaiting each delivery with the same concurrency.
 //!
-//!   cargo run -p medconnect-bench --bin mllp -- [senders] [seconds] [linger.ms]
+//!   cargo run -p medconnect-bench --bin mllp -- [senders] [seconds] [linger.ms] [rounds]
 //!
 //! `linger.ms` (default 1) is given to both producers: with senders that wait for each ACK,
 //! the producer's batching delay is paid on every message.
@@ -10,15 +10,20 @@
 //! The senders run twice: in this process (on the runtime threads the worker uses, as the issue
 //! measured it), and in a process of their own (this program again), as real senders are apart
 //! from the worker: the same two cores, but not the worker's runtime threads.
+//! Each load runs `[rounds]` rounds (default 3), each contender once per round, each round
+//! starting with the next one; the summary gives the medians over rounds and the median of the
+//! ratios each round measured (with the middle half of rounds): this machine's other load
+//! moves one round's ratio by a third either way.
 
 mod paced;
+mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
 use medconnect_hl7::mllp::client::MllpClient;
-use paced::{ListenerBench, Load, Outcome, Senders, drive, in_child, ms, raw_run};
+use paced::{ListenerBench, Load, Outcome, Rounds, Senders, drive, in_child, raw_run};
 
 fn adt(sender: usize, seq: u64) -> Vec<u8> {
     format!(
@@ -63,7 +68,12 @@ async fn main() -> anyhow::Result<()> {
         Senders::report(&outcome);
         return Ok(());
     }
-    let (senders, seconds, linger) = paced::args(16)?;
+    let paced::Args {
+        senders,
+        seconds,
+        linger,
+        rounds,
+    } = paced::args(16)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -97,26 +107,29 @@ async fn main() -> anyhow::Result<()> {
     raw(1, 1, Load::Fixed(100.0)).await?;
 
     println!(
-        "== HL7 ADT (~330 bytes) over MLLP into Kafka vs raw producer: {senders} senders, {seconds} s per run, linger.ms={linger}"
+        "== HL7 ADT (~330 bytes) over MLLP into Kafka vs raw producer: {senders} senders, {seconds} s per run, linger.ms={linger}, {rounds} rounds"
     );
+    const IN_PROC: &str = "MLLP, senders in-proc";
+    const APART: &str = "MLLP, senders apart";
+    const RAW: &str = "raw producer";
     for (label, load) in [
         ("fixed 1000 msg/s", Load::Fixed(1000.0)),
         ("maximum rate", Load::Max),
     ] {
         println!("{label}:");
-        let mllp = mllp_run(port, senders, seconds, load).await?;
-        mllp.print("MLLP, senders in-proc");
-        let apart = in_child(port, senders, seconds, load).await?;
-        apart.print("MLLP, senders apart");
-        let raw = raw(senders, seconds, load).await?;
-        raw.print("raw producer (acked)");
-        for (senders, outcome) in [("in this process", &mllp), ("in their own", &apart)] {
-            println!(
-                "  ratio MLLP (senders {senders})/raw: throughput {:.2}, p99 latency {:.2}",
-                outcome.rate() / raw.rate(),
-                ms(outcome.percentile(0.99)) / ms(raw.percentile(0.99)).max(f64::EPSILON)
-            );
+        let mut results = Rounds::default();
+        for round in 0..rounds {
+            // Each round starts with the next contender, so none always runs first or last.
+            for turn in 0..3 {
+                let outcome = match (round + turn) % 3 {
+                    0 => (IN_PROC, mllp_run(port, senders, seconds, load).await?),
+                    1 => (APART, in_child(port, senders, seconds, load).await?),
+                    _ => (RAW, raw(senders, seconds, load).await?),
+                };
+                results.add(outcome.0, &outcome.1);
+            }
         }
+        results.summarize(RAW);
     }
     bench.stop().await;
     Ok(())

@@ -3,7 +3,7 @@
 //! once Kafka has the reading — against a raw rdkafka producer awaiting each delivery with the
 //! same concurrency, in the same run.
 //!
-//!   cargo run -p medconnect-bench --bin mqtt -- [devices] [seconds] [linger.ms]
+//!   cargo run -p medconnect-bench --bin mqtt -- [devices] [seconds] [linger.ms] [rounds]
 //!
 //! Two loads for both contenders: a fixed 5,000 messages/s (latency without queueing) and the
 //! maximum rate. Prints messages/s and PUBACK (or delivery) latency p50/p99/max, and the ratio.
@@ -15,14 +15,18 @@
 //! takes less of the shared CPU, so its figure is nearer what the listener itself costs. The
 //! lean fleet runs once more in a process of its own (this program again), as real devices
 //! are apart from the worker: same two cores, but not the worker's runtime threads.
+//! Each load runs `[rounds]` rounds (default 3), each fleet and the raw producer once per round,
+//! each round starting with the next one; the summary gives the medians over rounds and the
+//! median of the ratios each round measured (with the middle half of rounds).
 
 mod paced;
+mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use paced::{ListenerBench, Load, Outcome, Senders, drive, in_child, ms, raw_run};
+use paced::{ListenerBench, Load, Outcome, Rounds, Senders, drive, in_child, raw_run};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{Mutex, mpsc};
 
@@ -211,7 +215,12 @@ async fn main() -> anyhow::Result<()> {
         Senders::report(&outcome);
         return Ok(());
     }
-    let (devices, seconds, linger) = paced::args(64)?;
+    let paced::Args {
+        senders: devices,
+        seconds,
+        linger,
+        rounds,
+    } = paced::args(64)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -248,34 +257,32 @@ async fn main() -> anyhow::Result<()> {
     mqtt_run(port, 1, 1, Load::Fixed(100.0)).await?;
     lean_run(port, 1, 1, Load::Fixed(100.0)).await?;
     raw(1, 1, Load::Fixed(100.0)).await?;
-
     println!(
-        "== JSON vitals (~110 bytes) over MQTT (QoS 1, PUBACK after Kafka) vs raw producer: {devices} devices, {seconds} s per run, linger.ms={linger}"
+        "== JSON vitals (~110 bytes) over MQTT (QoS 1, PUBACK after Kafka) vs raw producer: {devices} devices, {seconds} s per run, linger.ms={linger}, {rounds} rounds"
     );
+    const RUMQTTC: &str = "MQTT, rumqttc devices";
+    const LEAN: &str = "MQTT, lean devices";
+    const APART: &str = "MQTT, lean apart";
+    const RAW: &str = "raw producer";
     for (label, load) in [
         ("fixed 5000 msg/s", Load::Fixed(5000.0)),
         ("maximum rate", Load::Max),
     ] {
         println!("{label}:");
-        let mqtt = mqtt_run(port, devices, seconds, load).await?;
-        mqtt.print("MQTT, rumqttc devices");
-        let lean = lean_run(port, devices, seconds, load).await?;
-        lean.print("MQTT, lean devices");
-        let apart = in_child(port, devices, seconds, load).await?;
-        apart.print("MQTT, lean apart");
-        let raw = raw(devices, seconds, load).await?;
-        raw.print("raw producer (acked)");
-        for (fleet, outcome) in [
-            ("rumqttc", &mqtt),
-            ("lean", &lean),
-            ("lean, own process,", &apart),
-        ] {
-            println!(
-                "  ratio MQTT ({fleet} devices)/raw: throughput {:.2}, p99 latency {:.2}",
-                outcome.rate() / raw.rate(),
-                ms(outcome.percentile(0.99)) / ms(raw.percentile(0.99)).max(f64::EPSILON)
-            );
+        let mut results = Rounds::default();
+        for round in 0..rounds {
+            // Each round starts with the next contender, so none always runs first or last.
+            for turn in 0..4 {
+                let outcome = match (round + turn) % 4 {
+                    0 => (RUMQTTC, mqtt_run(port, devices, seconds, load).await?),
+                    1 => (LEAN, lean_run(port, devices, seconds, load).await?),
+                    2 => (APART, in_child(port, devices, seconds, load).await?),
+                    _ => (RAW, raw(devices, seconds, load).await?),
+                };
+                results.add(outcome.0, &outcome.1);
+            }
         }
+        results.summarize(RAW);
     }
     bench.stop().await;
     Ok(())

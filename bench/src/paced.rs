@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::stats::{median, quantile};
+
 /// `None`: as fast as possible; `Some(rate)`: total messages per second over all senders.
 #[derive(Clone, Copy)]
 pub enum Load {
@@ -97,8 +99,15 @@ where
     })
 }
 
-/// `[senders] [seconds] [linger.ms]` from the command line, with defaults.
-pub fn args(default_senders: usize) -> anyhow::Result<(usize, u64, String)> {
+/// `[senders] [seconds] [linger.ms] [rounds]` from the command line, with defaults.
+pub struct Args {
+    pub senders: usize,
+    pub seconds: u64,
+    pub linger: String,
+    pub rounds: usize,
+}
+
+pub fn args(default_senders: usize) -> anyhow::Result<Args> {
     let senders = std::env::args()
         .nth(1)
         .map(|a| a.parse())
@@ -110,7 +119,17 @@ pub fn args(default_senders: usize) -> anyhow::Result<(usize, u64, String)> {
         .transpose()?
         .unwrap_or(10);
     let linger = std::env::args().nth(3).unwrap_or_else(|| "1".into());
-    Ok((senders, seconds, linger))
+    let rounds = std::env::args()
+        .nth(4)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(3);
+    Ok(Args {
+        senders,
+        seconds,
+        linger,
+        rounds: rounds.max(1),
+    })
 }
 
 /// An embedded broker and an in-process worker running one listener source, and a raw producer
@@ -290,4 +309,73 @@ pub async fn in_child(
         elapsed,
         latencies,
     })
+}
+
+/// What each contender did in every round of one load. The summary gives, for each, the
+/// median over rounds of its rate and latencies and of its ratios to the baseline's in the same
+/// round (with the middle half of rounds), so one round that the machine's other load slowed
+/// decides nothing.
+#[derive(Default)]
+pub struct Rounds {
+    contenders: Vec<(&'static str, Vec<Figures>)>,
+}
+
+#[derive(Clone, Copy)]
+struct Figures {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+}
+
+impl Rounds {
+    /// Prints `who`'s outcome in this round and keeps its figures.
+    pub fn add(&mut self, who: &'static str, outcome: &Outcome) {
+        outcome.print(who);
+        let figures = Figures {
+            rate: outcome.rate(),
+            p50: ms(outcome.percentile(0.5)),
+            p99: ms(outcome.percentile(0.99)),
+        };
+        match self.contenders.iter_mut().find(|(name, _)| *name == who) {
+            Some((_, rounds)) => rounds.push(figures),
+            None => self.contenders.push((who, vec![figures])),
+        }
+    }
+
+    /// Medians over the rounds, and every contender's ratios to `baseline`.
+    pub fn summarize(&self, baseline: &str) {
+        let Some((_, base)) = self.contenders.iter().find(|(name, _)| *name == baseline) else {
+            return;
+        };
+        let rounds = base.len();
+        println!("  median of {rounds} rounds:");
+        for (who, figures) in &self.contenders {
+            let column = |f: fn(&Figures) -> f64| figures.iter().map(f).collect::<Vec<_>>();
+            println!(
+                "  {who:<22} {:>8.0} msg/s   latency p50 {:>7.2} ms  p99 {:>7.2} ms",
+                median(column(|f| f.rate)),
+                median(column(|f| f.p50)),
+                median(column(|f| f.p99)),
+            );
+        }
+        for (who, figures) in self.contenders.iter().filter(|(name, _)| *name != baseline) {
+            let ratios = |f: fn(&Figures) -> f64| {
+                figures
+                    .iter()
+                    .zip(base)
+                    .map(|(own, base)| f(own) / f(base).max(f64::EPSILON))
+                    .collect::<Vec<_>>()
+            };
+            let (rate, p99) = (ratios(|f| f.rate), ratios(|f| f.p99));
+            println!(
+                "  ratio {who}/{baseline}: throughput {:.2} ({:.2}-{:.2}), p99 latency {:.2} ({:.2}-{:.2})",
+                median(rate.clone()),
+                quantile(rate.clone(), 0.25),
+                quantile(rate, 0.75),
+                median(p99.clone()),
+                quantile(p99.clone(), 0.25),
+                quantile(p99, 0.75),
+            );
+        }
+    }
 }

@@ -24,10 +24,12 @@
 //!    broker process's RSS.
 
 mod process;
+mod stats;
 use process::{
     BrokerProcess, ChildProcess, cpu_time, create_connector, free_port, medconnect_binary,
     own_cpu_time,
 };
+use stats::{median, quantile};
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -307,17 +309,6 @@ impl Run {
             broker_cpu_per_record: (now.broker - cpu.broker) / records,
         })
     }
-}
-
-fn median(values: Vec<f64>) -> f64 {
-    quantile(values, 0.5)
-}
-
-/// The value a fraction `q` of the way through `values` sorted (the nearest one).
-fn quantile(mut values: Vec<f64>, q: f64) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let at = ((values.len().saturating_sub(1)) as f64 * q).round() as usize;
-    values.get(at).copied().unwrap_or(0.0)
 }
 
 fn micros(d: Duration) -> f64 {

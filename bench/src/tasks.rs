@@ -12,9 +12,11 @@
 //! soon as records are there): `--fetch-wait-ms 25` sets it as `medconnect dev` does.
 
 mod process;
+mod stats;
 use process::{
     BrokerProcess, ChildProcess, cpu_time, create_connector, free_port, medconnect_binary,
 };
+use stats::median;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -48,11 +50,6 @@ async fn sample(pid: u32) -> anyhow::Result<(f64, u64, f64)> {
         status_field(pid, "Threads")?,
         status_field(pid, "VmRSS")? as f64 / 1024.0,
     ))
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 #[tokio::main]
