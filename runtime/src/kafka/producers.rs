@@ -1,8 +1,7 @@
 //! Producers shared among source tasks whose client settings are the same.
 //!
-//! librdkafka gives every producer its own threads (its main thread, one per broker, and our
-//! delivery polling thread), which wake on their timers whether records flow
-//! or not: a worker with a producer per task spent ~90 % of its CPU in them with 100 idle
+//! librdkafka gives every producer its own threads (its main thread, one per broker; ours
+//! had a delivery polling thread too), which wake on their timers whether records flow or not: a worker with a producer per task spent ~90 % of its CPU in them with 100 idle
 //! tasks. Sharing keeps every guarantee a task relies on: each send has its own delivery
 //! future, which the task awaits before it settles the record (a task never flushes the
 //! producer as a whole); per-partition order holds within one producer; a full queue makes a
@@ -68,8 +67,10 @@ impl ProducerPool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn same_settings_share_a_producer_until_the_last_lets_go() -> Result<(), KafkaSetupError> {
+    // In a runtime: a producer's deliveries are served by a task.
+    #[tokio::test]
+    async fn same_settings_share_a_producer_until_the_last_lets_go() -> Result<(), KafkaSetupError>
+    {
         let pool = ProducerPool::default();
         let settings = KafkaSettings::new("127.0.0.1:1");
         let none = BTreeMap::new();
