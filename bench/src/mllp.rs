@@ -12,8 +12,8 @@
 //! from the worker: the same two cores, but not the worker's runtime threads.
 //! Each load runs `[rounds]` rounds (default 3), each contender once per round, each round
 //! starting with the next one; the summary gives the medians over rounds and the median of the
-//! ratios each round measured (with the middle half of rounds): this machine's other load
-//! moves one round's ratio by a third either way.
+//! ratios each round measured (with every round's): this machine's other load moves one
+//! round's ratio by a third either way.
 
 mod paced;
 mod stats;

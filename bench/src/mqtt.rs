@@ -17,7 +17,7 @@
 //! are apart from the worker: same two cores, but not the worker's runtime threads.
 //! Each load runs `[rounds]` rounds (default 3), each fleet and the raw producer once per round,
 //! each round starting with the next one; the summary gives the medians over rounds and the
-//! median of the ratios each round measured (with the middle half of rounds).
+//! median of the ratios each round measured (with every round's).
 
 mod paced;
 mod stats;

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::stats::{median, quantile};
+use crate::stats::median;
 
 /// `None`: as fast as possible; `Some(rate)`: total messages per second over all senders.
 #[derive(Clone, Copy)]
@@ -313,7 +313,7 @@ pub async fn in_child(
 
 /// What each contender did in every round of one load. The summary gives, for each, the
 /// median over rounds of its rate and latencies and of its ratios to the baseline's in the same
-/// round (with the middle half of rounds), so one round that the machine's other load slowed
+/// round (with every round's, sorted), so one round that the machine's other load slowed
 /// decides nothing.
 #[derive(Default)]
 pub struct Rounds {
@@ -368,14 +368,22 @@ impl Rounds {
             };
             let (rate, p99) = (ratios(|f| f.rate), ratios(|f| f.p99));
             println!(
-                "  ratio {who}/{baseline}: throughput {:.2} ({:.2}-{:.2}), p99 latency {:.2} ({:.2}-{:.2})",
+                "  ratio {who}/{baseline}: throughput {:.2} (rounds {}), p99 latency {:.2} (rounds {})",
                 median(rate.clone()),
-                quantile(rate.clone(), 0.25),
-                quantile(rate, 0.75),
+                sorted(rate),
                 median(p99.clone()),
-                quantile(p99.clone(), 0.25),
-                quantile(p99, 0.75),
+                sorted(p99),
             );
         }
     }
+}
+
+/// `values` sorted, two decimals each.
+fn sorted(mut values: Vec<f64>) -> String {
+    values.sort_by(f64::total_cmp);
+    values
+        .iter()
+        .map(|v| format!("{v:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

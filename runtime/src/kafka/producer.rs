@@ -176,6 +176,9 @@ impl Drop for ServedQueue {
     }
 }
 
+/// The longest a delivery waits should librdkafka ever not call back for it.
+const MISSED_WAKE_BOUND: Duration = Duration::from_secs(1);
+
 /// Serves `queue` until the producer's last handle is dropped.
 async fn serve_deliveries(served: ServedQueue, stop: Arc<AtomicBool>) {
     let Some(producer) = served.producer.clone() else {
@@ -192,8 +195,10 @@ async fn serve_deliveries(served: ServedQueue, stop: Arc<AtomicBool>) {
             }
         }
         // A permit is kept when the callback fires while nothing waits: no wake-up is lost
-        // between the length read above and this wait.
-        producer.context().events.notified().await;
+        // between the length read above and this wait. librdkafka calls back only when the
+        // queue was empty; the second's timeout bounds what a call it ever missed would cost
+        // (one timer a second per producer, shared by its tasks).
+        let _ = tokio::time::timeout(MISSED_WAKE_BOUND, producer.context().events.notified()).await;
     }
 }
 
