@@ -117,18 +117,17 @@ async fn main() -> anyhow::Result<()> {
         ("maximum rate", Load::Max),
     ] {
         println!("{label}:");
-        let mut results = Rounds::default();
-        for round in 0..rounds {
-            // Each round starts with the next contender, so none always runs first or last.
-            for turn in 0..3 {
-                let outcome = match (round + turn) % 3 {
-                    0 => (IN_PROC, mllp_run(port, senders, seconds, load).await?),
-                    1 => (APART, in_child(port, senders, seconds, load).await?),
-                    _ => (RAW, raw(senders, seconds, load).await?),
-                };
-                results.add(outcome.0, &outcome.1);
+        let results = Rounds::run(rounds, &[IN_PROC, APART, RAW], |contender| {
+            let raw = &raw;
+            async move {
+                match contender {
+                    0 => mllp_run(port, senders, seconds, load).await,
+                    1 => in_child(port, senders, seconds, load).await,
+                    _ => raw(senders, seconds, load).await,
+                }
             }
-        }
+        })
+        .await?;
         results.summarize(RAW);
     }
     bench.stop().await;

@@ -269,19 +269,18 @@ async fn main() -> anyhow::Result<()> {
         ("maximum rate", Load::Max),
     ] {
         println!("{label}:");
-        let mut results = Rounds::default();
-        for round in 0..rounds {
-            // Each round starts with the next contender, so none always runs first or last.
-            for turn in 0..4 {
-                let outcome = match (round + turn) % 4 {
-                    0 => (RUMQTTC, mqtt_run(port, devices, seconds, load).await?),
-                    1 => (LEAN, lean_run(port, devices, seconds, load).await?),
-                    2 => (APART, in_child(port, devices, seconds, load).await?),
-                    _ => (RAW, raw(devices, seconds, load).await?),
-                };
-                results.add(outcome.0, &outcome.1);
+        let results = Rounds::run(rounds, &[RUMQTTC, LEAN, APART, RAW], |contender| {
+            let raw = &raw;
+            async move {
+                match contender {
+                    0 => mqtt_run(port, devices, seconds, load).await,
+                    1 => lean_run(port, devices, seconds, load).await,
+                    2 => in_child(port, devices, seconds, load).await,
+                    _ => raw(devices, seconds, load).await,
+                }
             }
-        }
+        })
+        .await?;
         results.summarize(RAW);
     }
     bench.stop().await;

@@ -328,8 +328,30 @@ struct Figures {
 }
 
 impl Rounds {
+    /// Runs `rounds` rounds of `contenders`, `run(i)` running contender `i` once. Each round
+    /// starts with the next contender, so none always runs first or last. Prints each outcome.
+    pub async fn run<F, Fut>(
+        rounds: usize,
+        contenders: &[&'static str],
+        mut run: F,
+    ) -> anyhow::Result<Self>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<Outcome>>,
+    {
+        let mut results = Self::default();
+        for round in 0..rounds {
+            for turn in 0..contenders.len() {
+                let contender = (round + turn) % contenders.len();
+                let outcome = run(contender).await?;
+                results.add(contenders[contender], &outcome);
+            }
+        }
+        Ok(results)
+    }
+
     /// Prints `who`'s outcome in this round and keeps its figures.
-    pub fn add(&mut self, who: &'static str, outcome: &Outcome) {
+    fn add(&mut self, who: &'static str, outcome: &Outcome) {
         outcome.print(who);
         let figures = Figures {
             rate: outcome.rate(),
