@@ -9,6 +9,7 @@ mod admin;
 mod error;
 mod producer;
 mod producers;
+mod topic;
 
 use std::collections::BTreeMap;
 
@@ -23,6 +24,7 @@ pub use admin::{TopicSpec, ensure_topics};
 pub use error::{KafkaSetupError, secret_hidden};
 pub use producer::{Delivery, DeliveryFuture, OwnedDeliveryResult, Producer};
 pub use producers::ProducerPool;
+pub use topic::Topic;
 
 use crate::worker::redact::SecretsHidden;
 

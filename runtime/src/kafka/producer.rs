@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::channel::oneshot;
 use rdkafka::bindings as rdsys;
 use rdkafka::client::ClientContext;
@@ -50,10 +51,25 @@ pub struct Deliveries {
 
 impl ClientContext for Deliveries {}
 
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = Box<oneshot::Sender<OwnedDeliveryResult>>;
+/// What a record's delivery report brings back from librdkafka: where its answer goes and,
+/// for a record librdkafka did not copy ([`super::Topic::send`]), the bytes it reads until
+/// then.
+pub struct Pending {
+    pub(super) answer: oneshot::Sender<OwnedDeliveryResult>,
+    /// Key and value lent to librdkafka; dropped with the report, once it is done with them.
+    pub(super) lent: Option<(Option<Bytes>, Option<Bytes>)>,
+}
 
-    fn delivery(&self, result: &DeliveryResult<'_>, answer: Self::DeliveryOpaque) {
+impl Pending {
+    pub(super) fn new(answer: oneshot::Sender<OwnedDeliveryResult>) -> Box<Self> {
+        Box::new(Self { answer, lent: None })
+    }
+}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Box<Pending>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, pending: Self::DeliveryOpaque) {
         let owned = match result {
             Ok(message) => Ok(Delivery {
                 partition: message.partition(),
@@ -62,14 +78,16 @@ impl ProducerContext for Deliveries {
             }),
             Err((error, message)) => Err((error.clone(), message.detach())),
         };
-        // The sender may have stopped waiting (a task that stopped): nothing to tell.
-        let _ = answer.send(owned);
+        // The sender may have stopped waiting (a task that stopped): nothing to tell. The
+        // lent bytes go with `pending`: librdkafka reads a message's bytes no more once it
+        // has reported its delivery (it only frees the message, and never a lent payload).
+        let _ = pending.answer.send(owned);
     }
 }
 
 /// The outcome of one record: Kafka's acknowledgement (`acks=all`) or why it was not written;
 /// `Err(Canceled)` when the producer was dropped before answering.
-pub struct DeliveryFuture(oneshot::Receiver<OwnedDeliveryResult>);
+pub struct DeliveryFuture(pub(super) oneshot::Receiver<OwnedDeliveryResult>);
 
 impl Future for DeliveryFuture {
     type Output = Result<OwnedDeliveryResult, oneshot::Canceled>;
@@ -81,11 +99,11 @@ impl Future for DeliveryFuture {
 
 /// A producer whose every send returns a [`DeliveryFuture`]; clones share one producer.
 #[derive(Clone)]
-pub struct Producer(Arc<Handle>);
+pub struct Producer(pub(super) Arc<Handle>);
 
 /// The producer and its delivery task's stop flag, set when the last clone goes.
-struct Handle {
-    inner: Arc<BaseProducer<Deliveries>>,
+pub(super) struct Handle {
+    pub(super) inner: Arc<BaseProducer<Deliveries>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -230,7 +248,7 @@ impl Producer {
             key,
             timestamp,
             headers,
-            delivery_opaque: Box::new(answer),
+            delivery_opaque: Pending::new(answer),
         };
         match self.0.inner.send(base) {
             Ok(()) => Ok(DeliveryFuture(delivery)),

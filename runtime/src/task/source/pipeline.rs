@@ -1,7 +1,7 @@
 //! The pipeline: records from `poll` through the transforms to the producer, settled in poll
 //! order; offsets stored beside it, never past a record that failed without being tolerated.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,13 +16,14 @@ use medconnect_api::{
     SourceRecord,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::FutureRecord;
+use rdkafka::message::OwnedMessage;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::kafka::{DeliveryFuture, KafkaSettings, Producer, TopicSpec, ensure_topics, record_of};
+use crate::kafka::{
+    DeliveryFuture, KafkaSettings, Producer, Topic, TopicSpec, ensure_topics, record_of,
+};
 use crate::metrics::TaskMetrics;
 use crate::store::OffsetStore;
 use crate::task::errors::{ErrorReporter, Origin, Stage, Verdict};
@@ -49,30 +50,26 @@ pub(super) fn next_settled(
     })
 }
 
-/// The topics this task has made sure exist, and the last one a record went to: a source
-/// sends most records to the topic of the one before, and comparing two short strings costs
-/// less than hashing one for every record.
+/// The topics this task has made sure exist, with their producer handles, and the last one a
+/// record went to: a source sends most records to the topic of the one before, and comparing
+/// two short strings costs less than hashing one for every record.
 #[derive(Default)]
 pub(super) struct KnownTopics {
-    all: HashSet<String>,
-    last: String,
+    all: HashMap<String, Topic>,
+    last: Option<Topic>,
 }
 
 impl KnownTopics {
-    fn is_last(&self, topic: &str) -> bool {
-        !self.last.is_empty() && self.last == topic
+    /// The handle of topic `name`, if this task made sure it exists.
+    fn get(&mut self, name: &str) -> Option<&Topic> {
+        if self.last.as_ref().is_none_or(|last| last.name() != name) {
+            self.last = Some(self.all.get(name)?.clone());
+        }
+        self.last.as_ref()
     }
 
-    fn set_last(&mut self, topic: &str) {
-        topic.clone_into(&mut self.last);
-    }
-
-    fn contains(&self, topic: &str) -> bool {
-        self.all.contains(topic)
-    }
-
-    fn insert(&mut self, topic: &str) {
-        self.all.insert(topic.to_string());
+    fn insert(&mut self, topic: Topic) {
+        self.all.insert(topic.name().to_string(), topic);
     }
 }
 
@@ -291,17 +288,14 @@ impl Pipeline {
                     .map(|()| None);
             }
         };
-        if !self.known_topics.is_last(&record.topic) {
-            if !self.known_topics.contains(&record.topic) {
-                return Ok(Some(Waiting {
-                    record,
-                    position,
-                    ack,
-                }));
-            }
-            self.known_topics.set_last(&record.topic);
-        }
-        match self.send(&record) {
+        let Some(topic) = self.known_topics.get(&record.topic) else {
+            return Ok(Some(Waiting {
+                record,
+                position,
+                ack,
+            }));
+        };
+        match topic.send(&record) {
             Ok(delivery) => {
                 self.enqueue_produced(record, position, ack, delivery);
                 Ok(None)
@@ -323,10 +317,9 @@ impl Pipeline {
             position,
             ack,
         } = waiting;
-        if !self.known_topics.contains(&record.topic) {
+        if self.known_topics.get(&record.topic).is_none() {
             self.discover_topic(&record.topic).await?;
         }
-        self.known_topics.set_last(&record.topic);
         match self.produce(&record).await? {
             Ok(delivery) => self.enqueue_produced(record, position, ack, delivery),
             // Refused before it was sent (too large for the producer): settled in poll order
@@ -453,31 +446,15 @@ impl Pipeline {
         }
     }
 
-    fn send(&self, record: &Record) -> Result<DeliveryFuture, KafkaError> {
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-        for (key, value) in record.headers.iter() {
-            headers = headers.insert(Header {
-                key,
-                value: value.map(|v| v.as_ref()),
-            });
+    /// Hands `record` to the producer through its topic's handle. Every record sent was on
+    /// a topic this task made sure exists first (a record sent again was sent before).
+    fn send(&mut self, record: &Record) -> Result<DeliveryFuture, KafkaError> {
+        match self.known_topics.get(&record.topic) {
+            Some(topic) => topic.send(record),
+            None => Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::UnknownTopic,
+            )),
         }
-        let mut message: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&record.topic).headers(headers);
-        if let Some(key) = record.key.as_deref() {
-            message = message.key(key);
-        }
-        if let Some(value) = record.value.as_deref() {
-            message = message.payload(value);
-        }
-        if let Some(partition) = record.partition {
-            message = message.partition(partition);
-        }
-        if let Some(timestamp) = record.timestamp {
-            message = message.timestamp(timestamp);
-        }
-        self.producer
-            .send_result(message)
-            .map_err(|(error, _)| error)
     }
 
     /// Applies the error policy to a record Kafka refused as bad data (too large, invalid for
@@ -521,8 +498,12 @@ impl Pipeline {
         )
         .await
         .map_err(|e| ConnectError::retriable(e.to_string()))?;
+        let handle = self
+            .producer
+            .topic(topic)
+            .map_err(|e| ConnectError::retriable(format!("cannot produce to {topic}: {e}")))?;
         self.status.topic(topic).await;
-        self.known_topics.insert(topic);
+        self.known_topics.insert(handle);
         Ok(())
     }
 
