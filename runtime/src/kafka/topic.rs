@@ -242,8 +242,8 @@ mod tests {
     /// value and each record was dropped as soon as it was queued; the bytes lent are given
     /// back once Kafka answered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn records_sent_by_handle_arrive_whole_and_their_lent_bytes_are_given_back()
-    -> TestResult {
+    async fn records_sent_by_handle_arrive_whole_and_their_lent_bytes_are_given_back() -> TestResult
+    {
         let broker = EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
         let topic = topic_of(&broker, "lent", &[]).await?;
         assert_eq!(topic.name(), "lent");
@@ -269,7 +269,10 @@ mod tests {
         for (n, record) in records.iter().enumerate() {
             assert_eq!(record.topic, "lent");
             assert_eq!(record.value.as_ref(), Some(&values[n]));
-            assert_eq!(record.key.as_deref(), Some(format!("device-{}", n % 7).as_bytes()));
+            assert_eq!(
+                record.key.as_deref(),
+                Some(format!("device-{}", n % 7).as_bytes())
+            );
             assert_eq!(record.content_type(), Some("application/json"));
             assert_eq!(record.timestamp, Some(1_700_000_000_000 + n as i64));
         }
