@@ -300,7 +300,7 @@ impl Producer {
 }
 
 #[cfg(all(test, feature = "embedded-broker"))]
-mod tests {
+pub(super) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
@@ -309,7 +309,8 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    async fn producer(
+    /// A producer with `overrides` on a broker where `topic` exists (one partition).
+    pub(in crate::kafka) async fn producer(
         broker: &EmbeddedBroker,
         topic: &str,
         overrides: &[(&str, &str)],

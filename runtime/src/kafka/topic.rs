@@ -196,7 +196,8 @@ mod tests {
 
     use super::*;
     use crate::broker::EmbeddedBroker;
-    use crate::kafka::{KafkaSettings, TopicSpec, ensure_topics, record_of};
+    use crate::kafka::producer::tests::producer;
+    use crate::kafka::{KafkaSettings, record_of};
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -205,13 +206,7 @@ mod tests {
         name: &str,
         overrides: &[(&str, &str)],
     ) -> Result<Topic, Box<dyn std::error::Error>> {
-        let settings = KafkaSettings::new(&broker.bootstrap_servers());
-        ensure_topics(&settings, &[TopicSpec::regular(name, 1, 1)]).await?;
-        let overrides: BTreeMap<String, String> = overrides
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Ok(settings.producer(&overrides)?.topic(name)?)
+        Ok(producer(broker, name, overrides).await?.topic(name)?)
     }
 
     /// Reads `count` records of `topic` from its start (30 s deadline).
