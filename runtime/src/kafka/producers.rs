@@ -2,7 +2,8 @@
 //!
 //! librdkafka gives every producer its own threads (its main thread, one per broker; ours
 //! had a delivery polling thread too), which wake on their timers whether records flow or
-//! not: a worker with a producer per task spent ~90 % of its CPU in them with 100 idle tasks. Sharing keeps every guarantee a task relies on: each send has its own delivery
+//! not: a worker with a producer per task spent ~90 % of its CPU in them with 100 idle tasks.
+//! Sharing keeps every guarantee a task relies on: each send has its own delivery
 //! future, which the task awaits before it settles the record (a task never flushes the
 //! producer as a whole); per-partition order holds within one producer; a full queue makes a
 //! task wait for room, as before. Tasks with `producer.override.*` settings of their own get
