@@ -14,8 +14,12 @@
 //! starting with the next one; the summary gives the medians over rounds and the median of the
 //! ratios each round measured (with every round's): this machine's other load moves one
 //! round's ratio by a third either way.
+//! Each contender's CPU time per message is measured too (this process, the broker's, the
+//! senders' own when apart; see `paced.rs`): unlike the rate, it hardly moves with the
+//! machine's other load, and it says what each message costs beyond the raw producer's.
 
 mod paced;
+mod process;
 mod stats;
 
 use std::sync::Arc;
@@ -64,7 +68,13 @@ fn raw_message(sender: usize, seq: u64) -> (String, Vec<u8>) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if let Some(child) = Senders::from_env()? {
-        let outcome = mllp_run(child.port, child.senders, child.seconds, child.load).await?;
+        let outcome = Senders::measure(mllp_run(
+            child.port,
+            child.senders,
+            child.seconds,
+            child.load,
+        ))
+        .await?;
         Senders::report(&outcome);
         return Ok(());
     }
@@ -107,7 +117,8 @@ async fn main() -> anyhow::Result<()> {
     raw(1, 1, Load::Fixed(100.0)).await?;
 
     println!(
-        "== HL7 ADT (~330 bytes) over MLLP into Kafka vs raw producer: {senders} senders, {seconds} s per run, linger.ms={linger}, {rounds} rounds"
+        "== HL7 ADT (~330 bytes) over MLLP into Kafka vs raw producer: {senders} senders, {seconds} s per run, linger.ms={linger}, {rounds} rounds, {}",
+        bench.describe()
     );
     const IN_PROC: &str = "MLLP, senders in-proc";
     const APART: &str = "MLLP, senders apart";
@@ -117,16 +128,21 @@ async fn main() -> anyhow::Result<()> {
         ("maximum rate", Load::Max),
     ] {
         println!("{label}:");
-        let results = Rounds::run(rounds, &[IN_PROC, APART, RAW], |contender| {
-            let raw = &raw;
-            async move {
-                match contender {
-                    0 => mllp_run(port, senders, seconds, load).await,
-                    1 => in_child(port, senders, seconds, load).await,
-                    _ => raw(senders, seconds, load).await,
+        let results = Rounds::run(
+            rounds,
+            &[IN_PROC, APART, RAW],
+            bench.broker_pid(),
+            |contender| {
+                let raw = &raw;
+                async move {
+                    match contender {
+                        0 => mllp_run(port, senders, seconds, load).await,
+                        1 => in_child(port, senders, seconds, load).await,
+                        _ => raw(senders, seconds, load).await,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await?;
         results.summarize(RAW);
     }

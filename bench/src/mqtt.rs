@@ -8,8 +8,7 @@
 //! Two loads for both contenders: a fixed 5,000 messages/s (latency without queueing) and the
 //! maximum rate. Prints messages/s and PUBACK (or delivery) latency p50/p99/max, and the ratio.
 //!
-//! Two device fleets in this process (on the cores and runtime threads the worker and broker
-//! use): rumqttc clients (a client task, its event loop task and a channel between them per
+//! Two device fleets in this process (on the cores and runtime threads the worker uses): rumqttc clients (a client task, its event loop task and a channel between them per
 //! device) and lean devices (one task and one socket each: a PUBLISH written, its PUBACK read —
 //! what a device does — with packets encoded and decoded by rumqttc's codec). The lean fleet
 //! takes less of the shared CPU, so its figure is nearer what the listener itself costs. The
@@ -18,8 +17,12 @@
 //! Each load runs `[rounds]` rounds (default 3), each fleet and the raw producer once per round,
 //! each round starting with the next one; the summary gives the medians over rounds and the
 //! median of the ratios each round measured (with every round's).
+//! Each contender's CPU time per message is measured too (this process, the broker's, the
+//! devices' own when apart; see `paced.rs`): unlike the rate, it hardly moves with the
+//! machine's other load, and it says what each message costs beyond the raw producer's.
 
 mod paced;
+mod process;
 mod stats;
 
 use std::sync::Arc;
@@ -211,7 +214,13 @@ fn raw_message(device: usize, seq: u64) -> (String, Vec<u8>) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if let Some(child) = Senders::from_env()? {
-        let outcome = lean_run(child.port, child.senders, child.seconds, child.load).await?;
+        let outcome = Senders::measure(lean_run(
+            child.port,
+            child.senders,
+            child.seconds,
+            child.load,
+        ))
+        .await?;
         Senders::report(&outcome);
         return Ok(());
     }
@@ -258,7 +267,8 @@ async fn main() -> anyhow::Result<()> {
     lean_run(port, 1, 1, Load::Fixed(100.0)).await?;
     raw(1, 1, Load::Fixed(100.0)).await?;
     println!(
-        "== JSON vitals (~110 bytes) over MQTT (QoS 1, PUBACK after Kafka) vs raw producer: {devices} devices, {seconds} s per run, linger.ms={linger}, {rounds} rounds"
+        "== JSON vitals (~110 bytes) over MQTT (QoS 1, PUBACK after Kafka) vs raw producer: {devices} devices, {seconds} s per run, linger.ms={linger}, {rounds} rounds, {}",
+        bench.describe()
     );
     const RUMQTTC: &str = "MQTT, rumqttc devices";
     const LEAN: &str = "MQTT, lean devices";
@@ -269,17 +279,22 @@ async fn main() -> anyhow::Result<()> {
         ("maximum rate", Load::Max),
     ] {
         println!("{label}:");
-        let results = Rounds::run(rounds, &[RUMQTTC, LEAN, APART, RAW], |contender| {
-            let raw = &raw;
-            async move {
-                match contender {
-                    0 => mqtt_run(port, devices, seconds, load).await,
-                    1 => lean_run(port, devices, seconds, load).await,
-                    2 => in_child(port, devices, seconds, load).await,
-                    _ => raw(devices, seconds, load).await,
+        let results = Rounds::run(
+            rounds,
+            &[RUMQTTC, LEAN, APART, RAW],
+            bench.broker_pid(),
+            |contender| {
+                let raw = &raw;
+                async move {
+                    match contender {
+                        0 => mqtt_run(port, devices, seconds, load).await,
+                        1 => lean_run(port, devices, seconds, load).await,
+                        2 => in_child(port, devices, seconds, load).await,
+                        _ => raw(devices, seconds, load).await,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await?;
         results.summarize(RAW);
     }

@@ -17,6 +17,8 @@ pub struct Outcome {
     pub messages: usize,
     pub elapsed: Duration,
     pub latencies: Vec<Duration>,
+    /// CPU time of the senders' own process, when they ran in one.
+    pub senders_cpu: Option<Duration>,
 }
 
 impl Outcome {
@@ -96,6 +98,7 @@ where
         messages: latencies.len(),
         elapsed,
         latencies,
+        senders_cpu: None,
     })
 }
 
@@ -132,10 +135,53 @@ pub fn args(default_senders: usize) -> anyhow::Result<Args> {
     })
 }
 
-/// An embedded broker and an in-process worker running one listener source, and a raw producer
-/// with the worker's producer settings (`linger.ms` given to both) for the baseline.
+/// The bench's Kafka-API broker: a process of its own (`medconnect broker`), as Kafka is to a
+/// worker in production, or, with `MEDCONNECT_BENCH_BROKER=embedded`, on this process's runtime
+/// threads (how these benches ran before 2026-12-01, kept to compare with earlier figures).
+enum Broker {
+    Apart(crate::process::BrokerProcess),
+    Embedded(medconnect_runtime::broker::EmbeddedBroker),
+}
+
+impl Broker {
+    async fn start() -> anyhow::Result<Self> {
+        Ok(match std::env::var("MEDCONNECT_BENCH_BROKER").as_deref() {
+            Ok("embedded") => Self::Embedded(
+                medconnect_runtime::broker::EmbeddedBroker::start("127.0.0.1:0".parse()?).await?,
+            ),
+            Ok("apart") | Err(_) => Self::Apart(crate::process::BrokerProcess::start()?),
+            Ok(other) => {
+                anyhow::bail!("MEDCONNECT_BENCH_BROKER={other}: expected apart or embedded")
+            }
+        })
+    }
+
+    fn bootstrap_servers(&self) -> String {
+        match self {
+            Self::Apart(broker) => broker.bootstrap_servers().to_string(),
+            Self::Embedded(broker) => broker.bootstrap_servers(),
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Apart(broker) => Some(broker.pid()),
+            Self::Embedded(_) => None,
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Self::Apart(_) => "broker in a process of its own",
+            Self::Embedded(_) => "broker embedded in this process",
+        }
+    }
+}
+
+/// A broker, an in-process worker running one listener source, and a raw producer with the
+/// worker's producer settings (`linger.ms` given to both) for the baseline.
 pub struct ListenerBench {
-    broker: medconnect_runtime::broker::EmbeddedBroker,
+    broker: Broker,
     worker: medconnect_runtime::Worker,
     pub producer: rdkafka::producer::FutureProducer,
 }
@@ -152,8 +198,7 @@ impl ListenerBench {
     ) -> anyhow::Result<Self> {
         use anyhow::Context;
         use medconnect_runtime::kafka::{KafkaSettings, TopicSpec, ensure_topics};
-        let broker =
-            medconnect_runtime::broker::EmbeddedBroker::start("127.0.0.1:0".parse()?).await?;
+        let broker = Broker::start().await?;
         let bootstrap = broker.bootstrap_servers();
         let mut worker_config = medconnect_runtime::WorkerConfig::new(&bootstrap);
         worker_config.rest.listen = "127.0.0.1:0".parse()?;
@@ -193,9 +238,20 @@ impl ListenerBench {
         })
     }
 
+    /// The broker's process, when it runs in one of its own (its CPU time is then measured).
+    pub fn broker_pid(&self) -> Option<u32> {
+        self.broker.pid()
+    }
+
+    pub fn describe(&self) -> &'static str {
+        self.broker.describe()
+    }
+
     pub async fn stop(self) {
         self.worker.shutdown().await;
-        self.broker.stop();
+        if let Broker::Embedded(broker) = self.broker {
+            broker.stop();
+        }
     }
 }
 
@@ -261,10 +317,26 @@ impl Senders {
         }))
     }
 
-    /// Hands the outcome to the parent on stdout: the elapsed time, then every latency (ns).
+    /// Runs the senders with `run`, measuring the CPU time this process spends on them.
+    pub async fn measure<Fut>(run: Fut) -> anyhow::Result<Outcome>
+    where
+        Fut: std::future::Future<Output = anyhow::Result<Outcome>>,
+    {
+        let before = crate::process::own_cpu_time()?;
+        let mut outcome = run.await?;
+        outcome.senders_cpu = Some(crate::process::own_cpu_time()? - before);
+        Ok(outcome)
+    }
+
+    /// Hands the outcome to the parent on stdout: the elapsed time, the senders' CPU time,
+    /// then every latency (ns).
     pub fn report(outcome: &Outcome) {
         use std::fmt::Write;
-        let mut out = format!("{}\n", outcome.elapsed.as_nanos());
+        let mut out = format!(
+            "{}\n{}\n",
+            outcome.elapsed.as_nanos(),
+            outcome.senders_cpu.unwrap_or_default().as_nanos()
+        );
         for latency in &outcome.latencies {
             let _ = writeln!(out, "{}", latency.as_nanos());
         }
@@ -295,12 +367,14 @@ pub async fn in_child(
     }
     let text = String::from_utf8(output.stdout)?;
     let mut lines = text.lines();
-    let elapsed = Duration::from_nanos(
-        lines
+    let mut next_nanos = || -> anyhow::Result<Duration> {
+        let line = lines
             .next()
-            .ok_or_else(|| anyhow::anyhow!("the senders' process reported nothing"))?
-            .parse()?,
-    );
+            .ok_or_else(|| anyhow::anyhow!("the senders' process reported too little"))?;
+        Ok(Duration::from_nanos(line.parse()?))
+    };
+    let elapsed = next_nanos()?;
+    let senders_cpu = next_nanos()?;
     let latencies = lines
         .map(|line| Ok(Duration::from_nanos(line.parse()?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -308,6 +382,7 @@ pub async fn in_child(
         messages: latencies.len(),
         elapsed,
         latencies,
+        senders_cpu: Some(senders_cpu),
     })
 }
 
@@ -325,14 +400,25 @@ struct Figures {
     rate: f64,
     p50: f64,
     p99: f64,
+    /// CPU time per message (µs) of this process (worker or raw producer, and in-process
+    /// senders), of the broker's process (0 when embedded) and of the senders' own process.
+    cpu: [f64; 3],
+}
+
+impl Figures {
+    fn total_cpu(&self) -> f64 {
+        self.cpu.iter().sum()
+    }
 }
 
 impl Rounds {
     /// Runs `rounds` rounds of `contenders`, `run(i)` running contender `i` once. Each round
     /// starts with the next contender, so none always runs first or last. Prints each outcome.
+    /// The CPU time of this process and of `broker`'s is measured around each run.
     pub async fn run<F, Fut>(
         rounds: usize,
         contenders: &[&'static str],
+        broker: Option<u32>,
         mut run: F,
     ) -> anyhow::Result<Self>
     where
@@ -343,20 +429,28 @@ impl Rounds {
         for round in 0..rounds {
             for turn in 0..contenders.len() {
                 let contender = (round + turn) % contenders.len();
+                let before = CpuMark::now(broker)?;
                 let outcome = run(contender).await?;
-                results.add(contenders[contender], &outcome);
+                let used = before.used(broker)?;
+                results.add(contenders[contender], &outcome, used);
             }
         }
         Ok(results)
     }
 
     /// Prints `who`'s outcome in this round and keeps its figures.
-    fn add(&mut self, who: &'static str, outcome: &Outcome) {
+    fn add(&mut self, who: &'static str, outcome: &Outcome, used: CpuMark) {
         outcome.print(who);
+        let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / outcome.messages.max(1) as f64;
         let figures = Figures {
             rate: outcome.rate(),
             p50: ms(outcome.percentile(0.5)),
             p99: ms(outcome.percentile(0.99)),
+            cpu: [
+                per_message(used.own),
+                per_message(used.broker),
+                per_message(outcome.senders_cpu.unwrap_or_default()),
+            ],
         };
         match self.contenders.iter_mut().find(|(name, _)| *name == who) {
             Some((_, rounds)) => rounds.push(figures),
@@ -374,10 +468,14 @@ impl Rounds {
         for (who, figures) in &self.contenders {
             let column = |f: fn(&Figures) -> f64| figures.iter().map(f).collect::<Vec<_>>();
             println!(
-                "  {who:<22} {:>8.0} msg/s   latency p50 {:>7.2} ms  p99 {:>7.2} ms",
+                "  {who:<22} {:>8.0} msg/s   latency p50 {:>7.2} ms  p99 {:>7.2} ms   CPU per message {:>5.1} µs (this process {:.1}, broker {:.1}, senders' process {:.1})",
                 median(column(|f| f.rate)),
                 median(column(|f| f.p50)),
                 median(column(|f| f.p99)),
+                median(column(|f| f.total_cpu())),
+                median(column(|f| f.cpu[0])),
+                median(column(|f| f.cpu[1])),
+                median(column(|f| f.cpu[2])),
             );
         }
         for (who, figures) in self.contenders.iter().filter(|(name, _)| *name != baseline) {
@@ -388,15 +486,50 @@ impl Rounds {
                     .map(|(own, base)| f(own) / f(base).max(f64::EPSILON))
                     .collect::<Vec<_>>()
             };
-            let (rate, p99) = (ratios(|f| f.rate), ratios(|f| f.p99));
+            let (rate, p99, cpu) = (
+                ratios(|f| f.rate),
+                ratios(|f| f.p99),
+                ratios(|f| f.total_cpu()),
+            );
             println!(
-                "  ratio {who}/{baseline}: throughput {:.2} (rounds {}), p99 latency {:.2} (rounds {})",
+                "  ratio {who}/{baseline}: throughput {:.2} (rounds {}), p99 latency {:.2} (rounds {}), CPU per message {:.2} (rounds {})",
                 median(rate.clone()),
                 sorted(rate),
                 median(p99.clone()),
                 sorted(p99),
+                median(cpu.clone()),
+                sorted(cpu),
             );
         }
+    }
+}
+
+/// CPU time used by this process and by the broker's (zero when it is embedded: then its CPU
+/// time is this process's).
+#[derive(Clone, Copy)]
+struct CpuMark {
+    own: Duration,
+    broker: Duration,
+}
+
+impl CpuMark {
+    fn now(broker: Option<u32>) -> anyhow::Result<Self> {
+        Ok(Self {
+            own: crate::process::own_cpu_time()?,
+            broker: broker
+                .map(crate::process::cpu_time)
+                .transpose()?
+                .unwrap_or_default(),
+        })
+    }
+
+    /// What was used since this mark.
+    fn used(&self, broker: Option<u32>) -> anyhow::Result<Self> {
+        let now = Self::now(broker)?;
+        Ok(Self {
+            own: now.own.saturating_sub(self.own),
+            broker: now.broker.saturating_sub(self.broker),
+        })
     }
 }
 
