@@ -3,6 +3,9 @@
 //!
 //!   cargo run -p medconnect-bench --bin mllp -- [senders] [seconds] [linger.ms] [rounds]
 //!
+//! The raw producer sends the records the MLLP source makes (key, value, and the content type
+//! and MSH fields as headers); it runs once more with the key and value alone ("no headers"),
+//! so what the headers cost the client shows beside what the runtime costs.
 //! `linger.ms` (default 1) is given to both producers: with senders that wait for each ACK,
 //! the producer's batching delay is paid on every message.
 //! Two loads for both contenders: a fixed 1,000 messages/s (latency without queueing) and the
@@ -27,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use medconnect_hl7::mllp::client::MllpClient;
-use paced::{ListenerBench, Load, Outcome, Rounds, Senders, drive, in_child, raw_run};
+use paced::{ListenerBench, Load, Outcome, RawMessage, Rounds, Senders, drive, in_child, raw_run};
 
 fn adt(sender: usize, seq: u64) -> Vec<u8> {
     format!(
@@ -60,9 +63,29 @@ async fn mllp_run(port: u16, senders: usize, seconds: u64, load: Load) -> anyhow
     .await
 }
 
-/// An ADT message for the raw producer, keyed by patient as the MLLP source keys it.
-fn raw_message(sender: usize, seq: u64) -> (String, Vec<u8>) {
-    (format!("PAT{sender:04}"), adt(sender, seq))
+/// An ADT message for the raw producer, keyed by patient and with the headers the MLLP source
+/// gives its record (`medconnect_hl7::message`: content type and the MSH fields).
+fn raw_message(sender: usize, seq: u64) -> RawMessage {
+    use medconnect_api::record::content_type;
+    use medconnect_hl7::message::header;
+    let text = |value: &str| value.as_bytes().to_vec();
+    RawMessage {
+        key: format!("PAT{sender:04}"),
+        value: adt(sender, seq),
+        headers: vec![
+            (content_type::HEADER, text(content_type::HL7_V2)),
+            (header::MESSAGE_TYPE, text("ADT")),
+            (header::TRIGGER_EVENT, text("A08")),
+            (header::MESSAGE_STRUCTURE, text("ADT_A01")),
+            (header::SENDING_APPLICATION, text("EPIC")),
+            (header::SENDING_FACILITY, text("GENHOSP")),
+            (header::RECEIVING_APPLICATION, text("MEDCONNECT")),
+            (header::RECEIVING_FACILITY, text("DC")),
+            (header::CONTROL_ID, format!("S{sender}N{seq}").into_bytes()),
+            (header::PROCESSING_ID, text("P")),
+            (header::VERSION, text("2.5.1")),
+        ],
+    }
 }
 
 #[tokio::main]
@@ -102,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
         &linger,
     )
     .await?;
-    let raw = |senders, seconds, load| {
+    let raw = |senders, seconds, load, headers| {
         raw_run(
             bench.producer.clone(),
             "raw.adt",
@@ -110,11 +133,12 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             load,
             raw_message,
+            headers,
         )
     };
     // Warm both paths (connections, metadata, first batch).
     mllp_run(port, 1, 1, Load::Fixed(100.0)).await?;
-    raw(1, 1, Load::Fixed(100.0)).await?;
+    raw(1, 1, Load::Fixed(100.0), true).await?;
 
     println!(
         "== HL7 ADT (~330 bytes) over MLLP into Kafka vs raw producer: {senders} senders, {seconds} s per run, linger.ms={linger}, {rounds} rounds, {}",
@@ -123,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
     const IN_PROC: &str = "MLLP, senders in-proc";
     const APART: &str = "MLLP, senders apart";
     const RAW: &str = "raw producer";
+    const RAW_BARE: &str = "raw, no headers";
     for (label, load) in [
         ("fixed 1000 msg/s", Load::Fixed(1000.0)),
         ("maximum rate", Load::Max),
@@ -130,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{label}:");
         let results = Rounds::run(
             rounds,
-            &[IN_PROC, APART, RAW],
+            &[IN_PROC, APART, RAW, RAW_BARE],
             bench.broker_pid(),
             |contender| {
                 let raw = &raw;
@@ -138,7 +163,8 @@ async fn main() -> anyhow::Result<()> {
                     match contender {
                         0 => mllp_run(port, senders, seconds, load).await,
                         1 => in_child(port, senders, seconds, load).await,
-                        _ => raw(senders, seconds, load).await,
+                        2 => raw(senders, seconds, load, true).await,
+                        _ => raw(senders, seconds, load, false).await,
                     }
                 }
             },

@@ -5,6 +5,8 @@
 //!
 //!   cargo run -p medconnect-bench --bin mqtt -- [devices] [seconds] [linger.ms] [rounds]
 //!
+//! The raw producer sends the records the listener makes (key, value, and the `mqtt.*` and
+//! content-type headers); it runs once more with the key and value alone ("no headers").
 //! Two loads for both contenders: a fixed 5,000 messages/s (latency without queueing) and the
 //! maximum rate. Prints messages/s and PUBACK (or delivery) latency p50/p99/max, and the ratio.
 //!
@@ -29,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use paced::{ListenerBench, Load, Outcome, Rounds, Senders, drive, in_child, raw_run};
+use paced::{ListenerBench, Load, Outcome, RawMessage, Rounds, Senders, drive, in_child, raw_run};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{Mutex, mpsc};
 
@@ -203,12 +205,22 @@ async fn mqtt_run(port: u16, devices: usize, seconds: u64, load: Load) -> anyhow
     Ok(outcome)
 }
 
-/// A reading for the raw producer: keyed by device, as the listener keys it.
-fn raw_message(device: usize, seq: u64) -> (String, Vec<u8>) {
-    (
-        format!("monitor-{device}"),
-        reading(device, seq).into_bytes(),
-    )
+/// A reading for the raw producer: keyed by device, with the headers the listener gives its
+/// record (`connectors/mqtt/src/listener/record.rs`; the bench's devices log in).
+fn raw_message(device: usize, seq: u64) -> RawMessage {
+    use medconnect_api::record::content_type;
+    let id = format!("monitor-{device}");
+    RawMessage {
+        headers: vec![
+            ("mqtt.topic", format!("devices/{id}/vitals").into_bytes()),
+            ("mqtt.qos", b"1".to_vec()),
+            ("mqtt.client.id", id.clone().into_bytes()),
+            ("mqtt.username", id.clone().into_bytes()),
+            (content_type::HEADER, content_type::JSON.as_bytes().to_vec()),
+        ],
+        key: id,
+        value: reading(device, seq).into_bytes(),
+    }
 }
 
 #[tokio::main]
@@ -252,7 +264,7 @@ async fn main() -> anyhow::Result<()> {
         &linger,
     )
     .await?;
-    let raw = |devices, seconds, load| {
+    let raw = |devices, seconds, load, headers| {
         raw_run(
             bench.producer.clone(),
             "raw.vitals",
@@ -260,12 +272,13 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             load,
             raw_message,
+            headers,
         )
     };
     // Warm both paths (connections, metadata, first batch).
     mqtt_run(port, 1, 1, Load::Fixed(100.0)).await?;
     lean_run(port, 1, 1, Load::Fixed(100.0)).await?;
-    raw(1, 1, Load::Fixed(100.0)).await?;
+    raw(1, 1, Load::Fixed(100.0), true).await?;
     println!(
         "== JSON vitals (~110 bytes) over MQTT (QoS 1, PUBACK after Kafka) vs raw producer: {devices} devices, {seconds} s per run, linger.ms={linger}, {rounds} rounds, {}",
         bench.describe()
@@ -274,6 +287,7 @@ async fn main() -> anyhow::Result<()> {
     const LEAN: &str = "MQTT, lean devices";
     const APART: &str = "MQTT, lean apart";
     const RAW: &str = "raw producer";
+    const RAW_BARE: &str = "raw, no headers";
     for (label, load) in [
         ("fixed 5000 msg/s", Load::Fixed(5000.0)),
         ("maximum rate", Load::Max),
@@ -281,7 +295,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{label}:");
         let results = Rounds::run(
             rounds,
-            &[RUMQTTC, LEAN, APART, RAW],
+            &[RUMQTTC, LEAN, APART, RAW, RAW_BARE],
             bench.broker_pid(),
             |contender| {
                 let raw = &raw;
@@ -290,7 +304,8 @@ async fn main() -> anyhow::Result<()> {
                         0 => mqtt_run(port, devices, seconds, load).await,
                         1 => lean_run(port, devices, seconds, load).await,
                         2 => in_child(port, devices, seconds, load).await,
-                        _ => raw(devices, seconds, load).await,
+                        3 => raw(devices, seconds, load, true).await,
+                        _ => raw(devices, seconds, load, false).await,
                     }
                 }
             },

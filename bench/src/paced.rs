@@ -255,27 +255,46 @@ impl ListenerBench {
     }
 }
 
-/// The baseline: `senders` loops each producing `message(sender, seq)` (key, value) to `topic`
-/// and awaiting its delivery, paced by `load`.
+/// What the raw producer sends for one message: the key, value and headers of the record the
+/// listener makes of it, so both contenders write the same records to Kafka.
+pub struct RawMessage {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// The baseline: `senders` loops each producing `message(sender, seq)` to `topic` and awaiting
+/// its delivery, paced by `load`; with `headers` false, the key and value alone (what the
+/// listener's record carries beyond them then shows as the gap between the two raw runs).
 pub async fn raw_run(
     producer: rdkafka::producer::FutureProducer,
     topic: &'static str,
     senders: usize,
     seconds: u64,
     load: Load,
-    message: fn(usize, u64) -> (String, Vec<u8>),
+    message: fn(usize, u64) -> RawMessage,
+    headers: bool,
 ) -> anyhow::Result<Outcome> {
+    use rdkafka::message::{Header, OwnedHeaders};
     drive(senders, seconds, load, move |sender, seq| {
         let producer = producer.clone();
         async move {
-            let (key, value) = message(sender, seq);
+            let message = message(sender, seq);
+            let mut record = rdkafka::producer::FutureRecord::to(topic)
+                .key(&message.key)
+                .payload(&message.value);
+            if headers {
+                let mut owned = OwnedHeaders::new_with_capacity(message.headers.len());
+                for (key, value) in &message.headers {
+                    owned = owned.insert(Header {
+                        key,
+                        value: Some(value),
+                    });
+                }
+                record = record.headers(owned);
+            }
             producer
-                .send(
-                    rdkafka::producer::FutureRecord::to(topic)
-                        .key(&key)
-                        .payload(&value),
-                    Duration::from_secs(30),
-                )
+                .send(record, Duration::from_secs(30))
                 .await
                 .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
             Ok(())
