@@ -10,8 +10,9 @@
 //! Two loads for both contenders: a fixed 5,000 messages/s (latency without queueing) and the
 //! maximum rate. Prints messages/s and PUBACK (or delivery) latency p50/p99/max, and the ratio.
 //!
-//! Two device fleets in this process (on the cores and runtime threads the worker uses): rumqttc clients (a client task, its event loop task and a channel between them per
-//! device) and lean devices (one task and one socket each: a PUBLISH written, its PUBACK read —
+//! Two device fleets in this process (on the cores and runtime threads the worker uses):
+//! rumqttc clients (a client task, its event loop task and a channel between them per device)
+//! and lean devices (one task and one socket each: a PUBLISH written, its PUBACK read —
 //! what a device does — with packets encoded and decoded by rumqttc's codec). The lean fleet
 //! takes less of the shared CPU, so its figure is nearer what the listener itself costs. The
 //! lean fleet runs once more in a process of its own (this program again), as real devices
