@@ -448,7 +448,7 @@ impl Rounds {
         for round in 0..rounds {
             for turn in 0..contenders.len() {
                 let contender = (round + turn) % contenders.len();
-                let before = CpuMark::now(broker)?;
+                let before = crate::process::CpuMark::now(broker)?;
                 let outcome = run(contender).await?;
                 let used = before.used(broker)?;
                 results.add(contenders[contender], &outcome, used);
@@ -458,7 +458,7 @@ impl Rounds {
     }
 
     /// Prints `who`'s outcome in this round and keeps its figures.
-    fn add(&mut self, who: &'static str, outcome: &Outcome, used: CpuMark) {
+    fn add(&mut self, who: &'static str, outcome: &Outcome, used: crate::process::CpuMark) {
         outcome.print(who);
         let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / outcome.messages.max(1) as f64;
         let figures = Figures {
@@ -520,35 +520,6 @@ impl Rounds {
                 sorted(cpu),
             );
         }
-    }
-}
-
-/// CPU time used by this process and by the broker's (zero when it is embedded: then its CPU
-/// time is this process's).
-#[derive(Clone, Copy)]
-struct CpuMark {
-    own: Duration,
-    broker: Duration,
-}
-
-impl CpuMark {
-    fn now(broker: Option<u32>) -> anyhow::Result<Self> {
-        Ok(Self {
-            own: crate::process::own_cpu_time()?,
-            broker: broker
-                .map(crate::process::cpu_time)
-                .transpose()?
-                .unwrap_or_default(),
-        })
-    }
-
-    /// What was used since this mark.
-    fn used(&self, broker: Option<u32>) -> anyhow::Result<Self> {
-        let now = Self::now(broker)?;
-        Ok(Self {
-            own: now.own.saturating_sub(self.own),
-            broker: now.broker.saturating_sub(self.broker),
-        })
     }
 }
 

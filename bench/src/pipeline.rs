@@ -26,8 +26,7 @@
 mod process;
 mod stats;
 use process::{
-    BrokerProcess, ChildProcess, cpu_time, create_connector, free_port, medconnect_binary,
-    own_cpu_time,
+    BrokerProcess, ChildProcess, CpuMark, create_connector, free_port, medconnect_binary,
 };
 use stats::{median, quantile};
 
@@ -209,7 +208,7 @@ async fn raw_producer<C: RawClient>(
     // Warm the connection and metadata, as the worker's producer is warm when its task starts.
     let warm = FutureRecord::<[u8], [u8]>::to(topic).payload(b"warm-up");
     settled(producer.send_record(warm).map_err(|(e, _)| e)?.await)?;
-    let (started, cpu) = (Instant::now(), CpuMark::now(broker)?);
+    let (started, cpu) = (Instant::now(), CpuMark::now(Some(broker))?);
     let mut pending = std::collections::VecDeque::with_capacity(10_000);
     for (key, value) in data.iter() {
         loop {
@@ -262,7 +261,7 @@ async fn pipeline(worker: &Worker, name: &str, count: usize, broker: u32) -> any
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let (started, cpu, first) = (Instant::now(), CpuMark::now(broker)?, delivered());
+    let (started, cpu, first) = (Instant::now(), CpuMark::now(Some(broker))?, delivered());
     while delivered() < count {
         if Instant::now() > deadline {
             bail!("the pipeline delivered {} of {count}", delivered());
@@ -283,30 +282,14 @@ struct Run {
     broker_cpu_per_record: Duration,
 }
 
-/// CPU time used so far by this process and by the broker's.
-#[derive(Clone, Copy)]
-struct CpuMark {
-    own: Duration,
-    broker: Duration,
-}
-
-impl CpuMark {
-    fn now(broker: u32) -> anyhow::Result<Self> {
-        Ok(Self {
-            own: own_cpu_time()?,
-            broker: cpu_time(broker)?,
-        })
-    }
-}
-
 impl Run {
     fn of(records: usize, started: Instant, cpu: CpuMark, broker: u32) -> anyhow::Result<Self> {
-        let now = CpuMark::now(broker)?;
+        let used = cpu.used(Some(broker))?;
         let records = records.max(1) as u32;
         Ok(Self {
             rate: records as f64 / started.elapsed().as_secs_f64(),
-            cpu_per_record: (now.own - cpu.own) / records,
-            broker_cpu_per_record: (now.broker - cpu.broker) / records,
+            cpu_per_record: used.own / records,
+            broker_cpu_per_record: used.broker / records,
         })
     }
 }

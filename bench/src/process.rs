@@ -81,6 +81,34 @@ pub fn own_cpu_time() -> anyhow::Result<Duration> {
     cpu_time(std::process::id())
 }
 
+/// CPU time used so far by this process and by the broker's, when it runs in a process of its
+/// own (zero otherwise: an embedded broker's time is this process's).
+#[allow(dead_code)] // `cluster`, `sink` and `tasks` measure none this way
+#[derive(Clone, Copy)]
+pub struct CpuMark {
+    pub own: Duration,
+    pub broker: Duration,
+}
+
+#[allow(dead_code)]
+impl CpuMark {
+    pub fn now(broker: Option<u32>) -> anyhow::Result<Self> {
+        Ok(Self {
+            own: own_cpu_time()?,
+            broker: broker.map(cpu_time).transpose()?.unwrap_or_default(),
+        })
+    }
+
+    /// What was used since this mark.
+    pub fn used(&self, broker: Option<u32>) -> anyhow::Result<Self> {
+        let now = Self::now(broker)?;
+        Ok(Self {
+            own: now.own.saturating_sub(self.own),
+            broker: now.broker.saturating_sub(self.broker),
+        })
+    }
+}
+
 /// A child process, killed (and reaped) when dropped.
 #[allow(dead_code)] // `cluster` and `sink` start none this way
 pub struct ChildProcess(pub Child);
