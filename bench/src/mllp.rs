@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use medconnect_hl7::mllp::client::MllpClient;
-use paced::{ListenerBench, Load, Outcome, RawMessage, Rounds, Senders, drive, in_child, raw_run};
+use paced::{ListenerBench, Load, Outcome, RawHeaders, Rounds, Senders, drive, in_child, raw_run};
 
 fn adt(sender: usize, seq: u64) -> Vec<u8> {
     format!(
@@ -63,29 +63,30 @@ async fn mllp_run(port: u16, senders: usize, seconds: u64, load: Load) -> anyhow
     .await
 }
 
-/// An ADT message for the raw producer, keyed by patient and with the headers the MLLP source
-/// gives its record (`medconnect_hl7::message`: content type and the MSH fields).
-fn raw_message(sender: usize, seq: u64) -> RawMessage {
+/// An ADT message for the raw producer, keyed by patient as the MLLP source keys it.
+fn raw_message(sender: usize, seq: u64) -> (String, Vec<u8>) {
+    (format!("PAT{sender:04}"), adt(sender, seq))
+}
+
+/// The headers the MLLP source gives the record of [`adt`]'s message (`medconnect_hl7::message`:
+/// content type and the MSH fields).
+fn raw_headers(sender: usize, seq: u64, _key: &str) -> Vec<(&'static str, Vec<u8>)> {
     use medconnect_api::record::content_type;
     use medconnect_hl7::message::header;
     let text = |value: &str| value.as_bytes().to_vec();
-    RawMessage {
-        key: format!("PAT{sender:04}"),
-        value: adt(sender, seq),
-        headers: vec![
-            (content_type::HEADER, text(content_type::HL7_V2)),
-            (header::MESSAGE_TYPE, text("ADT")),
-            (header::TRIGGER_EVENT, text("A08")),
-            (header::MESSAGE_STRUCTURE, text("ADT_A01")),
-            (header::SENDING_APPLICATION, text("EPIC")),
-            (header::SENDING_FACILITY, text("GENHOSP")),
-            (header::RECEIVING_APPLICATION, text("MEDCONNECT")),
-            (header::RECEIVING_FACILITY, text("DC")),
-            (header::CONTROL_ID, format!("S{sender}N{seq}").into_bytes()),
-            (header::PROCESSING_ID, text("P")),
-            (header::VERSION, text("2.5.1")),
-        ],
-    }
+    vec![
+        (content_type::HEADER, text(content_type::HL7_V2)),
+        (header::MESSAGE_TYPE, text("ADT")),
+        (header::TRIGGER_EVENT, text("A08")),
+        (header::MESSAGE_STRUCTURE, text("ADT_A01")),
+        (header::SENDING_APPLICATION, text("EPIC")),
+        (header::SENDING_FACILITY, text("GENHOSP")),
+        (header::RECEIVING_APPLICATION, text("MEDCONNECT")),
+        (header::RECEIVING_FACILITY, text("DC")),
+        (header::CONTROL_ID, format!("S{sender}N{seq}").into_bytes()),
+        (header::PROCESSING_ID, text("P")),
+        (header::VERSION, text("2.5.1")),
+    ]
 }
 
 #[tokio::main]
@@ -125,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
         &linger,
     )
     .await?;
-    let raw = |senders, seconds, load, headers| {
+    let raw = |senders, seconds, load, headers: bool| {
         raw_run(
             bench.producer.clone(),
             "raw.adt",
@@ -133,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             load,
             raw_message,
-            headers,
+            headers.then_some(raw_headers as RawHeaders),
         )
     };
     // Warm both paths (connections, metadata, first batch).

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use paced::{ListenerBench, Load, Outcome, RawMessage, Rounds, Senders, drive, in_child, raw_run};
+use paced::{ListenerBench, Load, Outcome, RawHeaders, Rounds, Senders, drive, in_child, raw_run};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{Mutex, mpsc};
 
@@ -206,22 +206,26 @@ async fn mqtt_run(port: u16, devices: usize, seconds: u64, load: Load) -> anyhow
     Ok(outcome)
 }
 
-/// A reading for the raw producer: keyed by device, with the headers the listener gives its
-/// record (`connectors/mqtt/src/listener/record.rs`; the bench's devices log in).
-fn raw_message(device: usize, seq: u64) -> RawMessage {
+/// A reading for the raw producer: keyed by device, as the listener keys it.
+fn raw_message(device: usize, seq: u64) -> (String, Vec<u8>) {
+    (
+        format!("monitor-{device}"),
+        reading(device, seq).into_bytes(),
+    )
+}
+
+/// The headers the listener gives a reading's record (`connectors/mqtt/src/listener/record.rs`):
+/// the key is the device's id, which is its client id and, as the bench's devices log in, its
+/// user name.
+fn raw_headers(_device: usize, _seq: u64, id: &str) -> Vec<(&'static str, Vec<u8>)> {
     use medconnect_api::record::content_type;
-    let id = format!("monitor-{device}");
-    RawMessage {
-        headers: vec![
-            ("mqtt.topic", format!("devices/{id}/vitals").into_bytes()),
-            ("mqtt.qos", b"1".to_vec()),
-            ("mqtt.client.id", id.clone().into_bytes()),
-            ("mqtt.username", id.clone().into_bytes()),
-            (content_type::HEADER, content_type::JSON.as_bytes().to_vec()),
-        ],
-        key: id,
-        value: reading(device, seq).into_bytes(),
-    }
+    vec![
+        ("mqtt.topic", format!("devices/{id}/vitals").into_bytes()),
+        ("mqtt.qos", b"1".to_vec()),
+        ("mqtt.client.id", id.as_bytes().to_vec()),
+        ("mqtt.username", id.as_bytes().to_vec()),
+        (content_type::HEADER, content_type::JSON.as_bytes().to_vec()),
+    ]
 }
 
 #[tokio::main]
@@ -265,7 +269,7 @@ async fn main() -> anyhow::Result<()> {
         &linger,
     )
     .await?;
-    let raw = |devices, seconds, load, headers| {
+    let raw = |devices, seconds, load, headers: bool| {
         raw_run(
             bench.producer.clone(),
             "raw.vitals",
@@ -273,7 +277,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             load,
             raw_message,
-            headers,
+            headers.then_some(raw_headers as RawHeaders),
         )
     };
     // Warm both paths (connections, metadata, first batch).

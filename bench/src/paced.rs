@@ -255,37 +255,36 @@ impl ListenerBench {
     }
 }
 
-/// What the raw producer sends for one message: the key, value and headers of the record the
-/// listener makes of it, so both contenders write the same records to Kafka.
-pub struct RawMessage {
-    pub key: String,
-    pub value: Vec<u8>,
-    pub headers: Vec<(&'static str, Vec<u8>)>,
-}
+/// The headers of the record a listener makes of one message: what the raw producer adds to
+/// the key and value so that both contenders write the same records to Kafka. Given the sender,
+/// the message's number and its key.
+pub type RawHeaders = fn(usize, u64, &str) -> Vec<(&'static str, Vec<u8>)>;
 
-/// The baseline: `senders` loops each producing `message(sender, seq)` to `topic` and awaiting
-/// its delivery, paced by `load`; with `headers` false, the key and value alone (what the
-/// listener's record carries beyond them then shows as the gap between the two raw runs).
+/// The baseline: `senders` loops each producing `message(sender, seq)` (key, value) to `topic`
+/// with `headers(sender, seq, key)`, awaiting its delivery, paced by `load`. Without `headers`, the
+/// key and value alone, and no headers are built: what the listener's record carries beyond
+/// them then shows as the gap between the two raw runs.
 pub async fn raw_run(
     producer: rdkafka::producer::FutureProducer,
     topic: &'static str,
     senders: usize,
     seconds: u64,
     load: Load,
-    message: fn(usize, u64) -> RawMessage,
-    headers: bool,
+    message: fn(usize, u64) -> (String, Vec<u8>),
+    headers: Option<RawHeaders>,
 ) -> anyhow::Result<Outcome> {
     use rdkafka::message::{Header, OwnedHeaders};
     drive(senders, seconds, load, move |sender, seq| {
         let producer = producer.clone();
         async move {
-            let message = message(sender, seq);
+            let (key, value) = message(sender, seq);
             let mut record = rdkafka::producer::FutureRecord::to(topic)
-                .key(&message.key)
-                .payload(&message.value);
-            if headers {
-                let mut owned = OwnedHeaders::new_with_capacity(message.headers.len());
-                for (key, value) in &message.headers {
+                .key(&key)
+                .payload(&value);
+            if let Some(headers) = headers {
+                let headers = headers(sender, seq, &key);
+                let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+                for (key, value) in &headers {
                     owned = owned.insert(Header {
                         key,
                         value: Some(value),
